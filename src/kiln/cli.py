@@ -1,0 +1,114 @@
+"""`kiln <verb>`: each verb is a thin call into the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from kiln.config import load_config, preset_names
+from kiln.errors import KilnError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="a shipped preset (see `kiln train --help`)")
+    src.add_argument("--config", help="a TOML config file of your own")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable (e.g. --set train.steps=200)")
+
+
+def _presets_epilog() -> str:
+    return "presets: " + ", ".join(preset_names())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Pretrain language models, from raw text to an "
+                                     "evaluated model.", epilog=_presets_epilog())
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    train = verbs.add_parser("train", help="train a model (prepares data first if needed)",
+                             description="Train a model. Data is prepared implicitly when its shards are missing.",
+                             epilog=_presets_epilog())
+    _config_args(train)
+    train.add_argument("--name", help="run name (default: <preset>-<date>-<time>)")
+    train.add_argument("--runs-dir", default="runs", help="folder holding run folders (default: runs)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest valid checkpoint")
+
+    prep = verbs.add_parser("prepare", help="tokenise a corpus into token shards (cached)",
+                            epilog=_presets_epilog())
+    _config_args(prep)
+
+    sample = verbs.add_parser("sample", help="generate text from a run's checkpoint")
+    sample.add_argument("run", metavar="RUN_DIR")
+    sample.add_argument("--prompt", action="append", default=[], help="prompt text; repeatable")
+    sample.add_argument("--max-tokens", type=int, default=100)
+    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--top-k", type=int, default=50)
+    sample.add_argument("--top-p", type=float, default=1.0)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--step", type=int, help="use this checkpoint step (default: the latest valid one)")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kiln.runs.report import summary_table
+    from kiln.train.session import resume_run, start_run
+    from kiln.progress import console
+
+    if args.resume:
+        if args.preset or args.config:
+            raise KilnError("--resume takes its config from the run folder; drop --preset/--config "
+                            "(use --set for allowed changes)")
+        summary = resume_run(Path(args.resume), args.overrides)
+    else:
+        cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
+        name = args.name or f"{args.preset or Path(args.config or 'tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        summary = start_run(cfg, Path(args.runs_dir), name)
+    console.print(summary_table(summary, title=f"Kiln run {summary['run']}"))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from kiln.data.shards import prepare
+
+    cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
+    data = prepare(cfg.data)
+    splits = data.manifest["splits"]
+    print(f"dataset {data.path}: vocabulary {data.vocab_size}, dtype {data.manifest['dtype']}, "
+          f"train {splits['train']['tokens']:,} tokens / {splits['train']['documents']} documents, "
+          f"validation {splits['val']['tokens']:,} tokens / {splits['val']['documents']} documents, "
+          f"validation unigram entropy {data.manifest['val_unigram_entropy']:.4f} nats/token")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from kiln.train.session import sample_from_run
+
+    for text in sample_from_run(Path(args.run), args.prompt or ["\n"], args.max_tokens, args.temperature,
+                                args.top_k, args.top_p, args.seed, args.step):
+        print(text)
+        print("-" * 40)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 2
+    handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample}
+    try:
+        return handlers[args.verb](args)
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

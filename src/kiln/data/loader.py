@@ -1,0 +1,88 @@
+"""Deterministic, resumable, rank-aware batches of packed token windows.
+
+The token stream (documents joined by EOS) is cut into windows of `seq_len + 1` tokens. Each
+epoch visits every window once in an order drawn from (seed, epoch). The global batch at step
+`s` is the windows with global sample indices `[s*B, (s+1)*B)`, so a batch is a pure function
+of (seed, step): resuming needs only the step, and data-parallel rank `r` of `w` takes its
+contiguous, disjoint share of each global batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kiln.errors import DataError
+
+
+class TokenWindows:
+    """Random access to the fixed-length windows of a list of token shards."""
+
+    def __init__(self, shards: list[np.ndarray], seq_len: int, split: str = "train"):
+        self.shards = shards
+        self.window = seq_len + 1
+        self.seq_len = seq_len
+        per_shard = np.array([max(0, (len(s) - 1) // seq_len) for s in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(per_shard)])
+        self.count = int(self.starts[-1])
+        if self.count == 0:
+            tokens = sum(len(s) for s in shards)
+            raise DataError(f"the {split} split has {tokens} tokens, fewer than one window of model.seq_len + 1 = "
+                            f"{self.window}; use a larger corpus, a larger data.val_fraction or a smaller model.seq_len")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        """Windows by index, as an int64 array of shape (len(indices), seq_len + 1)."""
+        shard_ids = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty((len(indices), self.window), dtype=np.int64)
+        for row, (shard, idx) in enumerate(zip(shard_ids, indices)):
+            offset = int(idx - self.starts[shard]) * self.seq_len
+            out[row] = self.shards[shard][offset:offset + self.window]
+        return out
+
+
+class BatchSampler:
+    """The training batches: `batch(step)` depends only on (seed, step, rank, world size)."""
+
+    def __init__(self, windows: TokenWindows, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise DataError(f"the global batch of {global_batch} sequences does not split evenly over "
+                            f"{world_size} data-parallel ranks; make train.batch_size a multiple of {world_size}")
+        self.windows = windows
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.seed = seed
+        self.rank = rank
+        self._epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order = rng.permutation(len(self.windows))
+            self._epoch = epoch
+        return self._order
+
+    def sample_indices(self, step: int) -> np.ndarray:
+        first = step * self.global_batch + self.rank * self.local_batch
+        n = len(self.windows)
+        out = np.empty(self.local_batch, dtype=np.int64)
+        for i, g in enumerate(range(first, first + self.local_batch)):
+            epoch, pos = divmod(g, n)
+            out[i] = self._order_for(epoch)[pos]
+        return out
+
+    def batch(self, step: int) -> torch.Tensor:
+        """This rank's windows for `step`: int64 tensor (local_batch, seq_len + 1)."""
+        return torch.from_numpy(self.windows.get(self.sample_indices(step)))
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.global_batch / len(self.windows)
+
+
+def eval_windows(windows: TokenWindows, n: int) -> torch.Tensor:
+    """The first `n` validation windows in order: the same held-out tokens for every evaluation."""
+    n = min(n, len(windows))
+    return torch.from_numpy(windows.get(np.arange(n, dtype=np.int64)))

@@ -1,0 +1,248 @@
+"""`kiln prepare`: corpus -> tokenizer -> memory-mapped token shards plus a manifest.
+
+Layout of one prepared dataset (a folder under `data.cache_dir`, named by a hash of everything
+that determines its contents, so unchanged inputs reuse it):
+
+    tokenizer.json
+    manifest.json          documents, tokens, dtype, tokenizer hash, sha256 of every shard
+    train-00000.bin ...    token ids, documents separated by EOS
+    val-00000.bin ...
+
+The folder is built under a temporary name and renamed into place, so an interrupted
+`prepare` never leaves a half-written dataset that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from kiln.config import DataConfig
+from kiln.data.corpora import CorpusFile, SkippedFile, corpus_fingerprint, resolve_corpus
+from kiln.data.tokenizer import KilnTokenizer, load_tokenizer, tokenizer_from_json, train_tokenizer
+from kiln.errors import DataError
+from kiln.progress import progress_bar
+
+FORMAT_VERSION = 1
+SHARD_TOKENS = 1 << 27  # 128M tokens per shard file
+MAX_PIECE_CHARS = 1 << 20  # a huge single-line document is tokenised in pieces of this size
+ENCODE_BATCH = 64
+
+
+@dataclass
+class Prepared:
+    """A prepared dataset on disk, checked against its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+    tokenizer: KilnTokenizer
+
+    def split(self, name: str) -> list[np.ndarray]:
+        """The split's shards as read-only memory maps."""
+        dtype = np.dtype(self.manifest["dtype"])
+        return [np.memmap(self.path / s["file"], dtype=dtype, mode="r")
+                for s in self.manifest["splits"][name]["shards"]]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_key(cfg: DataConfig, files: list[CorpusFile]) -> str:
+    tok = ""
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer).sha256
+    parts = [str(FORMAT_VERSION), corpus_fingerprint(files), str(cfg.vocab_size), tok, repr(cfg.val_fraction),
+             str(cfg.split_seed), str(cfg.max_docs), cfg.text_field]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def open_prepared(path: Path, verify: bool = True) -> Prepared:
+    """Open a prepared dataset, checking every shard's sha256 against the manifest."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{path} is not a prepared dataset (no manifest.json); run `kiln prepare`")
+    manifest = json.loads(manifest_path.read_text())
+    tokenizer = tokenizer_from_json((path / "tokenizer.json").read_text())
+    if tokenizer.sha256 != manifest["tokenizer_sha256"]:
+        raise DataError(f"{path}/tokenizer.json does not match the tokenizer the shards were made with; "
+                        f"delete {path} and run `kiln prepare` again")
+    if verify:
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                file = path / shard["file"]
+                if not file.is_file() or _sha256_file(file) != shard["sha256"]:
+                    raise DataError(f"shard {file} is missing or its checksum does not match the manifest "
+                                    f"(corrupt cache); delete {path} and run `kiln prepare` again")
+    return Prepared(path, manifest, tokenizer)
+
+
+def _is_val(key: str, seed: int, fraction: float) -> bool:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def _read_documents(files: list[CorpusFile], max_docs: int) -> tuple[list[tuple[str, str]], int]:
+    """(key, text) for every document, and the number of files skipped as non-text."""
+    docs: list[tuple[str, str]] = []
+    skipped = 0
+    for f in progress_bar(files, "reading corpus", unit="files"):
+        try:
+            for i, text in enumerate(f.read()):
+                docs.append((f"{f.path}#{i}", text))
+                if max_docs and len(docs) >= max_docs:
+                    return docs, skipped
+        except SkippedFile:
+            skipped += 1
+    return docs, skipped
+
+
+def _pieces(text: str) -> list[str]:
+    if len(text) <= MAX_PIECE_CHARS:
+        return [text]
+    return [text[i:i + MAX_PIECE_CHARS] for i in range(0, len(text), MAX_PIECE_CHARS)]
+
+
+def _encode_split(texts: list[str], tok: KilnTokenizer, dtype: np.dtype, out: Path, prefix: str,
+                  label: str) -> dict[str, Any]:
+    shards: list[dict[str, Any]] = []
+    buf: list[np.ndarray] = []
+    buf_tokens = 0
+    total = 0
+
+    def flush() -> None:
+        nonlocal buf, buf_tokens
+        if not buf_tokens:
+            return
+        name = f"{prefix}-{len(shards):05d}.bin"
+        arr = np.concatenate(buf).astype(dtype, copy=False)
+        arr.tofile(out / name)
+        shards.append({"file": name, "tokens": int(arr.size), "sha256": _sha256_file(out / name)})
+        buf, buf_tokens = [], 0
+
+    batches = [texts[i:i + ENCODE_BATCH] for i in range(0, len(texts), ENCODE_BATCH)]
+    for batch in progress_bar(batches, f"tokenising {label}", unit="batches"):
+        pieces = [(j, p) for j, text in enumerate(batch) for p in _pieces(text)]
+        encoded = tok.encode_batch([p for _, p in pieces])
+        per_doc: list[list[int]] = [[] for _ in batch]
+        for (j, _), ids in zip(pieces, encoded):
+            per_doc[j].extend(ids)
+        for ids in per_doc:
+            ids.append(tok.eos_id)
+            arr = np.asarray(ids, dtype=np.int64)
+            buf.append(arr)
+            buf_tokens += arr.size
+            total += arr.size
+        if buf_tokens >= SHARD_TOKENS:
+            flush()
+    flush()
+    return {"documents": len(texts), "tokens": total, "shards": shards}
+
+
+def unigram_entropy(shards: list[np.ndarray], vocab_size: int) -> float:
+    """Entropy of the token distribution in nats per token (the loss of a model that ignores context)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for s in shards:
+        counts += np.bincount(np.asarray(s), minlength=vocab_size)[:vocab_size]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def prepare(cfg: DataConfig, log=print) -> Prepared:
+    """Make (or reuse) the token shards for `cfg` and return them, verified."""
+    if cfg.workers:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
+    files = resolve_corpus(cfg)
+    key = dataset_key(cfg, files)
+    cache = Path(cfg.cache_dir).expanduser()
+    final = cache / key
+    if (final / "manifest.json").is_file():
+        return open_prepared(final)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data.cache_dir '{cache}' cannot be created ({e.strerror}); choose a writable folder") from None
+    if not os.access(cache, os.W_OK):
+        raise DataError(f"data.cache_dir '{cache}' is not writable; choose a writable folder")
+
+    start = time.perf_counter()
+    docs, skipped = _read_documents(files, cfg.max_docs)
+    if skipped:
+        log(f"skipped {skipped} file(s) that are not UTF-8 text")
+    docs = [(k, t) for k, t in docs if t.strip()]
+    if not docs:
+        raise DataError(f"data.corpus = '{cfg.corpus}' holds no text"
+                        + (f" ({skipped} binary or non-UTF-8 file(s) skipped)" if skipped else ""))
+    if len(docs) < 2:
+        raise DataError(f"data.corpus = '{cfg.corpus}' holds a single document; a train/validation split "
+                        "needs at least two")
+    is_val = [_is_val(k, cfg.split_seed, cfg.val_fraction) for k, _ in docs]
+    if not any(is_val):  # tiny corpora: hold out the document with the smallest hash
+        is_val[min(range(len(docs)), key=lambda i: hashlib.sha256(f"{cfg.split_seed}:{docs[i][0]}".encode()).digest())] = True
+    if all(is_val):
+        is_val[0] = False
+    train_texts = [t for (_, t), v in zip(docs, is_val) if not v]
+    val_texts = [t for (_, t), v in zip(docs, is_val) if v]
+
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    else:
+        log(f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {len(train_texts)} documents")
+        tok = train_tokenizer((p for t in train_texts for p in _pieces(t)), cfg.vocab_size)
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+
+    tmp = cache / f"{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tok.save(tmp / "tokenizer.json")
+        splits = {
+            "train": _encode_split(train_texts, tok, dtype, tmp, "train", "train split"),
+            "val": _encode_split(val_texts, tok, dtype, tmp, "val", "validation split"),
+        }
+        val_maps = [np.fromfile(tmp / s["file"], dtype=dtype) for s in splits["val"]["shards"]]
+        manifest = {
+            "format": FORMAT_VERSION,
+            "key": key,
+            "corpus": cfg.corpus,
+            "corpus_files": len(files),
+            "skipped_files": skipped,
+            "tokenizer_sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype.name,
+            "eos_id": tok.eos_id,
+            "split_seed": cfg.split_seed,
+            "val_fraction": cfg.val_fraction,
+            "val_unigram_entropy": unigram_entropy(val_maps, tok.vocab_size),
+            "splits": splits,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():  # not a concurrent twin: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tr, va = splits["train"], splits["val"]
+    log(f"prepared {tr['documents']} + {va['documents']} documents, {tr['tokens']:,} + {va['tokens']:,} tokens "
+        f"(train + validation) in {manifest['seconds']:.1f}s -> {final}")
+    return open_prepared(final)
+

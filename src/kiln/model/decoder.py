@@ -1,0 +1,85 @@
+"""GPT-style decoder: token (+ learned position) embedding, causal pre-norm blocks, LM head.
+
+Flavours come from config: `gpt2` (learned positions, LayerNorm, GELU, biases) and `llama`
+(RoPE, RMSNorm, SwiGLU, no biases, grouped-query attention). With tied embeddings the output
+softmax uses the input embedding matrix e(x).
+
+Stages of a pipeline keep only some blocks: `tok_emb`, `norm` and `head` may be None, and
+`layers` is a ModuleDict keyed by the original layer index so parameter names do not change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.config import ModelConfig
+from kiln.model.layers import Block, init_transformer_weights, make_norm, rope_tables
+
+
+class Transformer(nn.Module):
+    """Shared trunk of the decoder and the encoder; `causal` picks the attention mask."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, causal: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.causal = causal
+        self.tok_emb: nn.Embedding | None = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos_emb: nn.Embedding | None = (
+            nn.Embedding(cfg.max_seq_len or cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, causal) for i in range(cfg.n_layers)})
+        self.norm: nn.Module | None = make_norm(cfg)
+        self.head: nn.Linear | None = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len or cfg.seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer; safe after `to_empty()` from the meta device."""
+        init_transformer_weights(self, self.cfg)
+        if self.rope_cos is not None:
+            cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, self.rope_cos.shape[0],
+                                   self.cfg.rope_theta, device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(tokens)  # (B, T, d)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.drop(x)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.head.weight if self.head is not None else self.tok_emb.weight
+
+    def forward(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab); a middle pipeline stage maps hidden -> hidden."""
+        x = self.embed(tokens) if self.tok_emb is not None else tokens
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        for block in self.layers.values():
+            x = block(x, rope, attn_mask)
+        if self.norm is None:
+            return x
+        x = self.norm(x)
+        if self.head is not None:
+            return self.head(x)
+        return nn.functional.linear(x, self.tok_emb.weight)  # tied: softmax over e(x)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= sum(m.weight.numel() for m in (self.tok_emb, self.pos_emb) if m is not None)
+        return n
+
+
+class Decoder(Transformer):
+    """GPT-style causal language model."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size, causal=True)

@@ -1,0 +1,128 @@
+"""FLOPs per token from the model config, and the hardware peak to compute MFU against.
+
+Training FLOPs per token = 6 * N + 12 * L * d * T (PaLM, appendix B): N counts the parameters
+that take part in matrix products (all but the position table; the output projection counts
+even when tied to the embedding, since its product is done), and the second term is the
+attention score and value products of a (non-causal-discounted) T-long context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from kiln.config import ModelConfig
+from kiln.model.layers import swiglu_hidden
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, without sparsity.
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 756.0,  # bare name: assume the slower PCIe card rather than overstate MFU
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,  # fp16
+}
+
+
+def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
+    d, L = cfg.d_model, cfg.n_layers
+    head_dim = d // cfg.n_heads
+    kv = cfg.n_kv_heads or cfg.n_heads
+    attn = d * d * 2 + 2 * d * kv * head_dim  # wq, wo, wk, wv
+    if cfg.mlp == "swiglu":
+        mlp = 3 * d * (cfg.d_ff or swiglu_hidden(d))
+    else:
+        mlp = 2 * d * (cfg.d_ff or 4 * d)
+    return L * (attn + mlp) + d * vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """Training (forward + backward) FLOPs per token."""
+    return 6.0 * matmul_params(cfg, vocab_size) + 12.0 * cfg.n_layers * cfg.d_model * cfg.seq_len
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):  # most specific name first
+        if key.lower() in name.lower():
+            return GPU_PEAK_TFLOPS[key]
+    return None
+
+
+def _cpu_cache_path() -> Path:
+    root = Path(os.environ.get("KILN_HOME", Path.home() / ".cache" / "kiln"))
+    return root / "cpu_peak.json"
+
+
+def _cpu_id() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def measure_cpu_matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def cpu_peak_tflops(dtype: torch.dtype) -> float:
+    """The CPU's matrix-product ceiling for `dtype`, measured once per machine and cached."""
+    path = _cpu_cache_path()
+    key = f"{_cpu_id()}|{dtype}"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = measure_cpu_matmul_tflops(dtype)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable cache only costs a re-measurement next time
+    return float(cache[key])
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """(peak TFLOP/s or None if unknown, a description of where it came from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_tflops(name)
+        if peak is not None and dtype == torch.float32:
+            peak /= 2  # TF32 tensor-core peak is half the bf16 one on Ampere and Hopper
+        return peak, name if peak is not None else f"{name} (unknown peak: MFU not reported)"
+    if device.type == "cpu":
+        return cpu_peak_tflops(dtype), f"CPU measured {str(dtype).replace('torch.', '')} matmul ceiling"
+    return None, f"{device.type} (unknown peak: MFU not reported)"

@@ -1,0 +1,53 @@
+"""Optimizer construction and learning-rate schedules as pure functions of the step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kiln.config import OptimConfig, ScheduleConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear and embedding weights); never biases or norm gains (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    impl = cfg.implementation
+    if impl == "auto":
+        # Fused AdamW has kernels for CUDA and CPU: one pass over all parameters per step.
+        impl = "fused" if device.type in ("cuda", "cpu") else "foreach"
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, **kwargs)
+
+
+def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): warmup, then cosine, WSD or constant."""
+    min_lr = peak_lr * cfg.min_lr_ratio
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if step < warmup:
+        return peak_lr * (step + 1) / (warmup + 1)
+    if cfg.name == "constant":
+        return peak_lr
+    if cfg.name == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * (total_steps - warmup)))
+        decay_start = total_steps - decay_steps
+        if step < decay_start:
+            return peak_lr
+        frac = min(1.0, (step - decay_start + 1) / decay_steps)
+        return min_lr + (peak_lr - min_lr) * (1.0 - frac)
+    frac = min(1.0, (step - warmup) / max(1, total_steps - warmup - 1))
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * frac))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

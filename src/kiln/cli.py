@@ -35,10 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="run name (default: <preset>-<date>-<time>)")
     train.add_argument("--runs-dir", default="runs", help="folder holding run folders (default: runs)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest valid checkpoint")
+    train.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
+                       help="start N processes on this machine through torchrun (same as `torchrun "
+                            "--standalone --nproc_per_node N -m kiln train ...`)")
 
     prep = verbs.add_parser("prepare", help="tokenise a corpus into token shards (cached)",
                             epilog=_presets_epilog())
     _config_args(prep)
+
+    export = verbs.add_parser("export", help="consolidate a checkpoint into one safetensors file")
+    export.add_argument("run", metavar="RUN_DIR")
+    export.add_argument("--out", required=True, help="output .safetensors path")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the latest valid one)")
 
     sample = verbs.add_parser("sample", help="generate text from a run's checkpoint")
     sample.add_argument("run", metavar="RUN_DIR")
@@ -49,13 +57,48 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--step", type=int, help="use this checkpoint step (default: the latest valid one)")
+
+    ev = verbs.add_parser("eval", help="run evaluation suites on a run's checkpoint",
+                          description="Run evaluation suites on a checkpoint; writes RUN_DIR/eval/step-N.json.",
+                          epilog="built-in suites: lm, continuation, choice, bias, toxicity, memorisation; "
+                                 "`kiln eval --list` shows every registered suite and its options")
+    ev.add_argument("run", metavar="RUN_DIR", nargs="?")
+    ev.add_argument("--step", type=int, help="checkpoint step (default: the latest valid one; 0 = the untrained "
+                    "initialisation when no step-0 checkpoint exists)")
+    ev.add_argument("--suite", dest="suites", action="extend", nargs="+", default=[], metavar="NAME",
+                    help="suites to run (default: all registered)")
+    ev.add_argument("--suite-file", action="append", default=[], metavar="PATH",
+                    help="a .py file registering suites with @register_suite; repeatable")
+    ev.add_argument("--option", "-o", action="append", default=[], metavar="SUITE.KEY=VALUE",
+                    help="a suite option, e.g. -o choice.tasks=hellaswag.jsonl -o bias.pairs=crows_pairs.csv")
+    ev.add_argument("--list", action="store_true", help="list the registered suites and their options")
     return parser
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with `nproc` processes on this machine."""
+    import subprocess
+
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "kiln", *rest]
+    return subprocess.call(cmd)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from kiln.runs.report import summary_table
     from kiln.train.session import resume_run, start_run
-    from kiln.progress import console
+    from kiln.progress import console, quiet
 
     if args.resume:
         if args.preset or args.config:
@@ -66,7 +109,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
         name = args.name or f"{args.preset or Path(args.config or 'tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         summary = start_run(cfg, Path(args.runs_dir), name)
-    console.print(summary_table(summary, title=f"Kiln run {summary['run']}"))
+    if not quiet():
+        console.print(summary_table(summary, title=f"Kiln run {summary['run']}"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kiln.train.session import export_run
+
+    out = export_run(Path(args.run), Path(args.out), args.step)
+    print(f"wrote {out}")
     return 0
 
 
@@ -93,13 +145,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kiln.eval.runner import evaluate_run, report_table
+    from kiln.eval.suites import describe_suites, load_suite_file
+    from kiln.progress import console, quiet
+
+    if args.list:
+        for f in args.suite_file:
+            load_suite_file(f)
+        print(describe_suites())
+        return 0
+    if not args.run:
+        raise KilnError("kiln eval needs a run folder: kiln eval RUN_DIR [--suite NAME ...]")
+    report, path = evaluate_run(Path(args.run), args.step, args.suites, args.option, args.suite_file,
+                                log=None if quiet() else console.print)
+    console.print(report_table(report, title=f"Kiln eval {args.run} @ step {report['step']}"))
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verb:
         parser.print_help()
         return 2
-    handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample}
+    handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "export": cmd_export,
+                "eval": cmd_eval}
+    if args.verb == "train" and args.nproc_per_node:
+        return launch_torchrun(args.nproc_per_node, list(sys.argv[1:] if argv is None else argv))
     try:
         return handlers[args.verb](args)
     except KilnError as e:

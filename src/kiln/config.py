@@ -89,6 +89,16 @@ class TrainConfig:
 
 
 @dataclass
+class MaskConfig:
+    """Masked-language-model corruption (train.objective = "masked"), as in BERT and RoBERTa."""
+    rate: float = 0.15  # share of (non-special) tokens selected for prediction
+    replace: float = 0.8  # of the selected: replaced by the mask token
+    random: float = 0.1  # ... by a random non-special token
+    keep: float = 0.1  # ... left unchanged (replace + random + keep = 1)
+    whole_word: bool = False  # select whole words (all pieces of a word together)
+
+
+@dataclass
 class EvalConfig:
     every: int = 200  # 0 = only at the end
     batches: int = 8  # validation batches of train.batch_size sequences
@@ -96,12 +106,27 @@ class EvalConfig:
     sample_tokens: int = 64
     temperature: float = 0.8
     top_k: int = 50
+    suites: list[str] = field(default_factory=list)  # evaluation suites run at every evaluation (kiln.eval.suites)
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 500  # 0 = only at the end
     keep: int = 3  # keep the newest `keep` checkpoints
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1  # data-parallel replicas (HSDP's outer dimension)
+    dp_shard: int = -1  # FSDP2 shards; -1 = the rest of the world
+    tp: int = 1  # tensor parallel (with sequence parallel for norms and dropout)
+    pp: int = 1  # pipeline stages
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved-1f1b | gpipe
+    pp_microbatches: int = 4
+    pp_stages_per_rank: int = 2  # interleaved-1f1b only
+    activation_checkpoint: str = "none"  # none | selective (every other block) | full
+    compile_blocks: bool = False  # torch.compile each block (instead of train.compile's whole step)
+    async_checkpoint: bool = False  # distributed checkpoints: write in the background
 
 
 @dataclass
@@ -117,8 +142,10 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     # ---- derived quantities (not stored) ----
@@ -148,6 +175,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.objective": ("causal", "masked"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "parallel.pp_schedule": ("1f1b", "interleaved-1f1b", "gpipe"),
+    "parallel.activation_checkpoint": ("none", "selective", "full"),
 }
 
 
@@ -348,6 +377,37 @@ def validate(cfg: Config) -> None:
                  f"train.micro_batch_size = {t.micro_batch_size} must divide the global batch of "
                  f"{cfg.global_batch} sequences")
     _require(cfg.eval.temperature >= 0, "eval.temperature must be >= 0")
+    if cfg.eval.suites:
+        from kiln.eval.suites import check_suite_names  # imported only when suites are named
+
+        check_suite_names(cfg.eval.suites)
+
+    par = cfg.parallel
+    for key in ("dp_replicate", "tp", "pp", "pp_microbatches", "pp_stages_per_rank"):
+        _require(getattr(par, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(par, key)}")
+    _require(par.dp_shard == -1 or par.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (the rest of the "
+             f"world), got {par.dp_shard}")
+    _require(m.n_heads % par.tp == 0 and (m.n_kv_heads or m.n_heads) % par.tp == 0,
+             f"parallel.tp = {par.tp} must divide model.n_heads = {m.n_heads} and the KV heads = {m.n_kv_heads or m.n_heads}")
+    _require(m.seq_len % par.tp == 0, f"parallel.tp = {par.tp} must divide model.seq_len = {m.seq_len} "
+             "(sequence parallelism splits the sequence)")
+    if par.pp > 1:
+        stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
+        _require(m.n_layers % stages == 0, f"model.n_layers = {m.n_layers} must be divisible by the {stages} "
+                 "pipeline stages (parallel.pp x stages per rank)")
+        _require(not m.tie_embeddings, "parallel.pp > 1 needs model.tie_embeddings = false (the embedding and the "
+                 "output layer live on different stages)")
+    if par.tp > 1:
+        _require(not m.tie_embeddings, "parallel.tp > 1 needs model.tie_embeddings = false (the shared matrix "
+                 "would need two layouts)")
+
+    k = cfg.mask
+    _require(0.0 < k.rate < 1.0, f"mask.rate must be in (0, 1), got {k.rate}")
+    for key in ("replace", "random", "keep"):
+        _require(0.0 <= getattr(k, key) <= 1.0, f"mask.{key} must be in [0, 1], got {getattr(k, key)}")
+    _require(abs(k.replace + k.random + k.keep - 1.0) < 1e-6,
+             f"mask.replace + mask.random + mask.keep must add up to 1, got {k.replace} + {k.random} + {k.keep} = "
+             f"{k.replace + k.random + k.keep:g}")
 
     if t.objective == "causal":
         _require(m.family == "decoder", "train.objective = 'causal' needs model.family = 'decoder' "

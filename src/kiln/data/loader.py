@@ -83,6 +83,7 @@ class BatchSampler:
 
 
 def eval_windows(windows: TokenWindows, n: int) -> torch.Tensor:
-    """The first `n` validation windows in order: the same held-out tokens for every evaluation."""
+    """`n` validation windows spread evenly over the split (so every held-out document is
+    represented, not just the first few); the same windows for every evaluation."""
     n = min(n, len(windows))
-    return torch.from_numpy(windows.get(np.arange(n, dtype=np.int64)))
+    return torch.from_numpy(windows.get(np.linspace(0, len(windows) - 1, n).round().astype(np.int64)))

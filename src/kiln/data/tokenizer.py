@@ -10,12 +10,78 @@ import hashlib
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kiln.errors import DataError
 
 BOS, EOS, PAD, MASK, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>", "<|unk|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, MASK, UNK)
+
+# Character classes for word boundaries. The byte-level pre-tokenizer (GPT-2's regex) cuts text
+# into runs of letters, of digits, of other symbols and of whitespace, and BPE never merges
+# across those cuts; CONT is a UTF-8 continuation byte (inside a character, never a boundary).
+SPACE, LETTER, DIGIT, SYMBOL, CONT, SPECIAL = range(6)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's reversible map from the printable characters of byte-level tokens back to bytes
+    (printable ASCII and Latin-1 stand for themselves; the other bytes are shifted to U+0100...)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, shifted = {chr(b): b for b in kept}, 0
+    for b in range(256):
+        if b not in kept:
+            chars[chr(256 + shifted)] = b
+            shifted += 1
+    return chars
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
+_WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
+
+
+def _char_class(c: str) -> int:
+    if c.isspace() or c == "\u2581":  # U+2581: SentencePiece's word-boundary marker
+        return SPACE
+    return LETTER if c.isalpha() else DIGIT if c.isdigit() else SYMBOL
+
+
+def _utf8_length(lead: int) -> int:
+    return 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+
+
+def _bytes_classes(data: bytes) -> tuple[int, int]:
+    """(class of the first byte, class of the last character) of a byte-level token. A character
+    cut by the token's edge counts as a letter, the common case beyond ASCII."""
+    def whole(chunk: bytes) -> int:
+        try:
+            return _char_class(chunk.decode("utf-8"))
+        except UnicodeDecodeError:
+            return LETTER
+
+    lead = data[0]
+    if 0x80 <= lead < 0xC0:
+        first = CONT
+    else:
+        n = _utf8_length(lead)
+        first = whole(data[:n]) if len(data) >= n else LETTER
+    i = len(data) - 1
+    while i > 0 and 0x80 <= data[i] < 0xC0:
+        i -= 1
+    tail = data[i:]
+    last = whole(tail) if len(tail) == _utf8_length(tail[0]) else LETTER
+    return first, last
+
+
+def _piece_classes(piece: str) -> tuple[int, int]:
+    """(class of the first byte, class of the last character) of one token's text."""
+    if not piece:
+        return SYMBOL, SYMBOL
+    if all(c in BYTE_OF_CHAR for c in piece):  # byte-level BPE (every tokenizer Kiln trains)
+        return _bytes_classes(bytes(BYTE_OF_CHAR[c] for c in piece))
+    if piece.startswith("##") and len(piece) > 2:  # WordPiece continuation
+        return CONT, _char_class(piece[-1])
+    return _char_class(piece[0]), _char_class(piece[-1])
 
 
 class KilnTokenizer:
@@ -30,6 +96,7 @@ class KilnTokenizer:
         self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.unk_id = (
             tok.token_to_id(t) for t in SPECIAL_TOKENS)
         self.special_ids = frozenset((self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.unk_id))
+        self._tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -54,14 +121,51 @@ class KilnTokenizer:
     def save(self, path: Path) -> None:
         path.write_text(self.to_json())
 
-    def word_starts(self, ids: list[int]) -> list[bool]:
-        """Whether each token begins a new word (byte-level BPE marks a leading space with 'Ġ')."""
-        out = []
-        for i in ids:
-            piece = self.tok.id_to_token(i) or ""
-            out.append(i in self.special_ids or piece.startswith("Ġ") or piece.startswith("Ċ")
-                       or not piece[:1].isalnum())
-        return out
+    def _word_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per id: the class of the token's first byte and of its last character, whether the token
+        is all whitespace, and whether it is one space ('Ġ'); built once."""
+        if self._tables is None:
+            pieces = [self.tok.id_to_token(i) or "" for i in range(self.vocab_size)]
+            classes = np.array([_piece_classes(p) for p in pieces], dtype=np.uint8).reshape(-1, 2)
+            special = np.fromiter(self.special_ids, dtype=np.int64)
+            classes[special] = SPECIAL
+            blank = np.array([bool(p) and all(BYTE_OF_CHAR.get(c, 0) in _WHITESPACE for c in p) for p in pieces])
+            self._tables = (classes[:, 0].copy(), classes[:, 1].copy(), blank & (classes[:, 0] != SPECIAL),
+                            np.array([p == "Ġ" for p in pieces]))
+        return self._tables
+
+    def word_start_mask(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each token of `ids` (shape (..., T)) begins a word, along the last axis.
+
+        A word is a pre-token of the byte-level BPE (GPT-2's regex), which BPE never merges across:
+        a run of letters, of digits or of other symbols, with at most one leading space ('Ġfoo';
+        '(' and 'x' of 'foo(x)'), or a run of whitespace, whose last character goes to the next word
+        when that is a space ('ĊĠĠĠ' then 'Ġreturn'). So a token begins a word when it starts with
+        whitespace or its first character is of another class than the previous token's last one,
+        except a token inside a UTF-8 character, inside a whitespace run, or after the single space
+        that leads its word. Special tokens are words of their own; position 0 begins a word.
+        """
+        first, last, blank, lone_space = self._word_tables()
+        ids = np.asarray(ids, dtype=np.int64)
+        f, is_blank = first[ids], blank[ids]
+        prev = np.full_like(f, SPECIAL)  # class of the previous token's last character
+        prev[..., 1:] = last[ids[..., :-1]]
+        nxt = np.full_like(f, SPECIAL)  # class of the next token's first byte
+        nxt[..., :-1] = f[..., 1:]
+        after_lone_space = np.zeros_like(is_blank)
+        after_lone_space[..., 1:] = lone_space[ids[..., :-1]]
+        solid = (f == LETTER) | (f == DIGIT) | (f == SYMBOL)
+        before_word = (nxt == LETTER) | (nxt == DIGIT) | (nxt == SYMBOL)
+        inside_blank_run = is_blank & (prev == SPACE) & ~before_word
+        joins_space = after_lone_space & solid
+        start = (f == SPACE) | (f != prev)
+        start &= (f != CONT) & ~inside_blank_run & ~joins_space
+        return start | (f == SPECIAL) | (prev == SPECIAL)
+
+    def word_starts(self, ids: Iterable[int]) -> list[bool]:
+        """`word_start_mask` of one sequence, as a list."""
+        ids = list(ids)
+        return self.word_start_mask(np.array(ids, dtype=np.int64)).tolist() if ids else []
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, length: int | None = None) -> KilnTokenizer:

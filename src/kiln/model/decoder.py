@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kiln.config import ModelConfig
-from kiln.model.layers import Block, init_transformer_weights, make_norm, rope_tables
+from kiln.model.layers import Block, make_norm, rope_tables
 
 
 class Transformer(nn.Module):
@@ -40,9 +40,8 @@ class Transformer(nn.Module):
             self.rope_cos = self.rope_sin = None
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter and buffer; safe after `to_empty()` from the meta device."""
-        init_transformer_weights(self, self.cfg)
+    def init_buffers(self) -> None:
+        """Recompute non-persistent buffers (RoPE tables); needed after `to_empty()` from meta."""
         if self.rope_cos is not None:
             cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, self.rope_cos.shape[0],
                                    self.cfg.rope_theta, device=self.rope_cos.device)
@@ -52,7 +51,8 @@ class Transformer(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(tokens)  # (B, T, d)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
+            # positions shaped (1, T) so that, under sequence parallelism, the output shards like x
+            x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device)[None])
         return self.drop(x)
 
     def output_weight(self) -> torch.Tensor:

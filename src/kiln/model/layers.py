@@ -124,16 +124,15 @@ class Block(nn.Module):
 RESIDUAL_OUTPUTS = ("attn.wo", "mlp.w2")  # projections into the residual stream get depth-scaled init
 
 
-def init_transformer_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """GPT-2 / Llama practice: N(0, init_std) everywhere, residual projections scaled by 1/sqrt(2L)."""
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            std = residual_std if name.endswith(RESIDUAL_OUTPUTS) else cfg.init_std
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
-        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-            module.reset_parameters()
+def param_init_rule(name: str, param_dim: int, cfg: ModelConfig) -> tuple[str, float]:
+    """How parameter `name` is initialised, GPT-2 / Llama practice: ("normal", std) for matrices
+    and embeddings, with residual projections scaled by 1/sqrt(2L); ("zeros"|"ones", 0) else."""
+    leaf = name.rsplit(".", 1)[-1]
+    owner = name.rsplit(".", 1)[0] if "." in name else ""
+    if leaf == "bias":
+        return "zeros", 0.0
+    if param_dim == 1:  # norm gains
+        return "ones", 0.0
+    if owner.endswith(RESIDUAL_OUTPUTS):
+        return "normal", cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    return "normal", cfg.init_std

@@ -8,9 +8,10 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.model.decoder import Decoder
+from kiln.model.encoder import Encoder
 
 ModelBuilder = Callable[[ModelConfig, int], nn.Module]
-MODELS: dict[str, ModelBuilder] = {"decoder": Decoder}
+MODELS: dict[str, ModelBuilder] = {"decoder": Decoder, "encoder": Encoder}
 VOCAB_MULTIPLE = 64  # pad the embedding so matrix shapes stay friendly to the hardware
 
 

@@ -51,7 +51,32 @@ def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
         mlp = 3 * d * (cfg.d_ff or swiglu_hidden(d))
     else:
         mlp = 2 * d * (cfg.d_ff or 4 * d)
-    return L * (attn + mlp) + d * vocab_size
+    head = d * d if cfg.family == "encoder" else 0  # the masked-LM head's dense layer
+    return L * (attn + mlp) + head + d * vocab_size
+
+
+def model_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """All parameters: matrices, embeddings (padded vocabulary), norms and biases."""
+    from kiln.model.registry import padded_vocab
+
+    d, L = cfg.d_model, cfg.n_layers
+    vocab = padded_vocab(vocab_size)
+    n = matmul_params(cfg, vocab) - d * vocab  # blocks
+    n += d * vocab * (1 if cfg.tie_embeddings else 2)
+    if cfg.pos == "learned":
+        n += (cfg.max_seq_len or cfg.seq_len) * d
+    norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    n += (2 * L + 1) * norm
+    if cfg.qk_norm:
+        n += 2 * L * (d // cfg.n_heads)
+    if cfg.bias:
+        head_dim = d // cfg.n_heads
+        kv = cfg.n_kv_heads or cfg.n_heads
+        hidden = cfg.d_ff or (swiglu_hidden(d) if cfg.mlp == "swiglu" else 4 * d)
+        n += L * (2 * d + 2 * kv * head_dim + hidden * (2 if cfg.mlp == "swiglu" else 1) + d)
+    if cfg.family == "encoder":  # the masked-LM head's norm, dense bias and output bias
+        n += norm + ((d + vocab) if cfg.bias else 0)
+    return n
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:

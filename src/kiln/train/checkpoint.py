@@ -1,14 +1,18 @@
-"""Single-process checkpoints: safetensors + JSON, written atomically, verified by sha256.
+"""Checkpoints: written atomically, verified by sha256, loadable at any world size.
 
     checkpoints/step-00000100/
-        model.safetensors       weights
-        optimizer.safetensors   optimizer state tensors, keyed "<param index>/<name>"
-        rng.safetensors         torch (and CUDA) generator states
-        state.json              step, tokens, optimizer hyper-parameters, python/numpy RNG, trainer state
-        manifest.json           sha256 and size of every file above; written last
+        model.safetensors       single process: full weights, keyed by parameter name
+        optimizer.safetensors   single process: optimizer state, keyed "<parameter name>/<state>"
+        dcp/                    distributed: torch.distributed.checkpoint shards (model + optimizer)
+        rng-<rank>.safetensors  torch (and CUDA) generator states of each rank
+        state.json              step, trainer state, python/numpy RNG
+        manifest.json           sha256 and size of every file above; written last (the commit marker)
 
-A checkpoint is built in `step-XXXXXXXX.tmp`, flushed to disk, then renamed: it either exists
-complete or not at all. Nothing is unpickled on load.
+State dicts are keyed by parameter name in both formats (through
+`torch.distributed.checkpoint.state_dict`), so either format loads into any layout: a run saved
+by 2 FSDP ranks resumes in one process and vice versa. A checkpoint is built in
+`step-XXXXXXXX.tmp`, flushed, described by its manifest, then renamed: it exists complete or not
+at all. Nothing is unpickled from a file Kiln did not write.
 """
 
 from __future__ import annotations
@@ -18,17 +22,27 @@ import json
 import os
 import random
 import shutil
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from kiln.errors import CheckpointError
+from kiln.parallel.runtime import Parallel
 
-FORMAT = "kiln-checkpoint-1"
+FORMAT = "kiln-checkpoint-2"
 PREFIX = "step-"
 
 
@@ -52,94 +66,199 @@ def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-# --------------------------------------------------------------------------- state <-> files
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+
+# --------------------------------------------------------------------------- RNG
+
+def rng_tensors() -> dict[str, torch.Tensor]:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{i}"] = s
+    return tensors
+
+
+def host_rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
-    meta = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python": [py_version, list(py_state), py_gauss]}
-    return tensors, meta
+    return {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": [py_version, list(py_state), py_gauss]}
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
     if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     n = meta["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     p = meta["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, state in sd["state"].items():
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{idx}/{k}"] = v.detach().contiguous().cpu()
+# --------------------------------------------------------------------------- state dicts
+
+def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for part in parts:
+        out.update(get_model_state_dict(part))
+    return out
+
+
+def optimizer_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, dict[str, Any]]:
+    """Optimizer state keyed by parameter name (hyper-parameters come from the config on resume)."""
+    out: dict[str, dict[str, Any]] = {}
+    for part, opt in zip(parts, optimizers):
+        out.update(get_optimizer_state_dict(part, opt)["state"])
+    return out
+
+
+def _flatten_optimizer(state: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {f"{name}/{k}": v.detach().contiguous().cpu() for name, s in state.items() for k, v in s.items()}
+
+
+def _unflatten_optimizer(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        name, k = key.rsplit("/", 1)
+        state.setdefault(name, {})[k] = v
+    return state
+
+
+def _apply(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], model_sd: dict[str, torch.Tensor],
+           optim_sd: dict[str, dict[str, Any]] | None, full: bool) -> None:
+    options = StateDictOptions(full_state_dict=full, strict=True)
+    for part, opt in zip(parts, optimizers or [None] * len(parts)):
+        names = list(get_model_state_dict(part))  # a fixed order: loading runs one collective per tensor
+        missing = [n for n in names if n not in model_sd]
+        if missing:
+            raise CheckpointError(f"the checkpoint lacks parameters {missing[:3]}; was the model shape changed?")
+        set_model_state_dict(part, {k: model_sd[k] for k in names}, options=options)
+        if opt is not None and optim_sd is not None:
+            current = get_optimizer_state_dict(part, opt)
+            state = {k: optim_sd[k] for k in current["state"] if k in optim_sd}
+            set_optimizer_state_dict(part, opt, {"state": state, "param_groups": current["param_groups"]},
+                                     options=options)
+
+
+# --------------------------------------------------------------------------- save
+
+class Checkpointer:
+    """Saves and loads checkpoints under one folder for one job (one process or many)."""
+
+    def __init__(self, folder: Path, par: Parallel | None = None, keep: int = 0, async_save: bool = False):
+        self.folder = Path(folder)
+        self.par = par
+        self.keep = keep
+        self.async_save = async_save and par is not None and par.distributed
+        self._pending: tuple[Future, Path, Path] | None = None
+
+    @property
+    def _distributed(self) -> bool:
+        return self.par is not None and self.par.distributed
+
+    @property
+    def _rank(self) -> int:
+        return self.par.info.rank if self.par is not None else 0
+
+    def _barrier(self) -> None:
+        if self.par is not None:
+            self.par.barrier()
+
+    def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+             trainer_state: dict[str, Any]) -> Path:
+        """Write checkpoint `step`; returns its final path (committed, or pending for async)."""
+        self.wait()
+        final = self.folder / step_dir_name(step)
+        tmp = self.folder / (final.name + ".tmp")
+        if self._rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self._barrier()
+        try:
+            model_sd = model_state(parts)
+            optim_sd = optimizer_state(parts, optimizers)
+            save_file(rng_tensors(), tmp / f"rng-{self._rank}.safetensors")
+            if self._rank == 0:
+                state = {"step": step, "trainer": trainer_state, "rng": host_rng_state(),
+                         "world_size": self.par.info.world_size if self.par else 1}
+                (tmp / "state.json").write_text(json.dumps(state))
+            if self._distributed:
+                payload = {"model": model_sd, "optim": optim_sd}
+                if self.async_save:
+                    future = dcp.async_save(payload, checkpoint_id=str(tmp / "dcp"))
+                    self._pending = (future, tmp, final)
+                    return final
+                dcp.save(payload, checkpoint_id=str(tmp / "dcp"))
             else:
-                scalars.setdefault(str(idx), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                save_file({k: v.detach().contiguous().cpu() for k, v in model_sd.items()}, tmp / "model.safetensors")
+                save_file(_flatten_optimizer(optim_sd), tmp / "optimizer.safetensors")
+        except BaseException:
+            if self._rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._commit(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish a pending asynchronous save (and commit it)."""
+        if self._pending is not None:
+            future, tmp, final = self._pending
+            self._pending = None
+            future.result()
+            self._commit(tmp, final)
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        self._barrier()  # every rank's files are on disk
+        if self._rank == 0:
+            files = _files(tmp)
+            for f in files:
+                _fsync(f)
+            manifest = {"format": FORMAT, "files": {str(f.relative_to(tmp)): {"sha256": _sha256(f),
+                                                                               "bytes": f.stat().st_size}
+                                                    for f in files}}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            _fsync(tmp / "manifest.json")
+            if final.exists():  # re-saving a step (e.g. after a rollback): replace the old copy
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync(self.folder)
+            if self.keep:
+                for old in list_checkpoints(self.folder)[:-self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    # ----------------------------------------------------------------------- load
+    def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None) -> dict[str, Any]:
+        """Restore model, optimizer and RNG from `path` into any layout; returns the saved state."""
+        load_weights(path, parts, optimizers)
+        state = read_state(path)
+        rng_file = path / f"rng-{self._rank}.safetensors"
+        if not rng_file.is_file():
+            rng_file = path / "rng-0.safetensors"  # a different world size: other ranks start from rank 0's
+        set_rng_state(load_file(rng_file), state["rng"])
+        return state
 
 
-def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                         meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        idx, name = key.split("/", 1)
-        state.setdefault(int(idx), {})[name] = v
-    for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def load_weights(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None = None) -> None:
+    """Load model (and optimizer) state from either format into `parts`, whatever their layout."""
+    if (path / "dcp").is_dir():
+        model_sd = model_state(parts)
+        payload: dict[str, Any] = {"model": model_sd}
+        if optimizers:
+            payload["optim"] = optimizer_state(parts, optimizers)
+        dcp.load(payload, checkpoint_id=str(path / "dcp"))
+        _apply(parts, optimizers or [], payload["model"], payload.get("optim"), full=False)
+    else:
+        model_sd = load_file(path / "model.safetensors")
+        optim_sd = _unflatten_optimizer(load_file(path / "optimizer.safetensors")) if optimizers else None
+        _apply(parts, optimizers or [], model_sd, optim_sd, full=True)
 
 
-# --------------------------------------------------------------------------- save / load
-
-def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    trainer_state: dict[str, Any], keep: int = 0) -> Path:
-    """Write checkpoint `step` under `folder` atomically; then drop all but the newest `keep` (0 = all)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / step_dir_name(step)
-    tmp = folder / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                  tmp / "model.safetensors")
-        opt_meta: dict[str, Any] = {}
-        if optimizer is not None:
-            opt_tensors, opt_meta = optimizer_to_files(optimizer)
-            save_file(opt_tensors, tmp / "optimizer.safetensors")
-        rng_tensors, rng_meta = rng_state()
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        state = {"step": step, "trainer": trainer_state, "optimizer": opt_meta, "rng": rng_meta}
-        (tmp / "state.json").write_text(json.dumps(state))
-        files = sorted(p.name for p in tmp.iterdir())
-        for name in files:
-            _fsync(tmp / name)
-        manifest = {"format": FORMAT, "step": step,
-                    "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp / "manifest.json")
-        if final.exists():  # re-saving a step (e.g. after a rollback): replace the old copy
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if keep:
-        for old in list_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "state.json").read_text())
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -180,23 +299,10 @@ def latest_valid_checkpoint(folder: Path, warn=print) -> Path | None:
     return None
 
 
-def load_model_weights(path: Path, model: nn.Module, strict: bool = True) -> None:
-    weights = load_file(path / "model.safetensors")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if strict and (missing or unexpected):
-        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}; was the model shape changed?")
-
-
-def read_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / "state.json").read_text())
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from `path`; returns the saved state (step, trainer state)."""
-    load_model_weights(path, model)
-    state = read_state(path)
-    if optimizer is not None and (path / "optimizer.safetensors").is_file():
-        optimizer_from_files(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
-    set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
-    return state
+def export_safetensors(path: Path, model: nn.Module, out: Path) -> Path:
+    """Consolidate a checkpoint (either format) into one safetensors file of full weights."""
+    load_weights(path, [model])
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, out)
+    return out

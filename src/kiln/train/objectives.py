@@ -2,19 +2,26 @@
 
 An objective is a registered class; `train.objective` selects it and its `family` names the
 model family it needs (checked when the config is validated).
+
+Objectives that draw random numbers (masking) draw them per window from (seed, step, the window's
+index in the global batch): a batch is then the same whether one process makes it or each
+data-parallel rank makes its slice, and a resumed run redraws exactly what it drew before.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from kiln.config import Config, MaskConfig
 from kiln.data.tokenizer import KilnTokenizer
 
 IGNORE = -100  # target id that contributes no loss
+EVAL_STEP = -1  # the `step` evaluations pass: a random stream that no training step uses
 
 
 @dataclass
@@ -26,12 +33,16 @@ class Batch:
 class Objective:
     name: ClassVar[str]
     family: ClassVar[str]  # model family this objective trains
+    masked: ClassVar[bool] = False  # predicts hidden input tokens: evaluation adds masked accuracy and a baseline
 
-    def __init__(self, tokenizer: KilnTokenizer, vocab_size: int):
+    def __init__(self, tokenizer: KilnTokenizer, vocab_size: int, cfg: Config | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.cfg = cfg
 
-    def make_batch(self, windows: torch.Tensor, step: int, seed: int) -> Batch:
+    def make_batch(self, windows: torch.Tensor, step: int, seed: int, first_index: int = 0) -> Batch:
+        """`windows` (B, seq_len + 1) are rows `first_index`... of the global batch of `step`
+        (`EVAL_STEP` when evaluating); the result must depend on nothing else."""
         raise NotImplementedError
 
     @staticmethod
@@ -50,6 +61,16 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
+def build_objective(cfg: Config, tokenizer: KilnTokenizer, vocab_size: int) -> Objective:
+    return OBJECTIVES[cfg.train.objective](tokenizer, vocab_size, cfg)
+
+
+def window_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """A CPU generator for window `index` of the global batch at `step`."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
 @register_objective
 class Causal(Objective):
     """Next-token prediction: inputs are the first T tokens of a window, targets the last T."""
@@ -57,5 +78,53 @@ class Causal(Objective):
     name = "causal"
     family = "decoder"
 
-    def make_batch(self, windows: torch.Tensor, step: int, seed: int) -> Batch:
+    def make_batch(self, windows: torch.Tensor, step: int, seed: int, first_index: int = 0) -> Batch:
         return Batch(windows[:, :-1], windows[:, 1:])
+
+
+@register_objective
+class Masked(Objective):
+    """Masked language modelling as in BERT and RoBERTa, on the first T tokens of each window.
+
+    `mask.rate` of the tokens are selected (never a special token); of those, `mask.replace`
+    become the mask token, `mask.random` a random non-special token and `mask.keep` stay as they
+    are; the loss is taken at the selected positions only. Masks are dynamic (drawn afresh for
+    every step, so a window seen twice is masked differently). With `mask.whole_word` whole
+    words (`KilnTokenizer.word_start_mask`) are selected, each piece then corrupted on its own as
+    in BERT's whole-word masking. There is no next-sentence prediction: RoBERTa found that
+    dropping it matches or improves downstream results.
+    """
+
+    name = "masked"
+    family = "encoder"
+    masked = True
+
+    def __init__(self, tokenizer: KilnTokenizer, vocab_size: int, cfg: Config | None = None):
+        super().__init__(tokenizer, vocab_size, cfg)
+        self.mask = cfg.mask if cfg is not None else MaskConfig()
+        self.special = torch.zeros(vocab_size, dtype=torch.bool)
+        self.special[sorted(i for i in tokenizer.special_ids if i < vocab_size)] = True
+        self.replacements = (~self.special).nonzero().flatten()  # candidates for the random token
+        self.mask_id = tokenizer.mask_id
+
+    def make_batch(self, windows: torch.Tensor, step: int, seed: int, first_index: int = 0) -> Batch:
+        m = self.mask
+        tokens = windows[:, :-1].cpu()  # (B, T)
+        B, T = tokens.shape
+        draws = torch.empty(B, 3, T, dtype=torch.float64)  # per position: select, corrupt how, which token
+        for row in range(B):
+            draws[row] = torch.rand(3, T, dtype=torch.float64, generator=window_generator(seed, step, first_index + row))
+        select, action, pick = draws.unbind(1)
+        if m.whole_word:  # every piece of a word takes the draw of the word's first piece
+            starts = torch.from_numpy(self.tokenizer.word_start_mask(tokens.numpy()))
+            positions = torch.arange(T).expand(B, T)
+            word_start = torch.where(starts, positions, 0).cummax(dim=1).values  # (B, T)
+            select = select.gather(1, word_start)
+        selected = (select < m.rate) & ~self.special[tokens]
+        to_mask = selected & (action < m.replace)
+        to_random = selected & (action >= m.replace) & (action < m.replace + m.random)
+        n = len(self.replacements)
+        random_tokens = self.replacements[(pick * n).long().clamp(max=n - 1)]
+        inputs = torch.where(to_mask, self.mask_id, torch.where(to_random, random_tokens, tokens))
+        targets = torch.where(selected, tokens, IGNORE)
+        return Batch(inputs, targets)

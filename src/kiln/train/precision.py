@@ -9,6 +9,7 @@ per-op overhead, to dominate a step.
 from __future__ import annotations
 
 import contextlib
+import resource
 from typing import Callable
 
 import torch
@@ -56,3 +57,10 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], contextli
 
 def compute_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated GPU memory, or resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

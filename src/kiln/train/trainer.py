@@ -1,14 +1,14 @@
-"""The training loop: batches -> forward/backward with accumulation -> clip -> step, with
-periodic logging, evaluation and checkpoints, and exact resume.
+"""The training loop: batches -> forward/backward with accumulation (or a pipeline schedule)
+-> clip -> step, with periodic logging, evaluation and checkpoints, and exact resume.
 
 Reads as a recipe: `Trainer.build` assembles data, model, optimizer and objective from the
-config; `Trainer.fit` runs the steps. Hooks (objects with any of `on_step_end`, `on_eval`,
-`on_checkpoint`) attach monitoring without touching the loop.
+config and applies the parallel layout from outside; `Trainer.fit` runs the steps. Hooks
+(objects with any of `on_step_end`, `on_eval`, `on_checkpoint`) attach monitoring without
+touching the loop.
 """
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,19 +22,24 @@ from kiln.data.loader import BatchSampler, TokenWindows, eval_windows
 from kiln.data.shards import Prepared
 from kiln.eval.generate import generate
 from kiln.eval.lm import evaluate_lm
+from kiln.eval.runner import run_training_suites
 from kiln.model.registry import build_model
+from kiln.parallel import pipeline as pp
+from kiln.parallel.apply import materialise, parallelize
+from kiln.parallel.memory import estimate_memory
+from kiln.parallel.runtime import Parallel
 from kiln.progress import console, format_seconds, quiet
 from kiln.runs.rundir import RunDir
 from kiln.scaling.flops import flops_per_token, peak_tflops
-from kiln.train import checkpoint as ckpt
-from kiln.train.objectives import IGNORE, OBJECTIVES, Objective
+from kiln.train.checkpoint import Checkpointer
+from kiln.train.objectives import IGNORE, Objective, build_objective
 from kiln.train.optim import build_optimizer, lr_at, set_lr
-from kiln.train.precision import autocast_for, compute_dtype, resolve_device, resolve_precision
+from kiln.train.precision import autocast_for, compute_dtype, peak_memory_gb, resolve_precision
 
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean loss per predicted token, on device (no host sync)
+    loss: torch.Tensor  # mean loss per predicted token over the global batch, on device (no host sync)
     grad_norm: torch.Tensor
     lr: float
 
@@ -44,34 +49,69 @@ class Trainer:
     cfg: Config
     run: RunDir
     data: Prepared
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
+    par: Parallel
+    parts: list[nn.Module]  # the whole model, or this rank's pipeline stages
+    optimizers: list[torch.optim.Optimizer]
     objective: Objective
     sampler: BatchSampler
-    val: torch.Tensor
-    device: torch.device
+    val: torch.Tensor  # this data-parallel rank's share of the validation windows
     precision: str
+    schedule: Any = None  # pipeline schedule when parallel.pp > 1
     hooks: list[Any] = field(default_factory=list)
     step: int = 0  # optimizer steps completed
     history: dict[str, list] = field(default_factory=lambda: {"step": [], "loss": [], "val_step": [], "val_loss": []})
 
     # ------------------------------------------------------------------ assembly
     @classmethod
-    def build(cls, cfg: Config, run: RunDir, data: Prepared, resume_state: dict[str, Any] | None = None) -> "Trainer":
+    def build(cls, cfg: Config, run: RunDir, data: Prepared, par: Parallel,
+              resume_state: dict[str, Any] | None = None) -> "Trainer":
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        device = resolve_device(cfg)
+        device = par.device
         precision = (resume_state or {}).get("trainer", {}).get("precision") or resolve_precision(cfg, device)
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, data.vocab_size).to(device)
-        model.init_weights()
-        objective = OBJECTIVES[cfg.train.objective](data.tokenizer, data.vocab_size)
-        optimizer = build_optimizer(model, cfg.optim, device)
+        objective = build_objective(cfg, data.tokenizer, data.vocab_size)
+        ids, n_stages = pp.stage_ids(cfg, par.dims.pp, par.pp_rank) if par.dims.pp > 1 else ([0], 1)
+        parts = []
+        for stage in ids:
+            with torch.device("meta"):
+                model = build_model(cfg.model, data.vocab_size)
+            if par.dims.pp > 1:
+                model = pp.cut_stage(model, stage, n_stages)
+            parallelize(model, cfg, par.dims, par.mesh)
+            parts.append(materialise(model, cfg, device))
+        optimizers = [build_optimizer(p, cfg.optim, device) for p in parts]
+        dp_rank, dp_size = par.dp
         sampler = BatchSampler(TokenWindows(data.split("train"), cfg.model.seq_len, "train"),
-                               cfg.global_batch, cfg.train.seed)
-        val_windows = TokenWindows(data.split("val"), cfg.model.seq_len, "validation")
-        val = eval_windows(val_windows, cfg.eval.batches * cfg.global_batch)
-        return cls(cfg, run, data, model, optimizer, objective, sampler, val, device, precision)
+                               cfg.global_batch, cfg.train.seed, dp_rank, dp_size)
+        val_all = eval_windows(TokenWindows(data.split("val"), cfg.model.seq_len, "validation"),
+                               cfg.eval.batches * cfg.global_batch)
+        per_rank = len(val_all) // dp_size  # equal shares: every rank runs the same number of forwards
+        val = val_all[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        trainer = cls(cfg, run, data, par, parts, optimizers, objective, sampler, val, precision)
+        if par.dims.pp > 1:
+            trainer.schedule = pp.build_schedule(parts, ids, n_stages, par, cfg, trainer._pipeline_loss)
+            trainer.stage_ids, trainer.n_stages = ids, n_stages
+        return trainer
+
+    def __post_init__(self) -> None:
+        # Compile forward and loss together: the loss's log-softmax then fuses with the output
+        # projection's epilogue instead of materialising float32 logits (see BENCHMARKS.md).
+        self.forward_loss = torch.compile(self._forward_loss) if self.cfg.train.compile else self._forward_loss
+        self.checkpointer = Checkpointer(self.run.checkpoints, self.par, keep=self.cfg.checkpoint.keep,
+                                         async_save=self.cfg.parallel.async_checkpoint)
+        self._loss_scale = torch.ones((), device=self.par.device)  # 1 / global predicted tokens, per step
+        self.eval_totals: torch.Tensor | None = None  # set while a pipeline evaluation runs
+
+    @property
+    def model(self) -> nn.Module:
+        """The whole model (not available when pipeline stages are spread over ranks)."""
+        if len(self.parts) != 1 or self.par.dims.pp > 1:
+            raise RuntimeError("the model is split into pipeline stages")
+        return self.parts[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.par.device
 
     @property
     def micro_batch(self) -> int:
@@ -81,63 +121,106 @@ class Trainer:
     def autocast(self):
         return autocast_for(self.device, self.precision)
 
-    def __post_init__(self) -> None:
-        # Compile forward and loss together: the loss's log-softmax then fuses with the output
-        # projection's epilogue instead of materialising float32 logits (measured in BENCHMARKS.md).
-        self.forward_loss = torch.compile(self._forward_loss) if self.cfg.train.compile else self._forward_loss
+    @property
+    def tokens_seen(self) -> int:
+        return self.step * self.cfg.global_batch * self.cfg.model.seq_len
 
-    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.objective.loss_sum(self.model(inputs), targets)
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for part in self.parts for p in part.parameters()]
 
     def state(self) -> dict[str, Any]:
         """Trainer state saved with each checkpoint (the loader needs only the step)."""
         return {"step": self.step, "tokens": self.tokens_seen, "precision": self.precision,
                 "data_key": self.data.manifest["key"], "history": self.history}
 
-    @property
-    def tokens_seen(self) -> int:
-        return self.step * self.cfg.global_batch * self.cfg.model.seq_len
-
     def restore(self, path: Path) -> None:
-        saved = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        saved = self.checkpointer.load(path, self.parts, self.optimizers)
         self.step = saved["step"]
         self.history = saved["trainer"]["history"]
-        self.run.truncate_after(self.step)
+        if self.par.is_main:
+            self.run.truncate_after(self.step)
 
     # ------------------------------------------------------------------ one step
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.objective.loss_sum(self.model(inputs), targets)
+
+    def _pipeline_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.eval_totals is not None:  # a forward-only evaluation pass
+            from kiln.eval.lm import tally_predictions
+
+            return tally_predictions(self.eval_totals, output, targets, self.objective)
+        loss = self.objective.loss_sum(output, targets) * self._loss_scale
+        return loss * self.par.dims.dp_size  # FSDP averages gradients over data-parallel ranks
+
     def train_step(self, step: int) -> StepResult:
-        cfg = self.cfg
-        batch = self.objective.make_batch(self.sampler.batch(step), step, cfg.train.seed)
+        cfg, par = self.cfg, self.par
+        batch = self.objective.make_batch(self.sampler.batch(step), step, cfg.train.seed,
+                                          first_index=self.sampler.rank * self.sampler.local_batch)
         inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
-        # Normalise by the tokens predicted in the whole (global) batch, so accumulation and
-        # data parallelism give the gradient of the same mean loss.
-        n_predicted = (targets != IGNORE).sum().clamp(min=1)
-        total = torch.zeros((), device=self.device)
-        for i in range(0, inputs.shape[0], self.micro_batch):
+        # Normalise by the tokens predicted in the whole global batch, so accumulation and data
+        # parallelism give the gradient of the same mean loss.
+        n_predicted = par.data_sum((targets != IGNORE).sum().float()) / par.dims.pp
+        self._loss_scale = 1.0 / n_predicted.clamp(min=1)
+        dp_scale = par.dims.dp_size  # FSDP averages gradients; scaling by dp size turns that into a sum
+        if self.schedule is not None:
+            losses: list[torch.Tensor] = []
             with self.autocast():
-                loss = self.forward_loss(inputs[i:i + self.micro_batch], targets[i:i + self.micro_batch]) / n_predicted
-            loss.backward()
-            total += loss.detach()
+                first, last = pp.has_first_stage(self.stage_ids), pp.has_last_stage(self.stage_ids, self.n_stages)
+                self.schedule.step(*((inputs,) if first else ()), target=targets if last else None, losses=losses)
+            total = (torch.stack(losses).detach().sum() / dp_scale if losses
+                     else torch.zeros((), device=self.device))
+        else:
+            total = torch.zeros((), device=self.device)
+            for i in range(0, inputs.shape[0], self.micro_batch):
+                with self.autocast():
+                    loss = self.forward_loss(inputs[i:i + self.micro_batch], targets[i:i + self.micro_batch])
+                loss = loss * self._loss_scale
+                (loss * dp_scale).backward() if dp_scale != 1 else loss.backward()
+                total += loss.detach()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = par.clip_grad_norm(self.parameters(), clip)
         lr = lr_at(step, cfg.total_steps, cfg.optim.lr, cfg.schedule)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(total, grad_norm, lr)
+        for opt in self.optimizers:
+            set_lr(opt, lr)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        loss = par.data_sum(total) if par.distributed else total
+        return StepResult(loss, grad_norm, lr)
 
     # ------------------------------------------------------------------ evaluation, samples
     def evaluate(self) -> dict[str, float]:
-        metrics = evaluate_lm(self.model, self.val, self.objective, self.micro_batch, self.device, self.autocast,
-                              seed=self.cfg.train.seed)
+        if self.schedule is not None:
+            from kiln.eval.lm import evaluate_lm_pipeline
+
+            metrics = evaluate_lm_pipeline(self)
+        else:
+            metrics = evaluate_lm(self.model, self.val, self.objective, self.micro_batch, self.device, self.autocast,
+                                  seed=self.cfg.train.seed, reduce=self.par.data_sum if self.par.distributed else None,
+                                  first_index=self.par.dp[0] * len(self.val))
         record = {"step": self.step, "tokens": self.tokens_seen, **metrics}
-        self.run.log_eval(record)
+        record.update(run_training_suites(self))  # [eval] suites -> eval/step-N.json; nothing when empty
+        if self.par.is_main:
+            self.run.log_eval(record)
         self.history["val_step"].append(self.step)
         self.history["val_loss"].append(metrics["val_loss"])
         self._call("on_eval", record)
         return record
 
     def samples(self) -> list[dict[str, str]]:
+        """Generations from the fixed prompts; every rank generates in lockstep (the sharded
+        forward needs them all) and rank 0 writes them."""
+        if self.schedule is not None or self.par.dims.tp > 1:
+            # Pipeline stages hold parts of the model, and sequence parallelism needs lengths
+            # divisible by tp: sample from the checkpoint with `kiln sample` instead.
+            return []
+        if self.objective.masked:  # an encoder does not generate: show it filling masks instead
+            from kiln.eval.fill import fill_mask_demo
+
+            out = [fill_mask_demo(self.model, self.val[0], self.objective, self.data.tokenizer, self.device,
+                                  self.autocast, self.cfg.train.seed)]
+            if self.par.is_main:
+                self.run.write_text("samples.txt", f"=== {out[0]['prompt']}\n{out[0]['text']}\n")
+            return out
         tok, cfg = self.data.tokenizer, self.cfg
         gen = torch.Generator().manual_seed(cfg.train.seed)
         out = []
@@ -147,13 +230,13 @@ class Trainer:
                 full = generate(self.model, ids, cfg.eval.sample_tokens, cfg.model.seq_len, cfg.eval.temperature,
                                 cfg.eval.top_k, vocab_size=self.data.vocab_size, generator=gen)
             out.append({"prompt": prompt, "text": tok.decode(full.tolist())})
-        self.run.write_text("samples.txt", "".join(f"=== {s['prompt']!r}\n{s['text']}\n\n" for s in out))
+        if self.par.is_main:
+            self.run.write_text("samples.txt", "".join(f"=== {s['prompt']!r}\n{s['text']}\n\n" for s in out))
         return out
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(self.run.checkpoints, self.step, self.model, self.optimizer, self.state(),
-                                    keep=self.cfg.checkpoint.keep)
+        path = self.checkpointer.save(self.step, self.parts, self.optimizers, self.state())
         self._call("on_checkpoint", path)
         return path
 
@@ -169,6 +252,8 @@ class Trainer:
         tokens_per_step = cfg.global_batch * cfg.model.seq_len
         fpt = flops_per_token(cfg.model, self.data.vocab_size)
         peak, peak_source = peak_tflops(self.device, compute_dtype(self.precision))
+        if peak is not None:
+            peak *= self.par.info.world_size  # MFU of the whole job
         self._banner(fpt, peak_source)
         start_step, t_start = self.step, time.perf_counter()
         t_last, step_last = t_start, self.step
@@ -190,7 +275,8 @@ class Trainer:
                 last = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": result.lr,
                         "grad_norm": float(result.grad_norm), "tokens_per_s": rate, "tflops": tflops,
                         "mfu": tflops / peak if peak else None, "peak_mem_gb": peak_memory_gb(self.device)}
-                self.run.log_metrics(last)
+                if self.par.is_main:
+                    self.run.log_metrics(last)
                 self.history["step"].append(self.step)
                 self.history["loss"].append(loss)
                 eta = (total - self.step) * (now - t_start) / max(self.step - start_step, 1)
@@ -206,6 +292,7 @@ class Trainer:
             paused += time.perf_counter() - t_pause
         final_eval = self.evaluate()
         self.save()
+        self.checkpointer.wait()
         samples = self.samples()
         tok_s = sum(rates) / len(rates) if rates else last.get("tokens_per_s", 0.0)
         tflops = tok_s * fpt / 1e12
@@ -215,31 +302,40 @@ class Trainer:
             "unigram_entropy": self.data.manifest["val_unigram_entropy"],
             "tokens_per_s": tok_s, "tflops": tflops, "mfu": tflops / peak if peak else None,
             "peak_tflops": peak, "peak_source": peak_source, "peak_mem_gb": peak_memory_gb(self.device),
-            "params": self.model.num_params(), "flops_per_token": fpt, "device": str(self.device),
+            "params": self.num_params(), "flops_per_token": fpt, "device": str(self.device),
+            "world_size": self.par.info.world_size, "layout": self.par.dims.describe(),
             "precision": self.precision, "compile": cfg.train.compile,
             "seconds": time.perf_counter() - t_start, "sample": samples[0] if samples else None,
         }
-        self.run.write_json("summary.json", summary)
-        if cfg.log.plot:
-            from kiln.runs.report import plot_losses
+        if self.par.is_main:
+            self.run.write_json("summary.json", summary)
+            if cfg.log.plot:
+                from kiln.runs.report import plot_losses
 
-            plot_losses(self.run, self.history)
+                plot_losses(self.run, self.history)
         return summary
+
+    def num_params(self) -> int:
+        from kiln.scaling.flops import model_params
+
+        return model_params(self.cfg.model, self.data.vocab_size)
 
     # ------------------------------------------------------------------ console
     def _say(self, text: str) -> None:
-        if not quiet():
+        if not quiet() and self.par.is_main:
             console.print(text)
 
     def _banner(self, fpt: float, peak_source: str) -> None:
         cfg = self.cfg
-        n = self.model.num_params()
-        accum = self.sampler.local_batch // self.micro_batch
-        self._say(f"model {cfg.model.family}: {n / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, width "
-                  f"{cfg.model.d_model}, context {cfg.model.seq_len}, vocabulary {self.data.vocab_size}")
+        accum = max(1, self.sampler.local_batch // self.micro_batch)
+        self._say(f"model {cfg.model.family}: {self.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, "
+                  f"width {cfg.model.d_model}, context {cfg.model.seq_len}, vocabulary {self.data.vocab_size}")
         self._say(f"training {cfg.total_steps} steps x {cfg.global_batch} sequences ({cfg.global_batch * cfg.model.seq_len:,} "
                   f"tokens/step, {accum} micro-batch(es)) on {self.device}, {self.precision}"
                   f"{', compiled' if cfg.train.compile else ''}; {fpt / 1e6:.1f} MFLOP/token; peak: {peak_source}")
+        if self.par.distributed:
+            self._say(f"layout: {self.par.dims.describe()} over {self.par.info.world_size} processes")
+        self._say(estimate_memory(cfg, self.data.vocab_size, self.par.dims, self.precision).describe())
         if self.step:
             self._say(f"resuming from step {self.step}")
 
@@ -248,10 +344,3 @@ class Trainer:
         self._say(f"step {m['step']:>{len(str(total))}}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
                   f"gnorm {m['grad_norm']:.2f}  {m['tokens_per_s'] / 1e3:.1f}k tok/s  MFU {mfu}  "
                   f"ETA {format_seconds(eta)}")
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-

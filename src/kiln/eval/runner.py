@@ -1,0 +1,208 @@
+"""Running evaluation suites on a run: `kiln eval`, and `[eval] suites` during training.
+
+Results go to `runs/<name>/eval/step-<N>.json`:
+
+    {"run": ..., "step": N, "suites": {"lm": {"loss": ..., ...}, ...},
+     "skipped": {"toxicity": "why"}, "seconds": {"lm": 0.4, ...}, "artifacts": {"toxicity": "step-N/toxicity.json"}}
+
+Evaluating more suites at a step already evaluated adds to its file. Artifacts (prompts, flagged
+samples, examples) are written beside it, to `eval/step-<N>/<suite>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from kiln.errors import KilnError
+from kiln.eval.suites import EvalContext, SuiteResult, available_suites, load_suite_file, parse_options
+
+
+def run_suites(ctx: EvalContext, names: list[str], options: dict[str, dict[str, Any]] | None = None,
+               log=None) -> dict[str, Any]:
+    """Run `names` on `ctx` (model in eval mode, no gradients); returns the report (not yet saved)."""
+    suites = available_suites()
+    unknown = [n for n in names if n not in suites]
+    if unknown:
+        raise KilnError(f"unknown suite '{unknown[0]}'; registered suites: {', '.join(suites)}")
+    options = options or {}
+    report: dict[str, Any] = {"step": ctx.step, "suites": {}, "skipped": {}, "seconds": {}, "artifacts": {}}
+    was_training = ctx.model.training
+    ctx.model.eval()
+    try:
+        for name in names:
+            suite = suites[name]
+            if suite.generates and ctx.is_encoder:
+                report["skipped"][name] = "needs generated text; an encoder (masked objective) does not generate"
+                continue
+            sctx = replace(ctx, options={**suite.options, **options.get(name, {})})
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = suite.fn(sctx)
+            ctx.prepared = sctx.prepared  # keep the data a suite prepared for the next one
+            result = out if isinstance(out, SuiteResult) else SuiteResult(metrics=dict(out or {}))
+            report["seconds"][name] = round(time.perf_counter() - t0, 3)
+            if result.skipped:
+                report["skipped"][name] = result.skipped
+                continue
+            report["suites"][name] = {k: _number(name, k, v) for k, v in result.metrics.items()}
+            if result.artifacts:
+                report["artifacts"][name] = result.artifacts
+            if log:
+                log(f"eval: {name} done in {report['seconds'][name]:.1f}s")
+    finally:
+        ctx.model.train(was_training)
+    return report
+
+
+def _number(suite: str, key: str, value: Any) -> float | int | None:
+    if value is None or isinstance(value, bool):
+        return None if value is None else int(value)
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"suite '{suite}' returned a non-number for '{key}': {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; None reads as "not measured"
+    return value
+
+
+def save_report(run_dir: Path, report: dict[str, Any]) -> Path:
+    """Write (or add to) `eval/step-<N>.json` and the artifacts beside it; returns the JSON's path."""
+    folder = Path(run_dir) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    step = report["step"]
+    path = folder / f"step-{step}.json"
+    artifacts = report.pop("artifacts", {})
+    paths = {}
+    for name, content in artifacts.items():
+        target = folder / f"step-{step}" / f"{name}.json"
+        target.parent.mkdir(exist_ok=True)
+        target.write_text(json.dumps(content, indent=1, ensure_ascii=False, default=str) + "\n")
+        paths[name] = str(target.relative_to(folder))
+    report["artifacts"] = paths
+    merged: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            merged = json.loads(path.read_text())
+        except ValueError:
+            merged = {}
+    merged.update({"run": Path(run_dir).name, "step": step})
+    for key in ("suites", "skipped", "seconds", "artifacts"):
+        merged[key] = {**merged.get(key, {}), **report.get(key, {})}
+    for name in report["suites"]:
+        merged["skipped"].pop(name, None)
+    for name in report["skipped"]:
+        merged["suites"].pop(name, None)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.1f}"
+
+
+def report_table(report: dict[str, Any], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("suite", style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, metrics in report["suites"].items():
+        for i, (k, v) in enumerate(metrics.items()):
+            table.add_row(name if i == 0 else "", k, _fmt(v))
+        table.add_section()
+    for name, why in report["skipped"].items():
+        table.add_row(name, "skipped", why)
+    return table
+
+
+# --------------------------------------------------------------------------- entry points
+
+def load_for_eval(path: Path, step: int | None):
+    """(cfg, model, tokenizer, device, precision, step). Step 0 without a checkpoint is the
+    untrained model, rebuilt exactly as training initialised it (from train.seed)."""
+    from kiln.train import checkpoint as ckpt
+    from kiln.train.session import load_run_model
+    from kiln.runs.rundir import RunDir
+
+    run = RunDir.open(path)
+    if step is None:
+        latest = ckpt.latest_valid_checkpoint(run.checkpoints, warn=lambda s: None)
+        if latest is None:
+            raise KilnError(f"{path} has no valid checkpoint to evaluate; train it first or pass --step 0 "
+                            "for the untrained model")
+        step = int(latest.name[len(ckpt.PREFIX):])
+    if step == 0 and not (run.checkpoints / ckpt.step_dir_name(0)).is_dir():
+        return (*untrained_model(path), 0)
+    return (*load_run_model(path, step), step)
+
+
+def untrained_model(path: Path):
+    from kiln.config import file_dict, from_dict
+    from kiln.data.tokenizer import load_tokenizer
+    from kiln.model.init import init_parameters
+    from kiln.model.registry import build_model
+    from kiln.runs.rundir import RunDir
+    from kiln.train.precision import resolve_device, resolve_precision
+
+    run = RunDir.open(path)
+    cfg = from_dict(file_dict(run.config_path))
+    tokenizer = load_tokenizer(run.path / "tokenizer.json")
+    device = resolve_device(cfg)
+    model = build_model(cfg.model, tokenizer.vocab_size).to(device)
+    init_parameters(model, cfg.model, cfg.train.seed)  # what training starts from (kiln.model.init)
+    return cfg, model.eval(), tokenizer, device, resolve_precision(cfg, device)
+
+
+def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = None,
+                 options: list[str] = (), suite_files: list[str] = (), log=None) -> tuple[dict[str, Any], Path]:
+    """`kiln eval`: run suites (default: all registered) on a run's checkpoint and save the report."""
+    from kiln.train.precision import autocast_for
+
+    for f in suite_files:
+        load_suite_file(f)
+    suites = available_suites()
+    names = list(dict.fromkeys(names or suites))
+    for n in names:
+        if n not in suites:
+            raise KilnError(f"unknown suite '{n}'; registered suites: {', '.join(suites)}")
+    parsed = parse_options(list(options), suites)
+    cfg, model, tokenizer, device, precision, step = load_for_eval(Path(path), step)
+    ctx = EvalContext(cfg, model, tokenizer, device, autocast_for(device, precision), run_dir=Path(path), step=step)
+    report = run_suites(ctx, names, parsed, log=log)
+    out = save_report(Path(path), report)
+    return report, out
+
+
+def run_training_suites(trainer) -> dict[str, Any]:
+    """`[eval] suites` at one of the trainer's evaluations: the report goes to eval/step-N.json
+    (rank 0), and its numbers come back flat ("suite/metric") for eval.jsonl. All ranks run the
+    suites in step (a sharded model's forward needs every rank); only rank 0 writes."""
+    names = trainer.cfg.eval.suites
+    if not names:
+        return {}
+    par = getattr(trainer, "par", None)
+    tp = getattr(getattr(par, "dims", None), "tp", 1)
+    if getattr(trainer, "schedule", None) is not None or tp > 1:
+        return {}  # pipeline stages / tensor shards hold parts of the model: run `kiln eval` on the checkpoint
+    main = par.is_main if par is not None else True
+    ctx = EvalContext(trainer.cfg, trainer.model, trainer.data.tokenizer, trainer.device, trainer.autocast,
+                      run_dir=trainer.run.path, step=trainer.step, prepared=trainer.data)
+    report = run_suites(ctx, list(names))
+    flat = {f"{s}/{k}": v for s, metrics in report["suites"].items() for k, v in metrics.items()}
+    if main:
+        save_report(trainer.run.path, report)
+    return flat

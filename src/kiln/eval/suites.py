@@ -1,0 +1,228 @@
+"""Evaluation suites by name.
+
+A suite is a function (or a class whose instances are called) taking an `EvalContext` and
+returning a flat dict of numbers, or a `SuiteResult` with metrics, artifacts to save for
+inspection, or the reason it was skipped. Register one with a decorator:
+
+    from kiln.eval.suites import register_suite
+
+    @register_suite("my-suite", options={"items": 100})
+    def my_suite(ctx):
+        ...                      # ctx.model, ctx.tokenizer, ctx.data, ctx.options["items"], ...
+        return {"score": 0.5}
+
+Built-in suites live one per module in `kiln/eval/` (lm, continuation, choice, bias, toxicity,
+memorisation). A user's suites are loaded from `kiln eval --suite-file my_suites.py` or from
+`KILN_SUITES` (comma-separated module names or .py paths), so their decorators run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kiln.config import Config
+from kiln.errors import ConfigError, KilnError
+
+BUILTIN_MODULES = ("lm", "continuation", "choice", "bias", "toxicity", "memorisation")
+ENV_VAR = "KILN_SUITES"
+
+
+@dataclass
+class SuiteResult:
+    metrics: dict[str, float | int | None] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # saved as eval/step-N/<suite>.json
+    skipped: str | None = None  # why the suite did not run (e.g. it needs generation)
+
+
+@dataclass
+class Suite:
+    name: str
+    fn: Callable[["EvalContext"], dict[str, Any] | SuiteResult]
+    options: dict[str, Any]  # defaults; `kiln eval --option name.key=value` overrides them
+    generates: bool  # needs generation: skipped for encoder models
+    help: str
+
+
+SUITES: dict[str, Suite] = {}
+
+
+def register_suite(name: str, options: dict[str, Any] | None = None, generates: bool = False,
+                   help: str | None = None) -> Callable:
+    """Decorator: register a suite under `name`. `options` are its settings and their defaults;
+    `generates=True` marks a suite that samples text (skipped for encoders)."""
+    def wrap(obj: Callable) -> Callable:
+        fn = obj() if inspect.isclass(obj) else obj
+        doc = help or (inspect.getdoc(obj) or "").split("\n")[0]
+        SUITES[name] = Suite(name, fn, dict(options or {}), generates, doc)
+        return obj
+
+    return wrap
+
+
+@dataclass
+class EvalContext:
+    """Everything a suite may need. `data` is prepared lazily (cached shards are reused)."""
+
+    cfg: Config
+    model: nn.Module
+    tokenizer: Any  # kiln.data.tokenizer.KilnTokenizer
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    run_dir: Path | None = None
+    step: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # this suite's options (defaults filled in)
+    prepared: Any = None  # kiln.data.shards.Prepared, or None to prepare on first use
+    seed: int | None = None  # None = train.seed
+
+    def __post_init__(self) -> None:
+        if self.seed is None:
+            self.seed = self.cfg.train.seed
+
+    @property
+    def data(self):
+        if self.prepared is None:
+            from kiln.data.shards import prepare
+            from kiln.progress import console, quiet
+
+            self.prepared = prepare(self.cfg.data, log=lambda s: None if quiet() else console.print(s))
+        return self.prepared
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.model.seq_len
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per forward pass."""
+        return self.cfg.train.micro_batch_size or min(self.cfg.global_batch, 64)
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.cfg.model.family == "encoder" or self.cfg.train.objective == "masked"
+
+
+# --------------------------------------------------------------------------- loading suites
+
+_loaded_builtins = False
+_loaded_env: str | None = None
+
+
+def load_suite_file(path: str | Path) -> None:
+    """Import a .py file of the user's so its `@register_suite` decorators run."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise KilnError(f"suite file '{path}' does not exist")
+    name = f"kiln_user_suites_{abs(hash(str(p.resolve())))}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, p)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+def _load_env() -> None:
+    global _loaded_env
+    value = os.environ.get(ENV_VAR, "")
+    if value == _loaded_env:
+        return
+    for item in filter(None, (s.strip() for s in value.split(","))):
+        if item.endswith(".py") or os.sep in item:
+            load_suite_file(item)
+        else:
+            try:
+                importlib.import_module(item)
+            except ModuleNotFoundError as e:
+                raise KilnError(f"{ENV_VAR}: cannot import '{item}' ({e}); give a module on PYTHONPATH or a .py path") from None
+    _loaded_env = value
+
+
+def available_suites() -> dict[str, Suite]:
+    """Every registered suite: the built-ins, those of `KILN_SUITES`, and any loaded files."""
+    global _loaded_builtins
+    if not _loaded_builtins:
+        for mod in BUILTIN_MODULES:
+            importlib.import_module(f"kiln.eval.{mod}")
+        _loaded_builtins = True
+    _load_env()
+    return SUITES
+
+
+def check_suite_names(names: list[str], where: str = "eval.suites") -> None:
+    """ConfigError naming any unknown suite (used when validating `[eval] suites`)."""
+    known = available_suites()
+    for n in names:
+        if n not in known:
+            raise ConfigError(f"{where}: unknown suite '{n}'; registered suites: {', '.join(known)} "
+                              f"(add your own with @register_suite in a module named by {ENV_VAR})")
+
+
+def parse_options(items: list[str], suites: dict[str, Suite]) -> dict[str, dict[str, Any]]:
+    """`suite.key=value` strings (values read as TOML, else as plain strings) -> per-suite options,
+    checked against each suite's declared options and their types."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        suite, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise KilnError(f"--option '{item}': expected SUITE.KEY=VALUE, e.g. --option choice.tasks=hellaswag.jsonl")
+        if suite not in suites:
+            raise KilnError(f"--option '{item}': unknown suite '{suite}'; registered suites: {', '.join(suites)}")
+        allowed = suites[suite].options
+        if name not in allowed:
+            listed = ", ".join(f"{suite}.{k}" for k in allowed) or "none"
+            raise KilnError(f"--option '{item}': suite '{suite}' has no option '{name}'; its options: {listed}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out.setdefault(suite, {})[name] = _coerce_option(f"{suite}.{name}", value, allowed[name])
+    return out
+
+
+def _coerce_option(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise KilnError(f"--option {key} must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise KilnError(f"--option {key} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KilnError(f"--option {key} must be a number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, list):
+        value = value if isinstance(value, list) else [value]
+        value = [str(v) for v in value]
+    elif isinstance(default, str):
+        value = str(value)
+    return value
+
+
+def describe_suites() -> str:
+    """One line per suite with its options, for `kiln eval --help`."""
+    lines = []
+    for s in available_suites().values():
+        opts = ", ".join(f"{k}={v!r}" for k, v in s.options.items())
+        lines.append(f"  {s.name:<13} {s.help}" + (f" [options: {opts}]" if opts else ""))
+    return "\n".join(lines)

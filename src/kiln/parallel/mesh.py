@@ -1,0 +1,95 @@
+"""The one object that owns the parallel degrees, checks them and builds the named DeviceMesh.
+
+Mesh dimensions, outermost first: ("pp", "dp_replicate", "dp_shard", "tp"). Tensor parallelism
+is innermost so its frequent collectives stay between neighbouring ranks (inside a node).
+Nothing else in Kiln reads WORLD_SIZE or RANK.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from kiln.config import ParallelConfig
+from kiln.errors import ConfigError
+
+DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+        fixed = cfg.dp_replicate * cfg.tp * cfg.pp
+        dp_shard = cfg.dp_shard
+        if dp_shard == -1:
+            if world_size % fixed:
+                raise ConfigError(f"parallel.dp_replicate x tp x pp = {cfg.dp_replicate} x {cfg.tp} x {cfg.pp} = "
+                                  f"{fixed} does not divide the world size {world_size}")
+            dp_shard = world_size // fixed
+        dims = cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, world_size)
+        product = dims.dp_replicate * dims.dp_shard * dims.tp * dims.pp
+        if product != world_size:
+            raise ConfigError(f"parallel degrees dp_replicate x dp_shard x tp x pp = {dims.dp_replicate} x "
+                              f"{dims.dp_shard} x {dims.tp} x {dims.pp} = {product}, but the world size is "
+                              f"{world_size}; make them multiply to {world_size} (dp_shard = -1 fills the rest)")
+        return dims
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> str:
+        return " x ".join(f"{n}={getattr(self, n)}" for n in DIM_NAMES if getattr(self, n) > 1) or "single process"
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        return init_device_mesh(device_type, tuple(getattr(self, n) for n in DIM_NAMES), mesh_dim_names=DIM_NAMES)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def process_info() -> ProcessInfo:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+    return ProcessInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_process_group(info: ProcessInfo, timeout_s: float = 600.0) -> None:
+    """NCCL on GPUs, gloo on CPU; no-op for a single process."""
+    if info.world_size == 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def dp_coordinates(mesh: DeviceMesh | None, dims: ParallelDims) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size): which slice of each global batch this rank reads."""
+    if mesh is None:
+        return 0, 1
+    rep = mesh.get_local_rank("dp_replicate")
+    shard = mesh.get_local_rank("dp_shard")
+    return rep * dims.dp_shard + shard, dims.dp_size

@@ -1,0 +1,64 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`: cut the model into stages by
+layer, give each pipeline rank its stage(s), and drive them with a schedule.
+
+A stage is the same model class with the blocks it does not own deleted (names unchanged, so
+checkpoints stay layout-independent), the embeddings only on the first stage and the final
+norm and head only on the last.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from kiln.config import Config
+from kiln.parallel.runtime import Parallel
+
+SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1f1b": ScheduleInterleaved1F1B}
+
+
+def stage_ids(cfg: Config, pp: int, pp_rank: int) -> tuple[list[int], int]:
+    """(stage indices held by this rank, total number of stages); interleaved ranks hold stages
+    pp_rank, pp_rank + pp, ... (the looped assignment the interleaved schedule expects)."""
+    per_rank = cfg.parallel.pp_stages_per_rank if cfg.parallel.pp_schedule == "interleaved-1f1b" else 1
+    return [pp_rank + k * pp for k in range(per_rank)], pp * per_rank
+
+
+def cut_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
+    """Keep only stage `stage`'s share of `model` (built on the meta device)."""
+    n_layers = len(model.layers)
+    per = n_layers // n_stages
+    keep = {str(i) for i in range(stage * per, (stage + 1) * per)}
+    for name in list(model.layers.keys()):
+        if name not in keep:
+            del model.layers[name]
+    if stage > 0:
+        model.tok_emb = None
+        model.pos_emb = None
+    if stage < n_stages - 1:
+        model.norm = None
+        model.head = None
+    return model
+
+
+def build_schedule(parts: list[nn.Module], ids: list[int], n_stages: int, par: Parallel, cfg: Config,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    group = par.mesh["pp"].get_group()
+    stages = [PipelineStage(part, i, n_stages, par.device, group=group) for part, i in zip(parts, ids)]
+    cls = SCHEDULES[cfg.parallel.pp_schedule]
+    n_micro = cfg.parallel.pp_microbatches
+    # The loss is already divided by the global token count: the schedule must not rescale it.
+    if cls is ScheduleInterleaved1F1B:
+        return cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+    return cls(stages[0], n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+
+
+def has_first_stage(ids: list[int]) -> bool:
+    return 0 in ids
+
+
+def has_last_stage(ids: list[int], n_stages: int) -> bool:
+    return n_stages - 1 in ids

@@ -1,0 +1,112 @@
+"""The running job's parallel context: process info, degrees, mesh, device, and the few
+collectives the trainer needs (sums over ranks, agreement on errors, gradient-norm clipping).
+
+A single process gets the same object with every degree 1 and no mesh, so the trainer has one
+code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from kiln.config import Config
+from kiln.errors import KilnError
+from kiln.parallel.mesh import ParallelDims, ProcessInfo, dp_coordinates, init_process_group, process_info
+
+T = TypeVar("T")
+
+
+@dataclass
+class Parallel:
+    info: ProcessInfo
+    dims: ParallelDims
+    mesh: DeviceMesh | None
+    device: torch.device
+
+    @classmethod
+    def setup(cls, cfg: Config, device: torch.device) -> "Parallel":
+        info = process_info()
+        dims = ParallelDims.from_config(cfg.parallel, info.world_size)  # on every rank, before any collective
+        init_process_group(info)
+        if device.type == "cuda" and info.world_size > 1:
+            device = torch.device("cuda", torch.cuda.current_device())
+        mesh = dims.build_mesh(device.type) if dims.distributed else None
+        return cls(info, dims, mesh, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.dims.distributed
+
+    @property
+    def dp(self) -> tuple[int, int]:
+        return dp_coordinates(self.mesh, self.dims)
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh.get_local_rank("pp") if self.mesh is not None else 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank (callers divide out the copies that TP and PP make)."""
+        if self.distributed:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    def data_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-data-parallel-rank quantity that the tp ranks of a group hold identically
+        and that only the last pipeline stage holds (others pass zeros)."""
+        return self.sum(t) / self.dims.tp
+
+    def broadcast(self, obj: T) -> T:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def main_first(self, fn: Callable[[], T]) -> T | None:
+        """Run `fn` on rank 0 while the others wait; a user error there is raised on every rank
+        (so a bad input ends every process with the same message instead of a hang)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except KilnError as e:
+                error = str(e)
+        error = self.broadcast(error)
+        if error is not None:
+            raise KilnError(error)
+        return result
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Global gradient norm over all shards and stages; clip to `max_norm` (inf = no clip)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # reduces over the shards of FSDP and TP
+        if self.dims.pp > 1:
+            sq = norm.pow(2)
+            dist.all_reduce(sq, group=self.mesh["pp"].get_group())
+            norm = sq.sqrt()
+        if max_norm != float("inf"):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return norm
+
+    def shutdown(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+

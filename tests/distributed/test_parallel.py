@@ -1,0 +1,196 @@
+"""Multi-process parity under gloo on CPU: FSDP2, tensor parallel and pipeline parallel runs
+must log the losses of a single process (to 1e-5 relative), checkpoints must reshard between
+world sizes, and a bad layout must fail fast on every rank.
+
+Each layout runs as a real `torchrun --nproc_per_node 2 -m kiln train` job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln.config import load_config
+from kiln.parallel.mesh import ParallelDims
+from kiln.errors import ConfigError
+
+STEPS = 10
+REL = 1e-5
+
+
+def base_overrides(cache: Path, corpus: Path) -> list[str]:
+    return [f"data.corpus={corpus}", f"data.cache_dir={cache}", "data.vocab_size=320", "model.n_layers=4",
+            "model.d_model=64", "model.n_heads=4", "model.seq_len=32", f"train.steps={STEPS}", "train.batch_size=8",
+            "train.precision=fp32", "log.every=1", "eval.every=5", "eval.batches=2", "checkpoint.every=5",
+            "checkpoint.keep=0", "eval.sample_tokens=2", "log.plot=false", "schedule.warmup_steps=2"]
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def run_kiln(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, KILN_QUIET="1", OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "kiln", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "kiln", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train(runs: Path, name: str, overrides: list[str], nproc: int = 1) -> list[float]:
+    run_kiln(["train", "--preset", "tiny", "--runs-dir", str(runs), "--name", name, *sets(overrides)], nproc)
+    return losses(runs / name)
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close(a: list[float], b: list[float]) -> None:
+    assert len(a) == len(b) == STEPS
+    for step, (x, y) in enumerate(zip(a, b), 1):
+        assert abs(x - y) <= REL * abs(y), f"step {step}: {x} vs {y} (rel {abs(x - y) / abs(y):.2e})"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    for i in range(40):
+        lines = [" ".join(words[(i * 7 + j * k) % len(words)] for k in range(1, 9)) for j in range(60)]
+        (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
+    return root, base_overrides(root / "cache", corpus)
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    root, base = setup
+    return train(root / "runs", "single", base)
+
+
+@pytest.fixture(scope="module")
+def single_untied(setup):
+    root, base = setup
+    return train(root / "runs", "single-untied", base + ["model.tie_embeddings=false"])
+
+
+@pytest.fixture(scope="module")
+def fsdp(setup):
+    root, base = setup
+    return train(root / "runs", "fsdp2", base, nproc=2)
+
+
+def test_fsdp_matches_single_process(single, fsdp):
+    assert_close(fsdp, single)
+
+
+def test_tensor_parallel_matches_single_process(setup, single_untied):
+    root, base = setup
+    tp = train(root / "runs", "tp2", base + ["model.tie_embeddings=false", "parallel.tp=2"], nproc=2)
+    assert_close(tp, single_untied)
+
+
+def test_pipeline_1f1b_matches_single_process(setup, single_untied):
+    root, base = setup
+    piped = train(root / "runs", "pp2", base + ["model.tie_embeddings=false", "parallel.pp=2",
+                                                "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=4"], nproc=2)
+    assert_close(piped, single_untied)
+    evals = [json.loads(line) for line in (root / "runs" / "pp2" / "eval.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (root / "runs" / "single-untied" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [e["step"] for e in ref]
+    for e, r in zip(evals, ref):
+        assert abs(e["val_loss"] - r["val_loss"]) <= REL * r["val_loss"]
+
+
+def _cut_after(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run `src` as if it had been killed right after checkpoint `step`."""
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").iterdir():
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    return dst
+
+
+def test_save_two_ranks_resume_one(setup, fsdp):
+    root, _ = setup
+    run = _cut_after(root / "runs" / "fsdp2", root / "runs" / "fsdp2-to-1", 5)
+    run_kiln(["train", "--resume", str(run)])
+    assert_close(losses(run), fsdp)
+    assert (run / "checkpoints" / "step-00000010" / "model.safetensors").is_file()  # saved single-process now
+
+
+def test_save_one_rank_resume_two(setup, single):
+    root, _ = setup
+    run = _cut_after(root / "runs" / "single", root / "runs" / "single-to-2", 5)
+    run_kiln(["train", "--resume", str(run)], nproc=2)
+    assert_close(losses(run), single)
+    assert (run / "checkpoints" / "step-00000010" / "dcp").is_dir()
+
+
+def test_export_consolidates_sharded_checkpoint(setup, fsdp, tmp_path):
+    from safetensors.torch import load_file
+
+    root, _ = setup
+    out = tmp_path / "model.safetensors"
+    run_kiln(["export", str(root / "runs" / "fsdp2"), "--out", str(out)])
+    weights = load_file(out)
+    assert weights["tok_emb.weight"].shape == (320, 64)  # vocabulary padded to a multiple of 64
+    assert "layers.3.mlp.w2.weight" in weights
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("parallel.tp=3", "parallel.tp = 3 must divide model.n_heads"),
+    ("parallel.dp_shard=3", "do not multiply|multiply to 2"),
+])
+def test_bad_layout_fails_on_every_rank(setup, bad, message):
+    import re
+
+    root, base = setup
+    proc = run_kiln(["train", "--preset", "tiny", "--runs-dir", str(root / "runs"), "--name", "bad",
+                     *sets(base + [bad])], nproc=2, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kiln: error:")]
+    assert len(errors) == 2, proc.stderr[-2000:]  # one line from each rank, no hang
+    assert all(re.search(message, line) for line in errors)
+    assert "Traceback" not in proc.stderr.split("kiln: error:")[0]
+
+
+def test_parallel_dims_validation():
+    cfg = load_config("tiny", overrides=["parallel.tp=2", "model.tie_embeddings=false"]).parallel
+    dims = ParallelDims.from_config(cfg, 8)
+    assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp) == (1, 4, 2, 1)
+    assert dims.describe() == "dp_shard=4 x tp=2"
+    with pytest.raises(ConfigError, match="does not divide the world size"):
+        ParallelDims.from_config(load_config("tiny", overrides=["parallel.tp=2", "parallel.pp=2",
+                                                                "model.tie_embeddings=false"]).parallel, 6)
+    with pytest.raises(ConfigError, match="multiply to 4"):
+        ParallelDims.from_config(load_config("tiny", overrides=["parallel.dp_shard=3"]).parallel, 4)
+    with pytest.raises(ConfigError, match="tie_embeddings"):
+        load_config("tiny", overrides=["parallel.pp=2"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [
+    ("dp-tp-pp", ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
+    ("hsdp", ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    ("tp-fsdp-ac", ["parallel.tp=2", "parallel.activation_checkpoint=full"]),
+    ("interleaved", ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b", "parallel.pp_microbatches=4"]),
+    ("gpipe-async", ["parallel.pp=4", "parallel.pp_schedule=gpipe", "parallel.async_checkpoint=true"]),
+])
+def test_four_process_layouts_match_single_process(setup, single_untied, name, extra):
+    root, base = setup
+    got = train(root / "runs", name, base + ["model.tie_embeddings=false"] + extra, nproc=4)
+    assert_close(got, single_untied)

@@ -112,7 +112,9 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 500  # 0 = only at the end
-    keep: int = 3  # keep the newest `keep` checkpoints
+    keep: int = 3  # keep the newest `keep` checkpoints (0 = all) ...
+    keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of this
+    on_error: str = "stop"  # a failed write (e.g. disk full): stop, or continue without it
 
 
 @dataclass
@@ -127,6 +129,23 @@ class ParallelConfig:
     activation_checkpoint: str = "none"  # none | selective (every other block) | full
     compile_blocks: bool = False  # torch.compile each block (instead of train.compile's whole step)
     async_checkpoint: bool = False  # distributed checkpoints: write in the background
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = True
+    window: int = 50  # rolling window of healthy steps that defines "normal"
+    min_history: int = 20  # steps of history before spikes are judged
+    k: float = 6.0  # a spike is more than k standard deviations above the window's mean
+    on_nonfinite: str = "skip"  # skip | rollback | stop
+    on_spike: str = "rollback"  # skip | rollback | stop | ignore
+    margin: int = 0  # rollback: extra batches skipped after the spike
+    lr_factor: float = 1.0  # rollback: multiply the learning rate by this ...
+    lr_factor_steps: int = 0  # ... for this many steps after the restored checkpoint
+    max_interventions: int = 10  # then stop with a message
+    hang_factor: float = 20.0  # watchdog: a step this many times the median step time is a hang ...
+    hang_min_s: float = 600.0  # ... if it also lasts at least this long (0 = no watchdog)
+    collective_timeout_s: float = 900.0  # a blocked collective fails after this
 
 
 @dataclass
@@ -146,6 +165,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     # ---- derived quantities (not stored) ----
@@ -177,6 +197,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.pp_schedule": ("1f1b", "interleaved-1f1b", "gpipe"),
     "parallel.activation_checkpoint": ("none", "selective", "full"),
+    "guard.on_nonfinite": ("skip", "rollback", "stop"),
+    "guard.on_spike": ("skip", "rollback", "stop", "ignore"),
+    "checkpoint.on_error": ("stop", "continue"),
 }
 
 
@@ -381,6 +404,18 @@ def validate(cfg: Config) -> None:
         from kiln.eval.suites import check_suite_names  # imported only when suites are named
 
         check_suite_names(cfg.eval.suites)
+
+    g = cfg.guard
+    for key in ("window", "min_history", "max_interventions"):
+        _require(getattr(g, key) >= 1, f"guard.{key} must be >= 1, got {getattr(g, key)}")
+    _require(g.min_history <= g.window, f"guard.min_history = {g.min_history} must be <= guard.window = {g.window}")
+    _require(g.k > 0, f"guard.k must be positive, got {g.k}")
+    _require(g.lr_factor > 0, f"guard.lr_factor must be positive, got {g.lr_factor}")
+    for key in ("margin", "lr_factor_steps", "hang_min_s"):
+        _require(getattr(g, key) >= 0, f"guard.{key} must be >= 0, got {getattr(g, key)}")
+    _require(g.hang_factor > 1, f"guard.hang_factor must be > 1, got {g.hang_factor}")
+    _require(g.collective_timeout_s > 0, f"guard.collective_timeout_s must be positive, got {g.collective_timeout_s}")
+    _require(cfg.checkpoint.keep >= 0 and cfg.checkpoint.keep_every >= 0, "checkpoint.keep and keep_every must be >= 0")
 
     par = cfg.parallel
     for key in ("dp_replicate", "tp", "pp", "pp_microbatches", "pp_stages_per_rank"):

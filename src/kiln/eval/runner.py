@@ -181,6 +181,8 @@ def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = 
             raise KilnError(f"unknown suite '{n}'; registered suites: {', '.join(suites)}")
     parsed = parse_options(list(options), suites)
     cfg, model, tokenizer, device, precision, step = load_for_eval(Path(path), step)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     ctx = EvalContext(cfg, model, tokenizer, device, autocast_for(device, precision), run_dir=Path(path), step=step)
     report = run_suites(ctx, names, parsed, log=log)
     out = save_report(Path(path), report)

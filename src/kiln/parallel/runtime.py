@@ -33,7 +33,7 @@ class Parallel:
     def setup(cls, cfg: Config, device: torch.device) -> "Parallel":
         info = process_info()
         dims = ParallelDims.from_config(cfg.parallel, info.world_size)  # on every rank, before any collective
-        init_process_group(info)
+        init_process_group(info, timeout_s=cfg.guard.collective_timeout_s)
         if device.type == "cuda" and info.world_size > 1:
             device = torch.device("cuda", torch.cuda.current_device())
         mesh = dims.build_mesh(device.type) if dims.distributed else None

@@ -109,8 +109,9 @@ def _cpu_id() -> str:
 
 
 def measure_cpu_matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # never touch the global RNG: training's dropout draws from it
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
     for _ in range(2):
         a @ b
     count, start = 0, time.perf_counter()

@@ -147,10 +147,12 @@ def _apply(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], mode
 class Checkpointer:
     """Saves and loads checkpoints under one folder for one job (one process or many)."""
 
-    def __init__(self, folder: Path, par: Parallel | None = None, keep: int = 0, async_save: bool = False):
+    def __init__(self, folder: Path, par: Parallel | None = None, keep: int = 0, async_save: bool = False,
+                 keep_every: int = 0):
         self.folder = Path(folder)
         self.par = par
         self.keep = keep
+        self.keep_every = keep_every
         self.async_save = async_save and par is not None and par.distributed
         self._pending: tuple[Future, Path, Path] | None = None
 
@@ -225,10 +227,18 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync(self.folder)
-            if self.keep:
-                for old in list_checkpoints(self.folder)[:-self.keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self._retain()
         self._barrier()
+
+    def _retain(self) -> None:
+        """Keep the newest `keep` checkpoints plus every `keep_every`-th step; runs only after a
+        newer checkpoint is committed, so the last valid one is never deleted first."""
+        if not self.keep:
+            return
+        for old in list_checkpoints(self.folder)[:-self.keep]:
+            step = int(old.name[len(PREFIX):])
+            if not (self.keep_every and step % self.keep_every == 0):
+                shutil.rmtree(old, ignore_errors=True)
 
     # ----------------------------------------------------------------------- load
     def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None) -> dict[str, Any]:
@@ -289,9 +299,12 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def latest_valid_checkpoint(folder: Path, warn=print) -> Path | None:
-    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+def latest_valid_checkpoint(folder: Path, warn=print, max_step: int | None = None) -> Path | None:
+    """The newest checkpoint (at most `max_step`) that verifies; corrupt newer ones are
+    reported and skipped."""
     for path in reversed(list_checkpoints(folder)):
+        if max_step is not None and int(path.name[len(PREFIX):]) > max_step:
+            continue
         problem = verify_checkpoint(path)
         if problem is None:
             return path

@@ -31,7 +31,10 @@ from kiln.parallel.runtime import Parallel
 from kiln.progress import console, format_seconds, quiet
 from kiln.runs.rundir import RunDir
 from kiln.scaling.flops import flops_per_token, peak_tflops
-from kiln.train.checkpoint import Checkpointer
+from kiln.errors import KilnError
+from kiln.train.checkpoint import Checkpointer, latest_valid_checkpoint, list_checkpoints
+from kiln.train.guard import Guard, GuardStop, add_range, data_index
+from kiln.train.watchdog import Watchdog
 from kiln.train.objectives import IGNORE, Objective, build_objective
 from kiln.train.optim import build_optimizer, lr_at, set_lr
 from kiln.train.precision import autocast_for, compute_dtype, peak_memory_gb, resolve_precision
@@ -68,6 +71,7 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         device = par.device
+        torch.manual_seed(cfg.train.seed)  # dropout; weights have generators of their own (kiln.model.init)
         precision = (resume_state or {}).get("trainer", {}).get("precision") or resolve_precision(cfg, device)
         objective = build_objective(cfg, data.tokenizer, data.vocab_size)
         ids, n_stages = pp.stage_ids(cfg, par.dims.pp, par.pp_rank) if par.dims.pp > 1 else ([0], 1)
@@ -98,9 +102,12 @@ class Trainer:
         # projection's epilogue instead of materialising float32 logits (see BENCHMARKS.md).
         self.forward_loss = torch.compile(self._forward_loss) if self.cfg.train.compile else self._forward_loss
         self.checkpointer = Checkpointer(self.run.checkpoints, self.par, keep=self.cfg.checkpoint.keep,
-                                         async_save=self.cfg.parallel.async_checkpoint)
+                                         async_save=self.cfg.parallel.async_checkpoint,
+                                         keep_every=self.cfg.checkpoint.keep_every)
         self._loss_scale = torch.ones((), device=self.par.device)  # 1 / global predicted tokens, per step
         self.eval_totals: torch.Tensor | None = None  # set while a pipeline evaluation runs
+        self.guard = Guard(self.cfg.guard, self.par.device) if self.cfg.guard.enabled else None
+        self._fused = all(opt.defaults.get("fused") for opt in self.optimizers)
 
     @property
     def model(self) -> nn.Module:
@@ -131,12 +138,19 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """Trainer state saved with each checkpoint (the loader needs only the step)."""
         return {"step": self.step, "tokens": self.tokens_seen, "precision": self.precision,
-                "data_key": self.data.manifest["key"], "history": self.history}
+                "data_key": self.data.manifest["key"], "history": self.history,
+                "guard": self.guard.state_dict() if self.guard else None}
+
+    @property
+    def skipped(self) -> list[list[int]]:
+        return self.guard.state.skipped if self.guard else []
 
     def restore(self, path: Path) -> None:
         saved = self.checkpointer.load(path, self.parts, self.optimizers)
         self.step = saved["step"]
         self.history = saved["trainer"]["history"]
+        if self.guard:
+            self.guard.load_state_dict(saved["trainer"].get("guard"))
         if self.par.is_main:
             self.run.truncate_after(self.step)
 
@@ -154,7 +168,9 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         cfg, par = self.cfg, self.par
-        batch = self.objective.make_batch(self.sampler.batch(step), step, cfg.train.seed,
+        index = data_index(step, self.skipped)  # the data batch this step trains on
+        self._call("on_step_start", step, index)
+        batch = self.objective.make_batch(self.sampler.batch(index), index, cfg.train.seed,
                                           first_index=self.sampler.rank * self.sampler.local_batch)
         inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
         # Normalise by the tokens predicted in the whole global batch, so accumulation and data
@@ -175,16 +191,25 @@ class Trainer:
                 with self.autocast():
                     loss = self.forward_loss(inputs[i:i + self.micro_batch], targets[i:i + self.micro_batch])
                 loss = loss * self._loss_scale
+                for hook in self._loss_hooks:
+                    loss = hook.on_loss(self, step, loss)
                 (loss * dp_scale).backward() if dp_scale != 1 else loss.backward()
                 total += loss.detach()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = par.clip_grad_norm(self.parameters(), clip)
+        loss = par.data_sum(total) if par.distributed else total
         lr = lr_at(step, cfg.total_steps, cfg.optim.lr, cfg.schedule)
+        if self.guard:
+            lr *= self.guard.lr_scale(step)
+            discard = self.guard.check(step, loss, grad_norm)
         for opt in self.optimizers:
             set_lr(opt, lr)
-            opt.step()
+            if self.guard and self._fused:
+                opt.found_inf = discard  # the fused kernel skips a flagged update on the device
+                opt.step()
+            elif not self.guard or not discard.item():  # other optimizers: a host check
+                opt.step()
             opt.zero_grad(set_to_none=True)
-        loss = par.data_sum(total) if par.distributed else total
         return StepResult(loss, grad_norm, lr)
 
     # ------------------------------------------------------------------ evaluation, samples
@@ -235,10 +260,91 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
-        path = self.checkpointer.save(self.step, self.parts, self.optimizers, self.state())
+    def save(self) -> Path | None:
+        """Checkpoint now. A failed write (disk full, ...) leaves every earlier checkpoint intact;
+        the run stops with a clear message or, with checkpoint.on_error = "continue", goes on."""
+        try:
+            path = self.checkpointer.save(self.step, self.parts, self.optimizers, self.state())
+        except OSError as e:
+            message = (f"writing checkpoint step {self.step} to {self.run.checkpoints} failed ({e.strerror or e}); "
+                       "earlier checkpoints are intact")
+            if self.par.is_main:
+                self.run.append(self.run.path / "events.jsonl", {"step": self.step, "kind": "checkpoint_failed",
+                                                                 "error": str(e), "action": self.cfg.checkpoint.on_error})
+            if self.cfg.checkpoint.on_error == "stop":
+                raise KilnError(message + "; free space and resume with --resume") from None
+            self._say(f"  warning: {message}; continuing (checkpoint.on_error = continue)")
+            return None
         self._call("on_checkpoint", path)
         return path
+
+    @property
+    def _loss_hooks(self) -> list[Any]:
+        return [h for h in self.hooks if hasattr(h, "on_loss")]
+
+    # ------------------------------------------------------------------ the guard's actions
+    def handle_guard_events(self) -> bool:
+        """Record what the guard saw since the last sync and act; True if the run rolled back."""
+        if not self.guard:
+            return False
+        for event in self.guard.drain():
+            action = self.guard.action_for(event["kind"])
+            state = self.guard.state
+            if state.interventions >= self.cfg.guard.max_interventions:
+                action = "stop"
+                event["reason"] = f"more than guard.max_interventions = {self.cfg.guard.max_interventions}"
+            state.interventions += 1
+            event["data_index"] = data_index(event["step"], state.skipped)
+            event["step"] += 1  # report in completed-step numbering, like metrics.jsonl
+            if action == "rollback":
+                target = self._rollback_target(event["step"] - 1)
+                if target is None:
+                    action, event["reason"] = "skip", "no checkpoint to roll back to yet"
+                else:
+                    self._record(event, action)
+                    self._rollback(target, event)
+                    return True
+            self._record(event, action)
+            if action == "stop":
+                raise GuardStop(f"the training guard stopped the run at step {event['step']}: {event['kind']} "
+                                f"(loss {event['loss']:.4g}, grad norm {event['grad_norm']:.4g})"
+                                + (f", {event['reason']}" if "reason" in event else "")
+                                + f"; see {self.run.path / 'events.jsonl'}; resume from the last checkpoint with "
+                                "--resume (e.g. with a lower optim.lr)")
+        return False
+
+    def _record(self, event: dict[str, Any], action: str) -> None:
+        event["action"] = action
+        if self.par.is_main:
+            self.run.append(self.run.path / "events.jsonl", event)
+        self._say(f"  guard: {event['kind']} at step {event['step']} (loss {event['loss']:.4g}, grad norm "
+                  f"{event['grad_norm']:.4g}) -> {action}")
+
+    def _rollback_target(self, spike_step: int) -> Path | None:
+        """The newest valid checkpoint taken before the spiking step."""
+        self.checkpointer.wait()
+        folder = self.run.checkpoints
+        path = self.par.main_first(lambda: latest_valid_checkpoint(folder, self._say, max_step=spike_step))
+        return self.par.broadcast(path)
+
+    def _rollback(self, path: Path, event: dict[str, Any]) -> None:
+        cfg, spike_step = self.cfg.guard, event["step"] - 1
+        spike_index = event["data_index"]
+        interventions = self.guard.state.interventions
+        self.restore(path)  # model, optimizer, RNG, step and the guard state as they were then
+        state = self.guard.state
+        first = data_index(self.step, state.skipped)
+        state.skipped = add_range(state.skipped, first, spike_index + cfg.margin)
+        state.interventions = interventions
+        if cfg.lr_factor != 1.0 and cfg.lr_factor_steps:
+            state.lr_factor, state.lr_factor_until = cfg.lr_factor, self.step + cfg.lr_factor_steps
+        self.guard.after_rollback()
+        skipped = [first, spike_index + cfg.margin]
+        if self.par.is_main:
+            self.run.append(self.run.path / "events.jsonl", {"step": self.step, "kind": "rollback",
+                                                             "from_step": spike_step + 1, "checkpoint": path.name,
+                                                             "batches_skipped": skipped})
+        self._say(f"  guard: rolled back to {path.name}; data batches {skipped[0]}..{skipped[1]} will be skipped")
 
     def _call(self, hook: str, *args: Any) -> None:
         for h in self.hooks:
@@ -260,36 +366,49 @@ class Trainer:
         paused = 0.0  # seconds spent evaluating and checkpointing, kept out of tokens/s
         rates: list[float] = []
         last: dict[str, Any] = {}
-        while self.step < total:
-            result = self.train_step(self.step)
-            self.step += 1
-            done = self.step == total
-            if self.step % cfg.log.every == 0 or done:
-                loss = result.loss.item()  # the one host sync per logging interval
-                now = time.perf_counter()
-                rate = (self.step - step_last) * tokens_per_step / max(now - t_last - paused, 1e-9)
-                if step_last > start_step or self.step - start_step > 1:
-                    rates.append(rate)  # the first interval carries warm-up and compilation
-                t_last, step_last, paused = now, self.step, 0.0
-                tflops = rate * fpt / 1e12
-                last = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": result.lr,
-                        "grad_norm": float(result.grad_norm), "tokens_per_s": rate, "tflops": tflops,
-                        "mfu": tflops / peak if peak else None, "peak_mem_gb": peak_memory_gb(self.device)}
-                if self.par.is_main:
-                    self.run.log_metrics(last)
-                self.history["step"].append(self.step)
-                self.history["loss"].append(loss)
-                eta = (total - self.step) * (now - t_start) / max(self.step - start_step, 1)
-                self._console_line(last, total, eta)
-                self._call("on_step_end", last)
-            t_pause = time.perf_counter()
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and not done:
-                ev = self.evaluate()
-                self._say(f"  eval @ {self.step}: val_loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}  "
-                          f"acc {ev['val_acc']:.3f}")
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not done:
-                self.save()
-            paused += time.perf_counter() - t_pause
+        watchdog = Watchdog.start(self.cfg.guard, self.run.path, self.par.info.rank)
+        try:
+            while self.step < total:
+                watchdog.beat()
+                result = self.train_step(self.step)
+                self.step += 1
+                done = self.step == total
+                log_now = self.step % cfg.log.every == 0 or done
+                eval_now = bool(cfg.eval.every) and self.step % cfg.eval.every == 0 and not done
+                save_now = bool(cfg.checkpoint.every) and self.step % cfg.checkpoint.every == 0 and not done
+                # Guard events are read at syncs that happen anyway, and always before a checkpoint,
+                # so no checkpoint is written after an unhandled spike.
+                if (log_now or eval_now or save_now) and self.handle_guard_events():
+                    t_last, step_last, paused = time.perf_counter(), self.step, 0.0
+                    continue
+                if log_now:
+                    loss = result.loss.item()  # the one host sync per logging interval
+                    now = time.perf_counter()
+                    rate = (self.step - step_last) * tokens_per_step / max(now - t_last - paused, 1e-9)
+                    if step_last > start_step or self.step - start_step > 1:
+                        rates.append(rate)  # the first interval carries warm-up and compilation
+                    t_last, step_last, paused = now, self.step, 0.0
+                    tflops = rate * fpt / 1e12
+                    last = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": result.lr,
+                            "grad_norm": float(result.grad_norm), "tokens_per_s": rate, "tflops": tflops,
+                            "mfu": tflops / peak if peak else None, "peak_mem_gb": peak_memory_gb(self.device)}
+                    if self.par.is_main:
+                        self.run.log_metrics(last)
+                    self.history["step"].append(self.step)
+                    self.history["loss"].append(loss)
+                    eta = (total - self.step) * (now - t_start) / max(self.step - start_step, 1)
+                    self._console_line(last, total, eta)
+                    self._call("on_step_end", last)
+                t_pause = time.perf_counter()
+                if eval_now:
+                    ev = self.evaluate()
+                    self._say(f"  eval @ {self.step}: val_loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}  "
+                              f"acc {ev['val_acc']:.3f}")
+                if save_now:
+                    self.save()
+                paused += time.perf_counter() - t_pause
+        finally:
+            watchdog.stop()
         final_eval = self.evaluate()
         self.save()
         self.checkpointer.wait()

@@ -1,0 +1,114 @@
+"""The training guard: injected NaNs and loss spikes are detected, acted on and recorded."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kiln.errors import KilnError
+from kiln.train.guard import add_range, data_index
+from kiln.train.session import resume_run, start_run
+
+from reliability_helpers import read_jsonl
+
+
+class Inject:
+    """Corrupts the loss at chosen steps (0-based optimizer steps) and records the data used."""
+
+    def __init__(self, nan_at=(), spike_at=(), factor=1e3):
+        self.nan_at, self.spike_at, self.factor = set(nan_at), set(spike_at), factor
+        self.seen: list[tuple[int, int]] = []  # (step, data index)
+        self.fired: set[int] = set()
+
+    def on_step_start(self, trainer, step, index):
+        self.seen.append((step, index))
+
+    def on_loss(self, trainer, step, loss):
+        if step in self.nan_at and step not in self.fired:
+            self.fired.add(step)
+            return loss * float("nan")
+        if step in self.spike_at and step not in self.fired:
+            self.fired.add(step)
+            return loss * self.factor
+        return loss
+
+
+def test_data_index_and_ranges():
+    assert [data_index(s, []) for s in range(4)] == [0, 1, 2, 3]
+    skipped = add_range([], 5, 7)
+    assert [data_index(s, skipped) for s in range(4, 8)] == [4, 8, 9, 10]
+    assert add_range(skipped, 8, 9) == [[5, 9]]
+    assert add_range([[1, 2]], 6, 6) == [[1, 2], [6, 6]]
+
+
+def test_nan_is_skipped_and_recorded(tiny):
+    make, runs = tiny
+    hook = Inject(nan_at=[12])
+    summary = start_run(make("guard.on_nonfinite=skip"), runs, "nan", hooks=[hook])
+    events = read_jsonl(runs / "nan" / "events.jsonl")
+    assert [(e["step"], e["kind"], e["action"]) for e in events] == [(13, "nonfinite", "skip")]
+    assert math.isnan(events[0]["loss"])
+    assert math.isfinite(summary["val_loss"])  # the bad update never reached the weights
+    assert summary["steps"] == 30
+
+
+def test_spike_rolls_back_and_skips_the_batches(tiny):
+    make, runs = tiny
+    hook = Inject(spike_at=[23])
+    cfg = make("guard.on_spike=rollback", "guard.margin=2", "guard.lr_factor=0.5", "guard.lr_factor_steps=5")
+    start_run(cfg, runs, "spike", hooks=[hook])
+    events = read_jsonl(runs / "spike" / "events.jsonl")
+    spike = [e for e in events if e["kind"] in ("loss_spike", "grad_spike")]
+    rollback = [e for e in events if e["kind"] == "rollback"]
+    assert len(spike) == 1 and spike[0]["step"] == 24 and spike[0]["action"] == "rollback"
+    assert rollback == [{"step": 20, "kind": "rollback", "from_step": 24, "checkpoint": "step-00000020",
+                         "batches_skipped": [20, 25]}]
+    # after the rollback the steps 20.. train on data batches 26.., never on 20..25 again
+    after = [idx for step, idx in hook.seen[24:]]
+    assert after[0] == 26 and not set(range(20, 26)) & set(after)
+    metrics = read_jsonl(runs / "spike" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 31))  # superseded records were replaced
+    lrs = {m["step"]: m["lr"] for m in metrics}
+    assert lrs[21] == pytest.approx(0.5 * metrics[20]["lr"] / 0.5, rel=1e-6)  # halved for 5 steps
+    state = torch.load  # noqa: F841  (no pickles: the guard state is JSON in the checkpoint)
+    import json
+
+    saved = json.loads((runs / "spike" / "checkpoints" / "step-00000030" / "state.json").read_text())
+    assert saved["trainer"]["guard"]["skipped"] == [[20, 25]]
+
+
+def test_resumed_run_keeps_skipping(tiny):
+    make, runs = tiny
+    cfg = make("guard.on_spike=rollback")
+    start_run(cfg, runs, "a", hooks=[Inject(spike_at=[23])])
+    # a second run killed at step 27 (after the rollback) and resumed
+    class Kill:
+        def on_step_end(self, trainer, record):
+            if record["step"] == 27 and trainer.guard.state.skipped:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        start_run(cfg, runs, "b", hooks=[Inject(spike_at=[23]), Kill()])
+    seen = Inject()
+    resume_run(runs / "b", hooks=[seen])
+    assert all(not (20 <= idx <= 23) for _, idx in seen.seen)
+    a = [m["loss"] for m in read_jsonl(runs / "a" / "metrics.jsonl")]
+    b = [m["loss"] for m in read_jsonl(runs / "b" / "metrics.jsonl")]
+    assert a == b
+
+
+def test_stop_action_ends_with_a_message(tiny):
+    make, runs = tiny
+    with pytest.raises(KilnError, match="training guard stopped the run at step 11: nonfinite"):
+        start_run(make("guard.on_nonfinite=stop"), runs, "stop", hooks=[Inject(nan_at=[10])])
+    events = read_jsonl(runs / "stop" / "events.jsonl")
+    assert events[-1]["action"] == "stop"
+
+
+def test_intervention_cap(tiny):
+    make, runs = tiny
+    with pytest.raises(KilnError, match="max_interventions"):
+        start_run(make("guard.max_interventions=2"), runs, "cap", hooks=[Inject(nan_at=[5, 8, 11])])
+    assert [e["action"] for e in read_jsonl(runs / "cap" / "events.jsonl")] == ["skip", "skip", "stop"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,7 +109,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
         name = args.name or f"{args.preset or Path(args.config or 'tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        summary = start_run(cfg, Path(args.runs_dir), name)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if restarted and args.name and (Path(args.runs_dir) / name / "config.toml").is_file():
+            # torchrun restarted the job after a failure: continue the run from its last checkpoint
+            summary = resume_run(Path(args.runs_dir) / name, args.overrides)
+        else:
+            summary = start_run(cfg, Path(args.runs_dir), name)
     if not quiet():
         console.print(summary_table(summary, title=f"Kiln run {summary['run']}"))
     return 0

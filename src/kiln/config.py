@@ -452,6 +452,26 @@ def validate(cfg: Config) -> None:
                  "(a causal decoder cannot see the tokens right of a mask); set model.family = 'encoder'")
 
 
+# --------------------------------------------------------------------------- resuming
+
+# What may change when a run is resumed: how it is optimised, evaluated, saved, logged, guarded
+# and laid out. Everything else (model shape, data, tokenizer, seed, batch) defines the run.
+RESUMABLE_SECTIONS = ("optim", "schedule", "eval", "checkpoint", "log", "guard", "parallel")
+RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.compile", "train.threads", "train.micro_batch_size",
+                  "train.precision", "train.device", "data.cache_dir", "data.workers")
+
+
+def check_resume_changes(saved: Config, new: Config) -> None:
+    """Refuse a resume whose config changes what the run is, naming the key and what may change."""
+    old_flat = {f"{s}.{k}": v for s, sec in to_dict(saved).items() for k, v in sec.items()}
+    new_flat = {f"{s}.{k}": v for s, sec in to_dict(new).items() for k, v in sec.items()}
+    for key, value in new_flat.items():
+        if value != old_flat.get(key) and key.split(".")[0] not in RESUMABLE_SECTIONS and key not in RESUMABLE_KEYS:
+            raise ConfigError(f"{key} cannot change on --resume ({old_flat.get(key)!r} -> {value!r}): it defines the "
+                              f"run; allowed changes: the {', '.join(RESUMABLE_SECTIONS)} sections and "
+                              f"{', '.join(RESUMABLE_KEYS)}; start a new run (or fork) to change it")
+
+
 # --------------------------------------------------------------------------- writing
 
 def _toml_value(value: Any) -> str:

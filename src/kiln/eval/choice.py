@@ -6,10 +6,10 @@ benchmarks reduce to:
     {"context": "The cat sat on the", "choices": ["mat.", "theorem."], "gold": 0}
 
 (`ctx`/`query`/`question`/`goal` are accepted for `context`, `endings`/`options` for `choices`,
-`label`/`answer` for `gold`.) Each choice is appended to the context — with a space between
-them unless one side already has whitespace there — and scored by the summed log-likelihood of
-its tokens (`acc`) and by that sum divided by its length in UTF-8 bytes (`acc_norm`, which
-does not favour short choices).
+`label`/`answer` for `gold`; ARC's and PIQA's record shapes are recognised.) Each choice is
+appended to the context — with a space between them unless one side already has whitespace
+there — and scored by the summed log-likelihood of its tokens (`acc`) and by that sum divided
+by its length in UTF-8 bytes (`acc_norm`, which does not favour short choices).
 
 Every run also gets a cloze task built from its own held-out split: the true next line after a
 few lines of context, among distractor lines drawn from other held-out documents.
@@ -46,10 +46,28 @@ def _field(obj: dict, keys: tuple[str, ...], path: Path | str, line: int):
     raise task_error(path, line, f"missing field {names}; each line needs context, choices and gold")
 
 
+def _reshape(obj: dict, path: Path | str, line: int) -> dict:
+    """ARC's {"question": {"stem", "choices": [{"text", "label"}]}, "answerKey"} and PIQA's
+    {"goal", "sol1", "sol2", "label"} in the common shape."""
+    q = obj.get("question")
+    if isinstance(q, dict) and "stem" in q:
+        choices = q.get("choices") if isinstance(q.get("choices"), list) else []
+        labels = [str(c.get("label")) for c in choices if isinstance(c, dict)]
+        key = str(obj.get("answerKey", ""))
+        if key not in labels:
+            raise task_error(path, line, f"answerKey {key!r} is not one of the choice labels {labels}")
+        return {"context": q["stem"], "choices": [c.get("text") for c in choices], "gold": labels.index(key)}
+    if "sol1" in obj and "sol2" in obj:
+        return {"context": obj.get("goal", ""), "choices": [obj["sol1"], obj["sol2"]], **{
+            k: obj[k] for k in GOLD_KEYS if k in obj}}
+    return obj
+
+
 def load_questions(path: str | Path) -> list[Question]:
     """Read and check a JSONL multiple-choice file; a bad line is a one-line KilnError."""
     out = []
     for line, obj in read_jsonl(path, "question"):
+        obj = _reshape(obj, path, line)
         context = _field(obj, CONTEXT_KEYS, path, line)
         choices = _field(obj, CHOICE_KEYS, path, line)
         gold = _field(obj, GOLD_KEYS, path, line)
@@ -81,19 +99,20 @@ def _join(context: str, choice: str) -> str:
 def score_questions(ctx: EvalContext, questions: list[Question]) -> dict[str, float]:
     """Accuracy by summed and by byte-normalised log-likelihood, and the chance level."""
     tok = ctx.tokenizer
-    items, owners = [], []
+    items, n_bytes = [], []
     for q in questions:
         c_ids = [tok.eos_id] + tok.encode(q.context)  # documents start after an EOS, as in training
-        for j, choice in enumerate(q.choices):
-            items.append((c_ids, tok.encode(_join(q.context, choice))))
-            owners.append(len(_join(q.context, choice).encode("utf-8")))
+        for choice in q.choices:
+            text = _join(q.context, choice)
+            items.append((c_ids, tok.encode(text)))
+            n_bytes.append(max(len(text.encode("utf-8")), 1))
     lps = token_logprobs(ctx, items)
     correct = correct_norm = 0
     k = 0
     for q in questions:
         n = len(q.choices)
         sums = np.array([lps[k + j].sum() for j in range(n)])
-        norm = sums / np.array([max(owners[k + j], 1) for j in range(n)])
+        norm = sums / np.array(n_bytes[k:k + n])
         correct += int(np.argmax(sums) == q.gold)
         correct_norm += int(np.argmax(norm) == q.gold)
         k += n

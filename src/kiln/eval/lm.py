@@ -112,6 +112,7 @@ def lm_suite(ctx: EvalContext) -> dict[str, float]:
     totals = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # nats, top-1, top-5, tokens, bytes
     for i in range(0, len(windows), ctx.batch_size):
         # masks are drawn per window index, so a masked model sees the trainer's evaluation masks
+        # whatever the batch size
         batch = objective.make_batch(windows[i:i + ctx.batch_size], step=EVAL_STEP, seed=cfg.train.seed,
                                      first_index=i)
         inputs, targets = batch.inputs.to(ctx.device), batch.targets.to(ctx.device)

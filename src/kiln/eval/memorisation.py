@@ -33,8 +33,9 @@ class NgramIndex:
     Any occurrence of an n-token span contains one of those k-grams at an offset below `stride`,
     so a query hashes its `stride` k-grams, looks each up (binary search), and confirms candidate
     positions against the tokens themselves; hash collisions cannot cause false answers. A
-    stride above 1 cuts memory by that factor (16 bytes per entry). Only when even the largest
-    stride would pass `max_entries` is a prefix of the data indexed, and `coverage` says how much.
+    stride above 1 cuts memory (16 bytes per entry) and build time by that factor. Only when even
+    the largest stride would pass `max_entries` is a prefix of the data indexed, and `coverage`
+    says how much.
     Spans crossing the boundary between two shard files are not found.
     """
 
@@ -44,25 +45,27 @@ class NgramIndex:
         self.n = n
         self.shards = [np.asarray(s) for s in shards]
         total = sum(len(s) for s in self.shards)
-        if stride <= 0:
-            stride = min(max(1, n // 2), max(1, math.ceil(total / max_entries)))
+        if stride <= 0:  # a quarter of the span by default; more when the index would not fit
+            stride = min(max(1, n // 2), max(max(1, n // 4), math.ceil(total / max_entries)))
         self.stride = min(stride, n)
         self.k = n - self.stride + 1
         self.bases = np.cumsum([0] + [len(s) for s in self.shards])
         hashes, positions, covered = [], [], 0
         budget = max_entries
         for base, shard in zip(self.bases, self.shards):
-            all_starts = np.arange(0, max(0, len(shard) - self.k + 1), self.stride, dtype=np.int64)
-            starts = all_starts[:budget]
-            if len(starts) == 0:
+            m = min(budget, max(0, (len(shard) - self.k) // self.stride + 1))  # k-grams indexed in this shard
+            if m <= 0:
                 continue
-            budget -= len(starts)
-            covered += len(shard) if len(starts) == len(all_starts) else int(starts[-1]) + self.k
-            h = np.zeros(len(starts), dtype=np.uint64)
-            for j in range(self.k):
-                h = h * _MULT + (shard[starts + j].astype(np.uint64) + np.uint64(1))
+            budget -= m
+            span = (m - 1) * self.stride + self.k
+            covered += len(shard) if m == (len(shard) - self.k) // self.stride + 1 else span
+            tokens = np.asarray(shard[:span], dtype=np.uint64) + np.uint64(1)
+            h = np.zeros(m, dtype=np.uint64)
+            for j in range(self.k):  # h = sum tokens[start + j] * MULT**(k - 1 - j), modulo 2**64
+                h *= _MULT
+                h += tokens[j:j + (m - 1) * self.stride + 1:self.stride]
             hashes.append(h)
-            positions.append(starts + base)
+            positions.append(np.arange(m, dtype=np.int64) * self.stride + base)
             if budget <= 0:
                 break
         self.coverage = covered / total if total else 0.0

@@ -40,7 +40,7 @@ def run_suites(ctx: EvalContext, names: list[str], options: dict[str, dict[str, 
         for name in names:
             suite = suites[name]
             if suite.generates and ctx.is_encoder:
-                report["skipped"][name] = "needs generated text; an encoder (masked objective) does not generate"
+                report["skipped"][name] = "needs generation; an encoder (masked objective) does not generate"
                 continue
             sctx = replace(ctx, options={**suite.options, **options.get(name, {})})
             t0 = time.perf_counter()
@@ -121,8 +121,18 @@ def report_table(report: dict[str, Any], title: str) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, metrics in report["suites"].items():
-        for i, (k, v) in enumerate(metrics.items()):
-            table.add_row(name if i == 0 else "", k, _fmt(v))
+        rows = []
+        for k, v in metrics.items():
+            prefix = k.rsplit("/", 1)[0] + "/" if "/" in k else ""
+            lo, hi = metrics.get(prefix + "ci_low"), metrics.get(prefix + "ci_high")
+            if k.endswith(("ci_low", "ci_high")) and any(m.endswith("share") and m.startswith(prefix) for m in metrics):
+                continue  # shown beside its share
+            if k.endswith("share") and lo is not None and hi is not None:
+                rows.append((k, f"{_fmt(v)}  [{lo:.3f}, {hi:.3f}]"))
+            else:
+                rows.append((k, _fmt(v)))
+        for i, (k, v) in enumerate(rows):
+            table.add_row(name if i == 0 else "", k, v)
         table.add_section()
     for name, why in report["skipped"].items():
         table.add_row(name, "skipped", why)
@@ -130,6 +140,13 @@ def report_table(report: dict[str, Any], title: str) -> Table:
 
 
 # --------------------------------------------------------------------------- entry points
+
+def _warn(text: str) -> None:
+    from kiln.progress import console, quiet
+
+    if not quiet():
+        console.print(text)
+
 
 def load_for_eval(path: Path, step: int | None):
     """(cfg, model, tokenizer, device, precision, step). Step 0 without a checkpoint is the
@@ -140,7 +157,7 @@ def load_for_eval(path: Path, step: int | None):
 
     run = RunDir.open(path)
     if step is None:
-        latest = ckpt.latest_valid_checkpoint(run.checkpoints, warn=lambda s: None)
+        latest = ckpt.latest_valid_checkpoint(run.checkpoints, warn=_warn)
         if latest is None:
             raise KilnError(f"{path} has no valid checkpoint to evaluate; train it first or pass --step 0 "
                             "for the untrained model")

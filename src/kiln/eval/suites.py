@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import sys
 import tomllib
@@ -109,8 +110,10 @@ class EvalContext:
 
     @property
     def batch_size(self) -> int:
-        """Sequences per forward pass."""
-        return self.cfg.train.micro_batch_size or min(self.cfg.global_batch, 64)
+        """Sequences per forward pass: the training micro-batch, at most 64, and few enough that
+        the (batch, seq_len, vocab) logits stay near 2**27 numbers."""
+        cap = max(1, 2**27 // (self.seq_len * self.vocab_size))
+        return max(1, min(self.cfg.train.micro_batch_size or self.cfg.global_batch, 64, cap))
 
     @property
     def is_encoder(self) -> bool:
@@ -165,7 +168,8 @@ def available_suites() -> dict[str, Suite]:
             importlib.import_module(f"kiln.eval.{mod}")
         _loaded_builtins = True
     _load_env()
-    return SUITES
+    builtin = {n: SUITES[n] for n in BUILTIN_MODULES if n in SUITES}  # in a fixed order, then the rest
+    return {**builtin, **{n: s for n, s in SUITES.items() if n not in builtin}}
 
 
 def check_suite_names(names: list[str], where: str = "eval.suites") -> None:
@@ -223,6 +227,6 @@ def describe_suites() -> str:
     """One line per suite with its options, for `kiln eval --help`."""
     lines = []
     for s in available_suites().values():
-        opts = ", ".join(f"{k}={v!r}" for k, v in s.options.items())
+        opts = ", ".join(f"{k}={json.dumps(v)}" for k, v in s.options.items())
         lines.append(f"  {s.name:<13} {s.help}" + (f" [options: {opts}]" if opts else ""))
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from kiln.config import ParallelConfig
 from kiln.errors import ConfigError
@@ -58,7 +58,23 @@ class ParallelDims:
         return " x ".join(f"{n}={getattr(self, n)}" for n in DIM_NAMES if getattr(self, n) > 1) or "single process"
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        return init_device_mesh(device_type, tuple(getattr(self, n) for n in DIM_NAMES), mesh_dim_names=DIM_NAMES)
+        """The named mesh, built from process groups created here with `new_group`.
+
+        (`init_device_mesh` would be shorter, but its groups could not be re-created after a
+        torchrun elastic restart on gloo: the restarted job hung. Groups made by `new_group`
+        restart cleanly.)"""
+        shape = tuple(getattr(self, n) for n in DIM_NAMES)
+        ranks = torch.arange(self.world_size).view(shape)
+        me = dist.get_rank()
+        mine = []
+        for dim in range(len(shape)):
+            # every rank creates every group of this dimension, in the same order
+            lines = ranks.movedim(dim, -1).reshape(-1, shape[dim])
+            for line in lines.tolist():
+                group = dist.new_group(line)
+                if me in line:
+                    mine.append(group)
+        return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=DIM_NAMES)
 
 
 @dataclass(frozen=True)
@@ -83,7 +99,18 @@ def init_process_group(info: ProcessInfo, timeout_s: float = 600.0) -> None:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None and "MASTER_ADDR" in os.environ:
+        # Under torchrun, keep each restart attempt's keys apart: otherwise a restarted job can
+        # read the addresses the previous attempt's dead processes published, and hang.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                              is_master=not agent_store and info.rank == 0, timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"kiln/attempt-{restart}", store),
+                                rank=info.rank, world_size=info.world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
 
 
 def dp_coordinates(mesh: DeviceMesh | None, dims: ParallelDims) -> tuple[int, int]:

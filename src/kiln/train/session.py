@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kiln.config import Config, file_dict, from_dict, load_config, to_toml
+from kiln.config import Config, check_resume_changes, file_dict, from_dict, load_config, to_toml
 from kiln.data.shards import Prepared, prepare
 from kiln.data.tokenizer import load_tokenizer
 from kiln.errors import CheckpointError
@@ -61,7 +61,9 @@ def start_run(cfg: Config, runs_dir: Path, name: str, hooks: list[Any] = ()) -> 
 def resume_run(path: Path, overrides: list[str] = (), hooks: list[Any] = ()) -> dict[str, Any]:
     """Continue `path` from its newest valid checkpoint (or from scratch if it has none)."""
     run = RunDir.open(path)
-    cfg = load_config(overrides=overrides, base=file_dict(run.config_path))
+    saved = file_dict(run.config_path)
+    cfg = load_config(overrides=overrides, base=saved)
+    check_resume_changes(from_dict(saved), cfg)
     par = Parallel.setup(cfg, resolve_device(cfg))
     data = _prepare_everywhere(cfg, par)
     latest = par.main_first(lambda: ckpt.latest_valid_checkpoint(run.checkpoints, warn=_log))

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from kiln.config import load_config
+from kiln.model.registry import build_model, padded_vocab
+from kiln.scaling import flops as flops_mod
+from kiln.scaling.flops import flops_per_token, gpu_peak_tflops, matmul_params, peak_tflops
+
+BASE = ["model.n_layers=3", "model.d_model=64", "model.n_heads=4", "model.seq_len=32"]
+
+
+def counted_matmul_params(model: nn.Module) -> int:
+    """Weights of every Linear, plus the embedding when it doubles as the output projection."""
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    if model.head is None:
+        n += model.tok_emb.weight.numel()
+    return n
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.tie_embeddings=true", "model.mlp=gelu", "model.pos=learned"],
+    ["model.tie_embeddings=false", "model.mlp=gelu", "model.pos=learned", "model.bias=true"],
+    ["model.tie_embeddings=true", "model.mlp=swiglu", "model.pos=rope", "model.n_kv_heads=2"],
+    ["model.tie_embeddings=false", "model.mlp=swiglu", "model.d_ff=96", "model.n_kv_heads=1", "model.qk_norm=true"],
+    ["model.mlp=gelu", "model.d_ff=200"],
+])
+def test_matmul_params_match_the_model(overrides):
+    cfg = load_config(overrides=[*BASE, *overrides]).model
+    vocab = padded_vocab(300)
+    model = build_model(cfg, 300)
+    assert matmul_params(cfg, vocab) == counted_matmul_params(model)
+    L, d, T = cfg.n_layers, cfg.d_model, cfg.seq_len
+    assert flops_per_token(cfg, vocab) == 6 * matmul_params(cfg, vocab) + 12 * L * d * T
+
+
+def test_flops_per_token_by_hand():
+    cfg = load_config(overrides=[*BASE, "model.mlp=gelu", "model.n_kv_heads=0"]).model
+    # per layer: attention 4*d^2, MLP 8*d^2; plus the output projection d*V
+    n = 3 * (4 * 64 * 64 + 8 * 64 * 64) + 64 * 320
+    assert matmul_params(cfg, 320) == n
+    assert flops_per_token(cfg, 320) == 6 * n + 12 * 3 * 64 * 32
+
+
+def test_gpt2_124m_parameter_count():
+    cfg = load_config(preset="gpt2-124m").model
+    # 85M in the blocks plus the 50257 x 768 (tied) output projection
+    assert matmul_params(cfg, 50257) == 12 * 12 * 768 * 768 + 768 * 50257
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A10G", 70.0),
+    ("NVIDIA A10", 125.0),
+    ("NVIDIA L4", 121.0),
+    ("NVIDIA L40S", 362.0),
+    ("NVIDIA GeForce RTX 4090", 165.0),
+])
+def test_gpu_peak_tflops(name, peak):
+    assert gpu_peak_tflops(name) == peak
+
+
+@pytest.mark.parametrize("name", ["Some Unknown Accelerator", "", "NVIDIA GeForce GTX 1080"])
+def test_unknown_gpu_has_no_peak(name):
+    assert gpu_peak_tflops(name) is None
+
+
+def test_peak_on_cpu_is_measured_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    calls = []
+
+    def fake_measure(dtype, n=1024, seconds=0.5):
+        calls.append(dtype)
+        return 0.25
+
+    monkeypatch.setattr(flops_mod, "measure_cpu_matmul_tflops", fake_measure)
+    peak, source = peak_tflops(torch.device("cpu"), torch.float32)
+    assert peak == 0.25 and "CPU" in source
+    assert peak_tflops(torch.device("cpu"), torch.float32)[0] == 0.25
+    assert calls == [torch.float32]  # measured once, then read from the cache
+    cache = json.loads((tmp_path / "cpu_peak.json").read_text())
+    assert list(cache.values()) == [0.25]
+
+
+def test_real_cpu_measurement_is_positive(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    assert flops_mod.measure_cpu_matmul_tflops(torch.float32, n=128, seconds=0.05) > 0
+    peak, _ = peak_tflops(torch.device("cpu"), torch.float32)
+    assert peak > 0 and (tmp_path / "cpu_peak.json").is_file()
+
+
+def test_unknown_device_type():
+    assert peak_tflops(torch.device("meta"), torch.float32)[0] is None
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.tie_embeddings=true", "model.mlp=gelu", "model.pos=learned", "model.bias=true", "model.norm=layernorm"],
+    ["model.tie_embeddings=false", "model.mlp=swiglu", "model.pos=rope", "model.bias=true", "model.n_kv_heads=2"],
+    ["model.tie_embeddings=false", "model.mlp=swiglu", "model.pos=rope", "model.bias=false", "model.norm=rmsnorm",
+     "model.qk_norm=true"],
+    ["model.pos=learned", "model.max_seq_len=64", "model.bias=false", "model.norm=layernorm", "model.d_ff=100"],
+])
+def test_model_params_counts_every_parameter(overrides):
+    model_params = getattr(flops_mod, "model_params", None)
+    if model_params is None:
+        pytest.skip("no model_params in this version")
+    cfg = load_config(overrides=[*BASE, *overrides]).model
+    model = build_model(cfg, 300)
+    assert model_params(cfg, 300) == sum(p.numel() for p in model.parameters())

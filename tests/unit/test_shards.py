@@ -1,0 +1,197 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from kiln.config import DataConfig
+from kiln.data import shards as shards_mod
+from kiln.data.shards import open_prepared, prepare, unigram_entropy
+from kiln.errors import DataError
+
+
+def data_cfg(corpus, cache, **kw) -> DataConfig:
+    return DataConfig(corpus=str(corpus), cache_dir=str(cache), vocab_size=kw.pop("vocab_size", 320),
+                      val_fraction=kw.pop("val_fraction", 0.15), **kw)
+
+
+def quiet(*_):
+    pass
+
+
+def documents(prepared, split: str) -> list[str]:
+    """Decode a split back into its documents (EOS-separated)."""
+    tok = prepared.tokenizer
+    ids = np.concatenate(prepared.split(split)).tolist()
+    assert ids[-1] == tok.eos_id
+    docs, cur = [], []
+    for i in ids:
+        if i == tok.eos_id:
+            docs.append(tok.decode(cur))
+            cur = []
+        else:
+            cur.append(i)
+    return docs
+
+
+def test_manifest_fields(shared_prepared, shared_corpus):
+    p = shared_prepared
+    m = p.manifest
+    assert m["dtype"] == "uint16"
+    assert m["tokenizer_sha256"] == p.tokenizer.sha256
+    assert m["eos_id"] == p.tokenizer.eos_id == 1
+    assert m["vocab_size"] == p.vocab_size == p.tokenizer.vocab_size
+    assert m["corpus_files"] == 30
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    assert tr["documents"] + va["documents"] == 30
+    assert tr["documents"] > 0 and va["documents"] > 0
+    for split in (tr, va):
+        assert split["tokens"] == sum(s["tokens"] for s in split["shards"])
+        for s in split["shards"]:
+            path = p.path / s["file"]
+            assert path.stat().st_size == 2 * s["tokens"]
+            assert shards_mod._sha256_file(path) == s["sha256"]
+    for name in ("train", "val"):
+        arrays = p.split(name)
+        assert all(a.dtype == np.uint16 for a in arrays)
+        assert int(sum((a == p.tokenizer.eos_id).sum() for a in arrays)) == m["splits"][name]["documents"]
+    assert json.loads((p.path / "manifest.json").read_text()) == m
+    expected_entropy = unigram_entropy(p.split("val"), p.vocab_size)
+    assert m["val_unigram_entropy"] == pytest.approx(expected_entropy)
+    assert 0 < expected_entropy < math.log(p.vocab_size)
+
+
+def test_split_is_disjoint_and_complete(shared_prepared, shared_corpus):
+    originals = sorted(f.read_text() for f in shared_corpus.glob("*.txt"))
+    train, val = documents(shared_prepared, "train"), documents(shared_prepared, "val")
+    assert sorted(train + val) == originals
+    assert not set(train) & set(val)
+
+
+def test_split_is_deterministic_for_a_seed(shared_corpus, tmp_path):
+    a = prepare(data_cfg(shared_corpus, tmp_path / "a"), log=quiet)
+    b = prepare(data_cfg(shared_corpus, tmp_path / "b"), log=quiet)
+    assert a.path.name == b.path.name
+    for split in ("train", "val"):
+        assert [s["sha256"] for s in a.manifest["splits"][split]["shards"]] == \
+               [s["sha256"] for s in b.manifest["splits"][split]["shards"]]
+    c = prepare(data_cfg(shared_corpus, tmp_path / "a", split_seed=99, val_fraction=0.3), log=quiet)
+    assert c.path != a.path
+    assert sorted(documents(c, "val")) != sorted(documents(a, "val"))
+
+
+def test_second_prepare_reuses_the_cache(shared_corpus, tmp_path, monkeypatch):
+    cfg = data_cfg(shared_corpus, tmp_path / "cache")
+    first = prepare(cfg, log=quiet)
+    shard = first.path / first.manifest["splits"]["train"]["shards"][0]["file"]
+    mtime = shard.stat().st_mtime_ns
+
+    def no_training(*a, **k):
+        raise AssertionError("the tokenizer was trained again")
+
+    monkeypatch.setattr(shards_mod, "train_tokenizer", no_training)
+    second = prepare(cfg, log=quiet)
+    assert second.path == first.path
+    assert second.manifest == first.manifest
+    assert shard.stat().st_mtime_ns == mtime
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.path.name]  # no temp folders left
+
+
+def test_changed_inputs_make_a_new_dataset(make_corpus, tmp_path):
+    corpus = make_corpus(n_files=8)
+    first = prepare(data_cfg(corpus, tmp_path / "cache"), log=quiet)
+    assert prepare(data_cfg(corpus, tmp_path / "cache", vocab_size=300), log=quiet).path != first.path
+    (corpus / "doc000.txt").write_text("changed contents entirely\n")
+    assert prepare(data_cfg(corpus, tmp_path / "cache"), log=quiet).path != first.path
+
+
+def test_tampered_shard_is_detected_and_left_alone(make_corpus, tmp_path):
+    corpus = make_corpus(n_files=8)
+    cfg = data_cfg(corpus, tmp_path / "cache")
+    prepared = prepare(cfg, log=quiet)
+    shard = prepared.path / prepared.manifest["splits"]["train"]["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="checksum does not match"):
+        open_prepared(prepared.path)
+    with pytest.raises(DataError, match="checksum does not match"):
+        prepare(cfg, log=quiet)
+    assert shard.read_bytes() == bytes(raw)  # never silently rewritten
+    assert open_prepared(prepared.path, verify=False).manifest == prepared.manifest
+
+
+def test_tampered_tokenizer_is_detected(make_corpus, tmp_path):
+    corpus = make_corpus(n_files=8)
+    prepared = prepare(data_cfg(corpus, tmp_path / "cache"), log=quiet)
+    tok_path = prepared.path / "tokenizer.json"
+    doc = json.loads(tok_path.read_text())
+    doc["model"]["merges"] = doc["model"]["merges"][:-1]  # a different tokenizer, still a valid file
+    tok_path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="does not match the tokenizer"):
+        open_prepared(prepared.path)
+
+
+def test_not_a_prepared_dataset(tmp_path):
+    with pytest.raises(DataError, match="no manifest.json"):
+        open_prepared(tmp_path)
+
+
+def test_empty_corpus(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "a.txt").write_text("")
+    (d / "b.txt").write_text("   \n\n")
+    with pytest.raises(DataError, match="holds no text"):
+        prepare(data_cfg(d, tmp_path / "cache"), log=quiet)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_single_document_corpus(tmp_path):
+    (tmp_path / "one.txt").write_text("only one document here")
+    with pytest.raises(DataError, match="single document"):
+        prepare(data_cfg(tmp_path / "one.txt", tmp_path / "cache"), log=quiet)
+
+
+def test_tiny_corpus_still_gets_a_validation_document(tmp_path):
+    d = tmp_path / "two"
+    d.mkdir()
+    (d / "a.txt").write_text("first document " * 20)
+    (d / "b.txt").write_text("second document " * 20)
+    p = prepare(data_cfg(d, tmp_path / "cache", val_fraction=0.01), log=quiet)
+    assert (p.manifest["splits"]["train"]["documents"], p.manifest["splits"]["val"]["documents"]) == (1, 1)
+
+
+def test_max_docs(make_corpus, tmp_path):
+    corpus = make_corpus(n_files=12)
+    p = prepare(data_cfg(corpus, tmp_path / "cache", max_docs=5), log=quiet)
+    assert p.manifest["splits"]["train"]["documents"] + p.manifest["splits"]["val"]["documents"] == 5
+
+
+def test_given_tokenizer_is_used(shared_prepared, make_corpus, tmp_path):
+    corpus = make_corpus(n_files=6, seed=3)
+    tok_file = tmp_path / "tok.json"
+    shared_prepared.tokenizer.save(tok_file)
+    p = prepare(data_cfg(corpus, tmp_path / "cache", tokenizer=str(tok_file)), log=quiet)
+    assert p.manifest["tokenizer_sha256"] == shared_prepared.tokenizer.sha256
+
+
+def test_unwritable_cache_dir(make_corpus, tmp_path):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        cache = blocker / "sub"  # a path under a regular file cannot be created, even by root
+    else:
+        cache = tmp_path / "ro"
+        cache.mkdir(mode=0o500)
+    with pytest.raises(DataError, match="data.cache_dir"):
+        prepare(data_cfg(make_corpus(n_files=4), cache), log=quiet)
+
+
+def test_unigram_entropy_by_hand():
+    assert unigram_entropy([np.array([5, 5, 6, 6], dtype=np.uint16)], 10) == pytest.approx(math.log(2))
+    assert unigram_entropy([np.array([7, 7], dtype=np.uint16), np.array([7], dtype=np.uint16)], 10) == 0.0
+    p = np.array([0.5, 0.25, 0.25])
+    tokens = np.array([1, 1, 2, 3], dtype=np.uint16)
+    assert unigram_entropy([tokens], 4) == pytest.approx(float(-(p * np.log(p)).sum()))

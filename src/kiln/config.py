@@ -243,8 +243,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # bare strings such as data.corpus=my/files/*.txt
+        value = item.split("=", 1)[1]  # bare strings such as data.corpus=my/files/*.txt, spaces kept
     return key, value
+
+
+def _expects_text(section: str, name: str) -> bool:
+    cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}.get(section)  # type: ignore[misc]
+    return cls is not None and typing.get_type_hints(cls).get(name) is str
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -272,6 +277,8 @@ def load_config(
     for item in overrides:
         key, value = parse_override(item)
         section, name = key.split(".")
+        if _expects_text(section, name) and not isinstance(value, str):
+            value = item.split("=", 1)[1]  # e.g. data.corpus=2024 is a path, not a number
         raw = merge(raw, {section: {name: value}})
     return from_dict(raw)
 
@@ -370,10 +377,10 @@ def validate(cfg: Config) -> None:
     head_dim = m.d_model // m.n_heads
     _require(m.pos != "rope" or head_dim % 2 == 0,
              f"model.pos = 'rope' needs an even head size, got d_model/n_heads = {head_dim}")
-    if m.pos == "learned" and m.max_seq_len:
+    if m.max_seq_len:
         _require(m.seq_len <= m.max_seq_len,
                  f"model.seq_len = {m.seq_len} is longer than the position table model.max_seq_len = "
-                 f"{m.max_seq_len}; raise max_seq_len or use model.pos = 'rope'")
+                 f"{m.max_seq_len}; raise model.max_seq_len (or set it to 0 = seq_len)")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
     _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
@@ -435,6 +442,9 @@ def validate(cfg: Config) -> None:
     if par.tp > 1:
         _require(not m.tie_embeddings, "parallel.tp > 1 needs model.tie_embeddings = false (the shared matrix "
                  "would need two layouts)")
+    if m.family == "encoder":
+        _require(par.tp == 1 and par.pp == 1, "model.family = 'encoder' trains with data parallelism (FSDP) only "
+                 "for now; set parallel.tp = 1 and parallel.pp = 1")
 
     k = cfg.mask
     _require(0.0 < k.rate < 1.0, f"mask.rate must be in (0, 1), got {k.rate}")
@@ -480,7 +490,15 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        out = []
+        for ch in value:  # TOML basic strings: escape backslash, quote and every control character
+            if ch in ('"', "\\"):
+                out.append("\\" + ch)
+            elif ord(ch) < 0x20 and ch != "\t" or ord(ch) == 0x7F:
+                out.append(f"\\u{ord(ch):04x}")
+            else:
+                out.append(ch)
+        return '"' + "".join(out) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

@@ -49,7 +49,7 @@ def main() -> int:
     if mode == "save_file":
         checkpoint.save_file = counting(checkpoint.save_file)
     elif mode == "fsync":
-        checkpoint._fsync = counting(checkpoint._fsync)
+        checkpoint.fsync_path = counting(checkpoint.fsync_path)
     elif mode == "prepare" and armed:
         original = shards._encode_split
 

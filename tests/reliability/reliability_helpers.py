@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from kiln.config import Config, load_config
+
 
 
 def write_corpus(folder: Path, docs: int = 30) -> Path:
@@ -26,3 +30,19 @@ def tiny_overrides(root: Path, corpus: Path) -> list[str]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """(config builder, runs dir): `make(*extra_overrides) -> Config`."""
+    monkeypatch.setenv("KILN_QUIET", "1")
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    corpus = write_corpus(tmp_path / "corpus")
+    base = tiny_overrides(tmp_path, corpus)
+
+    def make(*extra: str) -> Config:
+        return load_config("tiny", overrides=base + list(extra))
+
+    return make, tmp_path / "runs"
+
+

@@ -116,7 +116,7 @@ def test_unknown_key_without_close_match_lists_allowed():
     ("train.steps=true", r"train\.steps must be an integer"),
     ("optim.lr=fast", r"optim\.lr must be a number"),
     ("model.bias=maybe", r"model\.bias must be true or false"),
-    ("model.pos=3", r"model\.pos must be a string"),
+    ("model.pos=3", r"model\.pos = '3' is not allowed; choose one of learned, rope"),
     ("eval.prompts=[1, 2]", r"eval\.prompts must be a string"),
     ("model.pos=alibi", r"model\.pos = 'alibi' is not allowed; choose one of learned, rope"),
     ("train.steps=-1", r"train\.steps must be >= 0"),

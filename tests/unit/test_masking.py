@@ -251,6 +251,8 @@ def test_causal_evaluation_has_no_masked_metrics(tok):
     (["mask.random=-0.1"], "mask.random must be in [0, 1]"),
     (["mask.whole_word=maybe"], "mask.whole_word must be true or false"),
     (["mask.ratio=0.2"], "unknown config key 'mask.ratio'"),
+    (["model.family=encoder", "train.objective=masked", "model.tie_embeddings=false", "parallel.tp=2"],
+     "model.family = 'encoder' trains with data parallelism (FSDP) only"),
 ])
 def test_config_mistakes_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as err:

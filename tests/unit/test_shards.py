@@ -51,7 +51,7 @@ def test_manifest_fields(shared_prepared, shared_corpus):
         for s in split["shards"]:
             path = p.path / s["file"]
             assert path.stat().st_size == 2 * s["tokens"]
-            assert shards_mod._sha256_file(path) == s["sha256"]
+            assert shards_mod.sha256_file(path) == s["sha256"]
     for name in ("train", "val"):
         arrays = p.split(name)
         assert all(a.dtype == np.uint16 for a in arrays)

@@ -187,7 +187,14 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(_open_binary(path) if path.name.endswith((".gz", ".zst")) else path)
+        if path.name.endswith((".gz", ".zst")):  # parquet needs random access: decompress into memory
+            import pyarrow as pa
+
+            with _open_binary(path) as f:
+                source = pa.BufferReader(f.read())
+        else:
+            source = path
+        table = pq.ParquetFile(source)
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise SkippedFile(f"{path}: not a readable parquet file ({e})") from None
     if column not in table.schema_arrow.names:

@@ -29,6 +29,7 @@ from kiln.config import DataConfig
 from kiln.data.corpora import CorpusFile, SkippedFile, corpus_fingerprint, resolve_corpus
 from kiln.data.tokenizer import KilnTokenizer, load_tokenizer, tokenizer_from_json, train_tokenizer
 from kiln.errors import DataError
+from kiln.fileio import sha256_file
 from kiln.progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -56,14 +57,6 @@ class Prepared:
         return int(self.manifest["vocab_size"])
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dataset_key(cfg: DataConfig, files: list[CorpusFile]) -> str:
     tok = ""
     if cfg.tokenizer:
@@ -87,7 +80,7 @@ def open_prepared(path: Path, verify: bool = True) -> Prepared:
         for split in manifest["splits"].values():
             for shard in split["shards"]:
                 file = path / shard["file"]
-                if not file.is_file() or _sha256_file(file) != shard["sha256"]:
+                if not file.is_file() or sha256_file(file) != shard["sha256"]:
                     raise DataError(f"shard {file} is missing or its checksum does not match the manifest "
                                     f"(corrupt cache); delete {path} and run `kiln prepare` again")
     return Prepared(path, manifest, tokenizer)
@@ -133,7 +126,7 @@ def _encode_split(texts: list[str], tok: KilnTokenizer, dtype: np.dtype, out: Pa
         name = f"{prefix}-{len(shards):05d}.bin"
         arr = np.concatenate(buf).astype(dtype, copy=False)
         arr.tofile(out / name)
-        shards.append({"file": name, "tokens": int(arr.size), "sha256": _sha256_file(out / name)})
+        shards.append({"file": name, "tokens": int(arr.size), "sha256": sha256_file(out / name)})
         buf, buf_tokens = [], 0
 
     batches = [texts[i:i + ENCODE_BATCH] for i in range(0, len(texts), ENCODE_BATCH)]

@@ -82,7 +82,8 @@ def evaluate_lm_pipeline(trainer) -> dict[str, float]:
         for part in trainer.parts:
             part.eval()
         for i in range(0, len(trainer.val) - step + 1, step):
-            batch = trainer.objective.make_batch(trainer.val[i:i + step], step=i, seed=trainer.cfg.train.seed)
+            batch = trainer.objective.make_batch(trainer.val[i:i + step], step=EVAL_STEP, seed=trainer.cfg.train.seed,
+                                                 first_index=trainer.par.dp[0] * len(trainer.val) + i)
             with trainer.autocast():
                 trainer.schedule.eval(*((batch.inputs.to(trainer.device),) if first else ()),
                                       target=batch.targets.to(trainer.device) if last else None)

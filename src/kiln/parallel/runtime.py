@@ -81,13 +81,17 @@ class Parallel:
     def main_first(self, fn: Callable[[], T]) -> T | None:
         """Run `fn` on rank 0 while the others wait; a user error there is raised on every rank
         (so a bad input ends every process with the same message instead of a hang)."""
-        result, error = None, None
+        if not self.distributed:
+            return fn()
+        result, error, failure = None, None, None
         if self.is_main:
             try:
                 result = fn()
             except KilnError as e:
-                error = str(e)
+                failure, error = e, str(e)
         error = self.broadcast(error)
+        if failure is not None:
+            raise failure  # rank 0 keeps the precise error type (DataError, ConfigError, ...)
         if error is not None:
             raise KilnError(error)
         return result

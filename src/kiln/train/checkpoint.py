@@ -17,7 +17,6 @@ at all. Nothing is unpickled from a file Kiln did not write.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -40,26 +39,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from kiln.errors import CheckpointError
+from kiln.fileio import fsync_path, sha256_file
 from kiln.parallel.runtime import Parallel
 
 FORMAT = "kiln-checkpoint-2"
 PREFIX = "step-"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_dir_name(step: int) -> str:
@@ -129,6 +113,17 @@ def _unflatten_optimizer(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, t
 def _apply(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], model_sd: dict[str, torch.Tensor],
            optim_sd: dict[str, dict[str, Any]] | None, full: bool) -> None:
     options = StateDictOptions(full_state_dict=full, strict=True)
+    expected = {k: v for part in parts for k, v in get_model_state_dict(part).items()}
+    if full:  # a full checkpoint names every tensor of the model, in its full shape
+        extra = sorted(set(model_sd) - set(expected))
+        if extra and len(parts) == 1:
+            raise CheckpointError(f"the checkpoint has parameters this model lacks ({', '.join(extra[:3])}); "
+                                  "was the model shape changed?")
+        for name, value in expected.items():
+            shape = tuple(getattr(value, "shape", ()))
+            if name in model_sd and tuple(model_sd[name].shape) != shape:
+                raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(model_sd[name].shape)} but the "
+                                      f"model expects {shape}; was the model shape changed?")
     for part, opt in zip(parts, optimizers or [None] * len(parts)):
         names = list(get_model_state_dict(part))  # a fixed order: loading runs one collective per tensor
         missing = [n for n in names if n not in model_sd]
@@ -155,6 +150,7 @@ class Checkpointer:
         self.keep_every = keep_every
         self.async_save = async_save and par is not None and par.distributed
         self._pending: tuple[Future, Path, Path] | None = None
+        self._group = None
 
     @property
     def _distributed(self) -> bool:
@@ -190,7 +186,9 @@ class Checkpointer:
             if self._distributed:
                 payload = {"model": model_sd, "optim": optim_sd}
                 if self.async_save:
-                    future = dcp.async_save(payload, checkpoint_id=str(tmp / "dcp"))
+                    if self._group is None:  # the background writer's collectives get a group of their own
+                        self._group = torch.distributed.new_group(backend="gloo")
+                    future = dcp.async_save(payload, checkpoint_id=str(tmp / "dcp"), process_group=self._group)
                     self._pending = (future, tmp, final)
                     return final
                 dcp.save(payload, checkpoint_id=str(tmp / "dcp"))
@@ -217,16 +215,16 @@ class Checkpointer:
         if self._rank == 0:
             files = _files(tmp)
             for f in files:
-                _fsync(f)
-            manifest = {"format": FORMAT, "files": {str(f.relative_to(tmp)): {"sha256": _sha256(f),
+                fsync_path(f)
+            manifest = {"format": FORMAT, "files": {str(f.relative_to(tmp)): {"sha256": sha256_file(f),
                                                                                "bytes": f.stat().st_size}
                                                     for f in files}}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-            _fsync(tmp / "manifest.json")
+            fsync_path(tmp / "manifest.json")
             if final.exists():  # re-saving a step (e.g. after a rollback): replace the old copy
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync(self.folder)
+            fsync_path(self.folder)
             self._retain()
         self._barrier()
 
@@ -294,7 +292,7 @@ def verify_checkpoint(path: Path) -> str | None:
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != meta["bytes"] or _sha256(file) != meta["sha256"]:
+        if file.stat().st_size != meta["bytes"] or sha256_file(file) != meta["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

@@ -23,7 +23,7 @@ from kiln.data.shards import Prepared
 from kiln.eval.generate import generate
 from kiln.eval.lm import evaluate_lm
 from kiln.eval.runner import run_training_suites
-from kiln.model.registry import build_model
+from kiln.model.registry import build_model, padded_vocab
 from kiln.parallel import pipeline as pp
 from kiln.parallel.apply import materialise, parallelize
 from kiln.parallel.memory import estimate_memory
@@ -31,7 +31,7 @@ from kiln.parallel.runtime import Parallel
 from kiln.progress import console, format_seconds, quiet
 from kiln.runs.rundir import RunDir
 from kiln.scaling.flops import flops_per_token, peak_tflops
-from kiln.errors import KilnError
+from kiln.errors import DataError, KilnError
 from kiln.train.checkpoint import Checkpointer, latest_valid_checkpoint, list_checkpoints
 from kiln.train.guard import Guard, GuardStop, add_range, data_index
 from kiln.train.watchdog import Watchdog
@@ -90,6 +90,9 @@ class Trainer:
         val_all = eval_windows(TokenWindows(data.split("val"), cfg.model.seq_len, "validation"),
                                cfg.eval.batches * cfg.global_batch)
         per_rank = len(val_all) // dp_size  # equal shares: every rank runs the same number of forwards
+        if per_rank == 0:
+            raise DataError(f"the validation split has {len(val_all)} window(s) of model.seq_len + 1 tokens, too few "
+                            f"for {dp_size} data-parallel ranks; raise data.val_fraction or eval.batches")
         val = val_all[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         trainer = cls(cfg, run, data, par, parts, optimizers, objective, sampler, val, precision)
         if par.dims.pp > 1:
@@ -356,7 +359,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, total = self.cfg, self.cfg.total_steps
         tokens_per_step = cfg.global_batch * cfg.model.seq_len
-        fpt = flops_per_token(cfg.model, self.data.vocab_size)
+        fpt = flops_per_token(cfg.model, padded_vocab(self.data.vocab_size))
         peak, peak_source = peak_tflops(self.device, compute_dtype(self.precision))
         if peak is not None:
             peak *= self.par.info.world_size  # MFU of the whole job

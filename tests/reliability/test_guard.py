@@ -112,3 +112,16 @@ def test_intervention_cap(tiny):
     with pytest.raises(KilnError, match="max_interventions"):
         start_run(make("guard.max_interventions=2"), runs, "cap", hooks=[Inject(nan_at=[5, 8, 11])])
     assert [e["action"] for e in read_jsonl(runs / "cap" / "events.jsonl")] == ["skip", "skip", "stop"]
+
+
+def test_a_lasting_level_change_is_not_flagged_forever():
+    from kiln.config import GuardConfig
+    from kiln.train.guard import Guard
+
+    guard = Guard(GuardConfig(window=20, min_history=10, k=4.0), torch.device("cpu"))
+    flags = []
+    for step in range(80):
+        norm = 1.0 + 0.01 * (step % 3) if step < 40 else 10.0 + 0.1 * (step % 3)  # the level moves at step 40
+        flags.append(float(guard.check(step, torch.tensor(3.0 - 0.001 * step), torch.tensor(norm))))
+    assert flags[40:43] == [1.0, 1.0, 1.0]  # the jump is flagged at first ...
+    assert sum(flags[43:]) == 0  # ... then becomes the new normal

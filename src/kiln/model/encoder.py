@@ -26,7 +26,9 @@ class MLMHead(nn.Module):
 
     def forward(self, x: torch.Tensor, output_weight: torch.Tensor) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(x)))
-        return F.linear(x, output_weight, self.bias)  # (B, T, vocab)
+        logits = F.linear(x, output_weight)  # (B, T, vocab)
+        # Added apart: F.linear's fused bias returns a view, which FSDP2 warns about at the output.
+        return logits if self.bias is None else logits + self.bias
 
 
 class Encoder(Transformer):

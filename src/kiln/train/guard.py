@@ -24,6 +24,7 @@ from kiln.config import GuardConfig
 from kiln.errors import KilnError
 
 OK, NONFINITE, LOSS_SPIKE, GRAD_SPIKE = 0, 1, 2, 3
+PERSIST = 3  # consecutive spikes that mean the level itself has moved
 KIND_NAMES = {NONFINITE: "nonfinite", LOSS_SPIKE: "loss_spike", GRAD_SPIKE: "grad_spike"}
 
 
@@ -83,11 +84,12 @@ class Guard:
         self.losses = torch.zeros(w, device=self.device, dtype=torch.float64)
         self.norms = torch.zeros(w, device=self.device, dtype=torch.float64)
         self.count = torch.zeros((), device=self.device, dtype=torch.int64)
+        self.streak = torch.zeros((), device=self.device, dtype=torch.int64)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to judge and act exactly as an uninterrupted one."""
         return {**self.state.to_dict(), "window": {"losses": self.losses.tolist(), "norms": self.norms.tolist(),
-                                                   "count": int(self.count)}}
+                                                   "count": int(self.count), "streak": int(self.streak)}}
 
     def load_state_dict(self, d: dict[str, Any] | None) -> None:
         if not d:
@@ -99,6 +101,7 @@ class Guard:
             self.losses = torch.tensor(window["losses"], device=self.device, dtype=torch.float64)
             self.norms = torch.tensor(window["norms"], device=self.device, dtype=torch.float64)
             self.count = torch.tensor(window["count"], device=self.device, dtype=torch.int64)
+            self.streak = torch.tensor(window.get("streak", 0), device=self.device, dtype=torch.int64)
 
     def lr_scale(self, step: int) -> float:
         return self.state.lr_factor if step < self.state.lr_factor_until else 1.0
@@ -123,6 +126,12 @@ class Guard:
         if self.cfg.on_spike == "ignore":
             kind = torch.where(finite, OK, NONFINITE)
         good = kind == OK
+        # A "spike" that persists is a new regime, not a spike: after PERSIST flagged steps in a
+        # row the window restarts from the new level instead of flagging every step forever.
+        self.streak = torch.where(good | (kind == NONFINITE), 0, self.streak + 1)
+        regime_change = self.streak >= PERSIST
+        self.count = torch.where(regime_change, 0, self.count)
+        self.streak = torch.where(regime_change, 0, self.streak)
         slot = self.count % self.cfg.window
         self.losses[slot] = torch.where(good, loss, self.losses[slot])  # only healthy steps shape the baseline
         self.norms[slot] = torch.where(good, norm, self.norms[slot])

@@ -434,7 +434,7 @@ class Trainer:
             if cfg.log.plot:
                 from kiln.runs.report import plot_losses
 
-                plot_losses(self.run, self.history)
+                plot_losses(self.run, self.history, self.data.manifest["val_unigram_entropy"])
         return summary
 
     def num_params(self) -> int:

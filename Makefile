@@ -22,8 +22,9 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Every distributed test, including the 4-process layouts (dp x tp x pp, HSDP, interleaved, gpipe).
 test-dist: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -o addopts="" tests/distributed
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py --preset tiny --steps 30

@@ -194,3 +194,17 @@ def test_four_process_layouts_match_single_process(setup, single_untied, name, e
     root, base = setup
     got = train(root / "runs", name, base + ["model.tie_embeddings=false"] + extra, nproc=4)
     assert_close(got, single_untied)
+
+
+def test_masked_objective_fsdp_matches_single_process(setup):
+    """The masked (BERT-style) objective: 2 FSDP ranks build the same masks and log the same
+    losses as one process."""
+    root, base = setup
+    masked = [o for o in base if not o.startswith("data.vocab_size")] + [
+        "data.vocab_size=320", "model.family=encoder", "train.objective=masked", "model.pos=rope"]
+    one = train(root / "runs", "masked-1", masked)
+    two = train(root / "runs", "masked-2", masked, nproc=2)
+    assert_close(two, one)
+    evals = [json.loads(line) for line in (root / "runs" / "masked-2" / "eval.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (root / "runs" / "masked-1" / "eval.jsonl").read_text().splitlines()]
+    assert [e["majority_baseline"] for e in evals] == [r["majority_baseline"] for r in ref]

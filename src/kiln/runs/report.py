@@ -1,0 +1,64 @@
+"""Human-facing views of a run: the final table and the loss plot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from kiln.runs.rundir import RunDir
+
+
+def summary_table(summary: dict[str, Any], title: str = "Kiln run") -> Table:
+    def fmt(v: Any, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    rows = [
+        ("steps", fmt(summary["steps"], ",")),
+        ("tokens", fmt(summary["tokens"], ",")),
+        ("train loss", fmt(summary.get("train_loss"), ".4f")),
+        ("validation loss", fmt(summary.get("val_loss"), ".4f")),
+        ("unigram entropy (val)", fmt(summary.get("unigram_entropy"), ".4f") + "  (loss of a context-free model)"),
+        ("validation perplexity", fmt(summary.get("val_ppl"), ".2f")),
+        ("validation accuracy", fmt(summary.get("val_acc"), ".3f")),
+        ("tokens/s", fmt(summary.get("tokens_per_s"), ",.0f")),
+        ("achieved TFLOP/s", fmt(summary.get("tflops"), ".3f")),
+        ("MFU", "unknown" if summary.get("mfu") is None else f"{100 * summary['mfu']:.1f}%  vs {summary['peak_source']}"),
+        ("peak memory", fmt(summary.get("peak_mem_gb"), ".2f") + " GiB"),
+        ("device / precision", f"{summary.get('device')} / {summary.get('precision')}"),
+    ]
+    for extra in ("val_masked_acc", "majority_baseline"):
+        if extra in summary:
+            rows.append((extra.replace("_", " "), fmt(summary[extra], ".3f")))
+    if summary.get("sample"):
+        rows.append(("sample", repr(summary["sample"]["text"][:300])))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def plot_losses(run: RunDir, history: dict[str, list], unigram_entropy: float | None = None) -> None:
+    """loss.png: training loss per logged step, validation loss per evaluation, and the loss of
+    a context-free (unigram) model for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["step"], history["loss"], label="train", lw=1)
+    if history["val_step"]:
+        ax.plot(history["val_step"], history["val_loss"], "o-", label="validation")
+    if unigram_entropy is not None:
+        ax.axhline(unigram_entropy, ls="--", color="grey", lw=1, label="unigram entropy (val)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run.path.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run.path / "loss.png", dpi=100)
+    plt.close(fig)

@@ -365,7 +365,8 @@ def validate(cfg: Config) -> None:
     non_negative = ["model.n_kv_heads", "model.d_ff", "model.max_seq_len", "train.steps", "train.tokens",
                     "train.batch_tokens", "train.micro_batch_size", "train.threads", "eval.every",
                     "eval.sample_tokens", "checkpoint.every", "schedule.warmup_steps", "data.max_docs",
-                    "data.workers", "optim.grad_clip", "optim.weight_decay", "eval.top_k"]
+                    "data.workers", "optim.grad_clip", "optim.weight_decay", "eval.top_k", "train.seed",
+                    "data.split_seed"]
     for key in non_negative:
         _require(flat[key] >= 0, f"{key} must be >= 0, got {flat[key]}")
 

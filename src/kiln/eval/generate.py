@@ -36,7 +36,8 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, contex
         if temperature == 0:
             nxt = logits.argmax()
         else:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            # sample on the CPU: the generator is a CPU one, whatever device the model runs on
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1).cpu()
             nxt = torch.multinomial(probs, 1, generator=generator)[0]
         ids = torch.cat([ids, nxt.view(1).to(ids.device)])
         if stop_id is not None and int(nxt) == stop_id:

@@ -38,6 +38,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+SHORT_CONTEXT = 512  # the explicit bf16 kernel materialises (T, T) scores: only for short contexts
+
+
+def cpu_bf16_short(q: torch.Tensor) -> bool:
+    """bf16 attention on CPU over a short context: SDPA's CPU flash kernel is slower there than
+    two bf16 matrix products and a float32 softmax (45% at T=256, see BENCHMARKS.md). Everywhere
+    else (GPUs, fp32, long contexts, masks, dropout) attention goes through SDPA."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= SHORT_CONTEXT
+
+
+def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(hs)) v with the softmax in float32; q (B, nh, T, hs), k/v (B, nkv, T, hs)."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each KV head among its query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, T, T)
+    if causal:
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return scores.float().softmax(-1).to(q.dtype) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
@@ -64,13 +86,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=self.causal and attn_mask is None,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        dropout = self.dropout if self.training else 0.0
+        if cpu_bf16_short(q) and attn_mask is None and dropout == 0.0:
+            y = bf16_attention(q, k, v, self.causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                               is_causal=self.causal and attn_mask is None,
+                                               enable_gqa=q.shape[1] != k.shape[1])
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hs)
         return self.wo(y)
 

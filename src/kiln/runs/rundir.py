@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +97,3 @@ class RunDir:
             if path.is_file():
                 kept = [r for r in self.read_jsonl(path) if r.get("step", 0) <= step]
                 self.write_text(path.name, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def event(self, message: str) -> None:
-        with open(self.path / "events.log", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -164,25 +165,48 @@ class Checkpointer:
         if self.par is not None:
             self.par.barrier()
 
+    def _agree(self, error: BaseException | None) -> None:
+        """Every rank learns whether any rank failed, and all raise together (no rank is left
+        waiting in a collective the others have abandoned)."""
+        failed = error is not None
+        if self._distributed:
+            flag = torch.tensor([1 if failed else 0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            failed = bool(flag.item())
+        if failed:
+            if isinstance(error, OSError):
+                raise error
+            raise OSError(f"{error}" if error is not None else "another rank failed to write its part")
+
     def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
              trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step`; returns its final path (committed, or pending for async)."""
+        """Write checkpoint `step`; returns its final path (committed, or pending for async).
+        A write failure on any rank raises OSError on every rank and leaves earlier checkpoints
+        untouched."""
         self.wait()
         final = self.folder / step_dir_name(step)
         tmp = self.folder / (final.name + ".tmp")
-        if self._rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        self._barrier()
+        error: BaseException | None = None
+        try:
+            if self._rank == 0:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+        except OSError as e:
+            error = e
+        self._agree(error)
         try:
             model_sd = model_state(parts)
             optim_sd = optimizer_state(parts, optimizers)
-            save_file(rng_tensors(), tmp / f"rng-{self._rank}.safetensors")
-            if self._rank == 0:
-                state = {"step": step, "trainer": trainer_state, "rng": host_rng_state(),
-                         "world_size": self.par.info.world_size if self.par else 1}
-                (tmp / "state.json").write_text(json.dumps(state))
+            try:
+                save_file(rng_tensors(), tmp / f"rng-{self._rank}.safetensors")
+                if self._rank == 0:
+                    state = {"step": step, "trainer": trainer_state, "rng": host_rng_state(),
+                             "world_size": self.par.info.world_size if self.par else 1}
+                    (tmp / "state.json").write_text(json.dumps(state))
+            except OSError as e:
+                error = e
+            self._agree(error)
             if self._distributed:
                 payload = {"model": model_sd, "optim": optim_sd}
                 if self.async_save:
@@ -191,15 +215,18 @@ class Checkpointer:
                     future = dcp.async_save(payload, checkpoint_id=str(tmp / "dcp"), process_group=self._group)
                     self._pending = (future, tmp, final)
                     return final
-                dcp.save(payload, checkpoint_id=str(tmp / "dcp"))
+                try:
+                    dcp.save(payload, checkpoint_id=str(tmp / "dcp"))
+                except CheckpointException as e:  # raised on every rank when any rank's write failed
+                    raise OSError(f"distributed checkpoint write failed: {e}") from None
             else:
                 save_file({k: v.detach().contiguous().cpu() for k, v in model_sd.items()}, tmp / "model.safetensors")
                 save_file(_flatten_optimizer(optim_sd), tmp / "optimizer.safetensors")
+            self._commit(tmp, final, step)
         except BaseException:
             if self._rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._commit(tmp, final)
         return final
 
     def wait(self) -> None:
@@ -207,33 +234,48 @@ class Checkpointer:
         if self._pending is not None:
             future, tmp, final = self._pending
             self._pending = None
-            future.result()
-            self._commit(tmp, final)
+            try:
+                future.result()
+            except CheckpointException as e:
+                raise OSError(f"distributed checkpoint write failed: {e}") from None
+            self._commit(tmp, final, int(final.name[len(PREFIX):]))
 
-    def _commit(self, tmp: Path, final: Path) -> None:
+    def _commit(self, tmp: Path, final: Path, step: int) -> None:
         self._barrier()  # every rank's files are on disk
+        error: BaseException | None = None
         if self._rank == 0:
-            files = _files(tmp)
-            for f in files:
-                fsync_path(f)
-            manifest = {"format": FORMAT, "files": {str(f.relative_to(tmp)): {"sha256": sha256_file(f),
-                                                                               "bytes": f.stat().st_size}
-                                                    for f in files}}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-            fsync_path(tmp / "manifest.json")
-            if final.exists():  # re-saving a step (e.g. after a rollback): replace the old copy
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_path(self.folder)
-            self._retain()
-        self._barrier()
+            try:
+                files = _files(tmp)
+                for f in files:
+                    fsync_path(f)
+                manifest = {"format": FORMAT, "files": {str(f.relative_to(tmp)): {"sha256": sha256_file(f),
+                                                                                   "bytes": f.stat().st_size}
+                                                        for f in files}}
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+                fsync_path(tmp / "manifest.json")
+                old = None
+                if final.exists():  # re-saving a step (e.g. after a rollback): keep the old copy until the new is in
+                    old = final.with_name(final.name + ".old")
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.rename(final, old)
+                os.rename(tmp, final)
+                fsync_path(self.folder)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+                self._retain(step)
+            except OSError as e:
+                error = e
+        self._agree(error)
 
-    def _retain(self) -> None:
-        """Keep the newest `keep` checkpoints plus every `keep_every`-th step; runs only after a
-        newer checkpoint is committed, so the last valid one is never deleted first."""
+    def _retain(self, current: int) -> None:
+        """Keep the newest `keep` checkpoints up to `current` plus every `keep_every`-th step;
+        runs only after a newer checkpoint is committed, so the last valid one is never deleted
+        first. Folders past `current` (left by a run resumed from an earlier step) are not
+        counted as newer and are left alone."""
         if not self.keep:
             return
-        for old in list_checkpoints(self.folder)[:-self.keep]:
+        upto = [p for p in list_checkpoints(self.folder) if int(p.name[len(PREFIX):]) <= current]
+        for old in upto[:-self.keep]:
             step = int(old.name[len(PREFIX):])
             if not (self.keep_every and step % self.keep_every == 0):
                 shutil.rmtree(old, ignore_errors=True)

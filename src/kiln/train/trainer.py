@@ -31,8 +31,8 @@ from kiln.parallel.runtime import Parallel
 from kiln.progress import console, format_seconds, quiet
 from kiln.runs.rundir import RunDir
 from kiln.scaling.flops import flops_per_token, peak_tflops
-from kiln.errors import DataError, KilnError
-from kiln.train.checkpoint import Checkpointer, latest_valid_checkpoint, list_checkpoints
+from kiln.errors import ConfigError, DataError, KilnError
+from kiln.train.checkpoint import Checkpointer, latest_valid_checkpoint
 from kiln.train.guard import Guard, GuardStop, add_range, data_index
 from kiln.train.watchdog import Watchdog
 from kiln.train.objectives import IGNORE, Objective, build_objective
@@ -72,7 +72,11 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         device = par.device
         torch.manual_seed(cfg.train.seed)  # dropout; weights have generators of their own (kiln.model.init)
-        precision = (resume_state or {}).get("trainer", {}).get("precision") or resolve_precision(cfg, device)
+        saved = (resume_state or {}).get("trainer", {}).get("precision")
+        if cfg.train.precision == "auto" and saved:
+            precision = saved  # a resumed run keeps the precision "auto" chose for it
+        else:  # rank 0 decides (a CPU choice is timed), so every rank computes alike
+            precision = par.broadcast(resolve_precision(cfg, device) if par.is_main else None)
         objective = build_objective(cfg, data.tokenizer, data.vocab_size)
         ids, n_stages = pp.stage_ids(cfg, par.dims.pp, par.pp_rank) if par.dims.pp > 1 else ([0], 1)
         parts = []
@@ -93,6 +97,15 @@ class Trainer:
         if per_rank == 0:
             raise DataError(f"the validation split has {len(val_all)} window(s) of model.seq_len + 1 tokens, too few "
                             f"for {dp_size} data-parallel ranks; raise data.val_fraction or eval.batches")
+        if par.dims.pp > 1:
+            n_micro = cfg.parallel.pp_microbatches
+            if sampler.local_batch % n_micro:
+                raise ConfigError(f"parallel.pp_microbatches = {n_micro} must divide the per-rank batch of "
+                                  f"{sampler.local_batch} sequences (train.batch_size / data-parallel ranks)")
+            if per_rank < n_micro:
+                raise DataError(f"each data-parallel rank holds {per_rank} validation window(s), fewer than "
+                                f"parallel.pp_microbatches = {n_micro}; raise eval.batches or data.val_fraction")
+            per_rank -= per_rank % n_micro  # whole pipeline rounds only
         val = val_all[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         trainer = cls(cfg, run, data, par, parts, optimizers, objective, sampler, val, precision)
         if par.dims.pp > 1:
@@ -139,7 +152,8 @@ class Trainer:
         return [p for part in self.parts for p in part.parameters()]
 
     def state(self) -> dict[str, Any]:
-        """Trainer state saved with each checkpoint (the loader needs only the step)."""
+        """Trainer state saved with each checkpoint (the data batch of a step follows from the step
+        and the guard's skipped ranges, so the loader has no state of its own)."""
         return {"step": self.step, "tokens": self.tokens_seen, "precision": self.precision,
                 "data_key": self.data.manifest["key"], "history": self.history,
                 "guard": self.guard.state_dict() if self.guard else None}
@@ -409,6 +423,8 @@ class Trainer:
                               f"acc {ev['val_acc']:.3f}")
                 if save_now:
                     self.save()
+                if eval_now or save_now:
+                    watchdog.beat()  # evaluation and checkpoint time is not step time
                 paused += time.perf_counter() - t_pause
         finally:
             watchdog.stop()
@@ -449,7 +465,7 @@ class Trainer:
 
     def _banner(self, fpt: float, peak_source: str) -> None:
         cfg = self.cfg
-        accum = max(1, self.sampler.local_batch // self.micro_batch)
+        accum = -(-self.sampler.local_batch // self.micro_batch)
         self._say(f"model {cfg.model.family}: {self.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, "
                   f"width {cfg.model.d_model}, context {cfg.model.seq_len}, vocabulary {self.data.vocab_size}")
         self._say(f"training {cfg.total_steps} steps x {cfg.global_batch} sequences ({cfg.global_batch * cfg.model.seq_len:,} "

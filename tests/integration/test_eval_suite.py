@@ -14,6 +14,16 @@ from kiln.eval.runner import evaluate_run
 from kiln.train.session import start_run
 
 STEPS = 150
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 MOTTOS = [
     "the early bird catches the worm and sings all morning long",
     "a rolling stone gathers no moss on the green hill",
@@ -73,14 +83,6 @@ def run(tmp_path_factory):
     start_run(cfg, tmp / "runs", "tiny")
     torch.set_num_threads(threads)
     return tmp / "runs" / "tiny", motto_task(tmp / "mottos.jsonl")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 OPTIONS = ["memorisation.samples=24", "continuation.items=24", "toxicity.samples=2", "toxicity.new_tokens=16"]

@@ -11,14 +11,7 @@ from kiln.errors import KilnError
 from kiln.eval.bias import builtin_pairs_path, load_pairs, preference_share, shared_mask
 from kiln.eval.common import wilson_interval
 from kiln.eval.runner import run_suites
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from eval_support import one_thread  # noqa: F401  (autouse fixture)
 
 
 def write_csv(path: Path, rows: list[list[str]], header=("sent_more", "sent_less", "stereo_antistereo", "bias_type")):

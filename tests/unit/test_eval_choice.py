@@ -10,14 +10,7 @@ import eval_support as es
 from kiln.errors import KilnError
 from kiln.eval.choice import Question, build_cloze, load_questions, score_questions
 from kiln.eval.runner import run_suites
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from eval_support import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")

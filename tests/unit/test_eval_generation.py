@@ -14,14 +14,7 @@ from kiln.eval.continuation import score_generations
 from kiln.eval.memorisation import NgramIndex, memorised_share, random_spans
 from kiln.eval.runner import run_suites, save_report
 from kiln.eval.toxicity import flagged_terms, lexicon_pattern, load_lexicon, load_prompts
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from eval_support import one_thread  # noqa: F401  (autouse fixture)
 
 
 # --------------------------------------------------------------------------- continuation

@@ -14,14 +14,7 @@ from kiln.eval.common import token_byte_lengths, token_logprobs
 from kiln.eval.lm import evaluate_lm
 from kiln.eval.runner import run_suites
 from kiln.train.objectives import build_objective
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from eval_support import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")

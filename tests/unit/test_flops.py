@@ -108,9 +108,7 @@ def test_unknown_device_type():
     ["model.pos=learned", "model.max_seq_len=64", "model.bias=false", "model.norm=layernorm", "model.d_ff=100"],
 ])
 def test_model_params_counts_every_parameter(overrides):
-    model_params = getattr(flops_mod, "model_params", None)
-    if model_params is None:
-        pytest.skip("no model_params in this version")
+    model_params = flops_mod.model_params
     cfg = load_config(overrides=[*BASE, *overrides]).model
     model = build_model(cfg, 300)
     assert model_params(cfg, 300) == sum(p.numel() for p in model.parameters())

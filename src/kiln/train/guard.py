@@ -72,8 +72,10 @@ class GuardState:
 
 
 class Guard:
-    def __init__(self, cfg: GuardConfig, device: torch.device, state: GuardState | None = None):
+    def __init__(self, cfg: GuardConfig, device: torch.device, state: GuardState | None = None,
+                 judge_from: int = 0):
         self.cfg = cfg
+        self.judge_from = judge_from  # no spike verdicts before this step (the LR warmup is not stationary)
         self.device = device
         self.state = state or GuardState()
         self._reset_window()
@@ -111,7 +113,7 @@ class Guard:
         loss, norm = loss.detach().double(), grad_norm.detach().double()
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         n = self.count.clamp(max=self.cfg.window)
-        ready = n >= self.cfg.min_history
+        ready = (n >= self.cfg.min_history) & (step >= self.judge_from)
         denom = n.clamp(min=1).double()
         valid = (torch.arange(self.cfg.window, device=self.device) < n).double()
 

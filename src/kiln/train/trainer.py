@@ -122,7 +122,8 @@ class Trainer:
                                          keep_every=self.cfg.checkpoint.keep_every)
         self._loss_scale = torch.ones((), device=self.par.device)  # 1 / global predicted tokens, per step
         self.eval_totals: torch.Tensor | None = None  # set while a pipeline evaluation runs
-        self.guard = Guard(self.cfg.guard, self.par.device) if self.cfg.guard.enabled else None
+        self.guard = (Guard(self.cfg.guard, self.par.device, judge_from=self.cfg.schedule.warmup_steps)
+                      if self.cfg.guard.enabled else None)
         self._fused = all(opt.defaults.get("fused") for opt in self.optimizers)
 
     @property

@@ -132,3 +132,13 @@ def shared_prepared(tmp_path_factory: pytest.TempPathFactory, shared_corpus: Pat
     cache = tmp_path_factory.mktemp("shared_cache")
     cfg = load_config(preset="tiny", overrides=tiny_overrides(shared_corpus, cache))
     return prepare(cfg.data, log=lambda *a: None)
+
+
+@pytest.fixture
+def one_thread():
+    """Tests of tiny models run faster on one thread than on two busy cores; use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
@@ -68,12 +67,3 @@ class ForcedModel(nn.Module):
         logits = torch.zeros(*tokens.shape, self.vocab_size)
         logits[..., self.token_id] = 50.0
         return logits
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The eval tests run tiny models: one thread avoids oversubscribing the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -11,7 +11,8 @@ from kiln.errors import KilnError
 from kiln.eval.bias import builtin_pairs_path, load_pairs, preference_share, shared_mask
 from kiln.eval.common import wilson_interval
 from kiln.eval.runner import run_suites
-from eval_support import one_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_csv(path: Path, rows: list[list[str]], header=("sent_more", "sent_less", "stereo_antistereo", "bias_type")):

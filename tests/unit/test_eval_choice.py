@@ -10,7 +10,8 @@ import eval_support as es
 from kiln.errors import KilnError
 from kiln.eval.choice import Question, build_cloze, load_questions, score_questions
 from kiln.eval.runner import run_suites
-from eval_support import one_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

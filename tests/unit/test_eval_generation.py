@@ -14,7 +14,8 @@ from kiln.eval.continuation import score_generations
 from kiln.eval.memorisation import NgramIndex, memorised_share, random_spans
 from kiln.eval.runner import run_suites, save_report
 from kiln.eval.toxicity import flagged_terms, lexicon_pattern, load_lexicon, load_prompts
-from eval_support import one_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- continuation

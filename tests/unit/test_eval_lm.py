@@ -14,7 +14,8 @@ from kiln.eval.common import token_byte_lengths, token_logprobs
 from kiln.eval.lm import evaluate_lm
 from kiln.eval.runner import run_suites
 from kiln.train.objectives import build_objective
-from eval_support import one_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

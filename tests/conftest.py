@@ -64,15 +64,10 @@ TINY = [
 
 
 def init_model(model, cfg, seed: int = 0):
-    """Initialise weights with whichever API kiln offers (seeded `init_parameters`, or `init_weights`)."""
-    try:
-        from kiln.model.init import init_parameters
-    except ImportError:
-        torch.manual_seed(seed)
-        model.init_weights()
-    else:
-        init_parameters(model, cfg, seed)
-    return model
+    """Initialise weights as training does (the family's rule, seeded by parameter name)."""
+    from kiln.model.registry import initialise
+
+    return initialise(model, cfg, seed)
 
 
 def tiny_overrides(corpus: Path | str, cache_dir: Path, *extra: str) -> list[str]:

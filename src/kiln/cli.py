@@ -20,6 +20,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config value; repeatable (e.g. --set train.steps=200)")
 
 
+def _plugin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="import user code that registers callbacks, suites, corpora, model families or objectives; "
+                        "repeatable (also KILN_PLUGINS=a.py,module)")
+
+
 def _presets_epilog() -> str:
     return "presets: " + ", ".join(preset_names())
 
@@ -39,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
                        help="start N processes on this machine through torchrun (same as `torchrun "
                             "--standalone --nproc_per_node N -m kiln train ...`)")
+    train.add_argument("--list-callbacks", action="store_true",
+                       help="list the registered callbacks and their options ([callbacks] enabled = [...])")
 
     prep = verbs.add_parser("prepare", help="tokenise a corpus into token shards (cached)",
                             epilog=_presets_epilog())
@@ -68,11 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "initialisation when no step-0 checkpoint exists)")
     ev.add_argument("--suite", dest="suites", action="extend", nargs="+", default=[], metavar="NAME",
                     help="suites to run (default: all registered)")
-    ev.add_argument("--suite-file", action="append", default=[], metavar="PATH",
-                    help="a .py file registering suites with @register_suite; repeatable")
+    ev.add_argument("--suite-file", dest="plugin", action="append", default=[], metavar="PATH",
+                    help="the same as --plugin (a .py file registering suites with @register_suite)")
     ev.add_argument("--option", "-o", action="append", default=[], metavar="SUITE.KEY=VALUE",
                     help="a suite option, e.g. -o choice.tasks=hellaswag.jsonl -o bias.pairs=crows_pairs.csv")
     ev.add_argument("--list", action="store_true", help="list the registered suites and their options")
+    for p in (train, prep, export, sample):
+        _plugin_args(p)
+    ev.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                    help="import user code that registers suites (and other components); repeatable")
     return parser
 
 
@@ -96,11 +108,20 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from kiln.runs.report import summary_table
-    from kiln.train.session import resume_run, start_run
-    from kiln.progress import console, quiet
+def default_run_name(args: argparse.Namespace) -> str:
+    return args.name or f"{args.preset or Path(args.config or 'tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kiln.progress import console, quiet
+    from kiln.runs.report import summary_table
+    from kiln.train.session import find_restarted_run, resume_run, start_run
+
+    if args.list_callbacks:
+        from kiln.train.callbacks.registry import describe_callbacks
+
+        print(describe_callbacks())
+        return 0
     if args.resume:
         if args.preset or args.config:
             raise KilnError("--resume takes its config from the run folder; drop --preset/--config "
@@ -108,20 +129,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = resume_run(Path(args.resume), args.overrides)
     else:
         cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
-        name = args.name or f"{args.preset or Path(args.config or 'tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        if restarted and args.name and (Path(args.runs_dir) / name / "config.toml").is_file():
-            # torchrun restarted the job after a failure: continue the run from its last checkpoint
-            summary = resume_run(Path(args.runs_dir) / name, args.overrides)
+        # torchrun restarted the job after a failure: continue the run its first attempt started
+        restarted = find_restarted_run(Path(args.runs_dir))
+        if restarted is not None and (not args.name or restarted.name == args.name):
+            summary = resume_run(restarted, args.overrides)
         else:
-            summary = start_run(cfg, Path(args.runs_dir), name)
+            summary = start_run(cfg, Path(args.runs_dir), default_run_name(args))
     if not quiet():
         console.print(summary_table(summary, title=f"Kiln run {summary['run']}"))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kiln.train.session import export_run
+    from kiln.runs.export import export_run
 
     out = export_run(Path(args.run), Path(args.out), args.step)
     print(f"wrote {out}")
@@ -142,7 +162,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from kiln.train.session import sample_from_run
+    from kiln.eval.sample import sample_from_run
 
     for text in sample_from_run(Path(args.run), args.prompt or ["\n"], args.max_tokens, args.temperature,
                                 args.top_k, args.top_p, args.seed, args.step):
@@ -153,17 +173,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from kiln.eval.runner import evaluate_run, report_table
-    from kiln.eval.suites import describe_suites, load_suite_file
+    from kiln.eval.suites import describe_suites
     from kiln.progress import console, quiet
 
     if args.list:
-        for f in args.suite_file:
-            load_suite_file(f)
         print(describe_suites())
         return 0
     if not args.run:
         raise KilnError("kiln eval needs a run folder: kiln eval RUN_DIR [--suite NAME ...]")
-    report, path = evaluate_run(Path(args.run), args.step, args.suites, args.option, args.suite_file,
+    report, path = evaluate_run(Path(args.run), args.step, args.suites, args.option,
                                 log=None if quiet() else console.print)
     console.print(report_table(report, title=f"Kiln eval {args.run} @ step {report['step']}"))
     print(f"wrote {path}")
@@ -181,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "train" and args.nproc_per_node:
         return launch_torchrun(args.nproc_per_node, list(sys.argv[1:] if argv is None else argv))
     try:
+        from kiln.plugins import load_plugins
+
+        load_plugins(getattr(args, "plugin", []))
         return handlers[args.verb](args)
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)

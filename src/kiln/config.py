@@ -1,7 +1,10 @@
 """Typed configuration: one dataclass per section, TOML presets, `--set a.b=c` overrides.
 
-Every value is checked when the config is built; a mistake ends in a `ConfigError` whose
-one-line message names the key and what is allowed.
+This layer checks types and values only. Names that refer to registered components (the model
+family, the objective, evaluation suites, callbacks and their options) are resolved by
+`kiln.resolve` after plugins have loaded, so whether a config parses never depends on which
+user modules happen to be importable. A mistake ends in a `ConfigError` whose one-line message
+names the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from kiln.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    family: str = "decoder"  # decoder (GPT-style, causal) | encoder (BERT-style, bidirectional)
+    family: str = "decoder"  # a registered model family: decoder (GPT-style), encoder (BERT-style), or a plugin's
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 0  # 0 = n_heads (multi-head); fewer = grouped-query attention
@@ -48,6 +51,7 @@ class DataConfig:
     tokenizer: str = ""  # path to an existing tokenizer.json; empty = train a byte-level BPE
     val_fraction: float = 0.05
     split_seed: int = 1234
+    piece_chars: int = 8192  # documents longer than this are split into pieces before the train/val split
     cache_dir: str = ".kiln-cache"
     max_docs: int = 0  # 0 = all documents
     workers: int = 0  # tokeniser threads; 0 = all cores
@@ -77,11 +81,12 @@ class ScheduleConfig:
 class TrainConfig:
     steps: int = 1000
     tokens: int = 0  # > 0: train this many tokens instead of `steps`
+    time_budget_s: float = 0.0  # > 0: measure the step time and cut the run to fit this many seconds of steps
     batch_size: int = 16  # sequences per optimizer step, global (all ranks, all micro-batches)
     batch_tokens: int = 0  # > 0: global batch in tokens instead (must be a multiple of seq_len)
     micro_batch_size: int = 0  # sequences per forward pass per rank; 0 = the whole per-rank batch
     seed: int = 0
-    objective: str = "causal"  # causal | masked
+    objective: str = "causal"  # a registered objective: causal, masked, or a plugin's
     precision: str = "auto"  # auto | fp32 | bf16
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
@@ -155,6 +160,14 @@ class LogConfig:
 
 
 @dataclass
+class CallbacksConfig:
+    """Optional callbacks by registered name; each one's options in a `[callbacks.<name>]` table
+    (checked against the callback's own option types once the registries are loaded)."""
+    enabled: list[str] = field(default_factory=list)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -167,6 +180,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
 
     # ---- derived quantities (not stored) ----
     @property
@@ -184,15 +198,16 @@ class Config:
         return self.train.steps
 
 
+# Sections whose tables may hold sub-tables of options for a named component.
+NESTED_SECTIONS = {"callbacks": "options"}
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.family": ("decoder", "encoder"),
     "model.pos": ("learned", "rope"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "swiglu"),
     "optim.name": ("adamw",),
     "optim.implementation": ("auto", "fused", "foreach", "single"),
     "schedule.name": ("cosine", "wsd", "constant"),
-    "train.objective": ("causal", "masked"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.pp_schedule": ("1f1b", "interleaved-1f1b", "gpipe"),
@@ -232,19 +247,27 @@ def file_dict(path: str | Path) -> dict[str, Any]:
     return _read_toml(p.read_text(), str(p))
 
 
+def parse_value(raw: str) -> Any:
+    """A value typed on the command line: read as TOML (numbers, booleans, lists, quoted
+    strings), else taken as the plain string (paths such as my/files/*.txt)."""
+    try:
+        return tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw.strip()
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """`section.key=value`; the value is read as TOML (numbers, booleans, lists), else as a string."""
+    """`section.key=value` (or `section.name.key=value` for option tables such as
+    `callbacks.layer_stats.every=10`); the value is read by `parse_value`."""
     if "=" not in item:
         raise ConfigError(f"--set '{item}': expected section.key=value, e.g. --set train.steps=200")
     key, raw = item.split("=", 1)
-    key, raw = key.strip(), raw.strip()
-    if key.count(".") != 1:
-        raise ConfigError(f"--set '{item}': the key must be section.key, e.g. optim.lr")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = item.split("=", 1)[1]  # bare strings such as data.corpus=my/files/*.txt, spaces kept
-    return key, value
+    key = key.strip()
+    parts = key.split(".")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"--set '{item}': the key must be section.key (or section.name.key for option "
+                          "tables), e.g. optim.lr or callbacks.layer_stats.every")
+    return key, parse_value(raw)
 
 
 def _expects_text(section: str, name: str) -> bool:
@@ -253,13 +276,29 @@ def _expects_text(section: str, name: str) -> bool:
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for section, values in top.items():
-        if isinstance(values, dict) and isinstance(out.get(section), dict):
-            out[section].update(values)
+    """`top` over `base`, table by table (nested option tables merge too)."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
         else:
-            out[section] = values
+            out[key] = value
     return out
+
+
+def override_dict(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`--set` items as one nested dict (later items win)."""
+    raw: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        if len(parts) == 2 and _expects_text(*parts) and not isinstance(value, str):
+            value = item.split("=", 1)[1].strip()  # e.g. data.corpus=2024 is a path, not a number
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        raw = merge(raw, nested)
+    return raw
 
 
 def load_config(
@@ -268,22 +307,17 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> Config:
-    """Build a validated `Config`: defaults < preset < file < `--set` overrides."""
+    """Build a type- and value-checked `Config`: defaults < base < preset < file < `--set` overrides."""
     raw: dict[str, Any] = dict(base or {})
     if preset:
         raw = merge(raw, preset_dict(preset))
     if config_file:
         raw = merge(raw, file_dict(config_file))
-    for item in overrides:
-        key, value = parse_override(item)
-        section, name = key.split(".")
-        if _expects_text(section, name) and not isinstance(value, str):
-            value = item.split("=", 1)[1]  # e.g. data.corpus=2024 is a path, not a number
-        raw = merge(raw, {section: {name: value}})
-    return from_dict(raw)
+    return from_dict(merge(raw, override_dict(overrides)))
 
 
-def _coerce(key: str, value: Any, kind: Any) -> Any:
+def coerce(key: str, value: Any, kind: Any) -> Any:
+    """`value` as type `kind` (bool, int, float, str, list[...]), or a ConfigError naming `key`."""
     origin = typing.get_origin(kind)
     if origin is list:
         (inner,) = typing.get_args(kind)
@@ -291,7 +325,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(key, v, inner) for v in value]
+        return [coerce(key, v, inner) for v in value]
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -313,6 +347,33 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     raise TypeError(f"unsupported config type {kind} for {key}")
 
 
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """An instance of dataclass `cls` from a table, every value coerced to its field's type;
+    unknown keys are errors naming the closest allowed one."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}"
+        if name not in hints:
+            raise ConfigError(_unknown(key, "key", [f"{prefix}.{k}" for k in hints]))
+        kwargs[name] = coerce(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def _nested_section(section: str, values: dict[str, Any]) -> Any:
+    """A section holding plain keys plus `[section.<name>]` option tables (kept raw here; their
+    owners check them once the registries are loaded)."""
+    cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]  # type: ignore[misc]
+    slot = NESTED_SECTIONS[section]
+    plain = {k: v for k, v in values.items() if not isinstance(v, dict)}
+    tables = {k: dict(v) for k, v in values.items() if isinstance(v, dict)}
+    if slot in plain:
+        raise ConfigError(f"{section}.{slot} is not a key; give options as [{section}.<name>] tables")
+    built = build_dataclass(cls, plain, section)
+    setattr(built, slot, tables)
+    return built
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     built: dict[str, Any] = {}
@@ -321,15 +382,13 @@ def from_dict(raw: dict[str, Any]) -> Config:
             raise ConfigError(_unknown(section, "section", list(sections)))
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
-        cls = sections[section].default_factory  # type: ignore[misc]
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
+        if section in NESTED_SECTIONS:
+            built[section] = _nested_section(section, values)
+            continue
         for name, value in values.items():
-            key = f"{section}.{name}"
-            if name not in hints:
-                raise ConfigError(_unknown(key, "key", [f"{section}.{k}" for k in hints]))
-            kwargs[name] = _coerce(key, value, hints[name])
-        built[section] = cls(**kwargs)
+            if isinstance(value, dict):
+                raise ConfigError(f"{section}.{name} must be a value, not a table")
+        built[section] = build_dataclass(sections[section].default_factory, values, section)  # type: ignore[misc]
     cfg = Config(**built)
     validate(cfg)
     return cfg
@@ -342,7 +401,18 @@ def _unknown(name: str, what: str, allowed: list[str]) -> str:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as nested plain data, in the shape the TOML files have (option tables nested
+    inside their section)."""
+    out = dataclasses.asdict(cfg)
+    for section, slot in NESTED_SECTIONS.items():
+        tables = out[section].pop(slot)
+        out[section].update(tables)
+    return out
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`section.key` (and `section.name` for option tables) -> value."""
+    return {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
 
 
 # --------------------------------------------------------------------------- validation
@@ -353,7 +423,9 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    flat = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
+    """Types are checked on construction; this checks values and how sections fit together.
+    What depends on the model family lives in its ModelSpec (`kiln.resolve`)."""
+    flat = flatten(cfg)
     for key, allowed in CHOICES.items():
         _require(flat[key] in allowed, f"{key} = {flat[key]!r} is not allowed; choose one of {', '.join(allowed)}")
 
@@ -366,18 +438,11 @@ def validate(cfg: Config) -> None:
                     "train.batch_tokens", "train.micro_batch_size", "train.threads", "eval.every",
                     "eval.sample_tokens", "checkpoint.every", "schedule.warmup_steps", "data.max_docs",
                     "data.workers", "optim.grad_clip", "optim.weight_decay", "eval.top_k", "train.seed",
-                    "data.split_seed"]
+                    "data.split_seed", "data.piece_chars", "train.time_budget_s"]
     for key in non_negative:
         _require(flat[key] >= 0, f"{key} must be >= 0, got {flat[key]}")
-
-    _require(m.d_model % m.n_heads == 0,
-             f"model.n_heads = {m.n_heads} must divide model.d_model = {m.d_model}")
-    kv = m.n_kv_heads or m.n_heads
-    _require(kv <= m.n_heads and m.n_heads % kv == 0,
-             f"model.n_kv_heads = {kv} must divide model.n_heads = {m.n_heads}")
-    head_dim = m.d_model // m.n_heads
-    _require(m.pos != "rope" or head_dim % 2 == 0,
-             f"model.pos = 'rope' needs an even head size, got d_model/n_heads = {head_dim}")
+    _require(bool(m.family.strip()), "model.family is empty; name a model family (e.g. decoder)")
+    _require(bool(t.objective.strip()), "train.objective is empty; name an objective (e.g. causal)")
     if m.max_seq_len:
         _require(m.seq_len <= m.max_seq_len,
                  f"model.seq_len = {m.seq_len} is longer than the position table model.max_seq_len = "
@@ -390,6 +455,8 @@ def validate(cfg: Config) -> None:
              f"data.vocab_size = {d.vocab_size} is too small for a byte-level BPE; use at least 260")
     _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     _require(bool(d.corpus.strip()), "data.corpus is empty; name a corpus (e.g. stdlib) or a path")
+    _require(d.piece_chars == 0 or d.piece_chars >= 256,
+             f"data.piece_chars must be 0 (never split documents) or at least 256, got {d.piece_chars}")
 
     o = cfg.optim
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
@@ -408,10 +475,6 @@ def validate(cfg: Config) -> None:
                  f"train.micro_batch_size = {t.micro_batch_size} must divide the global batch of "
                  f"{cfg.global_batch} sequences")
     _require(cfg.eval.temperature >= 0, "eval.temperature must be >= 0")
-    if cfg.eval.suites:
-        from kiln.eval.suites import check_suite_names  # imported only when suites are named
-
-        check_suite_names(cfg.eval.suites)
 
     g = cfg.guard
     for key in ("window", "min_history", "max_interventions"):
@@ -430,22 +493,6 @@ def validate(cfg: Config) -> None:
         _require(getattr(par, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(par, key)}")
     _require(par.dp_shard == -1 or par.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (the rest of the "
              f"world), got {par.dp_shard}")
-    _require(m.n_heads % par.tp == 0 and (m.n_kv_heads or m.n_heads) % par.tp == 0,
-             f"parallel.tp = {par.tp} must divide model.n_heads = {m.n_heads} and the KV heads = {m.n_kv_heads or m.n_heads}")
-    _require(m.seq_len % par.tp == 0, f"parallel.tp = {par.tp} must divide model.seq_len = {m.seq_len} "
-             "(sequence parallelism splits the sequence)")
-    if par.pp > 1:
-        stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
-        _require(m.n_layers % stages == 0, f"model.n_layers = {m.n_layers} must be divisible by the {stages} "
-                 "pipeline stages (parallel.pp x stages per rank)")
-        _require(not m.tie_embeddings, "parallel.pp > 1 needs model.tie_embeddings = false (the embedding and the "
-                 "output layer live on different stages)")
-    if par.tp > 1:
-        _require(not m.tie_embeddings, "parallel.tp > 1 needs model.tie_embeddings = false (the shared matrix "
-                 "would need two layouts)")
-    if m.family == "encoder":
-        _require(par.tp == 1 and par.pp == 1, "model.family = 'encoder' trains with data parallelism (FSDP) only "
-                 "for now; set parallel.tp = 1 and parallel.pp = 1")
 
     k = cfg.mask
     _require(0.0 < k.rate < 1.0, f"mask.rate must be in (0, 1), got {k.rate}")
@@ -454,28 +501,24 @@ def validate(cfg: Config) -> None:
     _require(abs(k.replace + k.random + k.keep - 1.0) < 1e-6,
              f"mask.replace + mask.random + mask.keep must add up to 1, got {k.replace} + {k.random} + {k.keep} = "
              f"{k.replace + k.random + k.keep:g}")
-
-    if t.objective == "causal":
-        _require(m.family == "decoder", "train.objective = 'causal' needs model.family = 'decoder' "
-                 "(an encoder sees the future); use train.objective = 'masked' for an encoder")
-    if t.objective == "masked":
-        _require(m.family == "encoder", "train.objective = 'masked' needs model.family = 'encoder' "
-                 "(a causal decoder cannot see the tokens right of a mask); set model.family = 'encoder'")
+    for name in cfg.callbacks.enabled:
+        _require(bool(name.strip()), "callbacks.enabled holds an empty name")
+    _require(len(set(cfg.callbacks.enabled)) == len(cfg.callbacks.enabled),
+             f"callbacks.enabled names a callback twice: {cfg.callbacks.enabled}")
 
 
 # --------------------------------------------------------------------------- resuming
 
-# What may change when a run is resumed: how it is optimised, evaluated, saved, logged, guarded
-# and laid out. Everything else (model shape, data, tokenizer, seed, batch) defines the run.
-RESUMABLE_SECTIONS = ("optim", "schedule", "eval", "checkpoint", "log", "guard", "parallel")
-RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.compile", "train.threads", "train.micro_batch_size",
-                  "train.precision", "train.device", "data.cache_dir", "data.workers")
+# What may change when a run is resumed: how it is optimised, evaluated, saved, logged, guarded,
+# monitored and laid out. Everything else (model shape, data, tokenizer, seed, batch) defines the run.
+RESUMABLE_SECTIONS = ("optim", "schedule", "eval", "checkpoint", "log", "guard", "parallel", "callbacks")
+RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.time_budget_s", "train.compile", "train.threads",
+                  "train.micro_batch_size", "train.precision", "train.device", "data.cache_dir", "data.workers")
 
 
 def check_resume_changes(saved: Config, new: Config) -> None:
     """Refuse a resume whose config changes what the run is, naming the key and what may change."""
-    old_flat = {f"{s}.{k}": v for s, sec in to_dict(saved).items() for k, v in sec.items()}
-    new_flat = {f"{s}.{k}": v for s, sec in to_dict(new).items() for k, v in sec.items()}
+    old_flat, new_flat = flatten(saved), flatten(new)
     for key, value in new_flat.items():
         if value != old_flat.get(key) and key.split(".")[0] not in RESUMABLE_SECTIONS and key not in RESUMABLE_KEYS:
             raise ConfigError(f"{key} cannot change on --resume ({old_flat.get(key)!r} -> {value!r}): it defines the "
@@ -505,11 +548,22 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def _toml_table(name: str, values: dict[str, Any], lines: list[str]) -> None:
+    lines.append(f"[{name}]")
+    lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict))
+    lines.append("")
+    for k, v in values.items():
+        if isinstance(v, dict):
+            _toml_table(f"{name}.{_toml_key(k)}", v, lines)
+
+
 def to_toml(cfg: Config | dict[str, Any]) -> str:
     data = to_dict(cfg) if isinstance(cfg, Config) else cfg
     lines: list[str] = []
     for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
-        lines.append("")
+        _toml_table(section, values, lines)
     return "\n".join(lines)

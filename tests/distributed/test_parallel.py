@@ -178,8 +178,10 @@ def test_parallel_dims_validation():
                                                                 "model.tie_embeddings=false"]).parallel, 6)
     with pytest.raises(ConfigError, match="multiply to 4"):
         ParallelDims.from_config(load_config("tiny", overrides=["parallel.dp_shard=3"]).parallel, 4)
+    from kiln.resolve import check_training
+
     with pytest.raises(ConfigError, match="tie_embeddings"):
-        load_config("tiny", overrides=["parallel.pp=2"])
+        check_training(load_config("tiny", overrides=["parallel.pp=2"]))
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kiln.config import load_config
+from kiln.train.callbacks import Callback
 from kiln.train.session import resume_run, start_run
 
 STEPS = 150
@@ -81,12 +82,13 @@ class Crash(Exception):
     pass
 
 
-class CrashAfterCheckpoint:
+class CrashAfterCheckpoint(Callback):
     def __init__(self, at):
+        super().__init__()
         self.at = at
 
-    def on_checkpoint(self, trainer, path):
-        if trainer.step == self.at:
+    def on_checkpoint(self, trainer, step, path):
+        if step == self.at:
             raise Crash(f"simulated kill after the checkpoint of step {self.at}")
 
 
@@ -98,7 +100,7 @@ def test_a_killed_masked_run_resumes_exactly(root):
     start_run(cfg, root / "runs", "full")
     torch.manual_seed(1)
     with pytest.raises(Crash):
-        start_run(cfg, root / "runs", "killed", hooks=[CrashAfterCheckpoint(n)])
+        start_run(cfg, root / "runs", "killed", callbacks=[CrashAfterCheckpoint(n)])
     assert len(jsonl(root / "runs" / "killed" / "metrics.jsonl")) == n
     torch.manual_seed(123)
     resume_run(root / "runs" / "killed")

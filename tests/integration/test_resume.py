@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from kiln.train.callbacks import Callback
 from kiln.train.session import resume_run, start_run
 
 N = 6
@@ -14,28 +15,33 @@ class Crash(Exception):
     pass
 
 
-class CrashAt:
-    """A hook that kills the run (by raising) when step `at` ends."""
+class CrashAt(Callback):
+    """Kills the run (by raising) once step `at` is logged."""
+
+    order = 99  # after the metrics writer (91)
 
     def __init__(self, at: int, exc: type[BaseException] = Crash):
+        super().__init__()
         self.at, self.exc = at, exc
 
-    def on_step_end(self, trainer, record):
+    def on_log(self, trainer, record):
         if record["step"] == self.at:
             raise self.exc(f"simulated kill at step {self.at}")
 
 
-class Recorder:
+class Recorder(Callback):
     def __init__(self):
+        super().__init__()
         self.steps, self.evals, self.checkpoints = [], [], []
 
-    def on_step_end(self, trainer, record):
-        self.steps.append(record["step"])
+    def on_step_end(self, trainer, result):
+        self.steps.append(result.step)
 
     def on_eval(self, trainer, record):
         self.evals.append(record["step"])
 
-    def on_checkpoint(self, trainer, path):
+    def on_checkpoint(self, trainer, step, path):
+        assert (path / "manifest.json").is_file()  # committed before the event
         self.checkpoints.append(path.name)
 
 
@@ -58,7 +64,7 @@ def setup(tmp_path_factory):
 
     recorder = Recorder()
     torch.manual_seed(0)  # runs must not depend on this (see test_same_seed_same_losses); resume must not either
-    start_run(cfg(), root / "runs", "full", hooks=[recorder])
+    start_run(cfg(), root / "runs", "full", callbacks=[recorder])
     return root, cfg, recorder
 
 
@@ -67,7 +73,7 @@ def test_same_seed_same_losses(setup):
     root, cfg, _ = setup
     torch.manual_seed(12345)
     with pytest.raises(Crash):  # the same config (so the same LR schedule), stopped after 3 steps
-        start_run(cfg(), root / "runs", "again", hooks=[CrashAt(3)])
+        start_run(cfg(), root / "runs", "again", callbacks=[CrashAt(3)])
     full = jsonl(root / "runs" / "full" / "metrics.jsonl")[:3]
     again = jsonl(root / "runs" / "again" / "metrics.jsonl")
     assert [r["loss"] for r in again] == [r["loss"] for r in full]
@@ -93,7 +99,7 @@ def test_resume_is_bit_identical(setup, case):
         config, crash = cfg(), CrashAt(N + 2)
     torch.manual_seed(0)  # the same starting RNG as the full run, so that only resume is tested here
     with pytest.raises(crash.exc, match="simulated kill"):
-        start_run(config, runs, name, hooks=[crash])
+        start_run(config, runs, name, callbacks=[crash])
     torch.manual_seed(999)  # a resumed process starts with some other RNG state
     run = runs / name
     logged = [r["step"] for r in jsonl(run / "metrics.jsonl")]
@@ -109,7 +115,7 @@ def test_resume_is_bit_identical(setup, case):
         expected_from = 3
 
     rec = Recorder()
-    summary = resume_run(run, hooks=[rec])
+    summary = resume_run(run, callbacks=[rec])
     assert rec.steps == list(range(expected_from + 1, 2 * N + 1))  # continued from the checkpoint
 
     full, resumed = jsonl(runs / "full" / "metrics.jsonl"), jsonl(run / "metrics.jsonl")
@@ -135,7 +141,7 @@ def test_resume_of_a_finished_run_does_not_train_again(setup):
     run = root / "runs" / "short"
     before = jsonl(run / "metrics.jsonl")
     rec = Recorder()
-    resume_run(run, hooks=[rec])
+    resume_run(run, callbacks=[rec])
     assert rec.steps == []
     assert jsonl(run / "metrics.jsonl") == before
 
@@ -145,7 +151,7 @@ def test_resume_with_an_override_extends_the_run(setup):
     start_run(cfg("train.steps=4", "checkpoint.every=0", "schedule.name=constant"), root / "runs", "extend")
     run = root / "runs" / "extend"
     rec = Recorder()
-    summary = resume_run(run, overrides=["train.steps=6"], hooks=[rec])
+    summary = resume_run(run, overrides=["train.steps=6"], callbacks=[rec])
     assert rec.steps == [5, 6] and summary["steps"] == 6
     assert "steps = 6" in (run / "config.toml").read_text()
     assert [r["step"] for r in jsonl(run / "metrics.jsonl")] == list(range(1, 7))

@@ -164,9 +164,11 @@ def test_disk_full_while_checkpointing_keeps_earlier_checkpoints(tiny, monkeypat
     real = ckpt.save_file
     state = {"armed": False, "snap": None}
 
-    class Arm:
-        def on_checkpoint(self, trainer, path):
-            if trainer.step == 10:  # every checkpoint after step 10 fails as on a full disk
+    from kiln.train.callbacks import Callback
+
+    class Arm(Callback):
+        def on_checkpoint(self, trainer, step, path):
+            if step == 10:  # every checkpoint after step 10 fails as on a full disk
                 state["armed"] = True
                 state["snap"] = snapshot(runs / "full" / "checkpoints")
 
@@ -177,13 +179,13 @@ def test_disk_full_while_checkpointing_keeps_earlier_checkpoints(tiny, monkeypat
 
     monkeypatch.setattr(ckpt, "save_file", full_disk)
     with pytest.raises(KilnError, match="No space left on device.*earlier checkpoints are intact"):
-        start_run(make("checkpoint.every=5", "checkpoint.keep=2"), runs, "full", hooks=[Arm()])
+        start_run(make("checkpoint.every=5", "checkpoint.keep=2"), runs, "full", callbacks=[Arm()])
     assert snapshot(runs / "full" / "checkpoints") == state["snap"]
     assert not list((runs / "full" / "checkpoints").glob("*.tmp"))
     assert read_jsonl(runs / "full" / "events.jsonl")[-1]["kind"] == "checkpoint_failed"
     # with on_error = continue the run finishes without those checkpoints
     state["armed"] = False
-    summary = start_run(make("checkpoint.every=5", "checkpoint.on_error=continue"), runs, "cont", hooks=[Arm()])
+    summary = start_run(make("checkpoint.every=5", "checkpoint.on_error=continue"), runs, "cont", callbacks=[Arm()])
     assert summary["steps"] == 30
 
 

@@ -9,15 +9,17 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.train.guard import add_range, data_index
+from kiln.train.callbacks import Callback
 from kiln.train.session import resume_run, start_run
 
 from reliability_helpers import read_jsonl, tiny  # noqa: F401  (tiny is a fixture)
 
 
-class Inject:
+class Inject(Callback):
     """Corrupts the loss at chosen steps (0-based optimizer steps) and records the data used."""
 
     def __init__(self, nan_at=(), spike_at=(), factor=1e3):
+        super().__init__()
         self.nan_at, self.spike_at, self.factor = set(nan_at), set(spike_at), factor
         self.seen: list[tuple[int, int]] = []  # (step, data index)
         self.fired: set[int] = set()
@@ -46,7 +48,7 @@ def test_data_index_and_ranges():
 def test_nan_is_skipped_and_recorded(tiny):
     make, runs = tiny
     hook = Inject(nan_at=[12])
-    summary = start_run(make("guard.on_nonfinite=skip"), runs, "nan", hooks=[hook])
+    summary = start_run(make("guard.on_nonfinite=skip"), runs, "nan", callbacks=[hook])
     events = read_jsonl(runs / "nan" / "events.jsonl")
     assert [(e["step"], e["kind"], e["action"]) for e in events] == [(13, "nonfinite", "skip")]
     assert math.isnan(events[0]["loss"])
@@ -58,7 +60,7 @@ def test_spike_rolls_back_and_skips_the_batches(tiny):
     make, runs = tiny
     hook = Inject(spike_at=[23])
     cfg = make("guard.on_spike=rollback", "guard.margin=2", "guard.lr_factor=0.5", "guard.lr_factor_steps=5")
-    start_run(cfg, runs, "spike", hooks=[hook])
+    start_run(cfg, runs, "spike", callbacks=[hook])
     events = read_jsonl(runs / "spike" / "events.jsonl")
     spike = [e for e in events if e["kind"] in ("loss_spike", "grad_spike")]
     rollback = [e for e in events if e["kind"] == "rollback"]
@@ -82,17 +84,19 @@ def test_spike_rolls_back_and_skips_the_batches(tiny):
 def test_resumed_run_keeps_skipping(tiny):
     make, runs = tiny
     cfg = make("guard.on_spike=rollback")
-    start_run(cfg, runs, "a", hooks=[Inject(spike_at=[23])])
+    start_run(cfg, runs, "a", callbacks=[Inject(spike_at=[23])])
     # a second run killed at step 27 (after the rollback) and resumed
-    class Kill:
-        def on_step_end(self, trainer, record):
+    class Kill(Callback):
+        order = 99  # after the metrics writer
+
+        def on_log(self, trainer, record):
             if record["step"] == 27 and trainer.guard.state.skipped:
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        start_run(cfg, runs, "b", hooks=[Inject(spike_at=[23]), Kill()])
+        start_run(cfg, runs, "b", callbacks=[Inject(spike_at=[23]), Kill()])
     seen = Inject()
-    resume_run(runs / "b", hooks=[seen])
+    resume_run(runs / "b", callbacks=[seen])
     assert all(not (20 <= idx <= 23) for _, idx in seen.seen)
     a = [m["loss"] for m in read_jsonl(runs / "a" / "metrics.jsonl")]
     b = [m["loss"] for m in read_jsonl(runs / "b" / "metrics.jsonl")]
@@ -102,7 +106,7 @@ def test_resumed_run_keeps_skipping(tiny):
 def test_stop_action_ends_with_a_message(tiny):
     make, runs = tiny
     with pytest.raises(KilnError, match="training guard stopped the run at step 11: nonfinite"):
-        start_run(make("guard.on_nonfinite=stop"), runs, "stop", hooks=[Inject(nan_at=[10])])
+        start_run(make("guard.on_nonfinite=stop"), runs, "stop", callbacks=[Inject(nan_at=[10])])
     events = read_jsonl(runs / "stop" / "events.jsonl")
     assert events[-1]["action"] == "stop"
 
@@ -110,7 +114,7 @@ def test_stop_action_ends_with_a_message(tiny):
 def test_intervention_cap(tiny):
     make, runs = tiny
     with pytest.raises(KilnError, match="max_interventions"):
-        start_run(make("guard.max_interventions=2"), runs, "cap", hooks=[Inject(nan_at=[5, 8, 11])])
+        start_run(make("guard.max_interventions=2"), runs, "cap", callbacks=[Inject(nan_at=[5, 8, 11])])
     assert [e["action"] for e in read_jsonl(runs / "cap" / "events.jsonl")] == ["skip", "skip", "stop"]
 
 

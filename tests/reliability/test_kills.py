@@ -14,17 +14,20 @@ from pathlib import Path
 import pytest
 from reliability_helpers import read_jsonl, tiny_overrides, write_corpus
 
-KILLER = str(Path(__file__).with_name("killer.py"))
+PLUGIN = str(Path(__file__).with_name("kill_plugin.py"))
+ENABLE = ["--set", 'callbacks.enabled=["kill"]']
 
 
 def kiln(args: list[str], mode: str = "none", n: int = 0, nproc: int = 1, extra_env: dict | None = None,
          torchrun_args: list[str] = (), timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, KILN_QUIET="1", OMP_NUM_THREADS="1", **(extra_env or {}))
+    """`kiln ARGS` with the kill plugin loaded, armed by KILN_KILL=mode:n."""
+    env = dict(os.environ, KILN_QUIET="1", OMP_NUM_THREADS="1", KILN_KILL=f"{mode}:{n}", **(extra_env or {}))
+    args = [args[0], "--plugin", PLUGIN, *args[1:]]
     if nproc == 1:
-        cmd = [sys.executable, KILLER, mode, str(n), "--", *args]
+        cmd = [sys.executable, "-m", "kiln", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *torchrun_args, KILLER, mode, str(n), "--", *args]
+               *torchrun_args, "-m", "kiln", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -32,7 +35,7 @@ def kiln(args: list[str], mode: str = "none", n: int = 0, nproc: int = 1, extra_
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("kills")
     overrides = tiny_overrides(root, write_corpus(root / "corpus")) + ["checkpoint.every=4", "train.steps=20"]
-    sets = [a for o in overrides for a in ("--set", o)]
+    sets = [a for o in overrides for a in ("--set", o)] + ENABLE
     runs = root / "runs"
     ref = kiln(["train", "--preset", "tiny", "--runs-dir", str(runs), "--name", "reference", *sets])
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -68,17 +71,39 @@ def test_kill_then_resume_is_exact(setup, mode, n):
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 
-def test_elastic_restart_after_a_rank_dies(setup):
+@pytest.fixture(scope="module")
+def two_ranks(setup):
+    """The uninterrupted 2-rank run the elastic tests compare with."""
+    root, runs, sets, _ = setup
+    whole = kiln(["train", "--preset", "tiny", "--runs-dir", str(runs), *sets, "--name", "two-ranks"], nproc=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    return losses(runs / "two-ranks")
+
+
+def test_elastic_restart_after_a_rank_dies(setup, two_ranks):
     root, runs, sets, _ = setup
     args = ["train", "--preset", "tiny", "--runs-dir", str(runs), *sets]
-    whole = kiln(args + ["--name", "two-ranks"], nproc=2)
-    assert whole.returncode == 0, whole.stderr[-3000:]
     proc = kiln(args + ["--name", "elastic"], "step", 10, nproc=2, extra_env={"RANK_TO_KILL": "1"},
                 torchrun_args=["--max-restarts=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exitcode: -9" in proc.stderr  # rank 1 really died, and torchrun restarted the job
-    assert losses(runs / "elastic") == losses(runs / "two-ranks")  # resumed from step 8, exactly
+    assert losses(runs / "elastic") == two_ranks  # resumed from step 8, exactly
     assert (runs / "elastic" / "summary.json").is_file()
+
+
+def test_elastic_restart_without_a_name_resumes_the_same_run(setup, two_ranks):
+    """torchrun restarts the job; without --name the restarted attempt finds the run its first
+    attempt created (by torchrun's job id) instead of starting a new one."""
+    root, runs, sets, _ = setup
+    fresh = root / "unnamed-runs"
+    args = ["train", "--preset", "tiny", "--runs-dir", str(fresh), *sets]
+    proc = kiln(args, "step", 10, nproc=2, extra_env={"RANK_TO_KILL": "1"}, torchrun_args=["--max-restarts=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exitcode: -9" in proc.stderr
+    made = [p for p in fresh.iterdir() if p.is_dir()]
+    assert len(made) == 1, made  # one run, resumed; not a second one
+    assert losses(made[0]) == two_ranks
+    assert (made[0] / "summary.json").is_file()
 
 
 def test_hang_watchdog_dumps_stacks_and_exits(setup):
@@ -88,4 +113,4 @@ def test_hang_watchdog_dumps_stacks_and_exits(setup):
     assert proc.returncode == 75
     assert "stacks written to" in proc.stderr
     dump = (runs / "hang" / "hang-rank0.txt").read_text()
-    assert "time.sleep" in dump or "in call" in dump
+    assert "time.sleep" in dump or "on_log" in dump

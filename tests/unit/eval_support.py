@@ -10,7 +10,7 @@ from torch import nn
 from kiln.config import Config, load_config
 from kiln.data.tokenizer import KilnTokenizer, train_tokenizer
 from kiln.eval.suites import EvalContext
-from kiln.model.init import init_parameters
+from kiln.model.registry import initialise
 from kiln.model.registry import build_model
 
 MEMORISED = "the quick brown fox jumps over the lazy dog while the small cat sleeps on the warm mat.\n"
@@ -30,7 +30,7 @@ def config(tmp_path: Path, *extra: str) -> Config:
 
 def model(cfg: Config, tok: KilnTokenizer, seed: int = 0) -> nn.Module:
     m = build_model(cfg.model, tok.vocab_size)
-    init_parameters(m, cfg.model, seed)
+    initialise(m, cfg.model, seed)
     return m.eval()
 
 

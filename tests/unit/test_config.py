@@ -5,6 +5,14 @@ import pytest
 
 from kiln.config import (Config, from_dict, load_config, parse_override, preset_names, to_dict, to_toml)
 from kiln.errors import ConfigError
+from kiln.resolve import check_training
+
+
+def checked(overrides):
+    """A config checked as training checks it (family rules included)."""
+    cfg = load_config(overrides=overrides)
+    check_training(cfg)
+    return cfg
 
 
 @pytest.mark.parametrize("name", sorted({"tiny", "gpt2-124m", "llama-1b", *preset_names()}))
@@ -45,7 +53,7 @@ def test_parse_override(item, key, value):
     assert type(v) is type(value)
 
 
-@pytest.mark.parametrize("item", ["train.steps", "steps=3", "a.b.c=1"])
+@pytest.mark.parametrize("item", ["train.steps", "steps=3", "a.b.c.d=1", "a..b=1"])
 def test_parse_override_malformed(item):
     with pytest.raises(ConfigError, match="--set"):
         parse_override(item)
@@ -139,20 +147,20 @@ def test_section_must_be_a_table():
 
 def test_heads_must_divide_width():
     with pytest.raises(ConfigError, match=r"model\.n_heads = 5 must divide model\.d_model = 64"):
-        load_config(overrides=["model.d_model=64", "model.n_heads=5"])
+        checked(["model.d_model=64", "model.n_heads=5"])
 
 
 def test_kv_heads_must_divide_heads():
     with pytest.raises(ConfigError, match=r"model\.n_kv_heads = 3 must divide model\.n_heads = 4"):
-        load_config(overrides=["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=3"])
+        checked(["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=3"])
     with pytest.raises(ConfigError, match=r"n_kv_heads = 8 must divide model\.n_heads = 4"):
-        load_config(overrides=["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=8"])
-    assert load_config(overrides=["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2"]).model.n_kv_heads == 2
+        checked(["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=8"])
+    assert checked(["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2"]).model.n_kv_heads == 2
 
 
 def test_rope_needs_even_head_size():
     with pytest.raises(ConfigError, match="even head size"):
-        load_config(overrides=["model.pos=rope", "model.d_model=36", "model.n_heads=4"])
+        checked(["model.pos=rope", "model.d_model=36", "model.n_heads=4"])
 
 
 def test_seq_len_longer_than_learned_position_table():
@@ -165,9 +173,40 @@ def test_seq_len_longer_than_learned_position_table():
 
 def test_objective_family_mismatch():
     with pytest.raises(ConfigError, match="train.objective = 'masked' needs model.family = 'encoder'"):
-        load_config(overrides=["train.objective=masked"])
+        checked(["train.objective=masked"])
     with pytest.raises(ConfigError, match="train.objective = 'causal' needs model.family = 'decoder'"):
-        load_config(overrides=["model.family=encoder"])
+        checked(["model.family=encoder"])
+
+
+def test_names_are_resolved_after_plugins_not_by_the_config_layer():
+    """The config layer accepts any family, objective, suite or callback name; `kiln.resolve`
+    checks them against the registries (which plugins fill)."""
+    cfg = load_config(overrides=["model.family=not-yet-registered", 'eval.suites=["mine"]',
+                                 'callbacks.enabled=["my_monitor"]'])
+    with pytest.raises(ConfigError, match="model.family = 'not-yet-registered' is not a registered model family"):
+        check_training(cfg)
+    with pytest.raises(ConfigError, match="unknown suite 'mine'"):
+        check_training(load_config(overrides=['eval.suites=["mine"]']))
+    with pytest.raises(ConfigError, match="unknown callback 'my_monitor'"):
+        check_training(load_config(overrides=['callbacks.enabled=["my_monitor"]']))
+    with pytest.raises(ConfigError, match="train.objective = 'nope' is not a registered objective"):
+        check_training(load_config(overrides=["train.objective=nope"]))
+
+
+def test_callback_options_nest_and_round_trip():
+    cfg = load_config(overrides=['callbacks.enabled=["layer_stats"]', "callbacks.layer_stats.every=5",
+                                 "callbacks.layer_stats.modules=layers.0.attn"])
+    assert cfg.callbacks.enabled == ["layer_stats"]
+    assert cfg.callbacks.options == {"layer_stats": {"every": 5, "modules": "layers.0.attn"}}
+    assert from_dict(tomllib.loads(to_toml(cfg))) == cfg
+    assert "[callbacks.layer_stats]" in to_toml(cfg)
+    check_training(cfg)  # the option types are the callback's: a string becomes a one-item list there
+    with pytest.raises(ConfigError, match=r"callbacks\.layer_stats\.every must be an integer"):
+        check_training(load_config(overrides=['callbacks.enabled=["layer_stats"]', "callbacks.layer_stats.every=x"]))
+    with pytest.raises(ConfigError, match=r"unknown config key 'callbacks\.layer_stats\.evry'; did you mean"):
+        check_training(load_config(overrides=["callbacks.layer_stats.evry=3"]))
+    with pytest.raises(ConfigError, match="train.steps must be a value, not a table"):
+        load_config(overrides=["train.steps.x=1"])
 
 
 def test_tokens_and_batch_tokens_derive_steps():
@@ -214,12 +253,15 @@ def test_rope_position_table_shorter_than_seq_len_is_rejected_or_works():
     assert model(torch.zeros(1, 64, dtype=torch.long)).shape[:2] == (1, 64)
 
 
-def test_every_allowed_family_and_objective_can_be_built():
-    """A config that validates must not crash later with a KeyError (model.family / train.objective choices)."""
-    from kiln.model.registry import MODELS
+def test_every_registered_family_and_objective_can_be_built():
+    """The choices come from the registries: every registered family builds, every objective resolves."""
+    from kiln.model.registry import MODEL_SPECS, build_model
     from kiln.train.objectives import OBJECTIVES
 
-    from kiln.config import CHOICES
-
-    assert set(CHOICES["model.family"]) <= set(MODELS), "model.family allows families with no registered model"
-    assert set(CHOICES["train.objective"]) <= set(OBJECTIVES), "train.objective allows unregistered objectives"
+    assert {"decoder", "encoder"} <= set(MODEL_SPECS) and {"causal", "masked"} <= set(OBJECTIVES)
+    for family, spec in MODEL_SPECS.items():
+        objective = "causal" if spec.causal else "masked"
+        cfg = load_config(overrides=[f"model.family={family}", f"train.objective={objective}", "model.d_model=64",
+                                     "model.n_layers=1"])
+        check_training(cfg)
+        assert build_model(cfg.model, 300) is not None

@@ -7,7 +7,8 @@ from torch import nn
 from kiln.config import load_config
 from kiln.model.registry import build_model, padded_vocab
 from kiln.scaling import flops as flops_mod
-from kiln.scaling.flops import flops_per_token, gpu_peak_tflops, matmul_params, peak_tflops
+from kiln.model.specs import matmul_params, model_params
+from kiln.scaling.flops import flops_per_token, gpu_peak_tflops, param_count, peak_tflops
 
 BASE = ["model.n_layers=3", "model.d_model=64", "model.n_heads=4", "model.seq_len=32"]
 
@@ -108,7 +109,7 @@ def test_unknown_device_type():
     ["model.pos=learned", "model.max_seq_len=64", "model.bias=false", "model.norm=layernorm", "model.d_ff=100"],
 ])
 def test_model_params_counts_every_parameter(overrides):
-    model_params = flops_mod.model_params
     cfg = load_config(overrides=[*BASE, *overrides]).model
     model = build_model(cfg, 300)
     assert model_params(cfg, 300) == sum(p.numel() for p in model.parameters())
+    assert param_count(cfg, 300) == model_params(cfg, 300)  # through the family's spec

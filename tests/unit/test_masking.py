@@ -45,7 +45,7 @@ def text_windows(tok, rows, length):
 
 
 def test_registered_for_the_encoder_family(tok):
-    assert OBJECTIVES["masked"] is Masked and Masked.family == "encoder"
+    assert OBJECTIVES["masked"] is Masked and Masked.causal is False  # trains a bidirectional family
     obj = masked(tok)
     assert (obj.mask.rate, obj.mask.replace, obj.mask.random, obj.mask.keep) == (0.15, 0.8, 0.1, 0.1)
 
@@ -255,8 +255,10 @@ def test_causal_evaluation_has_no_masked_metrics(tok):
      "model.family = 'encoder' trains with data parallelism (FSDP) only"),
 ])
 def test_config_mistakes_are_one_line_errors(overrides, message):
+    from kiln.resolve import check_training
+
     with pytest.raises(ConfigError) as err:
-        load_config(overrides=overrides)
+        check_training(load_config(overrides=overrides))  # as training checks a config
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

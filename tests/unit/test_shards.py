@@ -148,10 +148,67 @@ def test_empty_corpus(tmp_path):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
-def test_single_document_corpus(tmp_path):
+def test_single_short_document_corpus(tmp_path):
     (tmp_path / "one.txt").write_text("only one document here")
-    with pytest.raises(DataError, match="single document"):
+    with pytest.raises(DataError, match="one short document .* lower data.piece_chars"):
         prepare(data_cfg(tmp_path / "one.txt", tmp_path / "cache"), log=quiet)
+
+
+def book(n_lines: int = 32000, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    words = "the of and to a in that it was he for on are with as his they be at one have this".split()
+    return "".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".\n"
+                   for _ in range(n_lines))
+
+
+def test_one_big_text_file_is_cut_into_pieces_and_split(tmp_path):
+    """The most common first corpus: one plain-text file (here ~1 MB)."""
+    text = book()
+    assert len(text) > 900_000
+    (tmp_path / "book.txt").write_text(text)
+    p = prepare(data_cfg(tmp_path / "book.txt", tmp_path / "cache", val_fraction=0.1), log=quiet)
+    train, val = documents(p, "train"), documents(p, "val")
+    assert val and train
+    share = sum(map(len, val)) / len(text)
+    assert 0.03 < share < 0.25  # about val_fraction of the text, in pieces
+    assert all(len(v) <= p.manifest["piece_chars"] * 3 for v in val)
+    # every line of the book is in exactly one split, in order within each piece
+    assert sorted("".join(train + val).splitlines()) == sorted(text.splitlines())
+
+
+def test_split_pieces_cut_at_line_breaks():
+    text = "".join(f"line {i}\n" for i in range(1000))
+    pieces = shards_mod.split_pieces(text, 300)
+    assert "".join(pieces) == text
+    assert all(len(x) <= 300 and x.endswith("\n") for x in pieces)
+    assert shards_mod.split_pieces("x" * 1000, 300) == ["x" * 300] * 3 + ["x" * 100]  # no line break: hard cuts
+    assert shards_mod.split_pieces(text, 0) == [text]
+
+
+def test_the_split_depends_on_content_not_on_the_corpus_path(tmp_path):
+    """The same files copied to two folders give the same split and the same tokenizer."""
+    import shutil
+
+    from conftest import write_corpus
+
+    a = write_corpus(tmp_path / "here" / "corpus", n_files=60)
+    b = tmp_path / "elsewhere" / "deeper" / "copy"
+    shutil.copytree(a, b)
+    pa = prepare(data_cfg(a, tmp_path / "cache", val_fraction=0.1), log=quiet)
+    pb = prepare(data_cfg(b, tmp_path / "cache", val_fraction=0.1), log=quiet)
+    assert pa.path != pb.path  # two cache entries (the cache key knows the paths) ...
+    assert pa.manifest["tokenizer_sha256"] == pb.manifest["tokenizer_sha256"]  # ... with the same contents
+    assert pa.manifest["splits"] == pb.manifest["splits"]
+    assert pa.manifest["content_key"] == pb.manifest["content_key"]
+    assert documents(pa, "val") == documents(pb, "val")
+
+
+def test_identical_documents_land_in_the_same_split(tmp_path):
+    train, val = shards_mod.split_documents(["same text\n"] * 50 + [f"doc {i}\n" for i in range(200)], seed=3,
+                                            fraction=0.2, piece_chars=0)
+    assert ("same text\n" in train) != ("same text\n" in val)
 
 
 def test_tiny_corpus_still_gets_a_validation_document(tmp_path):

@@ -9,6 +9,8 @@ contiguous, disjoint share of each global batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -87,3 +89,25 @@ def eval_windows(windows: TokenWindows, n: int) -> torch.Tensor:
     represented, not just the first few); the same windows for every evaluation."""
     n = min(n, len(windows))
     return torch.from_numpy(windows.get(np.linspace(0, len(windows) - 1, n).round().astype(np.int64)))
+
+
+@dataclass
+class WindowShare:
+    """One data-parallel rank's part of a fixed set of evaluation windows."""
+
+    windows: torch.Tensor  # (rows, seq_len + 1): the real windows, then padding to whole batches
+    valid: int  # rows before this index are real; the rest are copies that must predict nothing
+    first_index: int  # index of row 0 among all the windows (masks are drawn per window index)
+
+
+def share_windows(windows: torch.Tensor, rank: int, world: int, multiple: int = 1) -> WindowShare:
+    """Rank `rank`'s contiguous share of `windows`: ceil(n / world) rows (fewer on the last ranks),
+    padded to the same whole number of `multiple`-row batches on every rank, so all ranks run the
+    same forwards and, together, evaluate every window exactly once."""
+    n = len(windows)
+    per = -(-n // world)
+    rows = max(1, -(-per // multiple) * multiple)
+    start = min(rank * per, n)
+    real = windows[start:start + per]
+    pad = windows[:1].expand(rows - len(real), -1) if rows > len(real) else windows[:0]
+    return WindowShare(torch.cat([real, pad]), len(real), start)

@@ -32,7 +32,7 @@ from kiln.errors import DataError
 from kiln.fileio import sha256_file
 from kiln.progress import progress_bar
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content-keyed split with long documents cut into pieces
 SHARD_TOKENS = 1 << 27  # 128M tokens per shard file
 MAX_PIECE_CHARS = 1 << 20  # a huge single-line document is tokenised in pieces of this size
 ENCODE_BATCH = 64
@@ -62,7 +62,7 @@ def dataset_key(cfg: DataConfig, files: list[CorpusFile]) -> str:
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer).sha256
     parts = [str(FORMAT_VERSION), corpus_fingerprint(files), str(cfg.vocab_size), tok, repr(cfg.val_fraction),
-             str(cfg.split_seed), str(cfg.max_docs), cfg.text_field]
+             str(cfg.split_seed), str(cfg.max_docs), cfg.text_field, str(cfg.piece_chars)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -87,23 +87,71 @@ def open_prepared(path: Path, verify: bool = True) -> Prepared:
 
 
 def _is_val(key: str, seed: int, fraction: float) -> bool:
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+    return _split_hash(key, seed) / 2**64 < fraction
 
 
-def _read_documents(files: list[CorpusFile], max_docs: int) -> tuple[list[tuple[str, str]], int]:
-    """(key, text) for every document, and the number of files skipped as non-text."""
-    docs: list[tuple[str, str]] = []
+def _split_hash(key: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
+
+
+def _read_documents(files: list[CorpusFile], max_docs: int) -> tuple[list[str], int]:
+    """The text of every document, and the number of files skipped as non-text."""
+    docs: list[str] = []
     skipped = 0
     for f in progress_bar(files, "reading corpus", unit="files"):
         try:
-            for i, text in enumerate(f.read()):
-                docs.append((f"{f.path}#{i}", text))
+            for text in f.read():
+                docs.append(text)
                 if max_docs and len(docs) >= max_docs:
                     return docs, skipped
         except SkippedFile:
             skipped += 1
     return docs, skipped
+
+
+def split_pieces(text: str, piece_chars: int) -> list[str]:
+    """A document cut into pieces of at most `piece_chars` characters, each ending at the last
+    line break inside the limit (or at the limit when a line is longer); 0 = never cut."""
+    if not piece_chars or len(text) <= piece_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        cut = text.rfind("\n", start, start + piece_chars)
+        end = cut + 1 if cut >= start else start + piece_chars
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def split_documents(docs: list[str], seed: int, fraction: float, piece_chars: int) -> tuple[list[str], list[str]]:
+    """(train texts, validation texts), by a rule that depends only on the texts, the seed and
+    the fraction — not on file paths, so a copy of the corpus elsewhere splits the same way.
+
+    Documents longer than `piece_chars` are first cut into pieces at line breaks (one big text
+    file is the most common first corpus). Each piece goes to validation when a hash of
+    (seed, its content) falls below `fraction`; identical pieces therefore always land in the
+    same split. Consecutive pieces of a document that land in the same split are joined again,
+    so the split only cuts a document where it has to. If no piece falls in validation, the
+    one with the smallest hash does; if all do, the first stays in training."""
+    pieces = [(d, p) for d, text in enumerate(docs) for p in split_pieces(text, piece_chars) if p.strip()]
+    keys = [hashlib.sha256(p.encode("utf-8", "surrogatepass")).hexdigest() for _, p in pieces]
+    is_val = [_is_val(k, seed, fraction) for k in keys]
+    if pieces and not any(is_val):
+        is_val[min(range(len(pieces)), key=lambda i: _split_hash(keys[i], seed))] = True
+    if pieces and all(is_val):
+        is_val[0] = False
+    train: list[str] = []
+    val: list[str] = []
+    last: tuple[int, bool] | None = None
+    for (d, piece), v in zip(pieces, is_val):
+        out = val if v else train
+        if last == (d, v):
+            out[-1] += piece
+        else:
+            out.append(piece)
+        last = (d, v)
+    return train, val
 
 
 def _pieces(text: str) -> list[str]:
@@ -178,20 +226,15 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
     docs, skipped = _read_documents(files, cfg.max_docs)
     if skipped:
         log(f"skipped {skipped} file(s) that are not UTF-8 text")
-    docs = [(k, t) for k, t in docs if t.strip()]
+    docs = [t for t in docs if t.strip()]
     if not docs:
         raise DataError(f"data.corpus = '{cfg.corpus}' holds no text"
                         + (f" ({skipped} binary or non-UTF-8 file(s) skipped)" if skipped else ""))
-    if len(docs) < 2:
-        raise DataError(f"data.corpus = '{cfg.corpus}' holds a single document; a train/validation split "
-                        "needs at least two")
-    is_val = [_is_val(k, cfg.split_seed, cfg.val_fraction) for k, _ in docs]
-    if not any(is_val):  # tiny corpora: hold out the document with the smallest hash
-        is_val[min(range(len(docs)), key=lambda i: hashlib.sha256(f"{cfg.split_seed}:{docs[i][0]}".encode()).digest())] = True
-    if all(is_val):
-        is_val[0] = False
-    train_texts = [t for (_, t), v in zip(docs, is_val) if not v]
-    val_texts = [t for (_, t), v in zip(docs, is_val) if v]
+    train_texts, val_texts = split_documents(docs, cfg.split_seed, cfg.val_fraction, cfg.piece_chars)
+    if not train_texts or not val_texts:
+        raise DataError(f"data.corpus = '{cfg.corpus}' is one short document ({len(docs[0])} characters); a "
+                        "train/validation split needs at least two pieces: add text, or lower data.piece_chars "
+                        f"(now {cfg.piece_chars}) so the document is cut into pieces")
 
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
@@ -224,6 +267,10 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             "val_fraction": cfg.val_fraction,
             "val_unigram_entropy": unigram_entropy(val_maps, tok.vocab_size),
             "splits": splits,
+            # what the data is, wherever it came from: resume and comparisons check this
+            "content_key": hashlib.sha256("\n".join([tok.sha256] + [sh["sha256"] for sp in splits.values()
+                                                                      for sh in sp["shards"]]).encode()).hexdigest()[:20],
+            "piece_chars": cfg.piece_chars,
             "seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

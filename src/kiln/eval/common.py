@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kiln.errors import KilnError
-from kiln.eval.generate import filter_logits
+from kiln.eval.generate import generate_batch
 from kiln.eval.suites import EvalContext
 
 
@@ -177,26 +177,12 @@ def _pseudo_logprobs(ctx: EvalContext, items: list[tuple[list[int], list[int]]])
 
 # --------------------------------------------------------------------------- generation
 
-@torch.no_grad()
 def generate_tokens(ctx: EvalContext, prompts: torch.Tensor, new_tokens: int, temperature: float = 0.0,
                     top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Extend equal-length prompts (B, P) by exactly `new_tokens` tokens each: (B, new_tokens).
-
-    A fixed number of forward passes whatever is sampled, so data-parallel ranks stay in step.
-    Temperature 0 is greedy; sampling draws on the CPU from `generator`.
-    """
-    T, V = ctx.seq_len, ctx.vocab_size
-    ids = prompts.to(ctx.device)
-    for _ in range(new_tokens):
-        with ctx.autocast():
-            logits = ctx.model(ids[:, -T:])[:, -1, :V].float()
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = filter_logits(logits / temperature, top_k).softmax(-1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].to(ctx.device)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-    return ids[:, prompts.shape[1]:].cpu()
+    """Extend equal-length prompts (B, P) by exactly `new_tokens` tokens each: (B, new_tokens)."""
+    full = generate_batch(ctx.model, prompts, new_tokens, ctx.seq_len, temperature, top_k, vocab_size=ctx.vocab_size,
+                          generator=generator, autocast=ctx.autocast)
+    return full[:, prompts.shape[1]:].cpu()
 
 
 def generate_batched(ctx: EvalContext, prompts: torch.Tensor, new_tokens: int, **kw) -> torch.Tensor:

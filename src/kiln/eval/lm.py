@@ -1,4 +1,10 @@
-"""Held-out language-model metrics: loss, perplexity and top-1 accuracy of the predicted tokens."""
+"""Held-out language-model metrics: loss, perplexity and top-1 accuracy of the predicted tokens.
+
+`evaluate_windows` takes a narrow `eval_step(inputs, targets) -> (loss sum, correct, count)` (a
+plain model's forward, or a pipeline schedule's forward-only pass) and this rank's share of the
+validation windows; every layout evaluates the same windows (shares are padded, and padding
+predicts nothing), so `val_loss` never depends on the layout.
+"""
 
 from __future__ import annotations
 
@@ -9,45 +15,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kiln.data.loader import WindowShare, share_windows
 from kiln.eval.suites import EvalContext, register_suite
 from kiln.train.objectives import EVAL_STEP, IGNORE, Objective
 
+EvalStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-@torch.no_grad()
-def evaluate_lm(model: nn.Module, windows: torch.Tensor, objective: Objective, batch_size: int,
-                device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                seed: int = 0, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                first_index: int = 0) -> dict[str, float]:
-    """Mean loss (nats/token), perplexity and accuracy over `windows`; deterministic for `seed`.
-
-    `reduce` sums a tensor over data-parallel ranks when each rank holds part of the windows, and
-    `first_index` is then the index of this rank's first window among all of them (a masked
-    objective draws each window's masks from its index, so every evaluation and every layout
-    masks the same positions). For a masked objective the metrics add `val_masked_acc` (the same
-    as `val_acc`: accuracy at the masked positions) and `majority_baseline`, the accuracy of always
-    predicting the most frequent token among those positions.
-    """
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    target_counts = torch.zeros(objective.vocab_size if objective.masked else 0, dtype=torch.float64, device=device)
-    for i in range(0, len(windows), batch_size):
-        batch = objective.make_batch(windows[i:i + batch_size], step=EVAL_STEP, seed=seed, first_index=first_index + i)
-        inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-        with autocast():
-            logits = model(inputs)
-        tally_predictions(totals, logits, targets, objective)
-        if objective.masked:
-            target_counts += torch.bincount(targets[targets != IGNORE], minlength=objective.vocab_size)
-    if reduce is not None:
-        totals = reduce(totals)
-        target_counts = reduce(target_counts) if objective.masked else target_counts
-    model.train(was_training)
-    metrics = lm_metrics(totals)
-    if objective.masked:
-        metrics["val_masked_acc"] = metrics["val_acc"]
-        metrics["majority_baseline"] = target_counts.max().item() / max(metrics["val_tokens"], 1)
-    return metrics
 
 def tally_predictions(totals: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                       objective: Objective) -> torch.Tensor:
@@ -68,30 +41,67 @@ def lm_metrics(totals: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_lm_pipeline(trainer) -> dict[str, float]:
-    """`evaluate_lm` for a model split into pipeline stages: the schedule's forward-only pass
-    runs the stages, and the trainer's loss function tallies on the last stage."""
-    from kiln.parallel import pipeline as pp
+def evaluate_windows(eval_step: EvalStep, share: WindowShare, objective: Objective, batch_size: int,
+                     device: torch.device, seed: int = 0,
+                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     holds_loss: bool = True) -> dict[str, float]:
+    """Mean loss (nats/token), perplexity and accuracy over the validation windows.
 
-    totals = torch.zeros(3, dtype=torch.float64, device=trainer.device)
-    first, last = pp.has_first_stage(trainer.stage_ids), pp.has_last_stage(trainer.stage_ids, trainer.n_stages)
-    n_micro = trainer.cfg.parallel.pp_microbatches
-    step = n_micro * max(1, len(trainer.val) // n_micro // n_micro)
-    trainer.eval_totals = totals
+    `share` is this rank's part of them; `reduce` sums a tensor over data-parallel ranks (and
+    divides out the copies tensor and pipeline ranks make); `holds_loss` is False on pipeline
+    ranks without the last stage. A masked objective draws each window's masks from its global
+    index, so every evaluation and every layout masks the same positions; its metrics add
+    `val_masked_acc` (= `val_acc`, accuracy at the masked positions) and `majority_baseline`,
+    the accuracy of always predicting the most frequent token among those positions.
+    """
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    target_counts = torch.zeros(objective.vocab_size if objective.masked else 0, dtype=torch.float64, device=device)
+    windows = share.windows
+    for i in range(0, len(windows), batch_size):
+        batch = objective.make_batch(windows[i:i + batch_size], step=EVAL_STEP, seed=seed,
+                                     first_index=share.first_index + i)
+        targets = batch.targets.clone()
+        targets[max(0, share.valid - i):] = IGNORE  # padding rows predict nothing
+        totals += eval_step(batch.inputs, targets)
+        if objective.masked and holds_loss:
+            kept = targets[targets != IGNORE].to(device)
+            target_counts += torch.bincount(kept, minlength=objective.vocab_size)
+    if reduce is not None:
+        totals = reduce(totals)
+        target_counts = reduce(target_counts) if objective.masked else target_counts
+    metrics = lm_metrics(totals)
+    if objective.masked:
+        metrics["val_masked_acc"] = metrics["val_acc"]
+        metrics["majority_baseline"] = target_counts.max().item() / max(metrics["val_tokens"], 1)
+    return metrics
+
+
+def model_eval_step(model: nn.Module, objective: Objective, device: torch.device,
+                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> EvalStep:
+    """The `eval_step` of a whole model in this process."""
+    @torch.no_grad()
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        with autocast():
+            logits = model(inputs.to(device))
+        tally_predictions(totals, logits, targets.to(device), objective)
+        return totals
+
+    return step
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, windows: torch.Tensor, objective: Objective, batch_size: int,
+                device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                seed: int = 0) -> dict[str, float]:
+    """`evaluate_windows` for a whole model in one process over all of `windows`."""
+    was_training = model.training
+    model.eval()
     try:
-        for part in trainer.parts:
-            part.eval()
-        for i in range(0, len(trainer.val) - step + 1, step):
-            batch = trainer.objective.make_batch(trainer.val[i:i + step], step=EVAL_STEP, seed=trainer.cfg.train.seed,
-                                                 first_index=trainer.par.dp[0] * len(trainer.val) + i)
-            with trainer.autocast():
-                trainer.schedule.eval(*((batch.inputs.to(trainer.device),) if first else ()),
-                                      target=batch.targets.to(trainer.device) if last else None)
+        return evaluate_windows(model_eval_step(model, objective, device, autocast), share_windows(windows, 0, 1),
+                                objective, batch_size, device, seed=seed)
     finally:
-        trainer.eval_totals = None
-        for part in trainer.parts:
-            part.train()
-    return lm_metrics(trainer.par.data_sum(totals))
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------- the `lm` suite
@@ -110,7 +120,8 @@ def lm_suite(ctx: EvalContext) -> dict[str, float]:
     objective = build_objective(cfg, ctx.tokenizer, ctx.vocab_size)
     V = ctx.vocab_size
     nbytes = torch.from_numpy(token_byte_lengths(ctx.tokenizer)).to(ctx.device)
-    totals = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # nats, top-1, top-5, tokens, bytes
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # nats, top-1, tokens (as the trainer)
+    extra = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # top-5, bytes
     for i in range(0, len(windows), ctx.batch_size):
         # masks are drawn per window index, so a masked model sees the trainer's evaluation masks
         # whatever the batch size
@@ -119,15 +130,14 @@ def lm_suite(ctx: EvalContext) -> dict[str, float]:
         inputs, targets = batch.inputs.to(ctx.device), batch.targets.to(ctx.device)
         with ctx.autocast():
             logits = ctx.model(inputs)
+        tally_predictions(totals, logits, targets, objective)
         mask = targets != IGNORE
         safe = targets.clamp(min=0)
-        hits = logits[..., :V].topk(5, dim=-1).indices == safe[..., None]  # (B, T, 5)
-        totals[0] += objective.loss_sum(logits, targets).double()
-        totals[1] += (hits[..., 0] & mask).sum()
-        totals[2] += (hits.any(-1) & mask).sum()
-        totals[3] += mask.sum()
-        totals[4] += nbytes[safe][mask].sum()
-    nats, top1, top5, count, n_bytes = totals.tolist()
+        top5 = logits[..., :V].topk(5, dim=-1).indices == safe[..., None]  # (B, T, 5)
+        extra[0] += (top5.any(-1) & mask).sum()
+        extra[1] += nbytes[safe][mask].sum()
+    nats, top1, count = totals.tolist()
+    top5, n_bytes = extra.tolist()
     loss = nats / max(count, 1)
     p = "masked_" if ctx.is_encoder else ""
     return {f"{p}loss": loss, f"{p}ppl": math.exp(min(loss, 50.0)), f"{p}acc": top1 / max(count, 1),

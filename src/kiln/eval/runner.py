@@ -22,7 +22,7 @@ import torch
 from rich.table import Table
 
 from kiln.errors import KilnError
-from kiln.eval.suites import EvalContext, SuiteResult, available_suites, load_suite_file, parse_options
+from kiln.eval.suites import EvalContext, SuiteResult, available_suites, parse_options
 
 
 def run_suites(ctx: EvalContext, names: list[str], options: dict[str, dict[str, Any]] | None = None,
@@ -139,7 +139,7 @@ def report_table(report: dict[str, Any], title: str) -> Table:
     return table
 
 
-# --------------------------------------------------------------------------- entry points
+# --------------------------------------------------------------------------- entry point
 
 def _warn(text: str) -> None:
     from kiln.progress import console, quiet
@@ -148,80 +148,26 @@ def _warn(text: str) -> None:
         console.print(text)
 
 
-def load_for_eval(path: Path, step: int | None):
-    """(cfg, model, tokenizer, device, precision, step). Step 0 without a checkpoint is the
-    untrained model, rebuilt exactly as training initialised it (from train.seed)."""
-    from kiln.train import checkpoint as ckpt
-    from kiln.train.session import load_run_model
-    from kiln.runs.rundir import RunDir
-
-    run = RunDir.open(path)
-    if step is None:
-        latest = ckpt.latest_valid_checkpoint(run.checkpoints, warn=_warn)
-        if latest is None:
-            raise KilnError(f"{path} has no valid checkpoint to evaluate; train it first or pass --step 0 "
-                            "for the untrained model")
-        step = int(latest.name[len(ckpt.PREFIX):])
-    if step == 0 and not (run.checkpoints / ckpt.step_dir_name(0)).is_dir():
-        return (*untrained_model(path), 0)
-    return (*load_run_model(path, step), step)
-
-
-def untrained_model(path: Path):
-    from kiln.config import file_dict, from_dict
-    from kiln.data.tokenizer import load_tokenizer
-    from kiln.model.init import init_parameters
-    from kiln.model.registry import build_model
-    from kiln.runs.rundir import RunDir
-    from kiln.train.precision import resolve_device, resolve_precision
-
-    run = RunDir.open(path)
-    cfg = from_dict(file_dict(run.config_path))
-    tokenizer = load_tokenizer(run.path / "tokenizer.json")
-    device = resolve_device(cfg)
-    model = build_model(cfg.model, tokenizer.vocab_size).to(device)
-    init_parameters(model, cfg.model, cfg.train.seed)  # what training starts from (kiln.model.init)
-    return cfg, model.eval(), tokenizer, device, resolve_precision(cfg, device)
-
-
 def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = None,
-                 options: list[str] = (), suite_files: list[str] = (), log=None) -> tuple[dict[str, Any], Path]:
-    """`kiln eval`: run suites (default: all registered) on a run's checkpoint and save the report."""
-    from kiln.train.precision import autocast_for
+                 options: list[str] = (), log=None) -> tuple[dict[str, Any], Path]:
+    """`kiln eval`: run suites (default: all registered) on a run's checkpoint and save the report.
+    Step 0 without a checkpoint is the untrained model, rebuilt exactly as training initialised it."""
+    from kiln.resolve import check_suites
+    from kiln.runs.rundir import RunDir
 
-    for f in suite_files:
-        load_suite_file(f)
+    run = RunDir.open(path)
     suites = available_suites()
     names = list(dict.fromkeys(names or suites))
-    for n in names:
-        if n not in suites:
-            raise KilnError(f"unknown suite '{n}'; registered suites: {', '.join(suites)}")
+    check_suites(names, where="--suite")
     parsed = parse_options(list(options), suites)
-    cfg, model, tokenizer, device, precision, step = load_for_eval(Path(path), step)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    ctx = EvalContext(cfg, model, tokenizer, device, autocast_for(device, precision), run_dir=Path(path), step=step)
+    if step is None and run.latest_checkpoint(_warn) is None:
+        raise KilnError(f"{path} has no valid checkpoint to evaluate; train it first or pass --step 0 "
+                        "for the untrained model")
+    loaded = run.load_model(step, warn=_warn)
+    if loaded.cfg.train.threads:
+        torch.set_num_threads(loaded.cfg.train.threads)
+    ctx = EvalContext(loaded.cfg, loaded.model, loaded.tokenizer, loaded.device, loaded.autocast, run_dir=run.path,
+                      step=loaded.step)
     report = run_suites(ctx, names, parsed, log=log)
-    out = save_report(Path(path), report)
+    out = save_report(run.path, report)
     return report, out
-
-
-def run_training_suites(trainer) -> dict[str, Any]:
-    """`[eval] suites` at one of the trainer's evaluations: the report goes to eval/step-N.json
-    (rank 0), and its numbers come back flat ("suite/metric") for eval.jsonl. All ranks run the
-    suites in step (a sharded model's forward needs every rank); only rank 0 writes."""
-    names = trainer.cfg.eval.suites
-    if not names:
-        return {}
-    par = getattr(trainer, "par", None)
-    tp = getattr(getattr(par, "dims", None), "tp", 1)
-    if getattr(trainer, "schedule", None) is not None or tp > 1:
-        return {}  # pipeline stages / tensor shards hold parts of the model: run `kiln eval` on the checkpoint
-    main = par.is_main if par is not None else True
-    ctx = EvalContext(trainer.cfg, trainer.model, trainer.data.tokenizer, trainer.device, trainer.autocast,
-                      run_dir=trainer.run.path, step=trainer.step, prepared=trainer.data)
-    report = run_suites(ctx, list(names))
-    flat = {f"{s}/{k}": v for s, metrics in report["suites"].items() for k, v in metrics.items()}
-    if main:
-        save_report(trainer.run.path, report)
-    return flat

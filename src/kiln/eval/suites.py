@@ -12,20 +12,16 @@ inspection, or the reason it was skipped. Register one with a decorator:
         return {"score": 0.5}
 
 Built-in suites live one per module in `kiln/eval/` (lm, continuation, choice, bias, toxicity,
-memorisation). A user's suites are loaded from `kiln eval --suite-file my_suites.py` or from
-`KILN_SUITES` (comma-separated module names or .py paths), so their decorators run.
+memorisation). A user's suites come from a plugin (`--plugin my_suites.py`, `KILN_PLUGINS`; the
+older `--suite-file` and `KILN_SUITES` are the same), so their decorators run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import inspect
 import json
-import os
-import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,11 +29,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kiln.config import Config
+from kiln.config import Config, coerce, parse_value
 from kiln.errors import ConfigError, KilnError
 
 BUILTIN_MODULES = ("lm", "continuation", "choice", "bias", "toxicity", "memorisation")
-ENV_VAR = "KILN_SUITES"
 
 
 @dataclass
@@ -120,54 +115,26 @@ class EvalContext:
         return self.cfg.model.family == "encoder" or self.cfg.train.objective == "masked"
 
 
-# --------------------------------------------------------------------------- loading suites
+# --------------------------------------------------------------------------- the registry
 
 _loaded_builtins = False
-_loaded_env: str | None = None
 
 
 def load_suite_file(path: str | Path) -> None:
-    """Import a .py file of the user's so its `@register_suite` decorators run."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise KilnError(f"suite file '{path}' does not exist")
-    name = f"kiln_user_suites_{abs(hash(str(p.resolve())))}"
-    if name in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(name, p)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
+    """Import a .py file of the user's so its `@register_suite` decorators run (the same as
+    `--plugin`)."""
+    from kiln.plugins import load_plugin
 
-
-def _load_env() -> None:
-    global _loaded_env
-    value = os.environ.get(ENV_VAR, "")
-    if value == _loaded_env:
-        return
-    for item in filter(None, (s.strip() for s in value.split(","))):
-        if item.endswith(".py") or os.sep in item:
-            load_suite_file(item)
-        else:
-            try:
-                importlib.import_module(item)
-            except ModuleNotFoundError as e:
-                raise KilnError(f"{ENV_VAR}: cannot import '{item}' ({e}); give a module on PYTHONPATH or a .py path") from None
-    _loaded_env = value
+    load_plugin(str(path))
 
 
 def available_suites() -> dict[str, Suite]:
-    """Every registered suite: the built-ins, those of `KILN_SUITES`, and any loaded files."""
+    """Every registered suite: the built-ins, then those of loaded plugins (kiln.plugins)."""
     global _loaded_builtins
     if not _loaded_builtins:
         for mod in BUILTIN_MODULES:
             importlib.import_module(f"kiln.eval.{mod}")
         _loaded_builtins = True
-    _load_env()
     builtin = {n: SUITES[n] for n in BUILTIN_MODULES if n in SUITES}  # in a fixed order, then the rest
     return {**builtin, **{n: s for n, s in SUITES.items() if n not in builtin}}
 
@@ -178,7 +145,8 @@ def check_suite_names(names: list[str], where: str = "eval.suites") -> None:
     for n in names:
         if n not in known:
             raise ConfigError(f"{where}: unknown suite '{n}'; registered suites: {', '.join(known)} "
-                              f"(add your own with @register_suite in a module named by {ENV_VAR})")
+                              "(add your own with @register_suite in a --plugin file, or KILN_PLUGINS / "
+                              "KILN_SUITES)")
 
 
 def parse_options(items: list[str], suites: dict[str, Suite]) -> dict[str, dict[str, Any]]:
@@ -196,31 +164,22 @@ def parse_options(items: list[str], suites: dict[str, Suite]) -> dict[str, dict[
         if name not in allowed:
             listed = ", ".join(f"{suite}.{k}" for k in allowed) or "none"
             raise KilnError(f"--option '{item}': suite '{suite}' has no option '{name}'; its options: {listed}")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        out.setdefault(suite, {})[name] = _coerce_option(f"{suite}.{name}", value, allowed[name])
+        out.setdefault(suite, {})[name] = _coerce_option(f"{suite}.{name}", parse_value(raw), allowed[name])
     return out
 
 
 def _coerce_option(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise KilnError(f"--option {key} must be true or false, got {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise KilnError(f"--option {key} must be an integer, got {value!r}")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise KilnError(f"--option {key} must be a number, got {value!r}")
-        value = float(value)
-    elif isinstance(default, list):
+    """`value` as the type of the option's default (lists of strings stay lists of strings)."""
+    kind = type(default)
+    if isinstance(default, list):
         value = value if isinstance(value, list) else [value]
-        value = [str(v) for v in value]
-    elif isinstance(default, str):
-        value = str(value)
-    return value
+        return [str(v) for v in value]
+    if kind is str:
+        return str(value)
+    try:
+        return coerce(f"--option {key}", value, kind)
+    except ConfigError as e:
+        raise KilnError(str(e)) from None
 
 
 def describe_suites() -> str:

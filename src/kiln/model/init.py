@@ -2,7 +2,8 @@
 
 Every parameter draws its full value from a generator seeded by (seed, parameter name), so a
 model initialised whole on one CPU, sharded by FSDP, split by tensor parallelism or cut into
-pipeline stages gets the very same weights. `write` puts a full value into a parameter; the
+pipeline stages gets the very same weights. How each parameter is drawn is the family's
+`InitRule` (`ModelSpec.init_rule`); `write` puts a full value into a parameter, and the
 parallel package passes one that keeps only the local shard of a distributed tensor.
 """
 
@@ -15,12 +16,12 @@ import torch
 from torch import nn
 
 from kiln.config import ModelConfig
-from kiln.model.layers import param_init_rule
 
 Writer = Callable[[torch.Tensor, torch.Tensor], None]
+InitRule = Callable[[str, int, ModelConfig], tuple[str, float]]
 
 
-def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
+def copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
     param.copy_(full)
 
 
@@ -30,15 +31,17 @@ def param_generator(seed: int, name: str) -> torch.Generator:
 
 
 @torch.no_grad()
-def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int, write: Writer = _copy_full) -> None:
+def init_parameters(model: nn.Module, rule: InitRule, cfg: ModelConfig, seed: int, write: Writer = copy_full) -> None:
     for name, param in model.named_parameters():
-        kind, std = param_init_rule(name, param.dim(), cfg)
+        kind, std = rule(name, param.dim(), cfg)
         if kind == "normal":
             full = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=param_generator(seed, name))
         elif kind == "ones":
             full = torch.ones(param.shape)
-        else:
+        elif kind == "zeros":
             full = torch.zeros(param.shape)
+        else:
+            raise ValueError(f"init rule gave {kind!r} for {name}; expected normal, zeros or ones")
         write(param, full.to(param.dtype))
     init_buffers = getattr(model, "init_buffers", None)
     if init_buffers is not None:

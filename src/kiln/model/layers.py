@@ -75,17 +75,38 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _qk(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pre-softmax scores (B, nh, T, T) this layer computes for `x`, in float32, -inf
+        where masked. Not used by `forward` (SDPA never materialises them): monitoring calls it."""
+        q, k = self._qk(x, rope)
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim ** -0.5
+        T = scores.shape[-1]
+        if self.causal:
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask.bool(), float("-inf"))
+        return scores
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k = self._qk(x, rope)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
         if cpu_bf16_short(q) and attn_mask is None and dropout == 0.0:
             y = bf16_attention(q, k, v, self.causal)
@@ -141,20 +162,3 @@ class Block(nn.Module):
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), rope, attn_mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
-
-
-RESIDUAL_OUTPUTS = ("attn.wo", "mlp.w2")  # projections into the residual stream get depth-scaled init
-
-
-def param_init_rule(name: str, param_dim: int, cfg: ModelConfig) -> tuple[str, float]:
-    """How parameter `name` is initialised, GPT-2 / Llama practice: ("normal", std) for matrices
-    and embeddings, with residual projections scaled by 1/sqrt(2L); ("zeros"|"ones", 0) else."""
-    leaf = name.rsplit(".", 1)[-1]
-    owner = name.rsplit(".", 1)[0] if "." in name else ""
-    if leaf == "bias":
-        return "zeros", 0.0
-    if param_dim == 1:  # norm gains
-        return "ones", 0.0
-    if owner.endswith(RESIDUAL_OUTPUTS):
-        return "normal", cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    return "normal", cfg.init_std

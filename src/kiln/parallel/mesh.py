@@ -90,15 +90,25 @@ def process_info() -> ProcessInfo:
                        int(os.environ.get("LOCAL_RANK", 0)))
 
 
+# On GPUs one process group with two backends: NCCL for CUDA tensors, gloo for CPU ones. NCCL has
+# no CPU backend, so a plain "nccl" group fails on every collective over a CPU tensor (the
+# checkpoint writers' agreement flags, object collectives); with both, each tensor goes to the
+# backend of its device.
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+def backend_for(cuda: bool) -> str:
+    return GPU_BACKEND if cuda else "gloo"
+
+
 def init_process_group(info: ProcessInfo, timeout_s: float = 600.0) -> None:
-    """NCCL on GPUs, gloo on CPU; no-op for a single process."""
+    """NCCL (plus gloo for CPU tensors) on GPUs, gloo on CPU; no-op for a single process."""
     if info.world_size == 1 or dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-        backend = "nccl"
-    else:
-        backend = "gloo"
+    backend = backend_for(cuda)
     timeout = timedelta(seconds=timeout_s)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is not None and "MASTER_ADDR" in os.environ:

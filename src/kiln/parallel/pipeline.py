@@ -1,9 +1,10 @@
 """Pipeline parallelism with `torch.distributed.pipelining`: cut the model into stages by
 layer, give each pipeline rank its stage(s), and drive them with a schedule.
 
-A stage is the same model class with the blocks it does not own deleted (names unchanged, so
-checkpoints stay layout-independent), the embeddings only on the first stage and the final
-norm and head only on the last.
+How a model is cut is its family's business (`ModelSpec.pipeline_stage`): for the transformer a
+stage is the same model class with the blocks it does not own deleted (names unchanged, so
+checkpoints stay layout-independent), the embeddings only on the first stage and the final norm
+and head only on the last.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from kiln.config import Config
+from kiln.errors import ConfigError
+from kiln.model.spec import ModelSpec
 from kiln.parallel.runtime import Parallel
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1f1b": ScheduleInterleaved1F1B}
@@ -27,21 +30,12 @@ def stage_ids(cfg: Config, pp: int, pp_rank: int) -> tuple[list[int], int]:
     return [pp_rank + k * pp for k in range(per_rank)], pp * per_rank
 
 
-def cut_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
-    """Keep only stage `stage`'s share of `model` (built on the meta device)."""
-    n_layers = len(model.layers)
-    per = n_layers // n_stages
-    keep = {str(i) for i in range(stage * per, (stage + 1) * per)}
-    for name in list(model.layers.keys()):
-        if name not in keep:
-            del model.layers[name]
-    if stage > 0:
-        model.tok_emb = None
-        model.pos_emb = None
-    if stage < n_stages - 1:
-        model.norm = None
-        model.head = None
-    return model
+def cut_stage(model: nn.Module, spec: ModelSpec, stage: int, n_stages: int) -> nn.Module:
+    """Keep only stage `stage`'s share of `model` (built on the meta device), as the family's
+    spec cuts it."""
+    if spec.pipeline_stage is None:
+        raise ConfigError(f"model.family = '{spec.name}' cannot be cut into pipeline stages; set parallel.pp = 1")
+    return spec.pipeline_stage(model, stage, n_stages)
 
 
 def build_schedule(parts: list[nn.Module], ids: list[int], n_stages: int, par: Parallel, cfg: Config,

@@ -28,6 +28,7 @@ class Parallel:
     dims: ParallelDims
     mesh: DeviceMesh | None
     device: torch.device
+    collective_timer: Callable[[Callable[[], T]], T] | None = None  # set by the step_time callback
 
     @classmethod
     def setup(cls, cfg: Config, device: torch.device) -> "Parallel":
@@ -59,11 +60,14 @@ class Parallel:
         if self.distributed:
             dist.barrier()
 
+    def _timed(self, fn: Callable[[], T]) -> T:
+        return fn() if self.collective_timer is None else self.collective_timer(fn)
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over every rank (callers divide out the copies that TP and PP make)."""
         if self.distributed:
             t = t.clone()
-            dist.all_reduce(t)
+            self._timed(lambda: dist.all_reduce(t))
         return t
 
     def data_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -101,10 +105,10 @@ class Parallel:
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # reduces over the shards of FSDP and TP
+            norm = self._timed(norm.full_tensor)  # reduces over the shards of FSDP and TP
         if self.dims.pp > 1:
             sq = norm.pow(2)
-            dist.all_reduce(sq, group=self.mesh["pp"].get_group())
+            self._timed(lambda: dist.all_reduce(sq, group=self.mesh["pp"].get_group()))
             norm = sq.sqrt()
         if max_norm != float("inf"):
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)

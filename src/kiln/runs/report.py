@@ -40,18 +40,19 @@ def summary_table(summary: dict[str, Any], title: str = "Kiln run") -> Table:
     return table
 
 
-def plot_losses(run: RunDir, history: dict[str, list], unigram_entropy: float | None = None) -> None:
+def plot_losses(run: RunDir, unigram_entropy: float | None = None) -> None:
     """loss.png: training loss per logged step, validation loss per evaluation, and the loss of
-    a context-free (unigram) model for reference."""
+    a context-free (unigram) model for reference, from the run's own records."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics, evals = run.metrics(), run.evals()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["step"], history["loss"], label="train", lw=1)
-    if history["val_step"]:
-        ax.plot(history["val_step"], history["val_loss"], "o-", label="validation")
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train", lw=1)
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
     if unigram_entropy is not None:
         ax.axhline(unigram_entropy, ls="--", color="grey", lw=1, label="unigram entropy (val)")
     ax.set_xlabel("step")

@@ -1,24 +1,59 @@
-"""The run directory: everything one experiment wrote, in one place.
+"""The run directory: everything one experiment wrote, in one place, read and written only here.
 
     runs/<name>/
-        config.toml       the resolved configuration
-        metrics.jsonl     one JSON object per logged training step
-        eval.jsonl        one JSON object per evaluation
-        samples.txt       generations from the fixed prompts at the end
-        summary.json      final figures
-        loss.png          training and validation loss curves
-        checkpoints/      see kiln.train.checkpoint
+        run.json            what started the run: created, kiln version, launcher id, plugins
+        config.toml         the resolved configuration
+        tokenizer.json      the tokenizer the run's data was made with
+        metrics.jsonl       one JSON object per logged training step
+        eval.jsonl          one JSON object per evaluation
+        events.jsonl        what the guard saw and did, failed checkpoint writes, budget decisions
+        *.jsonl             other step-keyed logs written by callbacks (layer_stats.jsonl, ...)
+        eval/step-<N>.json  evaluation suites at step N (and eval/step-<N>/ their artifacts)
+        samples.txt         generations from the fixed prompts at the end
+        summary.json        final figures
+        loss.png            training and validation loss curves
+        checkpoints/        see kiln.train.checkpoint
+
+Every JSONL file in the folder is step-keyed (each record has a "step"), so `truncate_after`
+can make the folder what it was at any checkpoint. `load_model` gives the model at any step,
+whatever layout saved it, without the trainer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from kiln.config import Config, to_toml
-from kiln.errors import KilnError
+import torch
+
+from kiln import __version__
+from kiln.config import Config, file_dict, from_dict, to_toml
+from kiln.errors import CheckpointError, KilnError
+from kiln.train import checkpoint as ckpt
+
+
+@dataclass
+class LoadedModel:
+    """A run's whole model at one step, in this process, ready for evaluation."""
+
+    cfg: Config
+    model: torch.nn.Module
+    tokenizer: Any  # kiln.data.tokenizer.KilnTokenizer
+    device: torch.device
+    precision: str
+    step: int
+    untrained: bool = False  # step 0 rebuilt from the seed (no step-0 checkpoint)
+
+    @property
+    def autocast(self):
+        from kiln.train.precision import autocast_for
+
+        return autocast_for(self.device, self.precision)
 
 
 class RunDir:
@@ -26,14 +61,19 @@ class RunDir:
         self.path = Path(path)
 
     config_path = property(lambda self: self.path / "config.toml")
+    meta_path = property(lambda self: self.path / "run.json")
+    tokenizer_path = property(lambda self: self.path / "tokenizer.json")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     eval_path = property(lambda self: self.path / "eval.jsonl")
+    events_path = property(lambda self: self.path / "events.jsonl")
     summary_path = property(lambda self: self.path / "summary.json")
     samples_path = property(lambda self: self.path / "samples.txt")
+    eval_dir = property(lambda self: self.path / "eval")
     checkpoints = property(lambda self: self.path / "checkpoints")
 
+    # ------------------------------------------------------------------ creating, opening
     @classmethod
-    def create(cls, runs_dir: Path, name: str, cfg: Config) -> "RunDir":
+    def create(cls, runs_dir: Path, name: str, cfg: Config, meta: dict[str, Any] | None = None) -> "RunDir":
         """A new run folder; an existing run is never overwritten."""
         path = Path(runs_dir) / name
         if path.exists():
@@ -43,7 +83,9 @@ class RunDir:
         except OSError as e:
             raise KilnError(f"cannot create the run folder '{path}' ({e.strerror}); choose a writable --runs-dir") from None
         run = cls(path)
-        run.write_text("config.toml", to_toml(cfg))
+        run.write_json("run.json", {"name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "kiln_version": __version__, **(meta or {})})
+        run.write_config(cfg)
         return run
 
     @classmethod
@@ -53,9 +95,34 @@ class RunDir:
             raise KilnError(f"'{path}' is not a Kiln run folder (no config.toml)")
         return run
 
+    @classmethod
+    def find(cls, runs_dir: Path, **meta: Any) -> "RunDir | None":
+        """The run under `runs_dir` whose run.json holds all of `meta` (e.g. a launcher's job id)."""
+        folder = Path(runs_dir)
+        if not folder.is_dir():
+            return None
+        for path in sorted(folder.iterdir()):
+            if (path / "config.toml").is_file():
+                found = cls(path).meta()
+                if all(found.get(k) == v for k, v in meta.items()):
+                    return cls(path)
+        return None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    # ------------------------------------------------------------------ writing
     def write_text(self, name: str, text: str) -> None:
         """Write a file atomically: readers see the old or the new content, never a mix."""
         target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
         tmp.write_text(text)
         os.replace(tmp, target)
@@ -63,16 +130,23 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> None:
         self.write_text(name, json.dumps(obj, indent=2) + "\n")
 
-    def append(self, path: Path, record: dict[str, Any]) -> None:
-        with open(path, "a") as f:
+    def write_config(self, cfg: Config) -> None:
+        self.write_text("config.toml", to_toml(cfg))
+
+    def append(self, name: str | Path, record: dict[str, Any]) -> None:
+        with open(self.path / name, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        self.append(self.metrics_path, record)
+        self.append(self.metrics_path.name, record)
 
     def log_eval(self, record: dict[str, Any]) -> None:
-        self.append(self.eval_path, record)
+        self.append(self.eval_path.name, record)
 
+    def log_event(self, record: dict[str, Any]) -> None:
+        self.append(self.events_path.name, record)
+
+    # ------------------------------------------------------------------ reading
     @staticmethod
     def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if not path.is_file():
@@ -91,9 +165,98 @@ class RunDir:
     def evals(self) -> list[dict[str, Any]]:
         return self.read_jsonl(self.eval_path)
 
-    def truncate_after(self, step: int) -> None:
-        """Forget records past `step` (written after the checkpoint a resume starts from)."""
-        for path in (self.metrics_path, self.eval_path):
-            if path.is_file():
-                kept = [r for r in self.read_jsonl(path) if r.get("step", 0) <= step]
-                self.write_text(path.name, "".join(json.dumps(r) + "\n" for r in kept))
+    def events(self) -> list[dict[str, Any]]:
+        return self.read_jsonl(self.events_path)
+
+    def summary(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.summary_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def config_dict(self) -> dict[str, Any]:
+        return file_dict(self.config_path)
+
+    def config(self) -> Config:
+        """The run's configuration (types and values checked; names resolve in kiln.resolve)."""
+        return from_dict(self.config_dict())
+
+    def tokenizer(self):
+        from kiln.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_path)
+
+    # ------------------------------------------------------------------ forgetting
+    def step_logs(self) -> list[Path]:
+        return sorted(p for p in self.path.glob("*.jsonl") if p.is_file())
+
+    def truncate_after(self, step: int, keep: tuple[str, ...] = ()) -> None:
+        """Forget everything written after `step` (when a run resumes or rolls back to the
+        checkpoint of `step`): records of every step-keyed log, and evaluation reports of later
+        steps. Files named in `keep` stay whole (a rollback keeps the guard's events)."""
+        for path in self.step_logs():
+            if path.name in keep:
+                continue
+            kept = [r for r in self.read_jsonl(path) if r.get("step", 0) <= step]  # also drops a torn last line
+            self.write_text(path.name, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.eval_dir.is_dir():
+            for entry in self.eval_dir.iterdir():
+                n = entry.name.removesuffix(".json")
+                if n.startswith("step-") and n[5:].isdigit() and int(n[5:]) > step:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_paths(self) -> list[Path]:
+        """Committed checkpoint folders, oldest first."""
+        return ckpt.list_checkpoints(self.checkpoints)
+
+    def latest_checkpoint(self, warn: Callable[[str], None] = print, max_step: int | None = None) -> Path | None:
+        """The newest checkpoint (at most `max_step`) that verifies; corrupt ones are reported."""
+        return ckpt.latest_valid_checkpoint(self.checkpoints, warn=warn, max_step=max_step)
+
+    def checkpoint(self, step: int | None = None, warn: Callable[[str], None] = print) -> Path:
+        """Checkpoint `step` (verified), or the newest valid one; a CheckpointError otherwise."""
+        if step is None:
+            chosen = self.latest_checkpoint(warn)
+            if chosen is None:
+                raise CheckpointError(f"{self.path} has no valid checkpoint to load")
+            return chosen
+        chosen = self.checkpoints / ckpt.step_dir_name(step)
+        problem = ckpt.verify_checkpoint(chosen) if chosen.is_dir() else "it does not exist"
+        if problem:
+            steps = ", ".join(str(ckpt.checkpoint_step(p)) for p in self.checkpoint_paths()) or "none"
+            raise CheckpointError(f"checkpoint step {step} of {self.path} is unusable: {problem} "
+                                  f"(checkpoints: {steps})")
+        return chosen
+
+    def load_model(self, step: int | None = None, device: torch.device | None = None,
+                   warn: Callable[[str], None] = print) -> LoadedModel:
+        """The whole model at `step` (default: the newest valid checkpoint) in this process,
+        whatever layout saved it. Step 0 without a step-0 checkpoint is the untrained model,
+        rebuilt exactly as training initialised it (from train.seed)."""
+        from kiln.model.registry import build_model, initialise, resolve_family
+        from kiln.train.precision import resolve_device, resolve_precision
+
+        cfg = self.config()
+        self.check_family(cfg, resolve_family)
+        tokenizer = self.tokenizer()
+        device = device or resolve_device(cfg)
+        model = build_model(cfg.model, tokenizer.vocab_size).to(device)
+        if step == 0 and not (self.checkpoints / ckpt.step_dir_name(0)).is_dir():
+            initialise(model, cfg.model, cfg.train.seed)
+            return LoadedModel(cfg, model.eval(), tokenizer, device, resolve_precision(cfg, device), 0, untrained=True)
+        chosen = self.checkpoint(step, warn)
+        ckpt.load_weights(chosen, [model])
+        precision = ckpt.read_state(chosen)["trainer"].get("precision") or resolve_precision(cfg, device)
+        return LoadedModel(cfg, model.eval(), tokenizer, device, precision, ckpt.checkpoint_step(chosen))
+
+    def check_family(self, cfg: Config, check: Callable[[Config], Any]) -> Any:
+        """`check(cfg)`, with a hint naming the plugins the run was trained with when a name
+        it needs is not registered in this process."""
+        try:
+            return check(cfg)
+        except KilnError as e:
+            plugins = self.meta().get("plugins") or []
+            if plugins and "registered" in str(e):
+                raise type(e)(f"{e}; this run was trained with --plugin {' --plugin '.join(plugins)}") from None
+            raise

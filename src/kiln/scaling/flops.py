@@ -1,9 +1,8 @@
 """FLOPs per token from the model config, and the hardware peak to compute MFU against.
 
-Training FLOPs per token = 6 * N + 12 * L * d * T (PaLM, appendix B): N counts the parameters
-that take part in matrix products (all but the position table; the output projection counts
-even when tied to the embedding, since its product is done), and the second term is the
-attention score and value products of a (non-causal-discounted) T-long context.
+FLOPs per token and parameter counts come from the model family's `ModelSpec` (for the
+transformer: 6 N + 12 L d T, PaLM appendix B, see kiln.model.specs); MFU is achieved FLOP/s
+over the device's peak.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kiln.config import ModelConfig
-from kiln.model.layers import swiglu_hidden
+from kiln.model.registry import get_spec, padded_vocab
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, without sparsity.
 GPU_PEAK_TFLOPS = {
@@ -42,46 +41,14 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
-    d, L = cfg.d_model, cfg.n_layers
-    head_dim = d // cfg.n_heads
-    kv = cfg.n_kv_heads or cfg.n_heads
-    attn = d * d * 2 + 2 * d * kv * head_dim  # wq, wo, wk, wv
-    if cfg.mlp == "swiglu":
-        mlp = 3 * d * (cfg.d_ff or swiglu_hidden(d))
-    else:
-        mlp = 2 * d * (cfg.d_ff or 4 * d)
-    head = d * d if cfg.family == "encoder" else 0  # the masked-LM head's dense layer
-    return L * (attn + mlp) + head + d * vocab_size
-
-
-def model_params(cfg: ModelConfig, vocab_size: int) -> int:
-    """All parameters: matrices, embeddings (padded vocabulary), norms and biases."""
-    from kiln.model.registry import padded_vocab
-
-    d, L = cfg.d_model, cfg.n_layers
-    vocab = padded_vocab(vocab_size)
-    n = matmul_params(cfg, vocab) - d * vocab  # blocks
-    n += d * vocab * (1 if cfg.tie_embeddings else 2)
-    if cfg.pos == "learned":
-        n += (cfg.max_seq_len or cfg.seq_len) * d
-    norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    n += (2 * L + 1) * norm
-    if cfg.qk_norm:
-        n += 2 * L * (d // cfg.n_heads)
-    if cfg.bias:
-        head_dim = d // cfg.n_heads
-        kv = cfg.n_kv_heads or cfg.n_heads
-        hidden = cfg.d_ff or (swiglu_hidden(d) if cfg.mlp == "swiglu" else 4 * d)
-        n += L * (2 * d + 2 * kv * head_dim + hidden * (2 if cfg.mlp == "swiglu" else 1) + d)
-    if cfg.family == "encoder":  # the masked-LM head's norm, dense bias and output bias
-        n += norm + ((d + vocab) if cfg.bias else 0)
-    return n
-
-
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
-    """Training (forward + backward) FLOPs per token."""
-    return 6.0 * matmul_params(cfg, vocab_size) + 12.0 * cfg.n_layers * cfg.d_model * cfg.seq_len
+    """Training (forward + backward) FLOPs per token, as the model family counts them."""
+    return get_spec(cfg.family).flops(cfg, padded_vocab(vocab_size))
+
+
+def param_count(cfg: ModelConfig, vocab_size: int) -> int:
+    """All parameters of the model for a tokenizer of `vocab_size` (embedding padded)."""
+    return get_spec(cfg.family).params(cfg, padded_vocab(vocab_size))
 
 
 def gpu_peak_tflops(name: str) -> float | None:
@@ -112,8 +79,12 @@ def measure_cpu_matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float 
     gen = torch.Generator().manual_seed(0)  # never touch the global RNG: training's dropout draws from it
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)
-    for _ in range(2):
-        a @ b
+    start = time.perf_counter()
+    a @ b
+    first = time.perf_counter() - start
+    if first > seconds:  # a path without native support (bf16 on some CPUs: ~100x slower): one product tells
+        return 2 * n**3 / first / 1e12
+    a @ b
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b

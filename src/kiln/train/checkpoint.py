@@ -51,6 +51,11 @@ def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder (`step-00000100` -> 100)."""
+    return int(Path(path).name[len(PREFIX):])
+
+
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
@@ -178,11 +183,15 @@ class Checkpointer:
                 raise error
             raise OSError(f"{error}" if error is not None else "another rank failed to write its part")
 
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
     def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-             trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step`; returns its final path (committed, or pending for async).
-        A write failure on any rank raises OSError on every rank and leaves earlier checkpoints
-        untouched."""
+             trainer_state: dict[str, Any]) -> Path | None:
+        """Write checkpoint `step`; returns its path once committed, or None while an asynchronous
+        save is still being written (`poll` / `wait` commit it). A write failure on any rank
+        raises OSError on every rank and leaves earlier checkpoints untouched."""
         self.wait()
         final = self.folder / step_dir_name(step)
         tmp = self.folder / (final.name + ".tmp")
@@ -214,7 +223,7 @@ class Checkpointer:
                         self._group = torch.distributed.new_group(backend="gloo")
                     future = dcp.async_save(payload, checkpoint_id=str(tmp / "dcp"), process_group=self._group)
                     self._pending = (future, tmp, final)
-                    return final
+                    return None
                 try:
                     dcp.save(payload, checkpoint_id=str(tmp / "dcp"))
                 except CheckpointException as e:  # raised on every rank when any rank's write failed
@@ -229,16 +238,40 @@ class Checkpointer:
             raise
         return final
 
-    def wait(self) -> None:
-        """Finish a pending asynchronous save (and commit it)."""
-        if self._pending is not None:
-            future, tmp, final = self._pending
-            self._pending = None
-            try:
-                future.result()
-            except CheckpointException as e:
-                raise OSError(f"distributed checkpoint write failed: {e}") from None
-            self._commit(tmp, final, int(final.name[len(PREFIX):]))
+    def poll(self) -> Path | None:
+        """Commit a pending asynchronous save if every rank has finished writing it (no waiting);
+        returns the committed path, else None. Every rank must call it at the same steps."""
+        if self._pending is None:
+            return None
+        done = self._pending[0].done()
+        if self._distributed:
+            flag = torch.tensor([1 if done else 0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            done = bool(flag.item())
+        return self.wait() if done else None
+
+    def wait(self) -> Path | None:
+        """Finish a pending asynchronous save and commit it; returns its path (None if there was
+        none). A failed write raises OSError on every rank."""
+        if self._pending is None:
+            return None
+        future, tmp, final = self._pending
+        self._pending = None
+        error: BaseException | None = None
+        try:
+            future.result()
+        except CheckpointException as e:
+            error = OSError(f"distributed checkpoint write failed: {e}")
+        except OSError as e:
+            error = e
+        try:
+            self._agree(error)
+        except BaseException:
+            if self._rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._commit(tmp, final, checkpoint_step(final))
+        return final
 
     def _commit(self, tmp: Path, final: Path, step: int) -> None:
         self._barrier()  # every rank's files are on disk
@@ -274,21 +307,27 @@ class Checkpointer:
         counted as newer and are left alone."""
         if not self.keep:
             return
-        upto = [p for p in list_checkpoints(self.folder) if int(p.name[len(PREFIX):]) <= current]
+        upto = [p for p in list_checkpoints(self.folder) if checkpoint_step(p) <= current]
         for old in upto[:-self.keep]:
-            step = int(old.name[len(PREFIX):])
+            step = checkpoint_step(old)
             if not (self.keep_every and step % self.keep_every == 0):
                 shutil.rmtree(old, ignore_errors=True)
 
     # ----------------------------------------------------------------------- load
-    def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None) -> dict[str, Any]:
-        """Restore model, optimizer and RNG from `path` into any layout; returns the saved state."""
+    def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
+             rng_seed: int | None = None) -> dict[str, Any]:
+        """Restore model, optimizer and RNG from `path` into any layout; returns the saved state.
+        A rank whose RNG state the checkpoint lacks (saved at a smaller world size) is seeded
+        with `rng_seed` instead of copying another rank's (which would share its dropout masks)."""
         load_weights(path, parts, optimizers)
         state = read_state(path)
         rng_file = path / f"rng-{self._rank}.safetensors"
-        if not rng_file.is_file():
-            rng_file = path / "rng-0.safetensors"  # a different world size: other ranks start from rank 0's
-        set_rng_state(load_file(rng_file), state["rng"])
+        if rng_file.is_file():
+            set_rng_state(load_file(rng_file), state["rng"])
+        else:
+            set_rng_state(load_file(path / "rng-0.safetensors"), state["rng"])  # host RNGs, CUDA layout
+            if rng_seed is not None:
+                torch.manual_seed(rng_seed)
         return state
 
 
@@ -316,7 +355,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -343,7 +382,7 @@ def latest_valid_checkpoint(folder: Path, warn=print, max_step: int | None = Non
     """The newest checkpoint (at most `max_step`) that verifies; corrupt newer ones are
     reported and skipped."""
     for path in reversed(list_checkpoints(folder)):
-        if max_step is not None and int(path.name[len(PREFIX):]) > max_step:
+        if max_step is not None and checkpoint_step(path) > max_step:
             continue
         problem = verify_checkpoint(path)
         if problem is None:

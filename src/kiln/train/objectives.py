@@ -1,7 +1,7 @@
 """Training objectives: how a window of tokens becomes (inputs, targets, loss) for a model family.
 
-An objective is a registered class; `train.objective` selects it and its `family` names the
-model family it needs (checked when the config is validated).
+An objective is a registered class; `train.objective` selects it, and its `causal` flag says which
+kind of model family it trains (checked by `kiln.resolve` against the family's `ModelSpec.causal`).
 
 Objectives that draw random numbers (masking) draw them per window from (seed, step, the window's
 index in the global batch): a batch is then the same whether one process makes it or each
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kiln.config import Config, MaskConfig
 from kiln.data.tokenizer import KilnTokenizer
+from kiln.errors import ConfigError
 
 IGNORE = -100  # target id that contributes no loss
 EVAL_STEP = -1  # the `step` evaluations pass: a random stream that no training step uses
@@ -32,7 +33,7 @@ class Batch:
 
 class Objective:
     name: ClassVar[str]
-    family: ClassVar[str]  # model family this objective trains
+    causal: ClassVar[bool | None] = None  # True: needs a causal family; False: a bidirectional one; None: any
     masked: ClassVar[bool] = False  # predicts hidden input tokens: evaluation adds masked accuracy and a baseline
 
     def __init__(self, tokenizer: KilnTokenizer, vocab_size: int, cfg: Config | None = None):
@@ -61,8 +62,15 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
+def get_objective(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"train.objective = {name!r} is not a registered objective; registered: "
+                          f"{', '.join(OBJECTIVES)} (a plugin adds one with @register_objective)")
+    return OBJECTIVES[name]
+
+
 def build_objective(cfg: Config, tokenizer: KilnTokenizer, vocab_size: int) -> Objective:
-    return OBJECTIVES[cfg.train.objective](tokenizer, vocab_size, cfg)
+    return get_objective(cfg.train.objective)(tokenizer, vocab_size, cfg)
 
 
 def window_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -76,7 +84,7 @@ class Causal(Objective):
     """Next-token prediction: inputs are the first T tokens of a window, targets the last T."""
 
     name = "causal"
-    family = "decoder"
+    causal = True
 
     def make_batch(self, windows: torch.Tensor, step: int, seed: int, first_index: int = 0) -> Batch:
         return Batch(windows[:, :-1], windows[:, 1:])
@@ -96,7 +104,7 @@ class Masked(Objective):
     """
 
     name = "masked"
-    family = "encoder"
+    causal = False
     masked = True
 
     def __init__(self, tokenizer: KilnTokenizer, vocab_size: int, cfg: Config | None = None):

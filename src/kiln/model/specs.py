@@ -1,0 +1,171 @@
+"""The transformer families' specs: the GPT-style `decoder` and the BERT-style `encoder`.
+
+Everything here that names the model's attributes (`layers`, `tok_emb`, `attn.wo`, ...) is the
+family's own knowledge, handed to the rest of Kiln through `ModelSpec` slots: validation of the
+shape, the repeated blocks, the initialisation rule, the pipeline cut, parameter / FLOP /
+activation counts and the attention probe used by monitoring. The tensor-parallel plan lives in
+`kiln.parallel.plans` and is referenced from the specs below.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.config import Config, ModelConfig
+from kiln.errors import ConfigError
+from kiln.model.decoder import Decoder
+from kiln.model.encoder import Encoder
+from kiln.model.layers import swiglu_hidden
+from kiln.model.spec import ActivationBytes, ModelSpec, normal_std_for_depth, padded_vocab
+from kiln.parallel.plans import transformer_tensor_parallel
+
+RESIDUAL_OUTPUTS = ("attn.wo", "mlp.w2")  # projections into the residual stream get depth-scaled init
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------- validation
+
+def validate_transformer(cfg: Config) -> None:
+    m, par = cfg.model, cfg.parallel
+    _require(m.d_model % m.n_heads == 0, f"model.n_heads = {m.n_heads} must divide model.d_model = {m.d_model}")
+    kv = m.n_kv_heads or m.n_heads
+    _require(kv <= m.n_heads and m.n_heads % kv == 0,
+             f"model.n_kv_heads = {kv} must divide model.n_heads = {m.n_heads}")
+    head_dim = m.d_model // m.n_heads
+    _require(m.pos != "rope" or head_dim % 2 == 0,
+             f"model.pos = 'rope' needs an even head size, got d_model/n_heads = {head_dim}")
+    _require(m.n_heads % par.tp == 0 and kv % par.tp == 0,
+             f"parallel.tp = {par.tp} must divide model.n_heads = {m.n_heads} and the KV heads = {kv}")
+    _require(m.seq_len % par.tp == 0, f"parallel.tp = {par.tp} must divide model.seq_len = {m.seq_len} "
+             "(sequence parallelism splits the sequence)")
+    if par.pp > 1:
+        stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
+        _require(m.n_layers % stages == 0, f"model.n_layers = {m.n_layers} must be divisible by the {stages} "
+                 "pipeline stages (parallel.pp x stages per rank)")
+        _require(not m.tie_embeddings, "parallel.pp > 1 needs model.tie_embeddings = false (the embedding and the "
+                 "output layer live on different stages)")
+    if par.tp > 1:
+        _require(not m.tie_embeddings, "parallel.tp > 1 needs model.tie_embeddings = false (the shared matrix "
+                 "would need two layouts)")
+
+
+def validate_encoder(cfg: Config) -> None:
+    validate_transformer(cfg)
+    _require(cfg.parallel.tp == 1 and cfg.parallel.pp == 1, "model.family = 'encoder' trains with data "
+             "parallelism (FSDP) only for now; set parallel.tp = 1 and parallel.pp = 1")
+
+
+# --------------------------------------------------------------------------- structure
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(f"layers.{name}", block) for name, block in model.layers.items()]
+
+
+def transformer_init_rule(name: str, ndim: int, cfg: ModelConfig) -> tuple[str, float]:
+    """GPT-2 / Llama practice: N(0, init_std) for matrices and embeddings, residual projections
+    scaled by 1/sqrt(2L); biases zero, norm gains one."""
+    leaf = name.rsplit(".", 1)[-1]
+    owner = name.rsplit(".", 1)[0] if "." in name else ""
+    if leaf == "bias":
+        return "zeros", 0.0
+    if ndim == 1:
+        return "ones", 0.0
+    if owner.endswith(RESIDUAL_OUTPUTS):
+        return "normal", normal_std_for_depth(cfg.init_std, cfg.n_layers)
+    return "normal", cfg.init_std
+
+
+def pipeline_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
+    """Keep only stage `stage`'s blocks (names unchanged, so checkpoints stay layout-independent);
+    the embeddings stay on the first stage, the final norm and head on the last."""
+    per = len(model.layers) // n_stages
+    keep = {str(i) for i in range(stage * per, (stage + 1) * per)}
+    for name in list(model.layers.keys()):
+        if name not in keep:
+            del model.layers[name]
+    if stage > 0:
+        model.tok_emb = None
+        model.pos_emb = None
+    if stage < n_stages - 1:
+        model.norm = None
+        model.head = None
+    return model
+
+
+def attention_logits(module: nn.Module, args: tuple) -> torch.Tensor:
+    """Pre-softmax attention scores (B, heads, T, T) of an `Attention` module for its forward
+    arguments (x, rope, mask); masked positions are -inf."""
+    return module.logits(*args)
+
+
+# --------------------------------------------------------------------------- counts
+
+def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """Weights that take part in a matrix product per token: every projection and the output
+    layer (counted even when tied to the embedding, since its product is done)."""
+    d, L = cfg.d_model, cfg.n_layers
+    head_dim = d // cfg.n_heads
+    kv = cfg.n_kv_heads or cfg.n_heads
+    attn = d * d * 2 + 2 * d * kv * head_dim  # wq, wo, wk, wv
+    if cfg.mlp == "swiglu":
+        mlp = 3 * d * (cfg.d_ff or swiglu_hidden(d))
+    else:
+        mlp = 2 * d * (cfg.d_ff or 4 * d)
+    head = d * d if cfg.family == "encoder" else 0  # the masked-LM head's dense layer
+    return L * (attn + mlp) + head + d * vocab_size
+
+
+def model_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """All parameters: matrices, embeddings (padded vocabulary), norms and biases."""
+    d, L = cfg.d_model, cfg.n_layers
+    vocab = padded_vocab(vocab_size)
+    n = matmul_params(cfg, vocab) - d * vocab  # blocks
+    n += d * vocab * (1 if cfg.tie_embeddings else 2)
+    if cfg.pos == "learned":
+        n += (cfg.max_seq_len or cfg.seq_len) * d
+    norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    n += (2 * L + 1) * norm
+    if cfg.qk_norm:
+        n += 2 * L * (d // cfg.n_heads)
+    if cfg.bias:
+        head_dim = d // cfg.n_heads
+        kv = cfg.n_kv_heads or cfg.n_heads
+        hidden = cfg.d_ff or (swiglu_hidden(d) if cfg.mlp == "swiglu" else 4 * d)
+        n += L * (2 * d + 2 * kv * head_dim + hidden * (2 if cfg.mlp == "swiglu" else 1) + d)
+    if cfg.family == "encoder":  # the masked-LM head's norm, dense bias and output bias
+        n += norm + ((d + vocab) if cfg.bias else 0)
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """Training FLOPs per token = 6 N + 12 L d T (PaLM, appendix B): N counts the weights of
+    matrix products, the second term the attention scores and values over a T-long context."""
+    return 6.0 * matmul_params(cfg, vocab_size) + 12.0 * cfg.n_layers * cfg.d_model * cfg.seq_len
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch: int, value_bytes: int) -> ActivationBytes:
+    """Korthikanti et al. (2022): about 34 s b h bytes per layer at 16 bits with fused attention
+    (no s^2 term), scaled to the activations' width; checkpointing keeps only the block input."""
+    per_value = cfg.seq_len * micro_batch * cfg.d_model * value_bytes
+    return ActivationBytes(stored=34 / 2 * per_value, inputs=per_value)
+
+
+# --------------------------------------------------------------------------- the specs
+
+def _spec(name: str, build, validate, causal: bool) -> ModelSpec:
+    return ModelSpec(
+        name=name, build=build, validate=validate, blocks=transformer_blocks, init_rule=transformer_init_rule,
+        tensor_parallel=transformer_tensor_parallel if name == "decoder" else None,
+        pipeline_stage=pipeline_stage if name == "decoder" else None,
+        count_params=model_params, flops_per_token=flops_per_token, activation_bytes=activation_bytes,
+        monitor_modules=("layers.*.attn", "layers.*.mlp"), attention_logits=attention_logits,
+        attention_modules=("layers.*.attn",), causal=causal)
+
+
+DECODER = _spec("decoder", Decoder, validate_transformer, causal=True)
+ENCODER = _spec("encoder", Encoder, validate_encoder, causal=False)

@@ -1,0 +1,59 @@
+"""Resolve the names a config gives against the registries, after plugins have loaded.
+
+`kiln.config` checks types and values only. What a name refers to (the model family and its
+own shape rules, the objective and the model it trains, evaluation suites, callbacks and their
+options) is checked here, once the user's plugins (`--plugin`, `KILN_PLUGINS`, `KILN_SUITES`)
+have registered theirs. Verbs check only what they use: `kiln export` needs the model family,
+not the suites a run was evaluated with.
+"""
+
+from __future__ import annotations
+
+from kiln.config import Config
+from kiln.errors import ConfigError
+from kiln.model.registry import resolve_family
+from kiln.model.spec import ModelSpec
+from kiln.plugins import load_plugins
+
+
+def check_model(cfg: Config) -> ModelSpec:
+    """The model family's spec, after its own validation of the config."""
+    return resolve_family(cfg)
+
+
+def check_objective(cfg: Config, spec: ModelSpec) -> None:
+    from kiln.train.objectives import get_objective
+
+    objective = get_objective(cfg.train.objective)
+    if objective.causal is True and not spec.causal:
+        raise ConfigError(f"train.objective = '{objective.name}' needs model.family = 'decoder' or another causal "
+                          f"family (model.family = '{spec.name}' sees the future); use train.objective = 'masked' "
+                          "for an encoder")
+    if objective.causal is False and spec.causal:
+        raise ConfigError(f"train.objective = '{objective.name}' needs model.family = 'encoder' or another "
+                          f"bidirectional family (a causal model such as '{spec.name}' cannot see the tokens right "
+                          "of a mask); set model.family = 'encoder'")
+
+
+def check_suites(names: list[str], where: str = "eval.suites") -> None:
+    from kiln.eval.suites import check_suite_names
+
+    load_plugins()
+    check_suite_names(names, where)
+
+
+def check_callbacks(cfg: Config) -> None:
+    from kiln.train.callbacks.registry import check_callback_config
+
+    load_plugins()
+    check_callback_config(cfg.callbacks)
+
+
+def check_training(cfg: Config) -> ModelSpec:
+    """Everything a training run names: family, objective, suites, callbacks."""
+    spec = check_model(cfg)
+    check_objective(cfg, spec)
+    if cfg.eval.suites:
+        check_suites(cfg.eval.suites)
+    check_callbacks(cfg)
+    return spec

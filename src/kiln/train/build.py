@@ -1,0 +1,92 @@
+"""Assembling a `Trainer` from a config: precision, objective, the model parts with their
+parallel layout, optimizers, the train module, data, the guard, checkpoints and callbacks.
+
+Reads as a recipe, top to bottom; each piece comes from the module that owns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from kiln.config import Config
+from kiln.data.loader import BatchSampler, TokenWindows, eval_windows, share_windows
+from kiln.data.shards import Prepared
+from kiln.errors import ConfigError, DataError
+from kiln.model.spec import ModelSpec, padded_vocab
+from kiln.parallel import pipeline as pp
+from kiln.parallel.apply import materialise, parallelize
+from kiln.parallel.runtime import Parallel
+from kiln.runs.rundir import RunDir
+from kiln.train.callbacks.base import Callback, CallbackList
+from kiln.train.callbacks.builtin import builtin_callbacks
+from kiln.train.callbacks.registry import build_callbacks
+from kiln.train.checkpoint import Checkpointer
+from kiln.train.guard import Guard
+from kiln.train.module import TrainModule
+from kiln.train.objectives import build_objective
+from kiln.train.optim import build_optimizer
+from kiln.train.precision import resolve_precision
+from kiln.train.seeding import dropout_seed
+from kiln.train.trainer import Trainer
+
+
+def _precision(cfg: Config, par: Parallel, resume_state: dict[str, Any] | None) -> str:
+    saved = (resume_state or {}).get("trainer", {}).get("precision")
+    if cfg.train.precision == "auto" and saved:
+        return saved  # a resumed run keeps the precision "auto" chose for it
+    # rank 0 decides (a CPU choice is timed), so every rank computes alike
+    return par.broadcast(resolve_precision(cfg, par.device) if par.is_main else None)
+
+
+def build_parts(cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int) -> tuple[list, list[int], int]:
+    """This rank's model parts (the whole model, or its pipeline stages), laid out and initialised."""
+    ids, n_stages = pp.stage_ids(cfg, par.dims.pp, par.pp_rank) if par.dims.pp > 1 else ([0], 1)
+    parts = []
+    for stage in ids:
+        with torch.device("meta"):
+            model = spec.build(cfg.model, padded_vocab(vocab_size))
+        if par.dims.pp > 1:
+            model = pp.cut_stage(model, spec, stage, n_stages)
+        parallelize(model, spec, cfg, par.dims, par.mesh)
+        parts.append(materialise(model, spec, cfg, par.device))
+    return parts, ids, n_stages
+
+
+def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par: Parallel,
+                  resume_state: dict[str, Any] | None = None, callbacks: Iterable[Callback] = ()) -> Trainer:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    dp_rank, dp_size = par.dp
+    torch.manual_seed(dropout_seed(cfg.train.seed, dp_rank))  # weights have generators of their own
+    precision = _precision(cfg, par, resume_state)
+    objective = build_objective(cfg, data.tokenizer, data.vocab_size)
+
+    parts, stage_ids, n_stages = build_parts(cfg, spec, par, data.vocab_size)
+    optimizers = [build_optimizer(p, cfg.optim, par.device) for p in parts]
+    sampler = BatchSampler(TokenWindows(data.split("train"), cfg.model.seq_len, "train"),
+                           cfg.global_batch, cfg.train.seed, dp_rank, dp_size)
+    micro_batch = cfg.train.micro_batch_size or sampler.local_batch
+    module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages)
+    eval_batch = micro_batch
+    if par.dims.pp > 1:
+        n_micro = cfg.parallel.pp_microbatches
+        if sampler.local_batch % n_micro:
+            raise ConfigError(f"parallel.pp_microbatches = {n_micro} must divide the per-rank batch of "
+                              f"{sampler.local_batch} sequences (train.batch_size / data-parallel ranks)")
+        module.attach_schedule()
+        eval_batch = sampler.local_batch  # the schedule's shapes are the training step's
+
+    windows = eval_windows(TokenWindows(data.split("val"), cfg.model.seq_len, "validation"),
+                           cfg.eval.batches * cfg.global_batch)
+    if len(windows) < dp_size:
+        raise DataError(f"the validation split has {len(windows)} window(s) of model.seq_len + 1 tokens, too few "
+                        f"for {dp_size} data-parallel ranks; raise data.val_fraction or eval.batches")
+    val = share_windows(windows, dp_rank, dp_size, multiple=eval_batch)
+
+    guard = (Guard(cfg.guard, par.device, judge_from=cfg.schedule.warmup_steps) if cfg.guard.enabled else None)
+    checkpointer = Checkpointer(run.checkpoints, par, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
+                                async_save=cfg.parallel.async_checkpoint)
+    listed = CallbackList([*builtin_callbacks(cfg), *build_callbacks(cfg.callbacks), *callbacks])
+    return Trainer(cfg, spec, run, data, par, module, sampler, val, eval_batch, listed, checkpointer, guard)

@@ -1,0 +1,25 @@
+"""The callbacks every run has, built from the config's own sections (not `[callbacks]`):
+the loop's built-in behaviour, each in the module that implements it."""
+
+from __future__ import annotations
+
+from kiln.config import Config
+from kiln.train.callbacks.base import Callback
+from kiln.train.callbacks.budget import TimeBudget
+from kiln.train.callbacks.checkpointing import CheckpointPolicy
+from kiln.train.callbacks.evaluation import Evaluation, Samples
+from kiln.train.callbacks.logging import ConsoleLog, MetricsLog
+from kiln.train.callbacks.plot import LossPlot
+from kiln.train.callbacks.throughput import Throughput
+from kiln.train.callbacks.watchdog import HangWatchdog
+
+
+def builtin_callbacks(cfg: Config) -> list[Callback]:
+    callbacks: list[Callback] = [Evaluation(), CheckpointPolicy(), Samples(), Throughput(), ConsoleLog(), MetricsLog()]
+    if cfg.train.time_budget_s:
+        callbacks.append(TimeBudget())
+    if cfg.guard.hang_min_s > 0:
+        callbacks.append(HangWatchdog())
+    if cfg.log.plot:
+        callbacks.append(LossPlot())
+    return callbacks

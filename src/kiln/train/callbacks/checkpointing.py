@@ -1,0 +1,85 @@
+"""Checkpoint policy: when to save (every `checkpoint.every` steps and at the end), what a failed
+write does (`checkpoint.on_error`: stop with a message, or continue without it), and the
+`on_checkpoint` event once a checkpoint is committed — for an asynchronous save that is when
+every rank has finished writing it, found at a logging step or at the next save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from kiln.errors import KilnError
+from kiln.train.callbacks.base import Callback
+from kiln.train.checkpoint import checkpoint_step, step_dir_name
+
+
+class CheckpointPolicy(Callback):
+    order = 30
+
+    def __init__(self, options: Any = None):
+        super().__init__(options)
+        self.last_saved = -1
+
+    def due(self, trainer, step: int) -> bool:
+        every = trainer.cfg.checkpoint.every
+        return step >= trainer.total_steps or (bool(every) and step % every == 0)
+
+    def syncs_at(self, trainer, step: int) -> bool:
+        return self.due(trainer, step)
+
+    def on_step_complete(self, trainer) -> None:
+        if trainer.checkpointer.pending and trainer.log_due:
+            self._committed(trainer, self._guarded(trainer, trainer.checkpointer.poll))
+        if self.due(trainer, trainer.step):
+            self.save(trainer)
+
+    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+        exists = (trainer.run.checkpoints / step_dir_name(trainer.step)).is_dir()
+        if self.last_saved != trainer.step and not exists:  # e.g. the loop never ran in this process
+            self.save(trainer)
+        self.flush(trainer)
+
+    def on_error(self, trainer, error: BaseException) -> None:
+        if trainer.checkpointer.pending and isinstance(error, KilnError):
+            try:  # a user-facing stop (guard, budget): keep the checkpoint that is being written
+                self.flush(trainer)
+            except BaseException:
+                pass
+
+    def save(self, trainer) -> Path | None:
+        """Checkpoint now. A failed write (disk full, ...) leaves every earlier checkpoint intact."""
+        self.last_saved = trainer.step
+        with trainer.paused("checkpoint"):
+            module = trainer.module
+            path = self._guarded(trainer, lambda: trainer.checkpointer.save(
+                trainer.step, module.parts, module.optimizers, trainer.state()))
+            self._committed(trainer, path)
+            if trainer.done:
+                self.flush(trainer)
+        return path
+
+    def flush(self, trainer) -> None:
+        """Commit an asynchronous save in flight (waiting for it)."""
+        if trainer.checkpointer.pending:
+            with trainer.paused("checkpoint"):
+                self._committed(trainer, self._guarded(trainer, trainer.checkpointer.wait))
+
+    def _committed(self, trainer, path: Path | None) -> None:
+        if path is not None:
+            trainer.callbacks.on_checkpoint(trainer, checkpoint_step(path), path)
+
+    def _guarded(self, trainer, write: Callable[[], Path | None]) -> Path | None:
+        try:
+            return write()
+        except OSError as e:
+            folder = trainer.run.checkpoints
+            message = (f"writing checkpoint step {trainer.step} to {folder} failed ({e.strerror or e}); "
+                       "earlier checkpoints are intact")
+            action = trainer.cfg.checkpoint.on_error
+            if trainer.is_main:
+                trainer.run.log_event({"step": trainer.step, "kind": "checkpoint_failed", "error": str(e),
+                                       "action": action})
+            if action == "stop":
+                raise KilnError(message + "; free space and resume with --resume") from None
+            trainer.say(f"  warning: {message}; continuing (checkpoint.on_error = continue)")
+            return None

@@ -1,0 +1,72 @@
+"""Console progress and the metrics log: what a person watching the run sees, and what
+`metrics.jsonl` keeps."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kiln.progress import format_seconds
+from kiln.train.callbacks.base import Callback
+from kiln.train.callbacks.throughput import Throughput
+
+
+class ConsoleLog(Callback):
+    """The banner at the start, one line per logging interval (loss, LR, gradient norm, tokens/s,
+    MFU, ETA) and one per evaluation."""
+
+    order = 90
+
+    def on_run_start(self, trainer) -> None:
+        from kiln.parallel.memory import estimate_memory
+        from kiln.scaling.flops import param_count
+
+        cfg, module = trainer.cfg, trainer.module
+        self._since(trainer)
+        accum = -(-trainer.sampler.local_batch // module.micro_batch)
+        throughput = trainer.callbacks.find(Throughput)
+        peak = f"; peak: {throughput.peak_source}" if throughput is not None else ""
+        fpt = trainer.spec.flops(cfg.model, trainer.data.vocab_size) / 1e6
+        trainer.say(f"model {cfg.model.family}: {param_count(cfg.model, trainer.data.vocab_size) / 1e6:.2f}M parameters, "
+                    f"{cfg.model.n_layers} layers, width {cfg.model.d_model}, context {cfg.model.seq_len}, "
+                    f"vocabulary {trainer.data.vocab_size}")
+        trainer.say(f"training {trainer.total_steps} steps x {cfg.global_batch} sequences ({trainer.tokens_per_step:,} "
+                    f"tokens/step, {accum} micro-batch(es)) on {trainer.device}, {trainer.precision}"
+                    f"{', compiled' if cfg.train.compile else ''}; {fpt:.1f} MFLOP/token{peak}")
+        if trainer.par.distributed:
+            trainer.say(f"layout: {trainer.par.dims.describe()} over {trainer.par.info.world_size} processes")
+        trainer.say(estimate_memory(cfg, trainer.spec, trainer.data.vocab_size, trainer.par.dims,
+                                    trainer.precision).describe())
+        if trainer.step:
+            trainer.say(f"resuming from step {trainer.step}")
+
+    def _since(self, trainer) -> None:
+        self.t0, self.step0 = time.perf_counter(), trainer.step
+
+    def on_guard_event(self, trainer, event: dict[str, Any]) -> None:
+        if event["kind"] == "rollback":
+            self._since(trainer)
+
+    def on_log(self, trainer, record: dict[str, Any]) -> None:
+        total = trainer.total_steps
+        done = max(trainer.step - self.step0, 1)
+        eta = (total - trainer.step) * (time.perf_counter() - self.t0) / done
+        mfu = f"{100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "unknown"
+        rate = f"{record['tokens_per_s'] / 1e3:.1f}k tok/s  " if "tokens_per_s" in record else ""
+        trainer.say(f"step {record['step']:>{len(str(total))}}/{total}  loss {record['loss']:.4f}  "
+                    f"lr {record['lr']:.2e}  gnorm {record['grad_norm']:.2f}  {rate}MFU {mfu}  "
+                    f"ETA {format_seconds(eta)}")
+
+    def on_eval(self, trainer, record: dict[str, Any]) -> None:
+        trainer.say(f"  eval @ {record['step']}: val_loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.2f}  "
+                    f"acc {record['val_acc']:.3f}")
+
+
+class MetricsLog(Callback):
+    """One `metrics.jsonl` record per logging step (rank 0 writes)."""
+
+    order = 91
+
+    def on_log(self, trainer, record: dict[str, Any]) -> None:
+        if trainer.is_main:
+            trainer.run.log_metrics(record)

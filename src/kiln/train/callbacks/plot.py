@@ -1,0 +1,18 @@
+"""loss.png at the end of a run, drawn from the run folder's own records (so a resumed run's
+plot covers the whole run)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.train.callbacks.base import Callback
+
+
+class LossPlot(Callback):
+    order = 92
+
+    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+        if trainer.is_main:
+            from kiln.runs.report import plot_losses
+
+            plot_losses(trainer.run, trainer.data.manifest["val_unigram_entropy"])

@@ -1,0 +1,66 @@
+"""Throughput and model FLOP utilisation: tokens/s, achieved TFLOP/s, MFU and peak memory in
+every metrics record, and their run averages in the summary.
+
+FLOPs per token come from the model family's spec; the peak is the GPU's datasheet bf16 figure
+or, on CPU, the measured matrix-product ceiling of the precision the run computes in
+(kiln.scaling.flops). Time spent evaluating and checkpointing is not counted, and the first
+interval of a process (warm-up, compilation) is kept out of the averages.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kiln.train.callbacks.base import Callback
+from kiln.train.precision import compute_dtype, peak_memory_gb
+
+
+class Throughput(Callback):
+    order = 40
+
+    def __init__(self, options: Any = None):
+        super().__init__(options)
+        self.peak: float | None = None
+        self.peak_source = ""
+        self.rates: list[float] = []
+
+    def on_run_start(self, trainer) -> None:
+        from kiln.scaling.flops import peak_tflops
+
+        self.fpt = trainer.spec.flops(trainer.cfg.model, trainer.data.vocab_size)
+        self.peak, self.peak_source = peak_tflops(trainer.device, compute_dtype(trainer.precision))
+        if self.peak is not None:
+            self.peak *= trainer.par.info.world_size  # MFU of the whole job
+        self.start_step = trainer.step
+        self._mark(trainer)
+
+    def _mark(self, trainer) -> None:
+        self.t_last, self.step_last, self.pause_last = time.perf_counter(), trainer.step, trainer.pause_seconds
+
+    def on_guard_event(self, trainer, event: dict[str, Any]) -> None:
+        if event["kind"] == "rollback":
+            self._mark(trainer)
+
+    def on_step_end(self, trainer, result) -> None:
+        if not trainer.log_due:
+            return
+        now = time.perf_counter()
+        seconds = now - self.t_last - (trainer.pause_seconds - self.pause_last)
+        rate = (trainer.step - self.step_last) * trainer.tokens_per_step / max(seconds, 1e-9)
+        if self.step_last > self.start_step or trainer.step - self.start_step > 1:
+            self.rates.append(rate)  # the first interval carries warm-up and compilation
+        self._mark(trainer)
+        tflops = rate * self.fpt / 1e12
+        trainer.record_metric("tokens_per_s", rate, reduce="min")  # the slowest rank sets the pace
+        trainer.record_metric("tflops", tflops, reduce="min")
+        if self.peak:
+            trainer.record_metric("mfu", tflops / self.peak, reduce="min")
+        trainer.record_metric("peak_mem_gb", peak_memory_gb(trainer.device), reduce="max")
+
+    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+        tok_s = sum(self.rates) / len(self.rates) if self.rates else trainer.last_record.get("tokens_per_s", 0.0)
+        tflops = tok_s * self.fpt / 1e12
+        summary.update({"tokens_per_s": tok_s, "tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
+                        "peak_tflops": self.peak, "peak_source": self.peak_source,
+                        "peak_mem_gb": peak_memory_gb(trainer.device), "flops_per_token": self.fpt})

@@ -1,0 +1,174 @@
+"""The train module: what one optimizer step does to the model, apart from the loop around it.
+
+It holds the model parts (the whole model, or this rank's pipeline stages), their optimizers,
+the objective and the pipeline schedule, and offers
+
+    forward_backward(batch, on_loss) -> loss     gradient accumulation, or a pipeline schedule
+    clip_grad_norm(max_norm) -> norm              over every shard and stage
+    optimizer_step(lr, discard)                   a flagged update is discarded on the device
+    eval_step(inputs, targets) -> totals          (loss sum, correct, count) of one batch
+
+so a new objective, a mixture-of-experts auxiliary loss or another schedule changes this module
+only. The loop (kiln.train.trainer) never touches a model part directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kiln.config import Config
+from kiln.eval.lm import tally_predictions
+from kiln.parallel import pipeline as pp
+from kiln.parallel.runtime import Parallel
+from kiln.train.objectives import IGNORE, Batch, Objective
+from kiln.train.optim import set_lr
+from kiln.train.precision import autocast_for
+
+LossHook = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TrainModule:
+    def __init__(self, cfg: Config, par: Parallel, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+                 objective: Objective, precision: str, micro_batch: int, stage_ids: list[int] | None = None,
+                 n_stages: int = 1):
+        self.cfg, self.par, self.parts, self.optimizers = cfg, par, parts, optimizers
+        self.objective, self.precision, self.micro_batch = objective, precision, micro_batch
+        self.stage_ids, self.n_stages = stage_ids or [0], n_stages
+        self.schedule = None  # set by `attach_schedule` when parallel.pp > 1
+        # Compile forward and loss together: the loss's log-softmax then fuses with the output
+        # projection's epilogue instead of materialising float32 logits (see BENCHMARKS.md).
+        self.forward_loss = torch.compile(self._forward_loss) if cfg.train.compile else self._forward_loss
+        self._fused = all(opt.defaults.get("fused") for opt in optimizers)
+        self._loss_scale = torch.ones((), device=par.device)  # 1 / global predicted tokens of this step
+        self._on_loss: LossHook | None = None  # the callbacks' loss hook during a pipeline step
+        self._eval_totals: torch.Tensor | None = None  # set while a pipeline evaluation runs
+
+    def attach_schedule(self) -> None:
+        self.schedule = pp.build_schedule(self.parts, self.stage_ids, self.n_stages, self.par, self.cfg,
+                                          self._pipeline_loss)
+
+    # ---------------------------------------------------------------- views
+    @property
+    def model(self) -> nn.Module:
+        """The whole model (not available when pipeline stages are spread over ranks)."""
+        if len(self.parts) != 1 or self.par.dims.pp > 1:
+            raise RuntimeError("the model is split into pipeline stages")
+        return self.parts[0]
+
+    @property
+    def whole_model(self) -> bool:
+        return self.par.dims.pp == 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.par.device
+
+    @property
+    def autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
+        return autocast_for(self.device, self.precision)
+
+    @property
+    def holds_loss(self) -> bool:
+        """This rank computes the loss (no pipeline, or it holds the last stage)."""
+        return self.schedule is None or pp.has_last_stage(self.stage_ids, self.n_stages)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for part in self.parts for p in part.parameters()]
+
+    def named_modules(self):
+        for part in self.parts:
+            yield from part.named_modules()
+
+    def named_parameters(self):
+        for part in self.parts:
+            yield from part.named_parameters()
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    # ---------------------------------------------------------------- one step
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.objective.loss_sum(self.model(inputs), targets)
+
+    def _pipeline_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self._eval_totals is not None:  # a forward-only evaluation pass
+            return tally_predictions(self._eval_totals, output, targets, self.objective)
+        loss = self.objective.loss_sum(output, targets) * self._loss_scale
+        if self._on_loss is not None:
+            loss = self._on_loss(loss)
+        return loss * self.par.dims.dp_size  # FSDP averages gradients over data-parallel ranks
+
+    def forward_backward(self, batch: Batch, on_loss: LossHook | None = None) -> torch.Tensor:
+        """Accumulate this rank's gradients for `batch`; returns the step's mean loss per predicted
+        token over the global batch, on the device (no host sync)."""
+        par = self.par
+        inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+        # Normalise by the tokens predicted in the whole global batch, so accumulation and data
+        # parallelism give the gradient of the same mean loss.
+        n_predicted = par.data_sum((targets != IGNORE).sum().float()) / par.dims.pp
+        self._loss_scale = 1.0 / n_predicted.clamp(min=1)
+        dp_scale = par.dims.dp_size  # FSDP averages gradients; scaling by dp size turns that into a sum
+        if self.schedule is not None:
+            losses: list[torch.Tensor] = []
+            self._on_loss = on_loss
+            try:
+                with self.autocast():
+                    first = pp.has_first_stage(self.stage_ids)
+                    self.schedule.step(*((inputs,) if first else ()), target=targets if self.holds_loss else None,
+                                       losses=losses)
+            finally:
+                self._on_loss = None
+            total = (torch.stack(losses).detach().sum() / dp_scale if losses
+                     else torch.zeros((), device=self.device))
+        else:
+            total = torch.zeros((), device=self.device)
+            for i in range(0, inputs.shape[0], self.micro_batch):
+                with self.autocast():
+                    loss = self.forward_loss(inputs[i:i + self.micro_batch], targets[i:i + self.micro_batch])
+                loss = loss * self._loss_scale
+                if on_loss is not None:
+                    loss = on_loss(loss)
+                (loss * dp_scale).backward() if dp_scale != 1 else loss.backward()
+                total += loss.detach()
+        return par.data_sum(total) if par.distributed else total
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return self.par.clip_grad_norm(self.parameters(), max_norm if max_norm > 0 else float("inf"))
+
+    def optimizer_step(self, lr: float, discard: torch.Tensor | None = None) -> None:
+        """Step every optimizer at `lr`; a `discard` flag of 1 drops the update (inside the fused
+        kernel, without a host sync; other optimizers read the flag on the host)."""
+        for opt in self.optimizers:
+            set_lr(opt, lr)
+            if discard is not None and self._fused:
+                opt.found_inf = discard  # the fused kernel skips a flagged update on the device
+                opt.step()
+            elif discard is None or not discard.item():
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(loss sum, correct, count) of one batch in float64 on the device; zeros on a pipeline
+        rank without the last stage."""
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        if self.schedule is None:
+            with self.autocast():
+                logits = self.model(inputs)
+            tally_predictions(totals, logits, targets, self.objective)
+            return totals
+        self._eval_totals = totals
+        try:
+            with self.autocast():
+                self.schedule.eval(*((inputs,) if pp.has_first_stage(self.stage_ids) else ()),
+                                   target=targets if self.holds_loss else None)
+        finally:
+            self._eval_totals = None
+        return totals

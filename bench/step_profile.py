@@ -19,8 +19,9 @@ from kiln.config import load_config
 from kiln.data.shards import prepare
 from kiln.parallel.runtime import Parallel
 from kiln.runs.rundir import RunDir
+from kiln.resolve import check_training
+from kiln.train.build import build_trainer
 from kiln.train.precision import resolve_device
-from kiln.train.trainer import Trainer
 
 
 def main() -> None:
@@ -32,17 +33,24 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=3, help="0 = no profiler table")
     args = ap.parse_args()
     os.environ.setdefault("KILN_QUIET", "1")
-    cfg = load_config(args.preset, overrides=args.overrides)
+    cfg = load_config(args.preset, overrides=["train.time_budget_s=0", *args.overrides])
+    spec = check_training(cfg)
     data = prepare(cfg.data)
     par = Parallel.setup(cfg, resolve_device(cfg))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer.build(cfg, RunDir.create(Path(tmp), "profile", cfg), data, par)
-        step = 0
-        for step in range(args.warmup):
-            trainer.train_step(step)
+        trainer = build_trainer(cfg, spec, RunDir.create(Path(tmp), "profile", cfg), data, par)
+        trainer.callbacks.on_run_start(trainer)
+
+        def step() -> object:
+            result = trainer.train_step()
+            trainer.step += 1
+            return result
+
+        for _ in range(args.warmup):
+            step()
         start = time.perf_counter()
-        for step in range(args.warmup, args.warmup + args.steps):
-            result = trainer.train_step(step)
+        for _ in range(args.steps):
+            result = step()
         result.loss.item()
         per_step = (time.perf_counter() - start) / args.steps
         tokens = cfg.global_batch * cfg.model.seq_len
@@ -50,8 +58,8 @@ def main() -> None:
               f"compile={cfg.train.compile})")
         if args.profile_steps:
             with profile() as prof:
-                for s in range(step + 1, step + 1 + args.profile_steps):
-                    trainer.train_step(s)
+                for _ in range(args.profile_steps):
+                    step()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 

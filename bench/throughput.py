@@ -32,7 +32,7 @@ def run_variant(preset: str, steps: int, common: list[str], variant: str, workdi
     sets = [s for s in spec.split(",") if s]
     log_every = max(1, steps // 5)
     cmd = [sys.executable, "-m", "kiln", "train", "--preset", preset, "--runs-dir", str(workdir), "--name", name,
-           "--set", f"train.steps={steps}", "--set", f"log.every={log_every}", "--set", "eval.every=0",
+           "--set", f"train.steps={steps}", "--set", "train.time_budget_s=0", "--set", f"log.every={log_every}", "--set", "eval.every=0",
            "--set", "checkpoint.every=0", "--set", "eval.sample_tokens=1", "--set", "log.plot=false",
            "--set", "schedule.warmup_steps=1"]
     for s in common + sets:

@@ -57,7 +57,7 @@ def write_repetitive_corpus(folder: Path, n_files: int = 24) -> Path:
 TINY = [
     "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.seq_len=32",
     "data.vocab_size=320", "data.val_fraction=0.15",
-    "train.steps=4", "train.batch_size=4", "train.device=cpu", "train.precision=fp32",
+    "train.steps=4", "train.time_budget_s=0", "train.batch_size=4", "train.device=cpu", "train.precision=fp32",
     "schedule.warmup_steps=2", "eval.every=0", "eval.batches=2", "eval.sample_tokens=4",
     "eval.prompts=[\"def \"]", "checkpoint.every=0", "checkpoint.keep=0", "log.every=1", "log.plot=false",
 ]

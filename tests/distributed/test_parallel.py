@@ -8,10 +8,7 @@ Each layout runs as a real `torchrun --nproc_per_node 2 -m kiln train` job.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,59 +17,13 @@ from kiln.config import load_config
 from kiln.parallel.mesh import ParallelDims
 from kiln.errors import ConfigError
 
-STEPS = 10
-REL = 1e-5
 
-
-def base_overrides(cache: Path, corpus: Path) -> list[str]:
-    return [f"data.corpus={corpus}", f"data.cache_dir={cache}", "data.vocab_size=320", "model.n_layers=4",
-            "model.d_model=64", "model.n_heads=4", "model.seq_len=32", f"train.steps={STEPS}", "train.batch_size=8",
-            "train.precision=fp32", "log.every=1", "eval.every=5", "eval.batches=2", "checkpoint.every=5",
-            "checkpoint.keep=0", "eval.sample_tokens=2", "log.plot=false", "schedule.warmup_steps=2"]
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
-def run_kiln(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, KILN_QUIET="1", OMP_NUM_THREADS="1")
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "kiln", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "kiln", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def train(runs: Path, name: str, overrides: list[str], nproc: int = 1) -> list[float]:
-    run_kiln(["train", "--preset", "tiny", "--runs-dir", str(runs), "--name", name, *sets(overrides)], nproc)
-    return losses(runs / name)
-
-
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_close(a: list[float], b: list[float]) -> None:
-    assert len(a) == len(b) == STEPS
-    for step, (x, y) in enumerate(zip(a, b), 1):
-        assert abs(x - y) <= REL * abs(y), f"step {step}: {x} vs {y} (rel {abs(x - y) / abs(y):.2e})"
-
+from dist_helpers import REL, STEPS, assert_close, base_overrides, losses, run_kiln, sets, train, write_corpus
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    for i in range(40):
-        lines = [" ".join(words[(i * 7 + j * k) % len(words)] for k in range(1, 9)) for j in range(60)]
-        (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
-    return root, base_overrides(root / "cache", corpus)
+    return root, base_overrides(root / "cache", write_corpus(root))
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_no_verb_prints_help(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--set", "train.stpes=10"], "unknown config key 'train.stpes'; did you mean 'train.steps'?"),
-    (["train", "--set", "model.n_heads=5"], "model.n_heads = 5 must divide model.d_model = 256"),
+    (["train", "--set", "model.n_heads=5"], "model.n_heads = 5 must divide model.d_model = 128"),
     (["train", "--set", "train.steps=many"], "train.steps must be an integer, got 'many'"),
     (["train", "--set", "nonsense"], "expected section.key=value"),
     (["train", "--preset", "huge"], "unknown preset 'huge'"),

@@ -2,7 +2,7 @@
 
     KILN_KILL=MODE:N kiln train --plugin kill_plugin.py [--set 'callbacks.enabled=["kill"]'] ...
 
-MODE: step (once step N is logged) and hang (sleep forever at step N) come from the `kill`
+MODE: step (once step N is logged) and hang (sleep forever inside step N) come from the `kill`
 callback, which the run must enable; save_file (at the N-th safetensors write of a checkpoint),
 fsync (at the N-th fsync, i.e. while a checkpoint is being committed), prepare (while tokenising
 the corpus) and metrics (half-way through writing metrics record N) interrupt Kiln's own file
@@ -41,10 +41,12 @@ class Kill(Callback):
 
     order = 99  # after the metrics writer: the step's record is on disk
 
+    def on_after_backward(self, trainer, step):
+        if ARMED and MODE == "hang" and step + 1 == N:
+            time.sleep(3600)  # inside step N: the watchdog judges it against the step times
+
     def on_log(self, trainer, record):
-        if ARMED and MODE in ("step", "hang") and record["step"] == N:
-            if MODE == "hang":
-                time.sleep(3600)
+        if ARMED and MODE == "step" and record["step"] == N:
             die()
 
 

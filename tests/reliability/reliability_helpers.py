@@ -22,7 +22,7 @@ def write_corpus(folder: Path, docs: int = 30) -> Path:
 
 def tiny_overrides(root: Path, corpus: Path) -> list[str]:
     return [f"data.corpus={corpus}", f"data.cache_dir={root / 'cache'}", "data.vocab_size=300", "model.n_layers=2",
-            "model.d_model=32", "model.n_heads=2", "model.seq_len=16", "train.batch_size=4", "train.steps=30",
+            "model.d_model=32", "model.n_heads=2", "model.seq_len=16", "train.batch_size=4", "train.steps=30", "train.time_budget_s=0",
             "train.precision=fp32", "log.every=1", "eval.every=0", "eval.batches=1", "checkpoint.every=5",
             "checkpoint.keep=0", "eval.sample_tokens=2", "log.plot=false", "schedule.warmup_steps=2",
             "model.dropout=0.1", "guard.hang_min_s=0"]

@@ -113,4 +113,5 @@ def test_hang_watchdog_dumps_stacks_and_exits(setup):
     assert proc.returncode == 75
     assert "stacks written to" in proc.stderr
     dump = (runs / "hang" / "hang-rank0.txt").read_text()
-    assert "time.sleep" in dump or "on_log" in dump
+    assert "time.sleep" in dump or "on_after_backward" in dump
+    assert "a training step running for" in dump

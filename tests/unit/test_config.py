@@ -87,7 +87,7 @@ def test_config_file_between_preset_and_overrides(tmp_path):
     f = tmp_path / "my.toml"
     f.write_text("[train]\nsteps = 42\nseed = 3\n[model]\nd_model = 128\n")
     cfg = load_config(preset="tiny", config_file=f, overrides=["train.seed=5"])
-    assert (cfg.train.steps, cfg.train.seed, cfg.model.d_model, cfg.model.n_layers) == (42, 5, 128, 4)
+    assert (cfg.train.steps, cfg.train.seed, cfg.model.d_model, cfg.model.n_layers) == (42, 5, 128, 2)
 
 
 def test_missing_or_invalid_config_file(tmp_path):

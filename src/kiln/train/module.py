@@ -31,6 +31,11 @@ from kiln.train.precision import autocast_for
 LossHook = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _root(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor whose storage `t` views (itself if it is no view)."""
+    return t if t is None or t._base is None else t._base
+
+
 class TrainModule:
     def __init__(self, cfg: Config, par: Parallel, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                  objective: Objective, precision: str, micro_batch: int, stage_ids: list[int] | None = None,
@@ -45,6 +50,7 @@ class TrainModule:
         self._fused = all(opt.defaults.get("fused") for opt in optimizers)
         self._loss_scale = torch.ones((), device=par.device)  # 1 / global predicted tokens of this step
         self._on_loss: LossHook | None = None  # the callbacks' loss hook during a pipeline step
+        self._step_targets: torch.Tensor | None = None  # ... and the targets of that step
         self._eval_totals: torch.Tensor | None = None  # set while a pipeline evaluation runs
 
     def attach_schedule(self) -> None:
@@ -99,7 +105,11 @@ class TrainModule:
         if self._eval_totals is not None:  # a forward-only evaluation pass
             return tally_predictions(self._eval_totals, output, targets, self.objective)
         loss = self.objective.loss_sum(output, targets) * self._loss_scale
-        if self._on_loss is not None:
+        # The schedule also calls this function once to infer gradient shapes when it (re)builds its
+        # stages, on a detached copy of the first target chunk; callbacks see only the micro-batches,
+        # whose targets are chunks (views) of the step's targets.
+        real = _root(targets) is _root(self._step_targets)
+        if self._on_loss is not None and real:
             loss = self._on_loss(loss)
         return loss * self.par.dims.dp_size  # FSDP averages gradients over data-parallel ranks
 
@@ -115,14 +125,14 @@ class TrainModule:
         dp_scale = par.dims.dp_size  # FSDP averages gradients; scaling by dp size turns that into a sum
         if self.schedule is not None:
             losses: list[torch.Tensor] = []
-            self._on_loss = on_loss
+            self._on_loss, self._step_targets = on_loss, targets
             try:
                 with self.autocast():
                     first = pp.has_first_stage(self.stage_ids)
                     self.schedule.step(*((inputs,) if first else ()), target=targets if self.holds_loss else None,
                                        losses=losses)
             finally:
-                self._on_loss = None
+                self._on_loss, self._step_targets = None, None
             total = (torch.stack(losses).detach().sum() / dp_scale if losses
                      else torch.zeros((), device=self.device))
         else:

@@ -67,7 +67,6 @@ class Trainer:
     step: int = 0  # optimizer steps completed
     total_steps: int = 0
     pause_seconds: float = 0.0  # time spent evaluating and checkpointing (not step time)
-    phase: tuple[str, float] = ("idle", 0.0)  # what the loop is doing and since when (for the watchdog)
     last_record: dict[str, Any] = field(default_factory=dict)
     recorder: MetricRecorder | None = None
     phase_marker: Callable[[str], None] | None = None  # step_time's clock; None = no timing
@@ -76,6 +75,8 @@ class Trainer:
         self.total_steps = self.total_steps or self.cfg.total_steps
         self.recorder = MetricRecorder(self.par.device, self.par.distributed)
         self.started = time.perf_counter()
+        self.pauses: dict[str, float] = {}  # seconds between steps, by what they were spent on
+        self._pause_depth = 0
 
     # ------------------------------------------------------------------ views for callbacks
     @property
@@ -121,13 +122,18 @@ class Trainer:
     @contextmanager
     def paused(self, what: str) -> Iterator[None]:
         """Work between steps (evaluation, checkpoints): kept out of step time and throughput."""
+        if self._pause_depth:  # nested (a commit inside a save): the outer pause counts it
+            yield
+            return
         t0 = time.perf_counter()
-        self.phase = (what, time.monotonic())
+        self._pause_depth += 1
         try:
             yield
         finally:
-            self.pause_seconds += time.perf_counter() - t0
-            self.phase = ("idle", time.monotonic())
+            self._pause_depth -= 1
+            seconds = time.perf_counter() - t0
+            self.pause_seconds += seconds
+            self.pauses[what] = self.pauses.get(what, 0.0) + seconds
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -160,7 +166,6 @@ class Trainer:
     def train_step(self) -> StepResult:
         step, cbs = self.step, self.callbacks
         index = data_index(step, self.skipped)  # the data batch this step trains on
-        self.phase = ("step", time.monotonic())
         cbs.on_step_start(self, step, index)
         batch = self.module.objective.make_batch(self.sampler.batch(index), index, self.cfg.train.seed,
                                                  first_index=self.sampler.rank * self.sampler.local_batch)
@@ -202,7 +207,8 @@ class Trainer:
                 "params": param_count(self.cfg.model, self.data.vocab_size), "device": str(self.device),
                 "world_size": self.par.info.world_size, "layout": self.par.dims.describe(),
                 "precision": self.precision, "compile": self.cfg.train.compile,
-                "seconds": time.perf_counter() - self.started}
+                "seconds": time.perf_counter() - self.started,
+                "seconds_between_steps": {k: round(v, 3) for k, v in self.pauses.items()}}
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`train.time_budget_s`: fit the run to a wall-clock budget on whatever machine runs it.
 
-After the first step (warm-up) the next `CALIBRATION_STEPS` steps are timed, without evaluation
+After `WARMUP_STEPS` steps (allocator, kernel caches and the like make them slow) the next
+`CALIBRATION_STEPS` steps are timed, without evaluation
 or checkpoint time; the run then trains `floor(budget / seconds per step)` steps (never more than
 train.steps / train.tokens allow, never fewer than the LR warmup plus two). The decision is
 written to config.toml (train.steps = N, train.time_budget_s = 0) and to events.jsonl before any
@@ -18,7 +19,8 @@ import torch
 
 from kiln.train.callbacks.base import Callback
 
-CALIBRATION_STEPS = 6
+WARMUP_STEPS = 3  # untimed: the first steps of a process run slower than the rest
+CALIBRATION_STEPS = 8
 
 
 class TimeBudget(Callback):
@@ -29,11 +31,12 @@ class TimeBudget(Callback):
         self.t0: float | None = None
 
     def on_step_start(self, trainer, step: int, data_index: int) -> None:
-        if step == self.first + 1 and self.t0 is None:
+        if step == self.first + WARMUP_STEPS and self.t0 is None:
             self.t0, self.p0 = time.perf_counter(), trainer.pause_seconds
 
     def on_step_end(self, trainer, result) -> None:
-        if self.t0 is None or trainer.step != self.first + 1 + CALIBRATION_STEPS or not trainer.cfg.train.time_budget_s:
+        if (self.t0 is None or trainer.step != self.first + WARMUP_STEPS + CALIBRATION_STEPS
+                or not trainer.cfg.train.time_budget_s):
             return
         if isinstance(result.loss, torch.Tensor):
             float(result.loss)  # wait for the device, so the time is the steps' and not their dispatch

@@ -1,0 +1,100 @@
+"""The shape of the code: every module imports on its own, the import graph has no cycle, no
+file is over 600 lines, and the training loop stays short."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kiln
+
+SRC = Path(kiln.__file__).parent
+
+
+def modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.walk_packages([str(SRC)], prefix="kiln.") if m.name != "kiln.__main__")
+
+
+def test_every_module_imports_on_its_own():
+    """Each module imported first, in a process where no other kiln module is loaded yet."""
+    script = (
+        "import importlib, sys\n"
+        "names = sys.argv[1:]\n"
+        "failed = []\n"
+        "for name in names:\n"
+        "    for loaded in [m for m in sys.modules if m == 'kiln' or m.startswith('kiln.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as e:\n"
+        "        failed.append(f'{name}: {type(e).__name__}: {e}')\n"
+        "print('\\n'.join(failed))\n")
+    out = subprocess.run([sys.executable, "-c", script, *modules()], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "", out.stdout
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> kiln modules it imports (at the top or inside functions)."""
+    names = set(modules()) | {"kiln"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        rel = name.removeprefix("kiln").lstrip(".").replace(".", "/")
+        path = SRC / rel / "__init__.py" if (SRC / rel).is_dir() else SRC / f"{rel}.py"
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in names and t != name}
+        graph[name] = deps
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, state, stack, cycles = import_graph(), {}, [], []
+
+    def visit(m: str) -> None:
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, "\n".join(cycles)
+
+
+def test_layers_do_not_reach_up():
+    """Reading runs, evaluating and exporting never import the trainer; the config layer imports
+    no registry; model code knows nothing of parallelism but the spec that points at a plan."""
+    graph = import_graph()
+    for reader in ("kiln.runs.rundir", "kiln.runs.export", "kiln.eval.runner", "kiln.eval.sample"):
+        assert not {d for d in graph[reader] if d.startswith(("kiln.train.trainer", "kiln.train.session"))}, reader
+    assert graph["kiln.config"] <= {"kiln.errors"}
+    for model_module in ("kiln.model.layers", "kiln.model.decoder", "kiln.model.encoder"):
+        assert not {d for d in graph[model_module] if d.startswith("kiln.parallel")}, model_module
+
+
+def test_no_file_over_600_lines():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, long
+
+
+def test_fit_reads_in_about_forty_lines():
+    from kiln.train.trainer import Trainer
+
+    assert len(inspect.getsource(Trainer.fit).splitlines()) <= 40

@@ -19,7 +19,6 @@ VARIANTS = [
     'layer_stats-every-1:callbacks.enabled=["layer_stats"],callbacks.layer_stats.every=1',
     'step_time:callbacks.enabled=["step_time"]',
     'memory:callbacks.enabled=["memory"]',
-    'profiler:callbacks.enabled=["profiler"],callbacks.profiler.start=5,callbacks.profiler.steps=3',
     'tensorboard:callbacks.enabled=["tensorboard"]',
 ]
 

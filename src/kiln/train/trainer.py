@@ -68,7 +68,7 @@ class Trainer:
     total_steps: int = 0
     pause_seconds: float = 0.0  # time spent evaluating and checkpointing (not step time)
     last_record: dict[str, Any] = field(default_factory=dict)
-    recorder: MetricRecorder | None = None
+    recorder: MetricRecorder = field(init=False)  # what callbacks record for the next metrics record
     phase_marker: Callable[[str], None] | None = None  # step_time's clock; None = no timing
 
     def __post_init__(self) -> None:

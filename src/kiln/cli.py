@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         load_plugins(getattr(args, "plugin", []))
         return handlers[args.verb](args)
     except KilnError as e:
-        print(f"kiln: error: {e}", file=sys.stderr)
+        # one write (shorter than a pipe's atomic size), so the lines of several ranks never interleave
+        sys.stderr.write(f"kiln: error: {e}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)

@@ -34,7 +34,8 @@ class CheckpointPolicy(Callback):
             self.save(trainer)
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
-        exists = (trainer.run.checkpoints / step_dir_name(trainer.step)).is_dir()
+        # rank 0's view decides for all (a save is collective; other nodes may not share the folder)
+        exists = trainer.par.broadcast((trainer.run.checkpoints / step_dir_name(trainer.step)).is_dir())
         if self.last_saved != trainer.step and not exists:  # e.g. the loop never ran in this process
             self.save(trainer)
         self.flush(trainer)

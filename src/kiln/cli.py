@@ -81,7 +81,41 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--option", "-o", action="append", default=[], metavar="SUITE.KEY=VALUE",
                     help="a suite option, e.g. -o choice.tasks=hellaswag.jsonl -o bias.pairs=crows_pairs.csv")
     ev.add_argument("--list", action="store_true", help="list the registered suites and their options")
-    for p in (train, prep, export, sample):
+    runs = verbs.add_parser("runs", help="list the runs in a folder: status, steps, validation loss, lineage",
+                            description="A table of the runs under DIR (default: runs).")
+    runs.add_argument("dir", metavar="DIR", nargs="?", default="runs")
+    runs.add_argument("--tree", action="store_true", help="draw the family tree of forks")
+    runs.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+
+    compare = verbs.add_parser("compare", help="compare runs: config differences, headline figures, curves",
+                               description="Compare runs: the config keys that differ, headline figures side by "
+                                           "side, and DIR/compare.png + DIR/compare.md.")
+    compare.add_argument("runs", metavar="RUN_DIR", nargs="+")
+    compare.add_argument("--out", default=".", metavar="DIR", help="where compare.png and compare.md go (default: .)")
+    compare.add_argument("--metric", dest="metrics", action="append", default=[], metavar="NAME",
+                         help="plot this metric (metrics.jsonl or eval.jsonl key) instead of the losses; repeatable")
+
+    fork = verbs.add_parser("fork", help="start a new attempt from a run's checkpoint, with changes",
+                            description="A new run that starts from RUN's checkpoint at (or before) step N, with "
+                                        "the changes given, trained at once (like kiln train) unless --no-train.")
+    fork.add_argument("run", metavar="RUN_DIR")
+    fork.add_argument("--step", type=int, help="fork at the newest valid checkpoint at or before this step")
+    fork.add_argument("--name", required=True, help="the new run's name")
+    fork.add_argument("--runs-dir", help="folder of the new run (default: the parent's folder)")
+    fork.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="a change: anything --resume may change, model.dropout, model.qk_norm, model.post_norm, "
+                           "train.z_loss (with --from-scratch: anything); repeatable")
+    fork.add_argument("--skip-batches", action="append", default=[], metavar="A:B",
+                      help="never train on data batches A..B (inclusive, as events.jsonl's data_index); repeatable")
+    fork.add_argument("--from-scratch", action="store_true",
+                      help="a fresh attempt with the changes (no checkpoint), same data order, lineage recorded")
+    fork.add_argument("--no-train", action="store_true", help="only create the fork; kiln train --resume trains it")
+    fork.add_argument("--nproc-per-node", type=int, default=0, metavar="N", help="train it on N processes (torchrun)")
+
+    report = verbs.add_parser("report", help="write a run's report (report.md and a self-contained report.html)")
+    report.add_argument("run", metavar="RUN_DIR")
+    report.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/report)")
+    for p in (train, prep, export, sample, runs, compare, fork, report):
         _plugin_args(p)
     ev.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
                     help="import user code that registers suites (and other components); repeatable")
@@ -188,6 +222,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    import json
+
+    from kiln.progress import table_console
+    from kiln.runs.catalog import family_tree, list_runs, run_row, runs_table
+
+    rows = [run_row(r) for r in list_runs(Path(args.dir))]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no runs in {args.dir}")
+    elif args.tree:
+        print(family_tree(rows))
+    else:
+        table_console().print(runs_table(rows, title=f"Kiln runs in {args.dir}"))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from kiln.progress import table_console
+    from kiln.runs.compare import compare_runs, compare_tables
+
+    result = compare_runs([Path(r) for r in args.runs], Path(args.out), args.metrics or None,
+                          log=lambda text: print(text, file=sys.stderr))
+    for table in compare_tables(result):
+        table_console().print(table)
+    print(f"wrote {result['md']} and {result['png']}")
+    return 0
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    from kiln.plugins import loaded_plugins
+    from kiln.resolve import check_training
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise KilnError("kiln fork creates the run in one process; drop torchrun and pass --nproc-per-node N to "
+                        "train the fork on N processes")
+    from kiln.runs.fork import create_fork
+
+    fork = create_fork(Path(args.run), args.name, args.step, args.overrides, args.skip_batches, args.from_scratch,
+                       Path(args.runs_dir) if args.runs_dir else None, check=check_training,
+                       plugins=loaded_plugins())
+    if args.no_train:
+        print(f"created {fork.run.path}; train it with: kiln train --resume {fork.run.path}")
+        return 0
+    resume = ["train", "--resume", str(fork.run.path), *(f"--plugin={p}" for p in args.plugin)]
+    if args.nproc_per_node:
+        return launch_torchrun(args.nproc_per_node, resume)
+    return cmd_train(build_parser().parse_args(resume))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kiln.runs.document import write_report
+    from kiln.runs.rundir import RunDir
+
+    run = RunDir.open(Path(args.run))
+    paths = write_report(run.path, Path(args.out) if args.out else None)
+    print(f"wrote {paths['md']} and {paths['html']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -195,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "export": cmd_export,
-                "eval": cmd_eval}
+                "eval": cmd_eval, "runs": cmd_runs, "compare": cmd_compare, "fork": cmd_fork, "report": cmd_report}
     if args.verb == "train" and args.nproc_per_node:
         return launch_torchrun(args.nproc_per_node, list(sys.argv[1:] if argv is None else argv))
     try:

@@ -39,7 +39,8 @@ class ModelConfig:
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
-    qk_norm: bool = False
+    qk_norm: bool = False  # RMS-normalise queries and keys per head (bounds the attention logits)
+    post_norm: bool = False  # also normalise each sub-layer's output before the residual add (sandwich norm)
     init_std: float = 0.02
 
 
@@ -86,6 +87,7 @@ class TrainConfig:
     batch_tokens: int = 0  # > 0: global batch in tokens instead (must be a multiple of seq_len)
     micro_batch_size: int = 0  # sequences per forward pass per rank; 0 = the whole per-rank batch
     seed: int = 0
+    z_loss: float = 0.0  # > 0: add z_loss * log(Z)^2 per predicted token (PaLM's output-logit stabiliser)
     objective: str = "causal"  # a registered objective: causal, masked, or a plugin's
     precision: str = "auto"  # auto | fp32 | bf16
     compile: bool = False
@@ -448,6 +450,7 @@ def validate(cfg: Config) -> None:
                  f"model.seq_len = {m.seq_len} is longer than the position table model.max_seq_len = "
                  f"{m.max_seq_len}; raise model.max_seq_len (or set it to 0 = seq_len)")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _require(cfg.train.z_loss >= 0.0, f"train.z_loss must be >= 0 (PaLM used 1e-4), got {cfg.train.z_loss}")
     _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
     _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
 
@@ -516,14 +519,30 @@ RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.time_budget_s", "train.c
                   "train.micro_batch_size", "train.precision", "train.device", "data.cache_dir", "data.workers")
 
 
+# What a fork may change on top of that: the stabilisers researchers reach for after an
+# instability. New tensors they add (QK-norm, post-norm gains) start as documented (gains 1).
+FORKABLE_KEYS = ("model.dropout", "model.qk_norm", "model.post_norm", "train.z_loss")
+
+
+def changed_keys(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Every flattened key whose value differs: {key: (old, new)}."""
+    old_flat, new_flat = flatten(saved), flatten(new)
+    return {k: (old_flat.get(k), v) for k, v in new_flat.items() if v != old_flat.get(k)}
+
+
+def resumable(key: str) -> bool:
+    return key.split(".")[0] in RESUMABLE_SECTIONS or key in RESUMABLE_KEYS
+
+
 def check_resume_changes(saved: Config, new: Config) -> None:
     """Refuse a resume whose config changes what the run is, naming the key and what may change."""
-    old_flat, new_flat = flatten(saved), flatten(new)
-    for key, value in new_flat.items():
-        if value != old_flat.get(key) and key.split(".")[0] not in RESUMABLE_SECTIONS and key not in RESUMABLE_KEYS:
-            raise ConfigError(f"{key} cannot change on --resume ({old_flat.get(key)!r} -> {value!r}): it defines the "
-                              f"run; allowed changes: the {', '.join(RESUMABLE_SECTIONS)} sections and "
-                              f"{', '.join(RESUMABLE_KEYS)}; start a new run (or fork) to change it")
+    for key, (old, value) in changed_keys(saved, new).items():
+        if not resumable(key):
+            hint = "; fork the run to change it (kiln fork RUN --step N --name NEW --set ...)" \
+                if key in FORKABLE_KEYS else "; start a new run (or fork --from-scratch) to change it"
+            raise ConfigError(f"{key} cannot change on --resume ({old!r} -> {value!r}): it defines the run; "
+                              f"allowed changes: the {', '.join(RESUMABLE_SECTIONS)} sections and "
+                              f"{', '.join(RESUMABLE_KEYS)}{hint}")
 
 
 # --------------------------------------------------------------------------- writing

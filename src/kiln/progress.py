@@ -14,6 +14,11 @@ T = TypeVar("T")
 console = Console(highlight=False, soft_wrap=True)
 
 
+def table_console() -> Console:
+    """The console for wide tables: a terminal's own width, 180 columns into a file or pipe."""
+    return console if console.is_terminal else Console(highlight=False, width=180)
+
+
 def quiet() -> bool:
     """Only the first process of a distributed job talks."""
     return os.environ.get("RANK", "0") != "0" or os.environ.get("KILN_QUIET") == "1"

@@ -161,3 +161,41 @@ def test_masked_objective_fsdp_matches_single_process(setup):
     evals = [json.loads(line) for line in (root / "runs" / "masked-2" / "eval.jsonl").read_text().splitlines()]
     ref = [json.loads(line) for line in (root / "runs" / "masked-1" / "eval.jsonl").read_text().splitlines()]
     assert [e["majority_baseline"] for e in evals] == [r["majority_baseline"] for r in ref]
+
+
+def test_fork_of_a_sharded_run_adds_tensors_at_any_world_size(setup, fsdp):
+    """A fork adding QK-norm, post-norm and z-loss to a run saved by 2 FSDP ranks (a DCP
+    checkpoint, partially loaded): trained on 2 ranks and on 1 it logs the same losses."""
+    root, _ = setup
+    args = ["fork", str(root / "runs" / "fsdp2"), "--step", "5", "--set", "model.qk_norm=true",
+            "--set", "model.post_norm=true", "--set", "train.z_loss=0.001"]
+    run_kiln([*args, "--name", "fork-on-2", "--nproc-per-node", "2"])
+    run_kiln([*args, "--name", "fork-on-1"])
+    on2, on1 = losses(root / "runs" / "fork-on-2"), losses(root / "runs" / "fork-on-1")
+    assert len(on2) == len(on1) == STEPS - 5
+    for x, y in zip(on2, on1):
+        assert abs(x - y) <= REL * abs(y)
+    lineage = json.loads((root / "runs" / "fork-on-2" / "lineage.json").read_text())
+    assert "layers.0.attn.q_norm.weight" in lineage["new_tensors"]
+
+
+STABILISED = ["model.tie_embeddings=false", "model.qk_norm=true", "model.post_norm=true", "model.norm=rmsnorm",
+              "train.z_loss=0.001"]
+
+
+@pytest.fixture(scope="module")
+def single_stabilised(setup):
+    root, base = setup
+    return train(root / "runs", "single-stabilised", base + STABILISED)
+
+
+@pytest.mark.parametrize("name, layout", [("tp2-stabilised", ["parallel.tp=2"]),
+                                          ("pp2-stabilised", ["parallel.pp=2", "parallel.pp_microbatches=4"])])
+def test_post_norm_and_z_loss_match_single_process(setup, single_stabilised, name, layout):
+    """The post-norms' sequence-parallel plan and the z-loss on the pipeline's last stage."""
+    root, base = setup
+    assert_close(train(root / "runs", name, base + STABILISED + layout, nproc=2), single_stabilised)
+    z = [json.loads(line).get("z_loss") for line in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line)["z_loss"] for line in (root / "runs" / "single-stabilised" / "metrics.jsonl")
+           .read_text().splitlines()]
+    assert all(abs(a - b) <= 1e-4 * b for a, b in zip(z, ref))

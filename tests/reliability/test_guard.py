@@ -78,7 +78,7 @@ def test_spike_rolls_back_and_skips_the_batches(tiny):
     import json
 
     saved = json.loads((runs / "spike" / "checkpoints" / "step-00000030" / "state.json").read_text())
-    assert saved["trainer"]["guard"]["skipped"] == [[20, 25]]
+    assert saved["trainer"]["skipped"] == [[20, 25]]
 
 
 def test_resumed_run_keeps_skipping(tiny):
@@ -90,7 +90,7 @@ def test_resumed_run_keeps_skipping(tiny):
         order = 99  # after the metrics writer
 
         def on_log(self, trainer, record):
-            if record["step"] == 27 and trainer.guard.state.skipped:
+            if record["step"] == 27 and trainer.skipped:
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

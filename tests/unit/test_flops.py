@@ -107,6 +107,8 @@ def test_unknown_device_type():
     ["model.tie_embeddings=false", "model.mlp=swiglu", "model.pos=rope", "model.bias=false", "model.norm=rmsnorm",
      "model.qk_norm=true"],
     ["model.pos=learned", "model.max_seq_len=64", "model.bias=false", "model.norm=layernorm", "model.d_ff=100"],
+    ["model.post_norm=true", "model.norm=layernorm", "model.bias=true", "model.qk_norm=true"],
+    ["model.post_norm=true", "model.norm=rmsnorm", "model.bias=false"],
 ])
 def test_model_params_counts_every_parameter(overrides):
     cfg = load_config(overrides=[*BASE, *overrides]).model

@@ -27,6 +27,7 @@ VARIANTS = {
     "gqa": ["model.pos=rope", "model.n_kv_heads=2"],
     "mqa": ["model.pos=rope", "model.n_kv_heads=1"],
     "qk_norm": ["model.qk_norm=true", "model.pos=rope"],
+    "post_norm": ["model.post_norm=true", "model.norm=rmsnorm"],
     "untied": ["model.tie_embeddings=false"],
     "learned_long_table": ["model.pos=learned", "model.max_seq_len=64"],
     "mixed": ["model.pos=learned", "model.norm=rmsnorm", "model.mlp=swiglu", "model.n_kv_heads=2"],
@@ -115,6 +116,26 @@ def test_qk_norm_changes_the_function():
     tokens = torch.randint(0, VOCAB, (1, 16))
     with torch.no_grad():
         assert not torch.allclose(plain(tokens), normed(tokens), atol=1e-4)
+
+
+def test_post_norm_adds_a_gain_per_sub_layer_and_changes_the_function():
+    plain, _ = make(seed=1)
+    sandwich, _ = make("model.post_norm=true", seed=1)
+    added = set(sandwich.state_dict()) - set(plain.state_dict())
+    assert added and all(".attn_post_norm." in k or ".mlp_post_norm." in k for k in added)
+    assert all(torch.equal(sandwich.state_dict()[k], plain.state_dict()[k]) for k in plain.state_dict())
+    tokens = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        assert not torch.allclose(plain(tokens), sandwich(tokens), atol=1e-4)
+
+
+def test_z_loss_is_log_z_squared_over_predicted_positions():
+    from kiln.train.objectives import IGNORE, z_loss_sum
+
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[1, IGNORE, 2], [0, 4, IGNORE]])
+    expected = sum(torch.logsumexp(logits[b, t], -1) ** 2 for b, t in [(0, 0), (0, 2), (1, 0), (1, 1)])
+    assert torch.allclose(z_loss_sum(logits, targets), expected)
 
 
 def test_dropout_is_active_only_in_training():

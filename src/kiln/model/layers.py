@@ -148,7 +148,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). With
+    `model.post_norm` each sub-layer's output is normalised too before the residual add,
+    x + norm'(attn(norm(x))) (the sandwich norm of Gemma 2; OLMo 2 keeps only the outer norm):
+    the residual stream then grows by bounded steps whatever a sub-layer's output does."""
 
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
@@ -156,9 +159,17 @@ class Block(nn.Module):
         self.attn = Attention(cfg, causal)
         self.mlp_norm = make_norm(cfg)
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        self.attn_post_norm = make_norm(cfg) if cfg.post_norm else None
+        self.mlp_post_norm = make_norm(cfg) if cfg.post_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, attn_mask))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        h = self.attn(self.attn_norm(x), rope, attn_mask)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + self.drop(h)
+        h = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return x + self.drop(h)

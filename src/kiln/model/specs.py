@@ -129,7 +129,7 @@ def model_params(cfg: ModelConfig, vocab_size: int) -> int:
     if cfg.pos == "learned":
         n += (cfg.max_seq_len or cfg.seq_len) * d
     norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    n += (2 * L + 1) * norm
+    n += (2 * L * (2 if cfg.post_norm else 1) + 1) * norm
     if cfg.qk_norm:
         n += 2 * L * (d // cfg.n_heads)
     if cfg.bias:

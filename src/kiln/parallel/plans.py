@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -20,13 +20,17 @@ from torch.distributed.tensor.parallel import (
 )
 
 
-class ReplicateParams(ParallelStyle):
-    """Parameters replicated over the tensor-parallel mesh (small per-head weights)."""
+class HeadNorm(ParallelStyle):
+    """A per-head norm (QK-norm) on this rank's heads: its gain is replicated over the
+    tensor-parallel mesh, and its input, a local tensor of heads (B, heads, T, head_dim), is
+    seen as sharded on the heads dimension, so the gain's gradient is summed over all heads."""
 
     def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         for name, p in list(module.named_parameters(recurse=False)):
             module.register_parameter(name, nn.Parameter(distribute_tensor(p, mesh, [Replicate()]),
                                                          requires_grad=p.requires_grad))
+        module.register_forward_pre_hook(lambda _, args: (DTensor.from_local(args[0], mesh, [Shard(1)]),))
+        module.register_forward_hook(lambda _, args, out: out.to_local())
         return module
 
 
@@ -53,10 +57,12 @@ def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "mlp.w1": ColwiseParallel(),
             "mlp.w2": RowwiseParallel(output_layouts=Shard(1)),
         }
+        if block.attn_post_norm is not None:  # the sub-layers' outputs are sequence-sharded (Shard(1))
+            plan["attn_post_norm"] = SequenceParallel(use_local_output=True)  # the residual stream is local
+            plan["mlp_post_norm"] = SequenceParallel(use_local_output=True)
         if hasattr(block.mlp, "w3"):
             plan["mlp.w3"] = ColwiseParallel()
         if block.attn.q_norm is not None:
-            # q/k norms act per head on local heads: their weights are replicated on the TP mesh.
-            plan["attn.q_norm"] = ReplicateParams()
-            plan["attn.k_norm"] = ReplicateParams()
+            plan["attn.q_norm"] = HeadNorm()
+            plan["attn.k_norm"] = HeadNorm()
         parallelize_module(block, tp_mesh, plan)

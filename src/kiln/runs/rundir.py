@@ -11,6 +11,8 @@
         eval/step-<N>.json  evaluation suites at step N (and eval/step-<N>/ their artifacts)
         samples.txt         generations from the fixed prompts at the end
         summary.json        final figures
+        status.json         created / running (pid, host, heartbeat) / finished / failed / stopped / interrupted
+        lineage.json        a fork's parent run, fork step, checkpoint hash and changes (kiln.runs.fork)
         loss.png            training and validation loss curves
         checkpoints/        see kiln.train.checkpoint
 
@@ -68,6 +70,8 @@ class RunDir:
     events_path = property(lambda self: self.path / "events.jsonl")
     summary_path = property(lambda self: self.path / "summary.json")
     samples_path = property(lambda self: self.path / "samples.txt")
+    status_path = property(lambda self: self.path / "status.json")
+    lineage_path = property(lambda self: self.path / "lineage.json")
     eval_dir = property(lambda self: self.path / "eval")
     checkpoints = property(lambda self: self.path / "checkpoints")
 
@@ -86,6 +90,7 @@ class RunDir:
         run.write_json("run.json", {"name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                     "kiln_version": __version__, **(meta or {})})
         run.write_config(cfg)
+        run.write_json("status.json", {"state": "created"})
         return run
 
     @classmethod
@@ -173,6 +178,48 @@ class RunDir:
             return json.loads(self.summary_path.read_text())
         except (OSError, ValueError):
             return None
+
+    def lineage(self) -> dict[str, Any] | None:
+        """What this run was forked from (None for a run started afresh); see kiln.runs.fork."""
+        try:
+            return json.loads(self.lineage_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def parent(self) -> "tuple[RunDir, int] | None":
+        """The run this one was forked from and the step it was forked at (0 for --from-scratch),
+        found next to this run first (run folders move together), else where it was."""
+        lineage = self.lineage()
+        if not lineage:
+            return None
+        parent = lineage["parent"]
+        for candidate in (self.path.parent / parent["run"], Path(parent.get("path", ""))):
+            if (candidate / "config.toml").is_file() and candidate.resolve() != self.path.resolve():
+                return RunDir(candidate), (0 if lineage.get("from_scratch") else int(parent["step"]))
+        return None
+
+    def ancestry(self) -> "list[tuple[RunDir, int]]":
+        """Every ancestor with the step up to which its records lead to this run, oldest first
+        (a fork's curve is its parent's up to the fork step, then its own)."""
+        chain: list[tuple[RunDir, int]] = []
+        seen = {self.path.resolve()}
+        current = self.parent()
+        while current is not None and current[0].path.resolve() not in seen:
+            chain.append(current)
+            seen.add(current[0].path.resolve())
+            current = current[0].parent()
+        chain.reverse()
+        return chain
+
+    def status(self) -> dict[str, Any]:
+        """The run's state, with a "running" that no live process backs up read as "interrupted"."""
+        from kiln.runs.status import resolve_status
+
+        try:
+            saved = json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            saved = {"state": "finished" if self.summary_path.is_file() else "interrupted"}
+        return resolve_status(saved)
 
     def config_dict(self) -> dict[str, Any]:
         return file_dict(self.config_path)

@@ -89,4 +89,7 @@ def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par
     checkpointer = Checkpointer(run.checkpoints, par, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
                                 async_save=cfg.parallel.async_checkpoint)
     listed = CallbackList([*builtin_callbacks(cfg), *build_callbacks(cfg.callbacks), *callbacks])
-    return Trainer(cfg, spec, run, data, par, module, sampler, val, eval_batch, listed, checkpointer, guard)
+    lineage = run.lineage() or {}  # a fork: batch ranges to skip, parameters its parent's checkpoint lacks
+    return Trainer(cfg, spec, run, data, par, module, sampler, val, eval_batch, listed, checkpointer, guard,
+                   skipped=[list(r) for r in lineage.get("skip_batches", [])],
+                   new_tensors=tuple(lineage.get("new_tensors", [])))

@@ -116,9 +116,29 @@ def _unflatten_optimizer(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, t
     return state
 
 
+WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.")  # torch.compile / activation checkpointing
+
+
+def _clean(name: str) -> str:
+    """A parameter's name as state dicts spell it (without wrapper modules' prefixes)."""
+    for w in WRAPPERS:
+        name = name.replace(w, "")
+    return name
+
+
+def forget_optimizer_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+                           names: set[str]) -> None:
+    """Drop the optimizer state of the parameters `names`: they start as a fresh parameter does."""
+    for part, opt in zip(parts, optimizers):
+        for name, param in part.named_parameters():
+            if _clean(name) in names:
+                opt.state.pop(param, None)
+
+
 def _apply(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], model_sd: dict[str, torch.Tensor],
-           optim_sd: dict[str, dict[str, Any]] | None, full: bool) -> None:
-    options = StateDictOptions(full_state_dict=full, strict=True)
+           optim_sd: dict[str, dict[str, Any]] | None, full: bool, new_tensors: set[str] = frozenset()) -> None:
+    """Load the state dicts into `parts`; parameters named in `new_tensors` may be missing from
+    them (a fork added them) and keep their initial values."""
     expected = {k: v for part in parts for k, v in get_model_state_dict(part).items()}
     if full:  # a full checkpoint names every tensor of the model, in its full shape
         extra = sorted(set(model_sd) - set(expected))
@@ -132,10 +152,12 @@ def _apply(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], mode
                                       f"model expects {shape}; was the model shape changed?")
     for part, opt in zip(parts, optimizers or [None] * len(parts)):
         names = list(get_model_state_dict(part))  # a fixed order: loading runs one collective per tensor
-        missing = [n for n in names if n not in model_sd]
+        missing = [n for n in names if n not in model_sd and n not in new_tensors]
         if missing:
             raise CheckpointError(f"the checkpoint lacks parameters {missing[:3]}; was the model shape changed?")
-        set_model_state_dict(part, {k: model_sd[k] for k in names}, options=options)
+        present = {k: model_sd[k] for k in names if k in model_sd}
+        options = StateDictOptions(full_state_dict=full, strict=len(present) == len(names))
+        set_model_state_dict(part, present, options=options)
         if opt is not None and optim_sd is not None:
             current = get_optimizer_state_dict(part, opt)
             state = {k: optim_sd[k] for k in current["state"] if k in optim_sd}
@@ -315,11 +337,13 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------- load
     def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
-             rng_seed: int | None = None) -> dict[str, Any]:
+             rng_seed: int | None = None, new_tensors: tuple[str, ...] = ()) -> dict[str, Any]:
         """Restore model, optimizer and RNG from `path` into any layout; returns the saved state.
         A rank whose RNG state the checkpoint lacks (saved at a smaller world size) is seeded
-        with `rng_seed` instead of copying another rank's (which would share its dropout masks)."""
-        load_weights(path, parts, optimizers)
+        with `rng_seed` instead of copying another rank's (which would share its dropout masks).
+        Parameters in `new_tensors` that the checkpoint lacks keep their initial values and
+        start with no optimizer state."""
+        load_weights(path, parts, optimizers, new_tensors)
         state = read_state(path)
         rng_file = path / f"rng-{self._rank}.safetensors"
         if rng_file.is_file():
@@ -331,19 +355,34 @@ class Checkpointer:
         return state
 
 
-def load_weights(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None = None) -> None:
-    """Load model (and optimizer) state from either format into `parts`, whatever their layout."""
+def load_weights(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None = None,
+                 new_tensors: tuple[str, ...] | set[str] = ()) -> None:
+    """Load model (and optimizer) state from either format into `parts`, whatever their layout.
+    Parameters in `new_tensors` may be absent from the checkpoint (see `Checkpointer.load`)."""
+    allowed = set(new_tensors)
     if (path / "dcp").is_dir():
         model_sd = model_state(parts)
         payload: dict[str, Any] = {"model": model_sd}
         if optimizers:
             payload["optim"] = optimizer_state(parts, optimizers)
-        dcp.load(payload, checkpoint_id=str(path / "dcp"))
-        _apply(parts, optimizers or [], payload["model"], payload.get("optim"), full=False)
+        absent: set[str] = set()
+        planner = None
+        if allowed:
+            saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+            absent = {k for k in model_sd if f"model.{k}" not in saved}
+            planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
+        if absent - allowed:
+            raise CheckpointError(f"the checkpoint lacks parameters {sorted(absent - allowed)[:3]}; "
+                                  "was the model shape changed?")
+        dcp.load(payload, checkpoint_id=str(path / "dcp"), planner=planner)
+        _apply(parts, optimizers or [], payload["model"], payload.get("optim"), full=False, new_tensors=absent)
     else:
         model_sd = load_file(path / "model.safetensors")
         optim_sd = _unflatten_optimizer(load_file(path / "optimizer.safetensors")) if optimizers else None
-        _apply(parts, optimizers or [], model_sd, optim_sd, full=True)
+        absent = {_clean(n) for part in parts for n, _ in part.named_parameters()} - set(model_sd)
+        _apply(parts, optimizers or [], model_sd, optim_sd, full=True, new_tensors=allowed & absent)
+    if optimizers and allowed:
+        forget_optimizer_state(parts, optimizers, allowed & absent)
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -10,12 +10,13 @@ The host learns what happened at the next logging sync, records every event in
 `events.jsonl`, and carries out the configured action: `skip` (the update was already
 discarded), `rollback` (restore the last good checkpoint and skip the batches from it to the
 spike plus a margin, optionally with a lower learning rate for a while) or `stop`. Skipped
-batch ranges are part of the checkpointed state, so a resumed run skips them too.
+batch ranges belong to the trainer's checkpointed state (a fork may add some too), so a resumed
+run skips them as well.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -57,18 +58,18 @@ def add_range(skipped: list[list[int]], lo: int, hi: int) -> list[list[int]]:
 class GuardState:
     """What the guard must remember across checkpoints."""
 
-    skipped: list[list[int]] = field(default_factory=list)  # data batch ranges never to train on
     interventions: int = 0
     lr_factor: float = 1.0
     lr_factor_until: int = -1  # optimizer step before which lr_factor applies
 
     def to_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "interventions": self.interventions, "lr_factor": self.lr_factor,
+        return {"interventions": self.interventions, "lr_factor": self.lr_factor,
                 "lr_factor_until": self.lr_factor_until}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "GuardState":
-        return cls(**d) if d else cls()
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})  # older states held "skipped" too
 
 
 class Guard:

@@ -24,7 +24,7 @@ from kiln.config import Config
 from kiln.eval.lm import tally_predictions
 from kiln.parallel import pipeline as pp
 from kiln.parallel.runtime import Parallel
-from kiln.train.objectives import IGNORE, Batch, Objective
+from kiln.train.objectives import IGNORE, Batch, Objective, z_loss_sum
 from kiln.train.optim import set_lr
 from kiln.train.precision import autocast_for
 
@@ -52,6 +52,9 @@ class TrainModule:
         self._on_loss: LossHook | None = None  # the callbacks' loss hook during a pipeline step
         self._step_targets: torch.Tensor | None = None  # ... and the targets of that step
         self._eval_totals: torch.Tensor | None = None  # set while a pipeline evaluation runs
+        self.z_coef = cfg.train.z_loss
+        self._z_total = torch.zeros((), device=par.device)  # this step's z-loss term (scaled), this rank
+        self.z_mean: torch.Tensor | None = None  # mean log(Z)^2 per predicted token of the last step
 
     def attach_schedule(self) -> None:
         self.schedule = pp.build_schedule(self.parts, self.stage_ids, self.n_stages, self.par, self.cfg,
@@ -98,8 +101,10 @@ class TrainModule:
             part.train(mode)
 
     # ---------------------------------------------------------------- one step
-    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.objective.loss_sum(self.model(inputs), targets)
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(summed objective loss, summed z-loss term or None when train.z_loss is off)."""
+        logits = self.model(inputs)
+        return self.objective.loss_sum(logits, targets), (z_loss_sum(logits, targets) if self.z_coef else None)
 
     def _pipeline_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self._eval_totals is not None:  # a forward-only evaluation pass
@@ -111,6 +116,11 @@ class TrainModule:
         real = _root(targets) is _root(self._step_targets)
         if self._on_loss is not None and real:
             loss = self._on_loss(loss)
+        if self.z_coef:
+            z = z_loss_sum(output, targets) * self._loss_scale
+            if real:
+                self._z_total = self._z_total + z.detach()
+            loss = loss + self.z_coef * z
         return loss * self.par.dims.dp_size  # FSDP averages gradients over data-parallel ranks
 
     def forward_backward(self, batch: Batch, on_loss: LossHook | None = None) -> torch.Tensor:
@@ -123,6 +133,7 @@ class TrainModule:
         n_predicted = par.data_sum((targets != IGNORE).sum().float()) / par.dims.pp
         self._loss_scale = 1.0 / n_predicted.clamp(min=1)
         dp_scale = par.dims.dp_size  # FSDP averages gradients; scaling by dp size turns that into a sum
+        self._z_total = torch.zeros((), device=self.device)
         if self.schedule is not None:
             losses: list[torch.Tensor] = []
             self._on_loss, self._step_targets = on_loss, targets
@@ -133,19 +144,29 @@ class TrainModule:
                                        losses=losses)
             finally:
                 self._on_loss, self._step_targets = None, None
-            total = (torch.stack(losses).detach().sum() / dp_scale if losses
+            total = (torch.stack(losses).detach().sum() / dp_scale - self.z_coef * self._z_total if losses
                      else torch.zeros((), device=self.device))
         else:
             total = torch.zeros((), device=self.device)
             for i in range(0, inputs.shape[0], self.micro_batch):
                 with self.autocast():
-                    loss = self.forward_loss(inputs[i:i + self.micro_batch], targets[i:i + self.micro_batch])
+                    loss, z = self.forward_loss(inputs[i:i + self.micro_batch], targets[i:i + self.micro_batch])
                 loss = loss * self._loss_scale
                 if on_loss is not None:
                     loss = on_loss(loss)
-                (loss * dp_scale).backward() if dp_scale != 1 else loss.backward()
                 total += loss.detach()
-        return par.data_sum(total) if par.distributed else total
+                if z is not None:  # the z-loss trains but is not part of the reported loss
+                    z = z * self._loss_scale
+                    self._z_total += z.detach()
+                    loss = loss + self.z_coef * z
+                (loss * dp_scale).backward() if dp_scale != 1 else loss.backward()
+        if not par.distributed:
+            self.z_mean = self._z_total if self.z_coef else None
+            return total
+        if self.z_coef:  # one reduction for both numbers
+            total, self.z_mean = par.data_sum(torch.stack([total, self._z_total])).unbind()
+            return total
+        return par.data_sum(total)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return self.par.clip_grad_norm(self.parameters(), max_norm if max_norm > 0 else float("inf"))

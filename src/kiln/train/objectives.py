@@ -54,6 +54,13 @@ class Objective:
                                reduction="sum")
 
 
+def z_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed log(Z)^2 over predicted positions (PaLM's z-loss): pulls the softmax normaliser
+    towards 1, so the output logits cannot drift to magnitudes where bf16 loses the loss."""
+    log_z = torch.logsumexp(logits.float(), dim=-1)
+    return (log_z.square() * (targets != IGNORE)).sum()
+
+
 OBJECTIVES: dict[str, type[Objective]] = {}
 
 

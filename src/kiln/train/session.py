@@ -85,6 +85,8 @@ def resume_run(path: Path, overrides: list[str] = (), callbacks: Iterable[Callba
     spec = run.check_family(cfg, check_training)
     par = Parallel.setup(cfg, resolve_device(cfg))
     data = _prepare_everywhere(cfg, par)
+    if par.is_main and not run.tokenizer_path.is_file():  # created but never trained (kiln fork --no-train)
+        data.tokenizer.save(run.tokenizer_path)
     latest = par.broadcast(par.main_first(lambda: run.latest_checkpoint(warn=_log)))
     state = None
     if latest is not None:

@@ -70,6 +70,8 @@ class Trainer:
     last_record: dict[str, Any] = field(default_factory=dict)
     recorder: MetricRecorder = field(init=False)  # what callbacks record for the next metrics record
     phase_marker: Callable[[str], None] | None = None  # step_time's clock; None = no timing
+    skipped: list[list[int]] = field(default_factory=list)  # data batch ranges never trained on (inclusive)
+    new_tensors: tuple[str, ...] = ()  # a fork's added parameters, absent from its parent's checkpoint
 
     def __post_init__(self) -> None:
         self.total_steps = self.total_steps or self.cfg.total_steps
@@ -106,10 +108,6 @@ class Trainer:
     @property
     def log_due(self) -> bool:
         return self.step % self.cfg.log.every == 0 or self.done
-
-    @property
-    def skipped(self) -> list[list[int]]:
-        return self.guard.state.skipped if self.guard else []
 
     def record_metric(self, name: str, value: float | torch.Tensor, reduce: str = "mean") -> None:
         """Add a number to the metrics record of the next logging step (see MetricRecorder)."""
@@ -171,6 +169,8 @@ class Trainer:
                                                  first_index=self.sampler.rank * self.sampler.local_batch)
         self._mark("data")
         loss = self.module.forward_backward(batch, on_loss=lambda value: cbs.on_loss(self, step, value))
+        if self.module.z_mean is not None:
+            self.record_metric("z_loss", self.module.z_mean)  # mean log(Z)^2: what train.z_loss pulls down
         self._mark("forward_backward")
         cbs.on_after_backward(self, step)
         grad_norm = self.module.clip_grad_norm(self.cfg.optim.grad_clip)
@@ -213,8 +213,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         """Trainer state saved with each checkpoint (the data batch of a step follows from the step
-        and the guard's skipped ranges, so the loader has no state of its own)."""
-        return {"step": self.step, "tokens": self.tokens_seen, "precision": self.precision,
+        and the skipped ranges, so the loader has no state of its own)."""
+        return {"step": self.step, "tokens": self.tokens_seen, "precision": self.precision, "skipped": self.skipped,
                 "data_key": self.data.manifest.get("content_key", self.data.manifest["key"]),
                 "guard": self.guard.state_dict() if self.guard else None,
                 "callbacks": self.callbacks.state_dict()}
@@ -223,9 +223,14 @@ class Trainer:
         """Model, optimizer, RNG, step, guard and callback states as checkpoint `path` saved them;
         the run folder forgets what was written after it."""
         saved = self.checkpointer.load(path, self.module.parts, self.module.optimizers,
-                                       rng_seed=self.rng_seed_for(path))
+                                       rng_seed=self.rng_seed_for(path), new_tensors=self.new_tensors)
         self.step = saved["step"]
         trainer_state = saved["trainer"]
+        lineage = self.run.lineage() or {}
+        skipped = trainer_state.get("skipped", (trainer_state.get("guard") or {}).get("skipped", []))
+        for lo, hi in lineage.get("skip_batches", []):  # a fork's ranges (all after its fork point)
+            skipped = add_range(skipped, lo, hi)
+        self.skipped = skipped
         if self.guard:
             self.guard.load_state_dict(trainer_state.get("guard"))
         self.callbacks.load_state_dict(trainer_state.get("callbacks"))
@@ -249,7 +254,7 @@ class Trainer:
                 action = "stop"
                 event["reason"] = f"more than guard.max_interventions = {self.cfg.guard.max_interventions}"
             state.interventions += 1
-            event["data_index"] = data_index(event["step"], state.skipped)
+            event["data_index"] = data_index(event["step"], self.skipped)
             event["step"] += 1  # report in completed-step numbering, like metrics.jsonl
             if action == "rollback":
                 target = self._rollback_target(event["step"] - 1)
@@ -290,8 +295,8 @@ class Trainer:
         interventions = self.guard.state.interventions
         self.restore(path, keep_events=True)  # model, optimizer, RNG, step, guard state as they were then
         state = self.guard.state
-        first = data_index(self.step, state.skipped)
-        state.skipped = add_range(state.skipped, first, spike_index + cfg.margin)
+        first = data_index(self.step, self.skipped)
+        self.skipped = add_range(self.skipped, first, spike_index + cfg.margin)
         state.interventions = interventions
         if cfg.lr_factor != 1.0 and cfg.lr_factor_steps:
             state.lr_factor, state.lr_factor_until = cfg.lr_factor, self.step + cfg.lr_factor_steps

@@ -10,12 +10,14 @@ from kiln.train.callbacks.checkpointing import CheckpointPolicy
 from kiln.train.callbacks.evaluation import Evaluation, Samples
 from kiln.train.callbacks.logging import ConsoleLog, MetricsLog
 from kiln.train.callbacks.plot import LossPlot
+from kiln.train.callbacks.status import RunStatus
 from kiln.train.callbacks.throughput import Throughput
 from kiln.train.callbacks.watchdog import HangWatchdog
 
 
 def builtin_callbacks(cfg: Config) -> list[Callback]:
-    callbacks: list[Callback] = [Evaluation(), CheckpointPolicy(), Samples(), Throughput(), ConsoleLog(), MetricsLog()]
+    callbacks: list[Callback] = [Evaluation(), CheckpointPolicy(), Samples(), Throughput(), ConsoleLog(), MetricsLog(),
+                                  RunStatus()]
     if cfg.train.time_budget_s:
         callbacks.append(TimeBudget())
     if cfg.guard.hang_min_s > 0:

@@ -109,6 +109,10 @@ def test_stop_action_ends_with_a_message(tiny):
         start_run(make("guard.on_nonfinite=stop"), runs, "stop", callbacks=[Inject(nan_at=[10])])
     events = read_jsonl(runs / "stop" / "events.jsonl")
     assert events[-1]["action"] == "stop"
+    from kiln.runs.rundir import RunDir
+
+    status = RunDir(runs / "stop").status()  # what `kiln runs` shows
+    assert status["state"] == "stopped" and "nonfinite" in status["reason"]
 
 
 def test_intervention_cap(tiny):

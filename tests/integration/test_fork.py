@@ -236,3 +236,11 @@ def test_runs_lists_status_lineage_and_tree(family, capsys):
     table = capsys.readouterr().out
     assert "grandchild-parent@12" in table and "interrupted" in table and "parent@8" in table
     assert [(r.name, at) for r, at in RunDir(grand.run.path).ancestry()] == [("parent", 8), ("grandchild-parent", 12)]
+
+
+def test_a_fork_of_a_fork_at_its_fork_point_inherits_the_new_tensors(family):
+    first = create_fork(family["parent"], "qk-first", 8, ["model.qk_norm=true"], log=lambda _: None)
+    second = create_fork(first.run.path, "qk-second", 8, log=lambda _: None)  # the linked step-8 checkpoint
+    assert second.lineage["new_tensors"] == first.lineage["new_tensors"] != []
+    resume_run(second.run.path)
+    assert sorted(losses(second.run.path)) == list(range(9, STEPS + 1))

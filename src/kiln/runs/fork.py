@@ -69,8 +69,9 @@ def _refuse_changes(changes: dict[str, tuple[Any, Any]]) -> None:
                               "with this change (same data order, lineage recorded)")
 
 
-def new_tensors(parent_cfg: Config, cfg: Config, vocab_size: int) -> list[str]:
-    """Parameters the fork's model has and its parent's lacks (both built on the meta device)."""
+def new_tensors(parent_cfg: Config, cfg: Config, vocab_size: int, saved: set[str]) -> list[str]:
+    """Parameters the fork's model has and the checkpoint (tensor names `saved`) lacks; the
+    models of both configs are built on the meta device to check that the shapes agree."""
     import torch
 
     from kiln.model.registry import build_model
@@ -85,7 +86,7 @@ def new_tensors(parent_cfg: Config, cfg: Config, vocab_size: int) -> list[str]:
     gone = sorted(set(old) - set(new))
     if gone:
         raise ConfigError(f"the fork's model lacks the checkpoint's {', '.join(gone[:3])}; use --from-scratch")
-    return sorted(set(new) - set(old))
+    return sorted(set(new) - saved)  # a fork of a fork at its fork point inherits its new tensors
 
 
 def checkpoint_hash(path: Path) -> str:
@@ -159,7 +160,7 @@ def plan_fork(parent_path: Path, name: str, step: int | None, sets: list[str], s
     vocab = parent.tokenizer().vocab_size
     lineage["parent"].update({"step": at, "checkpoint": chosen.name, "checkpoint_sha256": checkpoint_hash(chosen),
                               "tokens": state.get("tokens"), "next_data_batch": next_batch})
-    lineage["new_tensors"] = new_tensors(parent_cfg, cfg, vocab)
+    lineage["new_tensors"] = new_tensors(parent_cfg, cfg, vocab, ckpt.tensor_names(chosen))
     return cfg, lineage, chosen, target
 
 

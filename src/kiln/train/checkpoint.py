@@ -385,6 +385,17 @@ def load_weights(path: Path, parts: list[nn.Module], optimizers: list[torch.opti
         forget_optimizer_state(parts, optimizers, allowed & absent)
 
 
+def tensor_names(path: Path) -> set[str]:
+    """The model tensors a checkpoint holds (either format), without loading them."""
+    if (path / "dcp").is_dir():
+        saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+        return {k[len("model."):] for k in saved if k.startswith("model.")}
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
 def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "state.json").read_text())
 

@@ -278,8 +278,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from kiln.runs.rundir import RunDir
 
     run = RunDir.open(Path(args.run))
-    paths = write_report(run.path, Path(args.out) if args.out else None)
-    print(f"wrote {paths['md']} and {paths['html']}")
+    write_report(run.path, Path(args.out) if args.out else None)  # it says what it wrote
     return 0
 
 

@@ -244,3 +244,19 @@ def test_a_fork_of_a_fork_at_its_fork_point_inherits_the_new_tensors(family):
     assert second.lineage["new_tensors"] == first.lineage["new_tensors"] != []
     resume_run(second.run.path)
     assert sorted(losses(second.run.path)) == list(range(9, STEPS + 1))
+
+
+def test_compare_and_report_verbs(family, tmp_path, capsys):
+    fork = create_fork(family["parent"], "for-compare", 8, ["optim.lr=0.0007"], log=lambda _: None)
+    resume_run(fork.run.path)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(family["parent"]), str(fork.run.path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "optim.lr" in printed and "parent@8" in printed
+    assert (out / "compare.png").is_file() and "optim.lr" in (out / "compare.md").read_text()
+    assert main(["report", str(fork.run.path)]) == 0
+    report = fork.run.path / "report"
+    assert (report / "report.html").is_file() and "Lineage" in (report / "report.md").read_text()
+    assert main(["compare", str(family["parent"]), str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a Kiln run" in _error_line(capsys) and not (tmp_path / "x").exists()
+    assert main(["report", str(tmp_path / "nope")]) == 2

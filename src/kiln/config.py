@@ -162,6 +162,41 @@ class LogConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Runtime invariants (kiln.train.callbacks.invariants): checked on every rank while training."""
+    invariants: bool = False  # check replicas, data disjointness, loss normaliser, optimizer steps
+    invariants_every: int = 50  # ... every N steps (and at step 1)
+
+
+@dataclass
+class FaultsConfig:
+    """Faults injected on purpose (kiln.train.callbacks.faults), to measure how the guard and
+    `kiln doctor` react. Steps are completed-step numbers as in metrics.jsonl; 0 / [] = off."""
+    nonfinite_loss: list[int] = field(default_factory=list)  # the loss of these steps is NaN
+    nonfinite_grad: list[int] = field(default_factory=list)  # a gradient of these steps is inf
+    corrupt_batch: list[int] = field(default_factory=list)  # these steps train on random tokens (a loss spike)
+    lr_high: int = 0  # from this step on, the learning rate is multiplied by lr_high_factor (divergence)
+    lr_high_factor: float = 100.0
+    lr_low: int = 0  # from this step on, multiplied by lr_low_factor (a plateau)
+    lr_low_factor: float = 1e-3
+    repeat_batch: int = 0  # from this step on, every step trains on this step's batch (repeated data)
+    entropy_collapse: int = 0  # from this step on, one layer's attention collapses onto one key
+    dead_units: int = 0  # from this step on, dead_fraction of one layer's MLP units output zero
+    dead_fraction: float = 0.5
+    layer: int = 0  # the layer of entropy_collapse and dead_units
+    slow_steps: list[int] = field(default_factory=list)  # these steps take slow_s seconds longer
+    slow_s: float = 1.0
+    slow_rank: int = -1  # this data-parallel rank is slow_rank_s slower at every step
+    slow_rank_s: float = 0.2
+    hang: int = 0  # this step blocks for hang_s seconds (the watchdog's case)
+    hang_s: float = 3600.0
+    loader_stall: list[int] = field(default_factory=list)  # reading these steps' batches takes stall_s more
+    stall_s: float = 1.0
+    corrupt_checkpoint: int = 0  # the checkpoint of this step is damaged after it is committed
+    tokenizer_mismatch: bool = False  # the run's tokenizer.json is replaced by one that does not fit the shards
+
+
+@dataclass
 class CallbacksConfig:
     """Optional callbacks by registered name; each one's options in a `[callbacks.<name>]` table
     (checked against the callback's own option types once the registries are loaded)."""
@@ -183,6 +218,8 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     # ---- derived quantities (not stored) ----
     @property
@@ -504,6 +541,14 @@ def validate(cfg: Config) -> None:
     _require(abs(k.replace + k.random + k.keep - 1.0) < 1e-6,
              f"mask.replace + mask.random + mask.keep must add up to 1, got {k.replace} + {k.random} + {k.keep} = "
              f"{k.replace + k.random + k.keep:g}")
+    _require(cfg.debug.invariants_every >= 1, f"debug.invariants_every must be >= 1, got {cfg.debug.invariants_every}")
+    f = cfg.faults
+    for key in ("lr_high_factor", "lr_low_factor", "dead_fraction"):
+        _require(getattr(f, key) > 0, f"faults.{key} must be positive, got {getattr(f, key)}")
+    _require(f.dead_fraction <= 1, f"faults.dead_fraction must be <= 1, got {f.dead_fraction}")
+    _require(0 <= f.layer < cfg.model.n_layers, f"faults.layer = {f.layer} must name a layer (0..{cfg.model.n_layers - 1})")
+    for key in ("slow_s", "slow_rank_s", "hang_s", "stall_s"):
+        _require(getattr(f, key) >= 0, f"faults.{key} must be >= 0, got {getattr(f, key)}")
     for name in cfg.callbacks.enabled:
         _require(bool(name.strip()), "callbacks.enabled holds an empty name")
     _require(len(set(cfg.callbacks.enabled)) == len(cfg.callbacks.enabled),
@@ -514,7 +559,8 @@ def validate(cfg: Config) -> None:
 
 # What may change when a run is resumed: how it is optimised, evaluated, saved, logged, guarded,
 # monitored and laid out. Everything else (model shape, data, tokenizer, seed, batch) defines the run.
-RESUMABLE_SECTIONS = ("optim", "schedule", "eval", "checkpoint", "log", "guard", "parallel", "callbacks")
+RESUMABLE_SECTIONS = ("optim", "schedule", "eval", "checkpoint", "log", "guard", "parallel", "callbacks", "debug",
+                      "faults")
 RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.time_budget_s", "train.compile", "train.threads",
                   "train.micro_batch_size", "train.precision", "train.device", "data.cache_dir", "data.workers")
 
@@ -545,44 +591,8 @@ def check_resume_changes(saved: Config, new: Config) -> None:
                               f"{', '.join(RESUMABLE_KEYS)}{hint}")
 
 
-# --------------------------------------------------------------------------- writing
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        out = []
-        for ch in value:  # TOML basic strings: escape backslash, quote and every control character
-            if ch in ('"', "\\"):
-                out.append("\\" + ch)
-            elif ord(ch) < 0x20 and ch != "\t" or ord(ch) == 0x7F:
-                out.append(f"\\u{ord(ch):04x}")
-            else:
-                out.append(ch)
-        return '"' + "".join(out) + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
-
-
-def _toml_table(name: str, values: dict[str, Any], lines: list[str]) -> None:
-    lines.append(f"[{name}]")
-    lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict))
-    lines.append("")
-    for k, v in values.items():
-        if isinstance(v, dict):
-            _toml_table(f"{name}.{_toml_key(k)}", v, lines)
-
-
 def to_toml(cfg: Config | dict[str, Any]) -> str:
-    data = to_dict(cfg) if isinstance(cfg, Config) else cfg
-    lines: list[str] = []
-    for section, values in data.items():
-        _toml_table(section, values, lines)
-    return "\n".join(lines)
+    """The config (or its dict) as TOML text (kiln.tomlwrite)."""
+    from kiln.tomlwrite import toml_text
+
+    return toml_text(to_dict(cfg) if isinstance(cfg, Config) else cfg)

@@ -1,0 +1,173 @@
+"""Fault injection from the `[faults]` config section: the failures large runs meet, on purpose,
+to measure how the guard and `kiln doctor` react (bench/faults.py) — never for real training.
+
+Every fault is deterministic in the step (completed-step numbering, as in metrics.jsonl), so a
+resumed run meets the same faults at the same steps. What each does:
+
+    nonfinite_loss      the step's loss is multiplied by NaN (so are its gradients)
+    nonfinite_grad      one gradient element of the step is set to inf after backward
+    corrupt_batch       the step trains on uniformly random tokens (a loss spike)
+    lr_high / lr_low    from that step on, optim.lr is multiplied by the factor (logged LR too)
+    repeat_batch        from that step on, every step trains on that step's data batch
+    entropy_collapse    from that step on, `layer`'s query and key projections are scaled up 30x,
+                        so its attention puts all weight on one key
+    dead_units          from that step on, `dead_fraction` of `layer`'s MLP hidden units get a
+                        pre-activation of -30 (no output, no gradient)
+    slow_steps          these steps sleep slow_s seconds inside the step
+    slow_rank           this data-parallel rank sleeps slow_rank_s inside every step
+    hang                this step sleeps hang_s seconds (the watchdog's case)
+    loader_stall        reading these steps' batches sleeps stall_s seconds
+    corrupt_checkpoint  the checkpoint of this step is damaged right after it is committed
+    tokenizer_mismatch  the run's tokenizer.json is replaced by one the shards were not made with
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from kiln.config import FaultsConfig
+from kiln.train.callbacks.base import Callback
+
+COLLAPSE_SCALE = 30.0
+DEAD_BIAS = -30.0
+WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def any_fault(cfg: FaultsConfig) -> bool:
+    return any(getattr(cfg, name) not in (0, [], False, -1) for name in (
+        "nonfinite_loss", "nonfinite_grad", "corrupt_batch", "lr_high", "lr_low", "repeat_batch", "entropy_collapse",
+        "dead_units", "slow_steps", "slow_rank", "hang", "loader_stall", "corrupt_checkpoint", "tokenizer_mismatch"))
+
+
+def _clean(name: str) -> str:
+    for w in WRAPPERS:
+        name = name.replace(w, "")
+    return name
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Faults(Callback):
+    order = 5  # before every other callback: they should see the faulty step as it is
+
+    def __init__(self, cfg: FaultsConfig):
+        super().__init__(cfg)
+        self.cfg = cfg
+        self.current = 0  # the step being trained (completed-step numbering)
+        self.lr_applied: set[str] = set()  # per process: a resumed run starts from the config's LR again
+        self.hooks: list[Any] = []
+
+    # ---------------------------------------------------------------- setup
+    def on_run_start(self, trainer) -> None:
+        cfg = self.cfg
+        sampler = trainer.sampler
+        read = sampler.batch
+
+        def batch(index: int) -> torch.Tensor:
+            if self.current in cfg.loader_stall:
+                time.sleep(cfg.stall_s)
+            if cfg.repeat_batch and self.current >= cfg.repeat_batch:
+                from kiln.train.guard import data_index
+
+                index = data_index(cfg.repeat_batch - 1, trainer.skipped)
+            windows = read(index)
+            if self.current in cfg.corrupt_batch:
+                g = torch.Generator().manual_seed(trainer.cfg.train.seed * 1009 + self.current)
+                windows = torch.randint(0, trainer.data.vocab_size, windows.shape, generator=g)
+            return windows
+
+        sampler.batch = batch  # an instance attribute: only this run's sampler is faulty
+        modules = {_clean(n): m for n, m in trainer.module.named_modules()}
+        layer = f"layers.{cfg.layer}"
+        if cfg.entropy_collapse:
+            for proj in ("attn.wq", "attn.wk"):
+                if f"{layer}.{proj}" in modules:
+                    self.hooks.append(modules[f"{layer}.{proj}"].register_forward_hook(self._scale_hook))
+        if cfg.dead_units and f"{layer}.mlp.w1" in modules:
+            self.hooks.append(modules[f"{layer}.mlp.w1"].register_forward_hook(self._dead_hook))
+        if cfg.tokenizer_mismatch and trainer.is_main:
+            self._swap_tokenizer(trainer.run.tokenizer_path)
+
+    def _scale_hook(self, module, args, output):
+        if self.cfg.entropy_collapse and self.current >= self.cfg.entropy_collapse:
+            return output * COLLAPSE_SCALE
+        return output
+
+    def _dead_hook(self, module, args, output):
+        if not (self.cfg.dead_units and self.current >= self.cfg.dead_units):
+            return output
+        n = output.shape[-1]
+        dead = torch.zeros(n, device=output.device, dtype=output.dtype)
+        dead[: int(n * self.cfg.dead_fraction)] = DEAD_BIAS
+        return output + dead
+
+    @staticmethod
+    def _swap_tokenizer(path: Path) -> None:
+        """Reverse the vocabulary's ids: same tokens, every id now means another token."""
+        data = json.loads(path.read_text())
+        vocab = data.get("model", {}).get("vocab")
+        if isinstance(vocab, dict) and vocab:
+            ids = sorted(vocab.values())
+            data["model"]["vocab"] = {tok: ids[len(ids) - 1 - ids.index(i)] for tok, i in vocab.items()}
+        path.write_text(json.dumps(data))
+
+    # ---------------------------------------------------------------- per step
+    def on_step_start(self, trainer, step: int, data_index: int) -> None:
+        cfg = self.cfg
+        self.current = step + 1
+        for start, factor, key in ((cfg.lr_high, cfg.lr_high_factor, "high"), (cfg.lr_low, cfg.lr_low_factor, "low")):
+            if start and self.current >= start and key not in self.lr_applied:
+                trainer.cfg.optim.lr *= factor
+                self.lr_applied.add(key)
+
+    def on_loss(self, trainer, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step + 1 in self.cfg.nonfinite_loss:
+            return loss * float("nan")
+        return loss
+
+    def on_after_backward(self, trainer, step: int) -> None:
+        cfg = self.cfg
+        if step + 1 in cfg.nonfinite_grad:
+            for p in trainer.module.parameters():
+                if p.grad is not None:
+                    _local(p.grad).view(-1)[0] = float("inf")
+                    break
+        if step + 1 in cfg.slow_steps:
+            time.sleep(cfg.slow_s)
+        if cfg.slow_rank >= 0 and trainer.par.dp[0] == cfg.slow_rank:
+            time.sleep(cfg.slow_rank_s)
+        if cfg.hang and step + 1 == cfg.hang:
+            time.sleep(cfg.hang_s)
+
+    def on_checkpoint(self, trainer, step: int, path: Path) -> None:
+        if step != self.cfg.corrupt_checkpoint or not trainer.is_main:
+            return
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != "manifest.json"
+                       and p.stat().st_size > 64)
+        target = next((p for p in files if p.name.startswith("model")), files[0] if files else None)
+        if target is not None:  # flip bytes in the middle: the checksum no longer matches
+            with open(target, "r+b") as f:
+                f.seek(target.stat().st_size // 2)
+                chunk = f.read(16)
+                f.seek(target.stat().st_size // 2)
+                f.write(bytes(b ^ 0xFF for b in chunk))
+
+    # ---------------------------------------------------------------- the end
+    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+        self._remove()
+
+    def on_error(self, trainer, error: BaseException) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []

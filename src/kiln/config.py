@@ -143,9 +143,14 @@ class GuardConfig:
     enabled: bool = True
     window: int = 50  # rolling window of healthy steps that defines "normal"
     min_history: int = 20  # steps of history before spikes are judged
-    k: float = 6.0  # a spike is more than k standard deviations above the window's mean
+    k: float = 6.0  # a spike is more than k robust deviations (1.4826 MAD of the log) above the median ...
+    min_loss_jump: float = 1.5  # ... and a loss at least this many times the window's median loss
+    min_grad_jump: float = 4.0  # ... or a gradient norm at least this many times the median norm
     on_nonfinite: str = "skip"  # skip | rollback | stop
-    on_spike: str = "rollback"  # skip | rollback | stop | ignore
+    on_spike: str = "skip"  # a loss spike: skip | rollback | stop | ignore
+    on_grad_spike: str = "record"  # a gradient-norm spike alone: record | skip | ignore
+    persist: int = 3  # loss spikes in a row: the loss is not recovering ...
+    on_persistent: str = "rollback"  # ... then: rollback | skip | stop
     margin: int = 0  # rollback: extra batches skipped after the spike
     lr_factor: float = 1.0  # rollback: multiply the learning rate by this ...
     lr_factor_steps: int = 0  # ... for this many steps after the restored checkpoint
@@ -253,6 +258,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.activation_checkpoint": ("none", "selective", "full"),
     "guard.on_nonfinite": ("skip", "rollback", "stop"),
     "guard.on_spike": ("skip", "rollback", "stop", "ignore"),
+    "guard.on_grad_spike": ("record", "skip", "ignore"),
+    "guard.on_persistent": ("rollback", "skip", "stop"),
     "checkpoint.on_error": ("stop", "continue"),
 }
 
@@ -521,6 +528,9 @@ def validate(cfg: Config) -> None:
         _require(getattr(g, key) >= 1, f"guard.{key} must be >= 1, got {getattr(g, key)}")
     _require(g.min_history <= g.window, f"guard.min_history = {g.min_history} must be <= guard.window = {g.window}")
     _require(g.k > 0, f"guard.k must be positive, got {g.k}")
+    for key in ("min_loss_jump", "min_grad_jump"):
+        _require(getattr(g, key) >= 1, f"guard.{key} must be >= 1 (a ratio to the median), got {getattr(g, key)}")
+    _require(g.persist >= 2, f"guard.persist must be >= 2, got {g.persist}")
     _require(g.lr_factor > 0, f"guard.lr_factor must be positive, got {g.lr_factor}")
     for key in ("margin", "lr_factor_steps", "hang_min_s"):
         _require(getattr(g, key) >= 0, f"guard.{key} must be >= 0, got {getattr(g, key)}")
@@ -553,42 +563,6 @@ def validate(cfg: Config) -> None:
         _require(bool(name.strip()), "callbacks.enabled holds an empty name")
     _require(len(set(cfg.callbacks.enabled)) == len(cfg.callbacks.enabled),
              f"callbacks.enabled names a callback twice: {cfg.callbacks.enabled}")
-
-
-# --------------------------------------------------------------------------- resuming
-
-# What may change when a run is resumed: how it is optimised, evaluated, saved, logged, guarded,
-# monitored and laid out. Everything else (model shape, data, tokenizer, seed, batch) defines the run.
-RESUMABLE_SECTIONS = ("optim", "schedule", "eval", "checkpoint", "log", "guard", "parallel", "callbacks", "debug",
-                      "faults")
-RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.time_budget_s", "train.compile", "train.threads",
-                  "train.micro_batch_size", "train.precision", "train.device", "data.cache_dir", "data.workers")
-
-
-# What a fork may change on top of that: the stabilisers researchers reach for after an
-# instability. New tensors they add (QK-norm, post-norm gains) start as documented (gains 1).
-FORKABLE_KEYS = ("model.dropout", "model.qk_norm", "model.post_norm", "train.z_loss")
-
-
-def changed_keys(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
-    """Every flattened key whose value differs: {key: (old, new)}."""
-    old_flat, new_flat = flatten(saved), flatten(new)
-    return {k: (old_flat.get(k), v) for k, v in new_flat.items() if v != old_flat.get(k)}
-
-
-def resumable(key: str) -> bool:
-    return key.split(".")[0] in RESUMABLE_SECTIONS or key in RESUMABLE_KEYS
-
-
-def check_resume_changes(saved: Config, new: Config) -> None:
-    """Refuse a resume whose config changes what the run is, naming the key and what may change."""
-    for key, (old, value) in changed_keys(saved, new).items():
-        if not resumable(key):
-            hint = "; fork the run to change it (kiln fork RUN --step N --name NEW --set ...)" \
-                if key in FORKABLE_KEYS else "; start a new run (or fork --from-scratch) to change it"
-            raise ConfigError(f"{key} cannot change on --resume ({old!r} -> {value!r}): it defines the run; "
-                              f"allowed changes: the {', '.join(RESUMABLE_SECTIONS)} sections and "
-                              f"{', '.join(RESUMABLE_KEYS)}{hint}")
 
 
 def to_toml(cfg: Config | dict[str, Any]) -> str:

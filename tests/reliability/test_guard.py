@@ -126,10 +126,41 @@ def test_a_lasting_level_change_is_not_flagged_forever():
     from kiln.config import GuardConfig
     from kiln.train.guard import Guard
 
+    # the gradient norm's level moves at step 40: recorded (never discarded) for `persist` steps,
+    # then the new normal
     guard = Guard(GuardConfig(window=20, min_history=10, k=4.0), torch.device("cpu"))
     flags = []
     for step in range(80):
-        norm = 1.0 + 0.01 * (step % 3) if step < 40 else 10.0 + 0.1 * (step % 3)  # the level moves at step 40
+        norm = 1.0 + 0.01 * (step % 3) if step < 40 else 10.0 + 0.1 * (step % 3)
         flags.append(float(guard.check(step, torch.tensor(3.0 - 0.001 * step), torch.tensor(norm))))
-    assert flags[40:43] == [1.0, 1.0, 1.0]  # the jump is flagged at first ...
-    assert sum(flags[43:]) == 0  # ... then becomes the new normal
+    assert sum(flags) == 0
+    assert [(e["step"], e["kind"]) for e in guard.drain()] == [(40, "grad_spike"), (41, "grad_spike"),
+                                                             (42, "grad_spike")]
+
+    # the loss's level moves: skipped twice, the third in a row is "persistent" (a rollback in a
+    # trainer; here on_persistent = skip), then the window restarts from the new level
+    guard = Guard(GuardConfig(window=20, min_history=10, k=4.0, on_persistent="skip"), torch.device("cpu"))
+    flags = [float(guard.check(step, torch.tensor(3.0 + 0.01 * (step % 3) if step < 40 else 9.0),
+                               torch.tensor(1.0))) for step in range(80)]
+    assert flags[40:43] == [1.0, 1.0, 1.0] and sum(flags[43:]) == 0
+    assert [e["kind"] for e in guard.drain()] == ["loss_spike", "loss_spike", "persistent_spike"]
+
+
+def test_robust_detection_ignores_wiggles_and_catches_jumps():
+    """The defect of the k-sigma guard: late in training, a 1.4x gradient-norm wiggle over a
+    narrow window was called a spike and rolled a healthy run back."""
+    from kiln.config import GuardConfig
+    from kiln.train.guard import Guard
+
+    guard = Guard(GuardConfig(), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    for step in range(60):  # a narrow late-training window: loss 3.0 +- 1%, grad norm 0.8 +- 2%
+        loss = 3.0 * (1 + 0.01 * torch.randn((), generator=gen, dtype=torch.float64))
+        norm = 0.8 * (1 + 0.02 * torch.randn((), generator=gen, dtype=torch.float64))
+        assert float(guard.check(step, loss, norm)) == 0
+    assert float(guard.check(60, torch.tensor(3.1), torch.tensor(1.12))) == 0  # 1.4x the norm: a wiggle
+    assert float(guard.check(61, torch.tensor(3.05), torch.tensor(0.8))) == 0
+    assert not guard.drain()
+    assert float(guard.check(62, torch.tensor(6.0), torch.tensor(0.9))) == 1  # 2x the loss: a spike, skipped
+    assert float(guard.check(63, torch.tensor(3.0), torch.tensor(8.0))) == 0  # 10x the norm: recorded only
+    assert [(e["step"], e["kind"]) for e in guard.drain()] == [(62, "loss_spike"), (63, "grad_spike")]

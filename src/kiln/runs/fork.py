@@ -5,7 +5,7 @@ fork step, linked in unchanged, so training it is an ordinary resume: model, opt
 schedule position, RNG, data position, guard and callback states are what the parent had
 there. On top come the changes:
 
-- anything `--resume` may change (kiln.config.RESUMABLE_SECTIONS / RESUMABLE_KEYS), plus
+- anything `--resume` may change (kiln.changes.RESUMABLE_SECTIONS / RESUMABLE_KEYS), plus
   dropout, `train.z_loss` and the stabilising architecture additions `model.qk_norm` and
   `model.post_norm` (FORKABLE_KEYS). Parameters these add are initialised by the family's rule
   (norm gains 1), start with no optimizer state, and are listed in the lineage;
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kiln.config import FORKABLE_KEYS, Config, changed_keys, load_config, resumable
+from kiln.changes import FORKABLE_KEYS, changed_keys, resumable
+from kiln.config import Config, load_config
 from kiln.errors import CheckpointError, ConfigError, KilnError
 from kiln.runs.rundir import RunDir
 from kiln.train import checkpoint as ckpt

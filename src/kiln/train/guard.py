@@ -1,21 +1,31 @@
-"""The training guard: detect non-finite values and loss / gradient-norm spikes, and act.
+"""The training guard: detect non-finite values, loss spikes and gradient-norm spikes, and act.
 
-Detection runs on the device every step without a host sync: the step's loss and gradient
-norm are compared with a rolling window (mean + k standard deviations) and a flag tensor says
-whether the update must be discarded. A fused optimizer skips a flagged update inside its
-kernel (the same `found_inf` protocol the AMP grad scaler uses), so nothing waits; other
-optimizers read the flag on the host.
+Detection runs on the device every step without a host sync. "Normal" is a rolling window of
+healthy steps, described robustly in log space: the level is the median of the newest 10 (a
+falling loss leaves an older median behind), the spread the median absolute deviation of
+step-to-step changes (scaled to a standard deviation; a trend does not inflate it). A step is a
+spike when its log value is more than `k` deviations above the level *and* at least
+`min_loss_jump` (loss) or `min_grad_jump` (gradient norm) times it: late in training the window
+is narrow, and a sigma test alone calls a 1.4x wiggle a spike (measured in bench/faults.py).
 
-The host learns what happened at the next logging sync, records every event in
-`events.jsonl`, and carries out the configured action: `skip` (the update was already
-discarded), `rollback` (restore the last good checkpoint and skip the batches from it to the
-spike plus a margin, optionally with a lower learning rate for a while) or `stop`. Skipped
-batch ranges belong to the trainer's checkpointed state (a fork may add some too), so a resumed
-run skips them as well.
+Different evidence, different actions (defaults chosen by bench/faults.py):
+    non-finite loss or gradient    on_nonfinite   skip the update (or rollback / stop)
+    a loss spike                   on_spike       skip the update (or rollback / stop / ignore)
+    `persist` loss spikes in a row on_persistent  rollback: the loss is not recovering
+    a gradient-norm spike alone    on_grad_spike  record it and apply the update (or skip / ignore)
+
+A fused optimizer skips a discarded update inside its kernel (the AMP grad scaler's `found_inf`
+protocol), so nothing waits; other optimizers read the flag on the host. The host learns what
+happened at the next logging sync, records every event in `events.jsonl`, and carries out the
+action: `skip` (already done on the device), `record` (nothing to do), `rollback` (restore the
+last good checkpoint and skip the batches from it to the spike plus a margin, optionally with a
+lower learning rate for a while) or `stop`. Skipped batch ranges belong to the trainer's
+checkpointed state (a fork may add some too), so a resumed run skips them as well.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -24,9 +34,11 @@ import torch
 from kiln.config import GuardConfig
 from kiln.errors import KilnError
 
-OK, NONFINITE, LOSS_SPIKE, GRAD_SPIKE = 0, 1, 2, 3
-PERSIST = 3  # consecutive spikes that mean the level itself has moved
-KIND_NAMES = {NONFINITE: "nonfinite", LOSS_SPIKE: "loss_spike", GRAD_SPIKE: "grad_spike"}
+OK, NONFINITE, LOSS_SPIKE, GRAD_SPIKE, PERSISTENT = 0, 1, 2, 3, 4
+KIND_NAMES = {NONFINITE: "nonfinite", LOSS_SPIKE: "loss_spike", GRAD_SPIKE: "grad_spike",
+              PERSISTENT: "persistent_spike"}
+MAD_TO_SIGMA = 1.4826  # MAD x this = the standard deviation of a normal distribution
+RECENT = 10  # healthy steps whose median is the current level
 
 
 class GuardStop(KilnError):
@@ -88,11 +100,13 @@ class Guard:
         self.norms = torch.zeros(w, device=self.device, dtype=torch.float64)
         self.count = torch.zeros((), device=self.device, dtype=torch.int64)
         self.streak = torch.zeros((), device=self.device, dtype=torch.int64)
+        self.grad_streak = torch.zeros((), device=self.device, dtype=torch.int64)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to judge and act exactly as an uninterrupted one."""
-        return {**self.state.to_dict(), "window": {"losses": self.losses.tolist(), "norms": self.norms.tolist(),
-                                                   "count": int(self.count), "streak": int(self.streak)}}
+        return {**self.state.to_dict(), "window": {"scale": "log", "losses": self.losses.tolist(),
+                                                   "norms": self.norms.tolist(), "count": int(self.count),
+                                                   "streak": int(self.streak), "grad_streak": int(self.grad_streak)}}
 
     def load_state_dict(self, d: dict[str, Any] | None) -> None:
         if not d:
@@ -101,46 +115,63 @@ class Guard:
         window = d.pop("window", None)
         self.state = GuardState.from_dict(d)
         if window and len(window["losses"]) == self.cfg.window:
-            self.losses = torch.tensor(window["losses"], device=self.device, dtype=torch.float64)
-            self.norms = torch.tensor(window["norms"], device=self.device, dtype=torch.float64)
+            to_log = (lambda t: t) if window.get("scale") == "log" else (lambda t: t.clamp(min=1e-30).log())
+            self.losses = to_log(torch.tensor(window["losses"], device=self.device, dtype=torch.float64))
+            self.norms = to_log(torch.tensor(window["norms"], device=self.device, dtype=torch.float64))
             self.count = torch.tensor(window["count"], device=self.device, dtype=torch.int64)
             self.streak = torch.tensor(window.get("streak", 0), device=self.device, dtype=torch.int64)
+            self.grad_streak = torch.tensor(window.get("grad_streak", 0), device=self.device, dtype=torch.int64)
 
     def lr_scale(self, step: int) -> float:
         return self.state.lr_factor if step < self.state.lr_factor_until else 1.0
 
+    def _excess(self, history: torch.Tensor, value: torch.Tensor, n: torch.Tensor, min_jump: float) -> torch.Tensor:
+        """Whether log `value` spikes above the window's `n` newest healthy entries. The level is
+        the median of the RECENT newest entries (a falling loss leaves the window's median behind);
+        the spread is the MAD of step-to-step differences, which a trend does not inflate."""
+        w = self.cfg.window
+        ages = torch.arange(w, device=self.device)
+        ordered = history[(self.count - 1 - ages) % w]  # newest first
+        recent = torch.where(ages < torch.clamp(n, max=RECENT), ordered, torch.nan)
+        steps = torch.where(ages[:-1] < n - 1, ordered[:-1] - ordered[1:], torch.nan)
+        level = recent.nanmedian()
+        sigma = (steps - steps.nanmedian()).abs().nanmedian() * MAD_TO_SIGMA / math.sqrt(2.0)
+        floor = torch.tensor(math.log(min_jump), device=self.device, dtype=torch.float64)
+        return value - level > torch.maximum(self.cfg.k * sigma, floor)
+
     def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """Classify this step on the device; returns a float flag (1 = discard the update)."""
+        cfg = self.cfg
         loss, norm = loss.detach().double(), grad_norm.detach().double()
         finite = torch.isfinite(loss) & torch.isfinite(norm)
-        n = self.count.clamp(max=self.cfg.window)
-        ready = (n >= self.cfg.min_history) & (step >= self.judge_from)
-        denom = n.clamp(min=1).double()
-        valid = (torch.arange(self.cfg.window, device=self.device) < n).double()
-
-        def spike(history: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-            mean = (history * valid).sum() / denom
-            var = (((history - mean) * valid) ** 2).sum() / denom
-            return ready & (value > mean + self.cfg.k * var.sqrt())
-
-        kind = torch.where(~finite, NONFINITE,
-                           torch.where(spike(self.losses, loss), LOSS_SPIKE,
-                                       torch.where(spike(self.norms, norm), GRAD_SPIKE, OK)))
-        if self.cfg.on_spike == "ignore":
-            kind = torch.where(finite, OK, NONFINITE)
+        log_loss, log_norm = loss.clamp(min=1e-30).log(), norm.clamp(min=1e-30).log()
+        n = self.count.clamp(max=cfg.window)
+        ready = (n >= cfg.min_history) & (step >= self.judge_from)
+        loss_spike = ready & finite & self._excess(self.losses, log_loss, n, cfg.min_loss_jump)
+        grad_spike = ready & finite & self._excess(self.norms, log_norm, n, cfg.min_grad_jump)
+        if cfg.on_spike == "ignore":
+            loss_spike = torch.zeros_like(loss_spike)
+        if cfg.on_grad_spike == "ignore":
+            grad_spike = torch.zeros_like(grad_spike)
+        self.streak = torch.where(loss_spike, self.streak + 1, 0)
+        self.grad_streak = torch.where(grad_spike & ~loss_spike, self.grad_streak + 1, 0)
+        persistent = loss_spike & (self.streak >= cfg.persist)
+        moved = persistent | (self.grad_streak >= cfg.persist)  # the gradient norm's level itself moved
+        kind = torch.where(~finite, NONFINITE, torch.where(persistent, PERSISTENT, torch.where(
+            loss_spike, LOSS_SPIKE, torch.where(grad_spike, GRAD_SPIKE, OK))))
         good = kind == OK
-        # A "spike" that persists is a new regime, not a spike: after PERSIST flagged steps in a
-        # row the window restarts from the new level instead of flagging every step forever.
-        self.streak = torch.where(good | (kind == NONFINITE), 0, self.streak + 1)
-        regime_change = self.streak >= PERSIST
-        self.count = torch.where(regime_change, 0, self.count)
-        self.streak = torch.where(regime_change, 0, self.streak)
-        slot = self.count % self.cfg.window
-        self.losses[slot] = torch.where(good, loss, self.losses[slot])  # only healthy steps shape the baseline
-        self.norms[slot] = torch.where(good, norm, self.norms[slot])
+        discard = ~good & ~((kind == GRAD_SPIKE) & (cfg.on_grad_spike != "skip"))
+        # After `persist` loss spikes in a row the baseline restarts from the new level (if the
+        # host does not roll back), instead of flagging every later step forever.
+        self.count = torch.where(moved, 0, self.count)
+        self.streak = torch.where(moved, 0, self.streak)
+        self.grad_streak = torch.where(moved, 0, self.grad_streak)
+        slot = self.count % cfg.window
+        self.losses[slot] = torch.where(good, log_loss, self.losses[slot])  # only healthy steps shape the baseline
+        self.norms[slot] = torch.where(good, log_norm, self.norms[slot])
         self.count += good.long()
         self.pending.append((step, torch.stack([kind.double(), loss, norm])))
-        return (~good).float()
+        return discard.float()
 
     def drain(self) -> list[dict[str, Any]]:
         """Events since the last drain (one host sync for all of them)."""
@@ -153,7 +184,8 @@ class Guard:
                 for s, (k, loss, norm) in zip(steps, rows) if int(k) != OK]
 
     def action_for(self, kind: str) -> str:
-        return self.cfg.on_nonfinite if kind == "nonfinite" else self.cfg.on_spike
+        return {"nonfinite": self.cfg.on_nonfinite, "loss_spike": self.cfg.on_spike,
+                "grad_spike": self.cfg.on_grad_spike, "persistent_spike": self.cfg.on_persistent}[kind]
 
     def after_rollback(self) -> None:
         """The restored model starts a fresh baseline (the old one may include the run-up to the spike)."""

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from kiln.config import Config, check_resume_changes, from_dict, load_config
+from kiln.changes import check_resume_changes
+from kiln.config import Config, from_dict, load_config
 from kiln.data.shards import Prepared, prepare
 from kiln.errors import CheckpointError
 from kiln.parallel.runtime import Parallel

@@ -249,15 +249,21 @@ class Trainer:
             return False
         for event in self.guard.drain():
             action = self.guard.action_for(event["kind"])
+            event["data_index"] = data_index(event["step"], self.skipped)
+            if action == "record":  # evidence, not an intervention: the update was applied
+                event["step"] += 1
+                self._record(event, action)
+                continue
             state = self.guard.state
             if state.interventions >= self.cfg.guard.max_interventions:
                 action = "stop"
                 event["reason"] = f"more than guard.max_interventions = {self.cfg.guard.max_interventions}"
             state.interventions += 1
-            event["data_index"] = data_index(event["step"], self.skipped)
             event["step"] += 1  # report in completed-step numbering, like metrics.jsonl
             if action == "rollback":
-                target = self._rollback_target(event["step"] - 1)
+                # a loss that is not recovering goes back to before the first spike of the run of them
+                first = event["step"] - 1 - (self.cfg.guard.persist - 1 if event["kind"] == "persistent_spike" else 0)
+                target = self._rollback_target(first)
                 if target is None:
                     action, event["reason"] = "skip", "no checkpoint to roll back to yet"
                 else:

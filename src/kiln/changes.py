@@ -1,0 +1,43 @@
+"""Which config changes a run survives: `--resume` (how it is optimised, evaluated, saved,
+logged, guarded, monitored and laid out) and `kiln fork` (those, plus the stabilisers added after
+an instability). Everything else defines the run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.config import Config, flatten
+from kiln.errors import ConfigError
+
+# What may change when a run is resumed: how it is optimised, evaluated, saved, logged, guarded,
+# monitored and laid out. Everything else (model shape, data, tokenizer, seed, batch) defines the run.
+RESUMABLE_SECTIONS = ("optim", "schedule", "eval", "checkpoint", "log", "guard", "parallel", "callbacks", "debug",
+                      "faults")
+RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.time_budget_s", "train.compile", "train.threads",
+                  "train.micro_batch_size", "train.precision", "train.device", "data.cache_dir", "data.workers")
+
+
+# What a fork may change on top of that: the stabilisers researchers reach for after an
+# instability. New tensors they add (QK-norm, post-norm gains) start as documented (gains 1).
+FORKABLE_KEYS = ("model.dropout", "model.qk_norm", "model.post_norm", "train.z_loss")
+
+
+def changed_keys(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Every flattened key whose value differs: {key: (old, new)}."""
+    old_flat, new_flat = flatten(saved), flatten(new)
+    return {k: (old_flat.get(k), v) for k, v in new_flat.items() if v != old_flat.get(k)}
+
+
+def resumable(key: str) -> bool:
+    return key.split(".")[0] in RESUMABLE_SECTIONS or key in RESUMABLE_KEYS
+
+
+def check_resume_changes(saved: Config, new: Config) -> None:
+    """Refuse a resume whose config changes what the run is, naming the key and what may change."""
+    for key, (old, value) in changed_keys(saved, new).items():
+        if not resumable(key):
+            hint = "; fork the run to change it (kiln fork RUN --step N --name NEW --set ...)" \
+                if key in FORKABLE_KEYS else "; start a new run (or fork --from-scratch) to change it"
+            raise ConfigError(f"{key} cannot change on --resume ({old!r} -> {value!r}): it defines the run; "
+                              f"allowed changes: the {', '.join(RESUMABLE_SECTIONS)} sections and "
+                              f"{', '.join(RESUMABLE_KEYS)}{hint}")

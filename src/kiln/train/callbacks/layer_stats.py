@@ -10,6 +10,8 @@ for the transformer every block's attention and MLP), at each step that is a mul
     update_ratio            ||w_after - w_before|| / ||w_before|| of the optimizer step
     attn_logit_max          largest pre-softmax attention score (attention modules)
     attn_entropy            mean entropy of the attention distributions, in nats
+    dead_frac               modules with an output projection `w2` (MLPs): the share of hidden
+                            units (w2's inputs) that were exactly zero for every token of the step
 
 One record per step and module goes to `layer_stats.jsonl`; `layer_stats.png` shows module x
 step heat maps at the end. Free when off; when on, forward hooks do the work only at sampled
@@ -101,6 +103,13 @@ class LayerStats(Callback):
         self.spec = spec
         for name, module in self.modules.items():
             self.handles.append(module.register_forward_hook(self._hook(name)))
+            if isinstance(getattr(module, "w2", None), torch.nn.Linear):
+                self.handles.append(module.w2.register_forward_pre_hook(self._unit_hook(name)))
+        self.has_units = {n: isinstance(getattr(self.modules.get(n), "w2", None), torch.nn.Linear) for n in names}
+        if trainer.par.distributed:
+            flags = torch.tensor([float(self.has_units[n]) for n in names], device=trainer.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            self.has_units = dict(zip(names, (f > 0 for f in flags.tolist())))
         self._reset(trainer.device)
 
     def _reset(self, device: torch.device) -> None:
@@ -109,6 +118,7 @@ class LayerStats(Callback):
         self.maxes = torch.full((n, 2), -math.inf, dtype=torch.float64, device=device)  # max abs, logit max
         self.weights: dict[str, list[torch.Tensor]] = {}
         self.grad_sq = torch.zeros(n, dtype=torch.float64, device=device)
+        self.unit_peak: dict[str, torch.Tensor] = {}  # per hidden unit: largest |activation| of the step
 
     def _hook(self, name: str):
         index = self.names.index(name)
@@ -130,6 +140,16 @@ class LayerStats(Callback):
                     entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)  # (B, h, T)
                     self.sums[index, 2] += entropy.double().sum()
                     self.sums[index, 3] += entropy.numel()
+        return hook
+
+    def _unit_hook(self, name: str):
+        def hook(module, args):
+            if not self.active:
+                return
+            with torch.no_grad():
+                h = _local(args[0]).detach().abs().flatten(0, -2).amax(0).double()
+                peak = self.unit_peak.get(name)
+                self.unit_peak[name] = h if peak is None else torch.maximum(peak, h)
         return hook
 
     # ---------------------------------------------------------------- sampled steps
@@ -163,7 +183,12 @@ class LayerStats(Callback):
                 r = _replicas(p)
                 update[i, 0] += (_local(p).detach().double() - before.double()).pow(2).sum() / r
                 update[i, 1] += before.double().pow(2).sum() / r
-        summed = torch.cat([self.sums, self.grad_sq[:, None], update], dim=1)
+        units = torch.zeros(n, 2, dtype=torch.float64, device=trainer.device)  # dead units, units
+        for i, name in enumerate(self.names):
+            if name in self.unit_peak:
+                units[i, 0] = (self.unit_peak[name] == 0).sum()
+                units[i, 1] = self.unit_peak[name].numel()
+        summed = torch.cat([self.sums, self.grad_sq[:, None], update, units], dim=1)
         maxed = self.maxes
         if trainer.par.distributed:
             dist.all_reduce(summed)
@@ -176,6 +201,8 @@ class LayerStats(Callback):
                           "act_max_abs": m[0] if s[1] else None,
                           "grad_norm": math.sqrt(s[5]),
                           "update_ratio": math.sqrt(s[6] / s[7]) if s[7] else None}
+                if self.has_units[name]:
+                    record["dead_frac"] = s[8] / s[9] if s[9] else None
                 if self.is_attention[name]:
                     record["attn_logit_max"] = m[1] if s[3] else None
                     record["attn_entropy"] = s[2] / s[3] if s[3] else None

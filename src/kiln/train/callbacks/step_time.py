@@ -8,6 +8,8 @@ averaged over ranks):
     step_time/optimizer_s         the optimizer step
     step_time/comm_s              the collectives Kiln issues itself (token counts, loss and
                                   gradient-norm reductions), a part of the phases above
+    step_time/rank<r>_busy_s      (distributed) rank r's phases minus its time in those
+                                  collectives: a slow rank stands out, the others wait
 
 What it adds when on: on a GPU, one torch.cuda.synchronize() at each phase boundary of a timed
 step (and around each of Kiln's own collectives), so phases are measured, not their kernel
@@ -89,6 +91,11 @@ class StepTime(Callback):
         for phase in PHASES:
             trainer.record_metric(f"step_time/{phase}_s", self.spent[phase])
         trainer.record_metric("step_time/comm_s", self.comm)
+        if trainer.par.distributed:
+            # Each rank's own work (its step minus its waits in Kiln's collectives): a slow rank
+            # shows here, while the others only wait for it in their collectives.
+            busy = sum(self.spent.values()) - self.comm
+            trainer.record_metric(f"step_time/rank{trainer.par.info.rank}_busy_s", busy, reduce="max")
 
     def on_run_end(self, trainer, summary) -> None:
         trainer.phase_marker = None

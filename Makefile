@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-dist bench install clean
+.PHONY: train test test-dist bench bench-faults install clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run 'make PY=python3 ...'"; exit 1; }
@@ -28,6 +28,9 @@ test-dist: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py --preset tiny --steps 30
+
+bench-faults: $(STAMP)
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) runs .kiln-cache

@@ -144,7 +144,7 @@ class GuardConfig:
     window: int = 50  # rolling window of healthy steps that defines "normal"
     min_history: int = 20  # steps of history before spikes are judged
     k: float = 6.0  # a spike is more than k robust deviations (1.4826 MAD of the log) above the median ...
-    min_loss_jump: float = 1.5  # ... and a loss at least this many times the window's median loss
+    min_loss_jump: float = 1.25  # ... and a loss at least this many times the recent level (bench/faults.py)
     min_grad_jump: float = 4.0  # ... or a gradient norm at least this many times the median norm
     on_nonfinite: str = "skip"  # skip | rollback | stop
     on_spike: str = "skip"  # a loss spike: skip | rollback | stop | ignore

@@ -115,7 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     report = verbs.add_parser("report", help="write a run's report (report.md and a self-contained report.html)")
     report.add_argument("run", metavar="RUN_DIR")
     report.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/report)")
-    for p in (train, prep, export, sample, runs, compare, fork, report):
+    doctor = verbs.add_parser("doctor", help="diagnose a run: findings by severity, each with evidence and a remedy",
+                              description="Read a run's records and list what went wrong (critical, warning, "
+                                          "info), each with its evidence and a remedy Kiln can run.")
+    doctor.add_argument("run", metavar="RUN_DIR")
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor.add_argument("--explain", action="store_true",
+                        help="also ask the LLM at KILN_LLM_URL (KILN_LLM_MODEL, KILN_LLM_KEY) to explain the "
+                             "findings; a scrubbed digest is sent, the rules still decide")
+    doctor.add_argument("--apply", type=int, metavar="K", help="run the remedy of finding K (as numbered)")
+    for p in (train, prep, export, sample, runs, compare, fork, report, doctor):
         _plugin_args(p)
     ev.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
                     help="import user code that registers suites (and other components); repeatable")
@@ -282,6 +291,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from kiln.runs.doctor import diagnose, findings_json, format_findings, remedy_argv
+    from kiln.runs.rundir import RunDir
+
+    run = RunDir.open(Path(args.run))
+    findings = diagnose(run.path)
+    if args.apply is not None:
+        argv = remedy_argv(findings, args.apply)
+        print("running: kiln " + " ".join(argv), flush=True)
+        return main([*argv, *(f"--plugin={p}" for p in args.plugin)])
+    if args.json:
+        print(json.dumps(findings_json(findings), indent=2))
+    else:
+        print(format_findings(findings))
+    if args.explain:
+        from kiln.runs.explain import explain, format_explanation
+
+        text = explain(findings, config=run.config_dict(), summary=run.summary(), run=run.path,
+                       log=lambda line: print(line, file=sys.stderr))
+        if text:
+            print(format_explanation(text))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -289,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "export": cmd_export,
-                "eval": cmd_eval, "runs": cmd_runs, "compare": cmd_compare, "fork": cmd_fork, "report": cmd_report}
+                "eval": cmd_eval, "runs": cmd_runs, "compare": cmd_compare, "fork": cmd_fork, "report": cmd_report,
+                "doctor": cmd_doctor}
     if args.verb == "train" and args.nproc_per_node:
         return launch_torchrun(args.nproc_per_node, list(sys.argv[1:] if argv is None else argv))
     try:

@@ -11,7 +11,8 @@ for the transformer every block's attention and MLP), at each step that is a mul
     attn_logit_max          largest pre-softmax attention score (attention modules)
     attn_entropy            mean entropy of the attention distributions, in nats
     dead_frac               modules with an output projection `w2` (MLPs): the share of hidden
-                            units (w2's inputs) that were exactly zero for every token of the step
+                            units (w2's inputs) whose largest |value| over the step's tokens is
+                            below 1e-6 of the layer's largest (no output, no gradient)
 
 One record per step and module goes to `layer_stats.jsonl`; `layer_stats.png` shows module x
 step heat maps at the end. Free when off; when on, forward hooks do the work only at sampled
@@ -36,6 +37,7 @@ from kiln.train.callbacks.base import Callback
 
 FILE = "layer_stats.jsonl"
 HEATMAP_STATS = ("act_rms", "grad_norm", "update_ratio", "attn_entropy")
+DEAD_RELATIVE = 1e-6  # a hidden unit whose largest |activation| is below this share of the layer's largest
 
 
 @dataclass
@@ -186,7 +188,8 @@ class LayerStats(Callback):
         units = torch.zeros(n, 2, dtype=torch.float64, device=trainer.device)  # dead units, units
         for i, name in enumerate(self.names):
             if name in self.unit_peak:
-                units[i, 0] = (self.unit_peak[name] == 0).sum()
+                peak = self.unit_peak[name]  # "dead": no output worth the name (silu(-30) is 1e-12, not 0)
+                units[i, 0] = (peak <= DEAD_RELATIVE * peak.max()).sum()
                 units[i, 1] = self.unit_peak[name].numel()
         summed = torch.cat([self.sums, self.grad_sq[:, None], update, units], dim=1)
         maxed = self.maxes

@@ -80,6 +80,8 @@ class StepTime(Callback):
         self._sync()
         t0 = time.perf_counter()
         out = fn()
+        if hasattr(out, "wait"):  # an async collective's result (DTensor.full_tensor): wait for it here
+            out = out.wait()
         self._sync()
         self.comm += time.perf_counter() - t0
         return out

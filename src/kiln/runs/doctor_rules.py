@@ -1,0 +1,587 @@
+"""What `kiln doctor` (kiln.runs.doctor) reads a run with: the `Context` (the run folder's files,
+read once through RunDir; checkpoints verified once), the remedies it builds, the rule registry,
+and the rules that read the loss curve (divergence, non-finite values, spikes, plateau, gradient
+growth); the others are in kiln.runs.doctor.
+
+Detection uses robust statistics (medians, MADs, Theil-Sen slopes) plus minimum relative
+effects, because healthy tiny runs are noisy: the thresholds are the smallest effects worth a
+person's attention, chosen so that clean runs (the test suite's, bench/faults.py's) report
+nothing. Remedies are `kiln fork` commands from the run's own verified checkpoints: the newest
+valid one at or before the trouble, with the change the finding calls for (and the injected
+`[faults]` switched off, so the fork tests the fix and not the fault again), checked as
+`kiln fork` checks them before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from kiln.errors import KilnError
+from kiln.runs.rundir import RunDir
+from kiln.train import checkpoint as ckpt
+from kiln.train.guard import add_range, data_index
+
+# ----------------------------------------------------------------------------- thresholds
+SPIKE_WINDOW = 20           # trailing logged points that define the loss's recent level
+SPIKE_MIN_HISTORY = 8       # ... and how many are needed before judging (the first steps are never spikes)
+SPIKE_Z = 6.0               # a spike is > 6 robust standard deviations (1.4826 MAD) of log loss above the median
+SPIKE_MIN_JUMP = math.log(1.3)  # ... and at least 30% above it
+SPIKE_RECOVERY = 5          # it must come back (halfway) within this many logged points
+SPIKE_MARGIN = 2            # batches skipped on each side of a spike's batches (PaLM skipped a few hundred)
+SPIKE_CLUSTER = 5           # spikes this few steps apart are one incident
+REPEATED_INTERVENTIONS = 3  # this many guard interventions mean instability, not bad luck
+DIVERGE_RATIO = 1.25        # divergence: the smoothed loss >= 1.25 x its best so far ...
+DIVERGE_MIN_GAP = 0.3       # ... and at least 0.3 nats above it, to the end (>= 3 logged points) ...
+EXCURSION_MIN = 8           # ... or for >= 8 logged points in a row (a spike lasts 1-3)
+SANE_LR = 1e-2              # AdamW peak LRs above this are far outside what transformers train with
+TINY_LR = 1e-5              # a configured peak LR at or below this is too low for pretraining
+LR_CUT = 0.05               # logged LR below 5% of the schedule's: the LR was cut while running
+PLATEAU_DROP = 0.03         # plateau: the loss fell by less than 3% over the segment
+GRAD_GROWTH = 4.0           # grad_growth: the Theil-Sen trend multiplies the norm by >= 4 ...
+GRAD_GROWTH_QUARTERS = 3.0  # ... and the last quarter's median is >= 3 x the first quarter's
+
+FAULT_TRIGGERS = ("nonfinite_loss", "nonfinite_grad", "corrupt_batch", "lr_high", "lr_low", "repeat_batch",
+                  "entropy_collapse", "dead_units", "slow_steps", "slow_rank", "hang", "loader_stall",
+                  "corrupt_checkpoint", "tokenizer_mismatch")
+INTERVENTION_KINDS = ("nonfinite", "loss_spike", "persistent_spike", "grad_spike")
+
+
+# ----------------------------------------------------------------------------- small helpers
+def num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def finite(x: Any) -> bool:
+    v = num(x)
+    return v is not None and math.isfinite(v)
+
+
+def sig(x: Any, digits: int = 4) -> Any:
+    """A number rounded for people (and JSON): 4 significant digits; non-finite ones as text."""
+    v = num(x)
+    if v is None:
+        return x
+    if not math.isfinite(v):
+        return str(v)
+    return float(f"{v:.{digits}g}") if isinstance(x, float) else x
+
+
+median = statistics.median
+
+
+def mad(xs: list[float], center: float) -> float:
+    return statistics.median([abs(x - center) for x in xs])
+
+
+def theil_sen(xs: list[float], ys: list[float], max_points: int = 150) -> float:
+    """The median of pairwise slopes (robust to outliers); subsampled to keep it O(max_points^2)."""
+    if len(xs) > max_points:
+        idx = [round(i * (len(xs) - 1) / (max_points - 1)) for i in range(max_points)]
+        xs, ys = [xs[i] for i in idx], [ys[i] for i in idx]
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs))
+              if xs[j] != xs[i]]
+    return median(slopes) if slopes else 0.0
+
+
+def fmt_lr(x: float) -> str:
+    return f"{x:.2g}"
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def ranges_of(indices: list[int], margin: int = 0) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in sorted(set(indices)):
+        out = add_range(out, max(0, i - margin), i + margin)
+    return out
+
+
+def finding(kind: str, severity: str, steps: tuple[int, int] | list[int], evidence: dict[str, Any], summary: str,
+            remedy: dict[str, Any] | None = None) -> dict[str, Any]:
+    evidence = dict(evidence)
+    if remedy is not None and "error" in remedy:
+        evidence["remedy_refused"] = remedy["error"]
+        remedy = None
+    return {"kind": kind, "severity": severity, "steps": [int(steps[0]), int(steps[1])],
+            "evidence": {k: ([sig(x) for x in v] if isinstance(v, list) else sig(v)) for k, v in evidence.items()},
+            "summary": summary, "remedy": remedy}
+
+
+# ----------------------------------------------------------------------------- what the run wrote
+class Context:
+    """A run folder's files, read once; checkpoints verified on demand (each at most once)."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        try:
+            self.cfg = run.config()
+        except KilnError:
+            self.cfg = None
+        by_step: dict[int, dict[str, Any]] = {}
+        for r in run.metrics():
+            if isinstance(r.get("step"), int):
+                by_step[r["step"]] = r  # after a rollback the file holds one record per step; keep the last
+        self.metrics = [by_step[s] for s in sorted(by_step)]
+        self.events = run.events()
+        self.evals = sorted((e for e in run.evals() if isinstance(e.get("step"), int)), key=lambda e: e["step"])
+        self.layer_stats = run.read_jsonl(run.path / "layer_stats.jsonl")
+        self.status = run.status()
+        self.lineage = run.lineage() or {}
+        self._verified: dict[Path, str | None] = {}
+        self.cache: dict[str, Any] = {}  # rules share analyses through this (e.g. the divergence)
+
+    # ---------------------------------------------------------------- series
+    def losses(self, finite_only: bool = True) -> list[tuple[int, float]]:
+        return [(r["step"], float(r["loss"])) for r in self.metrics
+                if num(r.get("loss")) is not None and (finite(r["loss"]) or not finite_only)]
+
+    def train_loss_near(self, step: int, points: int = 5) -> float | None:
+        near = [v for s, v in self.losses() if s <= step][-points:]
+        return median(near) if near else None
+
+    warmup = property(lambda self: self.cfg.schedule.warmup_steps if self.cfg else 0)
+
+    # ---------------------------------------------------------------- checkpoints and data batches
+    def checkpoints(self) -> list[Path]:
+        return self.run.checkpoint_paths()
+
+    def problem(self, path: Path) -> str | None:
+        if path not in self._verified:
+            self._verified[path] = ckpt.verify_checkpoint(path)
+        return self._verified[path]
+
+    def fork_point(self, max_step: int) -> Path | None:
+        """The newest checkpoint at or before `max_step` that verifies."""
+        for path in reversed(self.checkpoints()):
+            if ckpt.checkpoint_step(path) <= max_step and self.problem(path) is None:
+                return path
+        return None
+
+    def skipped(self) -> list[list[int]]:
+        """Every data batch range the run skips: the newest readable checkpoint's, the fork's,
+        and the guard's rollbacks since."""
+        if "skipped" in self.cache:
+            return self.cache["skipped"]
+        ranges: list[list[int]] = []
+        for path in reversed(self.checkpoints()):
+            try:
+                state = ckpt.read_state(path)["trainer"]
+            except (OSError, ValueError, KeyError):
+                continue
+            ranges = [list(r) for r in state.get("skipped", (state.get("guard") or {}).get("skipped", []))]
+            break
+        extra = list(self.lineage.get("skip_batches", []))
+        extra += [e["batches_skipped"] for e in self.events if e.get("kind") == "rollback" and e.get("batches_skipped")]
+        for lo, hi in extra:
+            ranges = add_range(ranges, int(lo), int(hi))
+        self.cache["skipped"] = ranges
+        return ranges
+
+    def batch_of(self, step: int) -> int:
+        """The data batch completed step `step` trained on (events.jsonl's data_index)."""
+        return data_index(max(step - 1, 0), self.skipped())
+
+    def next_batch(self, path: Path) -> int:
+        state = ckpt.read_state(path)["trainer"]
+        skipped = state.get("skipped", (state.get("guard") or {}).get("skipped", []))
+        return data_index(ckpt.checkpoint_step(path), skipped)
+
+    # ---------------------------------------------------------------- learning rate
+    def schedule_factor(self, step: int) -> float | None:
+        if self.cfg is None:
+            return None
+        from kiln.train.optim import lr_at
+
+        f = lr_at(max(step - 1, 0), self.cfg.total_steps, 1.0, self.cfg.schedule)
+        return f if f > 0 else None
+
+    def effective_peak(self, step: int) -> float | None:
+        """The peak LR the run was effectively using at `step` (the logged LR over the schedule's
+        shape there): differs from optim.lr when something changed the LR while running."""
+        for r in reversed(self.metrics):
+            if r["step"] <= step and finite(r.get("lr")):
+                f = self.schedule_factor(r["step"])
+                return r["lr"] / f if f else None
+        return None
+
+    def lower_lr(self, step: int) -> tuple[float, str]:
+        """A lower peak LR for a fork before `step`: a third of what it ran with, or (far above a
+        sane LR) a tenth, at most 3e-3."""
+        cfg_lr = self.cfg.optim.lr if self.cfg else 1e-3
+        eff = self.effective_peak(step)
+        base = min(cfg_lr, eff) if eff else cfg_lr
+        if base > SANE_LR:
+            new = min(base / 10, SANE_LR / 3)
+            how = f"a tenth of {fmt_lr(base)} (far above the usual <= {SANE_LR:g}), at most {fmt_lr(SANE_LR / 3)}"
+        else:
+            new = base / 3
+            how = f"a third of {fmt_lr(base)}"
+        return float(fmt_lr(new)), how
+
+    # ---------------------------------------------------------------- remedies
+    def faults_off(self) -> list[str]:
+        """`--set` items that switch off faults the run injected on purpose ([faults])."""
+        faults = getattr(self.cfg, "faults", None)
+        if faults is None or not dataclasses.is_dataclass(faults):
+            return []
+        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in dataclasses.fields(faults)}
+        return [f"faults.{k}={toml_value(defaults[k])}" for k in FAULT_TRIGGERS
+                if k in defaults and getattr(faults, k) != defaults[k]]
+
+    def fork_name(self, kind: str) -> str:
+        base = f"{self.run.name}-{kind}"
+        name, n = base, 2
+        while (self.run.path.parent / name).exists():
+            name, n = f"{base}-{n}", n + 1
+        return name
+
+    def fork_remedy(self, kind: str, max_step: int, sets: list[str], why: str,
+                    skip: list[list[int]] = ()) -> dict[str, Any]:
+        """`kiln fork RUN --step C --name RUN-kind --set ... --skip-batches A:B` from the newest
+        valid checkpoint C <= max_step (from scratch when there is none), checked as `kiln fork`
+        would check it before anything is written."""
+        from kiln.config import load_config
+        from kiln.runs import fork as forking  # the fork's own rules (wherever they live)
+
+        point = self.fork_point(max_step)
+        name = self.fork_name(kind)
+        sets = list(sets) + self.faults_off()
+        ranges: list[list[int]] = []
+        lowest = self.next_batch(point) if point is not None else 0
+        for lo, hi in skip:
+            if hi >= lowest:
+                ranges = add_range(ranges, max(lo, lowest), hi)
+        argv = ["fork", str(self.run.path)]
+        argv += ["--step", str(ckpt.checkpoint_step(point))] if point is not None else ["--from-scratch"]
+        argv += ["--name", name]
+        for item in sets:
+            argv += ["--set", item]
+        for lo, hi in ranges:
+            argv += ["--skip-batches", f"{lo}:{hi}"]
+        try:
+            forking.parse_skip_ranges([f"{lo}:{hi}" for lo, hi in ranges])
+            cfg = load_config(overrides=sets, base=self.run.config_dict())
+            if point is not None:
+                forking._refuse_changes(forking.changed_keys(self.run.config(), cfg))
+        except KilnError as e:
+            return {"error": str(e)}
+        where = (f"from checkpoint step {ckpt.checkpoint_step(point)}" if point is not None else
+                 "from scratch (no valid checkpoint before the trouble)")
+        if self.faults_off():
+            why += "; the injected [faults] are switched off in the fork"
+        return {"command": "kiln " + shlex.join(argv), "argv": argv, "why": f"{where}: {why}"}
+
+    def resume_remedy(self, why: str) -> dict[str, Any]:
+        argv = ["train", "--resume", str(self.run.path)]
+        for item in self.faults_off():
+            argv += ["--set", item]
+        return {"command": "kiln " + shlex.join(argv), "argv": argv, "why": why}
+
+
+Rule = Callable[[Context], list[dict[str, Any]]]
+RULES: list[Rule] = []
+
+
+def rule(fn: Rule) -> Rule:
+    RULES.append(fn)
+    return fn
+
+
+# ----------------------------------------------------------------------------- divergence
+def divergence_analysis(ctx: Context) -> dict[str, Any] | None:
+    """Where the loss rose for good: {"rise": last healthy step, "onset": first bad step, ...}."""
+    if "divergence" not in ctx.cache:
+        ctx.cache["divergence"] = _divergence(ctx)
+    return ctx.cache["divergence"]
+
+
+def _divergence(ctx: Context) -> dict[str, Any] | None:
+    guard_events = [e for e in ctx.events if e.get("kind") in INTERVENTION_KINDS and e.get("action") != "record"]
+    stopped = ctx.status.get("state") == "stopped" or any(e.get("action") == "stop" for e in guard_events)
+    if stopped and len(guard_events) >= REPEATED_INTERVENTIONS:
+        first = min(e["step"] for e in guard_events)
+        return {"rise": first - 1, "onset": first, "last": max(e["step"] for e in guard_events), "via": "guard",
+                "interventions": len(guard_events), "reason": ctx.status.get("reason")}
+    points = ctx.losses(finite_only=False)
+    if len(points) < 8:
+        return None
+    steps = [s for s, _ in points]
+    vals = [v if math.isfinite(v) else math.inf for _, v in points]
+    n = len(vals)
+    smooth = [median(vals[max(0, i - 2):i + 3]) for i in range(n)]  # a centred running median of 5
+    nan_tail = 0
+    while nan_tail < n and not math.isfinite(vals[n - 1 - nan_tail]):
+        nan_tail += 1
+    best, high = math.inf, []  # high: far above the best smoothed loss so far
+    for v in smooth:
+        best = min(best, v)
+        high.append(math.isfinite(best) and v > best * DIVERGE_RATIO and v - best >= DIVERGE_MIN_GAP)
+    runs, i = [], 0  # (first, end) of each stretch of high points
+    while i < n:
+        j = i
+        while j < n and high[j]:
+            j += 1
+        runs, i = runs + [(i, j)] * (j > i), max(j, i + 1)
+    found = [(i, j) for i, j in runs if (j == n and j - i >= 3) or j - i >= EXCURSION_MIN]
+    if not found and 2 <= nan_tail < n:
+        found = [(n - nan_tail, n)]
+    if not found:
+        return None
+    i, j = found[0]
+    start = max(i, 1)
+    before = [k for k in range(start) if math.isfinite(smooth[k])]
+    b = min(before, key=lambda k: smooth[k]) if before else 0
+    tail = median(vals[-max(3, math.ceil(0.1 * n)):])
+    peak = max((v for v in vals[i:j] if math.isfinite(v)), default=math.inf)
+    return {"rise": steps[start - 1], "onset": steps[start], "last": steps[j - 1], "via": "loss",
+            "best_loss": smooth[b], "best_step": steps[b], "peak_loss": peak, "final_loss": tail,
+            "recovered": j < n, "excursion_points": j - i, "nonfinite": nan_tail >= 2,
+            "nonfinite_from": steps[n - nan_tail] if nan_tail >= 2 else None}
+
+
+@rule
+def divergence(ctx: Context) -> list[dict[str, Any]]:
+    d = divergence_analysis(ctx)
+    if d is None:
+        return []
+    lr, how = ctx.lower_lr(d["rise"])
+    sets = [f"optim.lr={lr}"] + (["train.z_loss=0.0001"] if ctx.cfg is not None and not ctx.cfg.train.z_loss else [])
+    more = {"effective_peak_lr": ctx.effective_peak(d["onset"]), "optim_lr": ctx.cfg.optim.lr if ctx.cfg else None}
+    evidence = {k: v for k, v in {**d, **more}.items() if k != "via" and v is not None}
+    if d["via"] == "guard":
+        summary = (f"the guard intervened {d['interventions']} times from step {d['onset']} and stopped the run: "
+                   "the loss would not stay down")
+    elif d["nonfinite"] and not d["recovered"]:
+        summary = (f"the loss became non-finite at step {d['nonfinite_from']} and stayed so "
+                   f"(best {d['best_loss']:.3f} at step {d['best_step']})")
+    elif d["recovered"]:
+        summary = (f"the loss rose from its best {d['best_loss']:.3f} (step {d['best_step']}) after step {d['rise']} "
+                   f"to {d['peak_loss']:.3g} and stayed far above it until step {d['last']} (ends at "
+                   f"~{d['final_loss']:.3f})")
+    else:
+        summary = (f"the loss rose from its best {d['best_loss']:.3f} (step {d['best_step']}) after step {d['rise']} "
+                   f"and stayed at ~{d['final_loss']:.3f}")
+    why = f"retrains from before the rise with peak optim.lr = {lr} ({how})" + \
+        (" and PaLM's z-loss against output-logit drift" if len(sets) > 1 else "")
+    return [finding("divergence", "critical", (d["onset"], d["last"]), evidence, summary,
+                    ctx.fork_remedy("divergence", d["rise"] - 1, sets, why))]
+
+
+# ----------------------------------------------------------------------------- non-finite values
+@rule
+def nonfinite(ctx: Context) -> list[dict[str, Any]]:
+    d = divergence_analysis(ctx)
+    cutoff = d["nonfinite_from"] if d and d.get("nonfinite_from") else math.inf
+    if d and d["via"] == "guard":
+        cutoff = d["onset"]
+    bad: dict[int, dict[str, Any]] = {}
+    for e in ctx.events:
+        if e.get("kind") == "nonfinite" and isinstance(e.get("step"), int) and e["step"] < cutoff:
+            bad[e["step"]] = {"data_index": e.get("data_index", ctx.batch_of(e["step"])), "action": e.get("action")}
+    for r in ctx.metrics:
+        bad_value = any(num(r.get(k)) is not None and not finite(r.get(k)) for k in ("loss", "grad_norm"))
+        if r["step"] < cutoff and bad_value:
+            bad.setdefault(r["step"], {"data_index": ctx.batch_of(r["step"]), "action": None})
+    if not bad:
+        return []
+    steps = sorted(bad)
+    actions = [bad[s]["action"] for s in steps]
+    handled = all(a in ("skip", "rollback") for a in actions)
+    severity = "warning" if handled else "critical"
+    indices = [int(bad[s]["data_index"]) for s in steps]
+    lr, how = ctx.lower_lr(steps[0])
+    evidence = {"count": len(steps), "at_steps": steps[:20], "data_indices": indices[:20],
+                "guard_actions": sorted({a or "none" for a in actions})}
+    what = "the guard discarded the update" if handled else "the update was not discarded"
+    summary = (f"non-finite loss or gradient at {len(steps)} step(s) ({', '.join(map(str, steps[:5]))}"
+               f"{', ...' if len(steps) > 5 else ''}); {what}")
+    why = f"retrains from before step {steps[0]} with peak optim.lr = {lr} ({how}), never training on the batches"
+    return [finding("nonfinite", severity, (steps[0], steps[-1]), evidence, summary,
+                    ctx.fork_remedy("nonfinite", steps[0] - 1, [f"optim.lr={lr}"], why, ranges_of(indices)))]
+
+
+# ----------------------------------------------------------------------------- spikes
+def metric_spikes(points: list[tuple[int, float]]) -> list[tuple[int, float, float]]:
+    """(step, loss, recent level) of every logged loss far above its recent robust level that
+    comes back down; spikes never enter the baseline, a level that does not come back does."""
+    logs = [math.log(max(v, 1e-6)) for _, v in points]
+    history: list[float] = []
+    out = []
+    for i, (step, loss) in enumerate(points):
+        x, window = logs[i], history[-SPIKE_WINDOW:]
+        if len(window) >= SPIKE_MIN_HISTORY:
+            med = median(window)
+            jump = x - med
+            if jump >= SPIKE_MIN_JUMP and jump >= SPIKE_Z * 1.4826 * mad(window, med):
+                later = logs[i + 1:i + 1 + SPIKE_RECOVERY]
+                if len(later) < 2 or any(v <= med + 0.5 * jump for v in later):
+                    out.append((step, loss, math.exp(med)))
+                    continue
+        history.append(x)
+    return out
+
+
+@rule
+def spikes(ctx: Context) -> list[dict[str, Any]]:
+    """Loss spikes (guard events, or logged losses far above their recent level that come back)
+    and gradient-norm spikes (guard records: clipped and applied, so information only)."""
+    d = divergence_analysis(ctx)
+    if d and d["via"] == "guard":
+        return []
+    end = d["onset"] if d else math.inf  # what comes after the divergence's onset belongs to it
+    incidents: list[dict[str, Any]] = []
+    for e in ctx.events:
+        kind = {"loss_spike": "loss_spike", "persistent_spike": "loss_spike", "grad_spike": "grad_spike"}.get(
+            e.get("kind"))
+        if kind and isinstance(e.get("step"), int) and e["step"] < end:
+            incidents.append({"step": e["step"], "kind": kind, "data_index": e.get("data_index"),
+                              "action": e.get("action"), "loss": e.get("loss"), "grad_norm": e.get("grad_norm")})
+    seen = {i["step"] for i in incidents if i["kind"] == "loss_spike"}
+    for step, loss, level in metric_spikes(ctx.losses()):
+        if step < end and not any(abs(step - s) <= 1 for s in seen):
+            incidents.append({"step": step, "kind": "loss_spike", "data_index": ctx.batch_of(step), "action": None,
+                              "loss": loss, "level": level})
+        elif step < end:
+            for i in incidents:
+                if i["kind"] == "loss_spike" and abs(step - i["step"]) <= 1:
+                    i.setdefault("level", level)
+    clusters: list[list[dict[str, Any]]] = []
+    for inc in sorted(incidents, key=lambda i: (i["kind"], i["step"])):
+        last = clusters[-1] if clusters else None
+        if last and last[0]["kind"] == inc["kind"] and inc["step"] - last[-1]["step"] <= SPIKE_CLUSTER:
+            clusters[-1].append(inc)
+        else:
+            clusters.append([inc])
+    rolled = lambda c: all(i["action"] == "rollback" for i in c)  # noqa: E731  (the guard did PaLM's remedy)
+    losses = [c for c in clusters if c[0]["kind"] == "loss_spike"]
+    repeated = [c for c in losses if all(i["action"] in ("skip", "rollback") for i in c)]
+    if len(repeated) >= REPEATED_INTERVENTIONS:
+        merged = sorted((i for c in repeated for i in c), key=lambda i: i["step"])
+        clusters = [c for c in clusters if not any(c is r for r in repeated)] + [merged]
+    else:
+        merged = None
+    out = []
+    for c in clusters:
+        kind, first, last = c[0]["kind"], c[0]["step"], c[-1]["step"]
+        at = f"step {first}" + (f"..{last}" if last != first else "")
+        indices = [int(i["data_index"]) for i in c if i.get("data_index") is not None]
+        actions = sorted({i["action"] or "none" for i in c})
+        evidence: dict[str, Any] = {"count": len(c), "at_steps": [i["step"] for i in c][:20],
+                                    "data_indices": indices[:20], "guard_actions": actions}
+        peak = max(c, key=lambda i: num(i.get("loss" if kind == "loss_spike" else "grad_norm")) or 0.0)
+        for key in ("loss", "grad_norm"):
+            if finite(peak.get(key)):
+                evidence[key] = peak[key]
+        if peak.get("level") and finite(peak.get("loss")):
+            evidence["recent_level"] = peak["level"]
+            evidence["jump"] = peak["loss"] / peak["level"]
+        if kind == "grad_spike":
+            out.append(finding(kind, "info", (first, last), evidence,
+                               f"gradient-norm spike at {at} (clipped; guard: {'/'.join(actions)})"))
+            continue
+        skip = ranges_of(indices, SPIKE_MARGIN)
+        if c is merged:
+            lr, how = ctx.lower_lr(first)
+            out.append(finding(kind, "warning", (first, last), evidence,
+                               f"the guard handled {len(c)} loss spikes between steps {first} and {last}: the run "
+                               "is unstable at this learning rate",
+                               ctx.fork_remedy(kind, first - 1, [f"optim.lr={lr}"],
+                                               f"retrains from before the first spike with peak optim.lr = {lr} "
+                                               f"({how}), skipping the spikes' batches", skip)))
+        elif rolled(c):
+            out.append(finding(kind, "info", (first, last), evidence,
+                               f"loss spike at {at}; the guard rolled back and skipped its batches, nothing to do"))
+        else:
+            level = f" ({peak['loss']:.3f} vs a recent {peak['level']:.3f})" if peak.get("level") else ""
+            stop = "stop" in actions
+            what = ("the guard discarded the update" if set(actions) <= {"skip", "rollback"} else
+                    "the guard stopped the run" if stop else "it was trained on")
+            out.append(finding(kind, "critical" if stop else "warning", (first, last), evidence,
+                               f"loss spike at {at}{level}; {what}", ctx.fork_remedy(
+                                   kind, first - 1, [], "PaLM's remedy: retrains from the checkpoint before the spike "
+                                   f"without the data batches around it ({SPIKE_MARGIN} either side)", skip)))
+    return out
+
+
+# ----------------------------------------------------------------------------- plateau (LR too low)
+@rule
+def plateau(ctx: Context) -> list[dict[str, Any]]:
+    if ctx.cfg is None:
+        return []
+    cfg_lr = ctx.cfg.optim.lr
+    points = [(r["step"], r["loss"], r["lr"]) for r in ctx.metrics
+              if r["step"] > ctx.warmup and finite(r.get("loss")) and finite(r.get("lr"))]
+    if len(points) < 10:
+        return []
+
+    def tiny(step: int, lr: float) -> bool:
+        f = ctx.schedule_factor(step)
+        return cfg_lr <= TINY_LR or (f is not None and lr < LR_CUT * cfg_lr * f)
+
+    start = len(points)
+    while start > 0 and tiny(points[start - 1][0], points[start - 1][2]):
+        start -= 1
+    segment = points[start:]
+    if len(segment) < max(10, len(points) // 4):
+        return []
+    k = max(3, len(segment) // 5)
+    early, late = median([p[1] for p in segment[:k]]), median([p[1] for p in segment[-k:]])
+    drop = (early - late) / early if early > 0 else 0.0
+    if drop >= PLATEAU_DROP:
+        return []
+    first, last = segment[0][0], segment[-1][0]
+    evals = [e["val_loss"] for e in ctx.evals if first <= e["step"] <= last and finite(e.get("val_loss"))]
+    lr_median = median([p[2] for p in segment])
+    eff = ctx.effective_peak(first) or cfg_lr
+    if cfg_lr > TINY_LR and eff < LR_CUT * cfg_lr:  # cut while running: back to the configured LR
+        new, how = cfg_lr, f"the configured optim.lr; it ran at {eff:.2g}"
+    else:
+        new, how = float(fmt_lr(10 * eff)), f"x10 of {eff:.2g}"
+    evidence = {"loss_drop": drop, "loss_start": early, "loss_end": late, "lr": lr_median, "optim_lr": cfg_lr,
+                "effective_peak_lr": eff}
+    if len(evals) >= 2:
+        evidence["val_loss_drop"] = (evals[0] - evals[-1]) / evals[0]
+    summary = (f"the loss fell by {max(drop, 0.0):.1%} over steps {first}-{last} with the LR at ~{lr_median:.2g} "
+               f"(peak {eff:.2g}): the learning rate is too low")
+    why = f"retrains the stalled steps with peak optim.lr = {new} ({how})"
+    return [finding("plateau", "warning", (first, last), evidence, summary,
+                    ctx.fork_remedy("plateau", first, [f"optim.lr={new}"], why))]
+
+
+# ----------------------------------------------------------------------------- gradient growth
+@rule
+def grad_growth(ctx: Context) -> list[dict[str, Any]]:
+    if divergence_analysis(ctx):
+        return []  # the divergence explains it
+    pts = [(r["step"], math.log(r["grad_norm"])) for r in ctx.metrics
+           if r["step"] > ctx.warmup and finite(r.get("grad_norm")) and r["grad_norm"] > 0]
+    if len(pts) < 20:
+        return []
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    slope = theil_sen(xs, ys)
+    growth = math.exp(slope * (xs[-1] - xs[0]))
+    q = len(pts) // 4
+    early, late = math.exp(median(ys[:q])), math.exp(median(ys[-q:]))
+    if growth < GRAD_GROWTH or late / early < GRAD_GROWTH_QUARTERS:
+        return []
+    onset = next((x for x, y in zip(xs, ys) if math.exp(y) >= 2 * early), xs[0])
+    lr, how = ctx.lower_lr(onset)
+    evidence = {"trend_growth": growth, "slope_log_per_step": slope, "early_grad_norm": early,
+                "late_grad_norm": late, "doubled_at_step": onset}
+    summary = (f"the gradient norm grew ~{growth:.1f}x over steps {xs[0]}-{xs[-1]} (median {early:.3g} -> "
+               f"{late:.3g}): an early sign of instability")
+    return [finding("grad_growth", "warning", (xs[0], xs[-1]), evidence, summary,
+                    ctx.fork_remedy("grad_growth", onset, [f"optim.lr={lr}"],
+                                    f"retrains from before the norm doubled with peak optim.lr = {lr} ({how})"))]

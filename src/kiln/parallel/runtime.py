@@ -103,9 +103,13 @@ class Parallel:
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Global gradient norm over all shards and stages; clip to `max_norm` (inf = no clip)."""
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = self._timed(norm.full_tensor)  # reduces over the shards of FSDP and TP
+        def total() -> torch.Tensor:
+            # The norm of sharded (DTensor) gradients reduces over the shards of FSDP and TP, partly
+            # inside get_total_norm already: the whole of it counts as communication.
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+        norm = self._timed(total) if self.distributed else total()
         if self.dims.pp > 1:
             sq = norm.pow(2)
             self._timed(lambda: dist.all_reduce(sq, group=self.mesh["pp"].get_group()))

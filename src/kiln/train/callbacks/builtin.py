@@ -9,6 +9,7 @@ from kiln.train.callbacks.budget import TimeBudget
 from kiln.train.callbacks.checkpointing import CheckpointPolicy
 from kiln.train.callbacks.evaluation import Evaluation, Samples
 from kiln.train.callbacks.faults import Faults, any_fault
+from kiln.train.callbacks.invariants import Invariants
 from kiln.train.callbacks.logging import ConsoleLog, MetricsLog
 from kiln.train.callbacks.plot import LossPlot
 from kiln.train.callbacks.status import RunStatus
@@ -25,6 +26,8 @@ def builtin_callbacks(cfg: Config) -> list[Callback]:
         callbacks.append(HangWatchdog())
     if cfg.log.plot:
         callbacks.append(LossPlot())
+    if cfg.debug.invariants and "invariants" not in cfg.callbacks.enabled:
+        callbacks.append(Invariants())  # every debug.invariants_every steps
     if any_fault(cfg.faults):
         callbacks.append(Faults(cfg.faults))
     return callbacks

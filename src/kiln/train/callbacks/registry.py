@@ -13,6 +13,7 @@ from typing import Callable
 from kiln.config import CallbacksConfig, build_dataclass
 from kiln.errors import ConfigError
 from kiln.train.callbacks.base import Callback
+from kiln.train.callbacks.invariants import Invariants
 from kiln.train.callbacks.layer_stats import LayerStats
 from kiln.train.callbacks.memory import MemoryMonitor
 from kiln.train.callbacks.profiler import Profiler
@@ -20,7 +21,8 @@ from kiln.train.callbacks.step_time import StepTime
 from kiln.train.callbacks.writers import TensorBoardWriter, WandbWriter
 
 CALLBACKS: dict[str, type[Callback]] = {
-    cls.name: cls for cls in (LayerStats, Profiler, MemoryMonitor, StepTime, TensorBoardWriter, WandbWriter)}
+    cls.name: cls for cls in (LayerStats, Profiler, MemoryMonitor, StepTime, TensorBoardWriter, WandbWriter,
+                              Invariants)}
 
 
 def register_callback(name: str) -> Callable[[type[Callback]], type[Callback]]:

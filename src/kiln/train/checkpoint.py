@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from kiln.parallel.tensors import plain_name as _clean
 from kiln.errors import CheckpointError
 from kiln.fileio import fsync_path, sha256_file
 from kiln.parallel.runtime import Parallel
@@ -116,14 +117,7 @@ def _unflatten_optimizer(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, t
     return state
 
 
-WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.")  # torch.compile / activation checkpointing
 
-
-def _clean(name: str) -> str:
-    """A parameter's name as state dicts spell it (without wrapper modules' prefixes)."""
-    for w in WRAPPERS:
-        name = name.replace(w, "")
-    return name
 
 
 def forget_optimizer_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],

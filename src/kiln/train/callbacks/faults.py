@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
+from kiln.parallel.tensors import plain_name as _clean, local as _local
 from kiln.config import FaultsConfig
 from kiln.train.callbacks.base import Callback
 
 COLLAPSE_SCALE = 30.0
 DEAD_BIAS = -30.0
-WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
 def any_fault(cfg: FaultsConfig) -> bool:
@@ -45,14 +44,6 @@ def any_fault(cfg: FaultsConfig) -> bool:
         "dead_units", "slow_steps", "slow_rank", "hang", "loader_stall", "corrupt_checkpoint", "tokenizer_mismatch"))
 
 
-def _clean(name: str) -> str:
-    for w in WRAPPERS:
-        name = name.replace(w, "")
-    return name
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Faults(Callback):

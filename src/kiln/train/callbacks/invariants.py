@@ -40,13 +40,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from kiln.parallel.tensors import plain_name as _clean, local as _local
 from kiln.errors import ConfigError, KilnError
 from kiln.parallel.mesh import DIM_NAMES
 from kiln.train.callbacks.base import Callback
 from kiln.train.objectives import IGNORE
 
 REPLICAS, DATA, NORMALISER, OPT_STEPS = "replicas identical", "disjoint data", "loss normaliser", "optimizer steps"
-WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 SUMSQ_RTOL = 1e-10  # float64 sums of squares of identical tensors differ only by reduction order
 RELATION = {"pp": "pipeline ranks", "dp_replicate": "data-parallel replicas", "dp_shard": "data-parallel ranks",
             "tp": "tensor-parallel ranks"}
@@ -71,14 +71,6 @@ class InvariantsOptions:
             raise ConfigError(f"callbacks.invariants.every must be >= 0 (0 = debug.invariants_every), got {self.every}")
 
 
-def _clean(name: str) -> str:
-    for w in WRAPPERS:
-        name = name.replace(w, "")
-    return name
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def replica_key(p: torch.Tensor) -> tuple:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from kiln.parallel.tensors import local as _local
 from kiln.errors import ConfigError
 from kiln.train.callbacks.base import Callback
 
@@ -51,9 +52,6 @@ class LayerStatsOptions:
         if self.every < 1:
             raise ConfigError(f"callbacks.layer_stats.every must be >= 1, got {self.every}")
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _replicas(t: torch.Tensor) -> int:

@@ -550,8 +550,8 @@ def tokenizer_mismatch(ctx: Context) -> list[dict[str, Any]]:
             argv = ["cp", str(folder / "tokenizer.json"), str(ctx.run.tokenizer_path)]
             remedy = {"command": shlex.join(argv), "argv": argv, "kiln": False,
                       "why": "puts back the tokenizer the shards (and so the model) were made with"}
-    except Exception:
-        pass
+    except Exception:  # the dataset's own tokenizer is unreadable too: report without a remedy
+        remedy = None
     return [finding("tokenizer_mismatch", "critical", (0, ctx.metrics[-1]["step"] if ctx.metrics else 0),
                     {"run_tokenizer_sha256": actual[:16], "dataset_tokenizer_sha256": expected[:16],
                      "dataset": str(folder)},

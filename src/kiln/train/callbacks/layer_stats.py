@@ -246,7 +246,9 @@ def plot_heatmap(run) -> None:
         for r in records:
             if r.get(stat) is not None:
                 grid[modules.index(r["module"]), steps.index(r["step"])] = r[stat]
-        image = ax.imshow(np.log10(grid) if stat in ("grad_norm", "update_ratio") else grid, aspect="auto",
+        if stat in ("grad_norm", "update_ratio"):  # a zero (a frozen or dead group) is drawn blank, not -inf
+            grid = np.log10(np.where(grid > 0, grid, np.nan))
+        image = ax.imshow(grid, aspect="auto",
                           interpolation="nearest", cmap="viridis")
         ax.set_title(stat + (" (log10)" if stat in ("grad_norm", "update_ratio") else ""), fontsize=9)
         ax.set_yticks(range(len(modules)), modules, fontsize=7)

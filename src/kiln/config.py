@@ -146,6 +146,7 @@ class GuardConfig:
     k: float = 6.0  # a spike is more than k robust deviations (1.4826 MAD of the log) above the median ...
     min_loss_jump: float = 1.25  # ... and a loss at least this many times the recent level (bench/faults.py)
     min_grad_jump: float = 4.0  # ... or a gradient norm at least this many times the median norm
+    k_corroborated: float = 3.0  # a loss jump whose step's gradient norm spikes too needs only this many deviations
     on_nonfinite: str = "skip"  # skip | rollback | stop
     on_spike: str = "skip"  # a loss spike: skip | rollback | stop | ignore
     on_grad_spike: str = "record"  # a gradient-norm spike alone: record | skip | ignore
@@ -528,6 +529,8 @@ def validate(cfg: Config) -> None:
         _require(getattr(g, key) >= 1, f"guard.{key} must be >= 1, got {getattr(g, key)}")
     _require(g.min_history <= g.window, f"guard.min_history = {g.min_history} must be <= guard.window = {g.window}")
     _require(g.k > 0, f"guard.k must be positive, got {g.k}")
+    _require(0 < g.k_corroborated <= g.k,
+             f"guard.k_corroborated = {g.k_corroborated} must be positive and at most guard.k = {g.k}")
     for key in ("min_loss_jump", "min_grad_jump"):
         _require(getattr(g, key) >= 1, f"guard.{key} must be >= 1 (a ratio to the median), got {getattr(g, key)}")
     _require(g.persist >= 2, f"guard.persist must be >= 2, got {g.persist}")

@@ -164,3 +164,30 @@ def test_robust_detection_ignores_wiggles_and_catches_jumps():
     assert float(guard.check(62, torch.tensor(6.0), torch.tensor(0.9))) == 1  # 2x the loss: a spike, skipped
     assert float(guard.check(63, torch.tensor(3.0), torch.tensor(8.0))) == 0  # 10x the norm: recorded only
     assert [(e["step"], e["kind"]) for e in guard.drain()] == [(62, "loss_spike"), (63, "grad_spike")]
+
+
+def test_a_noisy_loss_jump_counts_when_the_gradient_norm_backs_it_up():
+    """A masked-LM step predicts few tokens, so its loss is noisy: a corrupted batch's 1.35x loss
+    is under k deviations, but its gradient norm spikes too (bench/faults.py, corrupt_batch-mlm).
+    The same loss jump with an ordinary gradient norm stays a wiggle."""
+    from kiln.config import GuardConfig
+    from kiln.train.guard import Guard
+
+    def noisy_guard() -> Guard:
+        guard = Guard(GuardConfig(), torch.device("cpu"))
+        gen = torch.Generator().manual_seed(1)
+        for step in range(60):  # loss 6.3 +- 5.5% (about 80 predicted tokens), grad norm 1.2 +- 15%
+            loss = 6.3 * math.exp(0.055 * float(torch.randn((), generator=gen, dtype=torch.float64)))
+            norm = 1.2 * math.exp(0.15 * float(torch.randn((), generator=gen, dtype=torch.float64)))
+            assert float(guard.check(step, torch.tensor(loss), torch.tensor(norm))) == 0
+        return guard
+
+    guard = noisy_guard()
+    assert float(guard.check(60, torch.tensor(6.3 * 1.35), torch.tensor(1.3))) == 0  # alone: under k = 6
+    assert not guard.drain()
+    guard = noisy_guard()
+    assert float(guard.check(60, torch.tensor(6.3 * 1.35), torch.tensor(3.7))) == 1  # with a 3x norm
+    assert [e["kind"] for e in guard.drain()] == ["loss_spike"]
+    guard = noisy_guard()  # a gradient norm alone, however large, is still only recorded
+    assert float(guard.check(60, torch.tensor(6.4), torch.tensor(6.0))) == 0
+    assert [e["kind"] for e in guard.drain()] == ["grad_spike"]

@@ -156,12 +156,17 @@ def _series(recs: list[dict[str, Any]], stat: str) -> list[tuple[int, float]]:
 
 @rule
 def layer_blowups(ctx: Context) -> list[dict[str, Any]]:
-    """One module's activations or attention logits far above its peers' and grown since the start."""
+    """One module's activations or attention logits far above its peers' and grown since the LR
+    warmup ended. Growth is measured from there, not from initialisation: residual branches start
+    near zero and grow tenfold in any healthy warmup (bench/faults.py: lr_low at LR 6e-3)."""
     modules, peers = _layers(ctx)
+    warmup = ctx.cfg.schedule.warmup_steps if ctx.cfg is not None else 0
     out: list[dict[str, Any]] = []
     for module, recs in modules.items():
         for stat in ("act_rms", "act_max_abs", "attn_logit_max"):
             series = _series(recs, stat)
+            after = [p for p in series if p[0] >= warmup]
+            series = after if len(after) >= 2 else series
             if len(series) < 2:
                 continue
             (_, first), (step, last) = series[0], series[-1]

@@ -38,6 +38,10 @@ REPEATED_INTERVENTIONS = 3  # this many guard interventions mean instability, no
 DIVERGE_RATIO = 1.25        # divergence: the smoothed loss >= 1.25 x its best so far ...
 DIVERGE_MIN_GAP = 0.3       # ... and at least 0.3 nats above it, to the end (>= 3 logged points) ...
 EXCURSION_MIN = 8           # ... or for >= 8 logged points in a row (a spike lasts 1-3)
+GIVE_BACK = 0.25            # ... or it gave back this share of its progress from the first loss, plus
+GIVE_BACK_NOISE = 3.0       # this many deviations of the smoothed loss (a noisy loss has a low best),
+GIVE_BACK_MIN_PROGRESS = 1.0  # once that progress is this many nats (near the unigram entropy a wrecked
+                            # model stays < 1.25x its best: bench/faults.py, lr_high at LR 6e-3)
 SANE_LR = 1e-2              # AdamW peak LRs above this are far outside what transformers train with
 TINY_LR = 1e-5              # a configured peak LR at or below this is too low for pretraining
 LR_CUT = 0.05               # logged LR below 5% of the schedule's: the LR was cut while running
@@ -325,9 +329,16 @@ def _divergence(ctx: Context) -> dict[str, Any] | None:
     while nan_tail < n and not math.isfinite(vals[n - 1 - nan_tail]):
         nan_tail += 1
     best, high = math.inf, []  # high: far above the best smoothed loss so far
+    first_loss = next((v for v in smooth if math.isfinite(v)), math.inf)
+    finite_vals = [v for v in vals if math.isfinite(v)]
+    diffs = [b - a for a, b in zip(finite_vals, finite_vals[1:])]
+    # the deviation of one loss (MAD of step changes / sqrt 2), and of a median of 5 (x 1.25 / sqrt 5)
+    noise = (mad(diffs, median(diffs)) * 1.4826 / math.sqrt(2) * 1.25 / math.sqrt(5)) if len(diffs) >= 2 else 0.0
     for v in smooth:
         best = min(best, v)
-        high.append(math.isfinite(best) and v > best * DIVERGE_RATIO and v - best >= DIVERGE_MIN_GAP)
+        progress = first_loss - best if math.isfinite(first_loss) and math.isfinite(best) else 0.0
+        gave_back = progress >= GIVE_BACK_MIN_PROGRESS and v - best >= GIVE_BACK * progress + GIVE_BACK_NOISE * noise
+        high.append(math.isfinite(best) and v - best >= DIVERGE_MIN_GAP and (v > best * DIVERGE_RATIO or gave_back))
     runs, i = [], 0  # (first, end) of each stretch of high points
     while i < n:
         j = i

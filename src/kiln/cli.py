@@ -52,10 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=_presets_epilog())
     _config_args(prep)
 
-    export = verbs.add_parser("export", help="consolidate a checkpoint into one safetensors file")
+    export = verbs.add_parser("export", help="a checkpoint as one safetensors file, or as a Hugging Face folder")
     export.add_argument("run", metavar="RUN_DIR")
-    export.add_argument("--out", required=True, help="output .safetensors path")
+    export.add_argument("--out", required=True, help="output .safetensors path (--format hf: a new folder)")
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest valid one)")
+    export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                        help="safetensors: Kiln's names in one file; hf: a folder AutoModelForCausalLM and "
+                             "AutoTokenizer load (Llama, Qwen3 or GPT-2)")
+    export.add_argument("--max-shard-size", default="5GB", help="--format hf: split weights above this (default 5GB)")
+
+    imp = verbs.add_parser("import", help="make a run from a Hugging Face Llama, Qwen3 or GPT-2 folder",
+                           description="Make a run from a local Hugging Face folder (safetensors weights and "
+                                       "tokenizer.json); continue pretraining it with `kiln train --resume RUN "
+                                       "--set data.corpus=... --set train.steps=...`.")
+    imp.add_argument("folder", metavar="HF_DIR")
+    imp.add_argument("--name", required=True, help="the new run's name")
+    imp.add_argument("--runs-dir", default="runs", help="folder holding run folders (default: runs)")
 
     sample = verbs.add_parser("sample", help="generate text from a run's checkpoint")
     sample.add_argument("run", metavar="RUN_DIR")
@@ -124,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also ask the LLM at KILN_LLM_URL (KILN_LLM_MODEL, KILN_LLM_KEY) to explain the "
                              "findings; a scrubbed digest is sent, the rules still decide")
     doctor.add_argument("--apply", type=int, metavar="K", help="run the remedy of finding K (as numbered)")
-    for p in (train, prep, export, sample, runs, compare, fork, report, doctor):
+    for p in (train, prep, export, imp, sample, runs, compare, fork, report, doctor):
         _plugin_args(p)
     ev.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
                     help="import user code that registers suites (and other components); repeatable")
@@ -184,10 +196,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kiln.runs.export import export_run
+    if args.format == "hf":
+        from kiln.interop.convert import export_hf
 
-    out = export_run(Path(args.run), Path(args.out), args.step)
+        out = export_hf(Path(args.run), Path(args.out), args.step, args.max_shard_size)
+    else:
+        from kiln.runs.export import export_run
+
+        out = export_run(Path(args.run), Path(args.out), args.step)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from kiln.interop.convert import import_hf
+
+    run = import_hf(Path(args.folder), Path(args.runs_dir), args.name)
+    print(f"made run {run}; continue pretraining it with: kiln train --resume {run} --set data.corpus=... "
+          "--set train.steps=...")
     return 0
 
 
@@ -324,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "export": cmd_export,
-                "eval": cmd_eval, "runs": cmd_runs, "compare": cmd_compare, "fork": cmd_fork, "report": cmd_report,
+                "import": cmd_import, "eval": cmd_eval, "runs": cmd_runs, "compare": cmd_compare, "fork": cmd_fork, "report": cmd_report,
                 "doctor": cmd_doctor}
     if args.verb == "train" and args.nproc_per_node:
         return launch_torchrun(args.nproc_per_node, list(sys.argv[1:] if argv is None else argv))

@@ -42,6 +42,7 @@ class ModelConfig:
     qk_norm: bool = False  # RMS-normalise queries and keys per head (bounds the attention logits)
     post_norm: bool = False  # also normalise each sub-layer's output before the residual add (sandwich norm)
     init_std: float = 0.02
+    init_from: str = ""  # a safetensors file of full Kiln-named weights (kiln import / kiln export) to start from
 
 
 @dataclass

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from kiln.config import load_config
 from kiln.parallel.mesh import ParallelDims
@@ -100,6 +101,12 @@ def test_export_consolidates_sharded_checkpoint(setup, fsdp, tmp_path):
     weights = load_file(out)
     assert weights["tok_emb.weight"].shape == (320, 64)  # vocabulary padded to a multiple of 64
     assert "layers.3.mlp.w2.weight" in weights
+    # the same sharded checkpoint as a Hugging Face folder: the true vocabulary, Llama's names
+    run_kiln(["export", str(root / "runs" / "fsdp2"), "--format", "hf", "--out", str(tmp_path / "hf")])
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    vocab = json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"]
+    assert vocab <= 320 and torch.equal(hf["model.embed_tokens.weight"], weights["tok_emb.weight"][:vocab])
+    assert torch.equal(hf["model.layers.3.mlp.down_proj.weight"], weights["layers.3.mlp.w2.weight"])
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -84,7 +84,8 @@ def test_layers_do_not_reach_up():
     graph = import_graph()
     for reader in ("kiln.runs.rundir", "kiln.runs.export", "kiln.eval.runner", "kiln.eval.sample", "kiln.runs.fork",
                    "kiln.runs.catalog", "kiln.runs.compare", "kiln.runs.document", "kiln.runs.doctor",
-                   "kiln.runs.doctor_rules", "kiln.runs.explain"):
+                   "kiln.runs.doctor_rules", "kiln.runs.explain", "kiln.interop.hf", "kiln.interop.hf_files",
+                   "kiln.interop.convert"):
         assert not {d for d in graph[reader] if d.startswith(("kiln.train.trainer", "kiln.train.session"))}, reader
     assert graph["kiln.config"] <= {"kiln.errors", "kiln.tomlwrite"} and not graph["kiln.tomlwrite"]
     for model_module in ("kiln.model.layers", "kiln.model.decoder", "kiln.model.encoder"):

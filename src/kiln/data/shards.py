@@ -27,7 +27,7 @@ import numpy as np
 
 from kiln.config import DataConfig
 from kiln.data.corpora import CorpusFile, SkippedFile, corpus_fingerprint, resolve_corpus
-from kiln.data.tokenizer import KilnTokenizer, load_tokenizer, tokenizer_from_json, train_tokenizer
+from kiln.data.tokenizer import KilnTokenizer, load_tokenizer, train_tokenizer
 from kiln.errors import DataError
 from kiln.fileio import sha256_file
 from kiln.progress import progress_bar
@@ -72,7 +72,7 @@ def open_prepared(path: Path, verify: bool = True) -> Prepared:
     if not manifest_path.is_file():
         raise DataError(f"{path} is not a prepared dataset (no manifest.json); run `kiln prepare`")
     manifest = json.loads(manifest_path.read_text())
-    tokenizer = tokenizer_from_json((path / "tokenizer.json").read_text())
+    tokenizer = load_tokenizer(path / "tokenizer.json")  # with its roles sidecar, if any
     if tokenizer.sha256 != manifest["tokenizer_sha256"]:
         raise DataError(f"{path}/tokenizer.json does not match the tokenizer the shards were made with; "
                         f"delete {path} and run `kiln prepare` again")

@@ -7,6 +7,7 @@ trains, and a loaded `tokenizer.json` must contain them.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -84,19 +85,40 @@ def _piece_classes(piece: str) -> tuple[int, int]:
     return _char_class(piece[0]), _char_class(piece[-1])
 
 
-class KilnTokenizer:
-    """A thin wrapper that knows the special-token ids and the file's hash."""
+ROLES = ("bos", "eos", "pad", "mask", "unk")
+DEFAULT_ROLES: dict[str, str | None] = dict(zip(ROLES, SPECIAL_TOKENS))
+REQUIRED_ROLES = ("bos", "eos", "pad", "unk")  # a causal model's tokenizer may have no mask token
 
-    def __init__(self, tok: Tokenizer):
+
+def roles_path(path: Path) -> Path:
+    """The sidecar naming the special tokens of a tokenizer whose strings are not Kiln's (an
+    imported GPT-2's `<|endoftext|>` is bos, eos, pad and unk at once)."""
+    return path.with_name(path.stem + ".roles.json")
+
+
+class KilnTokenizer:
+    """A thin wrapper that knows the special-token ids (by role) and the file's hash."""
+
+    def __init__(self, tok: Tokenizer, roles: dict[str, str | None] | None = None):
         self.tok = tok
-        missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+        self.roles = {**DEFAULT_ROLES, **roles} if roles else dict(DEFAULT_ROLES)
+        unknown = sorted(set(self.roles) - set(ROLES))
+        if unknown:
+            raise DataError(f"tokenizer roles {unknown} are not special-token roles; roles: {', '.join(ROLES)}")
+        missing = [f"{t} ({r})" for r, t in self.roles.items()
+                   if (t is None and r in REQUIRED_ROLES) or (t is not None and tok.token_to_id(t) is None)]
         if missing:
             raise DataError(f"the tokenizer lacks the special tokens {', '.join(missing)}; "
                             "train one with Kiln (leave data.tokenizer empty) or add them")
         self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.unk_id = (
-            tok.token_to_id(t) for t in SPECIAL_TOKENS)
-        self.special_ids = frozenset((self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.unk_id))
+            None if self.roles[r] is None else tok.token_to_id(self.roles[r]) for r in ROLES)
+        self.special_ids = frozenset(i for i in (self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.unk_id)
+                                     if i is not None)
         self._tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def custom_roles(self) -> bool:
+        return self.roles != DEFAULT_ROLES
 
     @property
     def vocab_size(self) -> int:
@@ -107,7 +129,8 @@ class KilnTokenizer:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        text = self.to_json() + (json.dumps(self.roles, sort_keys=True) if self.custom_roles else "")
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
@@ -119,7 +142,10 @@ class KilnTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
     def save(self, path: Path) -> None:
+        path = Path(path)
         path.write_text(self.to_json())
+        if self.custom_roles:
+            roles_path(path).write_text(json.dumps(self.roles, indent=1) + "\n")
 
     def _word_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per id: the class of the token's first byte and of its last character, whether the token
@@ -191,8 +217,14 @@ def load_tokenizer(path: str | Path) -> KilnTokenizer:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises a plain Exception for malformed files
         raise DataError(f"data.tokenizer: '{path}' is not a valid tokenizer.json ({e})") from None
-    return KilnTokenizer(tok)
+    roles = None
+    if roles_path(p).is_file():
+        try:
+            roles = json.loads(roles_path(p).read_text())
+        except ValueError as e:
+            raise DataError(f"{roles_path(p)} is not valid JSON ({e}); it names the tokenizer's special tokens") from None
+    return KilnTokenizer(tok, roles)
 
 
-def tokenizer_from_json(text: str) -> KilnTokenizer:
-    return KilnTokenizer(Tokenizer.from_str(text))
+def tokenizer_from_json(text: str, roles: dict[str, str | None] | None = None) -> KilnTokenizer:
+    return KilnTokenizer(Tokenizer.from_str(text), roles)

@@ -43,6 +43,53 @@ def init_parameters(model: nn.Module, rule: InitRule, cfg: ModelConfig, seed: in
         else:
             raise ValueError(f"init rule gave {kind!r} for {name}; expected normal, zeros or ones")
         write(param, full.to(param.dtype))
+    if cfg.init_from:
+        load_initial_weights(model, cfg.init_from, write)
     init_buffers = getattr(model, "init_buffers", None)
     if init_buffers is not None:
         init_buffers()
+
+
+WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.")  # torch.compile, activation checkpointing
+
+
+@torch.no_grad()
+def load_initial_weights(model: nn.Module, path: str, write: Writer = copy_full) -> None:
+    """Overwrite every parameter with its full value from the safetensors file `path` (Kiln's names)."""
+    from safetensors import safe_open
+
+    from kiln.errors import ConfigError
+
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error type for a missing file or a bad header
+        raise ConfigError(f"model.init_from = '{path}' is not a readable safetensors file ({e})") from None
+    with f:
+        names = set(f.keys())
+        assign_full_weights(model, lambda key: f.get_tensor(key) if key in names else None,
+                            f"model.init_from = '{path}'", write)
+
+
+@torch.no_grad()
+def assign_full_weights(model: nn.Module, get: Callable[[str], torch.Tensor | None], source: str,
+                        write: Writer = copy_full) -> None:
+    """Every parameter from `get(name)` (Kiln's names, full values). A vocabulary matrix with
+    fewer rows than the model's padded one gets zero rows for the padding (a model imported with
+    its true vocabulary size)."""
+    from kiln.errors import ConfigError
+
+    for name, param in model.named_parameters():
+        key = name
+        for prefix in WRAPPER_PREFIXES:
+            key = key.replace(prefix, "")
+        full = get(key)
+        if full is None:
+            raise ConfigError(f"{source} has no tensor '{key}' for this model; was it made from a model of another shape?")
+        shape = tuple(param.shape)
+        if full.shape != shape:
+            if full.dim() == len(shape) and full.shape[1:] == shape[1:] and full.shape[0] < shape[0]:
+                full = torch.cat([full, full.new_zeros((shape[0] - full.shape[0], *shape[1:]))])
+            else:
+                raise ConfigError(f"{source}: '{key}' is {tuple(full.shape)} but the model needs {shape}; was it "
+                                  "made from a model of another shape?")
+        write(param, full.to(param.dtype))

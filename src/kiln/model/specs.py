@@ -14,6 +14,7 @@ from torch import nn
 
 from kiln.config import Config, ModelConfig
 from kiln.errors import ConfigError
+from kiln.interop.hf import DECODER_HF
 from kiln.model.decoder import Decoder
 from kiln.model.encoder import Encoder
 from kiln.model.layers import swiglu_hidden
@@ -164,7 +165,7 @@ def _spec(name: str, build, validate, causal: bool) -> ModelSpec:
         pipeline_stage=pipeline_stage if name == "decoder" else None,
         count_params=model_params, flops_per_token=flops_per_token, activation_bytes=activation_bytes,
         monitor_modules=("layers.*.attn", "layers.*.mlp"), attention_logits=attention_logits,
-        attention_modules=("layers.*.attn",), causal=causal)
+        attention_modules=("layers.*.attn",), causal=causal, hf_adapter=DECODER_HF if name == "decoder" else None)
 
 
 DECODER = _spec("decoder", Decoder, validate_transformer, causal=True)

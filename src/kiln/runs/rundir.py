@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from kiln import __version__
+from kiln.version import __version__
 from kiln.config import Config, file_dict, from_dict, to_toml
 from kiln.errors import CheckpointError, KilnError
 from kiln.train import checkpoint as ckpt

@@ -82,7 +82,8 @@ def resume_run(path: Path, overrides: list[str] = (), callbacks: Iterable[Callba
     run = RunDir.open(path)
     saved = run.config_dict()
     cfg = load_config(overrides=overrides, base=saved)
-    check_resume_changes(from_dict(saved), cfg)
+    if run.checkpoint_paths():  # a run that never saved a step (e.g. one `kiln import` made) is not defined yet
+        check_resume_changes(from_dict(saved), cfg)
     spec = run.check_family(cfg, check_training)
     par = Parallel.setup(cfg, resolve_device(cfg))
     data = _prepare_everywhere(cfg, par)

@@ -35,12 +35,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu
+    mlp: str = "gelu"  # gelu (tanh approximation) | gelu_exact (erf, BERT's) | swiglu
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
     qk_norm: bool = False  # RMS-normalise queries and keys per head (bounds the attention logits)
     post_norm: bool = False  # also normalise each sub-layer's output before the residual add (sandwich norm)
+    norm_position: str = "pre"  # pre: x + f(norm(x)) and a final norm; post: norm(x + f(x)) as BERT (encoder only)
+    embed_norm: bool = False  # normalise the summed embeddings (BERT)
+    type_vocab_size: int = 0  # token-type (segment) embeddings; Kiln feeds type 0 (BERT has 2)
     init_std: float = 0.02
     init_from: str = ""  # a safetensors file of full Kiln-named weights (kiln import / kiln export) to start from
 
@@ -250,7 +253,8 @@ NESTED_SECTIONS = {"callbacks": "options"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos": ("learned", "rope"),
     "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
+    "model.mlp": ("gelu", "gelu_exact", "swiglu"),
+    "model.norm_position": ("pre", "post"),
     "optim.name": ("adamw",),
     "optim.implementation": ("auto", "fused", "foreach", "single"),
     "schedule.name": ("cosine", "wsd", "constant"),
@@ -482,7 +486,7 @@ def validate(cfg: Config) -> None:
                 "train.batch_size", "eval.batches", "log.every"]
     for key in positive:
         _require(flat[key] > 0, f"{key} must be positive, got {flat[key]}")
-    non_negative = ["model.n_kv_heads", "model.d_ff", "model.max_seq_len", "train.steps", "train.tokens",
+    non_negative = ["model.n_kv_heads", "model.d_ff", "model.max_seq_len", "model.type_vocab_size", "train.steps", "train.tokens",
                     "train.batch_tokens", "train.micro_batch_size", "train.threads", "eval.every",
                     "eval.sample_tokens", "checkpoint.every", "schedule.warmup_steps", "data.max_docs",
                     "data.workers", "optim.grad_clip", "optim.weight_decay", "eval.top_k", "train.seed",
@@ -499,6 +503,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.z_loss >= 0.0, f"train.z_loss must be >= 0 (PaLM used 1e-4), got {cfg.train.z_loss}")
     _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
     _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
+    _require(not (m.norm_position == "post" and m.post_norm),
+             "model.norm_position = 'post' already normalises after each residual add; set model.post_norm = false")
 
     _require(d.vocab_size >= 260 or bool(d.tokenizer),
              f"data.vocab_size = {d.vocab_size} is too small for a byte-level BPE; use at least 260")

@@ -24,12 +24,12 @@ transformers = pytest.importorskip("transformers")
 from kiln.config import ModelConfig, load_config  # noqa: E402
 from kiln.data.tokenizer import train_tokenizer  # noqa: E402
 from kiln.interop import hf, hf_files  # noqa: E402
-from kiln.interop.convert import LanguageModel, generation_config, load, read_hf  # noqa: E402
+from kiln.interop.convert import LanguageModel, adapter_for, generation_config, load, read_hf  # noqa: E402
 from kiln.model.registry import build_model  # noqa: E402
 
 TEXT = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n", "for i in range(10):\n    print(i)\n",
         "import os\nprint(os.getcwd())\n", "while True:\n    break\n"] * 40
-TOL = {"llama": 1e-5, "qwen3": 1e-5, "gpt2": 1e-4}
+TOL = {"llama": 1e-5, "qwen3": 1e-5, "gpt2": 1e-4, "bert": 1e-4}
 
 LLAMA = ModelConfig(family="decoder", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_ff=136, seq_len=32,
                     pos="rope", rope_theta=50000.0, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", bias=False,
@@ -37,8 +37,12 @@ LLAMA = ModelConfig(family="decoder", n_layers=2, n_heads=4, n_kv_heads=2, d_mod
 QWEN3 = replace(LLAMA, qk_norm=True)
 GPT2 = ModelConfig(family="decoder", n_layers=2, n_heads=4, d_model=64, d_ff=200, seq_len=32, pos="learned",
                    norm="layernorm", norm_eps=1e-4, mlp="gelu", bias=True, tie_embeddings=False)
+BERT = ModelConfig(family="encoder", n_layers=2, n_heads=4, d_model=64, d_ff=136, seq_len=32, pos="learned",
+                   norm="layernorm", norm_eps=1e-7, mlp="gelu_exact", bias=True, tie_embeddings=True,
+                   norm_position="post", embed_norm=True, type_vocab_size=2)
 FLAVOURS = {"llama": LLAMA, "qwen3": QWEN3, "gpt2": GPT2, "llama-tied": replace(LLAMA, tie_embeddings=True),
-            "llama-bias": replace(LLAMA, bias=True), "gpt2-tied": replace(GPT2, tie_embeddings=True)}
+            "llama-bias": replace(LLAMA, bias=True), "gpt2-tied": replace(GPT2, tie_embeddings=True),
+            "gpt2-exact-gelu": replace(GPT2, mlp="gelu_exact"), "bert": BERT}
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +64,18 @@ def random_model(cfg: ModelConfig, vocab: int, seed: int = 0) -> torch.nn.Module
 
 
 def export_folder(model, cfg: ModelConfig, tokenizer, out: Path) -> Path:
-    tensors = hf.to_hf(cfg, {k: v.detach() for k, v in model.state_dict().items()}, tokenizer.vocab_size)
+    adapter = adapter_for(cfg)
+    tensors = adapter.to_hf(cfg, {k: v.detach() for k, v in model.state_dict().items()}, tokenizer.vocab_size)
     ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
-    files = {"config.json": hf.hf_config(cfg, tokenizer.vocab_size, ids),
+    files = {"config.json": adapter.config(cfg, tokenizer.vocab_size, ids),
              "generation_config.json": generation_config(tokenizer)}
     return hf_files.write_folder(out, files, tensors, tokenizer, cfg.max_seq_len or cfg.seq_len, 10**9)
 
 
 def hf_model(folder: Path):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                             attn_implementation="eager").eval()
+    auto = transformers.AutoModelForMaskedLM if json.loads((folder / "config.json").read_text())["model_type"] == "bert" \
+        else transformers.AutoModelForCausalLM
+    return auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def batch(tokenizer, rows: int = 3, length: int = 24) -> torch.Tensor:
@@ -83,7 +89,7 @@ def test_exported_logits_match_transformers(tmp_path, tokenizer, name):
     model = random_model(cfg, tokenizer.vocab_size)
     folder = export_folder(model, cfg, tokenizer, tmp_path / "hf")
     config = json.loads((folder / "config.json").read_text())
-    assert config["architectures"] == [hf.HF_CLASSES[hf.hf_flavour(cfg)]]
+    assert config["architectures"] == ["BertForMaskedLM" if name == "bert" else hf.HF_CLASSES[hf.hf_flavour(cfg)]]
     theirs = hf_model(folder)
     assert type(theirs).__name__ == config["architectures"][0]
     ids = batch(tokenizer)
@@ -93,6 +99,8 @@ def test_exported_logits_match_transformers(tmp_path, tokenizer, name):
     assert ours.shape == reference.shape == (*ids.shape, tokenizer.vocab_size)
     diff = (ours - reference).abs().max().item()
     assert diff <= TOL[name.split("-")[0]], f"{name}: max |logit difference| {diff:.2e}"
+    if name == "bert":
+        return  # a masked LM does not generate
     prompt = ids[:1, :4]
     with torch.no_grad():
         greedy = theirs.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False,
@@ -100,20 +108,22 @@ def test_exported_logits_match_transformers(tmp_path, tokenizer, name):
     assert LanguageModel(model, tokenizer.vocab_size, cfg).generate(prompt, 20).tolist() == greedy.tolist()
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2", "gpt2-tied"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2", "gpt2-tied", "bert"])
 def test_import_then_export_is_bit_identical(tmp_path, tokenizer, name):
     cfg = FLAVOURS[name]
+    adapter = adapter_for(cfg)
     folder = export_folder(random_model(cfg, tokenizer.vocab_size, seed=3), cfg, tokenizer, tmp_path / "a")
     original = hf_files.read_weights(folder)
     imported_cfg, tok, state = read_hf(folder)
-    again = hf.to_hf(imported_cfg, state, tok.vocab_size)
+    assert imported_cfg == replace(cfg, max_seq_len=cfg.max_seq_len or cfg.seq_len)  # the options survive
+    again = adapter.to_hf(imported_cfg, state, tok.vocab_size)
     assert sorted(again) == sorted(original)
     for key in original:
         assert torch.equal(again[key], original[key]), key
     # and Kiln -> HF -> Kiln gives Kiln's own tensors back (true vocabulary rows)
     model = random_model(cfg, tokenizer.vocab_size, seed=4)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    back = hf.from_hf(cfg, hf.to_hf(cfg, state, tokenizer.vocab_size))
+    back = adapter.from_hf(cfg, adapter.to_hf(cfg, state, tokenizer.vocab_size))
     for key, value in state.items():
         expected = value[:tokenizer.vocab_size] if key in hf.VOCAB_TENSORS else value
         assert torch.equal(back[key], expected), key
@@ -155,6 +165,40 @@ def endoftext_tokenizer():
     return tok, fast
 
 
+def test_a_real_bert_imports_with_parity_and_its_cls_sep_roles(tmp_path, tokenizer):
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=136, max_position_embeddings=64,
+                                     layer_norm_eps=1e-7, pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(0)
+    theirs = transformers.BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "bert")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, cls_token="<|bos|>", sep_token="<|eos|>",
+                                         pad_token="<|pad|>", unk_token="<|unk|>",
+                                         mask_token="<|mask|>").save_pretrained(tmp_path / "bert")
+    model, tok = load(tmp_path / "bert")
+    assert (tok.bos_id, tok.eos_id, tok.mask_id) == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id)
+    ids = batch(tok)
+    with torch.no_grad():
+        diff = (model(ids) - theirs(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_the_bert_base_preset_is_bert_base_exactly():
+    """Every tensor of the preset's model has BertForMaskedLM's name and shape, and no more."""
+    cfg = load_config("bert-base").model
+    with torch.device("meta"):
+        ours = build_model(cfg, 30522)
+        theirs = transformers.BertForMaskedLM(transformers.BertConfig(**{
+            k: v for k, v in adapter_for(cfg).config(cfg, 30522, {}).items() if k != "torch_dtype"}))
+    mapped = adapter_for(cfg).to_hf(cfg, dict(ours.state_dict()), 30522)
+    expected = {k: tuple(v.shape) for k, v in theirs.state_dict().items()
+                if k not in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")}
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
+
+
 def test_gpt2_endoftext_tokenizer_maps_every_role(tmp_path):
     """GPT-2's tokenizer names one special token: it becomes bos, eos, pad and unk; no mask."""
     tok, fast = endoftext_tokenizer()
@@ -176,12 +220,17 @@ def test_gpt2_endoftext_tokenizer_maps_every_role(tmp_path):
     (replace(GPT2, qk_norm=True), "model.qk_norm"),
     (replace(GPT2, bias=False), "model.bias = false"),
     (replace(LLAMA, family="encoder"), "model.family = 'encoder'"),
+    (replace(BERT, norm_position="pre"), "model.norm_position = 'pre'.*the bert flavour"),
+    (replace(BERT, mlp="gelu"), "model.mlp = 'gelu'.*BertForMaskedLM"),
+    (replace(BERT, pos="rope"), "model.pos = 'rope'"),
+    (replace(BERT, type_vocab_size=0), "model.type_vocab_size = 0"),
 ])
 def test_inexpressible_models_are_refused_naming_the_option(cfg, words):
     from kiln.errors import ConfigError
 
+    flavour = adapter_for(cfg).flavour if cfg.family == "encoder" and "family" not in words else hf.hf_flavour
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        hf.hf_flavour(cfg)
+        flavour(cfg)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -214,6 +263,22 @@ def test_shards_and_index_above_the_size_limit(tmp_path, tokenizer):
 
 # ----------------------------------------------------------------------------- whole runs, the CLI
 def kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`kiln ARGS` in `cwd`: training in a process of its own, export and import in this one (they
+    go through the same `main`, and a fresh interpreter would cost seconds of imports each)."""
+    if args[0] in ("export", "import"):
+        import contextlib
+        import io
+
+        from kiln.cli import main
+
+        out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+        try:
+            os.chdir(cwd)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(list(args))
+        finally:
+            os.chdir(here)
+        return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     env = dict(os.environ, KILN_QUIET="1")
     return subprocess.run([sys.executable, "-m", "kiln", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -254,6 +319,24 @@ def test_cli_export_loads_in_a_text_generation_pipeline(trained):
     exported, _ = load(out)
     ids = torch.tensor([ktok.encode("def add(a, b):")])
     assert torch.equal(model(ids), exported(ids))
+
+
+def test_a_trained_bert_flavour_run_exports_to_bert_for_masked_lm(trained, tmp_path):
+    bert = ["--set", "model.family=encoder", "--set", "train.objective=masked", "--set", "model.pos=learned",
+            "--set", "model.norm=layernorm", "--set", "model.mlp=gelu_exact", "--set", "model.bias=true",
+            "--set", "model.norm_position=post", "--set", "model.embed_norm=true", "--set", "model.type_vocab_size=2"]
+    r = kiln("train", "--preset", "tiny", "--name", "bert", "--set", f"data.corpus={trained / 'corpus.txt'}",
+             "--set", f"data.cache_dir={trained / 'cache'}", *TINY_RUN, *bert, cwd=trained)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = kiln("export", "runs/bert", "--format", "hf", "--out", str(tmp_path / "bert"), cwd=trained)
+    assert r.returncode == 0, r.stderr
+    theirs = hf_model(tmp_path / "bert")
+    assert type(theirs).__name__ == "BertForMaskedLM"
+    model, tok = load(trained / "runs" / "bert")
+    ids = torch.tensor([tok.encode("def add(a, b):")])
+    ids[0, 2] = tok.mask_id
+    with torch.no_grad():
+        assert (model(ids) - theirs(ids).logits).abs().max().item() <= 1e-4
 
 
 def test_refused_export_exits_2_and_writes_nothing(trained):
@@ -310,6 +393,22 @@ def test_imported_gpt2_continues_pretraining_and_its_loss_falls(tmp_path):
     imported, tok = load(tmp_path / "gpt2")
     ids = torch.tensor([tok.encode("def add(a, b):")])
     assert torch.equal(start(ids), imported(ids))
+
+
+def test_a_refused_import_exits_2_and_makes_no_run(tmp_path, tokenizer):
+    folder = export_folder(random_model(LLAMA, tokenizer.vocab_size), LLAMA, tokenizer, tmp_path / "scaled")
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    r = kiln("import", str(folder), "--name", "scaled", cwd=tmp_path)
+    assert r.returncode == 2 and "rope scaling" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "scaled").exists()
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not unpickled")
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 50000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    r = kiln("import", str(folder), "--name", "pickled", cwd=tmp_path)
+    assert r.returncode == 2 and "never pickles" in r.stderr and not (tmp_path / "runs" / "pickled").exists()
 
 
 def test_imported_run_config_records_the_model(tmp_path, tokenizer):

@@ -62,7 +62,7 @@ def hf_flavour(cfg: ModelConfig) -> str:
         return target
     name = HF_CLASSES["gpt2"]
     for ok, option, need in ((cfg.norm == "layernorm", f"model.norm = '{cfg.norm}'", "model.norm = 'layernorm'"),
-                             (cfg.mlp == "gelu", f"model.mlp = '{cfg.mlp}'", "model.mlp = 'gelu'"),
+                             (cfg.mlp in ("gelu", "gelu_exact"), f"model.mlp = '{cfg.mlp}'", "a GELU MLP"),
                              (cfg.bias, "model.bias = false", "model.bias = true"),
                              (not cfg.qk_norm, "model.qk_norm = true", "no QK-norm"),
                              ((cfg.n_kv_heads or cfg.n_heads) == cfg.n_heads,
@@ -81,7 +81,8 @@ def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None])
     if flavour == "gpt2":
         return {"architectures": [HF_CLASSES["gpt2"]], "model_type": "gpt2", "vocab_size": vocab_size,
                 "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": _hidden(cfg),
-                "n_positions": context, "n_ctx": context, "activation_function": "gelu_pytorch_tanh",
+                "n_positions": context, "n_ctx": context,
+                "activation_function": "gelu" if cfg.mlp == "gelu_exact" else "gelu_pytorch_tanh",
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                 "attn_pdrop": cfg.dropout, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_embeddings,
@@ -113,15 +114,16 @@ def kiln_model_config(config: dict[str, Any]) -> ModelConfig:
     if kind == "gpt2":
         d, heads = config["n_embd"], config["n_head"]
         act = config.get("activation_function", "gelu_new")
-        if act not in TANH_GELUS:
-            refuse(f"activation_function = '{act}': Kiln's GPT-2 MLP is the tanh GELU ({' or '.join(TANH_GELUS)})")
+        if act not in (*TANH_GELUS, "gelu"):
+            refuse(f"activation_function = '{act}': Kiln's GPT-2 MLP is a GELU ({', '.join(TANH_GELUS)} or gelu)")
         if not config.get("scale_attn_weights", True) or config.get("scale_attn_by_inverse_layer_idx"):
             refuse("GPT-2 attention without the 1/sqrt(head size) scale (scale_attn_weights = false or "
                    "scale_attn_by_inverse_layer_idx = true) has no Kiln form")
         return ModelConfig(family="decoder", n_layers=config["n_layer"], n_heads=heads, n_kv_heads=0, d_model=d,
                            d_ff=_get(config, "n_inner", 4 * d), seq_len=min(config["n_positions"], 1024),
                            max_seq_len=config["n_positions"], pos="learned", norm="layernorm",
-                           norm_eps=config.get("layer_norm_epsilon", 1e-5), mlp="gelu", bias=True,
+                           norm_eps=config.get("layer_norm_epsilon", 1e-5),
+                           mlp="gelu_exact" if act == "gelu" else "gelu", bias=True,
                            tie_embeddings=config.get("tie_word_embeddings", True),
                            init_std=config.get("initializer_range", 0.02))
     if kind not in ("llama", "qwen3"):
@@ -162,7 +164,7 @@ LLAMA_BLOCK = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": 
                                                             ("w2", "down_proj")) for p in ("weight", "bias")}}
 GPT2_BLOCK = {"attn_norm": "ln_1", "mlp_norm": "ln_2", "attn.wo": "attn.c_proj", "mlp.w1": "mlp.c_fc",
               "mlp.w2": "mlp.c_proj"}
-VOCAB_TENSORS = ("tok_emb.weight", "head.weight")
+VOCAB_TENSORS = ("tok_emb.weight", "head.weight", "mlm_head.bias")  # one row (entry) per token
 
 
 def _split(name: str) -> tuple[str, str]:

@@ -119,6 +119,11 @@ def read_tokenizer(folder: Path, config: dict[str, Any]) -> KilnTokenizer:
             data = json.loads((folder / file).read_text())
             for role in ROLES:
                 named.setdefault(role, _token(data.get(f"{role}_token")))
+    for role, fallback in (("bos", "cls"), ("eos", "sep")):  # BERT names [CLS] and [SEP] instead
+        if not named.get(role):
+            for file in ("special_tokens_map.json", "tokenizer_config.json"):
+                if (folder / file).is_file() and not named.get(role):
+                    named[role] = _token(json.loads((folder / file).read_text()).get(f"{fallback}_token"))
     tok = Tokenizer.from_str(text)
     for role in ("bos", "eos", "pad"):
         if not named.get(role) and isinstance(config.get(f"{role}_token_id"), int):

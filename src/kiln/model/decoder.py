@@ -28,9 +28,13 @@ class Transformer(nn.Module):
         self.tok_emb: nn.Embedding | None = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_emb: nn.Embedding | None = (
             nn.Embedding(cfg.max_seq_len or cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None)
+        self.type_emb: nn.Embedding | None = (
+            nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None)
+        self.embed_norm: nn.Module | None = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleDict({str(i): Block(cfg, causal) for i in range(cfg.n_layers)})
-        self.norm: nn.Module | None = make_norm(cfg)
+        # post-norm blocks end normalised: no final norm (an Identity, since None marks a pipeline stage)
+        self.norm: nn.Module | None = nn.Identity() if cfg.norm_position == "post" else make_norm(cfg)
         self.head: nn.Linear | None = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len or cfg.seq_len, cfg.rope_theta)
@@ -53,6 +57,10 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             # positions shaped (1, T) so that, under sequence parallelism, the output shards like x
             x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device)[None])
+        if self.type_emb is not None:  # every token is of type 0 (Kiln's windows are one segment)
+            x = x + self.type_emb.weight[0]
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         return self.drop(x)
 
     def output_weight(self) -> torch.Tensor:
@@ -74,7 +82,7 @@ class Transformer(nn.Module):
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= sum(m.weight.numel() for m in (self.tok_emb, self.pos_emb) if m is not None)
+            n -= sum(m.weight.numel() for m in (self.tok_emb, self.pos_emb, self.type_emb) if m is not None)
         return n
 
 

@@ -1,9 +1,11 @@
 """BERT-style encoder: the decoder's trunk with bidirectional attention, and a masked-LM head.
 
 Every layer option of the decoder applies (norm, MLP, positions, GQA, qk-norm). The blocks are
-pre-norm with a final norm (BERT was post-norm; pre-norm trains stably without BERT's warm-up
-care). The head is BERT's: dense + GELU + norm, then the output projection, tied to the input
-embedding by default, plus a per-token output bias.
+pre-norm with a final norm by default (pre-norm trains stably without BERT's warm-up care);
+`model.norm_position = "post"` with `embed_norm`, `type_vocab_size = 2`, learned positions and
+`mlp = "gelu_exact"` is BERT exactly (the `bert-base` preset; it maps to BertForMaskedLM). The
+head is BERT's: dense + GELU + norm, then the output projection, tied to the input embedding by
+default, plus a per-token output bias.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if cfg.bias else None
 
     def forward(self, x: torch.Tensor, output_weight: torch.Tensor) -> torch.Tensor:
-        x = self.norm(F.gelu(self.dense(x)))
+        x = self.norm(F.gelu(self.dense(x)))  # the exact GELU, as BERT's head
         logits = F.linear(x, output_weight)  # (B, T, vocab)
         # Added apart: F.linear's fused bias returns a view, which FSDP2 warns about at the output.
         return logits if self.bias is None else logits + self.bias

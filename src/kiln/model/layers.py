@@ -124,9 +124,10 @@ class GeluMLP(nn.Module):
         hidden = cfg.d_ff or 4 * cfg.d_model
         self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.approximate = "none" if cfg.mlp == "gelu_exact" else "tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+        return self.w2(F.gelu(self.w1(x), approximate=self.approximate))
 
 
 def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
@@ -151,7 +152,9 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). With
     `model.post_norm` each sub-layer's output is normalised too before the residual add,
     x + norm'(attn(norm(x))) (the sandwich norm of Gemma 2; OLMo 2 keeps only the outer norm):
-    the residual stream then grows by bounded steps whatever a sub-layer's output does."""
+    the residual stream then grows by bounded steps whatever a sub-layer's output does. With
+    `model.norm_position = "post"` the block is BERT's (and the original Transformer's):
+    norm(x + attn(x)), then norm(x + mlp(x)); the same two norms, applied after the add."""
 
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
@@ -159,12 +162,16 @@ class Block(nn.Module):
         self.attn = Attention(cfg, causal)
         self.mlp_norm = make_norm(cfg)
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        self.norm_after_add = cfg.norm_position == "post"
         self.attn_post_norm = make_norm(cfg) if cfg.post_norm else None
         self.mlp_post_norm = make_norm(cfg) if cfg.post_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm_after_add:
+            x = self.attn_norm(x + self.drop(self.attn(x, rope, attn_mask)))
+            return self.mlp_norm(x + self.drop(self.mlp(x)))
         h = self.attn(self.attn_norm(x), rope, attn_mask)
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)

@@ -15,6 +15,7 @@ from torch import nn
 from kiln.config import Config, ModelConfig
 from kiln.errors import ConfigError
 from kiln.interop.hf import DECODER_HF
+from kiln.interop.hf_bert import ENCODER_HF
 from kiln.model.decoder import Decoder
 from kiln.model.encoder import Encoder
 from kiln.model.layers import swiglu_hidden
@@ -33,6 +34,8 @@ def _require(ok: bool, message: str) -> None:
 
 def validate_transformer(cfg: Config) -> None:
     m, par = cfg.model, cfg.parallel
+    _require(m.norm_position == "pre" or m.family == "encoder", "model.norm_position = 'post' (BERT's blocks) is "
+             "for model.family = 'encoder'; decoders are pre-norm (model.post_norm adds a sandwich norm)")
     _require(m.d_model % m.n_heads == 0, f"model.n_heads = {m.n_heads} must divide model.d_model = {m.d_model}")
     kv = m.n_kv_heads or m.n_heads
     _require(kv <= m.n_heads and m.n_heads % kv == 0,
@@ -130,7 +133,9 @@ def model_params(cfg: ModelConfig, vocab_size: int) -> int:
     if cfg.pos == "learned":
         n += (cfg.max_seq_len or cfg.seq_len) * d
     norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    n += (2 * L * (2 if cfg.post_norm else 1) + 1) * norm
+    final_norm = 0 if cfg.norm_position == "post" else 1
+    n += (2 * L * (2 if cfg.post_norm else 1) + final_norm + (1 if cfg.embed_norm else 0)) * norm
+    n += cfg.type_vocab_size * d
     if cfg.qk_norm:
         n += 2 * L * (d // cfg.n_heads)
     if cfg.bias:
@@ -165,7 +170,7 @@ def _spec(name: str, build, validate, causal: bool) -> ModelSpec:
         pipeline_stage=pipeline_stage if name == "decoder" else None,
         count_params=model_params, flops_per_token=flops_per_token, activation_bytes=activation_bytes,
         monitor_modules=("layers.*.attn", "layers.*.mlp"), attention_logits=attention_logits,
-        attention_modules=("layers.*.attn",), causal=causal, hf_adapter=DECODER_HF if name == "decoder" else None)
+        attention_modules=("layers.*.attn",), causal=causal, hf_adapter=DECODER_HF if name == "decoder" else ENCODER_HF)
 
 
 DECODER = _spec("decoder", Decoder, validate_transformer, causal=True)

@@ -118,7 +118,8 @@ def read_tokenizer(folder: Path, config: dict[str, Any]) -> KilnTokenizer:
         if (folder / file).is_file():
             data = json.loads((folder / file).read_text())
             for role in ROLES:
-                named.setdefault(role, _token(data.get(f"{role}_token")))
+                if not named.get(role):  # the first file that names a role decides it
+                    named[role] = _token(data.get(f"{role}_token"))
     for role, fallback in (("bos", "cls"), ("eos", "sep")):  # BERT names [CLS] and [SEP] instead
         if not named.get(role):
             for file in ("special_tokens_map.json", "tokenizer_config.json"):

@@ -1,0 +1,236 @@
+"""Scaling-law fits: L(N, D) = E + A / N^alpha + B / D^beta, and compute-optimal sizes.
+
+Approach 3 of Hoffmann et al. (2022), as corrected by Besiroglu et al. (2024): minimise the Huber
+loss (delta = 1e-3) of log-space residuals,
+    log L_hat = logsumexp(a - alpha log N, b - beta log D, e),  A = e^a, B = e^b, E = e^e,
+with L-BFGS from the best points of a grid of starting values (every grid point is scored at
+once; the best few are refined), and bootstrap intervals: the fit repeated on resampled points,
+each started from the full fit's optimum.
+
+Approach 2: points that share a compute budget (an IsoFLOP group) get a parabola of loss in
+log N; its minimum is the group's optimal N*, and N*(C), D*(C) are power laws fitted across
+groups. N counts non-embedding parameters and D training tokens; C is the training compute.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.errors import ConfigError
+
+NAMES = ("E", "A", "B", "alpha", "beta")
+HUBER_DELTA = 1e-3
+GRID = {"alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0), "e": (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5),
+        "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)}
+REFINE = 12  # grid points refined by L-BFGS
+BOOTSTRAP = 100  # resamples (each refined from the full fit's optimum)
+ISO_TOLERANCE = 0.05  # points whose compute differs by less than this share an IsoFLOP group
+
+
+@dataclass
+class Point:
+    params: float  # non-embedding parameters N
+    tokens: float  # training tokens D
+    loss: float
+    flops: float = 0.0  # training compute C (0: 6 N D)
+    name: str = ""
+
+    @property
+    def compute(self) -> float:
+        return self.flops or 6.0 * self.params * self.tokens
+
+
+@dataclass
+class Law:
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # name -> [2.5%, 97.5%]
+    n_points: int = 0
+    huber: float = 0.0
+    bootstrap: list[list[float]] = field(default_factory=list)  # [E, A, B, alpha, beta] per resample
+    isoflop: dict[str, Any] | None = None
+
+    def loss(self, params: float, tokens: float) -> float:
+        return self.E + self.A / params ** self.alpha + self.B / tokens ** self.beta
+
+    def optimal(self, compute: float) -> tuple[float, float]:
+        """(N*, D*) minimising the loss at compute C = 6 N D."""
+        a, b = self.alpha, self.beta
+        if a <= 0 or b <= 0:
+            raise ConfigError(f"the fit has alpha = {a:.3g}, beta = {b:.3g}: no compute-optimal trade-off exists")
+        g = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
+        n = g * (compute / 6.0) ** (b / (a + b))
+        return n, compute / (6.0 * n)
+
+    @property
+    def exponents(self) -> tuple[float, float]:
+        """N* ∝ C^a and D* ∝ C^b."""
+        s = self.alpha + self.beta
+        return self.beta / s, self.alpha / s
+
+    def interval(self, params: float, tokens: float) -> tuple[float, float]:
+        """The 2.5%-97.5% range of the bootstrap fits' predictions."""
+        if not self.bootstrap:
+            value = self.loss(params, tokens)
+            return value, value
+        values = [e + a / params ** al + b / tokens ** be for e, a, b, al, be in self.bootstrap]
+        return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["exponents"] = {"params": self.exponents[0], "tokens": self.exponents[1]}
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Law":
+        try:
+            return cls(**{k: d[k] for k in ("E", "A", "B", "alpha", "beta")},
+                       **{k: d[k] for k in ("intervals", "n_points", "huber", "bootstrap", "isoflop") if k in d})
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"not a scaling fit (kiln scaling fit --json): {e}") from None
+
+
+def _huber(r: torch.Tensor, delta: float) -> torch.Tensor:
+    return torch.where(r.abs() <= delta, 0.5 * r ** 2, delta * (r.abs() - 0.5 * delta))
+
+
+def _objective(theta: torch.Tensor, log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tensor,
+               delta: float) -> torch.Tensor:
+    """Summed Huber loss for parameter rows theta (..., 5) = (a, b, e, alpha, beta)."""
+    a, b, e, alpha, beta = theta.unbind(-1)
+    terms = torch.stack([a[..., None] - alpha[..., None] * log_n, b[..., None] - beta[..., None] * log_d,
+                         e[..., None].expand(*e.shape, log_n.shape[0])], dim=-1)
+    return _huber(torch.logsumexp(terms, dim=-1) - log_l, delta).sum(-1)
+
+
+def _refine(start: torch.Tensor, data: tuple[torch.Tensor, ...], delta: float) -> tuple[torch.Tensor, float]:
+    theta = start.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = _objective(theta, *data, delta)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    with torch.no_grad():
+        value = float(_objective(theta, *data, delta))
+    return theta.detach(), value if math.isfinite(value) else math.inf
+
+
+def _fit_once(points: list[Point], starts: torch.Tensor, delta: float, refine: int = REFINE) -> tuple[torch.Tensor, float]:
+    data = tuple(torch.tensor([math.log(getattr(p, k)) for p in points], dtype=torch.float64)
+                 for k in ("params", "tokens", "loss"))
+    with torch.no_grad():
+        scores = _objective(starts, *data, delta)
+    best = torch.argsort(scores)[:refine]
+    results = [_refine(starts[i], data, delta) for i in best.tolist()]
+    return min(results, key=lambda r: r[1])
+
+
+def check_points(points: list[Point]) -> None:
+    if len(points) < len(NAMES) + 1:
+        raise ConfigError(f"{len(points)} point(s) cannot fit a law of {len(NAMES)} parameters; give at least "
+                          f"{len(NAMES) + 1} (runs of several sizes and token budgets)")
+    bad = [p.name or f"row {i + 1}" for i, p in enumerate(points)
+           if not all(math.isfinite(v) and v > 0 for v in (p.params, p.tokens, p.loss))]
+    if bad:
+        raise ConfigError(f"params, tokens and loss must be finite and positive; not so in {', '.join(bad[:5])}")
+    if len({p.params for p in points}) < 2 or len({p.tokens for p in points}) < 2:
+        raise ConfigError("the points need at least two model sizes and two token budgets to separate A/N^alpha "
+                          "from B/D^beta")
+
+
+def fit(points: list[Point], bootstrap: int = BOOTSTRAP, seed: int = 0, delta: float = HUBER_DELTA) -> Law:
+    """The Huber fit with bootstrap intervals, and the IsoFLOP analysis where groups exist."""
+    check_points(points)
+    grid = torch.tensor([(a, b, e, al, be) for al, be, e, a, b in itertools.product(
+        GRID["alpha"], GRID["beta"], GRID["e"], GRID["a"], GRID["b"])], dtype=torch.float64)
+    theta, value = _fit_once(points, grid, delta)
+    law = _law(theta, len(points), value)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        picked = [points[i] for i in rng.integers(0, len(points), len(points))]
+        if len({p.params for p in picked}) < 2 or len({p.tokens for p in picked}) < 2:
+            continue
+        t, _ = _fit_once(picked, theta[None], delta, refine=1)  # from the full fit's optimum
+        samples.append(_law(t, len(picked), 0.0))
+    law.bootstrap = [[s.E, s.A, s.B, s.alpha, s.beta] for s in samples]
+    if samples:
+        for i, name in enumerate(NAMES):
+            column = [row[i] for row in law.bootstrap]
+            law.intervals[name] = [float(np.percentile(column, 2.5)), float(np.percentile(column, 97.5))]
+    law.isoflop = isoflop(points)
+    return law
+
+
+def _law(theta: torch.Tensor, n: int, value: float) -> Law:
+    a, b, e, alpha, beta = theta.tolist()
+    return Law(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, n_points=n, huber=value)
+
+
+# ----------------------------------------------------------------------------- approach 2
+def isoflop_groups(points: list[Point]) -> list[list[Point]]:
+    """Points grouped by compute (within ISO_TOLERANCE of the group's first), groups of >= 3 sizes."""
+    groups: list[list[Point]] = []
+    for p in sorted(points, key=lambda p: p.compute):
+        if groups and abs(p.compute / groups[-1][0].compute - 1) <= ISO_TOLERANCE:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return [g for g in groups if len({p.params for p in g}) >= 3]
+
+
+def isoflop(points: list[Point]) -> dict[str, Any] | None:
+    """Each group's parabola in log N and its minimum; N*(C) and D*(C) as power laws."""
+    groups = isoflop_groups(points)
+    if len(groups) < 2:
+        return None
+    rows = []
+    for g in groups:
+        x = np.log([p.params for p in g])
+        y = np.array([p.loss for p in g])
+        c2, c1, c0 = np.polyfit(x, y, 2)
+        compute = float(np.mean([p.compute for p in g]))
+        inside = c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max()
+        n_opt = float(math.exp(-c1 / (2 * c2))) if c2 > 0 else float(g[int(np.argmin(y))].params)
+        rows.append({"compute": compute, "parabola": [float(c2), float(c1), float(c0)], "n_opt": n_opt,
+                     "d_opt": compute / (6.0 * n_opt), "loss_opt": float(np.polyval([c2, c1, c0], math.log(n_opt))),
+                     "minimum_inside": bool(inside), "points": len(g)})
+    log_c = np.log([r["compute"] for r in rows])
+    a, log_k = np.polyfit(log_c, np.log([r["n_opt"] for r in rows]), 1)
+    b, log_m = np.polyfit(log_c, np.log([r["d_opt"] for r in rows]), 1)
+    return {"groups": rows, "n_opt": {"exponent": float(a), "coefficient": float(math.exp(log_k))},
+            "d_opt": {"exponent": float(b), "coefficient": float(math.exp(log_m))}}
+
+
+# ----------------------------------------------------------------------------- shapes
+HEAD_DIM = 64
+ASPECT = 64  # d_model / n_layers, near the tiny presets' and Kaplan et al.'s flat optimum
+
+
+SMALL_HEAD_DIM = 32  # below a width of 256, heads of 32 keep neighbouring sizes distinct
+
+
+def shape_for(params: float) -> dict[str, int]:
+    """A transformer shape with about `params` non-embedding parameters (12 L d^2: attention 4 d^2
+    plus a 4d GELU MLP or a SwiGLU of the same size): n_layers from d_model = ASPECT x n_layers,
+    then d_model solved for the count and rounded to a multiple of the head size (HEAD_DIM, or
+    SMALL_HEAD_DIM below a width of 256), heads of that size."""
+    layers = max(1, round((params / (12 * ASPECT ** 2)) ** (1 / 3)))
+    exact = math.sqrt(params / (12 * layers))
+    head = HEAD_DIM if exact >= 256 else SMALL_HEAD_DIM
+    d_model = max(head, head * round(exact / head))
+    return {"n_layers": layers, "d_model": d_model, "n_heads": d_model // head}

@@ -1,0 +1,82 @@
+"""Printing and drawing a scaling fit: the law, its intervals, compute-optimal exponents, both
+approaches side by side, and a PNG of points, fitted curves, IsoFLOP parabolas and the frontier."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from kiln.scaling.law import NAMES, Law, Point, shape_for
+
+
+def describe(law: Law) -> str:
+    def ci(name: str) -> str:
+        lo_hi = law.intervals.get(name)
+        return f" [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ""
+
+    a, b = law.exponents
+    lines = [f"L(N, D) = {law.E:.4g} + {law.A:.4g} / N^{law.alpha:.4g} + {law.B:.4g} / D^{law.beta:.4g}   "
+             f"({law.n_points} points, Huber {law.huber:.3g})",
+             "95% bootstrap intervals: " + ", ".join(f"{n}{ci(n)}" for n in NAMES if law.intervals.get(n)),
+             f"compute-optimal (approach 3): N* ∝ C^{a:.3f}, D* ∝ C^{b:.3f}"]
+    if law.isoflop:
+        iso = law.isoflop
+        lines.append(f"compute-optimal (approach 2, {len(iso['groups'])} IsoFLOP groups): "
+                     f"N* ∝ C^{iso['n_opt']['exponent']:.3f}, D* ∝ C^{iso['d_opt']['exponent']:.3f}")
+        for g in iso["groups"]:
+            n3, _ = law.optimal(g["compute"])
+            lines.append(f"  C = {g['compute']:.3g}: parabola N* = {g['n_opt']:.3g} (loss {g['loss_opt']:.4f}"
+                         f"{'' if g['minimum_inside'] else ', minimum outside the sizes tried'}); approach 3 "
+                         f"N* = {n3:.3g}")
+    return "\n".join(lines)
+
+
+def recommend(law: Law, compute: float) -> str:
+    n, d = law.optimal(compute)
+    lo, hi = law.interval(n, d)
+    shape = shape_for(n)
+    sets = " ".join(f"--set model.{k}={v}" for k, v in shape.items()) + f" --set train.tokens={int(d)}"
+    return (f"compute {compute:.4g} FLOPs: N* = {n:.4g} non-embedding parameters, D* = {d:.4g} tokens; predicted loss "
+            f"{law.loss(n, d):.4f} [{lo:.4f}, {hi:.4f}]\n  a shape for it ({12 * shape['n_layers'] * shape['d_model'] ** 2:.3g}"
+            f" parameters by 12 L d^2): kiln train {sets}")
+
+
+def plot(law: Law, points: list[Point], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    computes = [p.compute for p in points]
+    c_lo, c_hi = min(computes) / 3, max(computes) * 30
+    cs = np.logspace(math.log10(c_lo), math.log10(c_hi), 60)
+    frontier = [law.loss(*law.optimal(c)) for c in cs]
+    scatter = left.scatter(computes, [p.loss for p in points], c=np.log10([p.params for p in points]), cmap="viridis",
+                           s=22, zorder=3)
+    fig.colorbar(scatter, ax=left, label="log10 N")
+    left.plot(cs, frontier, "k--", label="compute-optimal frontier (fit)")
+    left.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="validation loss", title="loss vs compute")
+    left.legend(fontsize=8)
+    ns = np.logspace(math.log10(min(p.params for p in points) / 2), math.log10(max(p.params for p in points) * 2), 60)
+    groups = (law.isoflop or {}).get("groups", [])
+    for i, g in enumerate(groups):
+        colour = plt.cm.plasma(i / max(1, len(groups) - 1))
+        members = [p for p in points if abs(p.compute / g["compute"] - 1) <= 0.05]
+        right.scatter([p.params for p in members], [p.loss for p in members], color=colour, s=22, zorder=3)
+        right.plot(ns, np.polyval(g["parabola"], np.log(ns)), color=colour, lw=1, label=f"C = {g['compute']:.2g}")
+        right.plot(ns, [law.loss(n, g["compute"] / (6 * n)) for n in ns], color=colour, lw=1, ls=":")
+    if not groups:
+        right.scatter([p.params for p in points], [p.loss for p in points], s=22)
+    right.set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss",
+              title="IsoFLOP parabolas (solid) and the fit (dotted)")
+    if groups:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

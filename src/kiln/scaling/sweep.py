@@ -1,0 +1,194 @@
+"""`kiln sweep SWEEP.toml`: a grid of model sizes x token budgets, or an IsoFLOP set, as ordinary runs.
+
+    name = "iso"                          # runs go to <runs-dir>/iso/<point>
+    preset = "tiny"                       # every point starts from this preset ...
+    set = ["train.time_budget_s=0"]       # ... with these overrides
+    params = [2e5, 4e5, 8e5]              # target non-embedding parameters (shapes by kiln.scaling.law.shape_for)
+    # shapes = [{n_layers = 2, d_model = 128}, ...]   or explicit shapes (n_heads = d_model / 64 unless given)
+    tokens = [1e6, 4e6]                   # a grid: every size x every token budget
+    # flops = [1e13, 4e13]                # or IsoFLOP: for each budget C, every size with D = C / (6 N)
+    lr_rule = "constant"                  # constant | width: peak LR x (preset width / d_model)
+    warmup_fraction = 0.1                 # warmup steps = this share of each point's steps (0: the preset's)
+
+Each point is an ordinary run folder: a finished one is skipped when the sweep runs again, an
+interrupted one (status not finished) is resumed from its newest checkpoint. `--parallel N` runs
+N points at once, each in its own `kiln train` process; a table of points and their state is
+printed whenever one starts or ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.config import load_config
+from kiln.errors import ConfigError
+from kiln.scaling.law import HEAD_DIM, shape_for
+
+KEYS = {"name", "preset", "set", "params", "shapes", "tokens", "flops", "lr_rule", "warmup_fraction"}
+
+
+@dataclass
+class SweepPoint:
+    name: str
+    shape: dict[str, int]
+    tokens: int
+    overrides: list[str] = field(default_factory=list)
+    state: str = "pending"  # pending | skipped (finished before) | running | finished | failed
+    loss: float | None = None
+
+
+def _number_list(spec: dict[str, Any], key: str) -> list[float]:
+    values = spec.get(key, [])
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+        raise ConfigError(f"sweep {key} must be a list of positive numbers, got {values!r}")
+    return [float(v) for v in values]
+
+
+def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
+    """The sweep's name and its points, each with the `--set` overrides of its run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; write a sweep file (see `kiln sweep --help`)")
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML ({e})") from None
+    unknown = sorted(set(spec) - KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a sweep has {', '.join(sorted(KEYS))}")
+    name = spec.get("name") or path.stem
+    preset, common = spec.get("preset", "tiny"), list(spec.get("set", []))
+    base = load_config(preset, overrides=common)  # fails early, with the config layer's own message
+    if ("params" in spec) == ("shapes" in spec):
+        raise ConfigError(f"{path}: give the sizes as params = [...] or as shapes = [...], one of them")
+    if ("tokens" in spec) == ("flops" in spec):
+        raise ConfigError(f"{path}: give tokens = [...] (a grid) or flops = [...] (IsoFLOP), one of them")
+    if "params" in spec:
+        shapes = [shape_for(n) for n in _number_list(spec, "params")]
+    else:
+        shapes = []
+        for s in spec["shapes"]:
+            if not isinstance(s, dict) or not {"n_layers", "d_model"} <= set(s):
+                raise ConfigError(f"{path}: each shape needs n_layers and d_model, got {s!r}")
+            shapes.append({"n_layers": int(s["n_layers"]), "d_model": int(s["d_model"]),
+                           "n_heads": int(s.get("n_heads", max(1, int(s["d_model"]) // HEAD_DIM)))})
+    lr_rule = spec.get("lr_rule", "constant")
+    if lr_rule not in ("constant", "width"):
+        raise ConfigError(f"{path}: lr_rule = {lr_rule!r}; choose constant or width")
+    warmup_fraction = float(spec.get("warmup_fraction", 0.0))
+    if not 0 <= warmup_fraction < 1:
+        raise ConfigError(f"{path}: warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    from kiln.scaling.points import non_embedding_params
+
+    pairs: list[tuple[dict[str, int], float]] = []
+    for shape in shapes:
+        if "tokens" in spec:
+            pairs += [(shape, d) for d in _number_list(spec, "tokens")]
+    if "flops" in spec:
+        for budget in _number_list(spec, "flops"):
+            for shape in shapes:
+                model = load_config(preset, overrides=common + _shape_sets(shape)).model
+                pairs.append((shape, budget / (6.0 * non_embedding_params(model, base.data.vocab_size))))
+    points = []
+    per_step = base.global_batch * base.model.seq_len
+    for shape, tokens in pairs:
+        tokens = max(per_step, int(round(tokens / per_step)) * per_step)
+        sets = common + _shape_sets(shape) + [f"train.tokens={tokens}", "train.time_budget_s=0"]
+        if lr_rule == "width":
+            sets.append(f"optim.lr={base.optim.lr * base.model.d_model / shape['d_model']:.6g}")
+        if warmup_fraction:
+            sets.append(f"schedule.warmup_steps={max(1, int(warmup_fraction * tokens / per_step))}")
+        label = f"L{shape['n_layers']}-d{shape['d_model']}-T{tokens:.3g}".replace("+", "")
+        points.append(SweepPoint(label, shape, tokens, sets))
+    if len({p.name for p in points}) != len(points):
+        raise ConfigError(f"{path}: two points have the same shape and tokens; remove the duplicate")
+    return name, points
+
+
+def _shape_sets(shape: dict[str, int]) -> list[str]:
+    return [f"model.{k}={v}" for k, v in shape.items()]
+
+
+def _state(run: Path) -> str:
+    status = run / "status.json"
+    if not status.is_file():
+        return "pending"
+    state = json.loads(status.read_text()).get("state")
+    return "finished" if state == "finished" and (run / "summary.json").is_file() else "interrupted"
+
+
+def table(points: list[SweepPoint]) -> str:
+    lines = [f"{'point':<24} {'layers':>6} {'width':>6} {'tokens':>10} {'state':<10} {'val loss':>9}"]
+    for p in points:
+        loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+        lines.append(f"{p.name:<24} {p.shape['n_layers']:>6} {p.shape['d_model']:>6} {p.tokens:>10.3g} "
+                     f"{p.state:<10} {loss:>9}")
+    return "\n".join(lines)
+
+
+def run_sweep(path: Path, runs_dir: Path, preset_override: str | None = None, parallel: int = 1,
+              log=print) -> list[SweepPoint]:
+    """Run (or finish) every point of the sweep; returns the points with their final state."""
+    name, points = load_sweep(path)
+    spec = tomllib.loads(Path(path).read_text())
+    preset = preset_override or spec.get("preset", "tiny")
+    folder = Path(runs_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    todo: list[tuple[SweepPoint, list[str]]] = []
+    for p in points:
+        run = folder / p.name
+        state = _state(run)
+        if state == "finished":
+            p.state, p.loss = "skipped", json.loads((run / "summary.json").read_text()).get("val_loss")
+            continue
+        if state == "interrupted":
+            argv = ["train", "--resume", str(run)]
+        else:
+            argv = ["train", "--preset", preset, "--runs-dir", str(folder), "--name", p.name]
+            argv += [a for s in p.overrides for a in ("--set", s)]
+        todo.append((p, argv))
+    log(table(points))
+    running: list[tuple[SweepPoint, subprocess.Popen]] = []
+    env = dict(os.environ, KILN_QUIET="1")
+    if parallel > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
+    while todo or running:
+        while todo and len(running) < max(1, parallel):
+            p, argv = todo.pop(0)
+            p.state = "running"
+            running.append((p, subprocess.Popen([sys.executable, "-m", "kiln", *argv], env=env,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+            log(f"started {p.name}")
+        time.sleep(0.2)
+        for p, proc in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((p, proc))
+            err = proc.stderr.read() if proc.stderr else ""
+            summary = folder / p.name / "summary.json"
+            if proc.returncode == 0 and summary.is_file():
+                p.state, p.loss = "finished", json.loads(summary.read_text()).get("val_loss")
+            else:
+                p.state = "failed"
+                last = next((line for line in reversed(err.strip().splitlines()) if line.strip()), "")
+                log(f"{p.name} failed (exit {proc.returncode}): {last}")
+            log(table(points))
+    failed = [p.name for p in points if p.state == "failed"]
+    if failed:
+        raise ConfigError(f"sweep {name}: {len(failed)} point(s) failed ({', '.join(failed)}); run the sweep again "
+                          "to resume them")
+    return points
+
+
+def sweep_runs(runs_dir: Path, name: str) -> list[Path]:
+    folder = Path(runs_dir) / name
+    return sorted(p for p in folder.iterdir() if (p / "config.toml").is_file()) if folder.is_dir() else []
+

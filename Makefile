@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-dist bench bench-faults install clean
+.PHONY: train test test-dist bench bench-faults scaling-demo install clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run 'make PY=python3 ...'"; exit 1; }
@@ -31,6 +31,10 @@ bench: $(STAMP)
 
 bench-faults: $(STAMP)
 	$(BIN)/python bench/faults.py
+
+# An IsoFLOP sweep of tiny decoders, a fit, and a larger held-out run it predicts (BENCHMARKS.md).
+scaling-demo: $(STAMP)
+	$(BIN)/python bench/scaling_demo.py
 
 clean:
 	rm -rf $(VENV) runs .kiln-cache

@@ -1,0 +1,101 @@
+"""A real scaling-law check on CPU (`make scaling-demo`): an IsoFLOP sweep of tiny decoders on
+stdlib, a fit, a prediction of one larger held-out run's final validation loss, and that run.
+
+The sweep's total compute is kept under 10% of the held-out run's (6 N D with non-embedding N,
+the sweep's own accounting; the MFU accounting, which counts the output layer, is printed too).
+Writes bench/results/scaling/{fit.json, fit.png, result.json} and prints predicted vs actual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["model.seq_len=64", "train.batch_size=8", "data.vocab_size=2048", "train.precision=fp32",
+          "eval.every=0", "eval.batches=32", "checkpoint.every=0", "log.plot=false", "guard.hang_min_s=0",
+          "eval.sample_tokens=4"]
+SHAPES = [(1, 32, 2), (2, 48, 2), (2, 64, 2), (3, 96, 3)]
+HELD_OUT = (4, 128, 4)
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from kiln.config import load_config
+    from kiln.runs.rundir import RunDir
+    from kiln.scaling.flops import flops_per_token
+    from kiln.scaling.law import fit
+    from kiln.scaling.points import non_embedding_params, points_from_runs
+    from kiln.scaling.report import describe, plot
+    from kiln.scaling.sweep import run_sweep, sweep_runs
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scaling"))
+    ap.add_argument("--held-out-tokens", type=float, default=6e6)
+    ap.add_argument("--parallel", type=int, default=2)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = out / "runs"
+    sets = COMMON + [f"data.cache_dir={out / 'cache'}"]
+    held_sets = sets + [f"model.n_layers={HELD_OUT[0]}", f"model.d_model={HELD_OUT[1]}", f"model.n_heads={HELD_OUT[2]}"]
+    held_cfg = load_config("tiny", overrides=held_sets)
+    vocab = 2048
+    n_held = non_embedding_params(held_cfg.model, vocab)
+    per_step = 8 * 64
+    d_held = int(args.held_out_tokens // per_step * per_step)
+    c_held = 6.0 * n_held * d_held
+    budgets = [c_held / 100, c_held / 300, c_held / 1000]
+    shapes = ", ".join(f"{{n_layers = {a}, d_model = {b}, n_heads = {c}}}" for a, b, c in SHAPES)
+    sweep = out / "sweep.toml"
+    sweep.write_text(f'name = "iso"\npreset = "tiny"\nset = {json.dumps(sets)}\nshapes = [{shapes}]\n'
+                     f"flops = {json.dumps(budgets)}\nwarmup_fraction = 0.05\n")
+    t0 = time.perf_counter()
+    points = run_sweep(sweep, runs, parallel=args.parallel)
+    sweep_s = time.perf_counter() - t0
+    fitted = points_from_runs(sweep_runs(runs, "iso"))
+    law = fit(fitted)
+    print(describe(law))
+    (out / "fit.json").write_text(json.dumps(law.to_json(), indent=1))
+    predicted = law.loss(n_held, d_held)
+    lo, hi = law.interval(n_held, d_held)
+    sweep_c = sum(6.0 * p.params * p.tokens for p in fitted)
+    sweep_mfu_c = sum(p.flops for p in fitted)
+    held_mfu_c = flops_per_token(held_cfg.model, vocab) * d_held
+    print(f"sweep: {len(points)} runs, 6ND {sweep_c:.3g} = {sweep_c / c_held:.1%} of the held-out run's "
+          f"{c_held:.3g} (MFU accounting: {sweep_mfu_c / held_mfu_c:.1%}); {sweep_s:.0f} s")
+    print(f"held-out L{HELD_OUT[0]}-d{HELD_OUT[1]}: N = {n_held}, D = {d_held}: predicted {predicted:.4f} "
+          f"[{lo:.4f}, {hi:.4f}]")
+    name = "held-out"
+    if not (runs / name / "summary.json").is_file():
+        t1 = time.perf_counter()
+        cmd = [sys.executable, "-m", "kiln", "train", "--preset", "tiny", "--runs-dir", str(runs), "--name", name,
+               *[a for s in held_sets + [f"train.tokens={d_held}", "train.time_budget_s=0",
+                                         f"schedule.warmup_steps={max(1, int(0.05 * d_held / per_step))}"]
+                 for a in ("--set", s)]]
+        if (runs / name).is_dir():
+            cmd = [sys.executable, "-m", "kiln", "train", "--resume", str(runs / name)]
+        subprocess.run(cmd, check=True)
+        held_s = time.perf_counter() - t1
+    else:
+        held_s = float("nan")
+    actual = RunDir(runs / name).summary()["val_loss"]
+    error = predicted / actual - 1
+    print(f"held-out actual {actual:.4f}: predicted {predicted:.4f}, error {error:+.2%} ({held_s:.0f} s)")
+    plot(law, fitted, out / "fit.png")
+    (out / "result.json").write_text(json.dumps({
+        "predicted": predicted, "interval": [lo, hi], "actual": actual, "relative_error": error,
+        "held_out": {"n_layers": HELD_OUT[0], "d_model": HELD_OUT[1], "params": n_held, "tokens": d_held,
+                     "compute_6nd": c_held, "seconds": held_s},
+        "sweep": {"runs": len(points), "compute_6nd": sweep_c, "share": sweep_c / c_held,
+                  "share_mfu_accounting": sweep_mfu_c / held_mfu_c, "seconds": sweep_s},
+        "fit": law.to_json()}, indent=1))
+    print(f"wrote {out / 'result.json'} and {out / 'fit.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -45,6 +45,10 @@ def test_grid_points_run_then_skip_then_resume(tmp_path):
     points = run_sweep(path, tmp_path / "runs", log=lambda _: None)
     assert sorted(p.state for p in points) == ["finished", "skipped"]
     assert (victim / "summary.json").is_file()
+    from kiln.scaling.points import points_from_runs
+
+    found = points_from_runs([tmp_path / "runs" / "s"])  # the sweep's folder stands for its runs
+    assert len(found) == 2 and found[0].params != found[1].params
 
 
 def test_isoflop_points_share_their_budget(tmp_path):
@@ -52,11 +56,11 @@ def test_isoflop_points_share_their_budget(tmp_path):
     name, points = load_sweep(path)
     assert name == "s" and len(points) == 6
     from kiln.config import load_config
-    from kiln.scaling.points import non_embedding_params
+    from kiln.scaling.flops import flops_per_token
 
-    for p in points:
+    for p in points:  # C in the MFU's accounting, as the fit reads runs
         model = load_config("tiny", overrides=p.overrides).model
-        budget = 6 * non_embedding_params(model, 300) * p.tokens
+        budget = flops_per_token(model, 300) * p.tokens
         assert min(abs(budget / c - 1) for c in (1e12, 1e13)) < 0.05
 
 

@@ -34,7 +34,7 @@ def chinchilla_points(noise: float = 0.01, seed: int = 0) -> list[Point]:
 @pytest.fixture(scope="module")
 def fitted():
     points = chinchilla_points()
-    return points, fit(points, bootstrap=20)
+    return points, fit(points, bootstrap=12)
 
 
 def test_known_constants_are_recovered(fitted):
@@ -78,7 +78,7 @@ def test_cli_fit_then_predict(tmp_path, capsys, fitted):
     csv = tmp_path / "points.csv"
     csv.write_text("params,tokens,loss\n" + "".join(f"{p.params},{p.tokens},{p.loss}\n" for p in points))
     assert main(["scaling", "fit", "--points", str(csv), "--json", str(tmp_path / "fit.json"),
-                 "--plot", str(tmp_path / "fit.png"), "--bootstrap", "10"]) == 0
+                 "--plot", str(tmp_path / "fit.png"), "--bootstrap", "3"]) == 0
     out = capsys.readouterr().out
     assert "L(N, D) =" in out and "approach 2" in out and (tmp_path / "fit.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "fit.json").read_text())

@@ -206,7 +206,8 @@ def isoflop(points: list[Point]) -> dict[str, Any] | None:
         compute = float(np.mean([p.compute for p in g]))
         inside = c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max()
         n_opt = float(math.exp(-c1 / (2 * c2))) if c2 > 0 else float(g[int(np.argmin(y))].params)
-        rows.append({"compute": compute, "parabola": [float(c2), float(c1), float(c0)], "n_opt": n_opt,
+        rows.append({"compute": compute, "compute_6nd": float(np.mean([6 * p.params * p.tokens for p in g])),
+                     "parabola": [float(c2), float(c1), float(c0)], "n_opt": n_opt,
                      "d_opt": compute / (6.0 * n_opt), "loss_opt": float(np.polyval([c2, c1, c0], math.log(n_opt))),
                      "minimum_inside": bool(inside), "points": len(g)})
     log_c = np.log([r["compute"] for r in rows])

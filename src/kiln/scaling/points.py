@@ -56,7 +56,12 @@ def points_from_runs(paths: list[Path]) -> list[Point]:
     from kiln.runs.rundir import RunDir
     from kiln.scaling.flops import flops_per_token
 
-    runs = [RunDir.open(Path(p)) for p in paths]
+    expanded: list[Path] = []
+    for p in map(Path, paths):  # a sweep's folder stands for the runs in it
+        children = sorted(c for c in p.iterdir() if (c / "config.toml").is_file()) \
+            if p.is_dir() and not (p / "config.toml").is_file() else []
+        expanded += children or [p]
+    runs = [RunDir.open(p) for p in expanded]
     unfinished = [r.name for r in runs if r.status().get("state") != "finished" or not (r.summary() or {})]
     if unfinished:
         raise ConfigError(f"unfinished run(s): {', '.join(unfinished)}; finish them (kiln train --resume) or leave "

@@ -27,7 +27,8 @@ def describe(law: Law) -> str:
                      f"N* ∝ C^{iso['n_opt']['exponent']:.3f}, D* ∝ C^{iso['d_opt']['exponent']:.3f}")
         for g in iso["groups"]:
             n3, _ = law.optimal(g["compute"])
-            lines.append(f"  C = {g['compute']:.3g}: parabola N* = {g['n_opt']:.3g} (loss {g['loss_opt']:.4f}"
+            lines.append(f"  C = {g['compute']:.3g} (6ND {g.get('compute_6nd', g['compute']):.3g}): parabola N* = "
+                         f"{g['n_opt']:.3g} (loss {g['loss_opt']:.4f}"
                          f"{'' if g['minimum_inside'] else ', minimum outside the sizes tried'}); approach 3 "
                          f"N* = {n3:.3g}")
     return "\n".join(lines)

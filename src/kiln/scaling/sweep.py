@@ -6,7 +6,7 @@
     params = [2e5, 4e5, 8e5]              # target non-embedding parameters (shapes by kiln.scaling.law.shape_for)
     # shapes = [{n_layers = 2, d_model = 128}, ...]   or explicit shapes (n_heads = d_model / 64 unless given)
     tokens = [1e6, 4e6]                   # a grid: every size x every token budget
-    # flops = [1e13, 4e13]                # or IsoFLOP: for each budget C, every size with D = C / (6 N)
+    # flops = [1e13, 4e13]                # or IsoFLOP: for each budget C, every size with D = C / (FLOPs per token)
     lr_rule = "constant"                  # constant | width: peak LR x (preset width / d_model)
     warmup_fraction = 0.1                 # warmup steps = this share of each point's steps (0: the preset's)
 
@@ -86,17 +86,17 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
     warmup_fraction = float(spec.get("warmup_fraction", 0.0))
     if not 0 <= warmup_fraction < 1:
         raise ConfigError(f"{path}: warmup_fraction must be in [0, 1), got {warmup_fraction}")
-    from kiln.scaling.points import non_embedding_params
+    from kiln.scaling.flops import flops_per_token
 
     pairs: list[tuple[dict[str, int], float]] = []
     for shape in shapes:
         if "tokens" in spec:
             pairs += [(shape, d) for d in _number_list(spec, "tokens")]
-    if "flops" in spec:
+    if "flops" in spec:  # the MFU's FLOP accounting (the family's FLOPs per token, output layer included)
         for budget in _number_list(spec, "flops"):
             for shape in shapes:
                 model = load_config(preset, overrides=common + _shape_sets(shape)).model
-                pairs.append((shape, budget / (6.0 * non_embedding_params(model, base.data.vocab_size))))
+                pairs.append((shape, budget / flops_per_token(model, base.data.vocab_size)))
     points = []
     per_step = base.global_batch * base.model.seq_len
     for shape, tokens in pairs:

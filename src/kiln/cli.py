@@ -57,11 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output .safetensors path (--format hf: a new folder)")
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest valid one)")
     export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
-                        help="safetensors: Kiln's names in one file; hf: a folder AutoModelForCausalLM and "
-                             "AutoTokenizer load (Llama, Qwen3 or GPT-2)")
+                        help="safetensors: Kiln's names in one file; hf: a folder AutoModelForCausalLM (or "
+                             "AutoModelForMaskedLM) and "
+                             "AutoTokenizer load (Llama, Qwen3, GPT-2 or BERT)")
     export.add_argument("--max-shard-size", default="5GB", help="--format hf: split weights above this (default 5GB)")
 
-    imp = verbs.add_parser("import", help="make a run from a Hugging Face Llama, Qwen3 or GPT-2 folder",
+    imp = verbs.add_parser("import", help="make a run from a Hugging Face Llama, Qwen3, GPT-2 or BERT folder",
                            description="Make a run from a local Hugging Face folder (safetensors weights and "
                                        "tokenizer.json); continue pretraining it with `kiln train --resume RUN "
                                        "--set data.corpus=... --set train.steps=...`.")

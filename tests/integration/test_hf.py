@@ -209,6 +209,17 @@ def test_gpt2_endoftext_tokenizer_maps_every_role(tmp_path):
     assert kt.custom_roles
 
 
+def test_roles_named_in_either_file_are_found(tmp_path, tokenizer):
+    """special_tokens_map.json may name some roles and tokenizer_config.json others."""
+    (tmp_path / "tokenizer.json").write_text(tokenizer.to_json())
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|eos|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"mask_token": {"content": "<|mask|>"},
+                                                                "pad_token": "<|pad|>"}))
+    kt = hf_files.read_tokenizer(tmp_path, {})
+    assert (kt.eos_id, kt.mask_id, kt.pad_id, kt.bos_id) == (tokenizer.eos_id, tokenizer.mask_id, tokenizer.pad_id,
+                                                            tokenizer.eos_id)
+
+
 @pytest.mark.parametrize("cfg, words", [
     (replace(LLAMA, norm="layernorm"), "model.norm = 'layernorm'"),
     (replace(LLAMA, mlp="gelu"), "model.mlp = 'gelu'"),

@@ -77,7 +77,7 @@ def export_hf(path: Path, out: Path, step: int | None = None, max_shard_size: st
 
 
 def read_hf(folder: Path) -> tuple[ModelConfig, KilnTokenizer, dict[str, torch.Tensor]]:
-    """A Llama, Qwen3 or GPT-2 folder as (Kiln model config, tokenizer, Kiln-named weights with
+    """A Llama, Qwen3, GPT-2 or BERT folder as (Kiln model config, tokenizer, Kiln-named weights with
     the tokenizer's vocabulary)."""
     folder = Path(folder)
     config = hf_files.read_config(folder)
@@ -136,7 +136,7 @@ class LanguageModel(nn.Module):
 
 def load(path: str | Path, step: int | None = None) -> tuple[LanguageModel, KilnTokenizer]:
     """(model, tokenizer) from a Kiln run folder (its newest valid checkpoint, or `step`) or a
-    Hugging Face Llama / Qwen3 / GPT-2 folder, in float32 on the CPU."""
+    Hugging Face Llama / Qwen3 / GPT-2 / BERT folder, in float32 on the CPU."""
     path = Path(path)
     if (path / "config.toml").is_file():
         loaded = RunDir.open(path).load_model(step, device=torch.device("cpu"), warn=lambda _: None)

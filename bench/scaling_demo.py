@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["model.seq_len=64", "train.batch_size=8", "data.vocab_size=2048", "train.precision=fp32",
           "eval.every=0", "eval.batches=32", "checkpoint.every=0", "log.plot=false", "guard.hang_min_s=0",
           "eval.sample_tokens=4"]
-SHAPES = [(1, 32, 2), (2, 48, 2), (2, 64, 2), (3, 96, 3)]
+SHAPES = [(2, 48, 2), (2, 64, 2), (3, 96, 3)]
 HELD_OUT = (4, 128, 4)
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     d_held = int(args.held_out_tokens // per_step * per_step)
     c_held = 6.0 * n_held * d_held
     held_mfu_c = flops_per_token(held_cfg.model, vocab) * d_held
-    budgets = [held_mfu_c / 60, held_mfu_c / 180, held_mfu_c / 540]  # 4 sizes each: 9.6% in all
+    budgets = [held_mfu_c / 40, held_mfu_c / 120, held_mfu_c / 360]  # 3 sizes each: 10.8% in all
     shapes = ", ".join(f"{{n_layers = {a}, d_model = {b}, n_heads = {c}}}" for a, b, c in SHAPES)
     sweep = out / "sweep.toml"
     sweep.write_text(f'name = "iso"\npreset = "tiny"\nset = {json.dumps(sets)}\nshapes = [{shapes}]\n'

@@ -82,7 +82,7 @@ class Law:
         if not self.bootstrap:
             value = self.loss(params, tokens)
             return value, value
-        values = [e + a / params ** al + b / tokens ** be for e, a, b, al, be in self.bootstrap]
+        values = [_safe_loss(row, params, tokens) for row in self.bootstrap]
         return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
     def to_json(self) -> dict[str, Any]:
@@ -97,6 +97,15 @@ class Law:
                        **{k: d[k] for k in ("intervals", "n_points", "huber", "bootstrap", "isoflop") if k in d})
         except (KeyError, TypeError) as e:
             raise ConfigError(f"not a scaling fit (kiln scaling fit --json): {e}") from None
+
+
+def _safe_loss(row: list[float], params: float, tokens: float) -> float:
+    """E + A/N^alpha + B/D^beta for a bootstrap row, in log space: a wild resample (alpha = 200 on
+    a narrow grid) gives inf, not an overflow."""
+    e, a, b, al, be = row
+    terms = [math.log(a) - al * math.log(params) if a > 0 else -math.inf,
+             math.log(b) - be * math.log(tokens) if b > 0 else -math.inf]
+    return e + sum(math.exp(t) if t < 700 else math.inf for t in terms)
 
 
 def _huber(r: torch.Tensor, delta: float) -> torch.Tensor:

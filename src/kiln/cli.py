@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     spred.add_argument("fit", metavar="FIT.json")
     spred.add_argument("--params", type=float, help="non-embedding parameters N (with --tokens)")
     spred.add_argument("--tokens", type=float, help="training tokens D (with --params)")
-    spred.add_argument("--flops", type=float, help="a compute budget C: the recommended N, D and a shape")
+    spred.add_argument("--flops", type=float, help="a compute budget C = 6 N D (non-embedding N): the recommended N, "
+                                                   "D and a shape")
 
     doctor = verbs.add_parser("doctor", help="diagnose a run: findings by severity, each with evidence and a remedy",
                               description="Read a run's records and list what went wrong (critical, warning, "

@@ -51,7 +51,7 @@ def plot(law: Law, points: list[Point], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    computes = [p.compute for p in points]
+    computes = [6.0 * p.params * p.tokens for p in points]  # the law's own accounting, as its frontier
     c_lo, c_hi = min(computes) / 3, max(computes) * 30
     cs = np.logspace(math.log10(c_lo), math.log10(c_hi), 60)
     frontier = [law.loss(*law.optimal(c)) for c in cs]
@@ -59,7 +59,7 @@ def plot(law: Law, points: list[Point], out: Path) -> Path:
                            s=22, zorder=3)
     fig.colorbar(scatter, ax=left, label="log10 N")
     left.plot(cs, frontier, "k--", label="compute-optimal frontier (fit)")
-    left.set(xscale="log", xlabel="training compute C (FLOPs)", ylabel="validation loss", title="loss vs compute")
+    left.set(xscale="log", xlabel="6 N D (non-embedding N)", ylabel="validation loss", title="loss vs compute")
     left.legend(fontsize=8)
     ns = np.logspace(math.log10(min(p.params for p in points) / 2), math.log10(max(p.params for p in points) * 2), 60)
     groups = (law.isoflop or {}).get("groups", [])
@@ -68,11 +68,13 @@ def plot(law: Law, points: list[Point], out: Path) -> Path:
         members = [p for p in points if abs(p.compute / g["compute"] - 1) <= 0.05]
         right.scatter([p.params for p in members], [p.loss for p in members], color=colour, s=22, zorder=3)
         right.plot(ns, np.polyval(g["parabola"], np.log(ns)), color=colour, lw=1, label=f"C = {g['compute']:.2g}")
-        right.plot(ns, [law.loss(n, g["compute"] / (6 * n)) for n in ns], color=colour, lw=1, ls=":")
+        members = sorted(members, key=lambda p: p.params)  # the fit at the group's own (N, D)
+        right.plot([p.params for p in members], [law.loss(p.params, p.tokens) for p in members], color=colour,
+                   lw=1, ls=":", marker="x")
     if not groups:
         right.scatter([p.params for p in points], [p.loss for p in points], s=22)
     right.set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss",
-              title="IsoFLOP parabolas (solid) and the fit (dotted)")
+              title="IsoFLOP parabolas (solid) and the fit at the same points (dotted)")
     if groups:
         right.legend(fontsize=7)
     fig.tight_layout()

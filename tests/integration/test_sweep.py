@@ -30,10 +30,11 @@ def test_grid_points_run_then_skip_then_resume(tmp_path):
                                 '{n_layers = 2, d_model = 64, n_heads = 2}]\ntokens = [1280]\n'
                                 'lr_rule = "width"\n')
     lines: list[str] = []
-    points = run_sweep(path, tmp_path / "runs", parallel=2, log=lines.append)
+    points = run_sweep(path, tmp_path / "runs", parallel=2, log=lines.append, progress_s=0.5)
     assert [p.state for p in points] == ["finished"] * 2 and all(p.loss for p in points)
     runs = sorted((tmp_path / "runs" / "s").iterdir())
-    assert len(runs) == 2 and "point" in lines[0]
+    assert len(runs) == 2 and "point" in lines[0] and lines[-1].count("10/10") == 2
+    assert any("running" in line for line in lines[1:-1])  # the live table while points train
     steps = {r.name: json.loads((r / "summary.json").read_text())["steps"] for r in runs}
     assert sorted(steps.values()) == [10, 10]  # tokens / (batch 4 x 32)
     lrs = {r.name: r.joinpath("config.toml").read_text().split("lr = ")[1].split("\n")[0] for r in runs}
@@ -83,3 +84,19 @@ def test_cli_dry_run_lists_the_points(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("s/L") == 2 and "--set train.tokens=" in out
     assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
+
+
+@pytest.mark.slow
+def test_a_real_isoflop_sweep_fits_and_predicts(tmp_path, capsys):
+    """The demo's loop at a small scale (`make scaling-demo` is the full one): sweep, fit, predict."""
+    path = sweep_file(tmp_path, 'shapes = [{n_layers = 1, d_model = 32, n_heads = 2}, '
+                                '{n_layers = 2, d_model = 48, n_heads = 2}, {n_layers = 2, d_model = 64, n_heads = 2}]\n'
+                                'flops = [2e10, 6e10]\n')
+    run_sweep(path, tmp_path / "runs", parallel=2, log=lambda _: None)
+    fit_json = tmp_path / "fit.json"
+    assert main(["scaling", "fit", str(tmp_path / "runs" / "s"), "--json", str(fit_json), "--bootstrap", "10",
+                 "--plot", str(tmp_path / "fit.png")]) == 0
+    out = capsys.readouterr().out
+    assert "approach 2, 2 IsoFLOP groups" in out and (tmp_path / "fit.png").is_file()
+    assert main(["scaling", "predict", str(fit_json), "--params", "2e5", "--tokens", "1e6"]) == 0
+    assert "predicted loss" in capsys.readouterr().out

@@ -143,3 +143,15 @@ def test_csv_reader_keeps_optional_flops(tmp_path):
     (tmp_path / "p.csv").write_text("params,tokens,loss,flops\n1e6,1e9,3.1,7e15\n2e6,1e9,3.0,\n")
     a, b = points_from_csv(tmp_path / "p.csv")
     assert a.compute == 7e15 and b.compute == 6 * 2e6 * 1e9
+
+
+def test_a_fit_without_a_trade_off_says_so(tmp_path, capsys):
+    """Loss that rises with tokens (a broken sweep) fits a negative beta: the fit warns, and a
+    budget cannot be turned into sizes."""
+    rows = [(n, d, 3.0 + 1e3 / n ** 0.5 + 0.5 * (d / 1e7) ** 0.3) for n in (1e5, 3e5, 1e6) for d in (1e7, 3e7, 1e8)]
+    (tmp_path / "p.csv").write_text("params,tokens,loss\n" + "".join(f"{n},{d},{v}\n" for n, d, v in rows))
+    assert main(["scaling", "fit", "--points", str(tmp_path / "p.csv"), "--json", str(tmp_path / "f.json"),
+                 "--bootstrap", "2", "--plot", str(tmp_path / "f.png")]) == 0
+    assert "no compute-optimal trade-off" in capsys.readouterr().out
+    assert main(["scaling", "predict", str(tmp_path / "f.json"), "--flops", "1e18"]) == 2
+    assert "no compute-optimal trade-off exists" in capsys.readouterr().err

@@ -16,21 +16,26 @@ def describe(law: Law) -> str:
         lo_hi = law.intervals.get(name)
         return f" [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ""
 
-    a, b = law.exponents
     lines = [f"L(N, D) = {law.E:.4g} + {law.A:.4g} / N^{law.alpha:.4g} + {law.B:.4g} / D^{law.beta:.4g}   "
              f"({law.n_points} points, Huber {law.huber:.3g})",
-             "95% bootstrap intervals: " + ", ".join(f"{n}{ci(n)}" for n in NAMES if law.intervals.get(n)),
-             f"compute-optimal (approach 3): N* ∝ C^{a:.3f}, D* ∝ C^{b:.3f}"]
+             "95% bootstrap intervals: " + ", ".join(f"{n}{ci(n)}" for n in NAMES if law.intervals.get(n))]
+    tradeoff = law.alpha > 0 and law.beta > 0
+    if tradeoff:
+        a, b = law.exponents
+        lines.append(f"compute-optimal (approach 3): N* ∝ C^{a:.3f}, D* ∝ C^{b:.3f}")
+    else:
+        lines.append(f"warning: alpha = {law.alpha:.3g}, beta = {law.beta:.3g}: the points do not show loss falling "
+                     "with both size and tokens, so there is no compute-optimal trade-off (more or larger runs?)")
     if law.isoflop:
         iso = law.isoflop
         lines.append(f"compute-optimal (approach 2, {len(iso['groups'])} IsoFLOP groups): "
                      f"N* ∝ C^{iso['n_opt']['exponent']:.3f}, D* ∝ C^{iso['d_opt']['exponent']:.3f}")
         for g in iso["groups"]:
-            n3, _ = law.optimal(g["compute"])
-            lines.append(f"  C = {g['compute']:.3g} (6ND {g.get('compute_6nd', g['compute']):.3g}): parabola N* = "
-                         f"{g['n_opt']:.3g} (loss {g['loss_opt']:.4f}"
-                         f"{'' if g['minimum_inside'] else ', minimum outside the sizes tried'}); approach 3 "
-                         f"N* = {n3:.3g}")
+            six_nd = g.get("compute_6nd", g["compute"])
+            approach3 = f"; approach 3 N* = {law.optimal(six_nd)[0]:.3g}" if tradeoff else ""
+            lines.append(f"  C = {g['compute']:.3g} (6ND {six_nd:.3g}): parabola N* = {g['n_opt']:.3g} (loss "
+                         f"{g['loss_opt']:.4f}{'' if g['minimum_inside'] else ', minimum outside the sizes tried'})"
+                         + approach3)
     return "\n".join(lines)
 
 
@@ -54,13 +59,15 @@ def plot(law: Law, points: list[Point], out: Path) -> Path:
     computes = [6.0 * p.params * p.tokens for p in points]  # the law's own accounting, as its frontier
     c_lo, c_hi = min(computes) / 3, max(computes) * 30
     cs = np.logspace(math.log10(c_lo), math.log10(c_hi), 60)
-    frontier = [law.loss(*law.optimal(c)) for c in cs]
+    frontier = [law.loss(*law.optimal(c)) for c in cs] if law.alpha > 0 and law.beta > 0 else None
     scatter = left.scatter(computes, [p.loss for p in points], c=np.log10([p.params for p in points]), cmap="viridis",
                            s=22, zorder=3)
     fig.colorbar(scatter, ax=left, label="log10 N")
-    left.plot(cs, frontier, "k--", label="compute-optimal frontier (fit)")
+    if frontier is not None:
+        left.plot(cs, frontier, "k--", label="compute-optimal frontier (fit)")
     left.set(xscale="log", xlabel="6 N D (non-embedding N)", ylabel="validation loss", title="loss vs compute")
-    left.legend(fontsize=8)
+    if frontier is not None:
+        left.legend(fontsize=8)
     ns = np.logspace(math.log10(min(p.params for p in points) / 2), math.log10(max(p.params for p in points) * 2), 60)
     groups = (law.isoflop or {}).get("groups", [])
     for i, g in enumerate(groups):

@@ -12,8 +12,8 @@
 
 Each point is an ordinary run folder: a finished one is skipped when the sweep runs again, an
 interrupted one (status not finished) is resumed from its newest checkpoint. `--parallel N` runs
-N points at once, each in its own `kiln train` process; a table of points and their state is
-printed whenever one starts or ends.
+N points at once, each in its own `kiln train` process; a table of the points, their state and
+steps done is printed whenever one ends and every 30 s while any runs.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ class SweepPoint:
     shape: dict[str, int]
     tokens: int
     overrides: list[str] = field(default_factory=list)
+    steps: int = 0  # optimizer steps the point trains
     state: str = "pending"  # pending | skipped (finished before) | running | finished | failed
     loss: float | None = None
+    done: int = 0  # steps logged so far (while running)
 
 
 def _number_list(spec: dict[str, Any], key: str) -> list[float]:
@@ -107,7 +109,7 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
         if warmup_fraction:
             sets.append(f"schedule.warmup_steps={max(1, int(warmup_fraction * tokens / per_step))}")
         label = f"L{shape['n_layers']}-d{shape['d_model']}-T{tokens:.3g}".replace("+", "")
-        points.append(SweepPoint(label, shape, tokens, sets))
+        points.append(SweepPoint(label, shape, tokens, sets, steps=tokens // per_step))
     if len({p.name for p in points}) != len(points):
         raise ConfigError(f"{path}: two points have the same shape and tokens; remove the duplicate")
     return name, points
@@ -126,16 +128,33 @@ def _state(run: Path) -> str:
 
 
 def table(points: list[SweepPoint]) -> str:
-    lines = [f"{'point':<24} {'layers':>6} {'width':>6} {'tokens':>10} {'state':<10} {'val loss':>9}"]
+    lines = [f"{'point':<24} {'layers':>6} {'width':>6} {'tokens':>10} {'state':<10} {'steps':>13} {'val loss':>9}"]
     for p in points:
         loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+        done = p.steps if p.state in ("finished", "skipped") else p.done
         lines.append(f"{p.name:<24} {p.shape['n_layers']:>6} {p.shape['d_model']:>6} {p.tokens:>10.3g} "
-                     f"{p.state:<10} {loss:>9}")
+                     f"{p.state:<10} {f'{done}/{p.steps}':>13} {loss:>9}")
     return "\n".join(lines)
 
 
+def _logged_step(run: Path) -> int:
+    """The newest step in a running point's metrics.jsonl (its last complete line)."""
+    try:
+        with (run / "metrics.jsonl").open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().splitlines()
+        for line in reversed(lines):
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError):
+                continue
+    except OSError:
+        pass
+    return 0
+
+
 def run_sweep(path: Path, runs_dir: Path, preset_override: str | None = None, parallel: int = 1,
-              log=print) -> list[SweepPoint]:
+              log=print, progress_s: float = 30.0) -> list[SweepPoint]:
     """Run (or finish) every point of the sweep; returns the points with their final state."""
     name, points = load_sweep(path)
     spec = tomllib.loads(Path(path).read_text())
@@ -160,7 +179,13 @@ def run_sweep(path: Path, runs_dir: Path, preset_override: str | None = None, pa
     env = dict(os.environ, KILN_QUIET="1")
     if parallel > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
+    last_table = time.monotonic()
     while todo or running:
+        if running and time.monotonic() - last_table >= progress_s:  # a live table: steps of each running point
+            for p, _ in running:
+                p.done = _logged_step(folder / p.name)
+            log(table(points))
+            last_table = time.monotonic()
         while todo and len(running) < max(1, parallel):
             p, argv = todo.pop(0)
             p.state = "running"

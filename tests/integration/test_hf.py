@@ -129,18 +129,24 @@ def test_import_then_export_is_bit_identical(tmp_path, tokenizer, name):
         assert torch.equal(back[key], expected), key
 
 
+def saved_transformers_model(cls, config, folder: Path):
+    """A model `transformers` builds and saves itself, its weights moved off their initial values."""
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
 def test_a_real_transformers_model_imports_with_parity(tmp_path, tokenizer):
     """The other direction from the start: a model `transformers` built and saved itself."""
     config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=136,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=50000.0,
                                       tie_word_embeddings=False, eos_token_id=tokenizer.eos_id)
-    torch.manual_seed(0)
-    theirs = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    theirs.save_pretrained(tmp_path / "llama")
+    theirs = saved_transformers_model(transformers.LlamaForCausalLM, config, tmp_path / "llama")
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, eos_token="<|eos|>",
                                                 bos_token="<|bos|>", pad_token="<|pad|>", unk_token="<|unk|>")
     fast.save_pretrained(tmp_path / "llama")
@@ -169,12 +175,7 @@ def test_a_real_bert_imports_with_parity_and_its_cls_sep_roles(tmp_path, tokeniz
     config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=136, max_position_embeddings=64,
                                      layer_norm_eps=1e-7, pad_token_id=tokenizer.pad_id)
-    torch.manual_seed(0)
-    theirs = transformers.BertForMaskedLM(config).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    theirs.save_pretrained(tmp_path / "bert")
+    theirs = saved_transformers_model(transformers.BertForMaskedLM, config, tmp_path / "bert")
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, cls_token="<|bos|>", sep_token="<|eos|>",
                                          pad_token="<|pad|>", unk_token="<|unk|>",
                                          mask_token="<|mask|>").save_pretrained(tmp_path / "bert")

@@ -148,8 +148,8 @@ def _logged_step(run: Path) -> int:
                 return int(json.loads(line)["step"])
             except (ValueError, KeyError):
                 continue
-    except OSError:
-        pass
+    except OSError:  # not written yet: the point has not logged a step
+        return 0
     return 0
 
 

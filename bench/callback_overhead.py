@@ -20,6 +20,9 @@ VARIANTS = [
     'step_time:callbacks.enabled=["step_time"]',
     'memory:callbacks.enabled=["memory"]',
     'tensorboard:callbacks.enabled=["tensorboard"]',
+    'wandb-offline:callbacks.enabled=["wandb"]',
+    # 5 of the measured steps profiled (the trace written after step 30): what a profiled range costs a run
+    'profiler-5-steps:callbacks.enabled=["profiler"],callbacks.profiler.start=25,callbacks.profiler.steps=5',
 ]
 
 

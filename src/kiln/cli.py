@@ -30,10 +30,17 @@ def _presets_epilog() -> str:
     return "presets: " + ", ".join(preset_names())
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end in one line (what is wrong and where to look), exit 2, no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description="Pretrain language models, from raw text to an "
+    parser = OneLineParser(prog="kiln", description="Pretrain language models, from raw text to an "
                                      "evaluated model.", epilog=_presets_epilog())
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=OneLineParser)
 
     train = verbs.add_parser("train", help="train a model (prepares data first if needed)",
                              description="Train a model. Data is prepared implicitly when its shards are missing.",
@@ -105,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "side, and DIR/compare.png + DIR/compare.md.")
     compare.add_argument("runs", metavar="RUN_DIR", nargs="+")
     compare.add_argument("--out", default=".", metavar="DIR", help="where compare.png and compare.md go (default: .)")
-    compare.add_argument("--metric", dest="metrics", action="append", default=[], metavar="NAME",
-                         help="plot this metric (metrics.jsonl or eval.jsonl key) instead of the losses; repeatable")
+    compare.add_argument("--metric", dest="metrics", action="extend", nargs="+", default=[], metavar="NAME",
+                         help="plot these metrics (metrics.jsonl or eval.jsonl keys) instead of the losses; "
+                              "--metric loss lr, or repeated")
 
     fork = verbs.add_parser("fork", help="start a new attempt from a run's checkpoint, with changes",
                             description="A new run that starts from RUN's checkpoint at (or before) step N, with "
@@ -424,7 +432,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage mistake (one line already written)
+        return e.code if isinstance(e.code, int) else 2
     if not args.verb:
         parser.print_help()
         return 2
@@ -437,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         from kiln.plugins import load_plugins
 
         load_plugins(getattr(args, "plugin", []))
-        return handlers[args.verb](args)
+        code = handlers[args.verb](args)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
+        return code
     except KilnError as e:
         # one write (shorter than a pipe's atomic size), so the lines of several ranks never interleave
         sys.stderr.write(f"kiln: error: {e}\n")
@@ -446,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kiln runs --json | head`: the reader left; nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
 
 
 if __name__ == "__main__":

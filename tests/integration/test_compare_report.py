@@ -255,12 +255,24 @@ def test_report_of_a_fork_with_events_and_layer_stats(runs, tmp_path):
     lineage = section(md, "## Lineage")
     assert "| c | a | 8 | step-00000008 | abababababab | optim.lr=0.0005" in lineage and "10..11" in lineage
     events = section(md, "## Guard and run events")
-    assert "| 10 | loss_spike | rollback | 9.5 | 3.25 |" in events and "| 8 | rollback |" in events
+    assert "| c | 10 | loss_spike | rollback | 9.5 | 3.25 |" in events and "| c | 8 | rollback |" in events
     assert "forked from a at step 8" in md and "c ← a@8" in md
     assert "| 12 | 1,536 |" in section(md, "## Evaluations")
     assert re.search(r"^\| 12 \| [0-9.]+ \|", section(md, "### suite: lm"), re.M)
     assert "| tokens_per_s |" in section(md, "## Summary")
     assert "lr = 0.0005" in section(md, "## Configuration") and "lr = 0.0005" in page
+
+
+def test_a_forks_report_marks_its_parents_events_before_the_fork_point(runs, tmp_path):
+    e, c = runs["e"], runs["c"]  # e forked from c at step 10; c's events are at steps 10 and 8
+    md = write_report(e.path, tmp_path / "rep-e", log=lambda _: None)["md"].read_text()
+    events = section(md, "## Guard and run events")
+    assert "| c (inherited) | 10 | loss_spike | rollback |" in events and "| c (inherited) | 8 | rollback |" in events
+    marks = document._event_xs(e, "tokens")
+    tokens = {r["step"]: r["tokens"] for r in runs["a"].metrics()}
+    assert [(x, ev["step"], inherited) for x, ev, inherited in marks] == [
+        (float(tokens[10]), 10, True), (float(tokens[8]), 8, True)]
+    assert document._event_xs(c, "step")[0][2] is False  # c's own events
 
 
 def test_report_eval_tables_over_steps(runs):

@@ -176,6 +176,10 @@ def _error_line(capsys):
     (["{parent}", "--step", "8", "--name", "x", "--set", "model.d_model=128"], "--from-scratch"),
     (["{parent}", "--step", "8", "--name", "x", "--set", "data.vocab_size=400"], "--from-scratch"),
     (["{parent}", "--step", "8", "--name", "x", "--set", "train.objective=masked"], "--from-scratch"),
+    (["{parent}", "--step", "8", "--name", "x", "--set", "model.n_layers=3"], "--from-scratch"),
+    (["{parent}", "--step", "8", "--name", "x", "--set", "model.n_heads=2"], "--from-scratch"),
+    (["{parent}", "--step", "8", "--name", "x", "--set", "model.family=encoder"], "--from-scratch"),
+    (["{parent}", "--step", "8", "--name", "x", "--set", "data.tokenizer={parent}/tokenizer.json"], "--from-scratch"),
     (["{parent}", "--name", "x"], "needs --step"),
 ])
 def test_refusals_are_one_line_exit_2_and_write_nothing(family, capsys, args, message):
@@ -186,6 +190,19 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(family, capsys, args, me
     assert message in _error_line(capsys)
     assert sorted(p.name for p in family["runs"].iterdir()) == before
     assert sorted(str(p) for p in family["parent"].rglob("*")) == parent_files
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fork", "{parent}", "--step", "abc", "--name", "x"], "kiln fork: error: argument --step: invalid int value"),
+    (["fork", "{parent}", "--step", "8"], "kiln fork: error: the following arguments are required: --name"),
+    (["compare", "{parent}", "{parent}", "--bogus"], "kiln: error: unrecognized arguments: --bogus"),
+])
+def test_usage_mistakes_are_one_line_too(family, capsys, args, message):
+    before = sorted(p.name for p in family["runs"].iterdir())
+    assert main([a.format(parent=family["parent"]) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message) and err[0].endswith("--help)"), err
+    assert sorted(p.name for p in family["runs"].iterdir()) == before
 
 
 def test_resume_refuses_a_fork_only_change_with_a_hint(family, capsys):
@@ -260,3 +277,74 @@ def test_compare_and_report_verbs(family, tmp_path, capsys):
     assert main(["compare", str(family["parent"]), str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "not a Kiln run" in _error_line(capsys) and not (tmp_path / "x").exists()
     assert main(["report", str(tmp_path / "nope")]) == 2
+
+
+def test_fork_into_another_folder_with_dropout(family, tmp_path, capsys):
+    other = tmp_path / "elsewhere"
+    assert main(["fork", str(family["parent"]), "--step", "12", "--name", "drop", "--runs-dir", str(other),
+                 "--set", "model.dropout=0.1", "--no-train"]) == 0
+    assert sorted(p.name for p in family["runs"].iterdir() if p.name == "drop") == []
+    run = RunDir(other / "drop")
+    assert run.lineage()["changed"]["model.dropout"] == [0.0, 0.1] and run.config().model.dropout == 0.1
+    assert main(["train", "--resume", str(run.path)]) == 0
+    forked = losses(run.path)
+    assert sorted(forked) == list(range(13, STEPS + 1))
+    assert forked[13] != losses(family["parent"])[13]  # dropout is on: the same batch, another loss
+    capsys.readouterr()
+    assert main(["runs", str(other), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["name"] == "drop" and row["parent"] == "parent" and row["status"] == "finished"
+
+
+def test_a_corrupt_newest_checkpoint_is_passed_over_and_named(family, tmp_path):
+    import shutil
+
+    copy = tmp_path / "runs" / "parent"
+    shutil.copytree(family["parent"], copy)  # a real copy: the family's checkpoints stay intact
+    newest = RunDir(copy).checkpoints / "step-00000012"
+    victim = next(f for f in sorted(newest.iterdir()) if f.suffix == ".safetensors")
+    raw = bytearray(victim.read_bytes())
+    raw[-10] ^= 1
+    victim.write_bytes(bytes(raw))
+    said: list[str] = []
+    fork = create_fork(copy, "past-corrupt", 12, log=said.append)
+    assert fork.lineage["parent"]["step"] == 8 and fork.checkpoint.name == "step-00000008"
+    text = "\n".join(said)
+    assert "step-00000012 is unusable" in text and "step-00000008 (the newest valid checkpoint at or before step 12)" in text
+    resume_run(fork.run.path)
+    assert losses(fork.run.path) == {k: v for k, v in losses(family["parent"]).items() if k > 8}
+
+
+def test_kiln_runs_tells_a_killed_training_from_a_live_one(family, tmp_path, capsys):
+    """A real process, killed with SIGKILL mid-run: its status.json still says running, and
+    `kiln runs` reports it interrupted once its pid is gone."""
+    import signal
+    import subprocess
+    import sys
+
+    cfg = family["cfg"]("train.steps=100000", "checkpoint.every=0", "eval.every=0")
+    runs = tmp_path / "runs"
+    config = tmp_path / "long.toml"
+    from kiln.config import to_toml
+
+    config.write_text(to_toml(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", "--config", str(config), "--runs-dir",
+                             str(runs), "--name", "long"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            state = RunDir(runs / "long").status() if (runs / "long" / "status.json").is_file() else {}
+            if state.get("state") == "running" and state.get("pid") == proc.pid:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the training never reported itself running")
+        capsys.readouterr()
+        assert main(["runs", str(runs), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["status"] == "running"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert json.loads((runs / "long" / "status.json").read_text())["state"] == "running"  # as the killed process left it
+    assert main(["runs", str(runs), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "interrupted"

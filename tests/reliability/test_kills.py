@@ -15,7 +15,8 @@ import pytest
 from reliability_helpers import read_jsonl, tiny_overrides, write_corpus
 
 PLUGIN = str(Path(__file__).with_name("kill_plugin.py"))
-ENABLE = ["--set", 'callbacks.enabled=["kill"]']
+# layer_stats on as well: a stateful monitoring callback must not break exact resume
+ENABLE = ["--set", 'callbacks.enabled=["kill", "layer_stats"]', "--set", "callbacks.layer_stats.every=3"]
 
 
 def kiln(args: list[str], mode: str = "none", n: int = 0, nproc: int = 1, extra_env: dict | None = None,
@@ -39,6 +40,7 @@ def setup(tmp_path_factory):
     runs = root / "runs"
     ref = kiln(["train", "--preset", "tiny", "--runs-dir", str(runs), "--name", "reference", *sets])
     assert ref.returncode == 0, ref.stderr[-3000:]
+    assert read_jsonl(runs / "reference" / "layer_stats.jsonl")
     return root, runs, sets, read_jsonl(runs / "reference" / "metrics.jsonl")
 
 
@@ -67,6 +69,7 @@ def test_kill_then_resume_is_exact(setup, mode, n):
         again = kiln(["train", "--resume", str(run)])
     assert again.returncode == 0, again.stderr[-3000:]
     assert losses(run) == [r["loss"] for r in reference]  # bit for bit
+    assert read_jsonl(run / "layer_stats.jsonl") == read_jsonl(runs / "reference" / "layer_stats.jsonl")
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 21))
     assert not list((run / "checkpoints").glob("*.tmp"))
 

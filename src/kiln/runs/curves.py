@@ -54,6 +54,14 @@ def lineage_records(run: RunDir, source: Source) -> list[tuple[RunDir, list[dict
     return out
 
 
+def lineage_events(run: RunDir) -> list[tuple[str, dict[str, Any], bool]]:
+    """(run name, event, inherited) along the lineage: each ancestor's events up to the step the
+    next generation forked at, oldest first, then the run's own events."""
+    out = [(ancestor.name, e, True) for ancestor, upto in run.ancestry() for e in ancestor.events()
+           if isinstance(e.get("step"), int) and e["step"] <= upto]
+    return out + [(run.name, e, False) for e in run.events()]
+
+
 def _has_tokens(chain: list[tuple[RunDir, list[dict[str, Any]], bool]], key: str) -> bool:
     return all(number(r.get("tokens")) is not None for _, recs, _ in chain for r in recs if key in r)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kiln.runs.curves import lineage_series, number, pyplot, save_figure, step_to_x, write_atomic
+from kiln.runs.curves import lineage_events, lineage_series, number, pyplot, save_figure, step_to_x, write_atomic
 from kiln.runs.rundir import RunDir
 
 FIGSIZE, DPI = (7.0, 3.5), 100  # every figure of the report is 700 x 350 pixels
@@ -53,10 +53,12 @@ def fmt(value: Any) -> str:
 
 # --------------------------------------------------------------------------- figures
 
-def _event_xs(run: RunDir, axis: str) -> list[tuple[float, dict[str, Any]]]:
-    events = [e for e in run.events() if isinstance(e.get("step"), int)]
-    xs = step_to_x(run, [e["step"] for e in events], axis)
-    return list(zip(xs, events))
+def _event_xs(run: RunDir, axis: str) -> list[tuple[float, dict[str, Any], bool]]:
+    """(x, event, inherited) of the lineage's events: a parent's events before the fork point
+    belong to this run's history too."""
+    events = [(e, inherited) for _, e, inherited in lineage_events(run) if isinstance(e.get("step"), int)]
+    xs = step_to_x(run, [e["step"] for e, _ in events], axis)
+    return [(x, e, inherited) for x, (e, inherited) in zip(xs, events)]
 
 
 def _figure(run: RunDir, path: Path, title: str, ylabel: str, curves: list[tuple[str, str, str]],
@@ -85,9 +87,9 @@ def _figure(run: RunDir, path: Path, title: str, ylabel: str, curves: list[tuple
     axis = "step" if "step" in axes_seen else "tokens"
     if events:
         labelled = set()
-        for x, e in _event_xs(run, axis):
+        for x, e, inherited in _event_xs(run, axis):
             kind = str(e.get("kind", "event"))
-            ax.axvline(x, color=EVENT_COLORS.get(kind, "grey"), ls=":", lw=1,
+            ax.axvline(x, color=EVENT_COLORS.get(kind, "grey"), ls=":", lw=1, alpha=0.6 if inherited else 1.0,
                        label=None if kind in labelled else f"event: {kind}")
             labelled.add(kind)
     if hline is not None:
@@ -229,15 +231,16 @@ def evaluation_section(run: RunDir) -> list[Block]:
 
 def events_section(run: RunDir) -> list[Block]:
     blocks = [Block("h2", "Guard and run events")]
-    events = run.events()
+    events = lineage_events(run)
     if not events:
         return blocks + [Block("p", "none")]
     rows = []
-    for e in events:
+    for owner, e, inherited in events:
         rest = {k: v for k, v in e.items() if k not in ("step", "kind", "action", "loss", "grad_norm")}
-        rows.append([fmt(e.get("step")), fmt(e.get("kind")), fmt(e.get("action")), fmt(e.get("loss")),
-                     fmt(e.get("grad_norm")), fmt(rest) if rest else ""])
-    return blocks + [Block("table", columns=["step", "kind", "action", "loss", "grad norm", "details"], rows=rows)]
+        rows.append([owner + (" (inherited)" if inherited else ""), fmt(e.get("step")), fmt(e.get("kind")),
+                     fmt(e.get("action")), fmt(e.get("loss")), fmt(e.get("grad_norm")), fmt(rest) if rest else ""])
+    columns = ["run", "step", "kind", "action", "loss", "grad norm", "details"]
+    return blocks + [Block("table", columns=columns, rows=rows)]
 
 
 def summary_section(run: RunDir) -> list[Block]:

@@ -21,6 +21,7 @@ COMMON = ["model.seq_len=64", "train.batch_size=8", "data.vocab_size=2048", "tra
           "eval.every=0", "eval.batches=32", "checkpoint.every=0", "log.plot=false", "guard.hang_min_s=0",
           "eval.sample_tokens=4"]
 SHAPES = [(2, 48, 2), (2, 64, 2), (3, 96, 3)]
+BUDGET_DIVISORS = (40, 120, 360)  # 3 sizes each: 10.8% of the held-out run's compute in all
 HELD_OUT = (4, 128, 4)
 
 
@@ -38,11 +39,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scaling"))
     ap.add_argument("--held-out-tokens", type=float, default=6e6)
     ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--shapes", default=",".join(f"{a}x{b}x{c}" for a, b, c in SHAPES),
+                    help="the sweep's sizes as LAYERSxWIDTHxHEADS, comma-separated")
+    ap.add_argument("--budgets", default=",".join(str(d) for d in BUDGET_DIVISORS),
+                    help="each IsoFLOP budget as a divisor of the held-out run's compute, comma-separated")
+    ap.add_argument("--cache", help="the token-shard cache (default: OUT/cache); experiments can share one")
     args = ap.parse_args()
+    shapes_given = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    divisors = [float(d) for d in args.budgets.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
-    sets = COMMON + [f"data.cache_dir={out / 'cache'}"]
+    sets = COMMON + [f"data.cache_dir={args.cache or out / 'cache'}"]
     held_sets = sets + [f"model.n_layers={HELD_OUT[0]}", f"model.d_model={HELD_OUT[1]}", f"model.n_heads={HELD_OUT[2]}"]
     held_cfg = load_config("tiny", overrides=held_sets)
     vocab = 2048
@@ -51,8 +59,8 @@ def main() -> None:
     d_held = int(args.held_out_tokens // per_step * per_step)
     c_held = 6.0 * n_held * d_held
     held_mfu_c = flops_per_token(held_cfg.model, vocab) * d_held
-    budgets = [held_mfu_c / 40, held_mfu_c / 120, held_mfu_c / 360]  # 3 sizes each: 10.8% in all
-    shapes = ", ".join(f"{{n_layers = {a}, d_model = {b}, n_heads = {c}}}" for a, b, c in SHAPES)
+    budgets = [held_mfu_c / d for d in divisors]
+    shapes = ", ".join(f"{{n_layers = {a}, d_model = {b}, n_heads = {c}}}" for a, b, c in shapes_given)
     sweep = out / "sweep.toml"
     sweep.write_text(f'name = "iso"\npreset = "tiny"\nset = {json.dumps(sets)}\nshapes = [{shapes}]\n'
                      f"flops = {json.dumps(budgets)}\nwarmup_fraction = 0.05\n")

@@ -18,8 +18,10 @@ RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.time_budget_s", "train.c
 
 
 # What a fork may change on top of that: the stabilisers researchers reach for after an
-# instability. New tensors they add (QK-norm, post-norm gains) start as documented (gains 1).
-FORKABLE_KEYS = ("model.dropout", "model.qk_norm", "model.post_norm", "train.z_loss")
+# instability (new tensors they add, QK-norm and post-norm gains, start as documented: gains 1),
+# and how a mixture of experts is balanced (no tensor changes).
+FORKABLE_KEYS = ("model.dropout", "model.qk_norm", "model.post_norm", "train.z_loss", "model.moe_aux_loss",
+                 "model.moe_seq_aux_loss", "model.moe_z_loss", "model.moe_bias_rate", "model.moe_capacity_factor")
 
 
 def changed_keys(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:

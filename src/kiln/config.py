@@ -46,6 +46,20 @@ class ModelConfig:
     type_vocab_size: int = 0  # token-type (segment) embeddings; Kiln feeds type 0 (BERT has 2)
     init_std: float = 0.02
     init_from: str = ""  # a safetensors file of full Kiln-named weights (kiln import / kiln export) to start from
+    # mixture of experts (model.family = "moe"; kiln.model.moe, checked by kiln.model.moe_spec)
+    moe_experts: int = 0  # routed experts per MoE layer
+    moe_top_k: int = 2  # experts each token goes to
+    moe_every: int = 1  # every k-th layer is MoE ...
+    moe_first_dense: int = 0  # ... after this many dense layers
+    moe_d_ff: int = 0  # each expert's SwiGLU hidden size; 0 = the dense MLP's
+    moe_shared_experts: int = 0  # experts every token goes through as well (DeepSeek)
+    moe_capacity_factor: float = 0.0  # > 0: an expert takes at most factor * tokens * k / experts; 0 = dropless
+    moe_score: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+    moe_norm_topk: bool = True  # renormalise the k chosen gates to sum to 1
+    moe_aux_loss: float = 0.0  # Switch / GShard load-balancing loss coefficient (Switch used 1e-2)
+    moe_seq_aux_loss: float = 0.0  # per-sequence balancing loss (DeepSeek-V2/V3)
+    moe_z_loss: float = 0.0  # router z-loss (ST-MoE used 1e-3)
+    moe_bias_rate: float = 1e-3  # auxiliary-loss-free balancing bias step (DeepSeek-V3's); 0 = off
 
 
 @dataclass

@@ -90,6 +90,19 @@ def test_peak_on_cpu_is_measured_and_cached(tmp_path, monkeypatch):
     assert list(cache.values()) == [0.25]
 
 
+def test_a_ceiling_measured_on_a_busy_machine_is_raised_by_a_faster_run(tmp_path, monkeypatch):
+    """A cached ceiling below what a run achieved (MFU > 100%) was measured under load: it is
+    measured again and the highest figure kept."""
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    measured = iter([0.07, 0.15])
+    monkeypatch.setattr(flops_mod, "measure_cpu_matmul_tflops", lambda dtype, **kw: next(measured))
+    assert flops_mod.cpu_peak_tflops(torch.float32) == 0.07  # measured while busy
+    assert flops_mod.raise_cpu_peak(torch.float32, achieved=0.09) == 0.15  # re-measured when idle
+    assert flops_mod.cpu_peak_tflops(torch.float32) == 0.15  # and cached
+    monkeypatch.setattr(flops_mod, "measure_cpu_matmul_tflops", lambda dtype, **kw: 0.05)
+    assert flops_mod.raise_cpu_peak(torch.float32, achieved=0.2) == 0.2  # never below what was achieved
+
+
 def test_real_cpu_measurement_is_positive(tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     assert flops_mod.measure_cpu_matmul_tflops(torch.float32, n=128, seconds=0.05) > 0

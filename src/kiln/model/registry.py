@@ -1,5 +1,5 @@
 """Model families by name: `model.family` selects a `ModelSpec` (builder, validation, parallel
-plans, init rule, counts). Built in: `decoder` and `encoder` (kiln.model.specs); a plugin adds
+plans, init rule, counts). Built in: `decoder` and `encoder` (kiln.model.specs) and `moe` (kiln.model.moe_spec); a plugin adds
 its own with `register_model_family(ModelSpec(name, build, ...))`.
 """
 
@@ -14,6 +14,7 @@ from kiln.config import Config, ModelConfig
 from kiln.errors import ConfigError
 from kiln.model.init import Writer, copy_full, init_parameters
 from kiln.model.spec import VOCAB_MULTIPLE, ModelSpec, padded_vocab
+from kiln.model.moe_spec import MOE
 from kiln.model.specs import DECODER, ENCODER
 from kiln.plugins import load_plugins
 
@@ -44,6 +45,7 @@ def register_model(name: str) -> Callable[[Callable[[ModelConfig, int], nn.Modul
 
 register_model_family(DECODER)
 register_model_family(ENCODER)
+register_model_family(MOE)
 
 
 def get_spec(family: str) -> ModelSpec:

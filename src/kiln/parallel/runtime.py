@@ -70,6 +70,18 @@ class Parallel:
             self._timed(lambda: dist.all_reduce(t))
         return t
 
+    def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks of this rank's pipeline stage and tp position only
+        (for per-stage quantities such as a stage's MoE routing counts)."""
+        if not self.distributed:
+            return t
+        t = t.clone()
+        for dim in ("dp_shard", "dp_replicate"):
+            if getattr(self.dims, dim) > 1:
+                group = self.mesh.get_group(dim)
+                self._timed(lambda: dist.all_reduce(t, group=group))
+        return t
+
     def data_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of a per-data-parallel-rank quantity that the tp ranks of a group hold identically
         and that only the last pipeline stage holds (others pass zeros)."""

@@ -75,7 +75,9 @@ def _cpu_id() -> str:
     return f"{model}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
-def measure_cpu_matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+def measure_cpu_matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5, bursts: int = 3) -> float:
+    """The best of `bursts` timed bursts: another process busy for part of the measurement
+    (a test, a build) then lowers one burst, not the ceiling."""
     gen = torch.Generator().manual_seed(0)  # never touch the global RNG: training's dropout draws from it
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)
@@ -84,32 +86,53 @@ def measure_cpu_matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float 
     first = time.perf_counter() - start
     if first > seconds:  # a path without native support (bf16 on some CPUs: ~100x slower): one product tells
         return 2 * n**3 / first / 1e12
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+    best = 0.0
+    for _ in range(bursts):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / bursts:
+            a @ b
+            count += 1
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def _read_cache(path: Path) -> dict[str, float]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, cache: dict[str, float]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs a re-measurement next time
 
 
 def cpu_peak_tflops(dtype: torch.dtype) -> float:
     """The CPU's matrix-product ceiling for `dtype`, measured once per machine and cached."""
     path = _cpu_cache_path()
     key = f"{_cpu_id()}|{dtype}"
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_cache(path)
     if key not in cache:
         cache[key] = measure_cpu_matmul_tflops(dtype)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # an unwritable cache only costs a re-measurement next time
+        _write_cache(path, cache)
     return float(cache[key])
+
+
+def raise_cpu_peak(dtype: torch.dtype, achieved: float) -> float:
+    """A run computed `achieved` TFLOP/s per process, above the cached ceiling: that ceiling was
+    measured while the machine was busy. Measure again and keep the highest figure seen."""
+    path = _cpu_cache_path()
+    key = f"{_cpu_id()}|{dtype}"
+    cache = _read_cache(path)
+    cache[key] = max(float(cache.get(key, 0.0)), measure_cpu_matmul_tflops(dtype), achieved)
+    _write_cache(path, cache)
+    return cache[key]
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:

@@ -8,8 +8,8 @@ the objective and the pipeline schedule, and offers
     optimizer_step(lr, discard)                   a flagged update is discarded on the device
     eval_step(inputs, targets) -> totals          (loss sum, correct, count) of one batch
 
-so a new objective, a mixture-of-experts auxiliary loss or another schedule changes this module
-only. The loop (kiln.train.trainer) never touches a model part directly.
+so a new objective or another schedule changes this module only; mixture-of-experts layers get
+their per-step balancing update here (kiln.model.moe.finish_step). The loop (kiln.train.trainer) never touches a model part directly.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from kiln.config import Config
 from kiln.eval.lm import tally_predictions
+from kiln.model import moe
 from kiln.parallel import pipeline as pp
 from kiln.parallel.runtime import Parallel
 from kiln.train.objectives import IGNORE, Batch, Objective, z_loss_sum
@@ -55,6 +56,11 @@ class TrainModule:
         self.z_coef = cfg.train.z_loss
         self._z_total = torch.zeros((), device=par.device)  # this step's z-loss term (scaled), this rank
         self.z_mean: torch.Tensor | None = None  # mean log(Z)^2 per predicted token of the last step
+        self.has_moe = bool(moe.moe_layers(parts))
+        self.routing: dict[str, torch.Tensor] = {}  # the last step's MoE routing statistics (device tensors)
+        if self.has_moe:  # the routers' auxiliary losses are averaged over a step's micro-batches
+            n_micro = cfg.parallel.pp_microbatches if par.dims.pp > 1 else None
+            moe.set_micro_batches(parts, n_micro or max(1, cfg.global_batch // par.dims.dp_size // micro_batch))
 
     def attach_schedule(self) -> None:
         self.schedule = pp.build_schedule(self.parts, self.stage_ids, self.n_stages, self.par, self.cfg,
@@ -182,6 +188,8 @@ class TrainModule:
             elif discard is None or not discard.item():
                 opt.step()
             opt.zero_grad(set_to_none=True)
+        if self.has_moe:  # balancing bias and routing statistics from the whole step's counts
+            self.routing = moe.finish_step(self.parts, self.par.dp_sum, discard)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()

@@ -12,6 +12,7 @@ from kiln.train.callbacks.faults import Faults, any_fault
 from kiln.train.callbacks.invariants import Invariants
 from kiln.train.callbacks.logging import ConsoleLog, MetricsLog
 from kiln.train.callbacks.plot import LossPlot
+from kiln.train.callbacks.routing import RoutingStats
 from kiln.train.callbacks.status import RunStatus
 from kiln.train.callbacks.throughput import Throughput
 from kiln.train.callbacks.watchdog import HangWatchdog
@@ -28,6 +29,8 @@ def builtin_callbacks(cfg: Config) -> list[Callback]:
         callbacks.append(LossPlot())
     if cfg.debug.invariants and "invariants" not in cfg.callbacks.enabled:
         callbacks.append(Invariants())  # every debug.invariants_every steps
+    if cfg.model.moe_experts:
+        callbacks.append(RoutingStats())
     if any_fault(cfg.faults):
         callbacks.append(Faults(cfg.faults))
     return callbacks

@@ -1,0 +1,276 @@
+"""Mixture-of-experts feed-forward block: a top-k router computed in float32, SwiGLU experts,
+optional shared experts, capacity with token dropping (or dropless), and load balancing.
+
+    x (N, d) ─ router (fp32) ─ scores (N, E) ─ top-k (+ balancing bias) ─ experts ─ weighted sum
+                                                                          + shared experts (every token)
+
+Load balancing, each switchable from `model.moe_*`:
+- `moe_aux_loss`: the Switch/GShard auxiliary loss E · Σᵢ fᵢ Pᵢ over the micro-batch's tokens
+  (fᵢ: share of the top-k assignments that went to expert i; Pᵢ: its mean router probability);
+- `moe_seq_aux_loss`: the same per sequence, averaged over sequences (DeepSeek-V2/V3);
+- `moe_z_loss`: the router z-loss, mean logsumexp(logits)² (ST-MoE);
+- `moe_bias_rate`: the auxiliary-loss-free bias of DeepSeek-V3. A per-expert bias (a persistent
+  buffer, so it is checkpointed) is added to the scores for choosing experts only, never to the
+  gates; after every optimizer step it moves by `rate · sign(mean load − load)` using the loads
+  of the whole step on every data-parallel rank (`update_balancing_bias`).
+The auxiliary losses train through `AttachAux`: the block's output carries them into backward
+(weighted by 1 / micro-batches of the step), so they need no route to the loss function and
+work on every pipeline stage; they are not part of the reported loss.
+
+Routing statistics for the metrics (expert load max / mean, router entropy, dropped share) are
+accumulated in non-persistent buffers while training and read once per step (`routing_stats`).
+Activation checkpointing recomputes a block and adds its counts twice; every statistic is a
+ratio of counts, so that changes nothing.
+
+The block is single-device PyTorch, like every Kiln model part: expert parallelism
+(`kiln.parallel.experts`) replaces `dispatch` from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.config import ModelConfig
+from kiln.model.layers import SwiGLU, swiglu_hidden
+
+Experts = Callable[[torch.Tensor, torch.Tensor, "MoEFeedForward"], torch.Tensor]
+
+
+def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
+    """Layer `index` has an MoE feed-forward block: after the first `moe_first_dense` layers, every
+    `moe_every`-th one (counting from the first MoE layer)."""
+    return (cfg.moe_experts > 0 and index >= cfg.moe_first_dense
+            and (index - cfg.moe_first_dense) % cfg.moe_every == 0)
+
+
+def expert_hidden(cfg: ModelConfig) -> int:
+    return cfg.moe_d_ff or swiglu_hidden(cfg.d_model)
+
+
+class AttachAux(torch.autograd.Function):
+    """Identity on `out` whose backward also sends gradient `weight` into `aux` (a scalar), so
+    a loss term computed inside the model trains without being returned."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.aux_meta
+        return grad, torch.full(shape, ctx.weight, dtype=dtype, device=device), None
+
+
+def grouped_matmul_available(x: torch.Tensor) -> bool:
+    """PyTorch's grouped matrix product for this device and dtype (CPU: any; CUDA: bf16 on
+    Hopper or newer); elsewhere the experts run in a loop."""
+    if getattr(F, "grouped_mm", None) is None and not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return False
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: the grouped product's
+    CPU backward rejects stride-0 (expanded) gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return _ContiguousGrad.apply(fn(x, w, offs=offsets))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matrix product takes under the active autocast (grouped_mm is not an autocast op)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def run_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts over rows `x` (n, d) sorted by expert, `counts[e]` rows for expert e;
+    weights (E, d, h), (E, d, h), (E, h, d). Grouped products where available, else a loop."""
+    dtype = _compute_dtype(x)
+    xs, w1c, w3c, w2c = (t.to(dtype) for t in (x, w1, w3, w2))
+    if x.shape[0] and grouped_matmul_available(xs):
+        offsets = counts.cumsum(0).to(torch.int32)
+        h = F.silu(_grouped(xs, w1c, offsets)) * _grouped(xs, w3c, offsets)
+        return _grouped(h, w2c, offsets)
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        rows = xs[start:start + n]
+        outs.append((F.silu(rows @ w1c[e]) * (rows @ w3c[e])) @ w2c[e])
+        start += n
+    return torch.cat(outs) if outs else xs.new_zeros((0, w2.shape[-1]))
+
+
+def local_experts(x: torch.Tensor, counts: torch.Tensor, moe: "MoEFeedForward") -> torch.Tensor:
+    """Every expert on this device (no expert parallelism)."""
+    return run_experts(x, counts, moe.w1, moe.w3, moe.w2)
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, E, h = cfg.d_model, cfg.moe_experts, expert_hidden(cfg)
+        self.n_experts, self.top_k = E, cfg.moe_top_k
+        self.score = cfg.moe_score
+        self.norm_topk = cfg.moe_norm_topk
+        self.capacity_factor = cfg.moe_capacity_factor
+        self.aux_coef, self.seq_aux_coef, self.z_coef = cfg.moe_aux_loss, cfg.moe_seq_aux_loss, cfg.moe_z_loss
+        self.bias_rate = cfg.moe_bias_rate
+        self.router = nn.Linear(d, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, d, h))  # gate
+        self.w3 = nn.Parameter(torch.empty(E, d, h))  # up
+        self.w2 = nn.Parameter(torch.empty(E, h, d))  # down
+        self.shared = None
+        if cfg.moe_shared_experts:
+            shared_cfg = ModelConfig(d_model=d, d_ff=h * cfg.moe_shared_experts, bias=False)
+            self.shared = SwiGLU(shared_cfg)
+        self.register_buffer("expert_bias", torch.zeros(E), persistent=True)  # aux-loss-free balancing
+        # routing statistics of the current step (training only): assignments per expert, dropped
+        # assignments, summed router entropy, tokens
+        self.register_buffer("load", torch.zeros(E), persistent=False)
+        self.register_buffer("tallies", torch.zeros(3), persistent=False)
+        self.aux_weight = 1.0  # 1 / micro-batches per step (set by the train module)
+        self.experts: Experts = local_experts  # expert parallelism swaps this from outside
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        self.expert_bias.zero_()
+        self.load.zero_()
+        self.tallies.zero_()
+
+    # ---------------------------------------------------------------- routing
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits (N, E) fp32, scores (N, E), chosen experts (N, k), gates (N, k))."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())
+        scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
+        choose = scores + self.expert_bias if self.bias_rate > 0 else scores
+        chosen = choose.topk(self.top_k, dim=-1).indices  # (N, k)
+        gates = scores.gather(-1, chosen)
+        if self.norm_topk and self.top_k > 1:
+            gates = gates / gates.sum(-1, keepdim=True).clamp(min=1e-20)
+        return logits, scores, chosen, gates
+
+    def capacity(self, n_tokens: int) -> int:
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        logits, scores, chosen, gates = self.route(flat)
+        N, k, E = flat.shape[0], self.top_k, self.n_experts
+        expert_of = chosen.reshape(-1)  # (N k) assignments, token-major
+        order = expert_of.argsort(stable=True)  # by expert, tokens in order within an expert
+        counts = torch.bincount(expert_of, minlength=E)
+        keep = torch.ones_like(expert_of, dtype=torch.bool)
+        if self.capacity_factor > 0:  # the first `capacity` tokens of each expert stay (GShard)
+            starts = counts.cumsum(0) - counts
+            position = torch.empty_like(expert_of)
+            position[order] = torch.arange(N * k, device=x.device) - starts[expert_of[order]]
+            keep = position < self.capacity(N)
+            order = order[keep[order]]
+            counts = torch.bincount(expert_of[keep], minlength=E)
+        token_of = order // k  # the token of each kept assignment, sorted by expert
+        y = self.experts(flat[token_of], counts, self)  # (kept, d)
+        weight = (gates.reshape(-1)[order]).to(y.dtype)[:, None]
+        out = torch.zeros_like(flat, dtype=y.dtype).index_add_(0, token_of, y * weight)
+        out = out.to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        if self.training and torch.is_grad_enabled():  # not the pipeline's shape-inference pass
+            self._tally(scores, expert_of, keep, N)
+            aux = self._aux_loss(logits, scores, expert_of, B, T)
+            if aux is not None:
+                out = AttachAux.apply(out, aux, self.aux_weight)
+        return out.view(B, T, d)
+
+    # ---------------------------------------------------------------- balancing and statistics
+    def _aux_loss(self, logits: torch.Tensor, scores: torch.Tensor, expert_of: torch.Tensor, B: int,
+                  T: int) -> torch.Tensor | None:
+        terms = []
+        E, k = self.n_experts, self.top_k
+        probs = scores / scores.sum(-1, keepdim=True)  # sigmoid scores made a distribution
+        if self.aux_coef:
+            f = torch.bincount(expert_of, minlength=E).float() / expert_of.numel()
+            terms.append(self.aux_coef * E * (f * probs.mean(0)).sum())
+        if self.seq_aux_coef:
+            seq = torch.zeros(B, E, device=scores.device).scatter_add_(
+                1, expert_of.view(B, T * k), torch.ones(B, T * k, device=scores.device)) / (T * k)
+            terms.append(self.seq_aux_coef * E * (seq * probs.view(B, T, E).mean(1)).sum(-1).mean())
+        if self.z_coef:
+            terms.append(self.z_coef * logits.logsumexp(-1).pow(2).mean())
+        return sum(terms) if terms else None
+
+    @torch.no_grad()
+    def _tally(self, scores: torch.Tensor, expert_of: torch.Tensor, keep: torch.Tensor, n_tokens: int) -> None:
+        probs = scores / scores.sum(-1, keepdim=True)
+        entropy = -(probs * probs.clamp(min=1e-20).log()).sum(-1).sum()
+        self.load += torch.bincount(expert_of, minlength=self.n_experts).float()
+        dropped = (~keep).sum().float()
+        self.tallies += torch.stack([dropped, entropy, torch.tensor(float(n_tokens), device=scores.device)])
+
+
+def moe_layers(parts: list[nn.Module]) -> list[tuple[str, MoEFeedForward]]:
+    return [(name, m) for part in parts for name, m in part.named_modules() if isinstance(m, MoEFeedForward)]
+
+
+def set_micro_batches(parts: list[nn.Module], n: int) -> None:
+    """The auxiliary losses of one step are averaged over its `n` micro-batches."""
+    for _, m in moe_layers(parts):
+        m.aux_weight = 1.0 / n
+
+
+@torch.no_grad()
+def finish_step(parts: list[nn.Module], reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                discard: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """After an optimizer step: this step's routing counts of every MoE layer, summed over the
+    data-parallel ranks by `reduce` (one collective for all layers), then
+    - DeepSeek-V3's auxiliary-loss-free update: each expert's bias moves by `moe_bias_rate`
+      towards the mean load (a step the guard discarded moves nothing);
+    - the routing statistics per layer, as device tensors (no host sync): expert load max / mean,
+      mean router entropy (nats), share of assignments dropped by the capacity limit.
+    The counts are cleared for the next step."""
+    layers = moe_layers(parts)
+    if not layers:
+        return {}
+    counts = torch.stack([torch.cat([m.load, m.tallies]) for _, m in layers])  # (layers, E + 3)
+    if reduce is not None:
+        counts = reduce(counts)
+    out: dict[str, torch.Tensor] = {}
+    for (name, m), row in zip(layers, counts):
+        load, (dropped, entropy, tokens) = row[:-3], row[-3:]
+        if m.bias_rate > 0:
+            move = torch.sign(load.mean() - load) * m.bias_rate
+            if discard is not None:
+                move = move * (1 - discard.to(move.dtype))
+            m.expert_bias += move
+        tokens = tokens.clamp(min=1)
+        label = name.removesuffix(".mlp")
+        out[f"moe/{label}/load_max_mean"] = load.max() / load.mean().clamp(min=1e-20)
+        out[f"moe/{label}/entropy"] = entropy / tokens
+        out[f"moe/{label}/dropped"] = dropped / (tokens * m.top_k)
+        m.load.zero_()
+        m.tallies.zero_()
+    return out

@@ -1,0 +1,112 @@
+"""The `moe` family: the GPT-style decoder with mixture-of-experts feed-forward blocks on the
+layers `model.moe_every` / `model.moe_first_dense` pick (kiln.model.moe), the rest dense.
+
+Counts follow the sparsity: `flops_per_token` (and so MFU and the scaling accounting) counts the
+*active* parameters — the router, the k chosen experts and the shared experts of each MoE layer —
+while `count_params` (and so the memory estimate) counts every expert.
+"""
+
+from __future__ import annotations
+
+from kiln.config import Config, ModelConfig
+from kiln.errors import ConfigError
+from kiln.model.decoder import Transformer
+from kiln.model.layers import swiglu_hidden
+from kiln.model.moe import MoEFeedForward, expert_hidden, is_moe_layer
+from kiln.model.spec import ModelSpec, normal_std_for_depth
+from kiln.model.specs import (activation_bytes, attention_logits, matmul_params, model_params, pipeline_stage,
+                              transformer_blocks, transformer_init_rule, validate_transformer)
+
+SCORES = ("softmax", "sigmoid")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_moe(cfg: Config) -> None:
+    _require(cfg.parallel.tp == 1, "model.family = 'moe' has no tensor-parallel plan yet; set parallel.tp = 1")
+    validate_transformer(cfg)
+    m = cfg.model
+    _require(m.moe_experts >= 2, f"model.family = 'moe' needs model.moe_experts >= 2, got {m.moe_experts}")
+    _require(1 <= m.moe_top_k <= m.moe_experts,
+             f"model.moe_top_k = {m.moe_top_k} must be between 1 and model.moe_experts = {m.moe_experts}")
+    _require(m.moe_every >= 1, f"model.moe_every must be >= 1, got {m.moe_every}")
+    _require(0 <= m.moe_first_dense < m.n_layers, f"model.moe_first_dense = {m.moe_first_dense} leaves no MoE layer "
+             f"among model.n_layers = {m.n_layers}; lower it")
+    _require(m.mlp == "swiglu", f"model.family = 'moe' has SwiGLU experts; set model.mlp = 'swiglu' (got {m.mlp!r})")
+    _require(not m.bias, "model.family = 'moe' has no biases in its experts; set model.bias = false")
+    _require(m.moe_score in SCORES, f"model.moe_score = {m.moe_score!r} is not allowed; choose one of "
+             f"{', '.join(SCORES)}")
+    for key in ("moe_d_ff", "moe_shared_experts"):
+        _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+    for key in ("moe_capacity_factor", "moe_aux_loss", "moe_seq_aux_loss", "moe_z_loss", "moe_bias_rate"):
+        _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+    _require(m.moe_capacity_factor == 0 or m.moe_capacity_factor >= 1 / m.moe_top_k,
+             f"model.moe_capacity_factor = {m.moe_capacity_factor} would drop most tokens; use 0 (dropless) or >= 1")
+
+
+class MoEDecoder(Transformer):
+    """The decoder trunk with `MoEFeedForward` in place of the MLP of every MoE layer."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size, causal=True)
+        for name, block in self.layers.items():
+            if is_moe_layer(cfg, int(name)):
+                block.mlp = MoEFeedForward(cfg)
+
+    def init_buffers(self) -> None:
+        super().init_buffers()
+        for module in self.modules():
+            if isinstance(module, MoEFeedForward):
+                module.reset_buffers()
+
+
+EXPERT_RESIDUAL_OUTPUTS = ("mlp.w2", "mlp.shared.w2.weight")  # the experts' (E, h, d) and the shared experts'
+
+
+def moe_init_rule(name: str, ndim: int, cfg: ModelConfig) -> tuple[str, float]:
+    """The decoder's rule; the experts' stacked down projections and the shared experts' are
+    residual outputs too (depth-scaled); routers and the other expert weights N(0, init_std)."""
+    if name.endswith(EXPERT_RESIDUAL_OUTPUTS):
+        return "normal", normal_std_for_depth(cfg.init_std, cfg.n_layers)
+    return transformer_init_rule(name, ndim, cfg)
+
+
+def _moe_layer_count(cfg: ModelConfig) -> int:
+    return sum(is_moe_layer(cfg, i) for i in range(cfg.n_layers))
+
+
+def _dense_mlp(cfg: ModelConfig) -> int:
+    return 3 * cfg.d_model * (cfg.d_ff or swiglu_hidden(cfg.d_model))
+
+
+def _expert(cfg: ModelConfig) -> int:
+    return 3 * cfg.d_model * expert_hidden(cfg)
+
+
+def active_matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """Weights one token multiplies with: the dense count, with each MoE layer's MLP replaced by
+    its router, k routed experts and the shared experts."""
+    per_layer = cfg.d_model * cfg.moe_experts + _expert(cfg) * (cfg.moe_top_k + cfg.moe_shared_experts)
+    return matmul_params(cfg, vocab_size) + _moe_layer_count(cfg) * (per_layer - _dense_mlp(cfg))
+
+
+def moe_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """Every parameter: all experts, routers and shared experts."""
+    per_layer = cfg.d_model * cfg.moe_experts + _expert(cfg) * (cfg.moe_experts + cfg.moe_shared_experts)
+    return model_params(cfg, vocab_size) + _moe_layer_count(cfg) * (per_layer - _dense_mlp(cfg))
+
+
+def moe_flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """6 x the active matrix weights + the attention term (as the dense decoder's)."""
+    return 6.0 * active_matmul_params(cfg, vocab_size) + 12.0 * cfg.n_layers * cfg.d_model * cfg.seq_len
+
+
+MOE = ModelSpec(
+    name="moe", build=MoEDecoder, validate=validate_moe, blocks=transformer_blocks, init_rule=moe_init_rule,
+    tensor_parallel=None, pipeline_stage=pipeline_stage, count_params=moe_params,
+    flops_per_token=moe_flops_per_token, activation_bytes=activation_bytes,
+    monitor_modules=("layers.*.attn", "layers.*.mlp"), attention_logits=attention_logits,
+    attention_modules=("layers.*.attn",), causal=True)

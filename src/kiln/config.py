@@ -147,6 +147,7 @@ class ParallelConfig:
     dp_replicate: int = 1  # data-parallel replicas (HSDP's outer dimension)
     dp_shard: int = -1  # FSDP2 shards; -1 = the rest of the world
     tp: int = 1  # tensor parallel (with sequence parallel for norms and dropout)
+    ep: int = 1  # expert parallel (model.family = "moe"): splits each dp_shard group's experts over ep ranks
     pp: int = 1  # pipeline stages
     pp_schedule: str = "1f1b"  # 1f1b | interleaved-1f1b | gpipe
     pp_microbatches: int = 4
@@ -563,7 +564,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.keep >= 0 and cfg.checkpoint.keep_every >= 0, "checkpoint.keep and keep_every must be >= 0")
 
     par = cfg.parallel
-    for key in ("dp_replicate", "tp", "pp", "pp_microbatches", "pp_stages_per_rank"):
+    for key in ("dp_replicate", "tp", "ep", "pp", "pp_microbatches", "pp_stages_per_rank"):
         _require(getattr(par, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(par, key)}")
     _require(par.dp_shard == -1 or par.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (the rest of the "
              f"world), got {par.dp_shard}")

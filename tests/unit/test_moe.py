@@ -36,8 +36,8 @@ def reference(m: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
     for t in range(flat.shape[0]):
         for j in range(m.top_k):
             e = chosen[t, j]
-            h = F.silu(flat[t] @ m.w1[e]) * (flat[t] @ m.w3[e])
-            out[t] += gates[t, j] * (h @ m.w2[e])
+            h = F.silu(flat[t] @ m.experts.w1[e]) * (flat[t] @ m.experts.w3[e])
+            out[t] += gates[t, j] * (h @ m.experts.w2[e])
     if m.shared is not None:
         out = out + m.shared(flat)
     return out.view_as(x)
@@ -165,7 +165,7 @@ def test_moe_layers_follow_every_and_first_dense():
 def test_expert_init_is_depth_scaled_for_the_down_projection():
     cfg = load_config("moe-tiny", overrides=["model.n_layers=8"])
     model = fresh_model(cfg.model, 320, 0)
-    w2, w1 = model.layers["3"].mlp.w2, model.layers["3"].mlp.w1
+    w2, w1 = model.layers["3"].mlp.experts.w2, model.layers["3"].mlp.experts.w1
     assert w2.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert w1.std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.all(model.layers["3"].mlp.expert_bias == 0)

@@ -23,7 +23,7 @@ Activation checkpointing recomputes a block and adds its counts twice; every sta
 ratio of counts, so that changes nothing.
 
 The block is single-device PyTorch, like every Kiln model part: expert parallelism
-(`kiln.parallel.experts`) replaces `dispatch` from outside.
+(`kiln.parallel.experts`) shards `experts` and replaces `dispatch` from outside.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.model.layers import SwiGLU, swiglu_hidden
 
-Experts = Callable[[torch.Tensor, torch.Tensor, "MoEFeedForward"], torch.Tensor]
+Dispatch = Callable[[torch.Tensor, torch.Tensor, "MoEFeedForward"], torch.Tensor]
 
 
 def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
@@ -123,9 +123,43 @@ def run_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: tor
     return torch.cat(outs) if outs else xs.new_zeros((0, w2.shape[-1]))
 
 
-def local_experts(x: torch.Tensor, counts: torch.Tensor, moe: "MoEFeedForward") -> torch.Tensor:
+class GroupedExperts(nn.Module):
+    """The routed experts' weights, stacked: w1 / w3 (E, d, h), w2 (E, h, d). Its own module so
+    that expert parallelism can shard and FSDP-wrap it apart from the rest of the block; under
+    expert parallelism its weights are DTensors holding this rank's experts."""
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # gate
+        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # up
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # down
+        self.grad_scale = 1.0  # expert parallelism sets 1 / ep (kiln.parallel.experts says why)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows `x` sorted by (local) expert, `counts[e]` rows for expert e."""
+        # under expert parallelism the weights are DTensors: this rank's experts are their local part
+        local = [w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w3, self.w2)]
+        if self.grad_scale != 1.0:
+            local = [_ScaleGrad.apply(w, self.grad_scale) for w in local]
+        return run_experts(x, counts, *local)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def local_dispatch(x: torch.Tensor, counts: torch.Tensor, moe: "MoEFeedForward") -> torch.Tensor:
     """Every expert on this device (no expert parallelism)."""
-    return run_experts(x, counts, moe.w1, moe.w3, moe.w2)
+    return moe.experts(x, counts)
 
 
 class MoEFeedForward(nn.Module):
@@ -139,9 +173,7 @@ class MoEFeedForward(nn.Module):
         self.aux_coef, self.seq_aux_coef, self.z_coef = cfg.moe_aux_loss, cfg.moe_seq_aux_loss, cfg.moe_z_loss
         self.bias_rate = cfg.moe_bias_rate
         self.router = nn.Linear(d, E, bias=False)
-        self.w1 = nn.Parameter(torch.empty(E, d, h))  # gate
-        self.w3 = nn.Parameter(torch.empty(E, d, h))  # up
-        self.w2 = nn.Parameter(torch.empty(E, h, d))  # down
+        self.experts = GroupedExperts(E, d, h)
         self.shared = None
         if cfg.moe_shared_experts:
             shared_cfg = ModelConfig(d_model=d, d_ff=h * cfg.moe_shared_experts, bias=False)
@@ -152,7 +184,7 @@ class MoEFeedForward(nn.Module):
         self.register_buffer("load", torch.zeros(E), persistent=False)
         self.register_buffer("tallies", torch.zeros(3), persistent=False)
         self.aux_weight = 1.0  # 1 / micro-batches per step (set by the train module)
-        self.experts: Experts = local_experts  # expert parallelism swaps this from outside
+        self.dispatch: Dispatch = local_dispatch  # expert parallelism swaps this from outside
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -193,7 +225,7 @@ class MoEFeedForward(nn.Module):
             order = order[keep[order]]
             counts = torch.bincount(expert_of[keep], minlength=E)
         token_of = order // k  # the token of each kept assignment, sorted by expert
-        y = self.experts(flat[token_of], counts, self)  # (kept, d)
+        y = self.dispatch(flat[token_of], counts, self)  # (kept, d)
         weight = (gates.reshape(-1)[order]).to(y.dtype)[:, None]
         out = torch.zeros_like(flat, dtype=y.dtype).index_add_(0, token_of, y * weight)
         out = out.to(x.dtype)

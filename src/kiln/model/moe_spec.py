@@ -8,6 +8,8 @@ while `count_params` (and so the memory estimate) counts every expert.
 
 from __future__ import annotations
 
+from torch import nn
+
 from kiln.config import Config, ModelConfig
 from kiln.errors import ConfigError
 from kiln.model.decoder import Transformer
@@ -43,6 +45,8 @@ def validate_moe(cfg: Config) -> None:
         _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
     for key in ("moe_capacity_factor", "moe_aux_loss", "moe_seq_aux_loss", "moe_z_loss", "moe_bias_rate"):
         _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+    _require(m.moe_experts % cfg.parallel.ep == 0, f"parallel.ep = {cfg.parallel.ep} must divide model.moe_experts = "
+             f"{m.moe_experts} (each expert-parallel rank holds the same number of experts)")
     _require(m.moe_capacity_factor == 0 or m.moe_capacity_factor >= 1 / m.moe_top_k,
              f"model.moe_capacity_factor = {m.moe_capacity_factor} would drop most tokens; use 0 (dropless) or >= 1")
 
@@ -63,7 +67,7 @@ class MoEDecoder(Transformer):
                 module.reset_buffers()
 
 
-EXPERT_RESIDUAL_OUTPUTS = ("mlp.w2", "mlp.shared.w2.weight")  # the experts' (E, h, d) and the shared experts'
+EXPERT_RESIDUAL_OUTPUTS = ("mlp.experts.w2", "mlp.shared.w2.weight")  # the experts' (E, h, d) and the shared experts'
 
 
 def moe_init_rule(name: str, ndim: int, cfg: ModelConfig) -> tuple[str, float]:
@@ -104,9 +108,14 @@ def moe_flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
     return 6.0 * active_matmul_params(cfg, vocab_size) + 12.0 * cfg.n_layers * cfg.d_model * cfg.seq_len
 
 
+def expert_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """Each MoE block with its experts module, for expert parallelism (kiln.parallel.experts)."""
+    return [(m, m.experts) for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
 MOE = ModelSpec(
     name="moe", build=MoEDecoder, validate=validate_moe, blocks=transformer_blocks, init_rule=moe_init_rule,
     tensor_parallel=None, pipeline_stage=pipeline_stage, count_params=moe_params,
     flops_per_token=moe_flops_per_token, activation_bytes=activation_bytes,
     monitor_modules=("layers.*.attn", "layers.*.mlp"), attention_logits=attention_logits,
-    attention_modules=("layers.*.attn",), causal=True)
+    attention_modules=("layers.*.attn",), causal=True, expert_modules=expert_modules)

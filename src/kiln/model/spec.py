@@ -66,6 +66,7 @@ class ModelSpec:
     attention_modules: tuple[str, ...] = ()  # globs of the modules `attention_logits` understands
     causal: bool = True  # predicts each token from its left context (generates text); False: bidirectional
     hf_adapter: Any = None  # Hugging Face state-dict adapter (kiln.interop), when the family has one
+    expert_modules: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]] | None = None  # (MoE block, experts)
 
     # ------------------------------------------------------------- generic defaults
     def params(self, cfg: ModelConfig, vocab_size: int) -> int:

@@ -36,6 +36,8 @@ def validate_transformer(cfg: Config) -> None:
     m, par = cfg.model, cfg.parallel
     _require(m.moe_experts == 0 or m.family == "moe", f"model.moe_experts = {m.moe_experts} needs model.family = "
              f"'moe' (model.family = '{m.family}' has no experts)")
+    _require(par.ep == 1 or m.family == "moe", f"parallel.ep = {par.ep} spreads experts; model.family = "
+             f"'{m.family}' has none (set parallel.ep = 1)")
     _require(m.norm_position == "pre" or m.family == "encoder", "model.norm_position = 'post' (BERT's blocks) is "
              "for model.family = 'encoder'; decoders are pre-norm (model.post_norm adds a sandwich norm)")
     _require(m.d_model % m.n_heads == 0, f"model.n_heads = {m.n_heads} must divide model.d_model = {m.d_model}")

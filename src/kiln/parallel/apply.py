@@ -1,5 +1,5 @@
 """Parallelism applied to a built model from outside, in a fixed order:
-tensor parallel -> activation checkpointing -> per-block compile -> FSDP2.
+expert parallel -> tensor parallel -> activation checkpointing -> per-block compile -> FSDP2.
 
 The model arrives on the meta device (so one larger than a device can be built), gets its
 layout here, is materialised with `to_empty`, and only then is initialised, shard by shard.
@@ -22,6 +22,7 @@ from kiln.config import Config
 from kiln.errors import ConfigError
 from kiln.model.init import init_parameters
 from kiln.model.spec import ModelSpec
+from kiln.parallel.experts import shard_experts
 from kiln.parallel.mesh import ParallelDims
 
 
@@ -52,8 +53,12 @@ def apply_block_compile(blocks: list[tuple[str, nn.Module]]) -> None:
 
 
 def apply_fsdp(model: nn.Module, blocks: list[tuple[str, nn.Module]], dp_mesh: DeviceMesh,
-               reshard_after_forward: bool = True) -> None:
-    """FSDP2: shard each block, then the root (whatever is left: embeddings, final norm, head)."""
+               reshard_after_forward: bool = True, experts: list[nn.Module] = (),
+               expert_mesh: DeviceMesh | None = None) -> None:
+    """FSDP2: shard each block, then the root (whatever is left: embeddings, final norm, head).
+    Under expert parallelism the experts modules first, over the ranks holding the same experts."""
+    for module in experts:
+        fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward)
     for i, (_, block) in enumerate(blocks):
         # the last block is resharded by the root anyway; keeping it gathered saves one all-gather
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
@@ -61,9 +66,16 @@ def apply_fsdp(model: nn.Module, blocks: list[tuple[str, nn.Module]], dp_mesh: D
 
 
 def parallelize(model: nn.Module, spec: ModelSpec, cfg: Config, dims: ParallelDims,
-                mesh: DeviceMesh | None) -> nn.Module:
+                mesh: DeviceMesh | None, expert_mesh: DeviceMesh | None = None) -> nn.Module:
     """Apply the configured layout to `model` (on the meta device), in the fixed order."""
     blocks = spec.block_list(model)
+    experts: list[nn.Module] = []
+    if dims.ep > 1:
+        if spec.expert_modules is None or not spec.expert_modules(model):
+            raise ConfigError(f"model.family = '{spec.name}' has no experts to spread; set parallel.ep = 1")
+        pairs = spec.expert_modules(model)
+        shard_experts(model, pairs, expert_mesh)
+        experts = [module for _, module in pairs]
     if dims.tp > 1:
         if spec.tensor_parallel is None:
             raise ConfigError(f"model.family = '{spec.name}' has no tensor-parallel plan; set parallel.tp = 1")
@@ -77,7 +89,10 @@ def parallelize(model: nn.Module, spec: ModelSpec, cfg: Config, dims: ParallelDi
         apply_block_compile(blocks)
     if dims.dp_size > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-        apply_fsdp(model, blocks, dp_mesh)
+        edp_mesh = None
+        if experts:
+            edp_mesh = expert_mesh["dp_replicate", "edp"] if dims.dp_replicate > 1 else expert_mesh["edp"]
+        apply_fsdp(model, blocks, dp_mesh, experts=experts, expert_mesh=edp_mesh)
     return model
 
 

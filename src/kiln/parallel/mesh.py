@@ -28,6 +28,7 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    ep: int = 1  # expert parallel: a subdivision of dp_shard (dp_shard = edp x ep)
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
@@ -38,13 +39,21 @@ class ParallelDims:
                 raise ConfigError(f"parallel.dp_replicate x tp x pp = {cfg.dp_replicate} x {cfg.tp} x {cfg.pp} = "
                                   f"{fixed} does not divide the world size {world_size}")
             dp_shard = world_size // fixed
-        dims = cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, world_size)
+        dims = cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, world_size, cfg.ep)
         product = dims.dp_replicate * dims.dp_shard * dims.tp * dims.pp
         if product != world_size:
             raise ConfigError(f"parallel degrees dp_replicate x dp_shard x tp x pp = {dims.dp_replicate} x "
                               f"{dims.dp_shard} x {dims.tp} x {dims.pp} = {product}, but the world size is "
                               f"{world_size}; make them multiply to {world_size} (dp_shard = -1 fills the rest)")
+        if dims.dp_shard % dims.ep:
+            raise ConfigError(f"parallel.ep = {dims.ep} must divide parallel.dp_shard = {dims.dp_shard} (expert "
+                              "parallelism splits each FSDP group's experts among its ranks)")
         return dims
+
+    @property
+    def edp(self) -> int:
+        """Ranks of a dp_shard group that hold the same experts (FSDP of the expert weights)."""
+        return self.dp_shard // self.ep
 
     @property
     def dp_size(self) -> int:
@@ -55,7 +64,7 @@ class ParallelDims:
         return self.world_size > 1
 
     def describe(self) -> str:
-        return " x ".join(f"{n}={getattr(self, n)}" for n in DIM_NAMES if getattr(self, n) > 1) or "single process"
+        return " x ".join(f"{n}={getattr(self, n)}" for n in (*DIM_NAMES, "ep") if getattr(self, n) > 1) or "single process"
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The named mesh, built from process groups created here with `new_group`.
@@ -64,17 +73,26 @@ class ParallelDims:
         torchrun elastic restart on gloo: the restarted job hung. Groups made by `new_group`
         restart cleanly.)"""
         shape = tuple(getattr(self, n) for n in DIM_NAMES)
-        ranks = torch.arange(self.world_size).view(shape)
-        me = dist.get_rank()
-        mine = []
-        for dim in range(len(shape)):
-            # every rank creates every group of this dimension, in the same order
-            lines = ranks.movedim(dim, -1).reshape(-1, shape[dim])
-            for line in lines.tolist():
-                group = dist.new_group(line)
-                if me in line:
-                    mine.append(group)
-        return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=DIM_NAMES)
+        return _mesh_of_new_groups(torch.arange(self.world_size).view(shape), DIM_NAMES, device_type)
+
+    def build_expert_mesh(self, device_type: str) -> DeviceMesh:
+        """The mesh of the expert weights: dp_shard split into ("edp", "ep"), ep innermost so a
+        token exchange stays among neighbouring ranks. Ranks are those of `build_mesh`."""
+        names = ("pp", "dp_replicate", "edp", "ep", "tp")
+        shape = (self.pp, self.dp_replicate, self.edp, self.ep, self.tp)
+        return _mesh_of_new_groups(torch.arange(self.world_size).view(shape), names, device_type)
+
+
+def _mesh_of_new_groups(ranks: torch.Tensor, names: tuple[str, ...], device_type: str) -> DeviceMesh:
+    me = dist.get_rank()
+    mine = []
+    for dim in range(ranks.dim()):
+        # every rank creates every group of this dimension, in the same order
+        for line in ranks.movedim(dim, -1).reshape(-1, ranks.shape[dim]).tolist():
+            group = dist.new_group(line)
+            if me in line:
+                mine.append(group)
+    return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=names)
 
 
 @dataclass(frozen=True)

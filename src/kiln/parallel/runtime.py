@@ -29,6 +29,7 @@ class Parallel:
     mesh: DeviceMesh | None
     device: torch.device
     collective_timer: Callable[[Callable[[], T]], T] | None = None  # set by the step_time callback
+    expert_mesh: DeviceMesh | None = None  # parallel.ep > 1: ("pp", "dp_replicate", "edp", "ep", "tp")
 
     @classmethod
     def setup(cls, cfg: Config, device: torch.device) -> "Parallel":
@@ -38,7 +39,8 @@ class Parallel:
         if device.type == "cuda" and info.world_size > 1:
             device = torch.device("cuda", torch.cuda.current_device())
         mesh = dims.build_mesh(device.type) if dims.distributed else None
-        return cls(info, dims, mesh, device)
+        expert_mesh = dims.build_expert_mesh(device.type) if dims.ep > 1 else None
+        return cls(info, dims, mesh, device, expert_mesh=expert_mesh)
 
     @property
     def is_main(self) -> bool:
@@ -114,12 +116,21 @@ class Parallel:
 
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Global gradient norm over all shards and stages; clip to `max_norm` (inf = no clip)."""
-        grads = [p.grad for p in params if p.grad is not None]
+        groups: dict[object, list[torch.Tensor]] = {}  # by mesh: expert weights live on a mesh of their own
+        for p in params:
+            if p.grad is not None:
+                groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+
         def total() -> torch.Tensor:
             # The norm of sharded (DTensor) gradients reduces over the shards of FSDP and TP, partly
             # inside get_total_norm already: the whole of it counts as communication.
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-            return norm.full_tensor() if isinstance(norm, DTensor) else norm
+            norms = []
+            for group in groups.values():
+                norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
+                norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+            if len(norms) == 1:
+                return norms[0]
+            return torch.stack(norms).pow(2).sum().sqrt() if norms else torch.zeros((), device=self.device)
 
         norm = self._timed(total) if self.distributed else total()
         if self.dims.pp > 1:
@@ -127,7 +138,8 @@ class Parallel:
             self._timed(lambda: dist.all_reduce(sq, group=self.mesh["pp"].get_group()))
             norm = sq.sqrt()
         if max_norm != float("inf"):
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+            for group in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm, foreach=True)
         return norm
 
     def shutdown(self) -> None:

@@ -49,7 +49,7 @@ def build_parts(cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int) ->
             model = spec.build(cfg.model, padded_vocab(vocab_size))
         if par.dims.pp > 1:
             model = pp.cut_stage(model, spec, stage, n_stages)
-        parallelize(model, spec, cfg, par.dims, par.mesh)
+        parallelize(model, spec, cfg, par.dims, par.mesh, par.expert_mesh)
         parts.append(materialise(model, spec, cfg, par.device))
     return parts, ids, n_stages
 

@@ -81,6 +81,7 @@ def test_capacity_keeps_the_first_tokens_of_each_expert_and_counts_the_dropped()
     x[0, :, 0] = 1.0  # all 8 tokens choose expert 0; capacity = 8 * 1 / 2 = 4
     out = m.train()(x)
     kept = reference(m, x)
+    torch.testing.assert_close(m.eval()(x), kept, rtol=1e-5, atol=1e-5)  # evaluation routes dropless
     torch.testing.assert_close(out[0, :4], kept[0, :4], rtol=1e-5, atol=1e-5)
     assert torch.all(out[0, 4:] == 0)  # dropped tokens pass only through the residual
     stats = finish_step([nn.ModuleDict({"mlp": m})])

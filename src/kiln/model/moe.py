@@ -17,6 +17,9 @@ The auxiliary losses train through `AttachAux`: the block's output carries them 
 (weighted by 1 / micro-batches of the step), so they need no route to the loss function and
 work on every pipeline stage; they are not part of the reported loss.
 
+The capacity limit applies while training; evaluation and generation route dropless (as
+inference engines and the Hugging Face classes do), so a model scores the same everywhere.
+
 Routing statistics for the metrics (expert load max / mean, router entropy, dropped share) are
 accumulated in non-persistent buffers while training and read once per step (`routing_stats`).
 Activation checkpointing recomputes a block and adds its counts twice; every statistic is a
@@ -217,7 +220,7 @@ class MoEFeedForward(nn.Module):
         order = expert_of.argsort(stable=True)  # by expert, tokens in order within an expert
         counts = torch.bincount(expert_of, minlength=E)
         keep = torch.ones_like(expert_of, dtype=torch.bool)
-        if self.capacity_factor > 0:  # the first `capacity` tokens of each expert stay (GShard)
+        if self.capacity_factor > 0 and self.training:  # the first `capacity` tokens of each expert stay (GShard)
             starts = counts.cumsum(0) - counts
             position = torch.empty_like(expert_of)
             position[order] = torch.arange(N * k, device=x.device) - starts[expert_of[order]]

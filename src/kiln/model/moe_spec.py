@@ -13,6 +13,7 @@ from torch import nn
 from kiln.config import Config, ModelConfig
 from kiln.errors import ConfigError
 from kiln.model.decoder import Transformer
+from kiln.interop.hf_mixtral import MIXTRAL_HF
 from kiln.model.layers import swiglu_hidden
 from kiln.model.moe import MoEFeedForward, expert_hidden, is_moe_layer
 from kiln.model.spec import ModelSpec, normal_std_for_depth
@@ -118,4 +119,4 @@ MOE = ModelSpec(
     tensor_parallel=None, pipeline_stage=pipeline_stage, count_params=moe_params,
     flops_per_token=moe_flops_per_token, activation_bytes=activation_bytes,
     monitor_modules=("layers.*.attn", "layers.*.mlp"), attention_logits=attention_logits,
-    attention_modules=("layers.*.attn",), causal=True, expert_modules=expert_modules)
+    attention_modules=("layers.*.attn",), causal=True, expert_modules=expert_modules, hf_adapter=MIXTRAL_HF)

@@ -4,7 +4,7 @@ the stdlib corpus: `moe-tiny` (8 experts of hidden 192, top-2) vs `tiny` (one ML
 seed, data order and schedule. Prints validation loss, tokens/s and each MoE layer's expert
 load (max / mean) over the run's last quarter.
 
-    python bench/moe_vs_dense.py --steps 300 [--json OUT]
+    python bench/moe_vs_dense.py --steps 300 [--only 0,1] [--json OUT]
 """
 
 from __future__ import annotations
@@ -47,10 +47,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--json")
+    ap.add_argument("--only", help="comma-separated indices of the variants to run (default: all)")
     args = ap.parse_args()
+    chosen = [int(i) for i in args.only.split(",")] if args.only else range(len(VARIANTS))
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, preset, sets) in enumerate(VARIANTS):
+        for i in chosen:
+            label, preset, sets = VARIANTS[i]
             rows[label] = run(preset, sets, args.steps, Path(tmp), f"v{i}")
             r = rows[label]
             loads = ", ".join(f"{k} {v:.2f}" for k, v in r["load_max_mean"].items()) or "-"

@@ -42,12 +42,12 @@ def train(root: Path, name: str, overrides: list[str], nproc: int = 1) -> list[f
     return losses(root / "runs" / name)
 
 
-def assert_same_gradients(root: Path, name: str, reference: str) -> None:
+def assert_same_gradients(root: Path, name: str, reference: str, rel: float = GRAD_REL) -> None:
     ours, ref = (load_file(root / "grads" / f"{n}.safetensors") for n in (name, reference))
     assert set(ours) == set(ref) and any(".experts." in k for k in ref) and any("router" in k for k in ref)
     for key, want in ref.items():  # relative error of each parameter's gradient, ||got - want|| / ||want||
-        rel = (ours[key] - want).norm().item() / max(want.norm().item(), 1e-30)
-        assert rel <= GRAD_REL, f"{key}: relative gradient error {rel:.2e}"
+        err = (ours[key] - want).norm().item() / max(want.norm().item(), 1e-30)
+        assert err <= rel, f"{key}: relative gradient error {err:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +115,13 @@ def _cut(run: Path, keep_steps: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name, layout", [("ep4", ["parallel.ep=4"]),
                                           ("hsdp-ep2", ["parallel.dp_replicate=2", "parallel.ep=2"]),
-                                          ("edp2-ep2-ac", ["parallel.ep=2", "parallel.activation_checkpoint=full"])])
+                                          ("edp2-ep2-ac", ["parallel.ep=2", "parallel.activation_checkpoint=full"]),
+                                          ("tp2-ep2", ["parallel.tp=2", "parallel.ep=2"])])
 def test_four_process_expert_parallel_gradients_match_one_process(setup, single, name, layout):
     root, base = setup
     assert_close(train(root, name, base + layout, nproc=4), single)
-    assert_same_gradients(root, name, "single")
+    # tensor parallelism sums attention in another order: its noise reaches 1.04e-6 after 3 steps
+    assert_same_gradients(root, name, "single", rel=2e-6 if "tp" in name else GRAD_REL)
 
 
 @pytest.mark.slow

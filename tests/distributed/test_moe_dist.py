@@ -27,14 +27,32 @@ def setup(tmp_path_factory):
     return root, base_overrides(root / "cache", write_corpus(root)) + MOE
 
 
-def test_moe_fsdp_matches_single_process(setup):
+@pytest.fixture(scope="module")
+def single_micro4(setup):
+    root, base = setup
+    return train(root / "runs", "single-micro4", base + ["train.micro_batch_size=4"])
+
+
+def test_moe_fsdp_matches_single_process(setup, single_micro4):
     root, base = setup
     runs = root / "runs"
-    single = train(runs, "single-micro4", base + ["train.micro_batch_size=4"])
+    single = single_micro4
     assert_close(train(runs, "fsdp2", base, nproc=2), single)
     for layer in ("layers.1", "layers.2", "layers.3"):
         key = f"moe/{layer}/load_max_mean"
         assert routing(runs / "fsdp2", key) == routing(runs / "single-micro4", key)
+
+
+def test_moe_tensor_parallel_matches_single_process(setup, single_micro4):
+    """Tensor parallelism splits attention; the MoE blocks run whole on both tp ranks (the same
+    tokens, the same experts), so even routing is bit-identical."""
+    root, base = setup
+    runs = root / "runs"
+    single = single_micro4
+    tp = train(runs, "tp2", base + ["parallel.tp=2", "train.micro_batch_size=4"], nproc=2)
+    assert_close(tp, single)
+    key = "moe/layers.3/load_max_mean"
+    assert routing(runs / "tp2", key) == routing(runs / "single-micro4", key)
 
 
 def test_moe_pipeline_matches_single_process(setup):

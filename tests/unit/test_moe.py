@@ -181,7 +181,7 @@ def test_expert_init_is_depth_scaled_for_the_down_projection():
     (["model.mlp=gelu"], "SwiGLU experts"),
     (["model.moe_capacity_factor=0.2"], "would drop most tokens"),
     (["model.moe_bias_rate=-1"], "moe_bias_rate must be >= 0"),
-    (["parallel.tp=2"], "no tensor-parallel plan"),
+    (["parallel.ep=3"], "parallel.ep = 3 must divide model.moe_experts = 8"),
 ])
 def test_bad_moe_settings_are_refused_with_the_key(sets, says):
     with pytest.raises(ConfigError, match=says):

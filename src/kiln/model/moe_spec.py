@@ -17,6 +17,7 @@ from kiln.interop.hf_mixtral import MIXTRAL_HF
 from kiln.model.layers import swiglu_hidden
 from kiln.model.moe import MoEFeedForward, expert_hidden, is_moe_layer
 from kiln.model.spec import ModelSpec, normal_std_for_depth
+from kiln.parallel.plans import transformer_tensor_parallel
 from kiln.model.specs import (activation_bytes, attention_logits, matmul_params, model_params, pipeline_stage,
                               transformer_blocks, transformer_init_rule, validate_transformer)
 
@@ -29,7 +30,6 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate_moe(cfg: Config) -> None:
-    _require(cfg.parallel.tp == 1, "model.family = 'moe' has no tensor-parallel plan yet; set parallel.tp = 1")
     validate_transformer(cfg)
     m = cfg.model
     _require(m.moe_experts >= 2, f"model.family = 'moe' needs model.moe_experts >= 2, got {m.moe_experts}")
@@ -116,7 +116,7 @@ def expert_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 
 MOE = ModelSpec(
     name="moe", build=MoEDecoder, validate=validate_moe, blocks=transformer_blocks, init_rule=moe_init_rule,
-    tensor_parallel=None, pipeline_stage=pipeline_stage, count_params=moe_params,
+    tensor_parallel=transformer_tensor_parallel, pipeline_stage=pipeline_stage, count_params=moe_params,
     flops_per_token=moe_flops_per_token, activation_bytes=activation_bytes,
     monitor_modules=("layers.*.attn", "layers.*.mlp"), attention_logits=attention_logits,
     attention_modules=("layers.*.attn",), causal=True, expert_modules=expert_modules, hf_adapter=MIXTRAL_HF)

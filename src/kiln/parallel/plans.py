@@ -2,11 +2,15 @@
 `ModelSpec.tensor_parallel` points at its plan, and `kiln.parallel.apply` calls it.
 
 The transformer plan is Megatron-style with sequence parallelism: norms and dropout see 1/tp of
-the sequence, attention and MLP projections are split column-wise then row-wise.
+the sequence, attention and MLP projections are split column-wise then row-wise. A feed-forward
+block that is not a pair of linear layers (a mixture of experts) is not split: every tp rank runs
+it whole on the whole (all-gathered) sequence and keeps its own chunk of the output; its weights
+are replicated over the tp ranks and their gradients come out whole on each.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -34,6 +38,26 @@ class HeadNorm(ParallelStyle):
         return module
 
 
+class _SequenceChunk(torch.autograd.Function):
+    """This tp rank's chunk of the sequence of a tensor every tp rank holds whole and alike;
+    backward gathers the chunks' gradients back into the whole (the inverse of the all-gather)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        ctx.mesh = mesh
+        return DTensor.from_local(x, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        whole = DTensor.from_local(grad.contiguous(), ctx.mesh, [Shard(1)], run_check=False)
+        return whole.redistribute(ctx.mesh, [Replicate()]).to_local(), None
+
+
+def _keep_sequence_shard(mesh: DeviceMesh):
+    """A forward hook: a replicated feed-forward's whole-sequence output back to this rank's chunk."""
+    return lambda module, args, out: _SequenceChunk.apply(out, mesh)
+
+
 def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     top: dict[str, object] = {}
     if model.tok_emb is not None:
@@ -53,15 +77,19 @@ def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "attn.wv": ColwiseParallel(),
             "attn.wo": RowwiseParallel(output_layouts=Shard(1)),
             "mlp_norm": SequenceParallel(),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "mlp.w1": ColwiseParallel(),
-            "mlp.w2": RowwiseParallel(output_layouts=Shard(1)),
         }
+        if isinstance(getattr(block.mlp, "w1", None), nn.Linear):  # a dense MLP: split column- then row-wise
+            plan.update({"mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                         "mlp.w1": ColwiseParallel(), "mlp.w2": RowwiseParallel(output_layouts=Shard(1))})
+            if hasattr(block.mlp, "w3"):
+                plan["mlp.w3"] = ColwiseParallel()
+        else:  # any other feed-forward (a mixture of experts) runs whole on every tp rank, on the whole sequence
+            plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                             use_local_output=True)
+            block.mlp.register_forward_hook(_keep_sequence_shard(tp_mesh))
         if block.attn_post_norm is not None:  # the sub-layers' outputs are sequence-sharded (Shard(1))
             plan["attn_post_norm"] = SequenceParallel(use_local_output=True)  # the residual stream is local
             plan["mlp_post_norm"] = SequenceParallel(use_local_output=True)
-        if hasattr(block.mlp, "w3"):
-            plan["mlp.w3"] = ColwiseParallel()
         if block.attn.q_norm is not None:
             plan["attn.q_norm"] = HeadNorm()
             plan["attn.k_norm"] = HeadNorm()

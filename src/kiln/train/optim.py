@@ -11,12 +11,21 @@ from kiln.config import OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear and embedding weights); never biases or norm gains (1-D tensors)."""
-    decay, no_decay = [], []
+    """Decay matrices (linear and embedding weights); never biases or norm gains (1-D tensors).
+    Parameters laid out differently (plain tensors, DTensors of different meshes: a mixture of
+    experts replicated over tensor-parallel ranks beside split attention) go in separate groups:
+    a fused optimizer step takes one layout at a time."""
+    groups: dict[tuple[bool, object], list[torch.Tensor]] = {(True, None): [], (False, None): []}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            layout = getattr(p, "device_mesh", None)
+            groups.setdefault((p.dim() >= 2, layout), []).append(p)
+    layouts = {layout for (_, layout), params in groups.items() if params}
+    # one layout: the two groups as always (one may be empty); several: only non-empty groups
+    # (torch's distributed optimizer state dict accepts at most one empty group)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
+            for (decay, layout), params in sorted(groups.items(), key=lambda kv: not kv[0][0])
+            if params or (len(layouts) <= 1 and layout in (layouts or {None}))]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -47,7 +47,8 @@ class ParallelDims:
                               f"{world_size}; make them multiply to {world_size} (dp_shard = -1 fills the rest)")
         if dims.dp_shard % dims.ep:
             raise ConfigError(f"parallel.ep = {dims.ep} must divide parallel.dp_shard = {dims.dp_shard} (expert "
-                              "parallelism splits each FSDP group's experts among its ranks)")
+                              "parallelism splits each FSDP group's experts among its ranks); on another world "
+                              "size, set it with --set parallel.ep=N")
         return dims
 
     @property

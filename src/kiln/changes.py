@@ -12,7 +12,7 @@ from kiln.errors import ConfigError
 # What may change when a run is resumed: how it is optimised, evaluated, saved, logged, guarded,
 # monitored and laid out. Everything else (model shape, data, tokenizer, seed, batch) defines the run.
 RESUMABLE_SECTIONS = ("optim", "schedule", "eval", "checkpoint", "log", "guard", "parallel", "callbacks", "debug",
-                      "faults")
+                      "faults", "kernels")
 RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.time_budget_s", "train.compile", "train.threads",
                   "train.micro_batch_size", "train.precision", "train.device", "data.cache_dir", "data.workers")
 

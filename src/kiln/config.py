@@ -1,11 +1,10 @@
 """Typed configuration: one dataclass per section, TOML presets, `--set a.b=c` overrides.
 
-This layer checks types and values only. Names that refer to registered components (the model
-family, the objective, evaluation suites, callbacks and their options) are resolved by
-`kiln.resolve` after plugins have loaded, so whether a config parses never depends on which
-user modules happen to be importable. A mistake ends in a `ConfigError` whose one-line message
-names the key and what is allowed.
-"""
+This layer checks types and values only; names of registered components (family, objective,
+suites, callbacks and their options) are resolved by `kiln.resolve` once plugins have loaded, so
+whether a config parses never depends on which user modules are importable. A mistake ends in a
+`ConfigError` whose one-line message names the key and what is allowed. Family-specific checks
+(e.g. the `moe_*` keys) live in the family's spec."""
 
 from __future__ import annotations
 
@@ -46,8 +45,7 @@ class ModelConfig:
     type_vocab_size: int = 0  # token-type (segment) embeddings; Kiln feeds type 0 (BERT has 2)
     init_std: float = 0.02
     init_from: str = ""  # a safetensors file of full Kiln-named weights (kiln import / kiln export) to start from
-    # mixture of experts (model.family = "moe"; kiln.model.moe, checked by kiln.model.moe_spec)
-    moe_experts: int = 0  # routed experts per MoE layer
+    moe_experts: int = 0  # routed experts per MoE layer (model.family = "moe": kiln.model.moe, moe_spec)
     moe_top_k: int = 2  # experts each token goes to
     moe_every: int = 1  # every k-th layer is MoE ...
     moe_first_dense: int = 0  # ... after this many dense layers
@@ -121,6 +119,12 @@ class MaskConfig:
     random: float = 0.1  # ... by a random non-special token
     keep: float = 0.1  # ... left unchanged (replace + random + keep = 1)
     whole_word: bool = False  # select whole words (all pieces of a word together)
+
+
+@dataclass
+class KernelsConfig:
+    cross_entropy: str = "naive"  # naive | chunked: linear + cross-entropy without the full logits (kiln.kernels)
+    chunk_size: int = 1024  # chunked: tokens per chunk (its float32 logits: chunk x vocabulary x 4 bytes)
 
 
 @dataclass
@@ -237,6 +241,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -275,6 +280,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.name": ("cosine", "wsd", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "kernels.cross_entropy": ("naive", "chunked"),
     "parallel.pp_schedule": ("1f1b", "interleaved-1f1b", "gpipe"),
     "parallel.activation_checkpoint": ("none", "selective", "full"),
     "guard.on_nonfinite": ("skip", "rollback", "stop"),
@@ -284,8 +290,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "checkpoint.on_error": ("stop", "continue"),
 }
 
-
-# --------------------------------------------------------------------------- loading
 
 def preset_names() -> list[str]:
     folder = resources.files("kiln") / "presets"
@@ -482,8 +486,6 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
 
 
-# --------------------------------------------------------------------------- validation
-
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -498,7 +500,7 @@ def validate(cfg: Config) -> None:
 
     m, t, d = cfg.model, cfg.train, cfg.data
     positive = ["model.n_layers", "model.n_heads", "model.d_model", "model.seq_len", "data.vocab_size",
-                "train.batch_size", "eval.batches", "log.every"]
+                "train.batch_size", "eval.batches", "log.every", "kernels.chunk_size"]
     for key in positive:
         _require(flat[key] > 0, f"{key} must be positive, got {flat[key]}")
     non_negative = ["model.n_kv_heads", "model.d_ff", "model.max_seq_len", "model.type_vocab_size", "train.steps", "train.tokens",

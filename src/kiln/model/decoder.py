@@ -10,6 +10,8 @@ Stages of a pipeline keep only some blocks: `tok_emb`, `norm` and `head` may be 
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
@@ -66,8 +68,11 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.head.weight if self.head is not None else self.tok_emb.weight
 
-    def forward(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, vocab); a middle pipeline stage maps hidden -> hidden."""
+    def forward(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> Any:
+        """tokens (B, T) int64 -> logits (B, T, vocab); a middle pipeline stage maps hidden -> hidden.
+        `head(hidden, output_matrix)`, when given, replaces the output projection (a loss that never
+        materialises the logits: kiln.kernels.cross_entropy)."""
         x = self.embed(tokens) if self.tok_emb is not None else tokens
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.layers.values():
@@ -75,6 +80,8 @@ class Transformer(nn.Module):
         if self.norm is None:
             return x
         x = self.norm(x)
+        if head is not None:
+            return head(x, self.output_weight())
         if self.head is not None:
             return self.head(x)
         return nn.functional.linear(x, self.tok_emb.weight)  # tied: softmax over e(x)

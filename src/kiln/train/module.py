@@ -15,13 +15,16 @@ their per-step balancing update here (kiln.model.moe.finish_step). The loop (kil
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable
 
 import torch
 from torch import nn
 
 from kiln.config import Config
+from kiln.errors import ConfigError
 from kiln.eval.lm import tally_predictions
+from kiln.kernels.cross_entropy import chunked_linear_cross_entropy
 from kiln.model import moe
 from kiln.parallel import pipeline as pp
 from kiln.parallel.runtime import Parallel
@@ -56,11 +59,29 @@ class TrainModule:
         self.z_coef = cfg.train.z_loss
         self._z_total = torch.zeros((), device=par.device)  # this step's z-loss term (scaled), this rank
         self.z_mean: torch.Tensor | None = None  # mean log(Z)^2 per predicted token of the last step
+        self.chunk = self._chunked_loss(cfg, parts, objective)  # tokens per chunk, 0 = the naive head
         self.has_moe = bool(moe.moe_layers(parts))
         self.routing: dict[str, torch.Tensor] = {}  # the last step's MoE routing statistics (device tensors)
         if self.has_moe:  # the routers' auxiliary losses are averaged over a step's micro-batches
             n_micro = cfg.parallel.pp_microbatches if par.dims.pp > 1 else None
             moe.set_micro_batches(parts, n_micro or max(1, cfg.global_batch // par.dims.dp_size // micro_batch))
+
+    @staticmethod
+    def _chunked_loss(cfg: Config, parts: list[nn.Module], objective: Objective) -> int:
+        """`kernels.cross_entropy = "chunked"`: check it applies here; the chunk size, or 0."""
+        if cfg.kernels.cross_entropy != "chunked":
+            return 0
+        where = "kernels.cross_entropy = 'chunked'"
+        if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+            raise ConfigError(f"{where} works with parallel.tp = 1 and parallel.pp = 1 for now; set "
+                              "kernels.cross_entropy = 'naive'")
+        if "head" not in inspect.signature(parts[0].forward).parameters:
+            raise ConfigError(f"{where}: model.family = '{cfg.model.family}' takes no loss head in its forward; "
+                              "set kernels.cross_entropy = 'naive'")
+        if type(objective).loss_sum is not Objective.loss_sum:
+            raise ConfigError(f"{where}: train.objective = '{cfg.train.objective}' has a loss of its own, not "
+                              "cross-entropy; set kernels.cross_entropy = 'naive'")
+        return cfg.kernels.chunk_size
 
     def attach_schedule(self) -> None:
         self.schedule = pp.build_schedule(self.parts, self.stage_ids, self.n_stages, self.par, self.cfg,
@@ -109,6 +130,9 @@ class TrainModule:
     # ---------------------------------------------------------------- one step
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(summed objective loss, summed z-loss term or None when train.z_loss is off)."""
+        if self.chunk:
+            ce, z = self.model(inputs, head=lambda h, w: chunked_linear_cross_entropy(h, w, targets, self.chunk))
+            return ce, (z if self.z_coef else None)
         logits = self.model(inputs)
         return self.objective.loss_sum(logits, targets), (z_loss_sum(logits, targets) if self.z_coef else None)
 

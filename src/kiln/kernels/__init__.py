@@ -1,0 +1,1 @@
+"""Fused and memory-lean replacements of model and loss operations (the `[kernels]` section)."""

@@ -129,6 +129,12 @@ def test_import_then_export_is_bit_identical(tmp_path, tokenizer, name):
         assert torch.equal(back[key], expected), key
 
 
+def save_causal_tokenizer(tokenizer, folder: Path) -> None:
+    """Kiln's tokenizer as `transformers` saves a causal model's (bos, eos, pad and unk roles)."""
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, eos_token="<|eos|>", bos_token="<|bos|>",
+                                         pad_token="<|pad|>", unk_token="<|unk|>").save_pretrained(folder)
+
+
 def saved_transformers_model(cls, config, folder: Path):
     """A model `transformers` builds and saves itself, its weights moved off their initial values."""
     torch.manual_seed(0)
@@ -147,9 +153,7 @@ def test_a_real_transformers_model_imports_with_parity(tmp_path, tokenizer):
                                       max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=50000.0,
                                       tie_word_embeddings=False, eos_token_id=tokenizer.eos_id)
     theirs = saved_transformers_model(transformers.LlamaForCausalLM, config, tmp_path / "llama")
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, eos_token="<|eos|>",
-                                                bos_token="<|bos|>", pad_token="<|pad|>", unk_token="<|unk|>")
-    fast.save_pretrained(tmp_path / "llama")
+    save_causal_tokenizer(tokenizer, tmp_path / "llama")
     model, tok = load(tmp_path / "llama")
     ids = batch(tok)
     with torch.no_grad():

@@ -16,7 +16,8 @@ from kiln.errors import ConfigError  # noqa: E402
 from kiln.interop import hf_files  # noqa: E402
 from kiln.interop.convert import LanguageModel, adapter_for, load, read_hf  # noqa: E402
 
-from test_hf import batch, export_folder, hf_model, random_model, saved_transformers_model, tokenizer  # noqa: E402,F401
+from test_hf import (batch, export_folder, hf_model, random_model, save_causal_tokenizer,  # noqa: E402,F401
+                     saved_transformers_model, tokenizer)
 
 MIXTRAL = ModelConfig(family="moe", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, seq_len=32, pos="rope",
                       rope_theta=50000.0, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", bias=False,
@@ -60,9 +61,7 @@ def test_a_mixtral_saved_by_transformers_imports_with_parity(tmp_path, tokenizer
                                         rms_norm_eps=1e-6, rope_theta=50000.0, tie_word_embeddings=False,
                                         sliding_window=None, eos_token_id=tokenizer.eos_id)
     theirs = saved_transformers_model(transformers.MixtralForCausalLM, config, tmp_path / "mixtral")
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, eos_token="<|eos|>",
-                                                bos_token="<|bos|>", pad_token="<|pad|>", unk_token="<|unk|>")
-    fast.save_pretrained(tmp_path / "mixtral")
+    save_causal_tokenizer(tokenizer, tmp_path / "mixtral")
     model, tok = load(tmp_path / "mixtral")
     ids = batch(tok)
     with torch.no_grad():

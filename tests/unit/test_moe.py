@@ -100,7 +100,9 @@ def test_auxiliary_losses_reach_the_router_through_backward():
         assert not torch.allclose(with_aux, m2.router.weight.grad), kw
         # the extra gradient is exactly the aux term's: d(coef * aux)/dW
         logits, scores, chosen, _ = m.route(x.reshape(-1, 16))
-        aux = m._aux_loss(logits, scores, chosen.reshape(-1), 2, 6)
+        expert_of = chosen.reshape(-1)
+        aux = m._aux_loss(logits, scores / scores.sum(-1, keepdim=True), torch.bincount(expert_of, minlength=4),
+                          expert_of, 2, 6)
         grad = torch.autograd.grad(aux, m.router.weight)[0]
         torch.testing.assert_close(with_aux - m2.router.weight.grad, grad, rtol=1e-3, atol=1e-5)
 
@@ -110,17 +112,18 @@ def test_switch_loss_is_its_coefficient_when_routing_is_uniform():
     logits = torch.zeros(8, 4)
     scores = logits.softmax(-1)
     expert_of = torch.arange(8) % 4
-    assert m._aux_loss(logits, scores, expert_of, 1, 8).item() == pytest.approx(0.5)
+    assert m._aux_loss(logits, scores, torch.bincount(expert_of, minlength=4), expert_of, 1, 8).item() == \
+        pytest.approx(0.5)
 
 
 def test_the_balancing_bias_moves_towards_the_mean_load_and_not_on_a_discarded_step():
     m = block(moe_bias_rate=0.01)
     m.load.copy_(torch.tensor([10.0, 2.0, 2.0, 2.0]))
-    m.tallies.copy_(torch.tensor([0.0, 1.0, 8.0]))
+    m.tallies.copy_(torch.tensor([0.0, 1.0]))  # 16 assignments: 8 tokens
     finish_step([m], discard=torch.tensor(1.0))
     assert torch.all(m.expert_bias == 0) and torch.all(m.load == 0)
     m.load.copy_(torch.tensor([10.0, 2.0, 2.0, 2.0]))
-    m.tallies.copy_(torch.tensor([0.0, 1.0, 8.0]))
+    m.tallies.copy_(torch.tensor([0.0, 1.0]))  # 16 assignments: 8 tokens
     finish_step([m])
     torch.testing.assert_close(m.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
     # the bias changes which experts are chosen, never the gates' values

@@ -252,11 +252,16 @@ def from_hf(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Te
         # attention-mask buffers older GPT-2 checkpoints carry are not weights
         ignorable = {k for k in hf if k.endswith((".attn.bias", ".attn.masked_bias")) and k not in used}
         ignorable |= {"lm_head.weight"} if cfg.tie_embeddings else set()
-    extra = sorted(set(hf) - used - ignorable)
+    refuse_unplaced(hf, used | ignorable)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def refuse_unplaced(hf: dict[str, torch.Tensor], placed: set[str]) -> None:
+    """A checkpoint's tensors that a mapping did not place are an error, never dropped silently."""
+    extra = sorted(set(hf) - placed)
     if extra:
         refuse(f"the checkpoint has tensors this mapping does not place ({', '.join(extra[:3])}"
                f"{', ...' if len(extra) > 3 else ''}); is config.json the one it was saved with?")
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 

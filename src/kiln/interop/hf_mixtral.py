@@ -21,16 +21,11 @@ from typing import Any
 import torch
 
 from kiln.config import ModelConfig
-from kiln.errors import ConfigError
-from kiln.interop.hf import LLAMA_BLOCK, HFAdapter, _split, hf_config, kiln_model_config
+from kiln.interop.hf import LLAMA_BLOCK, HFAdapter, _split, hf_config, kiln_model_config, refuse, refuse_unplaced
 from kiln.model.moe import expert_hidden
 
 ATTENTION = {k: v for k, v in LLAMA_BLOCK.items() if not k.startswith("mlp.")}
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-
-
-def refuse(message: str) -> None:
-    raise ConfigError(message)
 
 
 def mixtral_flavour(cfg: ModelConfig) -> str:
@@ -143,11 +138,7 @@ def mixtral_from_hf(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
     out["norm.weight"] = take("model.norm.weight")
     if not cfg.tie_embeddings:
         out["head.weight"] = take("lm_head.weight")
-    ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    extra = sorted(set(hf) - used - ignorable)
-    if extra:
-        refuse(f"the checkpoint has tensors this mapping does not place ({', '.join(extra[:3])}"
-               f"{', ...' if len(extra) > 3 else ''}); is config.json the one it was saved with?")
+    refuse_unplaced(hf, used | ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     return {k: v.contiguous() for k, v in out.items()}
 
 

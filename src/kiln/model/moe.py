@@ -182,10 +182,10 @@ class MoEFeedForward(nn.Module):
             shared_cfg = ModelConfig(d_model=d, d_ff=h * cfg.moe_shared_experts, bias=False)
             self.shared = SwiGLU(shared_cfg)
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)  # aux-loss-free balancing
-        # routing statistics of the current step (training only): assignments per expert, dropped
-        # assignments, summed router entropy, tokens
+        # routing statistics of the current step (training only): assignments per expert (so tokens
+        # = their sum / k), dropped assignments and summed router entropy
         self.register_buffer("load", torch.zeros(E), persistent=False)
-        self.register_buffer("tallies", torch.zeros(3), persistent=False)
+        self.register_buffer("tallies", torch.zeros(2), persistent=False)
         self.aux_weight = 1.0  # 1 / micro-batches per step (set by the train module)
         self.dispatch: Dispatch = local_dispatch  # expert parallelism swaps this from outside
 
@@ -218,7 +218,7 @@ class MoEFeedForward(nn.Module):
         N, k, E = flat.shape[0], self.top_k, self.n_experts
         expert_of = chosen.reshape(-1)  # (N k) assignments, token-major
         order = expert_of.argsort(stable=True)  # by expert, tokens in order within an expert
-        counts = torch.bincount(expert_of, minlength=E)
+        counts = demand = torch.bincount(expert_of, minlength=E)  # assignments per expert before capacity
         keep = torch.ones_like(expert_of, dtype=torch.bool)
         if self.capacity_factor > 0 and self.training:  # the first `capacity` tokens of each expert stay (GShard)
             starts = counts.cumsum(0) - counts
@@ -235,36 +235,34 @@ class MoEFeedForward(nn.Module):
         if self.shared is not None:
             out = out + self.shared(flat)
         if self.training and torch.is_grad_enabled():  # not the pipeline's shape-inference pass
-            self._tally(scores, expert_of, keep, N)
-            aux = self._aux_loss(logits, scores, expert_of, B, T)
+            probs = scores / scores.sum(-1, keepdim=True)  # sigmoid scores made a distribution
+            self._tally(probs, demand, keep)
+            aux = self._aux_loss(logits, probs, demand, expert_of, B, T)
             if aux is not None:
                 out = AttachAux.apply(out, aux, self.aux_weight)
         return out.view(B, T, d)
 
     # ---------------------------------------------------------------- balancing and statistics
-    def _aux_loss(self, logits: torch.Tensor, scores: torch.Tensor, expert_of: torch.Tensor, B: int,
-                  T: int) -> torch.Tensor | None:
+    def _aux_loss(self, logits: torch.Tensor, probs: torch.Tensor, demand: torch.Tensor, expert_of: torch.Tensor,
+                  B: int, T: int) -> torch.Tensor | None:
         terms = []
         E, k = self.n_experts, self.top_k
-        probs = scores / scores.sum(-1, keepdim=True)  # sigmoid scores made a distribution
         if self.aux_coef:
-            f = torch.bincount(expert_of, minlength=E).float() / expert_of.numel()
+            f = demand.float() / expert_of.numel()
             terms.append(self.aux_coef * E * (f * probs.mean(0)).sum())
         if self.seq_aux_coef:
-            seq = torch.zeros(B, E, device=scores.device).scatter_add_(
-                1, expert_of.view(B, T * k), torch.ones(B, T * k, device=scores.device)) / (T * k)
+            seq = torch.zeros(B, E, device=probs.device).scatter_add_(
+                1, expert_of.view(B, T * k), torch.ones(B, T * k, device=probs.device)) / (T * k)
             terms.append(self.seq_aux_coef * E * (seq * probs.view(B, T, E).mean(1)).sum(-1).mean())
         if self.z_coef:
             terms.append(self.z_coef * logits.logsumexp(-1).pow(2).mean())
         return sum(terms) if terms else None
 
     @torch.no_grad()
-    def _tally(self, scores: torch.Tensor, expert_of: torch.Tensor, keep: torch.Tensor, n_tokens: int) -> None:
-        probs = scores / scores.sum(-1, keepdim=True)
+    def _tally(self, probs: torch.Tensor, demand: torch.Tensor, keep: torch.Tensor) -> None:
         entropy = -(probs * probs.clamp(min=1e-20).log()).sum(-1).sum()
-        self.load += torch.bincount(expert_of, minlength=self.n_experts).float()
-        dropped = (~keep).sum().float()
-        self.tallies += torch.stack([dropped, entropy, torch.tensor(float(n_tokens), device=scores.device)])
+        self.load += demand.float()
+        self.tallies += torch.stack([(~keep).sum().float(), entropy])
 
 
 def moe_layers(parts: list[nn.Module]) -> list[tuple[str, MoEFeedForward]]:
@@ -290,18 +288,18 @@ def finish_step(parts: list[nn.Module], reduce: Callable[[torch.Tensor], torch.T
     layers = moe_layers(parts)
     if not layers:
         return {}
-    counts = torch.stack([torch.cat([m.load, m.tallies]) for _, m in layers])  # (layers, E + 3)
+    counts = torch.stack([torch.cat([m.load, m.tallies]) for _, m in layers])  # (layers, E + 2)
     if reduce is not None:
         counts = reduce(counts)
     out: dict[str, torch.Tensor] = {}
     for (name, m), row in zip(layers, counts):
-        load, (dropped, entropy, tokens) = row[:-3], row[-3:]
+        load, (dropped, entropy) = row[:-2], row[-2:]
         if m.bias_rate > 0:
             move = torch.sign(load.mean() - load) * m.bias_rate
             if discard is not None:
                 move = move * (1 - discard.to(move.dtype))
             m.expert_bias += move
-        tokens = tokens.clamp(min=1)
+        tokens = (load.sum() / m.top_k).clamp(min=1)
         label = name.removesuffix(".mlp")
         out[f"moe/{label}/load_max_mean"] = load.max() / load.mean().clamp(min=1e-20)
         out[f"moe/{label}/entropy"] = entropy / tokens

@@ -11,44 +11,38 @@ from __future__ import annotations
 from torch import nn
 
 from kiln.config import Config, ModelConfig
-from kiln.errors import ConfigError
-from kiln.model.decoder import Transformer
 from kiln.interop.hf_mixtral import MIXTRAL_HF
+from kiln.model.decoder import Transformer
 from kiln.model.layers import swiglu_hidden
 from kiln.model.moe import MoEFeedForward, expert_hidden, is_moe_layer
 from kiln.model.spec import ModelSpec, normal_std_for_depth
-from kiln.parallel.plans import transformer_tensor_parallel
-from kiln.model.specs import (activation_bytes, attention_logits, matmul_params, model_params, pipeline_stage,
+from kiln.model.specs import (require, activation_bytes, attention_logits, matmul_params, model_params, pipeline_stage,
                               transformer_blocks, transformer_init_rule, validate_transformer)
+from kiln.parallel.plans import transformer_tensor_parallel
 
 SCORES = ("softmax", "sigmoid")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 def validate_moe(cfg: Config) -> None:
     validate_transformer(cfg)
     m = cfg.model
-    _require(m.moe_experts >= 2, f"model.family = 'moe' needs model.moe_experts >= 2, got {m.moe_experts}")
-    _require(1 <= m.moe_top_k <= m.moe_experts,
+    require(m.moe_experts >= 2, f"model.family = 'moe' needs model.moe_experts >= 2, got {m.moe_experts}")
+    require(1 <= m.moe_top_k <= m.moe_experts,
              f"model.moe_top_k = {m.moe_top_k} must be between 1 and model.moe_experts = {m.moe_experts}")
-    _require(m.moe_every >= 1, f"model.moe_every must be >= 1, got {m.moe_every}")
-    _require(0 <= m.moe_first_dense < m.n_layers, f"model.moe_first_dense = {m.moe_first_dense} leaves no MoE layer "
+    require(m.moe_every >= 1, f"model.moe_every must be >= 1, got {m.moe_every}")
+    require(0 <= m.moe_first_dense < m.n_layers, f"model.moe_first_dense = {m.moe_first_dense} leaves no MoE layer "
              f"among model.n_layers = {m.n_layers}; lower it")
-    _require(m.mlp == "swiglu", f"model.family = 'moe' has SwiGLU experts; set model.mlp = 'swiglu' (got {m.mlp!r})")
-    _require(not m.bias, "model.family = 'moe' has no biases in its experts; set model.bias = false")
-    _require(m.moe_score in SCORES, f"model.moe_score = {m.moe_score!r} is not allowed; choose one of "
+    require(m.mlp == "swiglu", f"model.family = 'moe' has SwiGLU experts; set model.mlp = 'swiglu' (got {m.mlp!r})")
+    require(not m.bias, "model.family = 'moe' has no biases in its experts; set model.bias = false")
+    require(m.moe_score in SCORES, f"model.moe_score = {m.moe_score!r} is not allowed; choose one of "
              f"{', '.join(SCORES)}")
     for key in ("moe_d_ff", "moe_shared_experts"):
-        _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+        require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
     for key in ("moe_capacity_factor", "moe_aux_loss", "moe_seq_aux_loss", "moe_z_loss", "moe_bias_rate"):
-        _require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
-    _require(m.moe_experts % cfg.parallel.ep == 0, f"parallel.ep = {cfg.parallel.ep} must divide model.moe_experts = "
+        require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+    require(m.moe_experts % cfg.parallel.ep == 0, f"parallel.ep = {cfg.parallel.ep} must divide model.moe_experts = "
              f"{m.moe_experts} (each expert-parallel rank holds the same number of experts)")
-    _require(m.moe_capacity_factor == 0 or m.moe_capacity_factor >= 1 / m.moe_top_k,
+    require(m.moe_capacity_factor == 0 or m.moe_capacity_factor >= 1 / m.moe_top_k,
              f"model.moe_capacity_factor = {m.moe_capacity_factor} would drop most tokens; use 0 (dropless) or >= 1")
 
 

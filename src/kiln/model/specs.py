@@ -25,7 +25,7 @@ from kiln.parallel.plans import transformer_tensor_parallel
 RESIDUAL_OUTPUTS = ("attn.wo", "mlp.w2")  # projections into the residual stream get depth-scaled init
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
@@ -34,37 +34,37 @@ def _require(ok: bool, message: str) -> None:
 
 def validate_transformer(cfg: Config) -> None:
     m, par = cfg.model, cfg.parallel
-    _require(m.moe_experts == 0 or m.family == "moe", f"model.moe_experts = {m.moe_experts} needs model.family = "
+    require(m.moe_experts == 0 or m.family == "moe", f"model.moe_experts = {m.moe_experts} needs model.family = "
              f"'moe' (model.family = '{m.family}' has no experts)")
-    _require(par.ep == 1 or m.family == "moe", f"parallel.ep = {par.ep} spreads experts; model.family = "
+    require(par.ep == 1 or m.family == "moe", f"parallel.ep = {par.ep} spreads experts; model.family = "
              f"'{m.family}' has none (set parallel.ep = 1)")
-    _require(m.norm_position == "pre" or m.family == "encoder", "model.norm_position = 'post' (BERT's blocks) is "
+    require(m.norm_position == "pre" or m.family == "encoder", "model.norm_position = 'post' (BERT's blocks) is "
              "for model.family = 'encoder'; decoders are pre-norm (model.post_norm adds a sandwich norm)")
-    _require(m.d_model % m.n_heads == 0, f"model.n_heads = {m.n_heads} must divide model.d_model = {m.d_model}")
+    require(m.d_model % m.n_heads == 0, f"model.n_heads = {m.n_heads} must divide model.d_model = {m.d_model}")
     kv = m.n_kv_heads or m.n_heads
-    _require(kv <= m.n_heads and m.n_heads % kv == 0,
+    require(kv <= m.n_heads and m.n_heads % kv == 0,
              f"model.n_kv_heads = {kv} must divide model.n_heads = {m.n_heads}")
     head_dim = m.d_model // m.n_heads
-    _require(m.pos != "rope" or head_dim % 2 == 0,
+    require(m.pos != "rope" or head_dim % 2 == 0,
              f"model.pos = 'rope' needs an even head size, got d_model/n_heads = {head_dim}")
-    _require(m.n_heads % par.tp == 0 and kv % par.tp == 0,
+    require(m.n_heads % par.tp == 0 and kv % par.tp == 0,
              f"parallel.tp = {par.tp} must divide model.n_heads = {m.n_heads} and the KV heads = {kv}")
-    _require(m.seq_len % par.tp == 0, f"parallel.tp = {par.tp} must divide model.seq_len = {m.seq_len} "
+    require(m.seq_len % par.tp == 0, f"parallel.tp = {par.tp} must divide model.seq_len = {m.seq_len} "
              "(sequence parallelism splits the sequence)")
     if par.pp > 1:
         stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
-        _require(m.n_layers % stages == 0, f"model.n_layers = {m.n_layers} must be divisible by the {stages} "
+        require(m.n_layers % stages == 0, f"model.n_layers = {m.n_layers} must be divisible by the {stages} "
                  "pipeline stages (parallel.pp x stages per rank)")
-        _require(not m.tie_embeddings, "parallel.pp > 1 needs model.tie_embeddings = false (the embedding and the "
+        require(not m.tie_embeddings, "parallel.pp > 1 needs model.tie_embeddings = false (the embedding and the "
                  "output layer live on different stages)")
     if par.tp > 1:
-        _require(not m.tie_embeddings, "parallel.tp > 1 needs model.tie_embeddings = false (the shared matrix "
+        require(not m.tie_embeddings, "parallel.tp > 1 needs model.tie_embeddings = false (the shared matrix "
                  "would need two layouts)")
 
 
 def validate_encoder(cfg: Config) -> None:
     validate_transformer(cfg)
-    _require(cfg.parallel.tp == 1 and cfg.parallel.pp == 1, "model.family = 'encoder' trains with data "
+    require(cfg.parallel.tp == 1 and cfg.parallel.pp == 1, "model.family = 'encoder' trains with data "
              "parallelism (FSDP) only for now; set parallel.tp = 1 and parallel.pp = 1")
 
 

@@ -74,7 +74,7 @@ def parallelize(model: nn.Module, spec: ModelSpec, cfg: Config, dims: ParallelDi
         if spec.expert_modules is None or not spec.expert_modules(model):
             raise ConfigError(f"model.family = '{spec.name}' has no experts to spread; set parallel.ep = 1")
         pairs = spec.expert_modules(model)
-        shard_experts(model, pairs, expert_mesh)
+        shard_experts(pairs, expert_mesh)
         experts = [module for _, module in pairs]
     if dims.tp > 1:
         if spec.tensor_parallel is None:

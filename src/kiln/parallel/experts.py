@@ -72,7 +72,7 @@ class ExpertParallelDispatch:
         return _AllToAll.apply(y_sorted[inverse], send_splits, recv_splits, self.group)
 
 
-def shard_experts(model: nn.Module, experts: list[tuple[nn.Module, nn.Module]], mesh: DeviceMesh) -> None:
+def shard_experts(experts: list[tuple[nn.Module, nn.Module]], mesh: DeviceMesh) -> None:
     """For each (MoE block, its experts module): the expert weights as DTensors sharded on dim 0
     over mesh["ep"], and the block's dispatch through the token exchange."""
     ep_mesh = mesh["ep"]

@@ -10,7 +10,6 @@ are replicated over the tp ranks and their gradients come out whole on each.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -18,6 +17,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -36,26 +36,6 @@ class HeadNorm(ParallelStyle):
         module.register_forward_pre_hook(lambda _, args: (DTensor.from_local(args[0], mesh, [Shard(1)]),))
         module.register_forward_hook(lambda _, args, out: out.to_local())
         return module
-
-
-class _SequenceChunk(torch.autograd.Function):
-    """This tp rank's chunk of the sequence of a tensor every tp rank holds whole and alike;
-    backward gathers the chunks' gradients back into the whole (the inverse of the all-gather)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-        ctx.mesh = mesh
-        return DTensor.from_local(x, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        whole = DTensor.from_local(grad.contiguous(), ctx.mesh, [Shard(1)], run_check=False)
-        return whole.redistribute(ctx.mesh, [Replicate()]).to_local(), None
-
-
-def _keep_sequence_shard(mesh: DeviceMesh):
-    """A forward hook: a replicated feed-forward's whole-sequence output back to this rank's chunk."""
-    return lambda module, args, out: _SequenceChunk.apply(out, mesh)
 
 
 def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -84,9 +64,9 @@ def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             if hasattr(block.mlp, "w3"):
                 plan["mlp.w3"] = ColwiseParallel()
         else:  # any other feed-forward (a mixture of experts) runs whole on every tp rank, on the whole sequence
-            plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                             use_local_output=True)
-            block.mlp.register_forward_hook(_keep_sequence_shard(tp_mesh))
+            plan["mlp"] = PrepareModuleInputOutput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
         if block.attn_post_norm is not None:  # the sub-layers' outputs are sequence-sharded (Shard(1))
             plan["attn_post_norm"] = SequenceParallel(use_local_output=True)  # the residual stream is local
             plan["mlp_post_norm"] = SequenceParallel(use_local_output=True)

@@ -15,17 +15,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Parameters laid out differently (plain tensors, DTensors of different meshes: a mixture of
     experts replicated over tensor-parallel ranks beside split attention) go in separate groups:
     a fused optimizer step takes one layout at a time."""
-    groups: dict[tuple[bool, object], list[torch.Tensor]] = {(True, None): [], (False, None): []}
+    by_layout: dict[object, tuple[list, list]] = {}  # layout -> (decay, no decay)
     for p in model.parameters():
         if p.requires_grad:
-            layout = getattr(p, "device_mesh", None)
-            groups.setdefault((p.dim() >= 2, layout), []).append(p)
-    layouts = {layout for (_, layout), params in groups.items() if params}
-    # one layout: the two groups as always (one may be empty); several: only non-empty groups
-    # (torch's distributed optimizer state dict accepts at most one empty group)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
-            for (decay, layout), params in sorted(groups.items(), key=lambda kv: not kv[0][0])
-            if params or (len(layouts) <= 1 and layout in (layouts or {None}))]
+            decay, no_decay = by_layout.setdefault(getattr(p, "device_mesh", None), ([], []))
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    if len(by_layout) <= 1:  # one layout: the two groups as always (either may be empty)
+        decay, no_decay = next(iter(by_layout.values()), ([], []))
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # several: only non-empty groups (torch's distributed optimizer state dict accepts one empty group)
+    return [{"params": params, "weight_decay": wd} for i, wd in ((0, weight_decay), (1, 0.0))
+            for pair in by_layout.values() if (params := pair[i])]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:

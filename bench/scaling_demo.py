@@ -13,16 +13,21 @@ import argparse
 import json
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["model.seq_len=64", "train.batch_size=8", "data.vocab_size=2048", "train.precision=fp32",
-          "eval.every=0", "eval.batches=32", "checkpoint.every=0", "log.plot=false", "guard.hang_min_s=0",
+          "eval.every=0", "eval.batches=128", "checkpoint.every=0", "log.plot=false", "guard.hang_min_s=0",
           "eval.sample_tokens=4"]
-SHAPES = [(2, 48, 2), (2, 64, 2), (3, 96, 3)]
-BUDGET_DIVISORS = (40, 120, 360)  # 3 sizes each: 10.8% of the held-out run's compute in all
+SHAPES = [(1, 32, 2), (2, 48, 2), (2, 64, 2), (3, 96, 3)]
+BUDGET_DIVISORS = (60, 180, 540)  # 4 sizes each: 9.6% of the held-out run's compute in all
 HELD_OUT = (4, 128, 4)
+# The standard library alone (3.4M tokens at this vocabulary) would make the held-out run repeat data;
+# the pinned torch wheel's Python sources add ~15M tokens that every install has.
+_SITE = Path(sysconfig.get_paths()["purelib"])
+DEFAULT_CORPUS = f"stdlib,{_SITE / 'torch'}"
 
 
 def main() -> None:
@@ -37,12 +42,15 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scaling"))
-    ap.add_argument("--held-out-tokens", type=float, default=6e6)
+    ap.add_argument("--held-out-tokens", type=float, default=16e6)
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--shapes", default=",".join(f"{a}x{b}x{c}" for a, b, c in SHAPES),
                     help="the sweep's sizes as LAYERSxWIDTHxHEADS, comma-separated")
     ap.add_argument("--budgets", default=",".join(str(d) for d in BUDGET_DIVISORS),
                     help="each IsoFLOP budget as a divisor of the held-out run's compute, comma-separated")
+    ap.add_argument("--corpus", default=DEFAULT_CORPUS,
+                    help="data.corpus for every run; the default is large enough that the held-out run sees "
+                         "each token once (a law fitted on one-epoch points says nothing about repeated data)")
     ap.add_argument("--cache", help="the token-shard cache (default: OUT/cache); experiments can share one")
     args = ap.parse_args()
     shapes_given = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -50,7 +58,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
-    sets = COMMON + [f"data.cache_dir={args.cache or out / 'cache'}"]
+    sets = COMMON + [f"data.corpus={args.corpus}", f"data.cache_dir={args.cache or out / 'cache'}"]
     held_sets = sets + [f"model.n_layers={HELD_OUT[0]}", f"model.d_model={HELD_OUT[1]}", f"model.n_heads={HELD_OUT[2]}"]
     held_cfg = load_config("tiny", overrides=held_sets)
     vocab = 2048

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's kernels (an optional extra) are checked on the CPU by its interpreter, which Triton
+    # chooses when it decorates a kernel: its own library kernels at import, so before anything imports it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kiln.config import Config, load_config
 

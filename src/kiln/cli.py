@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "AutoModelForMaskedLM) and "
                              "AutoTokenizer load (Llama, Qwen3, GPT-2 or BERT)")
     export.add_argument("--max-shard-size", default="5GB", help="--format hf: split weights above this (default 5GB)")
+    export.add_argument("--quantize", choices=("int8", "int4"),
+                        help="weight-only quantisation of the blocks' linear layers (torchao); evaluate the file "
+                             "with kiln eval RUN_DIR --weights FILE")
 
     imp = verbs.add_parser("import", help="make a run from a Hugging Face Llama, Qwen3, GPT-2 or BERT folder",
                            description="Make a run from a local Hugging Face folder (safetensors weights and "
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--option", "-o", action="append", default=[], metavar="SUITE.KEY=VALUE",
                     help="a suite option, e.g. -o choice.tasks=hellaswag.jsonl -o bias.pairs=crows_pairs.csv")
     ev.add_argument("--list", action="store_true", help="list the registered suites and their options")
+    ev.add_argument("--weights", metavar="FILE", help="a quantised export of this run (kiln export --quantize): "
+                    "evaluate it, and report its perplexity change against the checkpoint it came from")
     runs = verbs.add_parser("runs", help="list the runs in a folder: status, steps, validation loss, lineage",
                             description="A table of the runs under DIR (default: runs).")
     runs.add_argument("dir", metavar="DIR", nargs="?", default="runs")
@@ -228,6 +233,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.quantize:
+        from kiln.runs.quantize import export_quantized
+
+        if args.format != "safetensors":
+            raise KilnError("kiln export --quantize writes one safetensors file; drop --format hf")
+        out, sizes = export_quantized(Path(args.run), Path(args.out), args.step, args.quantize)
+        print(f"wrote {out}: {sizes['layers']} linear layers in {args.quantize}, weights "
+              f"{sizes['weight_bytes'] / 2**20:.2f} MiB (float32: {sizes['full_weight_bytes'] / 2**20:.2f} MiB)")
+        return 0
     if args.format == "hf":
         from kiln.interop.convert import export_hf
 
@@ -283,7 +297,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.run:
         raise KilnError("kiln eval needs a run folder: kiln eval RUN_DIR [--suite NAME ...]")
     report, path = evaluate_run(Path(args.run), args.step, args.suites, args.option,
-                                log=None if quiet() else console.print)
+                                log=None if quiet() else console.print,
+                                weights=Path(args.weights) if args.weights else None)
     console.print(report_table(report, title=f"Kiln eval {args.run} @ step {report['step']}"))
     print(f"wrote {path}")
     return 0

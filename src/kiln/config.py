@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kiln.config_rules import require as _require
+from kiln.config_rules import validate_sections
 from kiln.errors import ConfigError
 
 
@@ -76,7 +78,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | adamw8bit | adamw4bit (low-bit states, torchao)
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -123,6 +125,9 @@ class MaskConfig:
 
 @dataclass
 class KernelsConfig:
+    backend: str = "auto"  # auto (Triton on CUDA when installed) | torch | triton: fused RMSNorm, RoPE, SwiGLU, CE
+    float8: str = "none"  # none | tensorwise | rowwise: FP8 matrix products in the blocks (torchao, sm89+ GPUs)
+    sparsity: str = "none"  # none | 2:4: semi-structured sparse MLP weights (torchao, CUDA only)
     cross_entropy: str = "naive"  # naive | chunked: linear + cross-entropy without the full logits (kiln.kernels)
     chunk_size: int = 1024  # chunked: tokens per chunk (its float32 logits: chunk x vocabulary x 4 bytes)
 
@@ -275,12 +280,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "gelu_exact", "swiglu"),
     "model.norm_position": ("pre", "post"),
-    "optim.name": ("adamw",),
+    "optim.name": ("adamw", "adamw8bit", "adamw4bit"),
     "optim.implementation": ("auto", "fused", "foreach", "single"),
     "schedule.name": ("cosine", "wsd", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "kernels.backend": ("auto", "torch", "triton"),
     "kernels.cross_entropy": ("naive", "chunked"),
+    "kernels.float8": ("none", "tensorwise", "rowwise"),
+    "kernels.sparsity": ("none", "2:4"),
     "parallel.pp_schedule": ("1f1b", "interleaved-1f1b", "gpipe"),
     "parallel.activation_checkpoint": ("none", "selective", "full"),
     "guard.on_nonfinite": ("skip", "rollback", "stop"),
@@ -486,11 +494,6 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def validate(cfg: Config) -> None:
     """Types are checked on construction; this checks values and how sections fit together.
     What depends on the model family lives in its ModelSpec (`kiln.resolve`)."""
@@ -548,49 +551,13 @@ def validate(cfg: Config) -> None:
                  f"{cfg.global_batch} sequences")
     _require(cfg.eval.temperature >= 0, "eval.temperature must be >= 0")
 
-    g = cfg.guard
-    for key in ("window", "min_history", "max_interventions"):
-        _require(getattr(g, key) >= 1, f"guard.{key} must be >= 1, got {getattr(g, key)}")
-    _require(g.min_history <= g.window, f"guard.min_history = {g.min_history} must be <= guard.window = {g.window}")
-    _require(g.k > 0, f"guard.k must be positive, got {g.k}")
-    _require(0 < g.k_corroborated <= g.k,
-             f"guard.k_corroborated = {g.k_corroborated} must be positive and at most guard.k = {g.k}")
-    for key in ("min_loss_jump", "min_grad_jump"):
-        _require(getattr(g, key) >= 1, f"guard.{key} must be >= 1 (a ratio to the median), got {getattr(g, key)}")
-    _require(g.persist >= 2, f"guard.persist must be >= 2, got {g.persist}")
-    _require(g.lr_factor > 0, f"guard.lr_factor must be positive, got {g.lr_factor}")
-    for key in ("margin", "lr_factor_steps", "hang_min_s"):
-        _require(getattr(g, key) >= 0, f"guard.{key} must be >= 0, got {getattr(g, key)}")
-    _require(g.hang_factor > 1, f"guard.hang_factor must be > 1, got {g.hang_factor}")
-    _require(g.collective_timeout_s > 0, f"guard.collective_timeout_s must be positive, got {g.collective_timeout_s}")
-    _require(cfg.checkpoint.keep >= 0 and cfg.checkpoint.keep_every >= 0, "checkpoint.keep and keep_every must be >= 0")
-
     par = cfg.parallel
     for key in ("dp_replicate", "tp", "ep", "pp", "pp_microbatches", "pp_stages_per_rank"):
         _require(getattr(par, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(par, key)}")
     _require(par.dp_shard == -1 or par.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (the rest of the "
              f"world), got {par.dp_shard}")
 
-    k = cfg.mask
-    _require(0.0 < k.rate < 1.0, f"mask.rate must be in (0, 1), got {k.rate}")
-    for key in ("replace", "random", "keep"):
-        _require(0.0 <= getattr(k, key) <= 1.0, f"mask.{key} must be in [0, 1], got {getattr(k, key)}")
-    _require(abs(k.replace + k.random + k.keep - 1.0) < 1e-6,
-             f"mask.replace + mask.random + mask.keep must add up to 1, got {k.replace} + {k.random} + {k.keep} = "
-             f"{k.replace + k.random + k.keep:g}")
-    _require(cfg.debug.invariants_every >= 1, f"debug.invariants_every must be >= 1, got {cfg.debug.invariants_every}")
-    f = cfg.faults
-    for key in ("lr_high_factor", "lr_low_factor", "dead_fraction"):
-        _require(getattr(f, key) > 0, f"faults.{key} must be positive, got {getattr(f, key)}")
-    _require(f.dead_fraction <= 1, f"faults.dead_fraction must be <= 1, got {f.dead_fraction}")
-    _require(0 <= f.layer < cfg.model.n_layers, f"faults.layer = {f.layer} must name a layer (0..{cfg.model.n_layers - 1})")
-    for key in ("slow_s", "slow_rank_s", "hang_s", "stall_s"):
-        _require(getattr(f, key) >= 0, f"faults.{key} must be >= 0, got {getattr(f, key)}")
-    for name in cfg.callbacks.enabled:
-        _require(bool(name.strip()), "callbacks.enabled holds an empty name")
-    _require(len(set(cfg.callbacks.enabled)) == len(cfg.callbacks.enabled),
-             f"callbacks.enabled names a callback twice: {cfg.callbacks.enabled}")
-
+    validate_sections(cfg)
 
 def to_toml(cfg: Config | dict[str, Any]) -> str:
     """The config (or its dict) as TOML text (kiln.tomlwrite)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kiln.config import load_config
-from kiln.model.layers import apply_rope, rope_tables, swiglu_hidden
+from kiln.model.layers import RMSNorm, apply_rope, rope_tables, swiglu_hidden
 from kiln.model.registry import build_model, padded_vocab
 from conftest import init_model
 
@@ -75,7 +75,7 @@ def test_module_structure_follows_options():
 
     llama, _ = make(*VARIANTS["llama"])
     block = llama.layers["0"]
-    assert isinstance(block.attn_norm, torch.nn.RMSNorm) and block.attn.wq.bias is None
+    assert isinstance(block.attn_norm, RMSNorm) and block.attn.wq.bias is None
     assert llama.pos_emb is None and llama.rope_cos.shape == (32, 8)  # (T, head_dim / 2)
     assert block.mlp.w1.weight.shape == block.mlp.w3.weight.shape == (swiglu_hidden(64), 64) == (192, 64)
 

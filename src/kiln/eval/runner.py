@@ -74,12 +74,12 @@ def _number(suite: str, key: str, value: Any) -> float | int | None:
     return value
 
 
-def save_report(run_dir: Path, report: dict[str, Any]) -> Path:
-    """Write (or add to) `eval/step-<N>.json` and the artifacts beside it; returns the JSON's path."""
+def save_report(run_dir: Path, report: dict[str, Any], tag: str = "") -> Path:
+    """Write (or add to) `eval/step-<N>[-tag].json` and the artifacts beside it; returns the JSON's path."""
     folder = Path(run_dir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     step = report["step"]
-    path = folder / f"step-{step}.json"
+    path = folder / f"step-{step}{'-' + tag if tag else ''}.json"
     artifacts = report.pop("artifacts", {})
     paths = {}
     for name, content in artifacts.items():
@@ -149,9 +149,11 @@ def _warn(text: str) -> None:
 
 
 def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = None,
-                 options: list[str] = (), log=None) -> tuple[dict[str, Any], Path]:
+                 options: list[str] = (), log=None, weights: Path | None = None) -> tuple[dict[str, Any], Path]:
     """`kiln eval`: run suites (default: all registered) on a run's checkpoint and save the report.
-    Step 0 without a checkpoint is the untrained model, rebuilt exactly as training initialised it."""
+    Step 0 without a checkpoint is the untrained model, rebuilt exactly as training initialised it.
+    `weights`: a quantised export of this run (kiln.runs.quantize), evaluated instead, with the
+    `lm` suite run on its source checkpoint too so the report says what quantising cost."""
     from kiln.resolve import check_suites
     from kiln.runs.rundir import RunDir
 
@@ -160,6 +162,12 @@ def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = 
     names = list(dict.fromkeys(names or suites))
     check_suites(names, where="--suite")
     parsed = parse_options(list(options), suites)
+    quantized = None
+    if weights is not None:
+        from kiln.runs.quantize import read_quantized
+
+        quantized = read_quantized(weights)
+        step = int(quantized[1]["kiln.step"])
     if step is None and run.latest_checkpoint(_warn) is None:
         raise KilnError(f"{path} has no valid checkpoint to evaluate; train it first or pass --step 0 "
                         "for the untrained model")
@@ -168,6 +176,23 @@ def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = 
         torch.set_num_threads(loaded.cfg.train.threads)
     ctx = EvalContext(loaded.cfg, loaded.model, loaded.tokenizer, loaded.device, loaded.autocast, run_dir=run.path,
                       step=loaded.step)
+    base = None
+    if quantized is not None:
+        from kiln.runs.quantize import load_quantized, weight_bytes
+
+        base = run_suites(ctx, ["lm"], parsed, log=log)["suites"].get("lm", {})
+        base_bytes = weight_bytes(loaded.model)
+        loaded.model.float()  # the export was quantised from float32 weights, on the CPU
+        load_quantized(loaded.model, {k: v.to(loaded.device) for k, v in quantized[0].items()})
     report = run_suites(ctx, names, parsed, log=log)
-    out = save_report(run.path, report)
+    tag = ""
+    if quantized is not None:
+        tag = quantized[1]["kiln.quantize"]
+        lm = report["suites"].get("lm") or run_suites(ctx, ["lm"], parsed)["suites"]["lm"]
+        p = "masked_" if ctx.is_encoder else ""
+        report["suites"]["quantized"] = {
+            "base_loss": base[f"{p}loss"], "loss": lm[f"{p}loss"], "base_ppl": base[f"{p}ppl"],
+            "ppl": lm[f"{p}ppl"], "ppl_change": lm[f"{p}ppl"] / base[f"{p}ppl"] - 1,
+            "base_weight_bytes": base_bytes, "weight_bytes": weight_bytes(loaded.model)}
+    out = save_report(run.path, report, tag)
     return report, out

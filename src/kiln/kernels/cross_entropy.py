@@ -7,8 +7,9 @@ The naive head materialises float32 logits for every token (at a 128k vocabulary
 logits, turns them into their gradient in place (softmax - one-hot, plus the z-loss term) and
 multiplies it into the gradients of the hidden states and the output matrix. Peak memory is one
 chunk's logits; the price is one more (chunk x d x V) product per chunk in backward. The logits
-are computed in float32 whatever the autocast precision (exact, and slower than a bf16 head on
-a GPU: a fused Triton kernel is the faster path there).
+are computed in float32 whatever the autocast precision. With `fused` (the registry's Triton
+backend) the per-row work — log-sum-exp and target logit in forward, the in-place gradient in
+backward — is one Triton kernel each (kiln.kernels.triton_ops) instead of several PyTorch passes.
 
 Returns the summed cross-entropy and the summed z-loss term log(Z)^2 (PaLM) over the targets,
 the same quantities as `Objective.loss_sum` and `z_loss_sum` on the full logits.
@@ -25,7 +26,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, fused: bool):
         rows = (targets != IGNORE).nonzero().flatten()
         h, t = hidden[rows], targets[rows]
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
@@ -33,11 +34,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight.float()
         for i in range(0, h.shape[0], chunk):
             logits = h[i:i + chunk].float() @ w.T  # (chunk, V) float32
-            lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
-            picked[i:i + chunk] = logits.gather(1, t[i:i + chunk, None]).squeeze(1)
+            if fused:
+                lse[i:i + chunk], picked[i:i + chunk] = _triton().ce_rows(logits, t[i:i + chunk])
+            else:
+                lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
+                picked[i:i + chunk] = logits.gather(1, t[i:i + chunk, None]).squeeze(1)
             del logits
         ctx.save_for_backward(hidden, weight, targets, rows, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.fused = chunk, fused
         return (lse - picked).sum(), lse.square().sum()
 
     @staticmethod
@@ -51,21 +55,32 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for i in range(0, h.shape[0], chunk):
             hc = h[i:i + chunk].float()
             g = hc @ w.T  # the chunk's logits again, then their gradient in place:
-            l = lse[i:i + chunk, None]
-            g.sub_(l).exp_()  # softmax
-            # d/dlogits of ce: softmax - onehot; of z = lse^2: 2 lse softmax
-            g.mul_(grad_ce + grad_z * 2 * l)
-            g.scatter_add_(1, t[i:i + chunk, None], (-grad_ce).expand(hc.shape[0], 1).to(g.dtype))
+            if ctx.fused:
+                _triton().ce_grad_(g, lse[i:i + chunk], t[i:i + chunk], grad_ce, grad_z)
+            else:
+                l = lse[i:i + chunk, None]
+                g.sub_(l).exp_()  # softmax
+                # d/dlogits of ce: softmax - onehot; of z = lse^2: 2 lse softmax
+                g.mul_(grad_ce + grad_z * 2 * l)
+                g.scatter_add_(1, t[i:i + chunk, None], (-grad_ce).expand(hc.shape[0], 1).to(g.dtype))
             grad_h[i:i + chunk] = g @ w
             if grad_w is not None:
                 grad_w.addmm_(g.T, hc)
             del g
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32).index_copy_(0, rows, grad_h).to(hidden.dtype)
-        return grad_hidden, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None
+        return grad_hidden, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
+
+
+def _triton():
+    from kiln.kernels import triton_ops
+
+    return triton_ops
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                                 chunk: int = 1024, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, summed log(Z)^2) of logits `hidden @ weight.T` over the positions
-    whose target is not IGNORE; hidden (..., d), weight (V, d), targets (...)."""
-    return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk)
+    whose target is not IGNORE; hidden (..., d), weight (V, d), targets (...). `fused`: the row
+    work in Triton (CUDA, or TRITON_INTERPRET=1)."""
+    return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                            chunk, fused)

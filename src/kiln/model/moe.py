@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.kernels import registry as kernels
 from kiln.model.layers import SwiGLU, swiglu_hidden
 
 Dispatch = Callable[[torch.Tensor, torch.Tensor, "MoEFeedForward"], torch.Tensor]
@@ -116,12 +117,12 @@ def run_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: tor
     xs, w1c, w3c, w2c = (t.to(dtype) for t in (x, w1, w3, w2))
     if x.shape[0] and grouped_matmul_available(xs):
         offsets = counts.cumsum(0).to(torch.int32)
-        h = F.silu(_grouped(xs, w1c, offsets)) * _grouped(xs, w3c, offsets)
+        h = kernels.swiglu(_grouped(xs, w1c, offsets), _grouped(xs, w3c, offsets))
         return _grouped(h, w2c, offsets)
     outs, start = [], 0
     for e, n in enumerate(counts.tolist()):
         rows = xs[start:start + n]
-        outs.append((F.silu(rows @ w1c[e]) * (rows @ w3c[e])) @ w2c[e])
+        outs.append(kernels.swiglu(rows @ w1c[e], rows @ w3c[e]) @ w2c[e])
         start += n
     return torch.cat(outs) if outs else xs.new_zeros((0, w2.shape[-1]))
 

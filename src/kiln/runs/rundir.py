@@ -281,10 +281,13 @@ class RunDir:
         """The whole model at `step` (default: the newest valid checkpoint) in this process,
         whatever layout saved it. Step 0 without a step-0 checkpoint is the untrained model,
         rebuilt exactly as training initialised it (from train.seed)."""
+        from kiln.kernels import registry as kernels
         from kiln.model.registry import build_model, initialise, resolve_family
         from kiln.train.precision import resolve_device, resolve_precision
 
         cfg = self.config()
+        # evaluation may run elsewhere than training did: keep "torch" if chosen, else let "auto" pick
+        kernels.set_backend("torch" if cfg.kernels.backend == "torch" else "auto")
         self.check_family(cfg, resolve_family)
         tokenizer = self.tokenizer()
         device = device or resolve_device(cfg)

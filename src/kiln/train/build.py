@@ -14,6 +14,9 @@ from kiln.config import Config
 from kiln.data.loader import BatchSampler, TokenWindows, eval_windows, share_windows
 from kiln.data.shards import Prepared
 from kiln.errors import ConfigError, DataError
+from kiln.kernels import registry as kernels
+from kiln.kernels.float8 import apply_float8, check_float8
+from kiln.kernels.sparsity import apply_sparsity, check_sparsity
 from kiln.model.spec import ModelSpec, padded_vocab
 from kiln.parallel import pipeline as pp
 from kiln.parallel.apply import materialise, parallelize
@@ -40,8 +43,21 @@ def _precision(cfg: Config, par: Parallel, resume_state: dict[str, Any] | None) 
     return par.broadcast(resolve_precision(cfg, par.device) if par.is_main else None)
 
 
+def check_kernels(cfg: Config, par: Parallel) -> None:
+    """Refuse, in one line, `[kernels]` options this machine or layout cannot run."""
+    k = cfg.kernels
+    kernels.check_backend(k.backend, par.device)
+    if k.float8 != "none":
+        check_float8(k.float8, par.device, par.dims.tp)
+    if k.sparsity != "none":
+        check_sparsity(k.sparsity, par.device)
+
+
 def build_parts(cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int) -> tuple[list, list[int], int]:
     """This rank's model parts (the whole model, or its pipeline stages), laid out and initialised."""
+    k = cfg.kernels
+    check_kernels(cfg, par)
+    kernels.set_backend(k.backend)
     ids, n_stages = pp.stage_ids(cfg, par.dims.pp, par.pp_rank) if par.dims.pp > 1 else ([0], 1)
     parts = []
     for stage in ids:
@@ -49,6 +65,10 @@ def build_parts(cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int) ->
             model = spec.build(cfg.model, padded_vocab(vocab_size))
         if par.dims.pp > 1:
             model = pp.cut_stage(model, spec, stage, n_stages)
+        if k.float8 != "none":  # before sharding: FSDP2 then all-gathers the float8 weights' own way
+            apply_float8(model, k.float8, fsdp_all_gather=par.dims.dp_shard > 1)
+        if k.sparsity != "none":
+            apply_sparsity(model)
         parallelize(model, spec, cfg, par.dims, par.mesh, par.expert_mesh)
         parts.append(materialise(model, spec, cfg, par.device))
     return parts, ids, n_stages

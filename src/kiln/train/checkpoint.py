@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -43,6 +44,7 @@ from kiln.parallel.tensors import plain_name as _clean
 from kiln.errors import CheckpointError
 from kiln.fileio import fsync_path, sha256_file
 from kiln.parallel.runtime import Parallel
+from kiln.train import lowbit
 
 FORMAT = "kiln-checkpoint-2"
 PREFIX = "step-"
@@ -105,11 +107,19 @@ def optimizer_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimiz
     return out
 
 
-def _flatten_optimizer(state: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {f"{name}/{k}": v.detach().contiguous().cpu() for name, s in state.items() for k, v in s.items()}
+def _save_optimizer(state: dict[str, dict[str, Any]], path: Path) -> None:
+    flat: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] = {}
+    for name, s in state.items():
+        for k, v in s.items():
+            lowbit.flatten_state(f"{name}/{k}", v, flat, meta)
+    save_file(flat, path, metadata=meta or None)
 
 
-def _unflatten_optimizer(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def _load_optimizer(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    flat = lowbit.unflatten_states(load_file(path), meta)
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, v in flat.items():
         name, k = key.rsplit("/", 1)
@@ -246,7 +256,7 @@ class Checkpointer:
                     raise OSError(f"distributed checkpoint write failed: {e}") from None
             else:
                 save_file({k: v.detach().contiguous().cpu() for k, v in model_sd.items()}, tmp / "model.safetensors")
-                save_file(_flatten_optimizer(optim_sd), tmp / "optimizer.safetensors")
+                _save_optimizer(optim_sd, tmp / "optimizer.safetensors")
             self._commit(tmp, final, step)
         except BaseException:
             if self._rank == 0:
@@ -372,7 +382,7 @@ def load_weights(path: Path, parts: list[nn.Module], optimizers: list[torch.opti
         _apply(parts, optimizers or [], payload["model"], payload.get("optim"), full=False, new_tensors=absent)
     else:
         model_sd = load_file(path / "model.safetensors")
-        optim_sd = _unflatten_optimizer(load_file(path / "optimizer.safetensors")) if optimizers else None
+        optim_sd = _load_optimizer(path / "optimizer.safetensors") if optimizers else None
         absent = {_clean(n) for part in parts for n, _ in part.named_parameters()} - set(model_sd)
         _apply(parts, optimizers or [], model_sd, optim_sd, full=True, new_tensors=allowed & absent)
     if optimizers and allowed:

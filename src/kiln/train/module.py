@@ -24,7 +24,7 @@ from torch import nn
 from kiln.config import Config
 from kiln.errors import ConfigError
 from kiln.eval.lm import tally_predictions
-from kiln.kernels.cross_entropy import chunked_linear_cross_entropy
+from kiln.kernels import registry as kernels
 from kiln.model import moe
 from kiln.parallel import pipeline as pp
 from kiln.parallel.runtime import Parallel
@@ -131,7 +131,7 @@ class TrainModule:
     def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(summed objective loss, summed z-loss term or None when train.z_loss is off)."""
         if self.chunk:
-            ce, z = self.model(inputs, head=lambda h, w: chunked_linear_cross_entropy(h, w, targets, self.chunk))
+            ce, z = self.model(inputs, head=lambda h, w: kernels.linear_cross_entropy(h, w, targets, self.chunk))
             return ce, (z if self.z_coef else None)
         logits = self.model(inputs)
         return self.objective.loss_sum(logits, targets), (z_loss_sum(logits, targets) if self.z_coef else None)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kiln.config import OptimConfig, ScheduleConfig
+from kiln.train.lowbit import LOW_BIT, build_low_bit
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -29,6 +30,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.name in LOW_BIT:
+        return build_low_bit(param_groups(model, cfg.weight_decay), cfg)
     impl = cfg.implementation
     if impl == "auto":
         # Fused AdamW has kernels for CUDA and CPU: one pass over all parameters per step.
@@ -59,4 +62,7 @@ def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -> f
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):  # torchao's optimizers keep it a tensor (no recompiles)
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

@@ -20,7 +20,7 @@ from kiln.progress import console, quiet
 from kiln.resolve import check_training
 from kiln.runs.rundir import RunDir
 from kiln.train import checkpoint as ckpt
-from kiln.train.build import build_trainer
+from kiln.train.build import build_trainer, check_kernels
 from kiln.train.callbacks.base import Callback
 from kiln.train.precision import resolve_device
 
@@ -50,6 +50,7 @@ def start_run(cfg: Config, runs_dir: Path, name: str, callbacks: Iterable[Callba
     added to the configured ones (for Python callers)."""
     spec = check_training(cfg)
     par = Parallel.setup(cfg, resolve_device(cfg))
+    check_kernels(cfg, par)  # before data and the run folder: a refused option leaves nothing behind
     name = par.broadcast(name)
     data = _prepare_everywhere(cfg, par)  # before creating the run: bad data leaves no empty run behind
 

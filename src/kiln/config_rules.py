@@ -1,0 +1,53 @@
+"""Value checks of the run-policy sections (guard, mask, faults, callbacks): part of
+`kiln.config.validate`, kept apart so the config module stays one screenful of dataclasses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.errors import ConfigError
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_sections(cfg: Any) -> None:
+    g = cfg.guard
+    for key in ("window", "min_history", "max_interventions"):
+        require(getattr(g, key) >= 1, f"guard.{key} must be >= 1, got {getattr(g, key)}")
+    require(g.min_history <= g.window, f"guard.min_history = {g.min_history} must be <= guard.window = {g.window}")
+    require(g.k > 0, f"guard.k must be positive, got {g.k}")
+    require(0 < g.k_corroborated <= g.k,
+            f"guard.k_corroborated = {g.k_corroborated} must be positive and at most guard.k = {g.k}")
+    for key in ("min_loss_jump", "min_grad_jump"):
+        require(getattr(g, key) >= 1, f"guard.{key} must be >= 1 (a ratio to the median), got {getattr(g, key)}")
+    require(g.persist >= 2, f"guard.persist must be >= 2, got {g.persist}")
+    require(g.lr_factor > 0, f"guard.lr_factor must be positive, got {g.lr_factor}")
+    for key in ("margin", "lr_factor_steps", "hang_min_s"):
+        require(getattr(g, key) >= 0, f"guard.{key} must be >= 0, got {getattr(g, key)}")
+    require(g.hang_factor > 1, f"guard.hang_factor must be > 1, got {g.hang_factor}")
+    require(g.collective_timeout_s > 0, f"guard.collective_timeout_s must be positive, got {g.collective_timeout_s}")
+    require(cfg.checkpoint.keep >= 0 and cfg.checkpoint.keep_every >= 0, "checkpoint.keep and keep_every must be >= 0")
+
+    k = cfg.mask
+    require(0.0 < k.rate < 1.0, f"mask.rate must be in (0, 1), got {k.rate}")
+    for key in ("replace", "random", "keep"):
+        require(0.0 <= getattr(k, key) <= 1.0, f"mask.{key} must be in [0, 1], got {getattr(k, key)}")
+    require(abs(k.replace + k.random + k.keep - 1.0) < 1e-6,
+            f"mask.replace + mask.random + mask.keep must add up to 1, got {k.replace} + {k.random} + {k.keep} = "
+            f"{k.replace + k.random + k.keep:g}")
+    require(cfg.debug.invariants_every >= 1, f"debug.invariants_every must be >= 1, got {cfg.debug.invariants_every}")
+    f = cfg.faults
+    for key in ("lr_high_factor", "lr_low_factor", "dead_fraction"):
+        require(getattr(f, key) > 0, f"faults.{key} must be positive, got {getattr(f, key)}")
+    require(f.dead_fraction <= 1, f"faults.dead_fraction must be <= 1, got {f.dead_fraction}")
+    require(0 <= f.layer < cfg.model.n_layers, f"faults.layer = {f.layer} must name a layer (0..{cfg.model.n_layers - 1})")
+    for key in ("slow_s", "slow_rank_s", "hang_s", "stall_s"):
+        require(getattr(f, key) >= 0, f"faults.{key} must be >= 0, got {getattr(f, key)}")
+    for name in cfg.callbacks.enabled:
+        require(bool(name.strip()), "callbacks.enabled holds an empty name")
+    require(len(set(cfg.callbacks.enabled)) == len(cfg.callbacks.enabled),
+            f"callbacks.enabled names a callback twice: {cfg.callbacks.enabled}")
+

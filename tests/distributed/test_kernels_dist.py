@@ -1,0 +1,35 @@
+"""torchao features under FSDP2 on two gloo ranks: float8 training with float8 all-gather (the
+losses of one process, within the noise of per-rank activation scales), and 8-bit AdamW states
+(DTensors of quantised shards) checkpointed through DCP and resumed at the same world size
+bit-exactly, at another within the parity tolerance."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_helpers import assert_close, base_overrides, losses, run_kiln, train, write_corpus
+from test_parallel import _cut_after
+
+pytest.importorskip("torchao")
+
+
+def test_fsdp_float8_matches_one_process(tmp_path):
+    corpus = write_corpus(tmp_path)
+    base = base_overrides(tmp_path / "cache", corpus) + ["kernels.float8=tensorwise"]
+    one = train(tmp_path / "runs", "one", base)
+    two = train(tmp_path / "runs", "two", base, nproc=2)
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=2e-3)  # each rank scales its own activations: not bit-equal
+
+
+@pytest.mark.slow  # ~2 minutes of torch.compile in four processes; `make test-dist` runs it
+def test_fsdp_low_bit_states_resume(tmp_path):
+    corpus = write_corpus(tmp_path)
+    base = base_overrides(tmp_path / "cache", corpus) + ["optim.name=adamw8bit"]
+    full = train(tmp_path / "runs", "d2", base, nproc=2)
+    same = _cut_after(tmp_path / "runs" / "d2", tmp_path / "runs" / "d2-again", 5)
+    run_kiln(["train", "--resume", str(same)], nproc=2)
+    assert losses(same) == full
+    other = _cut_after(tmp_path / "runs" / "d2", tmp_path / "runs" / "d2-to-1", 5)
+    run_kiln(["train", "--resume", str(other)])
+    assert_close(losses(other), full)

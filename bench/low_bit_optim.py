@@ -2,7 +2,7 @@
 the same seed, data order and schedule): final validation loss, the optimizer state's size as
 checkpointed (optimizer.safetensors, which holds exactly the state tensors) and tokens/s.
 
-    python bench/low_bit_optim.py --steps 400 [--json OUT]
+    python bench/low_bit_optim.py --steps 400 [--json OUT] [--runs DIR]
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--json")
+    ap.add_argument("--runs", help="keep the runs in this folder (default: a temporary one)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run(o, args.steps, Path(tmp)) for o in OPTIMIZERS]
+        rows = [run(o, args.steps, Path(args.runs or tmp)) for o in OPTIMIZERS]
     base = rows[0]
     print(f"{'optimizer':<10} {'val loss':>9} {'vs fp32':>8} {'state MiB':>10} {'vs fp32':>8} {'tokens/s':>9}")
     for r in rows:

@@ -1,5 +1,6 @@
 """A real scaling-law check on CPU (`make scaling-demo`): an IsoFLOP sweep of tiny decoders on
-stdlib, a fit, a prediction of one larger held-out run's final validation loss, and that run.
+the standard library + the torch wheel's Python sources (so the 16M-token held-out run reads each
+token once), a fit, a prediction of that larger held-out run's final validation loss, and the run.
 
 The sweep's total compute is kept under 10% of the held-out run's, in the MFU's FLOP accounting
 (the family's FLOPs per token x tokens, output layer included; 6 N D with non-embedding N is

@@ -559,6 +559,7 @@ def validate(cfg: Config) -> None:
 
     validate_sections(cfg)
 
+
 def to_toml(cfg: Config | dict[str, Any]) -> str:
     """The config (or its dict) as TOML text (kiln.tomlwrite)."""
     from kiln.tomlwrite import toml_text

@@ -18,6 +18,7 @@ def test_fsdp_float8_matches_one_process(tmp_path):
     base = base_overrides(tmp_path / "cache", corpus) + ["kernels.float8=tensorwise"]
     one = train(tmp_path / "runs", "one", base)
     two = train(tmp_path / "runs", "two", base, nproc=2)
+    assert len(one) == len(two) == 10
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=2e-3)  # each rank scales its own activations: not bit-equal
 

@@ -77,6 +77,15 @@ def test_float8_refusals(monkeypatch):
         check_float8("rowwise", torch.device("cuda", 0), tp=1)
 
 
+def test_sparsity_refusals():
+    from kiln.kernels.sparsity import check_sparsity
+
+    with pytest.raises(ConfigError, match="needs train.precision = bf16"):
+        check_sparsity("2:4", torch.device("cuda", 0), "fp32", "none")
+    with pytest.raises(ConfigError, match="both replace the MLP's linear layers"):
+        check_sparsity("2:4", torch.device("cuda", 0), "bf16", "rowwise")
+
+
 def test_sparsity_is_refused_off_cuda(baseline, tmp_path):
     _, cfg = baseline
     with pytest.raises(ConfigError, match="runs on CUDA GPUs only"):
@@ -91,6 +100,7 @@ def test_sparsity_is_refused_off_cuda(baseline, tmp_path):
 def test_sparsity_trains_on_a_gpu(baseline):
     root, cfg = baseline
     types = LayerTypes()
-    start_run(cfg("kernels.sparsity=2:4", "train.device=cuda", "model.d_model=128"), root / "runs", "sparse",
+    start_run(cfg("kernels.sparsity=2:4", "train.device=cuda", "train.precision=bf16", "model.d_model=128"),
+              root / "runs", "sparse",
               callbacks=[types])
     assert types.types["layers.0.mlp.w1"] == "SemiSparseLinear" and types.types["layers.0.attn.wq"] == "Linear"

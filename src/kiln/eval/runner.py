@@ -167,7 +167,13 @@ def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = 
         from kiln.runs.quantize import read_quantized
 
         quantized = read_quantized(weights)
-        step = int(quantized[1]["kiln.step"])
+        source, saved_step = quantized[1].get("kiln.run"), int(quantized[1]["kiln.step"])
+        if source != run.path.name:
+            raise KilnError(f"{weights} was exported from run '{source}', not {run.path.name}; evaluate it "
+                            f"with kiln eval RUNS/{source} --weights {weights}")
+        if step is not None and step != saved_step:
+            raise KilnError(f"{weights} holds step {saved_step}, not --step {step}; drop --step")
+        step = saved_step
     if step is None and run.latest_checkpoint(_warn) is None:
         raise KilnError(f"{path} has no valid checkpoint to evaluate; train it first or pass --step 0 "
                         "for the untrained model")
@@ -180,9 +186,9 @@ def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = 
     if quantized is not None:
         from kiln.runs.quantize import load_quantized, weight_bytes
 
+        loaded.model.float()  # the export was quantised from float32 weights: compare like with like
         base = run_suites(ctx, ["lm"], parsed, log=log)["suites"].get("lm", {})
         base_bytes = weight_bytes(loaded.model)
-        loaded.model.float()  # the export was quantised from float32 weights, on the CPU
         load_quantized(loaded.model, {k: v.to(loaded.device) for k, v in quantized[0].items()})
     report = run_suites(ctx, names, parsed, log=log)
     tag = ""

@@ -2,7 +2,7 @@
 
 The blocks' linear layers become torchao `Float8Linear`s: inputs, weights and gradients are cast
 to float8 with dynamic scales (one per tensor, or one per row) for the three matrix products, with
-float32 master weights, so checkpoints keep their names and dtypes. The output head and layers
+float32 master weights, so checkpoints keep their names and dtypes. The output head, MoE routers and layers
 whose sides are not multiples of 16 (what FP8 matrix kernels need) stay in the run's precision.
 With FSDP2 and the tensorwise recipe the parameters are all-gathered in float8 (half of bf16's
 traffic; the same numbers, as the scale is the whole tensor's either way). FP8 matrix units exist on sm89+ GPUs (Ada, Hopper, Blackwell); on a CPU torchao
@@ -21,7 +21,7 @@ RECIPES = ("none", "tensorwise", "rowwise")
 
 
 def float8_layer(module: nn.Module, fqn: str) -> bool:
-    return (isinstance(module, nn.Linear) and fqn.startswith("layers.")
+    return (isinstance(module, nn.Linear) and fqn.startswith("layers.") and not fqn.endswith(".router")
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 

@@ -22,7 +22,6 @@ from kiln.errors import ConfigError
 from kiln.kernels import reference
 
 BACKENDS = ("auto", "torch", "triton")
-OPS = ("rms_norm", "rope", "swiglu", "linear_cross_entropy")
 _backend = "auto"
 
 

@@ -23,19 +23,37 @@ def sparse_layer(module: nn.Module, fqn: str) -> bool:
         and module.in_features % 64 == 0 and module.out_features % 64 == 0
 
 
-def check_sparsity(pattern: str, device: torch.device) -> None:
+def check_sparsity(pattern: str, device: torch.device, precision: str, float8: str) -> None:
     where = f"kernels.sparsity = '{pattern}'"
     if device.type != "cuda":
         raise ConfigError(f"{where} runs on CUDA GPUs only (semi-structured sparse kernels exist nowhere else), "
                           f"not on {device.type}; set kernels.sparsity = 'none'")
+    if float8 != "none":
+        raise ConfigError(f"{where} and kernels.float8 = '{float8}' both replace the MLP's linear layers; "
+                          "choose one")
+    if precision == "fp32":
+        raise ConfigError(f"{where} needs train.precision = bf16 (cuSPARSELt has no float32 kernels)")
     if torch.cuda.get_device_capability(device) < (8, 0):
         raise ConfigError(f"{where} needs an sm80+ GPU (A100, H100 ...); set kernels.sparsity = 'none'")
     torchao("sparsity.training", where)
 
 
 def apply_sparsity(model: nn.Module) -> int:
-    """Swap the MLP linears for torchao's SemiSparseLinear; returns how many."""
+    """Swap the MLP linears for a 2:4 sparse linear (torchao); returns how many."""
     training = torchao("sparsity.training", "kernels.sparsity = '2:4'")
-    chosen = {fqn: training.SemiSparseLinear for fqn, m in model.named_modules() if sparse_layer(m, fqn)}
+
+    class SparseLinear(training.SemiSparseLinear):
+        """torchao's SemiSparseLinear on the autocast dtype: the float32 master weight is cast
+        before pruning, as cuSPARSELt multiplies only 16- and 8-bit values."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            weight = training.semi_structured_sparsify(self.weight.to(dtype), backend="cusparselt")
+            return torch.nn.functional.linear(x.to(dtype), weight, None if self.bias is None else self.bias.to(dtype))
+
+    chosen = {fqn: SparseLinear for fqn, m in model.named_modules() if sparse_layer(m, fqn)}
+    if not chosen:
+        raise ConfigError("kernels.sparsity = '2:4': no MLP layer has sides that are multiples of 64; "
+                          "set kernels.sparsity = 'none'")
     training.swap_linear_with_semi_sparse_linear(model, chosen)
     return len(chosen)

@@ -29,7 +29,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: rows x width can pass 2^31
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -48,7 +48,7 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, N
     mask = cols < N
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
-    start = pid * rows_per_program
+    start = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, n_rows)
     for row in range(start, end):
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -100,7 +100,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @triton.jit
 def _rope_kernel(X, COS, SIN, Y, H, T, sxb, sxh, sxt, syb, syh, syt, HALF, sign, BLOCK: tl.constexpr):
     # One program per (batch, head, position) row; sign = -1 rotates back (the backward pass).
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     t = pid % T
     bh = pid // T
     h = bh % H
@@ -151,7 +151,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _swiglu_fwd(A, B, Y, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
@@ -160,7 +160,7 @@ def _swiglu_fwd(A, B, Y, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _swiglu_bwd(DY, A, B, DA, DB, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
@@ -199,7 +199,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _ce_fwd(L, TGT, LSE, PICKED, stride, V, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     base = L + row * stride
     m = float("-inf")
     s = 0.0
@@ -216,7 +216,7 @@ def _ce_fwd(L, TGT, LSE, PICKED, stride, V, BLOCK: tl.constexpr):
 @triton.jit
 def _ce_grad(L, TGT, LSE, G_CE, G_Z, stride, V, BLOCK: tl.constexpr):
     # logits -> d(loss)/d(logits) in place: softmax * (g_ce + 2 g_z lse) - g_ce at the target
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     base = L + row * stride
     lse = tl.load(LSE + row)
     target = tl.load(TGT + row)

@@ -2,7 +2,7 @@
 writes them, `kiln eval RUN --weights FILE` evaluates them beside the checkpoint they came from.
 
 What is quantised: the transformer blocks' linear layers (attention and MLP projections). The
-embeddings, the output head (tied or not), norms and mixture-of-experts expert tensors keep their
+embeddings, the output head (tied or not), norms, MoE routers and expert tensors keep their
 precision — the common choice for weight-only schemes, where the head is most sensitive.
 - int8: one scale per output row (torchao Int8WeightOnlyConfig).
 - int4: one scale per group of 32 input values (torchao IntxWeightOnlyConfig). This torchao format
@@ -38,8 +38,8 @@ def _config(scheme: str):
 
 
 def quantizable(module: nn.Module, fqn: str, scheme: str) -> bool:
-    if not isinstance(module, nn.Linear) or not fqn.startswith("layers."):
-        return False
+    if not isinstance(module, nn.Linear) or not fqn.startswith("layers.") or fqn.endswith(".router"):
+        return False  # a router's few scores decide where every token goes: kept in full precision
     return scheme != "int4" or module.in_features % INT4_GROUP == 0
 
 
@@ -51,8 +51,11 @@ def quantize_model(model: nn.Module, scheme: str) -> int:
     chosen = [fqn for fqn, m in model.named_modules() if quantizable(m, fqn, scheme)]
     if not chosen:
         raise KilnError(f"--quantize {scheme}: this model has no block linear layers to quantise")
-    torchao("quantization", f"--quantize {scheme}").quantize_(
-        model, config, filter_fn=lambda m, fqn: quantizable(m, fqn, scheme))
+    try:
+        torchao("quantization", f"--quantize {scheme}").quantize_(
+            model, config, filter_fn=lambda m, fqn: quantizable(m, fqn, scheme))
+    except (ValueError, RuntimeError, NotImplementedError) as e:
+        raise KilnError(f"--quantize {scheme}: torchao could not quantise this model ({e})") from None
     return len(chosen)
 
 
@@ -74,8 +77,11 @@ def export_quantized(path: Path, out: Path, step: int | None, scheme: str) -> tu
     tensors, meta = support.flatten_tensor_state_dict(model.state_dict())
     meta = {**meta, "kiln.quantize": scheme, "kiln.step": str(loaded.step), "kiln.run": run.path.name}
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-    os.replace(tmp, out)  # whole or not at all: a failed export never leaves half a file
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, out)  # whole or not at all: a failed export never leaves half a file
+    finally:
+        tmp.unlink(missing_ok=True)
     return out, {"layers": n, "weight_bytes": weight_bytes(model), "full_weight_bytes": before}
 
 

@@ -50,7 +50,7 @@ def check_kernels(cfg: Config, par: Parallel) -> None:
     if k.float8 != "none":
         check_float8(k.float8, par.device, par.dims.tp)
     if k.sparsity != "none":
-        check_sparsity(k.sparsity, par.device)
+        check_sparsity(k.sparsity, par.device, cfg.train.precision, k.float8)
 
 
 def build_parts(cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int) -> tuple[list, list[int], int]:

@@ -9,7 +9,6 @@ dequantised and quantised again, which would not give the same codes back.
 
 from __future__ import annotations
 
-import importlib
 import json
 import warnings
 from typing import Any, Iterable
@@ -22,6 +21,9 @@ from kiln.kernels.ao import stored_bytes, torchao
 
 LOW_BIT = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit"}
 META_PREFIX = "subclass:"
+# the only classes a checkpoint may name: a file chooses nothing else to import or call
+STATE_CLASSES = {"torchao.optim.subclass_8bit.OptimState8bit", "torchao.optim.subclass_4bit.OptimState4bit",
+                 "torchao.optim.subclass_fp8.OptimStateFp8"}
 
 
 def build_low_bit(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -41,7 +43,9 @@ def _encode(value: Any) -> Any:
         return {"dtype": str(value).removeprefix("torch.")}
     if isinstance(value, torch.Size):
         return {"size": list(value)}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v) for v in value]}
+    if isinstance(value, list):
         return [_encode(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -50,12 +54,19 @@ def _encode(value: Any) -> Any:
 
 def _decode(value: Any) -> Any:
     if isinstance(value, dict) and "dtype" in value:
-        return getattr(torch, value["dtype"])
+        dtype = getattr(torch, str(value["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"not a dtype: {value['dtype']!r}")
+        return dtype
     if isinstance(value, dict) and "size" in value:
-        return torch.Size(value["size"])
+        return torch.Size(int(v) for v in value["size"])
+    if isinstance(value, dict) and "tuple" in value:
+        return tuple(_decode(v) for v in value["tuple"])
     if isinstance(value, list):
         return [_decode(v) for v in value]
-    return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"unexpected value {value!r}")
 
 
 def flatten_state(key: str, value: torch.Tensor, out: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -78,14 +89,19 @@ def unflatten_states(flat: dict[str, torch.Tensor], meta: dict[str, str] | None)
     for mkey, text in (meta or {}).items():
         if not mkey.startswith(META_PREFIX):
             continue
-        key, info = mkey[len(META_PREFIX):], json.loads(text)
-        module, _, name = info["class"].rpartition(".")
-        if not module.startswith("torchao."):  # rebuild only the classes we write; import nothing else
-            raise CheckpointError(f"optimizer state {key} names an unexpected class {info['class']}")
-        cls = getattr(importlib.import_module(module), name)
-        inner = {n: out.pop(f"{key}.{n}") for n in info["names"]}
-        out[key] = cls.__tensor_unflatten__(inner, tuple(_decode(info["ctx"])), torch.Size(info["size"]),
-                                            tuple(info["stride"]))
+        key = mkey[len(META_PREFIX):]
+        try:
+            info = json.loads(text)
+            if info["class"] not in STATE_CLASSES:
+                raise CheckpointError(f"optimizer state {key} names an unexpected class {info['class']!r}; "
+                                      "this checkpoint was not written by Kiln")
+            module, _, name = info["class"].rpartition(".")
+            cls = getattr(torchao(module.removeprefix("torchao."), "resuming low-bit optimizer states"), name)
+            inner = {n: out.pop(f"{key}.{n}") for n in info["names"]}
+            out[key] = cls.__tensor_unflatten__(inner, tuple(_decode(info["ctx"])), torch.Size(info["size"]),
+                                                tuple(info["stride"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"optimizer state {key} is damaged ({type(e).__name__}: {e})") from None
     return out
 
 

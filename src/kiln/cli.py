@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight-only quantisation of the blocks' linear layers (torchao); evaluate the file "
                              "with kiln eval RUN_DIR --weights FILE")
 
+    plan = verbs.add_parser("plan", help="propose parallel layouts for a cluster: predicted tokens/s and memory",
+                            description="Search dp_replicate x dp_shard x tp x pp, micro-batching, activation "
+                                        "checkpointing and pipeline schedules for a model on a cluster; print "
+                                        "the best plans and the --set lines that run them.",
+                            epilog="--cluster: a cluster TOML (see kiln.plan.cluster), DEVICE:N (e.g. h100:16; "
+                                   "devices: h100 h100-pcie h200 b200 a100 a100-40gb l40s l4 a10g mi300x) or local:N")
+    _config_args(plan)
+    plan.add_argument("--cluster", required=True, help="cluster file, DEVICE:N or local:N")
+    plan.add_argument("--top", type=int, default=5, help="plans to print (default 5)")
+    plan.add_argument("--explain", action="store_true", help="why the best wins; why the other families lost")
+    plan.add_argument("--json", metavar="OUT", help="write {\"plans\": [...]} here, best first")
+
     imp = verbs.add_parser("import", help="make a run from a Hugging Face Llama, Qwen3, GPT-2 or BERT folder",
                            description="Make a run from a local Hugging Face folder (safetensors weights and "
                                        "tokenizer.json); continue pretraining it with `kiln train --resume RUN "
@@ -251,6 +263,33 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         out = export_run(Path(args.run), Path(args.out), args.step)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from kiln.plan.cluster import load_cluster
+    from kiln.plan.search import GiB, explain, search
+
+    cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
+    cluster = load_cluster(args.cluster)
+    precision = "fp32" if cfg.train.precision == "fp32" else "bf16"
+    result = search(cfg, cfg.data.vocab_size, cluster, precision)
+    print(f"{cluster.describe()}: {result.examined:,} layouts examined in {result.seconds:.1f} s, "
+          f"{len(result.plans):,} fit")
+    for i, c in enumerate(result.plans[:args.top], 1):
+        print(f"{i}. {c.tokens_per_s:12,.0f} tokens/s  {c.memory.total / GiB:6.1f} GiB  {c.layout.describe()}")
+        print("   " + " ".join(f"--set {s}" for s in c.layout.sets()))
+    if args.explain:
+        print("\n".join(explain(result)))
+    if args.json:
+        plans = [{"set": c.layout.sets(), "tokens_per_s": c.tokens_per_s, "memory_gb": c.memory.total / 1e9,
+                  "why": f"step: {c.time.dominant()} dominates"} for c in result.plans[:args.top]]
+        Path(args.json).write_text(json.dumps({"plans": plans, "examined": result.examined,
+                                               "rejected": result.rejected}, indent=1))
+    if not result.plans:
+        raise KilnError("no layout fits this cluster; see above (--explain says why each family was rejected)")
     return 0
 
 
@@ -456,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "export": cmd_export,
                 "import": cmd_import, "eval": cmd_eval, "runs": cmd_runs, "compare": cmd_compare, "fork": cmd_fork, "report": cmd_report,
-                "doctor": cmd_doctor, "scaling": cmd_scaling, "sweep": cmd_sweep}
+                "doctor": cmd_doctor, "scaling": cmd_scaling, "sweep": cmd_sweep, "plan": cmd_plan}
     if args.verb == "train" and args.nproc_per_node:
         return launch_torchrun(args.nproc_per_node, list(sys.argv[1:] if argv is None else argv))
     try:

@@ -1,0 +1,99 @@
+"""Step time of a layout on a device kind: the planner's time model.
+
+    step = compute (x recomputation) x (1 + pipeline bubble) + exposed communication
+
+- Compute: the rank's share of the step's training FLOPs (the family's count, as MFU uses) at
+  the device's peak times an efficiency that falls for narrow work (small micro-batches, matrices
+  split by tp): eff = peak_eff * w / (w + w_half), w = tokens per micro-batch x d_model / tp.
+  Activation checkpointing adds a forward of the checkpointed blocks (a third of their FLOPs).
+- FSDP2 (as Kiln runs it: float32 gathers, no gradient-sync skipping under accumulation): per
+  micro-batch two all-gathers of the stage's parameters and one reduce-scatter of its gradients,
+  ring cost (n-1)/n x bytes / bandwidth + alpha x (n-1); they overlap the blocks' compute, so only
+  what exceeds it, and the first block's gather, is exposed.
+- HSDP: an all-reduce of the sharded gradients across replicas, once per step, exposed.
+- Tensor parallelism (sequence parallel): per block and micro-batch, two all-gathers and two
+  reduce-scatters of the activations forward and as many backward, on the critical path.
+- Pipelines: the bubble (pp - 1) / (micro-batches x virtual stages), and point-to-point sends.
+Bandwidth is the node's links while a group stays within a node, the network's once it spans
+nodes. The constants are datasheet values until `kiln plan profile` measures them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.plan.cluster import DeviceKind
+from kiln.plan.layout import Layout
+from kiln.plan.memory import ModelFacts
+
+PEAK_EFFICIENCY = 0.55  # of the datasheet peak, reached by wide matrix products
+HALF_WIDTH = 2**21  # tokens x width per rank at which half of it is reached
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute: float
+    bubble: float
+    fsdp: float  # exposed
+    tp: float
+    dp: float
+    pp: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.bubble + self.fsdp + self.tp + self.dp + self.pp
+
+    def dominant(self) -> str:
+        parts = {"compute": self.compute, "pipeline bubble": self.bubble, "FSDP communication": self.fsdp,
+                 "tensor-parallel communication": self.tp, "data-parallel all-reduce": self.dp,
+                 "pipeline sends": self.pp}
+        return max(parts, key=parts.get)
+
+
+def _ring(bytes_: float, n: int, gbps: float, latency_us: float, reduce: bool = False) -> float:
+    """Seconds of an all-gather / reduce-scatter (an all-reduce is both: `reduce`) among n ranks."""
+    if n <= 1:
+        return 0.0
+    factor = 2 if reduce else 1
+    return factor * ((n - 1) / n * bytes_ / (gbps * 1e9) + (n - 1) * latency_us * 1e-6)
+
+
+def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind, per_node: int) -> StepTime:
+    seqs_per_rank = global_batch / layout.dp
+    n_micro = layout.accum
+    mb = layout.micro_batch
+    recompute = {"none": 0.0, "selective": 1 / 6, "full": 1 / 3}[layout.ac]
+    flops = f.flops_per_seq * seqs_per_rank / (layout.tp * layout.pp) * (1 + recompute)
+    width = mb * f.seq_len * f.d_model / layout.tp
+    efficiency = PEAK_EFFICIENCY * width / (width + HALF_WIDTH)
+    compute = flops / (kind.peak_tflops * 1e12 * efficiency)
+
+    def bandwidth(group: int, inner: int) -> float:
+        """A group of `group` ranks whose members are `inner` ranks apart."""
+        return kind.intra_gbps if group * inner <= per_node else kind.inter_gbps
+
+    blocks = -(-f.n_layers // layout.pp)
+    stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
+    fsdp = 0.0
+    if layout.dp_shard > 1:
+        bw = bandwidth(layout.dp_shard, layout.tp)
+        per_micro = 3 * _ring(stage_bytes, layout.dp_shard, bw, kind.latency_us)
+        per_micro_compute = compute / n_micro
+        first_gather = _ring(stage_bytes / max(1, blocks), layout.dp_shard, bw, kind.latency_us)
+        fsdp = n_micro * (max(0.0, per_micro - per_micro_compute) + first_gather)
+    dp = 0.0
+    if layout.dp_replicate > 1:
+        dp = _ring(stage_bytes / layout.dp_shard, layout.dp_replicate,
+                   bandwidth(layout.dp_replicate, layout.dp_shard * layout.tp), kind.latency_us, reduce=True)
+    tp = 0.0
+    if layout.tp > 1:
+        act = mb * f.seq_len * f.d_model * f.value_bytes
+        tp = n_micro * blocks * 8 * _ring(act, layout.tp, bandwidth(layout.tp, 1), kind.latency_us)
+    bubble = pp_time = 0.0
+    if layout.pp > 1:
+        virtual = layout.stages_per_rank if layout.schedule == "interleaved-1f1b" else 1
+        bubble = (compute + tp) * (layout.pp - 1) / (n_micro * virtual)
+        send = mb * f.seq_len * f.d_model * f.value_bytes
+        hop = kind.intra_gbps if layout.dp * layout.tp * layout.pp <= per_node else kind.inter_gbps
+        pp_time = 2 * n_micro * virtual * (send / (hop * 1e9) + kind.latency_us * 1e-6)
+    return StepTime(compute=compute, bubble=bubble, fsdp=fsdp, tp=tp, dp=dp, pp=pp_time)

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the best plans and the --set lines that run them.",
                             epilog="--cluster: a cluster TOML (see kiln.plan.cluster), DEVICE:N (e.g. h100:16; "
                                    "devices: h100 h100-pcie h200 b200 a100 a100-40gb l40s l4 a10g mi300x) or local:N")
+    plan.add_argument("action", nargs="?", choices=["profile"],
+                      help="profile: measure this machine for --cluster local:N (compute per micro-batch, gloo "
+                           "collectives) and cache it; then plan without it")
     _config_args(plan)
     plan.add_argument("--cluster", required=True, help="cluster file, DEVICE:N or local:N")
     plan.add_argument("--top", type=int, default=5, help="plans to print (default 5)")
@@ -274,6 +277,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
     cluster = load_cluster(args.cluster)
+    if args.action == "profile":
+        import os
+
+        from kiln.plan.profile import run_profile
+
+        if not cluster.local:
+            raise KilnError("kiln plan profile measures this machine: use --cluster local:N")
+        path = run_profile(cfg, cfg.data.vocab_size, (max(1, (os.cpu_count() or 1) // cluster.world_size),))
+        print(f"wrote {path}")
+        return 0
     precision = "fp32" if cfg.train.precision == "fp32" else "bf16"
     result = search(cfg, cfg.data.vocab_size, cluster, precision)
     print(f"{cluster.describe()}: {result.examined:,} layouts examined in {result.seconds:.1f} s, "

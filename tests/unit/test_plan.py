@@ -116,3 +116,24 @@ def test_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kiln", "plan", "--preset", "tiny", "--cluster", "tpu:8"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no such file" in bad.stderr
+
+
+def test_local_cluster_needs_a_profile_then_plans(tmp_path, monkeypatch):
+    """`--cluster local:N` plans from this machine's measurements (kiln plan profile), refused
+    in one line without them."""
+    from kiln.plan.profile import ComputeFit, LinkFit, _fit_line, profile_key
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    cfg = load_config("tiny", overrides=["train.precision=fp32", "model.tie_embeddings=false"])
+    with pytest.raises(ConfigError, match="run kiln plan profile"):
+        search(cfg, cfg.data.vocab_size, load_cluster("local:2"), "fp32")
+    assert _fit_line([1, 2, 4], [3.0, 5.0, 9.0]) == pytest.approx((1.0, 2.0))
+    import os
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    (tmp_path / "plan-profile.json").write_text(json.dumps({
+        "compute": {profile_key(cfg, threads): ComputeFit(0.01, 0.02, 1e-9).__dict__},
+        "link": LinkFit(5e-4, 0.5, 0.01, 0.04).__dict__}))
+    result = search(cfg, cfg.data.vocab_size, load_cluster("local:2"), "fp32")
+    best = result.plans[0]
+    assert best.layout.tp == 1  # tensor parallelism's measured overhead makes it lose here
+    assert all(c.time.total > 0 for c in result.plans)

@@ -18,7 +18,7 @@ from kiln.errors import ConfigError
 from kiln.plan.cluster import Cluster
 from kiln.plan.layout import Layout
 from kiln.plan.memory import MemoryBreakdown, ModelFacts, model_facts, peak_memory
-from kiln.plan.timing import StepTime, step_time
+from kiln.plan.timing import StepTime, local_step_time, step_time
 
 GiB = 2**30
 AC_MODES = ("none", "selective", "full")
@@ -92,6 +92,19 @@ def search(cfg: Config, vocab_size: int, cluster: Cluster, precision: str = "bf1
     kind, per_node = group.kind, group.per_node
     t0 = time.perf_counter()
     f = facts or model_facts(cfg, vocab_size, precision)
+    timer = lambda layout: step_time(f, layout, cfg.global_batch, kind, per_node)  # noqa: E731
+    if cluster.local:
+        import os
+
+        from kiln.plan.profile import load_profile
+
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // cluster.world_size)
+        measured = load_profile(cfg, threads)
+        if measured is None:
+            raise ConfigError(f"--cluster {cluster.name} needs this machine's measurements: run kiln plan profile "
+                              f"with the same --preset/--set and --cluster first")
+        timer = lambda layout: local_step_time(f, layout, cfg.global_batch, *measured, cores)  # noqa: E731
     m = cfg.model
     budget = kind.memory_gb * 1e9 * HEADROOM
     fitting: list[Candidate] = []
@@ -107,7 +120,7 @@ def search(cfg: Config, vocab_size: int, cluster: Cluster, precision: str = "bf1
             if best is None or memory.total < best.memory.total:
                 smallest[name] = Candidate(layout, memory, None, 0.0, False)  # type: ignore[arg-type]
             continue
-        t = step_time(f, layout, cfg.global_batch, kind, per_node)
+        t = timer(layout)
         fitting.append(Candidate(layout, memory, t, cfg.global_batch * m.seq_len / t.total, True))
     fitting.sort(key=lambda c: -c.tokens_per_s)
     families: dict[str, Candidate] = {}

@@ -97,3 +97,41 @@ def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind
         hop = kind.intra_gbps if layout.dp * layout.tp * layout.pp <= per_node else kind.inter_gbps
         pp_time = 2 * n_micro * virtual * (send / (hop * 1e9) + kind.latency_us * 1e-6)
     return StepTime(compute=compute, bubble=bubble, fsdp=fsdp, tp=tp, dp=dp, pp=pp_time)
+
+
+def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fit, link, cores: int) -> StepTime:
+    """Step time of `layout` as processes of this machine (gloo), from `kiln plan profile`'s
+    measurements: compute = per-operation overhead + per-sequence work (split by tp, not the
+    overhead), processes sharing cores slow each other, and collectives do not overlap compute
+    (the same cores run both)."""
+    world = layout.world
+    threads = max(1, cores // world)
+    oversubscribed = max(1.0, world * threads / cores)
+    blocks = -(-f.n_layers // layout.pp)
+    stage = blocks / f.n_layers
+    recompute = {"none": 0.0, "selective": 1 / 6, "full": 1 / 3}[layout.ac]
+    mb, n_micro = layout.micro_batch, layout.accum
+    per_micro = (compute_fit.fixed_s * stage + compute_fit.per_seq_s * mb * stage / layout.tp) * (1 + recompute)
+    params_local = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp / layout.dp_shard
+    compute = (n_micro * per_micro + compute_fit.optimizer_s_per_param * params_local) * oversubscribed
+
+    def collective(bytes_: float, n: int, reduce: bool = False) -> float:
+        if n <= 1:
+            return 0.0
+        return (2 if reduce else 1) * (link.alpha_s * (n - 1) + (n - 1) / n * bytes_ / (link.gbps * 1e9))
+
+    stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
+    fsdp = 0.0
+    if layout.dp_shard > 1:
+        fsdp = n_micro * (3 * collective(stage_bytes, layout.dp_shard) + link.fsdp_unit_s * (blocks + 1)) * oversubscribed
+    dp = collective(stage_bytes / layout.dp_shard, layout.dp_replicate, reduce=True) * oversubscribed
+    act = mb * f.seq_len * f.d_model * f.value_bytes
+    tp = 0.0
+    if layout.tp > 1:
+        tp = n_micro * blocks * (8 * collective(act, layout.tp) + link.tp_block_s) * oversubscribed
+    bubble = pp_time = 0.0
+    if layout.pp > 1:
+        virtual = layout.stages_per_rank if layout.schedule == "interleaved-1f1b" else 1
+        bubble = (n_micro * per_micro * oversubscribed + tp) * (layout.pp - 1) / (n_micro * virtual)
+        pp_time = 2 * n_micro * virtual * (link.alpha_s + act / (link.gbps * 1e9)) * oversubscribed
+    return StepTime(compute=compute, bubble=bubble, fsdp=fsdp, tp=tp, dp=dp, pp=pp_time)

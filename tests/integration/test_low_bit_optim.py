@@ -19,6 +19,19 @@ pytest.importorskip("torchao")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def traced_not_compiled():
+    """torchao compiles its update per parameter shape: about a minute of inductor code generation
+    on a fresh machine. Here the update is traced the same way but run by the "eager" backend,
+    which costs seconds; inductor's path runs in bench/low_bit_optim.py and in `make test-dist`."""
+    import functools
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    yield
+    mp.undo()
+
+
 def jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -41,6 +41,7 @@ class LinkFit:
     # each per micro-batch
     fsdp_unit_s: float = 0.0
     tp_block_s: float = 0.0
+    tp_block_per_seq_s: float = 0.0  # the tensor-parallel overhead grows with the micro-batch
 
 
 def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -194,13 +195,17 @@ def parallel_overheads(cfg: Config, one_thread: ComputeFit, link: LinkFit, micro
     fsdp = measure_parallel(cfg, "fsdp", micro)
     expected = one_thread.fixed_s + one_thread.per_seq_s * micro + 3 * ring(params * 4)
     fsdp_unit = max(0.0, fsdp - expected) / (m.n_layers + 1)
-    tp_block = 0.0
+    tp_fixed = tp_per_seq = 0.0
     if m.n_heads % 2 == 0 and (m.n_kv_heads or m.n_heads) % 2 == 0:
-        tp = measure_parallel(cfg, "tp", micro)
-        act = micro * m.seq_len * m.d_model * 4
-        expected = one_thread.fixed_s + one_thread.per_seq_s * micro / 2 + 8 * m.n_layers * ring(act)
-        tp_block = max(0.0, tp - expected) / m.n_layers
-    return LinkFit(link.alpha_s, link.gbps, fsdp_unit, tp_block)
+        extra = []
+        micros = (max(1, micro // 2), micro * 2)
+        for mb in micros:
+            tp = measure_parallel(cfg, "tp", mb)
+            act = mb * m.seq_len * m.d_model * 4
+            expected = one_thread.fixed_s + one_thread.per_seq_s * mb / 2 + 8 * m.n_layers * ring(act)
+            extra.append(max(0.0, tp - expected) / m.n_layers)
+        tp_fixed, tp_per_seq = _fit_line([float(x) for x in micros], extra)
+    return LinkFit(link.alpha_s, link.gbps, fsdp_unit, max(0.0, tp_fixed), max(0.0, tp_per_seq))
 
 
 def _cache_path() -> Path:
@@ -239,7 +244,8 @@ def run_profile(cfg: Config, vocab_size: int, thread_counts: tuple[int, ...], lo
     link = parallel_overheads(cfg, one_thread, link)
     data["link"] = asdict(link)
     log(f"gloo all-gather / reduce-scatter: {link.alpha_s * 1e6:.0f} us + bytes / {link.gbps:.2f} GB/s; "
-        f"FSDP {link.fsdp_unit_s * 1e3:.1f} ms per unit and TP {link.tp_block_s * 1e3:.1f} ms per block, per micro-batch")
+        f"FSDP {link.fsdp_unit_s * 1e3:.1f} ms per unit and TP {link.tp_block_s * 1e3:.1f} ms + "
+        f"{link.tp_block_per_seq_s * 1e3:.1f} ms per sequence per block, per micro-batch")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1))

@@ -102,18 +102,18 @@ def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind
 def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fit, link, cores: int) -> StepTime:
     """Step time of `layout` as processes of this machine (gloo), from `kiln plan profile`'s
     measurements: compute = per-operation overhead + per-sequence work (split by tp, not the
-    overhead), processes sharing cores slow each other, and collectives do not overlap compute
-    (the same cores run both)."""
+    overhead); collectives do not overlap compute (the same cores run both); processes sharing
+    cores slow each other in proportion to the time they are busy (a pipeline rank waiting in the
+    bubble leaves its core to the others)."""
     world = layout.world
     threads = max(1, cores // world)
-    oversubscribed = max(1.0, world * threads / cores)
     blocks = -(-f.n_layers // layout.pp)
     stage = blocks / f.n_layers
     recompute = {"none": 0.0, "selective": 1 / 6, "full": 1 / 3}[layout.ac]
     mb, n_micro = layout.micro_batch, layout.accum
     per_micro = (compute_fit.fixed_s * stage + compute_fit.per_seq_s * mb * stage / layout.tp) * (1 + recompute)
     params_local = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp / layout.dp_shard
-    compute = (n_micro * per_micro + compute_fit.optimizer_s_per_param * params_local) * oversubscribed
+    compute = n_micro * per_micro + compute_fit.optimizer_s_per_param * params_local
 
     def collective(bytes_: float, n: int, reduce: bool = False) -> float:
         if n <= 1:
@@ -123,15 +123,19 @@ def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fi
     stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
     fsdp = 0.0
     if layout.dp_shard > 1:
-        fsdp = n_micro * (3 * collective(stage_bytes, layout.dp_shard) + link.fsdp_unit_s * (blocks + 1)) * oversubscribed
-    dp = collective(stage_bytes / layout.dp_shard, layout.dp_replicate, reduce=True) * oversubscribed
+        fsdp = n_micro * (3 * collective(stage_bytes, layout.dp_shard) + link.fsdp_unit_s * (blocks + 1))
+    dp = collective(stage_bytes / layout.dp_shard, layout.dp_replicate, reduce=True)
     act = mb * f.seq_len * f.d_model * f.value_bytes
     tp = 0.0
     if layout.tp > 1:
-        tp = n_micro * blocks * (8 * collective(act, layout.tp) + link.tp_block_s) * oversubscribed
+        overhead = link.tp_block_s + getattr(link, "tp_block_per_seq_s", 0.0) * mb
+        tp = n_micro * blocks * (8 * collective(act, layout.tp) + overhead)
     bubble = pp_time = 0.0
     if layout.pp > 1:
         virtual = layout.stages_per_rank if layout.schedule == "interleaved-1f1b" else 1
-        bubble = (n_micro * per_micro * oversubscribed + tp) * (layout.pp - 1) / (n_micro * virtual)
-        pp_time = 2 * n_micro * virtual * (link.alpha_s + act / (link.gbps * 1e9)) * oversubscribed
-    return StepTime(compute=compute, bubble=bubble, fsdp=fsdp, tp=tp, dp=dp, pp=pp_time)
+        bubble = (n_micro * per_micro + tp) * (layout.pp - 1) / (n_micro * virtual)
+        pp_time = 2 * n_micro * virtual * (link.alpha_s + act / (link.gbps * 1e9))
+    busy = compute + fsdp + tp + dp + pp_time
+    slowdown = max(1.0, world * threads / cores * busy / (busy + bubble))
+    return StepTime(compute=compute * slowdown, bubble=bubble * slowdown, fsdp=fsdp * slowdown, tp=tp * slowdown,
+                    dp=dp * slowdown, pp=pp_time * slowdown)

@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from kiln.errors import ConfigError
 from kiln.kernels import reference
@@ -74,8 +75,6 @@ class use_backend:
 
 
 def _plain(*tensors: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return not any(isinstance(t, DTensor) for t in tensors)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kiln.config import Config, ModelConfig
-from kiln.errors import ConfigError
+from kiln.config_rules import require
 from kiln.interop.hf import DECODER_HF
 from kiln.interop.hf_bert import ENCODER_HF
 from kiln.model.decoder import Decoder
@@ -23,11 +23,6 @@ from kiln.model.spec import ActivationBytes, ModelSpec, normal_std_for_depth, pa
 from kiln.parallel.plans import transformer_tensor_parallel
 
 RESIDUAL_OUTPUTS = ("attn.wo", "mlp.w2")  # projections into the residual stream get depth-scaled init
-
-
-def require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 # --------------------------------------------------------------------------- validation

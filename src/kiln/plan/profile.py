@@ -185,13 +185,12 @@ def measure_parallel(cfg: Config, mode: str, micro: int) -> float:
 
 def parallel_overheads(cfg: Config, one_thread: ComputeFit, link: LinkFit, micro: int = 4) -> LinkFit:
     """`link` with the FSDP and tensor-parallel costs that bytes and compute do not explain."""
-    m = cfg.model
-    from kiln.model.registry import build_model
-    from kiln.model.spec import padded_vocab
+    from kiln.plan.timing import _ring
+    from kiln.scaling.flops import param_count
 
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(m, padded_vocab(cfg.data.vocab_size)).parameters())
-    ring = lambda n_bytes: link.alpha_s + n_bytes / 2 / (link.gbps * 1e9)  # noqa: E731 - two ranks
+    m = cfg.model
+    params = param_count(m, cfg.data.vocab_size)
+    ring = lambda n_bytes: _ring(n_bytes, 2, link.gbps, link.alpha_s * 1e6)  # noqa: E731 - two ranks
     fsdp = measure_parallel(cfg, "fsdp", micro)
     expected = one_thread.fixed_s + one_thread.per_seq_s * micro + 3 * ring(params * 4)
     fsdp_unit = max(0.0, fsdp - expected) / (m.n_layers + 1)

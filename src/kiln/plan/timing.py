@@ -116,9 +116,7 @@ def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fi
     compute = n_micro * per_micro + compute_fit.optimizer_s_per_param * params_local
 
     def collective(bytes_: float, n: int, reduce: bool = False) -> float:
-        if n <= 1:
-            return 0.0
-        return (2 if reduce else 1) * (link.alpha_s * (n - 1) + (n - 1) / n * bytes_ / (link.gbps * 1e9))
+        return _ring(bytes_, n, link.gbps, link.alpha_s * 1e6, reduce)
 
     stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
     fsdp = 0.0
@@ -128,13 +126,13 @@ def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fi
     act = mb * f.seq_len * f.d_model * f.value_bytes
     tp = 0.0
     if layout.tp > 1:
-        overhead = link.tp_block_s + getattr(link, "tp_block_per_seq_s", 0.0) * mb
+        overhead = link.tp_block_s + link.tp_block_per_seq_s * mb
         tp = n_micro * blocks * (8 * collective(act, layout.tp) + overhead)
     bubble = pp_time = 0.0
     if layout.pp > 1:
         virtual = layout.stages_per_rank if layout.schedule == "interleaved-1f1b" else 1
         bubble = (n_micro * per_micro + tp) * (layout.pp - 1) / (n_micro * virtual)
-        pp_time = 2 * n_micro * virtual * (link.alpha_s + act / (link.gbps * 1e9))
+        pp_time = 2 * n_micro * virtual * (link.alpha_s + act / (link.gbps * 1e9))  # point to point
     busy = compute + fsdp + tp + dp + pp_time
     slowdown = max(1.0, world * threads / cores * busy / (busy + bubble))
     return StepTime(compute=compute * slowdown, bubble=bubble * slowdown, fsdp=fsdp * slowdown, tp=tp * slowdown,

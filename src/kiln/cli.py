@@ -316,10 +316,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from kiln.data.shards import prepare
+    from kiln.data.dataset import prepare_data
 
     cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
-    data = prepare(cfg.data)
+    data = prepare_data(cfg, log=print)
+    m = data.manifest
+    if m.get("modality") == "image-text":
+        print(f"dataset {data.path}: vocabulary {data.vocab_size}, {m['train_samples']} + {m['val_samples']} samples "
+              f"(train + validation), {m['images']} images, {m['text_tokens']:,} text tokens")
+        return 0
     splits = data.manifest["splits"]
     print(f"dataset {data.path}: vocabulary {data.vocab_size}, dtype {data.manifest['dtype']}, "
           f"train {splits['train']['tokens']:,} tokens / {splits['train']['documents']} documents, "

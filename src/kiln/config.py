@@ -60,6 +60,11 @@ class ModelConfig:
     moe_seq_aux_loss: float = 0.0  # per-sequence balancing loss (DeepSeek-V2/V3)
     moe_z_loss: float = 0.0  # router z-loss (ST-MoE used 1e-3)
     moe_bias_rate: float = 1e-3  # auxiliary-loss-free balancing bias step (DeepSeek-V3's); 0 = off
+    image_size: int = 8  # model.family = "vlm": images are resized and centre-cropped to this square (pixels)
+    patch_size: int = 2  # ... and cut into patches of this side: (image_size / patch_size)^2 positions an image
+    image_channels: int = 1  # 1 = grey, 3 = RGB
+    image_encoder: str = "patch"  # patch: a ViT-style patch stem trained jointly | frozen: loaded and kept fixed
+    image_encoder_from: str = ""  # image_encoder = "frozen": safetensors file with stem.* and patch_pos.* tensors
 
 
 @dataclass
@@ -74,6 +79,10 @@ class DataConfig:
     cache_dir: str = ".kiln-cache"
     max_docs: int = 0  # 0 = all documents
     workers: int = 0  # tokeniser threads; 0 = all cores
+    image_field: str = "image"  # image-text data (model.family = "vlm"): the image column of .parquet files
+    image_placement: str = "prefix"  # prefix: a sample's images before its text | inline: where they occur
+    with_images: bool = True  # image-text data: false trains on the texts alone (the baseline images must beat)
+    loader_workers: int = 2  # image-text data: processes decoding and packing batches ahead of the step
 
 
 @dataclass
@@ -280,6 +289,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "gelu_exact", "swiglu"),
     "model.norm_position": ("pre", "post"),
+    "model.image_encoder": ("patch", "frozen"),
+    "data.image_placement": ("prefix", "inline"),
     "optim.name": ("adamw", "adamw8bit", "adamw4bit"),
     "optim.implementation": ("auto", "fused", "foreach", "single"),
     "schedule.name": ("cosine", "wsd", "constant"),
@@ -503,14 +514,15 @@ def validate(cfg: Config) -> None:
 
     m, t, d = cfg.model, cfg.train, cfg.data
     positive = ["model.n_layers", "model.n_heads", "model.d_model", "model.seq_len", "data.vocab_size",
-                "train.batch_size", "eval.batches", "log.every", "kernels.chunk_size"]
+                "train.batch_size", "eval.batches", "log.every", "kernels.chunk_size", "model.image_size",
+                "model.patch_size", "model.image_channels"]
     for key in positive:
         _require(flat[key] > 0, f"{key} must be positive, got {flat[key]}")
     non_negative = ["model.n_kv_heads", "model.d_ff", "model.max_seq_len", "model.type_vocab_size", "train.steps", "train.tokens",
                     "train.batch_tokens", "train.micro_batch_size", "train.threads", "eval.every",
                     "eval.sample_tokens", "checkpoint.every", "schedule.warmup_steps", "data.max_docs",
                     "data.workers", "optim.grad_clip", "optim.weight_decay", "eval.top_k", "train.seed",
-                    "data.split_seed", "data.piece_chars", "train.time_budget_s"]
+                    "data.split_seed", "data.piece_chars", "train.time_budget_s", "data.loader_workers"]
     for key in non_negative:
         _require(flat[key] >= 0, f"{key} must be >= 0, got {flat[key]}")
     _require(bool(m.family.strip()), "model.family is empty; name a model family (e.g. decoder)")

@@ -20,3 +20,8 @@ class DataError(KilnError):
 
 class CheckpointError(KilnError):
     """No usable checkpoint, or a checkpoint that does not match the run."""
+
+
+class NotApplicable(DataError):
+    """The data has no part this step needs (text windows of an image-text run): an evaluation
+    suite that meets it is skipped, with this message as the reason."""

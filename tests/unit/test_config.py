@@ -260,7 +260,7 @@ def test_every_registered_family_and_objective_can_be_built():
 
     assert {"decoder", "encoder"} <= set(MODEL_SPECS) and {"causal", "masked"} <= set(OBJECTIVES)
     for family, spec in MODEL_SPECS.items():
-        objective = "causal" if spec.causal else "masked"
+        objective = "multimodal" if family == "vlm" else "causal" if spec.causal else "masked"
         extra = ["model.moe_experts=4", "model.mlp=swiglu", "model.bias=false"] if family == "moe" else []
         cfg = load_config(overrides=[f"model.family={family}", f"train.objective={objective}", "model.d_model=64",
                                      "model.n_layers=1", *extra])

@@ -109,5 +109,5 @@ def share_windows(windows: torch.Tensor, rank: int, world: int, multiple: int = 
     rows = max(1, -(-per // multiple) * multiple)
     start = min(rank * per, n)
     real = windows[start:start + per]
-    pad = windows[:1].expand(rows - len(real), -1) if rows > len(real) else windows[:0]
+    pad = windows[:1].expand(rows - len(real), *windows.shape[1:]) if rows > len(real) else windows[:0]
     return WindowShare(torch.cat([real, pad]), len(real), start)

@@ -19,7 +19,7 @@ from kiln.data.loader import WindowShare, share_windows
 from kiln.eval.suites import EvalContext, register_suite
 from kiln.train.objectives import EVAL_STEP, IGNORE, Objective
 
-EvalStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+EvalStep = Callable[..., torch.Tensor]  # (inputs, targets, **extras) -> (loss sum, correct, count)
 
 
 def tally_predictions(totals: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
@@ -62,7 +62,7 @@ def evaluate_windows(eval_step: EvalStep, share: WindowShare, objective: Objecti
                                      first_index=share.first_index + i)
         targets = batch.targets.clone()
         targets[max(0, share.valid - i):] = IGNORE  # padding rows predict nothing
-        totals += eval_step(batch.inputs, targets)
+        totals += eval_step(batch.inputs, targets, **batch.extras)
         if objective.masked and holds_loss:
             kept = targets[targets != IGNORE].to(device)
             target_counts += torch.bincount(kept, minlength=objective.vocab_size)
@@ -80,10 +80,10 @@ def model_eval_step(model: nn.Module, objective: Objective, device: torch.device
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> EvalStep:
     """The `eval_step` of a whole model in this process."""
     @torch.no_grad()
-    def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def step(inputs: torch.Tensor, targets: torch.Tensor, **extras: torch.Tensor) -> torch.Tensor:
         totals = torch.zeros(3, dtype=torch.float64, device=device)
         with autocast():
-            logits = model(inputs.to(device))
+            logits = model(inputs.to(device), **{k: v.to(device) for k, v in extras.items()})
         tally_predictions(totals, logits, targets.to(device), objective)
         return totals
 
@@ -114,9 +114,17 @@ def lm_suite(ctx: EvalContext) -> dict[str, float]:
     from kiln.eval.common import token_byte_lengths
     from kiln.train.objectives import build_objective
 
+    from kiln.data.multimodal.loader import validation_windows
+    from kiln.data.multimodal.prepare import MultimodalPrepared
+
     cfg = ctx.cfg
     n = ctx.options.get("windows") or cfg.eval.batches * cfg.global_batch  # default: the trainer's windows
-    windows = eval_windows(TokenWindows(ctx.data.split("val"), cfg.model.seq_len, "validation"), n)
+    image_text = isinstance(ctx.data, MultimodalPrepared)
+    if image_text:
+        sets = validation_windows(cfg, ctx.data, n)
+        windows = sets[""]
+    else:
+        windows = eval_windows(TokenWindows(ctx.data.split("val"), cfg.model.seq_len, "validation"), n)
     objective = build_objective(cfg, ctx.tokenizer, ctx.vocab_size)
     V = ctx.vocab_size
     nbytes = torch.from_numpy(token_byte_lengths(ctx.tokenizer)).to(ctx.device)
@@ -129,7 +137,7 @@ def lm_suite(ctx: EvalContext) -> dict[str, float]:
                                      first_index=i)
         inputs, targets = batch.inputs.to(ctx.device), batch.targets.to(ctx.device)
         with ctx.autocast():
-            logits = ctx.model(inputs)
+            logits = ctx.model(inputs, **{k: v.to(ctx.device) for k, v in batch.extras.items()})
         tally_predictions(totals, logits, targets, objective)
         mask = targets != IGNORE
         safe = targets.clamp(min=0)
@@ -140,6 +148,12 @@ def lm_suite(ctx: EvalContext) -> dict[str, float]:
     top5, n_bytes = extra.tolist()
     loss = nats / max(count, 1)
     p = "masked_" if ctx.is_encoder else ""
-    return {f"{p}loss": loss, f"{p}ppl": math.exp(min(loss, 50.0)), f"{p}acc": top1 / max(count, 1),
+    if image_text:  # the same captions with the images withheld
+        text_only = evaluate_lm(ctx.model, sets["text_only"], objective, ctx.batch_size, ctx.device, ctx.autocast,
+                                seed=cfg.train.seed)
+        extra_metrics = {"text_only_loss": text_only["val_loss"], "text_only_ppl": text_only["val_ppl"]}
+    else:
+        extra_metrics = {}
+    return {**extra_metrics, f"{p}loss": loss, f"{p}ppl": math.exp(min(loss, 50.0)), f"{p}acc": top1 / max(count, 1),
             f"{p}top5_acc": top5 / max(count, 1), "bits_per_byte": nats / (math.log(2) * max(n_bytes, 1)),
             f"{p}tokens": int(count), "bytes": int(n_bytes)}

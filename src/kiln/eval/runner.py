@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, NotApplicable
 from kiln.eval.suites import EvalContext, SuiteResult, available_suites, parse_options
 
 
@@ -44,8 +44,12 @@ def run_suites(ctx: EvalContext, names: list[str], options: dict[str, dict[str, 
                 continue
             sctx = replace(ctx, options={**suite.options, **options.get(name, {})})
             t0 = time.perf_counter()
-            with torch.no_grad():
-                out = suite.fn(sctx)
+            try:
+                with torch.no_grad():
+                    out = suite.fn(sctx)
+            except NotApplicable as e:  # e.g. a text-window suite on an image-text run
+                report["skipped"][name] = str(e)
+                continue
             ctx.prepared = sctx.prepared  # keep the data a suite prepared for the next one
             result = out if isinstance(out, SuiteResult) else SuiteResult(metrics=dict(out or {}))
             report["seconds"][name] = round(time.perf_counter() - t0, 3)

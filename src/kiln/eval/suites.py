@@ -89,10 +89,10 @@ class EvalContext:
     @property
     def data(self):
         if self.prepared is None:
-            from kiln.data.shards import prepare
             from kiln.progress import console, quiet
+            from kiln.data.dataset import prepare_data
 
-            self.prepared = prepare(self.cfg.data, log=lambda s: None if quiet() else console.print(s))
+            self.prepared = prepare_data(self.cfg, log=lambda s: None if quiet() else console.print(s))
         return self.prepared
 
     @property

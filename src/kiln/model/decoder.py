@@ -74,6 +74,11 @@ class Transformer(nn.Module):
         `head(hidden, output_matrix)`, when given, replaces the output projection (a loss that never
         materialises the logits: kiln.kernels.cross_entropy)."""
         x = self.embed(tokens) if self.tok_emb is not None else tokens
+        return self.body(x, attn_mask, head)
+
+    def body(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+             head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> Any:
+        """The blocks, final norm and output layer on embedded inputs x (B, T, d)."""
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.layers.values():
             x = block(x, rope, attn_mask)

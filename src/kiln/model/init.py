@@ -45,6 +45,9 @@ def init_parameters(model: nn.Module, rule: InitRule, cfg: ModelConfig, seed: in
         write(param, full.to(param.dtype))
     if cfg.init_from:
         load_initial_weights(model, cfg.init_from, write)
+    init_pretrained = getattr(model, "init_pretrained", None)  # parts a family loads from elsewhere
+    if init_pretrained is not None:
+        init_pretrained(write)
     init_buffers = getattr(model, "init_buffers", None)
     if init_buffers is not None:
         init_buffers()
@@ -53,21 +56,48 @@ def init_parameters(model: nn.Module, rule: InitRule, cfg: ModelConfig, seed: in
 WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.")  # torch.compile, activation checkpointing
 
 
-@torch.no_grad()
-def load_initial_weights(model: nn.Module, path: str, write: Writer = copy_full) -> None:
-    """Overwrite every parameter with its full value from the safetensors file `path` (Kiln's names)."""
+def open_weights(path: str, source: str):
+    """The safetensors file `path` opened for reading, or a one-line error naming `source`."""
     from safetensors import safe_open
 
     from kiln.errors import ConfigError
 
     try:
-        f = safe_open(str(path), framework="pt")
+        return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own error type for a missing file or a bad header
-        raise ConfigError(f"model.init_from = '{path}' is not a readable safetensors file ({e})") from None
-    with f:
+        raise ConfigError(f"{source} = '{path}' is not a readable safetensors file ({e})") from None
+
+
+@torch.no_grad()
+def load_initial_weights(model: nn.Module, path: str, write: Writer = copy_full) -> None:
+    """Overwrite every parameter with its full value from the safetensors file `path` (Kiln's names)."""
+    with open_weights(path, "model.init_from") as f:
         names = set(f.keys())
         assign_full_weights(model, lambda key: f.get_tensor(key) if key in names else None,
                             f"model.init_from = '{path}'", write)
+
+
+@torch.no_grad()
+def load_named_weights(model: nn.Module, path: str, parts: tuple[str, ...], source: str, write: Writer = copy_full) -> None:
+    """Overwrite the parameters under the modules `parts` (e.g. an image encoder) from the
+    safetensors file `path` (Kiln's names); the rest of the model keeps its values."""
+    from kiln.errors import ConfigError
+
+    with open_weights(path, source) as f:
+        names = set(f.keys())
+        for name, param in model.named_parameters():
+            key = name
+            for prefix in WRAPPER_PREFIXES:
+                key = key.replace(prefix, "")
+            if key.split(".", 1)[0] not in parts:
+                continue
+            if key not in names:
+                raise ConfigError(f"{source} = '{path}' has no tensor '{key}'; it must hold {', '.join(parts)}")
+            full = f.get_tensor(key)
+            if tuple(full.shape) != tuple(param.shape):
+                raise ConfigError(f"{source}: '{key}' is {tuple(full.shape)} but the model needs {tuple(param.shape)} "
+                                  "(another image size, patch size, channel count or width?)")
+            write(param, full.to(param.dtype))
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Model families by name: `model.family` selects a `ModelSpec` (builder, validation, parallel
-plans, init rule, counts). Built in: `decoder` and `encoder` (kiln.model.specs) and `moe` (kiln.model.moe_spec); a plugin adds
+plans, init rule, counts). Built in: `decoder` and `encoder` (kiln.model.specs), `moe` (kiln.model.moe_spec) and `vlm`
+(kiln.model.vision_spec); a plugin adds
 its own with `register_model_family(ModelSpec(name, build, ...))`.
 """
 
@@ -16,6 +17,7 @@ from kiln.model.init import Writer, copy_full, init_parameters
 from kiln.model.spec import VOCAB_MULTIPLE, ModelSpec, padded_vocab
 from kiln.model.moe_spec import MOE
 from kiln.model.specs import DECODER, ENCODER
+from kiln.model.vision_spec import VLM
 from kiln.plugins import load_plugins
 
 __all__ = ["MODEL_SPECS", "ModelSpec", "VOCAB_MULTIPLE", "build_model", "get_spec", "initialise", "padded_vocab",
@@ -46,6 +48,7 @@ def register_model(name: str) -> Callable[[Callable[[ModelConfig, int], nn.Modul
 register_model_family(DECODER)
 register_model_family(ENCODER)
 register_model_family(MOE)
+register_model_family(VLM)
 
 
 def get_spec(family: str) -> ModelSpec:

@@ -12,6 +12,8 @@ import torch
 
 from kiln.config import Config
 from kiln.data.loader import BatchSampler, TokenWindows, eval_windows, share_windows
+from kiln.data.multimodal.loader import training_streams
+from kiln.data.multimodal.prepare import MultimodalPrepared
 from kiln.data.shards import Prepared
 from kiln.errors import ConfigError, DataError
 from kiln.kernels import registry as kernels
@@ -85,8 +87,15 @@ def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par
 
     parts, stage_ids, n_stages = build_parts(cfg, spec, par, data.vocab_size)
     optimizers = [build_optimizer(p, cfg.optim, par.device) for p in parts]
-    sampler = BatchSampler(TokenWindows(data.split("train"), cfg.model.seq_len, "train"),
-                           cfg.global_batch, cfg.train.seed, dp_rank, dp_size)
+    extra_windows: dict[str, torch.Tensor] = {}
+    if isinstance(data, MultimodalPrepared):
+        sampler, val_sets = training_streams(cfg, data, dp_rank, dp_size)
+        windows, extra_windows = val_sets.pop(""), val_sets
+    else:
+        sampler = BatchSampler(TokenWindows(data.split("train"), cfg.model.seq_len, "train"),
+                               cfg.global_batch, cfg.train.seed, dp_rank, dp_size)
+        windows = eval_windows(TokenWindows(data.split("val"), cfg.model.seq_len, "validation"),
+                               cfg.eval.batches * cfg.global_batch)
     micro_batch = cfg.train.micro_batch_size or sampler.local_batch
     module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages)
     eval_batch = micro_batch
@@ -98,12 +107,11 @@ def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par
         module.attach_schedule()
         eval_batch = sampler.local_batch  # the schedule's shapes are the training step's
 
-    windows = eval_windows(TokenWindows(data.split("val"), cfg.model.seq_len, "validation"),
-                           cfg.eval.batches * cfg.global_batch)
     if len(windows) < dp_size:
         raise DataError(f"the validation split has {len(windows)} window(s) of model.seq_len + 1 tokens, too few "
                         f"for {dp_size} data-parallel ranks; raise data.val_fraction or eval.batches")
     val = share_windows(windows, dp_rank, dp_size, multiple=eval_batch)
+    extra_val = {name: share_windows(w, dp_rank, dp_size, multiple=eval_batch) for name, w in extra_windows.items()}
 
     guard = (Guard(cfg.guard, par.device, judge_from=cfg.schedule.warmup_steps) if cfg.guard.enabled else None)
     checkpointer = Checkpointer(run.checkpoints, par, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
@@ -112,4 +120,4 @@ def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par
     lineage = run.lineage() or {}  # a fork: batch ranges to skip, parameters its parent's checkpoint lacks
     return Trainer(cfg, spec, run, data, par, module, sampler, val, eval_batch, listed, checkpointer, guard,
                    skipped=[list(r) for r in lineage.get("skip_batches", [])],
-                   new_tensors=tuple(lineage.get("new_tensors", [])))
+                   new_tensors=tuple(lineage.get("new_tensors", [])), extra_val=extra_val)

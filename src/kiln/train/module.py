@@ -128,12 +128,14 @@ class TrainModule:
             part.train(mode)
 
     # ---------------------------------------------------------------- one step
-    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+                      extras: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(summed objective loss, summed z-loss term or None when train.z_loss is off)."""
         if self.chunk:
-            ce, z = self.model(inputs, head=lambda h, w: kernels.linear_cross_entropy(h, w, targets, self.chunk))
+            ce, z = self.model(inputs, **extras,
+                               head=lambda h, w: kernels.linear_cross_entropy(h, w, targets, self.chunk))
             return ce, (z if self.z_coef else None)
-        logits = self.model(inputs)
+        logits = self.model(inputs, **extras)
         return self.objective.loss_sum(logits, targets), (z_loss_sum(logits, targets) if self.z_coef else None)
 
     def _pipeline_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,8 @@ class TrainModule:
         """Accumulate this rank's gradients for `batch`; returns the step's mean loss per predicted
         token over the global batch, on the device (no host sync)."""
         par = self.par
-        inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+        batch = batch.to(self.device)
+        inputs, targets = batch.inputs, batch.targets
         # Normalise by the tokens predicted in the whole global batch, so accumulation and data
         # parallelism give the gradient of the same mean loss.
         n_predicted = par.data_sum((targets != IGNORE).sum().float()) / par.dims.pp
@@ -179,8 +182,9 @@ class TrainModule:
         else:
             total = torch.zeros((), device=self.device)
             for i in range(0, inputs.shape[0], self.micro_batch):
+                micro = batch.rows(i, i + self.micro_batch)
                 with self.autocast():
-                    loss, z = self.forward_loss(inputs[i:i + self.micro_batch], targets[i:i + self.micro_batch])
+                    loss, z = self.forward_loss(micro.inputs, micro.targets, micro.extras)
                 loss = loss * self._loss_scale
                 if on_loss is not None:
                     loss = on_loss(loss)
@@ -217,14 +221,14 @@ class TrainModule:
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor, **extras: torch.Tensor) -> torch.Tensor:
         """(loss sum, correct, count) of one batch in float64 on the device; zeros on a pipeline
-        rank without the last stage."""
+        rank without the last stage. `extras` are the batch's further model inputs (images)."""
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         if self.schedule is None:
             with self.autocast():
-                logits = self.model(inputs)
+                logits = self.model(inputs, **{k: v.to(self.device) for k, v in extras.items()})
             tally_predictions(totals, logits, targets, self.objective)
             return totals
         self._eval_totals = totals

@@ -11,7 +11,7 @@ data-parallel rank makes its slice, and a resumed run redraws exactly what it dr
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -29,6 +29,14 @@ EVAL_STEP = -1  # the `step` evaluations pass: a random stream that no training 
 class Batch:
     inputs: torch.Tensor  # (B, T) token ids
     targets: torch.Tensor  # (B, T) token ids, IGNORE where no loss is taken
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # more (B, T, ...) model inputs, by keyword
+
+    def rows(self, start: int, stop: int) -> "Batch":
+        return Batch(self.inputs[start:stop], self.targets[start:stop],
+                     {k: v[start:stop] for k, v in self.extras.items()})
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.inputs.to(device), self.targets.to(device), {k: v.to(device) for k, v in self.extras.items()})
 
 
 class Objective:
@@ -143,3 +151,26 @@ class Masked(Objective):
         inputs = torch.where(to_mask, self.mask_id, torch.where(to_random, random_tokens, tokens))
         targets = torch.where(selected, tokens, IGNORE)
         return Batch(inputs, targets)
+
+
+@register_objective
+class Multimodal(Objective):
+    """Next-token prediction on packed image-text windows (kiln.data.multimodal.loader): text
+    tokens are predicted, image positions are inputs only, and no token is predicted from another
+    document (the windows' document column); the patches, their indices and the documents go to
+    the model as extra inputs."""
+
+    name = "multimodal"
+    causal = True
+
+    def make_batch(self, windows: torch.Tensor, step: int, seed: int, first_index: int = 0) -> Batch:
+        from kiln.data.multimodal.loader import DOC, PATCH, PIXELS, TOKEN
+
+        if windows.dim() != 3:
+            raise ConfigError("train.objective = 'multimodal' needs image-text windows (model.family = 'vlm')")
+        tokens, docs, patch = windows[..., TOKEN].long(), windows[..., DOC], windows[..., PATCH]
+        nxt = slice(1, None)
+        predicted = (patch[:, nxt] < 0) & (docs[:, nxt] == docs[:, :-1]) & (docs[:, nxt] >= 0)
+        targets = torch.where(predicted, tokens[:, nxt], IGNORE)
+        extras = {"patches": windows[:, :-1, PIXELS:], "patch_index": patch[:, :-1].long(), "documents": docs[:, :-1]}
+        return Batch(tokens[:, :-1], targets, extras)

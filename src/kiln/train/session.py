@@ -12,7 +12,9 @@ from typing import Any, Iterable
 
 from kiln.changes import check_resume_changes
 from kiln.config import Config, from_dict, load_config
-from kiln.data.shards import Prepared, prepare
+from kiln.data.dataset import prepare_data
+from kiln.data.multimodal.prepare import MultimodalPrepared
+from kiln.data.shards import Prepared
 from kiln.errors import CheckpointError
 from kiln.parallel.runtime import Parallel
 from kiln.plugins import loaded_plugins
@@ -32,15 +34,18 @@ def _log(text: str) -> None:
         console.print(text)
 
 
-def _prepare_everywhere(cfg: Config, par: Parallel) -> Prepared:
-    data = par.main_first(lambda: prepare(cfg.data, log=_log))
-    return data if par.is_main else prepare(cfg.data, log=lambda _: None)
+def _prepare_everywhere(cfg: Config, par: Parallel) -> Prepared | MultimodalPrepared:
+    data = par.main_first(lambda: prepare_data(cfg, log=_log))
+    return data if par.is_main else prepare_data(cfg, log=lambda _: None)
 
 
 def _fit(trainer) -> dict[str, Any]:
     try:
         summary = trainer.fit()
     finally:
+        close = getattr(trainer.sampler, "close", None)  # loader worker processes, if any
+        if close is not None:
+            close()
         trainer.par.shutdown()
     return {"run": str(trainer.run.path), **summary}
 

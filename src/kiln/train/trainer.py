@@ -72,6 +72,7 @@ class Trainer:
     phase_marker: Callable[[str], None] | None = None  # step_time's clock; None = no timing
     skipped: list[list[int]] = field(default_factory=list)  # data batch ranges never trained on (inclusive)
     new_tensors: tuple[str, ...] = ()  # a fork's added parameters, absent from its parent's checkpoint
+    extra_val: dict[str, WindowShare] = field(default_factory=dict)  # more validation sets: name -> share
 
     def __post_init__(self) -> None:
         self.total_steps = self.total_steps or self.cfg.total_steps

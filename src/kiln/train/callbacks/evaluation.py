@@ -44,6 +44,12 @@ class Evaluation(Callback):
                                            trainer.device, seed=trainer.cfg.train.seed,
                                            reduce=par.data_sum if par.distributed else None,
                                            holds_loss=module.holds_loss)
+                for name, share in trainer.extra_val.items():  # e.g. text_only_val_loss: the images withheld
+                    extra = evaluate_windows(module.eval_step, share, module.objective, trainer.eval_batch,
+                                             trainer.device, seed=trainer.cfg.train.seed,
+                                             reduce=par.data_sum if par.distributed else None,
+                                             holds_loss=module.holds_loss)
+                    metrics.update({f"{name}_{k}": v for k, v in extra.items() if k in ("val_loss", "val_ppl")})
                 record = {"step": trainer.step, "tokens": trainer.tokens_seen, **metrics,
                           **run_training_suites(trainer)}
             finally:
@@ -94,7 +100,12 @@ class Samples(Callback):
             # divisible by tp: sample from the checkpoint with `kiln sample` instead.
             return []
         tok = trainer.data.tokenizer
-        if not trainer.spec.causal:  # an encoder does not generate: show it filling masks instead
+        if module.objective.name == "multimodal":  # caption held-out images
+            from kiln.eval.caption import caption_samples
+
+            out = caption_samples(module.model, trainer.val.windows[0], tok, trainer.device, module.autocast)
+            text = "".join(f"=== {s['prompt']}\n{s['text']}\n(data: {s['reference']})\n\n" for s in out)
+        elif not trainer.spec.causal:  # an encoder does not generate: show it filling masks instead
             out = [fill_mask_demo(module.model, trainer.val.windows[0], module.objective, tok, trainer.device,
                                   module.autocast, cfg.train.seed)]
             text = f"=== {out[0]['prompt']}\n{out[0]['text']}\n"

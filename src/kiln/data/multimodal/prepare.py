@@ -1,0 +1,226 @@
+"""Preparing image-text data: a source -> tokenizer, tokenised text, encoded images, an index.
+
+One prepared dataset is a folder under `data.cache_dir`, named by a hash of what determines it
+(built under a temporary name and renamed into place, like text shards):
+
+    tokenizer.json
+    manifest.json      counts, tokenizer hash, sha256 of every file below
+    text.bin           token ids of every text segment, back to back
+    images.bin         every image's encoded bytes (as the source gave them), back to back
+    images.npy         int64 offsets into images.bin (n_images + 1)
+    segments.npy       int64 (n_segments, 3): kind (0 text, 1 image), start, length
+    samples.npy        int64 offsets into segments (n_samples + 1)
+    train.npy, val.npy the samples of each split (by a hash of their content)
+
+Images are kept encoded and decoded by the loader's workers, so `model.image_size` and
+`model.patch_size` can change without preparing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.config import DataConfig
+from kiln.data.multimodal.images import image_size_of
+from kiln.data.multimodal.sources import resolve_source
+from kiln.data.shards import _is_val, _split_hash, unigram_entropy
+from kiln.data.tokenizer import KilnTokenizer, load_tokenizer, train_tokenizer
+from kiln.errors import DataError, NotApplicable
+from kiln.fileio import sha256_file
+from kiln.progress import progress_bar
+
+FORMAT = "kiln-image-text-1"
+TEXT, IMAGE = 0, 1
+FILES = ("text.bin", "images.bin", "images.npy", "segments.npy", "samples.npy", "train.npy", "val.npy")
+
+
+class MultimodalPrepared:
+    """A prepared image-text dataset, checked against its manifest (memory-mapped, read-only)."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], tokenizer: KilnTokenizer):
+        self.path, self.manifest, self.tokenizer = Path(path), manifest, tokenizer
+        self.text = np.memmap(self.path / "text.bin", dtype=np.dtype(manifest["dtype"]), mode="r")
+        self.images = np.memmap(self.path / "images.bin", dtype=np.uint8, mode="r")
+        self.image_offsets = np.load(self.path / "images.npy")
+        self.segments = np.load(self.path / "segments.npy")
+        self.samples = np.load(self.path / "samples.npy")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    def split_ids(self, name: str) -> np.ndarray:
+        return np.load(self.path / f"{name}.npy")
+
+    def split(self, name: str) -> list[np.ndarray]:
+        raise NotApplicable("reads held-out text windows; this run's data is image-text samples")
+
+    def positions(self, ids: np.ndarray, n_patches: int, with_images: bool = True) -> np.ndarray:
+        """Sequence positions each sample takes: BOS + text tokens + n_patches per image + EOS."""
+        seg = self.segments
+        kind, length = seg[:, 0], seg[:, 2]
+        per_segment = np.where(kind == TEXT, length, n_patches if with_images else 0)
+        cum = np.concatenate([[0], np.cumsum(per_segment)])
+        return (cum[self.samples[ids + 1]] - cum[self.samples[ids]] + 2).astype(np.int64)
+
+    def sample_segments(self, sample: int) -> np.ndarray:
+        return self.segments[self.samples[sample]:self.samples[sample + 1]]
+
+    def text_tokens(self, start: int, length: int) -> np.ndarray:
+        return np.asarray(self.text[start:start + length], dtype=np.int64)
+
+    def image_bytes(self, index: int) -> bytes:
+        return self.images[self.image_offsets[index]:self.image_offsets[index + 1]].tobytes()
+
+
+def dataset_key(cfg: DataConfig, fingerprint: str) -> str:
+    tok = load_tokenizer(cfg.tokenizer).sha256 if cfg.tokenizer else ""
+    parts = [FORMAT, fingerprint, str(cfg.vocab_size), tok, repr(cfg.val_fraction), str(cfg.split_seed),
+             str(cfg.max_docs), cfg.text_field, cfg.image_field]
+    return "mm-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def open_multimodal(path: Path, verify: bool = True) -> MultimodalPrepared:
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{path} is not a prepared image-text dataset (no manifest.json); delete it and train again")
+    manifest = json.loads(manifest_path.read_text())
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    if verify:
+        for name in FILES:
+            if not (path / name).is_file() or sha256_file(path / name) != manifest["sha256"][name]:
+                raise DataError(f"{path / name} is missing or does not match its checksum (corrupt cache); delete "
+                                f"{path} and train again")
+    return MultimodalPrepared(path, manifest, tokenizer)
+
+
+def _read(cfg: DataConfig, source, images_out) -> tuple[list[list[tuple[int, Any]]], list[str], int]:
+    """Every sample as [(kind, text | image index)], the texts, and the number of images; image
+    bytes are streamed to `images_out` (offsets appended to its `offsets` list)."""
+    samples, texts, n_images = [], [], 0
+    for sample in progress_bar(source.samples(), "reading image-text samples", unit="samples"):
+        entry = []
+        for seg in sample:
+            if isinstance(seg, str):
+                if seg.strip():
+                    entry.append((TEXT, len(texts)))
+                    texts.append(seg)
+            else:
+                if image_size_of(seg) is None:
+                    raise DataError(f"data.corpus = '{cfg.corpus}': sample {len(samples)} holds bytes that are not "
+                                    "an image Pillow can read; remove or re-encode it")
+                images_out.write(seg)
+                images_out.offsets.append(images_out.offsets[-1] + len(seg))
+                entry.append((IMAGE, n_images))
+                n_images += 1
+        if entry:
+            samples.append(entry)
+        if cfg.max_docs and len(samples) >= cfg.max_docs:
+            break
+    return samples, texts, n_images
+
+
+class _ImageWriter:
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.offsets = [0]
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+
+
+def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
+    """Make (or reuse) the prepared image-text dataset for `cfg` and return it, verified."""
+    source = resolve_source(cfg)
+    key = dataset_key(cfg, source.fingerprint)
+    cache = Path(cfg.cache_dir).expanduser()
+    final = cache / key
+    if (final / "manifest.json").is_file():
+        return open_multimodal(final)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data.cache_dir '{cache}' cannot be created ({e.strerror}); choose a writable folder") from None
+    start = time.perf_counter()
+    tmp = cache / f"{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer = _ImageWriter(tmp / "images.bin")
+        try:
+            samples, texts, n_images = _read(cfg, source, writer)
+        finally:
+            writer.file.close()
+        if len(samples) < 2:
+            raise DataError(f"data.corpus = '{cfg.corpus}' holds {len(samples)} image-text sample(s); a train / "
+                            "validation split needs at least two")
+        if cfg.tokenizer:
+            tok = load_tokenizer(cfg.tokenizer)
+        else:
+            log(f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {len(texts)} texts")
+            tok = train_tokenizer(iter(texts), cfg.vocab_size)
+        dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+        encoded = tok.encode_batch(texts) if texts else []
+        text_starts = np.concatenate([[0], np.cumsum([len(e) for e in encoded], dtype=np.int64)])
+        (np.concatenate(encoded).astype(dtype) if encoded else np.zeros(0, dtype)).tofile(tmp / "text.bin")
+
+        segments, offsets = [], [0]
+        for entry in samples:
+            for kind, ref in entry:
+                segments.append((TEXT, int(text_starts[ref]), len(encoded[ref])) if kind == TEXT else (IMAGE, ref, 0))
+            offsets.append(len(segments))
+        np.save(tmp / "images.npy", np.asarray(writer.offsets, dtype=np.int64))
+        np.save(tmp / "segments.npy", np.asarray(segments, dtype=np.int64).reshape(-1, 3))
+        np.save(tmp / "samples.npy", np.asarray(offsets, dtype=np.int64))
+
+        # the split follows each sample's content (its texts and image bytes), not its position
+        image_file = np.memmap(tmp / "images.bin", dtype=np.uint8, mode="r") if n_images else None
+        keys = []
+        for entry in samples:
+            h = hashlib.sha256()
+            for kind, ref in entry:
+                h.update(texts[ref].encode("utf-8", "surrogatepass") if kind == TEXT else
+                         image_file[writer.offsets[ref]:writer.offsets[ref + 1]].tobytes())
+            keys.append(h.hexdigest())
+        is_val = np.array([_is_val(k, cfg.split_seed, cfg.val_fraction) for k in keys])
+        if not is_val.any():
+            is_val[min(range(len(keys)), key=lambda i: _split_hash(keys[i], cfg.split_seed))] = True
+        if is_val.all():
+            is_val[0] = False
+        np.save(tmp / "train.npy", np.flatnonzero(~is_val).astype(np.int64))
+        np.save(tmp / "val.npy", np.flatnonzero(is_val).astype(np.int64))
+        del image_file
+
+        tok.save(tmp / "tokenizer.json")
+        val_tokens = [np.asarray(encoded[ref], dtype=np.int64) for i in np.flatnonzero(is_val)
+                      for kind, ref in samples[i] if kind == TEXT] + [np.full(int(is_val.sum()), tok.eos_id)]
+        sha = {name: sha256_file(tmp / name) for name in FILES}
+        manifest = {
+            "format": FORMAT, "key": key, "corpus": cfg.corpus, "modality": "image-text",
+            "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "dtype": dtype.name,
+            "samples": len(samples), "images": n_images, "texts": len(texts),
+            "text_tokens": int(text_starts[-1]), "train_samples": int((~is_val).sum()),
+            "val_samples": int(is_val.sum()), "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
+            "val_unigram_entropy": unigram_entropy(val_tokens, tok.vocab_size), "sha256": sha,
+            "content_key": hashlib.sha256("\n".join([tok.sha256] + [sha[n] for n in FILES]).encode()).hexdigest()[:20],
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"prepared {manifest['train_samples']} + {manifest['val_samples']} image-text samples ({n_images} images, "
+        f"{manifest['text_tokens']:,} text tokens) in {manifest['seconds']:.1f}s -> {final}")
+    return open_multimodal(final)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from kiln.config import DataConfig, load_config
 from kiln.data.multimodal.images import decode, patchify
-from kiln.data.multimodal.loader import DOC, PATCH, PIXELS, TOKEN, ImageLayout, MultimodalSampler, SplitStream
+from kiln.data.multimodal.loader import DOC, PATCH, TOKEN, ImageLayout, MultimodalSampler, SplitStream, pixels_of
 from kiln.data.multimodal.packing import EpochPlans, efficiency, pack
 from kiln.data.multimodal.prepare import prepare_multimodal
 from kiln.data.multimodal.sources import read_parquet, read_tar, resolve_source
@@ -171,7 +171,7 @@ def test_window_records_hold_whole_samples(digits):
     cfg, data = digits
     stream = SplitStream(data, "train", ImageLayout.from_config(cfg), cfg.model.seq_len, seed=0)
     rec = stream.windows([0])[0]
-    assert rec.shape == (257, 3 + 4)
+    assert rec.shape == (257, 3 + 1)  # 2x2 grey patches: four pixel values, one packed column
     slots = sorted(set(rec[:, DOC].tolist()) - {-1})
     for slot in slots:
         rows = rec[rec[:, DOC] == slot]
@@ -247,6 +247,6 @@ def test_inline_placement_keeps_the_document_order(tmp_path):
         stream = SplitStream(data, "train", layout, 64, seed=0, shuffle=False, ids=np.array([0]))  # the document
         rec = stream.windows([0])[0]
         assert rec[first_patch, PATCH] == 0 and rec[first_patch - 1, PATCH] == -1
-        assert (rec[first_patch:first_patch + 4, PIXELS:] == 9).all()
+        assert (pixels_of(torch.from_numpy(rec[first_patch:first_patch + 4])) == 9).all()
         text = tok.decode(rec[(rec[:, DOC] == 0) & (rec[:, PATCH] < 0), TOKEN].tolist())
         assert "before the picture" in text and "after it" in text

@@ -19,13 +19,17 @@ def cfg_of(*extra):
 
 
 def record(samples):
-    """A window record (T+1, 3 + 4) from [(n_image_patches, [tokens])], image first."""
+    """A window record (T+1, 3 + 1) from [(n_image_patches, [tokens])], image first; a patch's
+    four pixel values are packed into one int32 column."""
+    def packed(value):
+        return int(torch.full((4,), value, dtype=torch.uint8).view(torch.int32))
+
     rows = []
     for slot, (patches, tokens) in enumerate(samples):
-        rows.append([1, slot, -1] + [0] * 4)  # BOS
-        rows += [[2, slot, i] + [(37 * i + slot) % 256] * 4 for i in range(patches)]
-        rows += [[t, slot, -1] + [0] * 4 for t in tokens]
-    rows += [[2, -1, -1] + [0] * 4] * (33 - len(rows))
+        rows.append([1, slot, -1, 0])  # BOS
+        rows += [[2, slot, i, packed((37 * i + slot) % 256)] for i in range(patches)]
+        rows += [[t, slot, -1, 0] for t in tokens]
+    rows += [[2, -1, -1, 0]] * (33 - len(rows))
     return torch.tensor(rows, dtype=torch.int32)
 
 
@@ -39,6 +43,8 @@ def test_targets_skip_images_documents_and_padding():
     assert t[7] == IGNORE  # EOS of sample 0 -> BOS of sample 1: across documents
     assert t[12] == 12 and t[13] == 0 and (t[14:] == IGNORE).all()  # padding predicts nothing
     assert batch.extras["patch_index"].shape == (1, 32) and batch.extras["patches"].shape == (1, 32, 4)
+    assert batch.extras["patches"].dtype == torch.uint8 and int(batch.extras["patches"][0, 1, 0]) == 0
+    assert int(batch.extras["patches"][0, 2, 0]) == 37
 
 
 def test_documents_never_see_each_other_and_images_matter():
@@ -47,7 +53,7 @@ def test_documents_never_see_each_other_and_images_matter():
     objective = get_objective("multimodal")(None, 64)
     rec = record([(16, [10, 11, 0]), (0, [12, 13, 0])])
     other = rec.clone()
-    other[other[:, DOC] == 0, PIXELS:] = 255 - other[other[:, DOC] == 0, PIXELS:]  # change sample 0's image only
+    other[(other[:, DOC] == 0) & (other[:, PATCH] >= 0), PIXELS] = 12345  # change sample 0's image only
     outs = []
     for r in (rec, other):
         b = objective.make_batch(r[None], step=0, seed=0)

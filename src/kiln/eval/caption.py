@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kiln.data.multimodal.loader import DOC, PATCH, PIXELS, TOKEN
+from kiln.data.multimodal.loader import DOC, PATCH, TOKEN, pixels_of
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def caption_samples(model: nn.Module, window: torch.Tensor, tokenizer, device: t
             for _ in range(max_tokens):
                 x = record.to(device)[None]
                 with autocast():
-                    logits = model(x[..., TOKEN].long(), patches=x[..., PIXELS:], patch_index=x[..., PATCH].long(),
+                    logits = model(x[..., TOKEN].long(), patches=pixels_of(x), patch_index=x[..., PATCH].long(),
                                    documents=torch.zeros_like(x[..., DOC]))
                 token = int(logits[0, -1, :tokenizer.vocab_size].float().argmax())
                 done = done or token == tokenizer.eos_id

@@ -164,7 +164,7 @@ class Multimodal(Objective):
     causal = True
 
     def make_batch(self, windows: torch.Tensor, step: int, seed: int, first_index: int = 0) -> Batch:
-        from kiln.data.multimodal.loader import DOC, PATCH, PIXELS, TOKEN
+        from kiln.data.multimodal.loader import DOC, PATCH, TOKEN, pixels_of
 
         if windows.dim() != 3:
             raise ConfigError("train.objective = 'multimodal' needs image-text windows (model.family = 'vlm')")
@@ -172,5 +172,5 @@ class Multimodal(Objective):
         nxt = slice(1, None)
         predicted = (patch[:, nxt] < 0) & (docs[:, nxt] == docs[:, :-1]) & (docs[:, nxt] >= 0)
         targets = torch.where(predicted, tokens[:, nxt], IGNORE)
-        extras = {"patches": windows[:, :-1, PIXELS:], "patch_index": patch[:, :-1].long(), "documents": docs[:, :-1]}
+        extras = {"patches": pixels_of(windows[:, :-1]), "patch_index": patch[:, :-1].long(), "documents": docs[:, :-1]}
         return Batch(tokens[:, :-1], targets, extras)

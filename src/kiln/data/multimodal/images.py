@@ -14,20 +14,22 @@ from kiln.errors import DataError
 
 
 def decode(data: bytes, size: int, channels: int, where: str = "an image") -> np.ndarray:
-    """Encoded image -> uint8 (size, size, channels): the shorter side resized to `size`
-    (bicubic; Pillow's reducing filter when shrinking a lot), then the centre square cropped."""
+    """Encoded image -> uint8 (size, size, channels): the centre square of the image with its
+    shorter side resized to `size` (antialiased bilinear, computed for the square only; a JPEG
+    much larger than `size` is first decoded at a reduced scale, which its format allows)."""
     from PIL import Image, UnidentifiedImageError
 
+    mode = "L" if channels == 1 else "RGB"
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
+            if im.format == "JPEG":
+                im.draft(mode, (size, size))  # decodes at 1/2, 1/4 or 1/8 scale while that stays >= size
+            im = im.convert(mode)
             w, h = im.size
-            scale = size / min(w, h)
-            new = (max(size, round(w * scale)), max(size, round(h * scale)))
-            if new != (w, h):
-                im = im.resize(new, Image.Resampling.BICUBIC, reducing_gap=2.0 if scale < 0.5 else None)
-            left, top = (new[0] - size) // 2, (new[1] - size) // 2
-            im = im.crop((left, top, left + size, top + size))
+            side = min(w, h)
+            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            if side != size or w != h:
+                im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
             pixels = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{where} cannot be decoded as an image ({e})") from None

@@ -1,12 +1,13 @@
 """Deterministic, resumable, rank-aware batches of packed image-text windows, made by worker processes.
 
-A window is one int32 record per position, `(seq_len + 1, 3 + patch_values)`:
+A window is one int32 record per position, `(seq_len + 1, 3 + ceil(patch_values / 4))`:
 
     column 0      token id (the pad id at image positions: the model puts patch embeddings there)
     column 1      document: the window's sample slot (0, 1, ...), -1 for padding; attention never
                   crosses documents and no target is taken across a boundary
     column 2      patch index within its image (0 .. n_patches - 1), -1 for text and padding
-    columns 3...  the patch's pixel values (uint8 range), zero elsewhere
+    columns 3...  the patch's uint8 pixel values, four to a column (`pixels_of` reads them back),
+                  zero elsewhere
 
 so batches keep the shape of text windows (rows can be sliced, padded and shared over ranks by
 the same code). A sample is BOS, its segments (text tokens; an image's patches), EOS; with
@@ -33,6 +34,16 @@ from kiln.data.multimodal.prepare import IMAGE, TEXT, MultimodalPrepared
 from kiln.errors import DataError
 
 TOKEN, DOC, PATCH, PIXELS = 0, 1, 2, 3
+
+
+def pixel_columns(patch_values: int) -> int:
+    return -(-patch_values // 4)
+
+
+def pixels_of(records: torch.Tensor) -> torch.Tensor:
+    """The uint8 pixel values of window records (..., columns): (..., 4 * pixel columns), the
+    last few zero when a patch's values are not a multiple of four (the model reads its own count)."""
+    return records[..., PIXELS:].contiguous().view(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,8 @@ class WindowBuilder:
 
     def build(self, samples: np.ndarray) -> np.ndarray:
         L, n_p = self.layout, self.layout.n_patches
-        out = np.zeros((self.window, 3 + L.patch_values), dtype=np.int32)
+        out = np.zeros((self.window, PIXELS + pixel_columns(L.patch_values)), dtype=np.int32)
+        pixel_bytes = np.zeros((self.window, 4 * pixel_columns(L.patch_values)), dtype=np.uint8)
         out[:, TOKEN] = self.pad
         out[:, DOC] = -1
         out[:, PATCH] = -1
@@ -99,13 +111,14 @@ class WindowBuilder:
                         break
                     n = n_p
                     out[pos:pos + n, PATCH] = np.arange(n_p)
-                    out[pos:pos + n, PIXELS:] = values
+                    pixel_bytes[pos:pos + n, :L.patch_values] = values
                 pos += n
                 if pos >= self.window:
                     break
             out[start:pos, DOC] = slot
             if pos >= self.window:
                 break
+        out[:, PIXELS:] = pixel_bytes.view(np.int32)
         return out
 
 
@@ -163,7 +176,7 @@ class MultimodalSampler:
         return self.stream.windows(self.sample_indices(step))
 
     def batch(self, step: int) -> torch.Tensor:
-        """This rank's windows for `step`: int32 tensor (local_batch, seq_len + 1, 3 + patch values)."""
+        """This rank's windows for `step`: int32 records (local_batch, seq_len + 1, columns)."""
         if not self.workers:
             return torch.from_numpy(self.make(step))
         if self._iter is None or step != self._next:

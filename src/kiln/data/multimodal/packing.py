@@ -1,9 +1,8 @@
 """Packing whole samples into fixed-length windows, as a pure function of (lengths, seed, epoch).
 
 Each epoch shuffles the training samples with a generator seeded by (seed, epoch) and packs them
-into windows of `seq_len + 1` positions, one window at a time from a look-ahead buffer: the
-longest buffered sample that fits goes in until none does. The epoch's windows are then shuffled
-by the same generator. No sample is split, so an image is never cut across
+into windows of `seq_len + 1` positions, best-fit decreasing over a buffer of samples at a time.
+The epoch's windows are then shuffled by the same generator. No sample is split, so an image is never cut across
 windows, and every sample is in exactly one window of its epoch. A sample longer than a window
 gets one to itself (the loader keeps what fits).
 
@@ -14,57 +13,43 @@ ranks: a run resumed on another world size continues the same stream.
 
 from __future__ import annotations
 
-import bisect
-
 import numpy as np
 
 
-def pack(lengths: np.ndarray, order: np.ndarray, window: int, buffer: int = 512,
+def pack(lengths: np.ndarray, order: np.ndarray, window: int, buffer: int = 1024,
          rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Samples `order` (ids into `lengths`) packed into windows of `window` positions:
     (the samples in window order, int64 offsets of each window into them (n_windows + 1)).
 
-    One window is filled at a time from a buffer of the next `buffer` samples in `order`: the
-    longest buffered sample that still fits goes in, until none does; then the window is closed
-    and the buffer refilled. `rng`, when given, then shuffles the windows, so batches carry no
-    trace of the longest-first choice."""
+    Best-fit decreasing, `buffer` samples at a time: the buffer's samples, longest first, each go
+    to the open window they fill most tightly (a new one when none has room); the buffer's windows
+    are then closed. `rng`, when given, shuffles the windows, so batches carry no trace of the sort."""
     caps = np.minimum(lengths, window)
-    pending: list[tuple[int, int, int]] = []  # (length, arrival, sample), sorted
-    out: list[int] = []
-    offsets = [0]
-    feed = iter(order.tolist())
-    arrival = 0
-
-    def refill() -> None:
-        nonlocal arrival
-        while len(pending) < buffer:
-            sample = next(feed, None)
-            if sample is None:
-                return
-            bisect.insort(pending, (int(caps[sample]), arrival, sample))
-            arrival += 1
-
-    refill()
-    while pending:
-        room = window
-        while pending:
-            i = bisect.bisect_right(pending, (room, 1 << 62, 0)) - 1  # the longest that fits
-            if i < 0:
-                break
-            length, _, sample = pending.pop(i)
-            out.append(sample)
-            room -= length
-            if not room:
-                break
-        offsets.append(len(out))
-        refill()
-    samples, bounds = np.asarray(out, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
-    if rng is None:
-        return samples, bounds
-    perm = rng.permutation(len(bounds) - 1)
-    sizes = np.diff(bounds)[perm]
-    shuffled = np.concatenate([samples[bounds[w]:bounds[w + 1]] for w in perm]) if len(perm) else samples
-    return shuffled, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    out: list[np.ndarray] = []
+    sizes: list[int] = []
+    for chunk in np.array_split(order, max(1, -(-len(order) // buffer))):
+        chunk = chunk[np.argsort(-caps[chunk], kind="stable")]
+        room = np.empty(len(chunk), dtype=np.int64)  # at most one window per sample
+        members: list[list[int]] = []
+        for sample in chunk.tolist():
+            need = caps[sample]
+            open_room = room[:len(members)]
+            fits = np.flatnonzero(open_room >= need)
+            if len(fits):
+                slot = int(fits[open_room[fits].argmin()])
+            else:
+                slot = len(members)
+                members.append([])
+                room[slot] = window
+            members[slot].append(sample)
+            room[slot] -= need
+        out += [np.asarray(m, dtype=np.int64) for m in members]
+        sizes += [len(m) for m in members]
+    if rng is not None and out:
+        perm = rng.permutation(len(out))
+        out, sizes = [out[w] for w in perm], [sizes[w] for w in perm]
+    samples = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    return samples, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
 
 
 def efficiency(lengths: np.ndarray, offsets: np.ndarray, window: int) -> float:

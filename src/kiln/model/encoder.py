@@ -40,8 +40,11 @@ class Encoder(Transformer):
         super().__init__(cfg, vocab_size, causal=False)
         self.mlm_head = MLMHead(cfg, vocab_size)
 
-    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, vocab).
+    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                predict: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab); with `predict` (B, T) bool, the logits of
+        those positions only, (N, vocab): training predicts ~15% of the tokens, and the head over
+        the vocabulary is most of the model's work per position.
 
         `padding_mask` (B, T) is True at real tokens and False at padding, which no position then
         attends to (the outputs at padded positions are meaningless). Kiln's training windows are
@@ -52,4 +55,5 @@ class Encoder(Transformer):
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.layers.values():
             x = block(x, rope, attn_mask)
-        return self.mlm_head(self.norm(x), self.output_weight())
+        x = self.norm(x)
+        return self.mlm_head(x if predict is None else x[predict], self.output_weight())

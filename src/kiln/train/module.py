@@ -60,6 +60,9 @@ class TrainModule:
         self._z_total = torch.zeros((), device=par.device)  # this step's z-loss term (scaled), this rank
         self.z_mean: torch.Tensor | None = None  # mean log(Z)^2 per predicted token of the last step
         self.chunk = self._chunked_loss(cfg, parts, objective)  # tokens per chunk, 0 = the naive head
+        # a masked objective predicts a few positions: a family that can, computes the head there only
+        self.predict_only = (objective.masked and par.dims.pp == 1
+                             and "predict" in inspect.signature(parts[0].forward).parameters)
         self.has_moe = bool(moe.moe_layers(parts))
         self.routing: dict[str, torch.Tensor] = {}  # the last step's MoE routing statistics (device tensors)
         if self.has_moe:  # the routers' auxiliary losses are averaged over a step's micro-batches
@@ -135,7 +138,12 @@ class TrainModule:
             ce, z = self.model(inputs, **extras,
                                head=lambda h, w: kernels.linear_cross_entropy(h, w, targets, self.chunk))
             return ce, (z if self.z_coef else None)
-        logits = self.model(inputs, **extras)
+        if self.predict_only:
+            predict = targets != IGNORE
+            logits = self.model(inputs, **extras, predict=predict)[None]  # (1, N, vocab)
+            targets = targets[predict][None]
+        else:
+            logits = self.model(inputs, **extras)
         return self.objective.loss_sum(logits, targets), (z_loss_sum(logits, targets) if self.z_coef else None)
 
     def _pipeline_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,8 @@
-"""The image-text model under FSDP2 on two gloo ranks: the same losses as one process, and a
-two-rank checkpoint resumed on one rank continues the same data stream."""
+"""The image-text model under FSDP2 on two gloo ranks: a two-rank checkpoint resumed on one rank
+continues with the two-rank run's losses."""
 
 import json
 import shutil
-
-import pytest
 
 from dist_helpers import assert_close, losses, run_kiln, sets
 
@@ -24,25 +22,16 @@ def train(root, name, nproc):
     return losses(root / "runs" / name)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlm-dist")
-    return root, train(root, "one", 1), train(root, "two", 2)
-
-
-def test_two_ranks_match_one(runs):
-    _, one, two = runs
-    assert_close(two, one)
-
-
-def test_save_two_ranks_resume_one(runs):
-    root, one, _ = runs
-    run = root / "runs" / "two-to-one"
-    shutil.copytree(root / "runs" / "two", run)
+def test_save_two_ranks_resume_one(tmp_path):
+    """The two-rank run, cut after its step-5 checkpoint and resumed on one rank, logs the
+    two-rank run's losses: one process computes what two do, and continues the same stream."""
+    two = train(tmp_path, "two", 2)
+    run = tmp_path / "runs" / "two-to-one"
+    shutil.copytree(tmp_path / "runs" / "two", run)
     for ckpt in (run / "checkpoints").iterdir():
         if int(ckpt.name.split("-")[1]) > 5:
             shutil.rmtree(ckpt)
     run_kiln(["train", "--resume", str(run)])
-    assert_close(losses(run), one)
+    assert_close(losses(run), two)
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert evals[-1]["text_only_val_loss"] > evals[-1]["val_loss"]

@@ -288,6 +288,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         return 0
     precision = "fp32" if cfg.train.precision == "fp32" else "bf16"
+    if cluster.mixed:
+        return _plan_mixed(cfg, cluster, precision, args)
     result = search(cfg, cfg.data.vocab_size, cluster, precision)
     print(f"{cluster.describe()}: {result.examined:,} layouts examined in {result.seconds:.1f} s, "
           f"{len(result.plans):,} fit")
@@ -303,6 +305,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                                "rejected": result.rejected}, indent=1))
     if not result.plans:
         raise KilnError("no layout fits this cluster; see above (--explain says why each family was rejected)")
+    return 0
+
+
+def _plan_mixed(cfg, cluster, precision: str, args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from kiln.plan.hetero import explain_mixed, plan_mixed
+
+    t0 = time.perf_counter()
+    plans = plan_mixed(cfg, cluster, precision)
+    print(f"{cluster.describe()}: {len(plans)} plans split by device speed, in {time.perf_counter() - t0:.1f} s")
+    for i, p in enumerate(plans[:args.top], 1):
+        memory = max(m.total for m in p.memory) / 2**30
+        print(f"{i}. {p.tokens_per_s:12,.0f} tokens/s ({p.speedup:.2f}x uniform)  {memory:6.1f} GiB  {p.describe()}")
+        print("   " + " ".join(f"--set {s}" for s in p.sets()))
+    if args.explain:
+        print("\n".join(explain_mixed(plans, cluster)))
+    if args.json:
+        rows = [{"set": p.sets(), "tokens_per_s": p.tokens_per_s, "memory_gb": max(m.total for m in p.memory) / 1e9,
+                 "uniform_tokens_per_s": p.uniform_tokens_per_s,
+                 "why": f"{p.shape} parallel split by speed: {p.speedup:.2f}x the uniform split"} for p in plans[:args.top]]
+        Path(args.json).write_text(json.dumps({"plans": rows}, indent=1))
+    if not plans:
+        raise KilnError("no plan fits this mixed cluster (a share or stage exceeds a device's memory)")
     return 0
 
 

@@ -170,6 +170,8 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # 1f1b | interleaved-1f1b | gpipe
     pp_microbatches: int = 4
     pp_stages_per_rank: int = 2  # interleaved-1f1b only
+    pp_layers: list[int] = field(default_factory=list)  # layers per pipeline stage (mixed devices); [] = even
+    dp_batch_shares: list[int] = field(default_factory=list)  # sequences per data-parallel rank; [] = even
     activation_checkpoint: str = "none"  # none | selective (every other block) | full
     compile_blocks: bool = False  # torch.compile each block (instead of train.compile's whole step)
     async_checkpoint: bool = False  # distributed checkpoints: write in the background
@@ -231,6 +233,8 @@ class FaultsConfig:
     slow_s: float = 1.0
     slow_rank: int = -1  # this data-parallel rank is slow_rank_s slower at every step
     slow_rank_s: float = 0.2
+    throttle_rank: int = -1  # this data-parallel rank computes throttle_factor times slower (a slower device)
+    throttle_factor: float = 2.0
     hang: int = 0  # this step blocks for hang_s seconds (the watchdog's case)
     hang_s: float = 3600.0
     loader_stall: list[int] = field(default_factory=list)  # reading these steps' batches takes stall_s more
@@ -557,7 +561,7 @@ def validate(cfg: Config) -> None:
         _require(t.batch_tokens % m.seq_len == 0,
                  f"train.batch_tokens = {t.batch_tokens} must be a multiple of model.seq_len = {m.seq_len}")
     _require(cfg.total_steps > 0, "train.steps (or train.tokens) must be positive")
-    if t.micro_batch_size:
+    if t.micro_batch_size and not cfg.parallel.dp_batch_shares:  # uneven shares: checked per share when built
         _require(cfg.global_batch % t.micro_batch_size == 0,
                  f"train.micro_batch_size = {t.micro_batch_size} must divide the global batch of "
                  f"{cfg.global_batch} sequences")

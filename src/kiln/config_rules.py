@@ -31,6 +31,22 @@ def validate_sections(cfg: Any) -> None:
     require(g.collective_timeout_s > 0, f"guard.collective_timeout_s must be positive, got {g.collective_timeout_s}")
     require(cfg.checkpoint.keep >= 0 and cfg.checkpoint.keep_every >= 0, "checkpoint.keep and keep_every must be >= 0")
 
+    par = cfg.parallel
+    if par.dp_batch_shares:
+        shares = par.dp_batch_shares
+        require(all(n >= 1 for n in shares), f"parallel.dp_batch_shares must be positive, got {shares}")
+        require(sum(shares) == cfg.global_batch, f"parallel.dp_batch_shares = {shares} add up to {sum(shares)}, not "
+                f"the global batch of {cfg.global_batch} sequences")
+        require(par.pp == 1, "parallel.dp_batch_shares works with parallel.pp = 1 (give stages uneven layers with "
+                "parallel.pp_layers instead)")
+    if par.pp_layers:
+        stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
+        require(len(par.pp_layers) == stages, f"parallel.pp_layers names {len(par.pp_layers)} stages; the pipeline "
+                f"has {stages}")
+        require(all(n >= 1 for n in par.pp_layers) and sum(par.pp_layers) == cfg.model.n_layers,
+                f"parallel.pp_layers = {par.pp_layers} must be positive and add up to model.n_layers = "
+                f"{cfg.model.n_layers}")
+
     k = cfg.mask
     require(0.0 < k.rate < 1.0, f"mask.rate must be in (0, 1), got {k.rate}")
     for key in ("replace", "random", "keep"):
@@ -44,6 +60,7 @@ def validate_sections(cfg: Any) -> None:
         require(getattr(f, key) > 0, f"faults.{key} must be positive, got {getattr(f, key)}")
     require(f.dead_fraction <= 1, f"faults.dead_fraction must be <= 1, got {f.dead_fraction}")
     require(0 <= f.layer < cfg.model.n_layers, f"faults.layer = {f.layer} must name a layer (0..{cfg.model.n_layers - 1})")
+    require(f.throttle_factor >= 1, f"faults.throttle_factor must be >= 1 (how many times slower), got {f.throttle_factor}")
     for key in ("slow_s", "slow_rank_s", "hang_s", "stall_s"):
         require(getattr(f, key) >= 0, f"faults.{key} must be >= 0, got {getattr(f, key)}")
     for name in cfg.callbacks.enabled:

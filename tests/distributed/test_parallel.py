@@ -55,10 +55,22 @@ def test_tensor_parallel_matches_single_process(setup, single_untied):
     assert_close(tp, single_untied)
 
 
+def test_uneven_batch_shares_match_single_process(setup, single):
+    """Mixed devices: rank 0 takes 6 of the 8 sequences in two micro-batches of 3, rank 1 takes 2
+    in two of 1; the mean loss and its gradient are the global batch's all the same."""
+    root, base = setup
+    shares = train(root / "runs", "shares", base + ["parallel.dp_batch_shares=[6,2]", "train.micro_batch_size=3"],
+                   nproc=2)
+    assert_close(shares, single)
+
+
 def test_pipeline_1f1b_matches_single_process(setup, single_untied):
+    """With uneven stages (3 layers and 1, as for a fast and a slow device); the even split is
+    what the other pipeline tests run."""
     root, base = setup
     piped = train(root / "runs", "pp2", base + ["model.tie_embeddings=false", "parallel.pp=2",
-                                                "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=4"], nproc=2)
+                                                "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=4",
+                                                "parallel.pp_layers=[3,1]"], nproc=2)
     assert_close(piped, single_untied)
     evals = [json.loads(line) for line in (root / "runs" / "pp2" / "eval.jsonl").read_text().splitlines()]
     ref = [json.loads(line) for line in (root / "runs" / "single-untied" / "eval.jsonl").read_text().splitlines()]

@@ -45,16 +45,28 @@ class TokenWindows:
         return out
 
 
+def rank_share(global_batch: int, rank: int, world_size: int, shares: list[int] | None = None) -> tuple[int, int]:
+    """(sequences of the global batch for data-parallel rank `rank`, index of its first one): an
+    even split, or `shares` (`parallel.dp_batch_shares`: devices of different speeds)."""
+    if shares:
+        if len(shares) != world_size:
+            raise DataError(f"parallel.dp_batch_shares names {len(shares)} ranks; the run has {world_size} "
+                            "data-parallel ranks")
+        return shares[rank], sum(shares[:rank])
+    if global_batch % world_size:
+        raise DataError(f"the global batch of {global_batch} sequences does not split evenly over "
+                        f"{world_size} data-parallel ranks; make train.batch_size a multiple of {world_size}")
+    return global_batch // world_size, rank * (global_batch // world_size)
+
+
 class BatchSampler:
     """The training batches: `batch(step)` depends only on (seed, step, rank, world size)."""
 
-    def __init__(self, windows: TokenWindows, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
-        if global_batch % world_size:
-            raise DataError(f"the global batch of {global_batch} sequences does not split evenly over "
-                            f"{world_size} data-parallel ranks; make train.batch_size a multiple of {world_size}")
+    def __init__(self, windows: TokenWindows, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shares: list[int] | None = None):
+        self.local_batch, self.offset = rank_share(global_batch, rank, world_size, shares)
         self.windows = windows
         self.global_batch = global_batch
-        self.local_batch = global_batch // world_size
         self.seed = seed
         self.rank = rank
         self._epoch = -1
@@ -68,7 +80,7 @@ class BatchSampler:
         return self._order
 
     def sample_indices(self, step: int) -> np.ndarray:
-        first = step * self.global_batch + self.rank * self.local_batch
+        first = step * self.global_batch + self.offset
         n = len(self.windows)
         out = np.empty(self.local_batch, dtype=np.int64)
         for i, g in enumerate(range(first, first + self.local_batch)):

@@ -57,7 +57,7 @@ class ModelSpec:
     blocks: Blocks | None = None  # the repeated blocks: FSDP units, activation checkpointing, per-block compile
     init_rule: InitRule = default_init_rule
     tensor_parallel: Callable[[nn.Module, Any], None] | None = None  # (model, tp DeviceMesh) -> None
-    pipeline_stage: Callable[[nn.Module, int, int], nn.Module] | None = None  # (model, stage, stages) -> stage
+    pipeline_stage: Callable[..., nn.Module] | None = None  # (model, stage, stages[, layers per stage]) -> stage
     count_params: Callable[[ModelConfig, int], int] | None = None  # all parameters (vocab as given)
     flops_per_token: Callable[[ModelConfig, int], float] | None = None  # training FLOPs per token
     activation_bytes: Callable[[ModelConfig, int, int], ActivationBytes] | None = None  # (cfg, micro, bytes/value)

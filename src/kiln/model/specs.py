@@ -48,8 +48,8 @@ def validate_transformer(cfg: Config) -> None:
              "(sequence parallelism splits the sequence)")
     if par.pp > 1:
         stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
-        require(m.n_layers % stages == 0, f"model.n_layers = {m.n_layers} must be divisible by the {stages} "
-                 "pipeline stages (parallel.pp x stages per rank)")
+        require(m.n_layers % stages == 0 or bool(par.pp_layers), f"model.n_layers = {m.n_layers} must be divisible "
+                 f"by the {stages} pipeline stages (parallel.pp x stages per rank), or give parallel.pp_layers")
         require(not m.tie_embeddings, "parallel.pp > 1 needs model.tie_embeddings = false (the embedding and the "
                  "output layer live on different stages)")
     if par.tp > 1:
@@ -83,11 +83,13 @@ def transformer_init_rule(name: str, ndim: int, cfg: ModelConfig) -> tuple[str, 
     return "normal", cfg.init_std
 
 
-def pipeline_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
-    """Keep only stage `stage`'s blocks (names unchanged, so checkpoints stay layout-independent);
-    the embeddings stay on the first stage, the final norm and head on the last."""
-    per = len(model.layers) // n_stages
-    keep = {str(i) for i in range(stage * per, (stage + 1) * per)}
+def pipeline_stage(model: nn.Module, stage: int, n_stages: int, layers: list[int] | None = None) -> nn.Module:
+    """Keep only stage `stage`'s blocks (names unchanged, so checkpoints stay layout-independent):
+    `layers[s]` blocks for stage s, or an even split; the embeddings stay on the first stage, the
+    final norm and head on the last."""
+    counts = layers or [len(model.layers) // n_stages] * n_stages
+    first = sum(counts[:stage])
+    keep = {str(i) for i in range(first, first + counts[stage])}
     for name in list(model.layers.keys()):
         if name not in keep:
             del model.layers[name]

@@ -30,11 +30,13 @@ def stage_ids(cfg: Config, pp: int, pp_rank: int) -> tuple[list[int], int]:
     return [pp_rank + k * pp for k in range(per_rank)], pp * per_rank
 
 
-def cut_stage(model: nn.Module, spec: ModelSpec, stage: int, n_stages: int) -> nn.Module:
+def cut_stage(model: nn.Module, spec: ModelSpec, stage: int, n_stages: int, layers: list[int] | None = None) -> nn.Module:
     """Keep only stage `stage`'s share of `model` (built on the meta device), as the family's
-    spec cuts it."""
+    spec cuts it; `layers` gives each stage's number of layers (`parallel.pp_layers`)."""
     if spec.pipeline_stage is None:
         raise ConfigError(f"model.family = '{spec.name}' cannot be cut into pipeline stages; set parallel.pp = 1")
+    if layers:
+        return spec.pipeline_stage(model, stage, n_stages, layers)
     return spec.pipeline_stage(model, stage, n_stages)
 
 

@@ -66,7 +66,7 @@ def build_parts(cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int) ->
         with torch.device("meta"):
             model = spec.build(cfg.model, padded_vocab(vocab_size))
         if par.dims.pp > 1:
-            model = pp.cut_stage(model, spec, stage, n_stages)
+            model = pp.cut_stage(model, spec, stage, n_stages, cfg.parallel.pp_layers or None)
         if k.float8 != "none":  # before sharding: FSDP2 then all-gathers the float8 weights' own way
             apply_float8(model, k.float8, fsdp_all_gather=par.dims.dp_shard > 1)
         if k.sparsity != "none":
@@ -74,6 +74,20 @@ def build_parts(cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int) ->
         parallelize(model, spec, cfg, par.dims, par.mesh, par.expert_mesh)
         parts.append(materialise(model, spec, cfg, par.device))
     return parts, ids, n_stages
+
+
+def rank_micro_batch(cfg: Config, local_batch: int) -> int:
+    """Sequences per forward pass on this rank. With uneven `parallel.dp_batch_shares` every rank
+    runs as many micro-batches as the largest share needs at `train.micro_batch_size` (FSDP's
+    collectives pair up pass by pass), each of its own size."""
+    shares = cfg.parallel.dp_batch_shares
+    if not shares:
+        return cfg.train.micro_batch_size or local_batch
+    passes = -(-max(shares) // (cfg.train.micro_batch_size or max(shares)))
+    if any(n % passes for n in shares):
+        raise ConfigError(f"parallel.dp_batch_shares = {shares}: every share must split into the {passes} micro-batches "
+                          f"the largest needs at train.micro_batch_size = {cfg.train.micro_batch_size}")
+    return local_batch // passes
 
 
 def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par: Parallel,
@@ -93,12 +107,14 @@ def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par
         windows, extra_windows = val_sets.pop(""), val_sets
     else:
         sampler = BatchSampler(TokenWindows(data.split("train"), cfg.model.seq_len, "train"),
-                               cfg.global_batch, cfg.train.seed, dp_rank, dp_size)
+                               cfg.global_batch, cfg.train.seed, dp_rank, dp_size, cfg.parallel.dp_batch_shares)
         windows = eval_windows(TokenWindows(data.split("val"), cfg.model.seq_len, "validation"),
                                cfg.eval.batches * cfg.global_batch)
-    micro_batch = cfg.train.micro_batch_size or sampler.local_batch
+    micro_batch = rank_micro_batch(cfg, sampler.local_batch)
     module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages)
-    eval_batch = micro_batch
+    # the same on every rank (uneven training shares too): evaluation forwards must pair up under FSDP
+    eval_batch = cfg.train.micro_batch_size or max(cfg.parallel.dp_batch_shares) if cfg.parallel.dp_batch_shares \
+        else micro_batch
     if par.dims.pp > 1:
         n_micro = cfg.parallel.pp_microbatches
         if sampler.local_batch % n_micro:

@@ -167,7 +167,7 @@ class Trainer:
         index = data_index(step, self.skipped)  # the data batch this step trains on
         cbs.on_step_start(self, step, index)
         batch = self.module.objective.make_batch(self.sampler.batch(index), index, self.cfg.train.seed,
-                                                 first_index=self.sampler.rank * self.sampler.local_batch)
+                                                 first_index=self.sampler.offset)
         self._mark("data")
         loss = self.module.forward_backward(batch, on_loss=lambda value: cbs.on_loss(self, step, value))
         if self.module.z_mean is not None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from kiln.config import Config
+from kiln.data.loader import rank_share
 from kiln.data.multimodal.images import decode, patchify
 from kiln.data.multimodal.packing import EpochPlans, efficiency
 from kiln.data.multimodal.prepare import IMAGE, TEXT, MultimodalPrepared
@@ -158,18 +159,15 @@ class MultimodalSampler:
     """Training batches: `batch(step)` depends only on (seed, step, rank, world size)."""
 
     def __init__(self, stream: SplitStream, global_batch: int, rank: int = 0, world_size: int = 1,
-                 workers: int = 0, prefetch: int = 4):
-        if global_batch % world_size:
-            raise DataError(f"the global batch of {global_batch} sequences does not split evenly over "
-                            f"{world_size} data-parallel ranks; make train.batch_size a multiple of {world_size}")
+                 workers: int = 0, prefetch: int = 4, shares: list[int] | None = None):
+        self.local_batch, self.offset = rank_share(global_batch, rank, world_size, shares)
         self.stream, self.global_batch = stream, global_batch
-        self.local_batch = global_batch // world_size
         self.rank, self.workers, self.prefetch = rank, workers, prefetch
         self._iter, self._next = None, None
 
     def sample_indices(self, step: int) -> np.ndarray:
         """Global window indices of this rank's rows at `step`."""
-        first = step * self.global_batch + self.rank * self.local_batch
+        first = step * self.global_batch + self.offset
         return np.arange(first, first + self.local_batch)
 
     def make(self, step: int) -> np.ndarray:
@@ -225,5 +223,6 @@ def training_streams(cfg: Config, data: MultimodalPrepared, rank: int, world: in
     """The training sampler (`data.with_images = false` withholds the images) and `validation_windows`."""
     layout = ImageLayout.from_config(cfg)
     train = SplitStream(data, "train", layout, cfg.model.seq_len, cfg.train.seed, with_images=cfg.data.with_images)
-    sampler = MultimodalSampler(train, cfg.global_batch, rank, world, cfg.data.loader_workers)
+    sampler = MultimodalSampler(train, cfg.global_batch, rank, world, cfg.data.loader_workers,
+                                shares=cfg.parallel.dp_batch_shares)
     return sampler, validation_windows(cfg, data)

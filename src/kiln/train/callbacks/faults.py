@@ -15,6 +15,9 @@ resumed run meets the same faults at the same steps. What each does:
                         pre-activation of -30 (no output, no gradient)
     slow_steps          these steps sleep slow_s seconds inside the step
     slow_rank           this data-parallel rank sleeps slow_rank_s inside every step
+    throttle_rank       after each forward of each leaf module, this data-parallel rank sleeps
+                        (throttle_factor - 1) x 3 x its time (forward and backward): a device that
+                        many times slower (mixed clusters)
     hang                this step sleeps hang_s seconds (the watchdog's case)
     loader_stall        reading these steps' batches sleeps stall_s seconds
     corrupt_checkpoint  the checkpoint of this step is damaged right after it is committed
@@ -41,7 +44,7 @@ DEAD_BIAS = -30.0
 def any_fault(cfg: FaultsConfig) -> bool:
     return any(getattr(cfg, name) not in (0, [], False, -1) for name in (
         "nonfinite_loss", "nonfinite_grad", "corrupt_batch", "lr_high", "lr_low", "repeat_batch", "entropy_collapse",
-        "dead_units", "slow_steps", "slow_rank", "hang", "loader_stall", "corrupt_checkpoint", "tokenizer_mismatch"))
+        "dead_units", "slow_steps", "slow_rank", "throttle_rank", "hang", "loader_stall", "corrupt_checkpoint", "tokenizer_mismatch"))
 
 
 
@@ -55,6 +58,7 @@ class Faults(Callback):
         self.current = 0  # the step being trained (completed-step numbering)
         self.lr_applied: set[str] = set()  # per process: a resumed run starts from the config's LR again
         self.hooks: list[Any] = []
+        self._leaf_started = time.perf_counter()
 
     # ---------------------------------------------------------------- setup
     def on_run_start(self, trainer) -> None:
@@ -86,6 +90,22 @@ class Faults(Callback):
             self.hooks.append(modules[f"{layer}.mlp.w1"].register_forward_hook(self._dead_hook))
         if cfg.tokenizer_mismatch and trainer.is_main:
             self._swap_tokenizer(trainer.run.tokenizer_path)
+        if cfg.throttle_rank >= 0 and trainer.par.dp[0] == cfg.throttle_rank:
+            # Leaf modules hold no collectives (FSDP's run in the blocks' and root's hooks), so
+            # their forward time is this rank's own compute, never a wait for another rank.
+            for module in trainer.module.parts:
+                for leaf in (m for m in module.modules() if not any(True for _ in m.children())):
+                    self.hooks.append(leaf.register_forward_pre_hook(self._throttle_start))
+                    self.hooks.append(leaf.register_forward_hook(self._throttle_end))
+
+    def _throttle_start(self, module, args) -> None:
+        self._leaf_started = time.perf_counter()
+
+    def _throttle_end(self, module, args, output) -> None:
+        """Sleep what a device `throttle_factor` times slower would add: for this forward and,
+        at twice its cost, its backward."""
+        if torch.is_grad_enabled():
+            time.sleep((self.cfg.throttle_factor - 1) * 3 * (time.perf_counter() - self._leaf_started))
 
     def _scale_hook(self, module, args, output):
         if self.cfg.entropy_collapse and self.current >= self.cfg.entropy_collapse:
@@ -135,6 +155,7 @@ class Faults(Callback):
             time.sleep(cfg.slow_s)
         if cfg.slow_rank >= 0 and trainer.par.dp[0] == cfg.slow_rank:
             time.sleep(cfg.slow_rank_s)
+
         if cfg.hang and step + 1 == cfg.hang:
             time.sleep(cfg.hang_s)
 

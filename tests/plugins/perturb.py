@@ -3,7 +3,7 @@ on purpose, as KILN_PERTURB says (the `invariants` callback itself is built in).
 
     KILN_PERTURB=params:K   after optimizer step K, rank KILN_PERTURB_RANK (default 1) adds 1e-3
                             to every element of its local parameters (a diverged replica)
-    KILN_PERTURB=data       that rank reads rank 0's data (its sampler's rank is set to 0)
+    KILN_PERTURB=data       that rank reads rank 0's data (its sampler's rank and first row are set to 0's)
     unset or empty          nothing
 """
 
@@ -30,7 +30,7 @@ class Perturb(Callback):
 
     def on_run_start(self, trainer):
         if self.what == "data" and self._mine(trainer):
-            trainer.sampler.rank = 0
+            trainer.sampler.rank, trainer.sampler.offset = 0, 0  # rank 0's rows of every global batch
 
     def on_step_end(self, trainer, result):
         if self.what == "params" and result.step == self.step and self._mine(trainer):

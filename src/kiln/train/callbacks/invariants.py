@@ -210,10 +210,13 @@ class Invariants(Callback):
             return
         sampler = trainer.sampler
         self._capture = step
-        B, n = sampler.global_batch, len(sampler.windows)
+        B = sampler.global_batch
         first = data_index * B
+        # text windows repeat each epoch (a batch may wrap one); the image-text stream's window
+        # indices are global over epochs and never repeat
+        n = len(sampler.windows) if hasattr(sampler, "windows") else None
         self._data = {"index": data_index, "samples": np.asarray(sampler.sample_indices(data_index), dtype=np.int64),
-                      "epochs": (first + B - 1) // n - first // n + 1}
+                      "epochs": (first + B - 1) // n - first // n + 1 if n else 1}
 
     def on_step_complete(self, trainer) -> None:
         if not self.due(trainer.step):

@@ -14,7 +14,8 @@ from kiln.errors import ConfigError
 RESUMABLE_SECTIONS = ("optim", "schedule", "eval", "checkpoint", "log", "guard", "parallel", "callbacks", "debug",
                       "faults", "kernels")
 RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.time_budget_s", "train.compile", "train.threads",
-                  "train.micro_batch_size", "train.precision", "train.device", "data.cache_dir", "data.workers")
+                  "train.micro_batch_size", "train.precision", "train.device", "data.cache_dir", "data.workers",
+                  "data.loader_workers")
 
 
 # What a fork may change on top of that: the stabilisers researchers reach for after an

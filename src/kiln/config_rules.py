@@ -39,6 +39,8 @@ def validate_sections(cfg: Any) -> None:
                 f"the global batch of {cfg.global_batch} sequences")
         require(par.pp == 1, "parallel.dp_batch_shares works with parallel.pp = 1 (give stages uneven layers with "
                 "parallel.pp_layers instead)")
+        require(not cfg.debug.invariants, "debug.invariants compares equal-sized data shares; it does not support "
+                "parallel.dp_batch_shares yet")
     if par.pp_layers:
         stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
         require(len(par.pp_layers) == stages, f"parallel.pp_layers names {len(par.pp_layers)} stages; the pipeline "

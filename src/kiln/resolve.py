@@ -25,6 +25,9 @@ def check_objective(cfg: Config, spec: ModelSpec) -> None:
     from kiln.train.objectives import get_objective
 
     objective = get_objective(cfg.train.objective)
+    if objective.family is not None and spec.name != objective.family:
+        raise ConfigError(f"train.objective = '{objective.name}' trains model.family = '{objective.family}' (its "
+                          f"batches carry images), not '{spec.name}'")
     if objective.causal is True and not spec.causal:
         raise ConfigError(f"train.objective = '{objective.name}' needs model.family = 'decoder' or another causal "
                           f"family (model.family = '{spec.name}' sees the future); use train.objective = 'masked' "

@@ -229,7 +229,7 @@ def test_two_ranks_then_one_see_every_sample_once_per_epoch(digits):
 def test_a_non_image_is_refused_when_preparing(tmp_path):
     path = write_tar(tmp_path / "c.tar", [("000.png", b"garbage"), ("000.txt", b"x"),
                                           ("001.png", png(3)), ("001.txt", b"y")])
-    with pytest.raises(DataError, match="not an image"):
+    with pytest.raises(DataError, match="an image Pillow cannot decode"):
         prepare_multimodal(DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache"), vocab_size=300),
                            log=lambda s: None)
     assert not list((tmp_path / "cache").iterdir())  # nothing half-written is left
@@ -250,3 +250,20 @@ def test_inline_placement_keeps_the_document_order(tmp_path):
         assert (pixels_of(torch.from_numpy(rec[first_patch:first_patch + 4])) == 9).all()
         text = tok.decode(rec[(rec[:, DOC] == 0) & (rec[:, PATCH] < 0), TOKEN].tolist())
         assert "before the picture" in text and "after it" in text
+
+
+def test_truncated_images_are_refused_when_preparing_and_metadata_json_is_not_a_document(tmp_path):
+    whole = png(7, size=(32, 32))
+    path = write_tar(tmp_path / "t.tar", [("000.png", whole[: len(whole) // 2]), ("000.txt", b"cut short"),
+                                          ("001.png", whole), ("001.txt", b"fine")])
+    with pytest.raises(DataError, match="sample 0 holds an image Pillow cannot decode"):
+        prepare_multimodal(DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache"), vocab_size=300),
+                           log=lambda s: None)
+    # img2dataset writes key.jpg + key.txt + key.json (metadata): still a pair
+    meta = write_tar(tmp_path / "m.tar", [("000.png", whole), ("000.txt", b"a caption"),
+                                          ("000.json", b'{"url": "http://x", "width": 32}')])
+    assert list(read_tar(meta)) == [[whole, "a caption"]]
+    bad = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"text": [1, 2], "image": [whole, whole]}), bad)
+    with pytest.raises(DataError, match="'text' is int, not text"):
+        list(read_parquet(bad, "text", "image"))

@@ -26,6 +26,8 @@ def test_splits_follow_speed():
     assert group_shares(64, [2, 2], [3.0, 1.0], 1) == [24, 8]
     assert group_shares(64, [2, 2], [3.0, 1.0], 4) == [24, 8]
     assert group_shares(10, [4, 4], [1.0, 1.0], 1) is None  # 10 sequences cannot split into whole shares
+    assert group_shares(16, [2, 3], [1.0, 1.0], 1) in ([2, 4], [5, 2])  # a split the greedy rule misses
+    assert local_shares([1.0], [0.0], 8) == [8]
     assert local_shares([1.0, 2.0], [0.0, 0.0], 15) == [10, 5]
     assert local_shares([1.0, 1.0], [0.0, 0.0], 16) == [8, 8]
 

@@ -94,3 +94,23 @@ def test_bad_settings_are_one_line(extra, message):
 def test_tensor_and_pipeline_parallel_are_refused():
     with pytest.raises(ConfigError, match="data parallelism"):
         check_training(cfg_of("parallel.tp=2", "model.tie_embeddings=false"))
+
+
+def test_more_bad_settings_are_one_line():
+    with pytest.raises(ConfigError, match="image_channels must be 1"):
+        check_training(cfg_of("model.image_channels=2"))
+    with pytest.raises(ConfigError, match="trains model.family = 'vlm'"):
+        check_training(load_config(preset="tiny", overrides=["train.objective=multimodal"]))
+
+
+def test_captions_slide_when_the_prompt_fills_the_window():
+    """An image ending near the window's end: generation keeps to the model's context."""
+    from kiln.data.tokenizer import train_tokenizer
+    from kiln.eval.caption import caption_samples
+
+    cfg = cfg_of("model.image_size=10", "model.patch_size=2")  # 25 patches in a 32-position context
+    model = fresh_model(cfg.model, 64, seed=0)
+    tok = train_tokenizer(iter(["a handwritten seven."] * 20), 300)
+    rec = record([(25, [10, 0])])
+    out = caption_samples(model, rec, tok, torch.device("cpu"), n=1, max_tokens=16)
+    assert len(out) == 1

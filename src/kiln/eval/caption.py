@@ -19,8 +19,10 @@ from kiln.data.multimodal.loader import DOC, PATCH, TOKEN, pixels_of
 @torch.no_grad()
 def caption_samples(model: nn.Module, window: torch.Tensor, tokenizer, device: torch.device,
                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                    n: int = 4, max_tokens: int = 16) -> list[dict[str, str]]:
-    """Up to `n` {"prompt", "text", "reference"} from the samples of one window record (T, C)."""
+                    n: int = 4, max_tokens: int = 16, context: int | None = None) -> list[dict[str, str]]:
+    """Up to `n` {"prompt", "text", "reference"} from the samples of one window record (T, C);
+    the model sees at most the last `context` positions (default: the window's length - 1)."""
+    context = context or window.shape[0] - 1
     was_training = model.training
     model.eval()
     out = []
@@ -37,7 +39,7 @@ def caption_samples(model: nn.Module, window: torch.Tensor, tokenizer, device: t
             new: list[int] = []
             done = False
             for _ in range(max_tokens):
-                x = record.to(device)[None]
+                x = record[-context:].to(device)[None]  # a long prompt slides: the model's positions end at context
                 with autocast():
                     logits = model(x[..., TOKEN].long(), patches=pixels_of(x), patch_index=x[..., PATCH].long(),
                                    documents=torch.zeros_like(x[..., DOC]))

@@ -14,6 +14,7 @@ from kiln.model.vision import VisionDecoder, n_patches, patch_values
 def validate_vlm(cfg: Config) -> None:
     validate_transformer(cfg)
     m = cfg.model
+    require(m.image_channels in (1, 3), f"model.image_channels must be 1 (grey) or 3 (RGB), got {m.image_channels}")
     require(m.image_size % m.patch_size == 0, f"model.patch_size = {m.patch_size} must divide model.image_size = "
             f"{m.image_size}")
     need = n_patches(m) + 2  # BOS, the image, and at least EOS

@@ -43,6 +43,17 @@ def split_by_speed(total: int, speeds: list[float], minimum: int = 1, unit: int 
 def group_shares(total: int, counts: list[int], speeds: list[float], unit: int) -> list[int] | None:
     """Sequences per rank for each group (its `counts[g]` ranks alike), multiples of `unit` and
     at least one unit, adding up to `total` over all ranks, the slowest rank as fast as possible."""
+    if len(counts) == 2:  # exact: every split of the first group, the rest to the second
+        best = None
+        for first in range(unit, total // counts[0] + 1, unit):
+            rest = total - first * counts[0]
+            if rest < unit * counts[1] or rest % (counts[1] * unit):
+                continue
+            split = [first, rest // counts[1]]
+            cost = max(split[0] / speeds[0], split[1] / speeds[1])
+            if best is None or cost < best[0]:
+                best = (cost, split)
+        return best[1] if best else None
     shares = [unit] * len(counts)
     left = total - unit * sum(counts)
     while left > 0:
@@ -199,8 +210,10 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
 def local_shares(per_seq_s: list[float], fixed_s: list[float], global_batch: int, accum: int = 1) -> list[int]:
     """Sequences per rank for processes of this machine whose step costs fixed_s[r] + n x
     per_seq_s[r] (a throttled rank has both scaled): the split that minimises the slowest rank."""
-    best, best_time = None, float("inf")
     world = len(per_seq_s)
+    if world == 1:
+        return [global_batch]
+    best, best_time = None, float("inf")
     for first in range(accum, global_batch - accum * (world - 1) + 1, accum):
         rest = split_by_speed(global_batch - first, [1 / s for s in per_seq_s[1:]], minimum=accum, unit=accum)
         if rest is None:

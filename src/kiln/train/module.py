@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kiln.config import Config
+from kiln.data.loader import rank_share
 from kiln.errors import ConfigError
 from kiln.eval.lm import tally_predictions
 from kiln.kernels import registry as kernels
@@ -67,7 +68,8 @@ class TrainModule:
         self.routing: dict[str, torch.Tensor] = {}  # the last step's MoE routing statistics (device tensors)
         if self.has_moe:  # the routers' auxiliary losses are averaged over a step's micro-batches
             n_micro = cfg.parallel.pp_microbatches if par.dims.pp > 1 else None
-            moe.set_micro_batches(parts, n_micro or max(1, cfg.global_batch // par.dims.dp_size // micro_batch))
+            local = rank_share(cfg.global_batch, par.dp[0], par.dims.dp_size, cfg.parallel.dp_batch_shares)[0]
+            moe.set_micro_batches(parts, n_micro or max(1, -(-local // micro_batch)))
 
     @staticmethod
     def _chunked_loss(cfg: Config, parts: list[nn.Module], objective: Objective) -> int:

@@ -43,6 +43,7 @@ class Objective:
     name: ClassVar[str]
     causal: ClassVar[bool | None] = None  # True: needs a causal family; False: a bidirectional one; None: any
     masked: ClassVar[bool] = False  # predicts hidden input tokens: evaluation adds masked accuracy and a baseline
+    family: ClassVar[str | None] = None  # the one model family it trains, when only one can (its inputs)
 
     def __init__(self, tokenizer: KilnTokenizer, vocab_size: int, cfg: Config | None = None):
         self.tokenizer = tokenizer
@@ -162,6 +163,7 @@ class Multimodal(Objective):
 
     name = "multimodal"
     causal = True
+    family = "vlm"
 
     def make_batch(self, windows: torch.Tensor, step: int, seed: int, first_index: int = 0) -> Batch:
         from kiln.data.multimodal.loader import DOC, PATCH, TOKEN, pixels_of

@@ -31,7 +31,7 @@ def decode(data: bytes, size: int, channels: int, where: str = "an image") -> np
             if side != size or w != h:
                 im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
             pixels = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise DataError(f"{where} cannot be decoded as an image ({e})") from None
     return pixels.reshape(size, size, channels)
 
@@ -43,12 +43,14 @@ def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
     return grid.reshape((h // patch) * (w // patch), patch * patch * c)
 
 
-def image_size_of(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header alone, or None when the bytes are no image Pillow knows."""
+def image_problem(data: bytes) -> str | None:
+    """Why Pillow cannot decode these bytes in full (unknown format, truncated, a decompression
+    bomb), or None: checked while preparing, so training never meets an undecodable image."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
+            im.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return None

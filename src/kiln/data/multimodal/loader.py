@@ -183,7 +183,11 @@ class MultimodalSampler:
                                                  num_workers=self.workers, prefetch_factor=self.prefetch)
             self._iter = iter(loader)
         self._next = step + 1
-        return next(self._iter)
+        try:
+            return next(self._iter)
+        except DataError as e:  # re-raised by the DataLoader with the worker's traceback in the message
+            self.close()
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
     def close(self) -> None:
         self._iter = None  # the DataLoader iterator stops its workers when it is released

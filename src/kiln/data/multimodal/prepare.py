@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from kiln.config import DataConfig
-from kiln.data.multimodal.images import image_size_of
+from kiln.data.multimodal.images import image_problem
 from kiln.data.multimodal.sources import resolve_source
 from kiln.data.shards import _is_val, _split_hash, unigram_entropy
 from kiln.data.tokenizer import KilnTokenizer, load_tokenizer, train_tokenizer
@@ -114,9 +114,10 @@ def _read(cfg: DataConfig, source, images_out) -> tuple[list[list[tuple[int, Any
                     entry.append((TEXT, len(texts)))
                     texts.append(seg)
             else:
-                if image_size_of(seg) is None:
-                    raise DataError(f"data.corpus = '{cfg.corpus}': sample {len(samples)} holds bytes that are not "
-                                    "an image Pillow can read; remove or re-encode it")
+                problem = image_problem(seg)
+                if problem is not None:
+                    raise DataError(f"data.corpus = '{cfg.corpus}': sample {len(samples)} holds an image Pillow cannot "
+                                    f"decode ({problem}); remove or re-encode it")
                 images_out.write(seg)
                 images_out.offsets.append(images_out.offsets[-1] + len(seg))
                 entry.append((IMAGE, n_images))

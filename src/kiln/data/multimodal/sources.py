@@ -126,12 +126,16 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def _tar_sample(path: Path, key: str, members: dict[str, bytes]) -> Sample:
     where = f"{path} sample '{key}'"
+    doc = None
     if "json" in members:
         try:
             doc = json.loads(members["json"])
-            segments = doc["segments"]
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{where}: its .json is not {{\"segments\": [...]}}") from None
+        except ValueError:
+            raise DataError(f"{where}: its .json is not valid JSON") from None
+    if isinstance(doc, dict) and "segments" in doc:  # interleaved; any other .json is metadata (img2dataset)
+        segments = doc["segments"]
+        if not isinstance(segments, list):
+            raise DataError(f"{where}: its .json's \"segments\" is not a list")
         out: Sample = []
         for seg in segments:
             if isinstance(seg, dict) and isinstance(seg.get("text"), str):
@@ -207,12 +211,16 @@ def read_parquet(path: Path, text_field: str, image_field: str) -> Iterator[Samp
                 for t, im in zip(text, image):
                     if (t is None) == (im is None):
                         raise DataError(f"{where}: each position holds a text or an image, not both or neither")
+                    if t is not None and not isinstance(t, str):
+                        raise DataError(f"{where}: '{text_field}' holds {type(t).__name__} values, not text")
                     sample.append(t if t is not None else _image_bytes(im, where))
                 yield sample
             else:
                 img = _image_bytes(image, where)
                 if img is None or text is None:
                     raise DataError(f"{where} has an empty '{image_field}' or '{text_field}'")
+                if not isinstance(text, str):
+                    raise DataError(f"{where}: '{text_field}' is {type(text).__name__}, not text")
                 yield [img, text]
 
 

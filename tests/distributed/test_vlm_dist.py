@@ -13,7 +13,7 @@ def overrides(cache):
     return [f"data.cache_dir={cache}", "data.max_docs=600", "model.d_model=64", "model.seq_len=128",
             f"train.steps={STEPS}", "train.batch_size=8", "train.precision=fp32", "log.every=1", "eval.every=5",
             "checkpoint.every=5", "checkpoint.keep=0", "log.plot=false", "schedule.warmup_steps=2",
-            "data.loader_workers=1"]
+            "data.loader_workers=1", "eval.sample_tokens=2"]
 
 
 def train(root, name, nproc):

@@ -33,7 +33,7 @@ def root(tmp_path_factory):
 
 def cfg(root, *extra):
     return load_config(preset="vlm-tiny", overrides=[f"data.cache_dir={root / 'cache'}", "log.plot=false",
-                                                     "log.every=1", *extra])
+                                                     "log.every=1", "eval.sample_tokens=8", *extra])
 
 
 def losses(run):
@@ -42,14 +42,14 @@ def losses(run):
 
 @pytest.fixture(scope="module")
 def demo(root):
-    summary = start_run(cfg(root, "train.steps=90", "eval.every=45", "checkpoint.every=0"), root / "runs", "demo")
+    summary = start_run(cfg(root, "train.steps=70", "eval.every=35", "checkpoint.every=0"), root / "runs", "demo")
     return root / "runs" / "demo", summary
 
 
 def test_captions_read_the_image(demo):
     run, summary = demo
     assert summary["val_loss"] < 0.5 * summary["text_only_val_loss"], summary
-    assert summary["val_loss"] < 0.45
+    assert summary["val_loss"] < 0.55
     samples = (run / "samples.txt").read_text()
     assert "(data: " in samples and summary["sample"]["reference"]
 

@@ -103,7 +103,8 @@ class Samples(Callback):
         if module.objective.name == "multimodal":  # caption held-out images
             from kiln.eval.caption import caption_samples
 
-            out = caption_samples(module.model, trainer.val.windows[0], tok, trainer.device, module.autocast)
+            out = caption_samples(module.model, trainer.val.windows[0], tok, trainer.device, module.autocast,
+                                  max_tokens=cfg.eval.sample_tokens)
             text = "".join(f"=== {s['prompt']}\n{s['text']}\n(data: {s['reference']})\n\n" for s in out)
         elif not trainer.spec.causal:  # an encoder does not generate: show it filling masks instead
             out = [fill_mask_demo(module.model, trainer.val.windows[0], module.objective, tok, trainer.device,

@@ -112,9 +112,10 @@ def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par
                                cfg.eval.batches * cfg.global_batch)
     micro_batch = rank_micro_batch(cfg, sampler.local_batch)
     module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages)
-    # the same on every rank (uneven training shares too): evaluation forwards must pair up under FSDP
-    eval_batch = cfg.train.micro_batch_size or max(cfg.parallel.dp_batch_shares) if cfg.parallel.dp_batch_shares \
-        else micro_batch
+    # The same on every rank (uneven training shares too): evaluation forwards must pair up under
+    # FSDP. With shares, the smallest rank's micro-batch: it fits the device with the least memory.
+    shares = cfg.parallel.dp_batch_shares
+    eval_batch = rank_micro_batch(cfg, min(shares)) if shares else micro_batch
     if par.dims.pp > 1:
         n_micro = cfg.parallel.pp_microbatches
         if sampler.local_batch % n_micro:

@@ -6,24 +6,8 @@ import pytest
 
 from kiln.cli import main
 from kiln.config import load_config
-from kiln.train.callbacks import Callback
 from kiln.train.session import resume_run, start_run
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(Callback):
-    order = 99
-
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-
-    def on_log(self, trainer, record):
-        if record["step"] == self.at:
-            raise Crash(f"simulated kill at step {self.at}")
+from test_resume import Crash, CrashAt
 
 
 @pytest.fixture(scope="module")

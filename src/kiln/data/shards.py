@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -205,22 +206,47 @@ def unigram_entropy(shards: list[np.ndarray], vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def prepare(cfg: DataConfig, log=print) -> Prepared:
-    """Make (or reuse) the token shards for `cfg` and return them, verified."""
-    if cfg.workers:
-        os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
-    files = resolve_corpus(cfg)
-    key = dataset_key(cfg, files)
+def writable_cache(cfg: DataConfig) -> Path:
+    """`data.cache_dir`, created if needed; one line when it cannot be written."""
     cache = Path(cfg.cache_dir).expanduser()
-    final = cache / key
-    if (final / "manifest.json").is_file():
-        return open_prepared(final)
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"data.cache_dir '{cache}' cannot be created ({e.strerror}); choose a writable folder") from None
     if not os.access(cache, os.W_OK):
         raise DataError(f"data.cache_dir '{cache}' is not writable; choose a writable folder")
+    return cache
+
+
+@contextmanager
+def staged(final: Path) -> Iterator[Path]:
+    """A temporary folder beside `final`, renamed to it when the block ends normally (a twin
+    process that finished first wins) and removed in any case: an interrupted build never leaves
+    a folder that looks complete."""
+    tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():  # not a concurrent twin: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare(cfg: DataConfig, log=print) -> Prepared:
+    """Make (or reuse) the token shards for `cfg` and return them, verified."""
+    if cfg.workers:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
+    files = resolve_corpus(cfg)
+    key = dataset_key(cfg, files)
+    final = Path(cfg.cache_dir).expanduser() / key
+    if (final / "manifest.json").is_file():
+        return open_prepared(final)
+    writable_cache(cfg)
 
     start = time.perf_counter()
     docs, skipped = _read_documents(files, cfg.max_docs)
@@ -243,10 +269,7 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
         tok = train_tokenizer((p for t in train_texts for p in _pieces(t)), cfg.vocab_size)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
 
-    tmp = cache / f"{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged(final) as tmp:
         tok.save(tmp / "tokenizer.json")
         splits = {
             "train": _encode_split(train_texts, tok, dtype, tmp, "train", "train split"),
@@ -274,13 +297,6 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             "seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "manifest.json").is_file():  # not a concurrent twin: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     tr, va = splits["train"], splits["val"]
     log(f"prepared {tr['documents']} + {va['documents']} documents, {tr['tokens']:,} + {va['tokens']:,} tokens "
         f"(train + validation) in {manifest['seconds']:.1f}s -> {final}")

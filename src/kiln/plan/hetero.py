@@ -82,14 +82,9 @@ class HeteroPlan:
         return self.tokens_per_s / self.uniform_tokens_per_s if self.uniform_tokens_per_s else float("inf")
 
     def sets(self) -> list[str]:
-        out = self.layout.sets()
-        if self.shape == "data":
-            out = [s for s in out if not s.startswith("train.micro_batch_size")]
-            out += [f"parallel.dp_batch_shares=[{','.join(map(str, self.split))}]",
-                    f"train.micro_batch_size={self.layout.micro_batch}"]
-        else:
-            out.append(f"parallel.pp_layers=[{','.join(map(str, self.split))}]")
-        return out
+        # the layout's micro-batch is the largest share's: every rank runs that many passes
+        key = "parallel.dp_batch_shares" if self.shape == "data" else "parallel.pp_layers"
+        return [*self.layout.sets(), f"{key}=[{','.join(map(str, self.split))}]"]
 
     def describe(self) -> str:
         what = "sequences per rank" if self.shape == "data" else "layers per stage"
@@ -166,10 +161,11 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
     groups: list[Group] = list(cluster.groups)
     # data parallel: shares per rank by speed; the ranks of a group share alike
     counts = [g.devices for g in groups]
+    speeds_by_ac = {ac: _speeds_per_sequence(f, cluster, lambda g, ac=ac: Layout(1, world, 1, 1, 1, 1, ac))
+                    for ac in AC_MODES}
     for accum in (a for a in range(1, global_batch + 1) if global_batch % a == 0):
         for ac in AC_MODES:
-            speeds = _speeds_per_sequence(f, cluster, lambda g: Layout(1, world, 1, 1, 1, 1, ac))
-            shares = group_shares(global_batch, counts, speeds, accum)
+            shares = group_shares(global_batch, counts, speeds_by_ac[ac], accum)
             if shares is None:
                 continue
             got = _data_parallel(f, cluster, global_batch, accum, ac, shares, budget)

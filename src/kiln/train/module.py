@@ -141,6 +141,8 @@ class TrainModule:
                                head=lambda h, w: kernels.linear_cross_entropy(h, w, targets, self.chunk))
             return ce, (z if self.z_coef else None)
         if self.predict_only:
+            # Boolean indexing costs one host sync per micro-batch (the count of predicted
+            # positions) for a head over ~15% of them: 2.1x on bert-tiny (CPU; not measured on GPU).
             predict = targets != IGNORE
             logits = self.model(inputs, **extras, predict=predict)[None]  # (1, N, vocab)
             targets = targets[predict][None]

@@ -13,6 +13,8 @@ ranks: a run resumed on another world size continues the same stream.
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 
@@ -85,12 +87,10 @@ class EpochPlans:
 
     def locate(self, index: int) -> tuple[int, int]:
         """Global window `index` -> (epoch, window within the epoch)."""
-        epoch = 0
-        while True:
-            self.windows_in(epoch)
-            if index < self._starts[epoch + 1]:
-                return epoch, index - self._starts[epoch]
-            epoch += 1
+        while self._starts[-1] <= index:  # plan epochs until one holds the window
+            self.windows_in(len(self._starts) - 1)
+        epoch = bisect.bisect_right(self._starts, index) - 1
+        return epoch, index - self._starts[epoch]
 
     def window_samples(self, index: int) -> tuple[int, np.ndarray]:
         """(epoch, the samples of global window `index`)."""

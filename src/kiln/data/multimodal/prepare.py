@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ import numpy as np
 from kiln.config import DataConfig
 from kiln.data.multimodal.images import image_problem
 from kiln.data.multimodal.sources import resolve_source
-from kiln.data.shards import _is_val, _split_hash, unigram_entropy
+from kiln.data.shards import _is_val, _split_hash, staged, unigram_entropy, writable_cache
 from kiln.data.tokenizer import KilnTokenizer, load_tokenizer, train_tokenizer
 from kiln.errors import DataError, NotApplicable
 from kiln.fileio import sha256_file
@@ -142,19 +140,12 @@ def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
     """Make (or reuse) the prepared image-text dataset for `cfg` and return it, verified."""
     source = resolve_source(cfg)
     key = dataset_key(cfg, source.fingerprint)
-    cache = Path(cfg.cache_dir).expanduser()
-    final = cache / key
+    final = Path(cfg.cache_dir).expanduser() / key
     if (final / "manifest.json").is_file():
         return open_multimodal(final)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"data.cache_dir '{cache}' cannot be created ({e.strerror}); choose a writable folder") from None
+    writable_cache(cfg)
     start = time.perf_counter()
-    tmp = cache / f"{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged(final) as tmp:
         writer = _ImageWriter(tmp / "images.bin")
         try:
             samples, texts, n_images = _read(cfg, source, writer)
@@ -215,13 +206,6 @@ def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
             "seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "manifest.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"prepared {manifest['train_samples']} + {manifest['val_samples']} image-text samples ({n_images} images, "
         f"{manifest['text_tokens']:,} text tokens) in {manifest['seconds']:.1f}s -> {final}")
     return open_multimodal(final)

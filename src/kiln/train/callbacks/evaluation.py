@@ -40,16 +40,15 @@ class Evaluation(Callback):
         with trainer.paused("evaluation"):
             module.train(False)
             try:
-                metrics = evaluate_windows(module.eval_step, trainer.val, module.objective, trainer.eval_batch,
-                                           trainer.device, seed=trainer.cfg.train.seed,
-                                           reduce=par.data_sum if par.distributed else None,
-                                           holds_loss=module.holds_loss)
+                def run(share):
+                    return evaluate_windows(module.eval_step, share, module.objective, trainer.eval_batch,
+                                            trainer.device, seed=trainer.cfg.train.seed,
+                                            reduce=par.data_sum if par.distributed else None,
+                                            holds_loss=module.holds_loss)
+
+                metrics = run(trainer.val)
                 for name, share in trainer.extra_val.items():  # e.g. text_only_val_loss: the images withheld
-                    extra = evaluate_windows(module.eval_step, share, module.objective, trainer.eval_batch,
-                                             trainer.device, seed=trainer.cfg.train.seed,
-                                             reduce=par.data_sum if par.distributed else None,
-                                             holds_loss=module.holds_loss)
-                    metrics.update({f"{name}_{k}": v for k, v in extra.items() if k in ("val_loss", "val_ppl")})
+                    metrics.update({f"{name}_{k}": v for k, v in run(share).items() if k in ("val_loss", "val_ppl")})
                 record = {"step": trainer.step, "tokens": trainer.tokens_seen, **metrics,
                           **run_training_suites(trainer)}
             finally:

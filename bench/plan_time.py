@@ -1,7 +1,8 @@
 """The planner's time model against measured steps on this CPU (gloo, 1-4 processes under
 torchrun): for each layout, the predicted step time (from `kiln plan profile`'s measurements)
-and the measured one (median over steps 5-12 of a real `kiln train`); mean absolute percentage
-error, Kendall's tau between the two orders, and whether the measured fastest is in the
+and the measured one (the median over steps 5-16 of a real `kiln train`, each layout run three times, in
+passes over the list in alternating orders, and the lowest median kept: on a shared machine a
+neighbour only ever slows a run down); mean absolute percentage error, Kendall's tau between the two orders, and whether the measured fastest is in the
 predicted top 3.
 
     python bench/plan_time.py [--json OUT]
@@ -22,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-COMMON = ["train.precision=fp32", "model.tie_embeddings=false", "train.time_budget_s=0", "train.steps=12",
+COMMON = ["train.precision=fp32", "model.tie_embeddings=false", "train.time_budget_s=0", "train.steps=16",
           "eval.every=0", "eval.batches=1", "eval.sample_tokens=1", "checkpoint.every=0", "log.every=1",
           "log.plot=false", "guard.hang_min_s=0"]
 
@@ -70,22 +71,30 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json")
+    ap.add_argument("--passes", type=int, default=3, help="runs of every layout (alternating order); the fastest counts")
     args = ap.parse_args()
     cfg = load_config("tiny", overrides=COMMON)
     cores = os.cpu_count() or 1
-    threads = sorted({max(1, cores // w) for w in (1, 2, 4)})
-    run_profile(cfg, cfg.data.vocab_size, tuple(threads))
+    run_profile(cfg, cfg.data.vocab_size, (1, 2, 4))
     facts = model_facts(cfg, cfg.data.vocab_size, "fp32")
-    rows = []
+    layouts = cases()
+    passes: list[dict[int, float]] = [{} for _ in range(args.passes)]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, layout in enumerate(cases()):
-            fit = load_profile(cfg, max(1, cores // layout.world))
-            predicted = local_step_time(facts, layout, cfg.global_batch, *fit, cores).total
-            measured = measure(layout, Path(tmp), f"l{i}")
-            rows.append({"layout": layout.describe(), "world": layout.world, "predicted_s": predicted,
-                         "measured_s": measured})
-            print(f"{layout.world}  {layout.describe():<48} predicted {predicted * 1e3:7.1f} ms  measured "
-                  f"{measured * 1e3:7.1f} ms  ({predicted / measured - 1:+.0%})", flush=True)
+        for k in range(args.passes):
+            for i in (range(len(layouts)) if k % 2 == 0 else reversed(range(len(layouts)))):
+                passes[k][i] = measure(layouts[i], Path(tmp), f"p{k}-l{i}")
+                print(f"pass {k + 1}: {layouts[i].describe():<48} {passes[k][i] * 1e3:7.1f} ms", flush=True)
+    rows = []
+    for i, layout in enumerate(layouts):
+        fit = load_profile(cfg, max(1, cores // layout.world))
+        predicted = local_step_time(facts, layout, cfg.global_batch, *fit, cores).total
+        runs = [p[i] for p in passes]
+        measured = min(runs)
+        rows.append({"layout": layout.describe(), "world": layout.world, "predicted_s": predicted,
+                     "measured_s": measured, "passes_s": runs})
+        print(f"{layout.world}  {layout.describe():<48} predicted {predicted * 1e3:7.1f} ms  measured "
+              f"{measured * 1e3:7.1f} ms  ({predicted / measured - 1:+.0%}; passes "
+              f"{', '.join(f'{t * 1e3:.0f}' for t in runs)})", flush=True)
     p = [r["predicted_s"] for r in rows]
     m = [r["measured_s"] for r in rows]
     mape = statistics.fmean(abs(a / b - 1) for a, b in zip(p, m))

@@ -278,13 +278,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
     cluster = load_cluster(args.cluster)
     if args.action == "profile":
-        import os
-
         from kiln.plan.profile import run_profile
 
         if not cluster.local:
             raise KilnError("kiln plan profile measures this machine: use --cluster local:N")
-        path = run_profile(cfg, cfg.data.vocab_size, (max(1, (os.cpu_count() or 1) // cluster.world_size),))
+        path = run_profile(cfg, cfg.data.vocab_size, (cluster.world_size,))
         print(f"wrote {path}")
         return 0
     precision = "fp32" if cfg.train.precision == "fp32" else "bf16"

@@ -137,3 +137,113 @@ def test_local_cluster_needs_a_profile_then_plans(tmp_path, monkeypatch):
     best = result.plans[0]
     assert best.layout.tp == 1  # tensor parallelism's measured overhead makes it lose here
     assert all(c.time.total > 0 for c in result.plans)
+
+
+def test_measured_compute_is_interpolated_between_micro_batches():
+    """A CPU's time per sequence depends on the micro-batch (cache): the profile keeps what it
+    measured and the model reads between the points, extending with the nearest slope."""
+    from kiln.plan.profile import ComputeFit, micro_batch_sizes
+
+    fit = ComputeFit(0.0, 0.03, 1e-9, measured=((1, 0.02), (2, 0.03), (4, 0.05), (8, 0.13)))
+    assert fit.forward_backward_s(2) == pytest.approx(0.03)
+    assert fit.forward_backward_s(3) == pytest.approx(0.04)
+    assert fit.forward_backward_s(6) == pytest.approx(0.09)
+    assert fit.forward_backward_s(16) == pytest.approx(0.13 + 8 * 0.02)  # the last slope, 20 ms per sequence
+    assert ComputeFit(0.01, 0.02, 1e-9).forward_backward_s(4) == pytest.approx(0.09)  # no table: the line
+    assert micro_batch_sizes(16) == (1, 2, 4, 8, 16)
+    assert micro_batch_sizes(12) == (1, 2, 4, 8, 12)
+    assert micro_batch_sizes(1) == (1, 2)
+
+
+def test_pipeline_time_charges_the_head_to_the_last_stage():
+    """With a 4096-token vocabulary the tiny model's head is about half its FLOPs: a two-stage
+    pipeline waits for the stage that holds it, not for half the model."""
+    from kiln.model.registry import get_spec
+    from kiln.model.spec import padded_vocab
+    from kiln.plan.memory import model_facts
+    from kiln.plan.profile import ComputeFit, LinkFit
+    from kiln.plan.timing import busiest_stage_share, local_step_time
+
+    cfg = load_config("tiny", overrides=["train.precision=fp32", "model.tie_embeddings=false"])
+    f = model_facts(cfg, cfg.data.vocab_size, "fp32")
+    m, vocab = cfg.model, padded_vocab(cfg.data.vocab_size)
+    head = 6 * vocab * m.d_model  # training FLOPs per token of the output projection
+    assert f.edge_flops_share == pytest.approx(head / get_spec(m.family).flops(m, vocab), rel=0.05)
+    pipeline = Layout(1, 1, 1, 2, 4, 4, "none", "1f1b")
+    assert busiest_stage_share(f, Layout(1, 1, 1, 1, 4, 4)) == 1.0
+    assert busiest_stage_share(f, pipeline) == pytest.approx((1 - f.edge_flops_share) / 2 + f.edge_flops_share)
+    fit, link = ComputeFit(0.0, 0.02, 0.0), LinkFit(0.0, 1e3)
+    one = local_step_time(f, Layout(1, 1, 1, 1, 4, 4), cfg.global_batch, fit, link, cores=2).compute
+    two = local_step_time(f, pipeline, cfg.global_batch, fit, link, cores=2)
+    assert two.compute == pytest.approx(one * busiest_stage_share(f, pipeline), rel=1e-6)
+    assert two.bubble == pytest.approx(two.compute / 4, rel=1e-6)  # (pp - 1) / micro-batches of it
+
+
+def test_search_tries_lighter_last_stages():
+    """Pipelines also get layer splits that unload the stage holding the head; with the tiny
+    model's heavy head (about half its FLOPs) on 4 layers, 3 + 1 beats 2 + 2, and the plan says
+    how to run it."""
+    from kiln.plan.memory import model_facts
+    from kiln.plan.search import stage_splits
+    from kiln.plan.timing import busiest_stage_share, step_time
+
+    assert stage_splits(16, 2) == [(), (9, 7), (10, 6), (11, 5), (12, 4), (13, 3), (14, 2), (15, 1)]
+    three = stage_splits(16, 3)  # no even split: all explicit; first and last never heavier than the middle
+    assert () not in three and {(5, 6, 5), (6, 6, 4), (1, 14, 1)} <= set(three)
+    assert all(sum(c) == 16 and max(c[0], c[2]) <= c[1] for c in three) and len(set(three)) == len(three)
+    assert stage_splits(12, 4)[0] == () and (3, 4, 4, 1) in stage_splits(12, 4)
+    assert stage_splits(2, 2) == [()] and stage_splits(8, 1) == [()]
+    cfg = load_config("tiny", overrides=["model.n_layers=4", "model.tie_embeddings=false"])
+    f = model_facts(cfg, cfg.data.vocab_size, "bf16")
+    even, light = (Layout(1, 1, 1, 2, 2, 8, "none", "1f1b", stage_layers=s) for s in ((), (3, 1)))
+    assert even.layers_per_stage(4) == [2, 2] and light.layers_per_stage(4) == [3, 1]
+    assert busiest_stage_share(f, light) < busiest_stage_share(f, even)
+    h100 = BUILTIN["h100"]
+    assert step_time(f, light, 16, h100, 8).compute < step_time(f, even, 16, h100, 8).compute
+    assert "parallel.pp_layers=[3,1]" in light.sets() and "layers 3/1" in light.describe()
+    assert not any("pp_layers" in s for s in even.sets())
+    found = {lay.stage_layers for lay in layouts(2, 16, 4, 4, 4) if lay.pp == 2 and lay.schedule != "interleaved-1f1b"}
+    assert found == {(), (3, 1)}
+
+
+def test_profile_tables_round_trip(tmp_path, monkeypatch):
+    """A profile's measured micro-batch table survives the JSON cache (lists back to tuples)."""
+    from kiln.plan.profile import ComputeFit, LinkFit, load_profile, profile_key
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    cfg = load_config("tiny", overrides=["train.precision=fp32", "model.tie_embeddings=false"])
+    measured = ComputeFit(0.0, 0.02, 1e-9, measured=((1, 0.02), (2, 0.04)))
+    link = LinkFit(5e-4, 0.5, 0.01, 0.02, 0.003)
+    (tmp_path / "plan-profile.json").write_text(json.dumps({
+        "compute": {profile_key(cfg, 1): measured.__dict__}, "link": link.__dict__}))
+    assert load_profile(cfg, 1) == (measured, link)
+    assert load_profile(cfg, 2) is None  # another thread count: not measured
+
+
+def test_the_space_of_a_large_job_exceeds_a_hundred_thousand_layouts():
+    """A Llama-2-70B shape (80 layers, 64 heads, 8 KV heads) at 2,048 sequences a step on 1,024
+    devices: degrees x micro-batches x checkpointing x schedules x stage splits. (Scoring them all
+    takes ~10 s here: bench/plan_search.py.)"""
+    assert sum(1 for _ in layouts(1024, 2048, 80, 64, 8)) >= 100_000
+
+
+def test_profile_measures_this_machine(tmp_path, monkeypatch):
+    """`kiln plan profile` on a very small model: the micro-batch table, the link fit and the
+    parallel overheads land in KILN_HOME, and the search then plans from them."""
+    import os
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    env = dict(os.environ)
+    overrides = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=32", "train.batch_size=4",
+                 "train.precision=fp32"]
+    sets = [a for s in overrides for a in ("--set", s)]
+    r = subprocess.run([sys.executable, "-m", "kiln", "plan", "profile", "--preset", "tiny", *sets, "--cluster",
+                        "local:2"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "plan-profile.json").read_text())
+    (entry,) = data["compute"].values()
+    assert [m for m, _ in entry["measured"]] == [1, 2, 4] and all(t > 0 for _, t in entry["measured"])
+    assert data["link"]["gbps"] > 0 and data["link"]["fsdp_unit_s"] >= 0
+    cfg = load_config("tiny", overrides=overrides)
+    result = search(cfg, cfg.data.vocab_size, load_cluster("local:2"), "fp32")
+    assert result.plans and all(c.tokens_per_s > 0 for c in result.plans)

@@ -127,11 +127,11 @@ def _data_parallel(f: ModelFacts, cluster: Cluster, global_batch: int, accum: in
     return max(t.total for t in times), memory, times
 
 
-def _stage_facts(f: ModelFacts, layers: int, pp: int) -> ModelFacts:
-    """The facts of a stage of `layers` blocks, in the shape the models expect of one of `pp`
-    equal stages (blocks = n_layers / pp)."""
-    share = layers / f.n_layers
-    return replace(f, n_layers=layers * pp, flops_per_seq=f.flops_per_seq * share * pp)
+def _stage_facts(f: ModelFacts, layers: int, pp: int, last: bool = False) -> ModelFacts:
+    """The facts of a stage of `layers` blocks (and the head on the `last`), in the shape the
+    models expect of one of `pp` equal stages (blocks = n_layers / pp, FLOPs by blocks)."""
+    share = layers * (1 - f.edge_flops_share) / f.n_layers + (f.edge_flops_share if last else 0.0)
+    return replace(f, n_layers=layers * pp, flops_per_seq=f.flops_per_seq * share * pp, edge_flops_share=0.0)
 
 
 def _pipeline(f: ModelFacts, cluster: Cluster, global_batch: int, micro: int, accum: int, ac: str,
@@ -139,8 +139,8 @@ def _pipeline(f: ModelFacts, cluster: Cluster, global_batch: int, micro: int, ac
     pp = len(cluster.groups)
     dp = cluster.groups[0].devices
     memory, times = [], []
-    for group, n in zip(cluster.groups, layers):
-        sf = _stage_facts(f, n, pp)
+    for i, (group, n) in enumerate(zip(cluster.groups, layers)):
+        sf = _stage_facts(f, n, pp, last=i == pp - 1)
         layout = Layout(1, dp, 1, pp, micro, accum, ac, "1f1b")
         mem = peak_memory(sf, layout)
         if mem.total > group.kind.memory_gb * 1e9 * budget:

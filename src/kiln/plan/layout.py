@@ -17,10 +17,19 @@ class Layout:
     ac: str = "none"  # none | selective | full
     schedule: str = "1f1b"  # pipeline schedule (pp > 1)
     stages_per_rank: int = 1  # interleaved-1f1b: virtual stages per rank
+    stage_layers: tuple[int, ...] = ()  # layers per pipeline stage; () = an even split
 
     @property
     def world(self) -> int:
         return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    def layers_per_stage(self, n_layers: int) -> list[int]:
+        """Each pipeline stage's blocks (all of them on one stage without a pipeline)."""
+        if self.stage_layers:
+            return list(self.stage_layers)
+        stages = self.pp * (self.stages_per_rank if self.schedule == "interleaved-1f1b" else 1)
+        base, extra = divmod(n_layers, stages)
+        return [base + 1] * extra + [base] * (stages - extra)
 
     @property
     def dp(self) -> int:
@@ -33,6 +42,8 @@ class Layout:
             out += [f"parallel.pp_schedule={self.schedule}", f"parallel.pp_microbatches={self.accum}"]
             if self.schedule == "interleaved-1f1b":
                 out.append(f"parallel.pp_stages_per_rank={self.stages_per_rank}")
+            if self.stage_layers:
+                out.append(f"parallel.pp_layers=[{','.join(map(str, self.stage_layers))}]")
         else:
             out.append(f"train.micro_batch_size={self.micro_batch}")
         return out
@@ -44,4 +55,6 @@ class Layout:
             parts.append(f"AC {self.ac}")
         if self.pp > 1:
             parts.append(self.schedule + (f" x{self.stages_per_rank}" if self.stages_per_rank > 1 else ""))
+            if self.stage_layers:
+                parts.append("layers " + "/".join(map(str, self.stage_layers)))
         return ", ".join(parts) if parts else "single process"

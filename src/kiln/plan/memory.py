@@ -38,6 +38,7 @@ class ModelFacts:
     edge_act: float  # bytes the rest saves per sequence (embeddings, final norm, head input)
     logits: float  # bytes of one sequence's float32 logits
     flops_per_seq: float  # training FLOPs per sequence
+    edge_flops_share: float  # of which outside the blocks (the head, on the last pipeline stage)
     value_bytes: int  # bytes per activation value (4 fp32, 2 bf16)
     chunked_loss: int  # tokens per chunk with kernels.cross_entropy = chunked, else 0
     seq_len: int
@@ -101,10 +102,14 @@ def model_facts(cfg: Config, vocab_size: int, precision: str) -> ModelFacts:
         block_act = spec.activation_bytes(cfg.model, 1, value).stored
         edge_act = float(cfg.model.seq_len * cfg.model.d_model * value)
     m = cfg.model
+    # FLOPs are affine in the depth (edges + L x block): two depths give the edges' share
+    one, two = (spec.flops(replace(m, n_layers=n), vocab) for n in (1, 2))
+    edge_share = min(1.0, max(0.0, (2 * one - two) / spec.flops(m, vocab)))
     return ModelFacts(
         n_layers=m.n_layers, block_params=block, edge_params=total - block * m.n_layers, embed_params=embed,
         block_act=block_act, block_input=float(m.seq_len * m.d_model * 4), edge_act=max(0.0, edge_act),
-        logits=float(m.seq_len * vocab * 4), flops_per_seq=spec.flops(m, vocab) * m.seq_len, value_bytes=value,
+        logits=float(m.seq_len * vocab * 4), flops_per_seq=spec.flops(m, vocab) * m.seq_len,
+        edge_flops_share=edge_share, value_bytes=value,
         chunked_loss=cfg.kernels.chunk_size if cfg.kernels.cross_entropy == "chunked" else 0,
         seq_len=m.seq_len, d_model=m.d_model)
 
@@ -126,13 +131,13 @@ class MemoryBreakdown:
         return self.params + self.grads + self.optimizer + self.gathered + self.activations + self.loss
 
 
-def in_flight(layout: Layout) -> int:
-    """Micro-batches whose activations the first pipeline stage holds at its peak."""
+def in_flight(layout: Layout, rank: int = 0) -> int:
+    """Micro-batches whose activations pipeline rank `rank` holds at its peak."""
     if layout.pp == 1:
         return 1
     if layout.schedule == "gpipe":
         return layout.accum
-    return min(layout.accum, layout.pp)  # 1F1B: warm-up micro-batches before the first backward
+    return min(layout.accum, layout.pp - rank)  # 1F1B: warm-up micro-batches before the first backward
 
 
 def peak_memory(f: ModelFacts, layout: Layout, optimizer_bytes: float = 8.0) -> MemoryBreakdown:
@@ -145,8 +150,8 @@ def peak_memory(f: ModelFacts, layout: Layout, optimizer_bytes: float = 8.0) -> 
     - on a pipeline's first stage, "in flight": its warm-up micro-batches' activations.
     Gradients exist before the step only when micro-batches accumulate into them."""
     pp, tp, shard_n = layout.pp, layout.tp, layout.dp_shard
-    first_blocks = -(-f.n_layers // pp)
-    last_blocks = f.n_layers - first_blocks * (pp - 1) if pp > 1 else f.n_layers
+    stages = layout.layers_per_stage(f.n_layers)
+    ranks = [sum(stages[r::pp]) for r in range(pp)]  # an interleaved rank holds every pp-th stage
     fsdp = shard_n > 1
     mb = layout.micro_batch
     stored = f.block_act / tp
@@ -175,10 +180,13 @@ def peak_memory(f: ModelFacts, layout: Layout, optimizer_bytes: float = 8.0) -> 
             candidates.append(MemoryBreakdown(p, g, o, block_gathered + 2 * root, acts, logits, "head"))
         candidates.append(MemoryBreakdown(p, p, o, 0.0, 0.0, 0.0, "step"))
     else:
-        p, g, o = static(first_blocks * f.block_params + f.embed_params)
-        acts = (first_blocks * per_block + f.edge_act * mb / tp) * in_flight(layout)
-        candidates.append(MemoryBreakdown(p, g, o, 2 * block_gathered, acts, 0.0, "in flight"))
-        p, g, o = static(last_blocks * f.block_params + f.edge_params - f.embed_params)
-        candidates.append(MemoryBreakdown(p, g, o, block_gathered, last_blocks * per_block, 3 * logits, "loss"))
+        for r, blocks in enumerate(ranks[:-1]):  # earlier ranks hold more micro-batches in flight under 1F1B
+            p, g, o = static(blocks * f.block_params + (f.embed_params if r == 0 else 0.0))
+            acts = (blocks * per_block + (f.edge_act * mb / tp if r == 0 else 0.0)) * in_flight(layout, r)
+            candidates.append(MemoryBreakdown(p, g, o, 2 * block_gathered, acts, 0.0, "in flight"))
+            candidates.append(MemoryBreakdown(p, p, o, 0.0, 0.0, 0.0, "step"))
+        p, g, o = static(ranks[-1] * f.block_params + f.edge_params - f.embed_params)
+        acts = ranks[-1] * per_block * in_flight(layout, pp - 1)
+        candidates.append(MemoryBreakdown(p, g, o, block_gathered, acts, 3 * logits, "loss"))
         candidates.append(MemoryBreakdown(p, p, o, 0.0, 0.0, 0.0, "step"))
     return max(candidates, key=lambda c: c.total)

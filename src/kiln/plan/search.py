@@ -4,7 +4,8 @@ tokens/s, and say why the best wins and why each rejected family lost.
 The space: every factorisation of the world size into dp_replicate x dp_shard x tp x pp (tp
 dividing the heads, pp at most the layers), every micro-batch that divides a rank's share of the
 global batch, three activation-checkpointing modes, and on pipelines the three schedules (and two
-or four virtual stages per rank for the interleaved one). Memory (kiln.plan.memory) prunes;
+or four virtual stages per rank for the interleaved one) and, for 1F1B and GPipe, layer splits
+that lighten the first and last stages (see `stage_splits`). Memory (kiln.plan.memory) prunes;
 time (kiln.plan.timing) ranks.
 """
 
@@ -47,6 +48,33 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def stage_splits(n_layers: int, pp: int) -> list[tuple[int, ...]]:
+    """Layer counts per pipeline stage worth trying: the even split (written `()`) where the layers
+    divide, then lighter first and last stages (as Megatron-LM's first / last pipeline-stage layer
+    counts): the last also runs the head and the loss, the first holds the most micro-batches in
+    flight under 1F1B. The stages between share the rest as evenly as they can, never lighter
+    than the edges."""
+    if pp == 1:
+        return [()]
+    top = -(-n_layers // pp)
+    out: list[tuple[int, ...]] = []
+    if pp == 2:
+        pairs = [(n_layers - last, last) for last in range(top, 0, -1)]
+    else:
+        pairs = [(first, last) for first in range(top, 0, -1) for last in range(top, 0, -1)]
+    for first, last in pairs:
+        if pp == 2:
+            counts: tuple[int, ...] = (first, last)
+            ok = last <= first
+        else:
+            base, extra = divmod(n_layers - first - last, pp - 2)
+            counts = (first, *[base + 1] * extra, *[base] * (pp - 2 - extra), last)
+            ok = base >= max(first, last)
+        if ok and min(counts) >= 1:
+            out.append(() if len(set(counts)) == 1 else counts)
+    return out
+
+
 def layouts(world: int, global_batch: int, n_layers: int, n_heads: int, n_kv_heads: int):
     """Every layout of the space (see the module docstring)."""
     for tp in divisors(world):
@@ -58,6 +86,7 @@ def layouts(world: int, global_batch: int, n_layers: int, n_heads: int, n_kv_hea
             dp = world // (tp * pp)
             if global_batch % dp:
                 continue
+            splits = stage_splits(n_layers, pp)
             per_rank = global_batch // dp
             for replicate in divisors(dp):
                 shard = dp // replicate
@@ -69,8 +98,9 @@ def layouts(world: int, global_batch: int, n_layers: int, n_heads: int, n_kv_hea
                             continue
                         if accum < pp:
                             continue  # fewer micro-batches than stages: the pipeline never fills
-                        yield Layout(replicate, shard, tp, pp, micro, accum, ac, "1f1b")
-                        yield Layout(replicate, shard, tp, pp, micro, accum, ac, "gpipe")
+                        for split in splits:
+                            yield Layout(replicate, shard, tp, pp, micro, accum, ac, "1f1b", stage_layers=split)
+                            yield Layout(replicate, shard, tp, pp, micro, accum, ac, "gpipe", stage_layers=split)
                         for v in (2, 4):
                             if n_layers % (pp * v) == 0:
                                 yield Layout(replicate, shard, tp, pp, micro, accum, ac, "interleaved-1f1b", v)

@@ -10,10 +10,12 @@
   micro-batch two all-gathers of the stage's parameters and one reduce-scatter of its gradients,
   ring cost (n-1)/n x bytes / bandwidth + alpha x (n-1); they overlap the blocks' compute, so only
   what exceeds it, and the first block's gather, is exposed.
-- HSDP: an all-reduce of the sharded gradients across replicas, once per step, exposed.
+- HSDP: an all-reduce of the sharded gradients across replicas, per micro-batch (as FSDP2 runs
+  without gradient-sync skipping), exposed.
 - Tensor parallelism (sequence parallel): per block and micro-batch, two all-gathers and two
   reduce-scatters of the activations forward and as many backward, on the critical path.
-- Pipelines: the bubble (pp - 1) / (micro-batches x virtual stages), and point-to-point sends.
+- Pipelines: the busiest rank's compute (its blocks, and the head on the last), the bubble
+  (pp - 1) / (micro-batches x virtual stages), and point-to-point sends.
 Bandwidth is the node's links while a group stays within a node, the network's once it spans
 nodes. The constants are datasheet values until `kiln plan profile` measures them.
 """
@@ -50,6 +52,23 @@ class StepTime:
         return max(parts, key=parts.get)
 
 
+def rank_blocks(f: ModelFacts, layout: Layout) -> list[int]:
+    """Blocks held by each pipeline rank (an interleaved rank holds every pp-th stage)."""
+    counts = layout.layers_per_stage(f.n_layers)
+    return [sum(counts[r::layout.pp]) for r in range(layout.pp)]
+
+
+def busiest_stage_share(f: ModelFacts, layout: Layout) -> float:
+    """The share of a step's FLOPs on the busiest pipeline rank: its blocks plus, on the last
+    rank, the head (with a large vocabulary the head outweighs several blocks, and every
+    micro-batch waits for that rank)."""
+    if layout.pp == 1:
+        return 1.0
+    per_block = (1 - f.edge_flops_share) / f.n_layers
+    blocks = rank_blocks(f, layout)
+    return max(n * per_block + (f.edge_flops_share if r == layout.pp - 1 else 0.0) for r, n in enumerate(blocks))
+
+
 def _ring(bytes_: float, n: int, gbps: float, latency_us: float, reduce: bool = False) -> float:
     """Seconds of an all-gather / reduce-scatter (an all-reduce is both: `reduce`) among n ranks."""
     if n <= 1:
@@ -63,7 +82,7 @@ def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind
     n_micro = layout.accum
     mb = layout.micro_batch
     recompute = {"none": 0.0, "selective": 1 / 6, "full": 1 / 3}[layout.ac]
-    flops = f.flops_per_seq * seqs_per_rank / (layout.tp * layout.pp) * (1 + recompute)
+    flops = f.flops_per_seq * seqs_per_rank * busiest_stage_share(f, layout) / layout.tp * (1 + recompute)
     width = mb * f.seq_len * f.d_model / layout.tp
     efficiency = PEAK_EFFICIENCY * width / (width + HALF_WIDTH)
     compute = flops / (kind.peak_tflops * 1e12 * efficiency)
@@ -72,7 +91,7 @@ def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind
         """A group of `group` ranks whose members are `inner` ranks apart."""
         return kind.intra_gbps if group * inner <= per_node else kind.inter_gbps
 
-    blocks = -(-f.n_layers // layout.pp)
+    blocks = max(rank_blocks(f, layout))
     stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
     fsdp = 0.0
     if layout.dp_shard > 1:
@@ -82,8 +101,8 @@ def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind
         first_gather = _ring(stage_bytes / max(1, blocks), layout.dp_shard, bw, kind.latency_us)
         fsdp = n_micro * (max(0.0, per_micro - per_micro_compute) + first_gather)
     dp = 0.0
-    if layout.dp_replicate > 1:
-        dp = _ring(stage_bytes / layout.dp_shard, layout.dp_replicate,
+    if layout.dp_replicate > 1:  # per micro-batch: Kiln does not skip gradient syncs under accumulation
+        dp = n_micro * _ring(stage_bytes / layout.dp_shard, layout.dp_replicate,
                    bandwidth(layout.dp_replicate, layout.dp_shard * layout.tp), kind.latency_us, reduce=True)
     tp = 0.0
     if layout.tp > 1:
@@ -101,17 +120,19 @@ def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind
 
 def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fit, link, cores: int) -> StepTime:
     """Step time of `layout` as processes of this machine (gloo), from `kiln plan profile`'s
-    measurements: compute = per-operation overhead + per-sequence work (split by tp, not the
-    overhead); collectives do not overlap compute (the same cores run both); processes sharing
-    cores slow each other in proportion to the time they are busy (a pipeline rank waiting in the
-    bubble leaves its core to the others)."""
+    measurements: compute = per-operation overhead + per-sequence work at the measured micro-batch
+    size (split by tp, not the overhead); collectives do not overlap compute (the same cores run
+    both); processes sharing cores slow each other in proportion to the time they are busy (a
+    pipeline rank waiting in the bubble leaves its core to the others; one waiting for a heavier
+    stage, by this machine's measurements, does not)."""
     world = layout.world
     threads = max(1, cores // world)
-    blocks = -(-f.n_layers // layout.pp)
-    stage = blocks / f.n_layers
+    blocks = max(rank_blocks(f, layout))
+    stage = busiest_stage_share(f, layout)
     recompute = {"none": 0.0, "selective": 1 / 6, "full": 1 / 3}[layout.ac]
     mb, n_micro = layout.micro_batch, layout.accum
-    per_micro = (compute_fit.fixed_s * stage + compute_fit.per_seq_s * mb * stage / layout.tp) * (1 + recompute)
+    whole = compute_fit.forward_backward_s(mb)  # tp splits the per-sequence work, not the per-op overhead
+    per_micro = stage * (compute_fit.fixed_s + max(0.0, whole - compute_fit.fixed_s) / layout.tp) * (1 + recompute)
     params_local = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp / layout.dp_shard
     compute = n_micro * per_micro + compute_fit.optimizer_s_per_param * params_local
 
@@ -120,9 +141,9 @@ def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fi
 
     stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
     fsdp = 0.0
-    if layout.dp_shard > 1:
+    if layout.dp > 1:  # replicas too are FSDP2 units (HSDP), with its hooks
         fsdp = n_micro * (3 * collective(stage_bytes, layout.dp_shard) + link.fsdp_unit_s * (blocks + 1))
-    dp = collective(stage_bytes / layout.dp_shard, layout.dp_replicate, reduce=True)
+    dp = n_micro * collective(stage_bytes / layout.dp_shard, layout.dp_replicate, reduce=True)
     act = mb * f.seq_len * f.d_model * f.value_bytes
     tp = 0.0
     if layout.tp > 1:
@@ -134,6 +155,10 @@ def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fi
         bubble = (n_micro * per_micro + tp) * (layout.pp - 1) / (n_micro * virtual)
         pp_time = 2 * n_micro * virtual * (link.alpha_s + act / (link.gbps * 1e9))  # point to point
     busy = compute + fsdp + tp + dp + pp_time
-    slowdown = max(1.0, world * threads / cores * busy / (busy + bubble))
+    # Measuring how much processes slow each other gave 0.9-1.3 for two one-thread processes on
+    # this 2-core machine and 1.8-2.5 for four, run to run: noisier than the effect, so the cores'
+    # count decides.
+    sharing = world * threads / cores
+    slowdown = max(1.0, sharing * busy / (busy + bubble))
     return StepTime(compute=compute * slowdown, bubble=bubble * slowdown, fsdp=fsdp * slowdown, tp=tp * slowdown,
                     dp=dp * slowdown, pp=pp_time * slowdown)

@@ -3,8 +3,8 @@
 1. Simulated mixes (the datasheet time model): for each mixed cluster and preset, the planner's
    best plan (uneven batch shares or layer split) against the best plan that splits evenly.
 2. This CPU: two gloo processes of one thread each, rank 1 throttled to half speed
-   (faults.throttle_rank = 1, throttle_factor = 2: after each leaf module's forward it sleeps
-   3x its time, so forward and backward take twice as long). The model is the tiny preset
+   (faults.throttle_rank = 1, throttle_factor = 2: after each leaf module's forward and after
+   its backward it sleeps as long as that pass took). The model is the tiny preset
    widened to 512 and 4 layers, so per-sequence compute dominates the step (at width 128 the
    fixed costs do and no split of the batch can matter). The planner's shares (from `kiln plan
    profile`'s fit, rank 1's costs doubled) against the even split, both measured.
@@ -90,7 +90,7 @@ def on_this_cpu(steps: int) -> dict:
     cfg = load_config(preset="tiny", overrides=CPU_MODEL)
     measured = load_profile(cfg, 1)
     if measured is None:  # what `kiln plan profile --cluster local:2` measures for this model
-        run_profile(cfg, cfg.data.vocab_size, (1,))
+        run_profile(cfg, cfg.data.vocab_size, (os.cpu_count() or 1,))  # as many processes as cores: one thread each
         measured = load_profile(cfg, 1)
     fit = measured[0]
     per_seq = [fit.per_seq_s, 2 * fit.per_seq_s]  # rank 1 computes at half speed

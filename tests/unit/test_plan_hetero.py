@@ -91,3 +91,41 @@ def test_shares_and_stage_layers_are_checked():
     odd = load_config(preset="tiny", overrides=["parallel.dp_batch_shares=[13,3]", "train.micro_batch_size=7"])
     with pytest.raises(ConfigError, match="must split into the 2 micro-batches"):
         rank_micro_batch(odd, 3)
+
+
+def test_throttle_slows_both_passes_of_the_throttled_rank(monkeypatch):
+    """`faults.throttle_rank` sleeps (factor - 1) x each leaf module's own time after its forward
+    and after its backward (a slower device is slower in both, and FSDP pairs the ranks up in
+    each pass); evaluation forwards and other ranks are not slowed."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kiln.config import FaultsConfig
+    from kiln.train.callbacks import faults
+
+    slept: list[float] = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+    def attach(rank: int):
+        callback = faults.Faults(FaultsConfig(throttle_rank=1, throttle_factor=3.0))
+        trainer = SimpleNamespace(sampler=SimpleNamespace(batch=lambda i: None), par=SimpleNamespace(dp=(rank, 2)),
+                                  module=SimpleNamespace(named_modules=model.named_modules, parts=[model]),
+                                  is_main=rank == 0)
+        callback.on_run_start(trainer)
+        return callback
+
+    other = attach(0)
+    model(torch.randn(4, 64)).sum().backward()
+    assert slept == [] and other.hooks == []
+    throttled = attach(1)
+    model(torch.randn(4, 64, requires_grad=True)).sum().backward()  # as a block's input: it takes a gradient
+    assert len(slept) == 5  # three forwards (two linears and the ReLU), two backwards (the linears)
+    assert all(s >= 0 for s in slept)
+    slept.clear()
+    with torch.no_grad():
+        model(torch.randn(4, 64))
+    assert slept == []
+    for h in throttled.hooks:
+        h.remove()

@@ -15,9 +15,9 @@ resumed run meets the same faults at the same steps. What each does:
                         pre-activation of -30 (no output, no gradient)
     slow_steps          these steps sleep slow_s seconds inside the step
     slow_rank           this data-parallel rank sleeps slow_rank_s inside every step
-    throttle_rank       after each forward of each leaf module, this data-parallel rank sleeps
-                        (throttle_factor - 1) x 3 x its time (forward and backward): a device that
-                        many times slower (mixed clusters)
+    throttle_rank       after each forward and each backward of each leaf module, this data-
+                        parallel rank sleeps (throttle_factor - 1) x its time: a device that many
+                        times slower in both passes (mixed clusters)
     hang                this step sleeps hang_s seconds (the watchdog's case)
     loader_stall        reading these steps' batches sleeps stall_s seconds
     corrupt_checkpoint  the checkpoint of this step is damaged right after it is committed
@@ -58,7 +58,7 @@ class Faults(Callback):
         self.current = 0  # the step being trained (completed-step numbering)
         self.lr_applied: set[str] = set()  # per process: a resumed run starts from the config's LR again
         self.hooks: list[Any] = []
-        self._leaf_started = time.perf_counter()
+        self._started: dict[torch.nn.Module, float] = {}  # throttle: when each leaf began its pass
 
     # ---------------------------------------------------------------- setup
     def on_run_start(self, trainer) -> None:
@@ -96,16 +96,27 @@ class Faults(Callback):
             for module in trainer.module.parts:
                 for leaf in (m for m in module.modules() if not any(True for _ in m.children())):
                     self.hooks.append(leaf.register_forward_pre_hook(self._throttle_start))
-                    self.hooks.append(leaf.register_forward_hook(self._throttle_end))
+                    self.hooks.append(leaf.register_forward_hook(self._throttle_forward))
+                    # (an embedding's input, token ids, takes no gradient: no backward hook there)
+                    if any(p.requires_grad for p in leaf.parameters(recurse=False)) and \
+                            not isinstance(leaf, torch.nn.Embedding):
+                        self.hooks.append(leaf.register_full_backward_pre_hook(self._throttle_start))
+                        self.hooks.append(leaf.register_full_backward_hook(self._throttle_backward))
 
-    def _throttle_start(self, module, args) -> None:
-        self._leaf_started = time.perf_counter()
+    # Both passes are slowed: FSDP's collectives pair the ranks up within each, so a device slowed
+    # in the forward only would look twice as slow there and not at all in the backward.
+    def _throttle_start(self, module, *_) -> None:
+        self._started[module] = time.perf_counter()  # by module: backward branches interleave
 
-    def _throttle_end(self, module, args, output) -> None:
-        """Sleep what a device `throttle_factor` times slower would add: for this forward and,
-        at twice its cost, its backward."""
-        if torch.is_grad_enabled():
-            time.sleep((self.cfg.throttle_factor - 1) * 3 * (time.perf_counter() - self._leaf_started))
+    def _throttle_forward(self, module, *_) -> None:
+        if torch.is_grad_enabled():  # training, not evaluation
+            self._throttle_backward(module)
+
+    def _throttle_backward(self, module, *_) -> None:
+        """Sleep what a device `throttle_factor` times slower would add to this pass of `module`."""
+        started = self._started.pop(module, None)
+        if started is not None:
+            time.sleep((self.cfg.throttle_factor - 1) * (time.perf_counter() - started))
 
     def _scale_hook(self, module, args, output):
         if self.cfg.entropy_collapse and self.current >= self.cfg.entropy_collapse:

@@ -144,11 +144,13 @@ def test_measured_compute_is_interpolated_between_micro_batches():
     measured and the model reads between the points, extending with the nearest slope."""
     from kiln.plan.profile import ComputeFit, micro_batch_sizes
 
-    fit = ComputeFit(0.0, 0.03, 1e-9, measured=((1, 0.02), (2, 0.03), (4, 0.05), (8, 0.13)))
+    fit = ComputeFit(0.0, 0.015, 1e-9, measured=((1, 0.02), (2, 0.03), (4, 0.05), (8, 0.13)))
     assert fit.forward_backward_s(2) == pytest.approx(0.03)
     assert fit.forward_backward_s(3) == pytest.approx(0.04)
     assert fit.forward_backward_s(6) == pytest.approx(0.09)
     assert fit.forward_backward_s(16) == pytest.approx(0.13 + 8 * 0.02)  # the last slope, 20 ms per sequence
+    flat = ComputeFit(0.0, 0.015, 1e-9, measured=((1, 0.02), (2, 0.03), (4, 0.05), (8, 0.05)))  # noise
+    assert flat.forward_backward_s(16) == pytest.approx(0.05 + 8 * 0.015)  # never cheaper than the line past it
     assert ComputeFit(0.01, 0.02, 1e-9).forward_backward_s(4) == pytest.approx(0.09)  # no table: the line
     assert micro_batch_sizes(16) == (1, 2, 4, 8, 16)
     assert micro_batch_sizes(12) == (1, 2, 4, 8, 12)
@@ -201,7 +203,9 @@ def test_search_tries_lighter_last_stages():
     h100 = BUILTIN["h100"]
     assert step_time(f, light, 16, h100, 8).compute < step_time(f, even, 16, h100, 8).compute
     assert "parallel.pp_layers=[3,1]" in light.sets() and "layers 3/1" in light.describe()
-    assert not any("pp_layers" in s for s in even.sets())
+    assert "parallel.pp_layers=[]" in even.sets()  # overrides a pp_layers the user's config may hold
+    cfg_even = load_config("tiny", overrides=["model.n_layers=4", "parallel.pp_layers=[3,1]", *even.sets()])
+    assert cfg_even.parallel.pp_layers == [] and cfg_even.parallel.pp == 2
     found = {lay.stage_layers for lay in layouts(2, 16, 4, 4, 4) if lay.pp == 2 and lay.schedule != "interleaved-1f1b"}
     assert found == {(), (3, 1)}
 

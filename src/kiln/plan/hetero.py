@@ -84,7 +84,8 @@ class HeteroPlan:
     def sets(self) -> list[str]:
         # the layout's micro-batch is the largest share's: every rank runs that many passes
         key = "parallel.dp_batch_shares" if self.shape == "data" else "parallel.pp_layers"
-        return [*self.layout.sets(), f"{key}=[{','.join(map(str, self.split))}]"]
+        return [*(s for s in self.layout.sets() if not s.startswith(key + "=")),
+                f"{key}=[{','.join(map(str, self.split))}]"]
 
     def describe(self) -> str:
         what = "sequences per rank" if self.shape == "data" else "layers per stage"
@@ -142,7 +143,7 @@ def _pipeline(f: ModelFacts, cluster: Cluster, global_batch: int, micro: int, ac
     for i, (group, n) in enumerate(zip(cluster.groups, layers)):
         sf = _stage_facts(f, n, pp, last=i == pp - 1)
         layout = Layout(1, dp, 1, pp, micro, accum, ac, "1f1b")
-        mem = peak_memory(sf, layout)
+        mem = peak_memory(sf, layout, rank=i)  # this group's own stage: its layers, its micro-batches in flight
         if mem.total > group.kind.memory_gb * 1e9 * budget:
             return None
         memory.append(mem)

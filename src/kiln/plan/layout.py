@@ -42,8 +42,8 @@ class Layout:
             out += [f"parallel.pp_schedule={self.schedule}", f"parallel.pp_microbatches={self.accum}"]
             if self.schedule == "interleaved-1f1b":
                 out.append(f"parallel.pp_stages_per_rank={self.stages_per_rank}")
-            if self.stage_layers:
-                out.append(f"parallel.pp_layers=[{','.join(map(str, self.stage_layers))}]")
+            # `[]` for an even split too: a pp_layers already in the user's config must not survive
+            out.append(f"parallel.pp_layers=[{','.join(map(str, self.stage_layers))}]")
         else:
             out.append(f"train.micro_batch_size={self.micro_batch}")
         return out

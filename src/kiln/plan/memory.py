@@ -131,24 +131,29 @@ class MemoryBreakdown:
         return self.params + self.grads + self.optimizer + self.gathered + self.activations + self.loss
 
 
-def in_flight(layout: Layout, rank: int = 0) -> int:
-    """Micro-batches whose activations pipeline rank `rank` holds at its peak."""
+def in_flight(layout: Layout, rank: int = 0) -> float:
+    """Micro-batches (in units of the rank's whole share of layers) whose activations pipeline
+    rank `rank` holds at its peak."""
     if layout.pp == 1:
         return 1
     if layout.schedule == "gpipe":
         return layout.accum
+    if layout.schedule == "interleaved-1f1b":  # warm-up chunks of 1 / v of the rank's layers each
+        v, pp = layout.stages_per_rank, layout.pp
+        return (min((v - 1) * pp + 2 * (pp - 1 - rank), layout.accum * v - 1) + 1) / v
     return min(layout.accum, layout.pp - rank)  # 1F1B: warm-up micro-batches before the first backward
 
 
-def peak_memory(f: ModelFacts, layout: Layout, optimizer_bytes: float = 8.0) -> MemoryBreakdown:
+def peak_memory(f: ModelFacts, layout: Layout, optimizer_bytes: float = 8.0, rank: int | None = None) -> MemoryBreakdown:
     """The peak of the busiest rank over the phases of a step where memory is highest:
     - "loss": the loss's backward begins: every saved activation, the log-probabilities and two
       logit-sized gradients (3 x the float32 logits), the last block still gathered;
     - "head": the head's forward under FSDP: the root's parameters gathered, with their all-gather
       buffer, and the logits being written;
     - "step": the optimizer step: parameters, gradients and moments;
-    - on a pipeline's first stage, "in flight": its warm-up micro-batches' activations.
-    Gradients exist before the step only when micro-batches accumulate into them."""
+    - on a pipeline's earlier ranks, "in flight": their warm-up micro-batches' activations.
+    Gradients exist before the step only when micro-batches accumulate into them. `rank`: one
+    pipeline rank's peak instead of the busiest's."""
     pp, tp, shard_n = layout.pp, layout.tp, layout.dp_shard
     stages = layout.layers_per_stage(f.n_layers)
     ranks = [sum(stages[r::pp]) for r in range(pp)]  # an interleaved rank holds every pp-th stage
@@ -181,12 +186,18 @@ def peak_memory(f: ModelFacts, layout: Layout, optimizer_bytes: float = 8.0) -> 
         candidates.append(MemoryBreakdown(p, p, o, 0.0, 0.0, 0.0, "step"))
     else:
         for r, blocks in enumerate(ranks[:-1]):  # earlier ranks hold more micro-batches in flight under 1F1B
+            if rank is not None and r != rank:
+                continue
             p, g, o = static(blocks * f.block_params + (f.embed_params if r == 0 else 0.0))
             acts = (blocks * per_block + (f.edge_act * mb / tp if r == 0 else 0.0)) * in_flight(layout, r)
             candidates.append(MemoryBreakdown(p, g, o, 2 * block_gathered, acts, 0.0, "in flight"))
             candidates.append(MemoryBreakdown(p, p, o, 0.0, 0.0, 0.0, "step"))
+        if rank is not None and rank != pp - 1:
+            return max(candidates, key=lambda c: c.total)
         p, g, o = static(ranks[-1] * f.block_params + f.edge_params - f.embed_params)
-        acts = ranks[-1] * per_block * in_flight(layout, pp - 1)
-        candidates.append(MemoryBreakdown(p, g, o, block_gathered, acts, 3 * logits, "loss"))
+        held = in_flight(layout, pp - 1)
+        # GPipe's last rank keeps every micro-batch's loss graph (its logits) until the backwards
+        loss = (held + 2) * logits if layout.schedule == "gpipe" else 3 * logits
+        candidates.append(MemoryBreakdown(p, g, o, block_gathered, ranks[-1] * per_block * held, loss, "loss"))
         candidates.append(MemoryBreakdown(p, p, o, 0.0, 0.0, 0.0, "step"))
     return max(candidates, key=lambda c: c.total)

@@ -43,7 +43,10 @@ class ComputeFit:
             return self.fixed_s + self.per_seq_s * micro_batch
         i = next((k for k in range(1, len(pts) - 1) if micro_batch <= pts[k][0]), len(pts) - 1)
         (x0, y0), (x1, y1) = pts[i - 1], pts[i]
-        return max(1e-9, y0 + (y1 - y0) / (x1 - x0) * (micro_batch - x0))
+        slope = (y1 - y0) / (x1 - x0)
+        if micro_batch > x1:  # past the table: never cheaper per sequence than the line says
+            return y1 + max(slope, self.per_seq_s) * (micro_batch - x1)
+        return max(1e-9, y0 + slope * (micro_batch - x0))
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,8 @@ def _parallel_worker(rank: int, world: int, port: int, cfg_dict: dict, jobs: lis
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = from_dict(cfg_dict)
+    # the overheads of parallelism alone: no recomputation or compilation in either model
+    cfg.parallel.activation_checkpoint, cfg.parallel.compile_blocks = "none", False
     spec = get_spec(cfg.model.family)
     vocab = padded_vocab(cfg.data.vocab_size)
     plain = initialise(build_model(cfg.model, vocab), cfg.model, 0)  # the same work without parallelism

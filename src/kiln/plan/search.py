@@ -52,8 +52,8 @@ def stage_splits(n_layers: int, pp: int) -> list[tuple[int, ...]]:
     """Layer counts per pipeline stage worth trying: the even split (written `()`) where the layers
     divide, then lighter first and last stages (as Megatron-LM's first / last pipeline-stage layer
     counts): the last also runs the head and the loss, the first holds the most micro-batches in
-    flight under 1F1B. The stages between share the rest as evenly as they can, never lighter
-    than the edges."""
+    flight under 1F1B; with two stages only the last is lightened). The stages between share the
+    rest as evenly as they can, never lighter than the edges."""
     if pp == 1:
         return [()]
     top = -(-n_layers // pp)

@@ -6,12 +6,13 @@
   the device's peak times an efficiency that falls for narrow work (small micro-batches, matrices
   split by tp): eff = peak_eff * w / (w + w_half), w = tokens per micro-batch x d_model / tp.
   Activation checkpointing adds a forward of the checkpointed blocks (a third of their FLOPs).
-- FSDP2 (as Kiln runs it: float32 gathers, no gradient-sync skipping under accumulation): per
-  micro-batch two all-gathers of the stage's parameters and one reduce-scatter of its gradients,
+- FSDP2 (as Kiln runs it: float32 gathers, no gradient-sync skipping under accumulation, except
+  that a pipeline schedule reduces once per step): per micro-batch two all-gathers of the stage's
+  parameters and one reduce-scatter of its gradients (pipelines: one per step),
   ring cost (n-1)/n x bytes / bandwidth + alpha x (n-1); they overlap the blocks' compute, so only
   what exceeds it, and the first block's gather, is exposed.
-- HSDP: an all-reduce of the sharded gradients across replicas, per micro-batch (as FSDP2 runs
-  without gradient-sync skipping), exposed.
+- HSDP: an all-reduce of the sharded gradients across replicas, per micro-batch (pipelines: per
+  step), exposed.
 - Tensor parallelism (sequence parallel): per block and micro-batch, two all-gathers and two
   reduce-scatters of the activations forward and as many backward, on the critical path.
 - Pipelines: the busiest rank's compute (its blocks, and the head on the last), the bubble
@@ -69,6 +70,15 @@ def busiest_stage_share(f: ModelFacts, layout: Layout) -> float:
     return max(n * per_block + (f.edge_flops_share if r == layout.pp - 1 else 0.0) for r, n in enumerate(blocks))
 
 
+def gradient_syncs(layout: Layout) -> tuple[int, int]:
+    """(FSDP all-gathers per micro-batch, gradient reductions per step). Kiln's own accumulation
+    loop syncs every micro-batch (no sync skipping); a pipeline schedule turns syncs and
+    resharding after backward off until the step's last micro-batch, then reduces once."""
+    if layout.pp > 1:
+        return 2, 1
+    return 2, layout.accum
+
+
 def _ring(bytes_: float, n: int, gbps: float, latency_us: float, reduce: bool = False) -> float:
     """Seconds of an all-gather / reduce-scatter (an all-reduce is both: `reduce`) among n ranks."""
     if n <= 1:
@@ -93,17 +103,21 @@ def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind
 
     blocks = max(rank_blocks(f, layout))
     stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
+    gathers, syncs = gradient_syncs(layout)
     fsdp = 0.0
     if layout.dp_shard > 1:
         bw = bandwidth(layout.dp_shard, layout.tp)
-        per_micro = 3 * _ring(stage_bytes, layout.dp_shard, bw, kind.latency_us)
+        ring = _ring(stage_bytes, layout.dp_shard, bw, kind.latency_us)
+        each_micro = layout.pp == 1  # the reduce-scatter overlaps each micro-batch's backward ...
+        per_micro = (gathers + each_micro) * ring
         per_micro_compute = compute / n_micro
         first_gather = _ring(stage_bytes / max(1, blocks), layout.dp_shard, bw, kind.latency_us)
-        fsdp = n_micro * (max(0.0, per_micro - per_micro_compute) + first_gather)
+        # ... or, on a pipeline, runs once after the last, exposed
+        fsdp = n_micro * (max(0.0, per_micro - per_micro_compute) + first_gather) + (0.0 if each_micro else ring)
     dp = 0.0
-    if layout.dp_replicate > 1:  # per micro-batch: Kiln does not skip gradient syncs under accumulation
-        dp = n_micro * _ring(stage_bytes / layout.dp_shard, layout.dp_replicate,
-                   bandwidth(layout.dp_replicate, layout.dp_shard * layout.tp), kind.latency_us, reduce=True)
+    if layout.dp_replicate > 1:
+        dp = syncs * _ring(stage_bytes / layout.dp_shard, layout.dp_replicate,
+                           bandwidth(layout.dp_replicate, layout.dp_shard * layout.tp), kind.latency_us, reduce=True)
     tp = 0.0
     if layout.tp > 1:
         act = mb * f.seq_len * f.d_model * f.value_bytes
@@ -140,10 +154,12 @@ def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fi
         return _ring(bytes_, n, link.gbps, link.alpha_s * 1e6, reduce)
 
     stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
+    gathers, syncs = gradient_syncs(layout)
     fsdp = 0.0
     if layout.dp > 1:  # replicas too are FSDP2 units (HSDP), with its hooks
-        fsdp = n_micro * (3 * collective(stage_bytes, layout.dp_shard) + link.fsdp_unit_s * (blocks + 1))
-    dp = n_micro * collective(stage_bytes / layout.dp_shard, layout.dp_replicate, reduce=True)
+        ring = collective(stage_bytes, layout.dp_shard)
+        fsdp = n_micro * (gathers * ring + link.fsdp_unit_s * (blocks + 1)) + syncs * ring
+    dp = syncs * collective(stage_bytes / layout.dp_shard, layout.dp_replicate, reduce=True)
     act = mb * f.seq_len * f.d_model * f.value_bytes
     tp = 0.0
     if layout.tp > 1:

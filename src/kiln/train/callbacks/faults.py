@@ -91,8 +91,10 @@ class Faults(Callback):
         if cfg.tokenizer_mismatch and trainer.is_main:
             self._swap_tokenizer(trainer.run.tokenizer_path)
         if cfg.throttle_rank >= 0 and trainer.par.dp[0] == cfg.throttle_rank:
-            # Leaf modules hold no collectives (FSDP's run in the blocks' and root's hooks), so
-            # their forward time is this rank's own compute, never a wait for another rank.
+            # Under data parallelism leaf modules hold no collectives (FSDP's run in the blocks'
+            # and root's hooks), so their time is this rank's own compute, never a wait for
+            # another rank. (Under tensor parallelism the leaf Linears' own hooks communicate, and
+            # that time is throttled too: a data-parallel fault.)
             for module in trainer.module.parts:
                 for leaf in (m for m in module.modules() if not any(True for _ in m.children())):
                     self.hooks.append(leaf.register_forward_pre_hook(self._throttle_start))

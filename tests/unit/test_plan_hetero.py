@@ -23,6 +23,7 @@ def test_splits_follow_speed():
     assert split_by_speed(16, [3.0, 1.0]) == [12, 4]
     assert split_by_speed(4, [1.0, 1.0, 1.0, 1.0]) == [1, 1, 1, 1]
     assert split_by_speed(3, [1.0, 1.0, 1.0, 1.0]) is None  # every stage needs a layer
+    assert split_by_speed(16, [1.0, 1.0], fixed=[0.0, 4.0]) == [10, 6]  # the last stage's head: 4 blocks' worth
     assert group_shares(64, [2, 2], [3.0, 1.0], 1) == [24, 8]
     assert group_shares(64, [2, 2], [3.0, 1.0], 4) == [24, 8]
     assert group_shares(10, [4, 4], [1.0, 1.0], 1) is None  # 10 sequences cannot split into whole shares

@@ -26,16 +26,18 @@ from kiln.plan.timing import StepTime, step_time
 AC_MODES = ("none", "selective", "full")
 
 
-def split_by_speed(total: int, speeds: list[float], minimum: int = 1, unit: int = 1) -> list[int] | None:
+def split_by_speed(total: int, speeds: list[float], minimum: int = 1, unit: int = 1,
+                   fixed: list[float] | None = None) -> list[int] | None:
     """Integers summing to `total`, each at least `minimum` and a multiple of `unit`, that
-    minimise max(n_i / speed_i): units go one at a time to whoever finishes its next one first.
-    None when no such split exists."""
+    minimise max((fixed_i + n_i) / speed_i) (`fixed`: work each already has, in the same units):
+    units go one at a time to whoever finishes its next one first. None when no such split exists."""
     n = [minimum] * len(speeds)
+    base = fixed or [0.0] * len(speeds)
     left = total - minimum * len(speeds)
     if left < 0 or left % unit or minimum % unit:
         return None
     for _ in range(left // unit):
-        i = min(range(len(speeds)), key=lambda k: (n[k] + unit) / speeds[k])
+        i = min(range(len(speeds)), key=lambda k: (base[k] + n[k] + unit) / speeds[k])
         n[i] += unit
     return n
 
@@ -191,7 +193,9 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
                 for ac in AC_MODES:
                     speeds = [1.0 / step_time(_stage_facts(f, 1, pp), Layout(1, dp, 1, pp, micro, accum, ac),
                                               global_batch, g.kind, g.per_node).compute for g in groups]
-                    layers = split_by_speed(f.n_layers, speeds)
+                    # the last stage also runs the head: its FLOPs in blocks' worth
+                    head = f.edge_flops_share * f.n_layers / max(1e-9, 1 - f.edge_flops_share)
+                    layers = split_by_speed(f.n_layers, speeds, fixed=[0.0] * (pp - 1) + [head])
                     even = split_by_speed(f.n_layers, [1.0] * pp)
                     got = _pipeline(f, cluster, global_batch, micro, accum, ac, layers, budget)
                     if got is None:

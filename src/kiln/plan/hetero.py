@@ -184,6 +184,8 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
     # pipeline: one stage per group (groups of equal size), layers by speed
     if len(groups) > 1 and len({g.devices for g in groups}) == 1 and f.n_layers >= len(groups):
         pp, dp = len(groups), groups[0].devices
+        head = f.edge_flops_share * f.n_layers / max(1e-9, 1 - f.edge_flops_share)  # the last stage's head, in blocks
+        even = split_by_speed(f.n_layers, [1.0] * pp)
         if global_batch % dp == 0:
             per_rank = global_batch // dp
             for micro in (m for m in range(1, per_rank + 1) if per_rank % m == 0):
@@ -193,10 +195,7 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
                 for ac in AC_MODES:
                     speeds = [1.0 / step_time(_stage_facts(f, 1, pp), Layout(1, dp, 1, pp, micro, accum, ac),
                                               global_batch, g.kind, g.per_node).compute for g in groups]
-                    # the last stage also runs the head: its FLOPs in blocks' worth
-                    head = f.edge_flops_share * f.n_layers / max(1e-9, 1 - f.edge_flops_share)
                     layers = split_by_speed(f.n_layers, speeds, fixed=[0.0] * (pp - 1) + [head])
-                    even = split_by_speed(f.n_layers, [1.0] * pp)
                     got = _pipeline(f, cluster, global_batch, micro, accum, ac, layers, budget)
                     if got is None:
                         continue

@@ -38,7 +38,7 @@ class ComputeFit:
         """The whole model's forward and backward at `micro_batch` sequences: interpolated between
         the measured sizes, beyond them extended with the slope of the nearest two (the line fit
         where fewer than two were measured)."""
-        pts = [tuple(p) for p in self.measured]
+        pts = self.measured
         if len(pts) < 2:
             return self.fixed_s + self.per_seq_s * micro_batch
         i = next((k for k in range(1, len(pts) - 1) if micro_batch <= pts[k][0]), len(pts) - 1)
@@ -280,7 +280,7 @@ def load_compute(data: dict, cfg: Config, threads: int) -> ComputeFit | None:
     entry = data.get("compute", {}).get(profile_key(cfg, threads))
     if entry is None:
         return None
-    return ComputeFit(**dict(entry, **{k: tuple(tuple(p) for p in entry.get(k, ())) for k in ("measured",)}))
+    return ComputeFit(**{**entry, "measured": tuple(map(tuple, entry.get("measured", ())))})  # JSON lists back to tuples
 
 
 def run_profile(cfg: Config, vocab_size: int, worlds: tuple[int, ...], log=print,

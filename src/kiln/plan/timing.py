@@ -70,13 +70,11 @@ def busiest_stage_share(f: ModelFacts, layout: Layout) -> float:
     return max(n * per_block + (f.edge_flops_share if r == layout.pp - 1 else 0.0) for r, n in enumerate(blocks))
 
 
-def gradient_syncs(layout: Layout) -> tuple[int, int]:
-    """(FSDP all-gathers per micro-batch, gradient reductions per step). Kiln's own accumulation
-    loop syncs every micro-batch (no sync skipping); a pipeline schedule turns syncs and
-    resharding after backward off until the step's last micro-batch, then reduces once."""
-    if layout.pp > 1:
-        return 2, 1
-    return 2, layout.accum
+def gradient_syncs(layout: Layout) -> int:
+    """Gradient reductions per step: Kiln's own accumulation loop syncs every micro-batch (no
+    sync skipping); a pipeline schedule turns syncs off until the step's last micro-batch, then
+    reduces once."""
+    return 1 if layout.pp > 1 else layout.accum
 
 
 def _ring(bytes_: float, n: int, gbps: float, latency_us: float, reduce: bool = False) -> float:
@@ -103,17 +101,18 @@ def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind
 
     blocks = max(rank_blocks(f, layout))
     stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
-    gathers, syncs = gradient_syncs(layout)
+    syncs = gradient_syncs(layout)
     fsdp = 0.0
     if layout.dp_shard > 1:
         bw = bandwidth(layout.dp_shard, layout.tp)
         ring = _ring(stage_bytes, layout.dp_shard, bw, kind.latency_us)
-        each_micro = layout.pp == 1  # the reduce-scatter overlaps each micro-batch's backward ...
-        per_micro = (gathers + each_micro) * ring
+        # two all-gathers per micro-batch (forward, backward); the reduce-scatters overlap each
+        # micro-batch's backward, except a pipeline's single one after the last, exposed
+        overlapped = layout.pp == 1
+        per_micro = (2 + overlapped) * ring
         per_micro_compute = compute / n_micro
         first_gather = _ring(stage_bytes / max(1, blocks), layout.dp_shard, bw, kind.latency_us)
-        # ... or, on a pipeline, runs once after the last, exposed
-        fsdp = n_micro * (max(0.0, per_micro - per_micro_compute) + first_gather) + (0.0 if each_micro else ring)
+        fsdp = n_micro * (max(0.0, per_micro - per_micro_compute) + first_gather) + (0.0 if overlapped else syncs * ring)
     dp = 0.0
     if layout.dp_replicate > 1:
         dp = syncs * _ring(stage_bytes / layout.dp_shard, layout.dp_replicate,
@@ -154,11 +153,11 @@ def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fi
         return _ring(bytes_, n, link.gbps, link.alpha_s * 1e6, reduce)
 
     stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
-    gathers, syncs = gradient_syncs(layout)
+    syncs = gradient_syncs(layout)
     fsdp = 0.0
     if layout.dp > 1:  # replicas too are FSDP2 units (HSDP), with its hooks
         ring = collective(stage_bytes, layout.dp_shard)
-        fsdp = n_micro * (gathers * ring + link.fsdp_unit_s * (blocks + 1)) + syncs * ring
+        fsdp = n_micro * (2 * ring + link.fsdp_unit_s * (blocks + 1)) + syncs * ring  # gathers, reductions
     dp = syncs * collective(stage_bytes / layout.dp_shard, layout.dp_replicate, reduce=True)
     act = mb * f.seq_len * f.d_model * f.value_bytes
     tp = 0.0

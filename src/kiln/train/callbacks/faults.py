@@ -103,7 +103,7 @@ class Faults(Callback):
                     if any(p.requires_grad for p in leaf.parameters(recurse=False)) and \
                             not isinstance(leaf, torch.nn.Embedding):
                         self.hooks.append(leaf.register_full_backward_pre_hook(self._throttle_start))
-                        self.hooks.append(leaf.register_full_backward_hook(self._throttle_backward))
+                        self.hooks.append(leaf.register_full_backward_hook(self._throttle_end))
 
     # Both passes are slowed: FSDP's collectives pair the ranks up within each, so a device slowed
     # in the forward only would look twice as slow there and not at all in the backward.
@@ -112,9 +112,9 @@ class Faults(Callback):
 
     def _throttle_forward(self, module, *_) -> None:
         if torch.is_grad_enabled():  # training, not evaluation
-            self._throttle_backward(module)
+            self._throttle_end(module)
 
-    def _throttle_backward(self, module, *_) -> None:
+    def _throttle_end(self, module, *_) -> None:
         """Sleep what a device `throttle_factor` times slower would add to this pass of `module`."""
         started = self._started.pop(module, None)
         if started is not None:

@@ -64,6 +64,32 @@ def test_isoflop_parabolas_give_the_compute_optimal_exponent(fitted):
     assert abs(law.exponents[0] / truth - 1) <= 0.05
 
 
+def test_approach_two_uses_only_minima_the_sizes_bracket():
+    """Ladder C without its 1-layer size: every parabola's minimum lay outside the sizes, and the
+    power law through those extrapolated minima overflowed (a crash of `kiln scaling fit`)."""
+    from kiln.scaling.law import isoflop
+
+    rows = [(55536, 210944, 5.4426), (106816, 137728, 5.6755), (332448, 61952, 6.0847),
+            (55536, 632320, 4.3762), (106816, 412672, 4.6825), (332448, 185344, 5.1932),
+            (55536, 1896448, 3.7952), (106816, 1238528, 3.8508), (332448, 556544, 4.1605)]
+    budgets = (2.1e11, 6.29e11, 1.887e12)  # each group's compute in the MFU's accounting (head included)
+    result = isoflop([Point(n, d, loss, flops=budgets[i // 3]) for i, (n, d, loss) in enumerate(rows)])
+    assert len(result["groups"]) == 3 and not any(g["minimum_inside"] for g in result["groups"])
+    assert result["n_opt"] is None and "minimum inside" in result["note"]
+    json.dumps(result, allow_nan=False)
+    bracketed = isoflop(chinchilla_points())  # every group brackets its minimum: all of them count
+    assert bracketed["n_opt"]["groups"] == len(bracketed["groups"]) == 5
+
+
+def test_describe_warns_when_the_points_leave_e_unidentified(fitted):
+    from kiln.scaling.report import describe
+
+    _, law = fitted
+    assert "E is not identified" not in describe(law)  # 45 points over 3 decades pin E = 1.69
+    ladder = Law(E=1.3, A=9843, B=124.6, alpha=0.86, beta=0.29, intervals={"E": [2e-22, 2.77]})  # the depth-4 ladder
+    assert "warning: E is not identified" in describe(ladder)
+
+
 def test_a_shape_for_a_parameter_count():
     for target in (5e4, 1e5, 4e5, 1e7, 1.2e8, 7e9):
         s = shape_for(target)

@@ -219,11 +219,20 @@ def isoflop(points: list[Point]) -> dict[str, Any] | None:
                      "parabola": [float(c2), float(c1), float(c0)], "n_opt": n_opt,
                      "d_opt": compute / (6.0 * n_opt), "loss_opt": float(np.polyval([c2, c1, c0], math.log(n_opt))),
                      "minimum_inside": bool(inside), "points": len(g)})
-    log_c = np.log([r["compute"] for r in rows])
-    a, log_k = np.polyfit(log_c, np.log([r["n_opt"] for r in rows]), 1)
-    b, log_m = np.polyfit(log_c, np.log([r["d_opt"] for r in rows]), 1)
-    return {"groups": rows, "n_opt": {"exponent": float(a), "coefficient": float(math.exp(log_k))},
-            "d_opt": {"exponent": float(b), "coefficient": float(math.exp(log_m))}}
+    # A parabola's minimum outside the sizes tried is an extrapolation (an upward-open fit can put it
+    # orders of magnitude away): the power laws use only the groups whose minimum the sizes bracket.
+    inside = [r for r in rows if r["minimum_inside"]]
+    if len(inside) < 2:
+        return {"groups": rows, "n_opt": None, "d_opt": None,
+                "note": f"{len(inside)} of {len(rows)} IsoFLOP groups have their minimum inside the sizes tried; "
+                        "N*(C) needs two (add sizes around each budget's best)"}
+    log_c = np.log([r["compute"] for r in inside])
+    laws = {}
+    for key in ("n_opt", "d_opt"):
+        exponent, log_coefficient = np.polyfit(log_c, np.log([r[key] for r in inside]), 1)
+        laws[key] = {"exponent": float(exponent), "coefficient": float(math.exp(log_coefficient)),
+                     "groups": len(inside)}
+    return {"groups": rows, **laws}
 
 
 # ----------------------------------------------------------------------------- shapes

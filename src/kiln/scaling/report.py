@@ -19,6 +19,13 @@ def describe(law: Law) -> str:
     lines = [f"L(N, D) = {law.E:.4g} + {law.A:.4g} / N^{law.alpha:.4g} + {law.B:.4g} / D^{law.beta:.4g}   "
              f"({law.n_points} points, Huber {law.huber:.3g})",
              "95% bootstrap intervals: " + ", ".join(f"{n}{ci(n)}" for n in NAMES if law.intervals.get(n))]
+    e_lo, e_hi = law.intervals.get("E", (law.E, law.E))
+    if e_hi > 0 and e_lo < 0.05 * e_hi:
+        # Every small ladder Kiln's benchmarks ran on CPU did this, and its predictions of a larger run
+        # then missed by 6-13% either way (BENCHMARKS, "Scaling laws"): say so where the fit is read.
+        lines.append(f"warning: E is not identified (its 95% interval runs from {e_lo:.2g} to {e_hi:.3g}): these "
+                     "points cannot separate the irreducible loss from slow power laws, so predictions far "
+                     "beyond them are uncertain; trust the interval, not the point value")
     tradeoff = law.alpha > 0 and law.beta > 0
     if tradeoff:
         a, b = law.exponents
@@ -28,8 +35,12 @@ def describe(law: Law) -> str:
                      "with both size and tokens, so there is no compute-optimal trade-off (more or larger runs?)")
     if law.isoflop:
         iso = law.isoflop
-        lines.append(f"compute-optimal (approach 2, {len(iso['groups'])} IsoFLOP groups): "
-                     f"N* ∝ C^{iso['n_opt']['exponent']:.3f}, D* ∝ C^{iso['d_opt']['exponent']:.3f}")
+        if iso.get("n_opt"):
+            lines.append(f"compute-optimal (approach 2, {iso['n_opt'].get('groups', len(iso['groups']))} of "
+                         f"{len(iso['groups'])} IsoFLOP groups): N* ∝ C^{iso['n_opt']['exponent']:.3f}, "
+                         f"D* ∝ C^{iso['d_opt']['exponent']:.3f}")
+        else:
+            lines.append(f"compute-optimal (approach 2): none; {iso.get('note', 'too few IsoFLOP groups')}")
         for g in iso["groups"]:
             six_nd = g.get("compute_6nd", g["compute"])
             approach3 = f"; approach 3 N* = {law.optimal(six_nd)[0]:.3g}" if tradeoff else ""

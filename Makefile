@@ -33,7 +33,7 @@ bench-faults: $(STAMP)
 	$(BIN)/python bench/faults.py
 
 # An IsoFLOP sweep of tiny decoders, a fit, and a larger held-out run it predicts (BENCHMARKS.md);
-# about an hour on 2 cores (the sweep 5 minutes, the 16M-token held-out run the rest).
+# 40-60 minutes on 2 cores (the sweep about 7 minutes, the 16M-token held-out run the rest).
 scaling-demo: $(STAMP)
 	$(BIN)/python bench/scaling_demo.py
 

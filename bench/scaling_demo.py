@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["model.seq_len=64", "train.batch_size=8", "data.vocab_size=2048", "train.precision=fp32",
           "eval.every=0", "eval.batches=128", "checkpoint.every=0", "log.plot=false", "guard.hang_min_s=0",
           "eval.sample_tokens=4"]
-SHAPES = [(1, 32, 2), (2, 48, 2), (2, 64, 2), (3, 96, 3)]
-BUDGET_DIVISORS = (60, 180, 540)  # 4 sizes each: 9.6% of the held-out run's compute in all
+# Ladder E (BENCHMARKS, "Scaling laws"): the held-out run's depth (Kaplan et al. found shallower models
+# off the trend) and widths small enough that every point trains >= 957 steps, past the steep early part
+# of loss against tokens that ladders of larger, shorter runs were fitted to.
+SHAPES = [(4, 16, 1), (4, 24, 1), (4, 32, 2), (4, 48, 3)]
+BUDGET_DIVISORS = (55, 165)  # 4 sizes each: 9.7% of the held-out run's compute in all
 HELD_OUT = (4, 128, 4)
 # The standard library alone (3.4M tokens at this vocabulary) would make the held-out run repeat data;
 # the pinned torch wheel's Python sources add ~15M tokens that every install has.
@@ -43,6 +46,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scaling"))
+    ap.add_argument("--held-out", default="x".join(str(v) for v in HELD_OUT),
+                    help="the held-out run's shape as LAYERSxWIDTHxHEADS (the sweep's budgets are shares of its compute)")
     ap.add_argument("--held-out-tokens", type=float, default=16e6)
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--shapes", default=",".join(f"{a}x{b}x{c}" for a, b, c in SHAPES),
@@ -56,11 +61,12 @@ def main() -> None:
     args = ap.parse_args()
     shapes_given = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     divisors = [float(d) for d in args.budgets.split(",")]
+    held = tuple(int(v) for v in args.held_out.split("x"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     sets = COMMON + [f"data.corpus={args.corpus}", f"data.cache_dir={args.cache or out / 'cache'}"]
-    held_sets = sets + [f"model.n_layers={HELD_OUT[0]}", f"model.d_model={HELD_OUT[1]}", f"model.n_heads={HELD_OUT[2]}"]
+    held_sets = sets + [f"model.n_layers={held[0]}", f"model.d_model={held[1]}", f"model.n_heads={held[2]}"]
     held_cfg = load_config("tiny", overrides=held_sets)
     vocab = 2048
     n_held = non_embedding_params(held_cfg.model, vocab)
@@ -86,7 +92,7 @@ def main() -> None:
     sweep_mfu_c = sum(p.flops for p in fitted)
     print(f"sweep: {len(points)} runs, {sweep_mfu_c:.3g} FLOPs = {sweep_mfu_c / held_mfu_c:.1%} of the held-out "
           f"run's {held_mfu_c:.3g} (6ND: {sweep_c / c_held:.1%}); {sweep_s:.0f} s")
-    print(f"held-out L{HELD_OUT[0]}-d{HELD_OUT[1]}: N = {n_held}, D = {d_held}: predicted {predicted:.4f} "
+    print(f"held-out L{held[0]}-d{held[1]}: N = {n_held}, D = {d_held}: predicted {predicted:.4f} "
           f"[{lo:.4f}, {hi:.4f}]")
     name = "held-out"
     if not (runs / name / "summary.json").is_file():
@@ -107,7 +113,7 @@ def main() -> None:
     plot(law, fitted, out / "fit.png")
     (out / "result.json").write_text(json.dumps({
         "predicted": predicted, "interval": [lo, hi], "actual": actual, "relative_error": error,
-        "held_out": {"n_layers": HELD_OUT[0], "d_model": HELD_OUT[1], "params": n_held, "tokens": d_held,
+        "held_out": {"n_layers": held[0], "d_model": held[1], "n_heads": held[2], "params": n_held, "tokens": d_held,
                      "compute": held_mfu_c, "compute_6nd": c_held, "seconds": held_s},
         "sweep": {"runs": len(points), "compute": sweep_mfu_c, "share": sweep_mfu_c / held_mfu_c,
                   "compute_6nd": sweep_c, "share_6nd": sweep_c / c_held, "seconds": sweep_s},

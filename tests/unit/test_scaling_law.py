@@ -81,6 +81,21 @@ def test_approach_two_uses_only_minima_the_sizes_bracket():
     assert bracketed["n_opt"]["groups"] == len(bracketed["groups"]) == 5
 
 
+LADDER_E = [(16528, 1994752, 4.4449448846280575), (16528, 5984256, 4.219713592901826),  # BENCHMARKS, ladder E
+            (27864, 1284096, 4.307564722374082), (27864, 3852288, 3.999469928443432),
+            (65824, 2327040, 3.8572582118213177), (65824, 775680, 4.384291289374232),
+            (111024, 1469952, 3.7970173973590136), (111024, 489984, 4.595054006204009)]
+
+
+def test_bootstrap_resamples_can_leave_an_optimum_at_e_zero():
+    """The full fit of these 8 real runs puts E at 3e-8; resamples refined only from that optimum
+    all stayed there and reported E's interval as [3e-8, 3e-8]."""
+    law = fit([Point(*row) for row in LADDER_E], bootstrap=6)
+    assert law.E < 1e-3
+    lo, hi = law.intervals["E"]
+    assert hi > 0.5 and lo < 0.05 * hi  # the resamples find E > 0 too: the interval says E is unknown
+
+
 def test_describe_warns_when_the_points_leave_e_unidentified(fitted):
     from kiln.scaling.report import describe
 

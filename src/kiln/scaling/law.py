@@ -5,7 +5,7 @@ loss (delta = 1e-3) of log-space residuals,
     log L_hat = logsumexp(a - alpha log N, b - beta log D, e),  A = e^a, B = e^b, E = e^e,
 with L-BFGS from the best points of a grid of starting values (every grid point is scored at
 once; the best few are refined), and bootstrap intervals: the fit repeated on resampled points,
-each started from the full fit's optimum.
+each refined from the full fit's optimum (and, where its E is near 0, from it with E moved up).
 
 Approach 2: points that share a compute budget (an IsoFLOP group) get a parabola of loss in
 log N; its minimum is the group's optimal N*, and N*(C), D*(C) are power laws fitted across
@@ -29,7 +29,7 @@ HUBER_DELTA = 1e-3
 GRID = {"alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0), "e": (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5),
         "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)}
 REFINE = 12  # grid points refined by L-BFGS
-BOOTSTRAP = 100  # resamples (each refined from the full fit's optimum)
+BOOTSTRAP = 100  # resamples
 ISO_TOLERANCE = 0.05  # points whose compute differs by less than this share an IsoFLOP group
 
 
@@ -169,12 +169,21 @@ def fit(points: list[Point], bootstrap: int = BOOTSTRAP, seed: int = 0, delta: f
     theta, value = _fit_once(points, grid, delta)
     law = _law(theta, len(points), value)
     rng = np.random.default_rng(seed)
+    # Each resample is refined from the full fit's optimum. Where that optimum has E near 0, the E term
+    # has no gradient there and every resample would stay at E = 0 (a collapsed interval), so the
+    # resamples also start from it with E at half the lowest loss.
+    starts = theta[None]
+    lowest = min(p.loss for p in points)
+    if law.E < 0.01 * lowest:
+        with_e = theta.clone()
+        with_e[2] = math.log(0.5 * lowest)
+        starts = torch.stack([theta, with_e])
     samples = []
     for _ in range(bootstrap):
         picked = [points[i] for i in rng.integers(0, len(points), len(points))]
         if len({p.params for p in picked}) < 2 or len({p.tokens for p in picked}) < 2:
             continue
-        t, _ = _fit_once(picked, theta[None], delta, refine=1)  # from the full fit's optimum
+        t, _ = _fit_once(picked, starts, delta, refine=len(starts))
         samples.append(_law(t, len(picked), 0.0))
     law.bootstrap = [[s.E, s.A, s.B, s.alpha, s.beta] for s in samples]
     if samples:

@@ -13,14 +13,13 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from kiln.config import Config
 from kiln.errors import ConfigError
 from kiln.model.spec import ModelSpec
 from kiln.parallel.runtime import Parallel
 
-SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1f1b": ScheduleInterleaved1F1B}
+SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved-1f1b": "ScheduleInterleaved1F1B"}
 
 
 def stage_ids(cfg: Config, pp: int, pp_rank: int) -> tuple[list[int], int]:
@@ -42,12 +41,16 @@ def cut_stage(model: nn.Module, spec: ModelSpec, stage: int, n_stages: int, laye
 
 def build_schedule(parts: list[nn.Module], ids: list[int], n_stages: int, par: Parallel, cfg: Config,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    # Imported here, not at the top: torch.distributed.pipelining (with the dynamo it loads) adds
+    # about 0.7 s to the start of every `kiln train`, and only pipeline runs use it.
+    from torch.distributed import pipelining
+
     group = par.mesh["pp"].get_group()
-    stages = [PipelineStage(part, i, n_stages, par.device, group=group) for part, i in zip(parts, ids)]
-    cls = SCHEDULES[cfg.parallel.pp_schedule]
+    stages = [pipelining.PipelineStage(part, i, n_stages, par.device, group=group) for part, i in zip(parts, ids)]
+    cls = getattr(pipelining, SCHEDULES[cfg.parallel.pp_schedule])
     n_micro = cfg.parallel.pp_microbatches
     # The loss is already divided by the global token count: the schedule must not rescale it.
-    if cls is ScheduleInterleaved1F1B:
+    if cls is pipelining.ScheduleInterleaved1F1B:
         return cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
     return cls(stages[0], n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
 

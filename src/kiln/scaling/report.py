@@ -21,8 +21,8 @@ def describe(law: Law) -> str:
              "95% bootstrap intervals: " + ", ".join(f"{n}{ci(n)}" for n in NAMES if law.intervals.get(n))]
     e_lo, e_hi = law.intervals.get("E", (law.E, law.E))
     if e_hi > 0 and e_lo < 0.05 * e_hi:
-        # Every small ladder Kiln's benchmarks ran on CPU did this, and its predictions of a larger run
-        # then missed by 6-13% either way (BENCHMARKS, "Scaling laws"): say so where the fit is read.
+        # Every CPU ladder in BENCHMARKS ("Scaling laws") did this; their point predictions then moved
+        # by several percent with the ladder's design while the interval held: say so where it is read.
         lines.append(f"warning: E is not identified (its 95% interval runs from {e_lo:.2g} to {e_hi:.3g}): these "
                      "points cannot separate the irreducible loss from slow power laws, so predictions far "
                      "beyond them are uncertain; trust the interval, not the point value")

@@ -94,7 +94,8 @@ def main() -> None:
           f"run's {held_mfu_c:.3g} (6ND: {sweep_c / c_held:.1%}); {sweep_s:.0f} s")
     print(f"held-out L{held[0]}-d{held[1]}: N = {n_held}, D = {d_held}: predicted {predicted:.4f} "
           f"[{lo:.4f}, {hi:.4f}]")
-    name = "held-out"
+    # Named by shape and tokens: a second --held-out in the same --out must not read the first one's loss.
+    name = f"held-out-L{held[0]}-d{held[1]}-h{held[2]}-T{d_held}"
     if not (runs / name / "summary.json").is_file():
         t1 = time.perf_counter()
         cmd = [sys.executable, "-m", "kiln", "train", "--preset", "tiny", "--runs-dir", str(runs), "--name", name,

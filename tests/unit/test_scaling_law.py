@@ -12,7 +12,7 @@ from kiln.cli import main
 from kiln.config import load_config, to_toml
 from kiln.data.tokenizer import train_tokenizer
 from kiln.errors import ConfigError
-from kiln.scaling.law import Law, Point, fit, shape_for
+from kiln.scaling.law import Law, Point, fit, isoflop, shape_for
 from kiln.scaling.points import points_from_csv, points_from_runs
 
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. (2022), approach 3
@@ -67,8 +67,6 @@ def test_isoflop_parabolas_give_the_compute_optimal_exponent(fitted):
 def test_approach_two_uses_only_minima_the_sizes_bracket():
     """Ladder C without its 1-layer size: every parabola's minimum lay outside the sizes, and the
     power law through those extrapolated minima overflowed (a crash of `kiln scaling fit`)."""
-    from kiln.scaling.law import isoflop
-
     rows = [(55536, 210944, 5.4426), (106816, 137728, 5.6755), (332448, 61952, 6.0847),
             (55536, 632320, 4.3762), (106816, 412672, 4.6825), (332448, 185344, 5.1932),
             (55536, 1896448, 3.7952), (106816, 1238528, 3.8508), (332448, 556544, 4.1605)]

@@ -42,7 +42,7 @@ def main() -> None:
     from kiln.scaling.law import fit
     from kiln.scaling.points import non_embedding_params, points_from_runs
     from kiln.scaling.report import describe, plot
-    from kiln.scaling.sweep import run_sweep, sweep_runs
+    from kiln.scaling.sweep import run_sweep, sweep_runs, width_lr
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scaling"))
@@ -57,6 +57,11 @@ def main() -> None:
     ap.add_argument("--corpus", default=DEFAULT_CORPUS,
                     help="data.corpus for every run; the default is large enough that the held-out run sees "
                          "each token once (a law fitted on one-epoch points says nothing about repeated data)")
+    ap.add_argument("--lr-rule", choices=("constant", "width"), default="constant",
+                    help="the sweep's per-size LR rule, applied to the held-out run too")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the sweep's train.seed (init and data order): ladders with other seeds measure how far "
+                         "the prediction moves with run-to-run noise; the held-out run keeps seed 0")
     ap.add_argument("--cache", help="the token-shard cache (default: OUT/cache); experiments can share one")
     args = ap.parse_args()
     shapes_given = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -66,7 +71,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     sets = COMMON + [f"data.corpus={args.corpus}", f"data.cache_dir={args.cache or out / 'cache'}"]
+    sweep_sets = sets + ([f"train.seed={args.seed}"] if args.seed else [])
     held_sets = sets + [f"model.n_layers={held[0]}", f"model.d_model={held[1]}", f"model.n_heads={held[2]}"]
+    if args.lr_rule == "width":
+        held_sets.append(f"optim.lr={width_lr(load_config('tiny', overrides=sets), held[1]):.6g}")
     held_cfg = load_config("tiny", overrides=held_sets)
     vocab = 2048
     n_held = non_embedding_params(held_cfg.model, vocab)
@@ -77,8 +85,8 @@ def main() -> None:
     budgets = [held_mfu_c / d for d in divisors]
     shapes = ", ".join(f"{{n_layers = {a}, d_model = {b}, n_heads = {c}}}" for a, b, c in shapes_given)
     sweep = out / "sweep.toml"
-    sweep.write_text(f'name = "iso"\npreset = "tiny"\nset = {json.dumps(sets)}\nshapes = [{shapes}]\n'
-                     f"flops = {json.dumps(budgets)}\nwarmup_fraction = 0.05\n")
+    sweep.write_text(f'name = "iso"\npreset = "tiny"\nset = {json.dumps(sweep_sets)}\nshapes = [{shapes}]\n'
+                     f"flops = {json.dumps(budgets)}\nwarmup_fraction = 0.05\nlr_rule = \"{args.lr_rule}\"\n")
     t0 = time.perf_counter()
     points = run_sweep(sweep, runs, parallel=args.parallel)
     sweep_s = time.perf_counter() - t0
@@ -95,7 +103,7 @@ def main() -> None:
     print(f"held-out L{held[0]}-d{held[1]}: N = {n_held}, D = {d_held}: predicted {predicted:.4f} "
           f"[{lo:.4f}, {hi:.4f}]")
     # Named by shape and tokens: a second --held-out in the same --out must not read the first one's loss.
-    name = f"held-out-L{held[0]}-d{held[1]}-h{held[2]}-T{d_held}"
+    name = f"held-out-L{held[0]}-d{held[1]}-h{held[2]}-T{d_held}" + ("-lr-width" if args.lr_rule == "width" else "")
     if not (runs / name / "summary.json").is_file():
         t1 = time.perf_counter()
         cmd = [sys.executable, "-m", "kiln", "train", "--preset", "tiny", "--runs-dir", str(runs), "--name", name,

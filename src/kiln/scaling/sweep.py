@@ -105,7 +105,7 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
         tokens = max(per_step, int(round(tokens / per_step)) * per_step)
         sets = common + _shape_sets(shape) + [f"train.tokens={tokens}", "train.time_budget_s=0"]
         if lr_rule == "width":
-            sets.append(f"optim.lr={base.optim.lr * base.model.d_model / shape['d_model']:.6g}")
+            sets.append(f"optim.lr={width_lr(base, shape['d_model']):.6g}")
         if warmup_fraction:
             sets.append(f"schedule.warmup_steps={max(1, int(warmup_fraction * tokens / per_step))}")
         label = f"L{shape['n_layers']}-d{shape['d_model']}-T{tokens:.3g}".replace("+", "")
@@ -113,6 +113,13 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
     if len({p.name for p in points}) != len(points):
         raise ConfigError(f"{path}: two points have the same shape and tokens; remove the duplicate")
     return name, points
+
+
+def width_lr(base, d_model: int) -> float:
+    """lr_rule = "width": the preset's peak LR scaled by its width over this one's (Adam's update per
+    weight is ~LR regardless of fan-in, so a narrower layer takes a larger LR for the same change in
+    its outputs)."""
+    return base.optim.lr * base.model.d_model / d_model
 
 
 def _shape_sets(shape: dict[str, int]) -> list[str]:

@@ -19,8 +19,11 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/kiln train --preset tiny
 
+# Two workers: most tests wait on process start-up and one core, so two at once take ~70% of the
+# serial time on 2 cores (BENCHMARKS.md, "The test suite"). TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Every distributed test, including the 4-process layouts (dp x tp x pp, HSDP, interleaved, gpipe).
 test-dist: $(STAMP)

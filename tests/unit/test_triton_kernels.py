@@ -102,6 +102,16 @@ def test_fused_cross_entropy_equals_naive_head(ops, V):
         torch.testing.assert_close(a, b, **TOL)
 
 
+def test_a_target_outside_the_vocabulary_makes_the_loss_nan(ops):
+    """It read the logit at row * stride + target: another row's, or past the buffer."""
+    V = 301
+    logits = torch.randn(4, V).to(DEVICE)
+    targets = torch.tensor([0, V, -1, V - 1]).to(DEVICE)
+    lse, picked = ops.ce_rows(logits, targets)
+    assert torch.isnan(picked[1]) and torch.isnan(picked[2])
+    assert picked[0] == logits[0, 0] and picked[3] == logits[3, V - 1]
+
+
 def test_registry_dispatch(monkeypatch):
     x = torch.randn(4, 8)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

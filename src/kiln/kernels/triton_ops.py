@@ -210,7 +210,10 @@ def _ce_fwd(L, TGT, LSE, PICKED, stride, V, BLOCK: tl.constexpr):
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     tl.store(LSE + row, m + tl.log(s))
-    tl.store(PICKED + row, tl.load(base + tl.load(TGT + row)))
+    # A target outside the vocabulary would read another row's logit (or past the buffer) and give a
+    # plausible, wrong loss; NaN instead makes the step non-finite, which the guard reports.
+    target = tl.load(TGT + row)
+    tl.store(PICKED + row, tl.load(base + target, mask=(target >= 0) & (target < V), other=float("nan")))
 
 
 @triton.jit

@@ -39,6 +39,8 @@ def main() -> None:
     from kiln.config import load_config
     from kiln.runs.rundir import RunDir
     from kiln.scaling.flops import flops_per_token
+    from kiln.errors import ConfigError
+    from kiln.scaling.backtest import backtest, describe_backtest
     from kiln.scaling.law import fit
     from kiln.scaling.points import non_embedding_params, points_from_runs
     from kiln.scaling.report import describe, plot
@@ -93,7 +95,13 @@ def main() -> None:
     fitted = points_from_runs(sweep_runs(runs, "iso"))
     law = fit(fitted)
     print(describe(law))
-    (out / "fit.json").write_text(json.dumps(law.to_json(), indent=1))
+    try:  # the ladder's own check of extrapolation, before the held-out run is paid for
+        check = backtest(fitted)
+        print(describe_backtest(check))
+    except ConfigError as e:
+        check = {"skipped": str(e)}
+        print(e)
+    (out / "fit.json").write_text(json.dumps({**law.to_json(), "backtest": check}, indent=1))
     predicted = law.loss(n_held, d_held)
     lo, hi = law.interval(n_held, d_held)
     sweep_c = sum(6.0 * p.params * p.tokens for p in fitted)
@@ -126,7 +134,7 @@ def main() -> None:
                      "compute": held_mfu_c, "compute_6nd": c_held, "seconds": held_s},
         "sweep": {"runs": len(points), "compute": sweep_mfu_c, "share": sweep_mfu_c / held_mfu_c,
                   "compute_6nd": sweep_c, "share_6nd": sweep_c / c_held, "seconds": sweep_s},
-        "fit": law.to_json()}, indent=1))
+        "fit": law.to_json(), "backtest": check}, indent=1))
     print(f"wrote {out / 'result.json'} and {out / 'fit.png'}")
 
 

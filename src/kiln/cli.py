@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     sfit.add_argument("--json", metavar="OUT", help="write the fit as JSON (for kiln scaling predict)")
     sfit.add_argument("--plot", metavar="OUT.png", help="draw points, fitted curves, IsoFLOP parabolas, frontier")
     sfit.add_argument("--bootstrap", type=int, default=100, help="resamples for the intervals (default 100)")
+    sfit.add_argument("--backtest", action="store_true",
+                      help="also fit without the largest-compute points and predict them (a check of extrapolation "
+                           "that the intervals cannot make)")
     spred = scaling_verbs.add_parser("predict", help="the loss at (N, D), or the compute-optimal size for a budget")
     spred.add_argument("fit", metavar="FIT.json")
     spred.add_argument("--params", type=float, help="non-embedding parameters N (with --tokens)")
@@ -475,8 +478,19 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         points = points_from_csv(Path(args.points)) if args.points else points_from_runs([Path(r) for r in args.runs])
         law = fit(points, bootstrap=args.bootstrap)
         print(describe(law))
+        result = law.to_json()
+        if args.backtest:
+            from kiln.errors import ConfigError
+            from kiln.scaling.backtest import backtest, describe_backtest
+
+            try:
+                result["backtest"] = backtest(points, bootstrap=args.bootstrap)
+                print(describe_backtest(result["backtest"]))
+            except ConfigError as e:  # the fit itself stands; say why it cannot be checked this way
+                result["backtest"] = {"skipped": str(e)}
+                print(f"{e}")
         if args.json:
-            Path(args.json).write_text(json.dumps(law.to_json(), indent=1))
+            Path(args.json).write_text(json.dumps(result, indent=1))
             print(f"wrote {args.json}")
         if args.plot:
             print(f"wrote {plot(law, points, Path(args.plot))}")

@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also ask the LLM at KILN_LLM_URL (KILN_LLM_MODEL, KILN_LLM_KEY) to explain the "
                              "findings; a scrubbed digest is sent, the rules still decide")
     doctor.add_argument("--apply", type=int, metavar="K", help="run the remedy of finding K (as numbered)")
+    doctor.add_argument("--fail-on", choices=("critical", "warning"),
+                        help="exit 1 when a finding is at least this severe (for scripts and CI; default: exit 0)")
     for p in (train, prep, export, imp, sample, runs, compare, fork, report, doctor):
         _plugin_args(p)
     ev.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
@@ -538,6 +540,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                        log=lambda line: print(line, file=sys.stderr))
         if text:
             print(format_explanation(text))
+    if args.fail_on:
+        from kiln.runs.doctor import SEVERITY_RANK
+
+        worst = min((SEVERITY_RANK.get(f["severity"], len(SEVERITY_RANK)) for f in findings), default=None)
+        if worst is not None and worst <= SEVERITY_RANK[args.fail_on]:
+            return 1
     return 0
 
 

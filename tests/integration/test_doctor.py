@@ -388,6 +388,17 @@ def test_ranking_text_json_and_apply(lab):
         remedy_argv([], 1)
 
 
+def test_fail_on_sets_the_exit_code_for_scripts(lab, capsys):
+    from kiln.cli import main
+
+    diverged, clean = str(lab["runs"] / "diverge"), str(lab["runs"] / "clean")
+    assert main(["doctor", diverged]) == 0  # reading a report is not a failure unless asked
+    assert main(["doctor", diverged, "--fail-on", "critical"]) == 1
+    assert main(["doctor", diverged, "--json", "--fail-on", "warning"]) == 1
+    assert main(["doctor", clean, "--fail-on", "warning"]) == 0  # info findings at most
+    capsys.readouterr()
+
+
 def test_runs_with_little_to_read_have_nothing_to_report(lab):
     fork = create_fork(lab["runs"] / "clean", "clean-untrained", 60, log=lambda _: None)  # kiln fork --no-train
     assert diagnose(fork.run.path) == []

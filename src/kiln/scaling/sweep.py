@@ -9,6 +9,11 @@
     # flops = [1e13, 4e13]                # or IsoFLOP: for each budget C, every size with D = C / (FLOPs per token)
     lr_rule = "constant"                  # constant | width: peak LR x (preset width / d_model)
     warmup_fraction = 0.1                 # warmup steps = this share of each point's steps (0: the preset's)
+    seeds = [0, 1, 2]                     # every point once per train.seed (default: the preset's seed, once)
+
+Seeds: at small scale a point's run-to-run spread (init and data order) can move a fit's
+prediction by far more than itself (BENCHMARKS, "Scaling laws"); repeating the ladder measures it,
+and `kiln scaling fit --backtest` on all seeds shows whether the law extrapolates at all.
 
 Each point is an ordinary run folder: a finished one is skipped when the sweep runs again, an
 interrupted one (status not finished) is resumed from its newest checkpoint. `--parallel N` runs
@@ -32,7 +37,7 @@ from kiln.config import load_config
 from kiln.errors import ConfigError
 from kiln.scaling.law import HEAD_DIM, shape_for
 
-KEYS = {"name", "preset", "set", "params", "shapes", "tokens", "flops", "lr_rule", "warmup_fraction"}
+KEYS = {"name", "preset", "set", "params", "shapes", "tokens", "flops", "lr_rule", "warmup_fraction", "seeds"}
 
 
 @dataclass
@@ -85,6 +90,10 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
     lr_rule = spec.get("lr_rule", "constant")
     if lr_rule not in ("constant", "width"):
         raise ConfigError(f"{path}: lr_rule = {lr_rule!r}; choose constant or width")
+    seeds = spec.get("seeds", [None])
+    if "seeds" in spec and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)):
+        raise ConfigError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     warmup_fraction = float(spec.get("warmup_fraction", 0.0))
     if not 0 <= warmup_fraction < 1:
         raise ConfigError(f"{path}: warmup_fraction must be in [0, 1), got {warmup_fraction}")
@@ -109,7 +118,12 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
         if warmup_fraction:
             sets.append(f"schedule.warmup_steps={max(1, int(warmup_fraction * tokens / per_step))}")
         label = f"L{shape['n_layers']}-d{shape['d_model']}-T{tokens:.3g}".replace("+", "")
-        points.append(SweepPoint(label, shape, tokens, sets, steps=tokens // per_step))
+        for seed in seeds:
+            if seed is None:
+                points.append(SweepPoint(label, shape, tokens, sets, steps=tokens // per_step))
+            else:
+                points.append(SweepPoint(f"{label}-s{seed}", shape, tokens, sets + [f"train.seed={seed}"],
+                                         steps=tokens // per_step))
     if len({p.name for p in points}) != len(points):
         raise ConfigError(f"{path}: two points have the same shape and tokens; remove the duplicate")
     return name, points

@@ -478,7 +478,11 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         if bool(args.points) == bool(args.runs):
             raise KilnError("give either run folders or --points FILE.csv")
         points = points_from_csv(Path(args.points)) if args.points else points_from_runs([Path(r) for r in args.runs])
-        law = fit(points, bootstrap=args.bootstrap)
+
+        def progress(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        law = fit(points, bootstrap=args.bootstrap, progress=progress)
         print(describe(law))
         result = law.to_json()
         if args.backtest:
@@ -486,11 +490,11 @@ def cmd_scaling(args: argparse.Namespace) -> int:
             from kiln.scaling.backtest import backtest, describe_backtest
 
             try:
-                result["backtest"] = backtest(points, bootstrap=args.bootstrap)
+                result["backtest"] = backtest(points, bootstrap=args.bootstrap, progress=progress)
                 print(describe_backtest(result["backtest"]))
             except ConfigError as e:  # the fit itself stands; say why it cannot be checked this way
                 result["backtest"] = {"skipped": str(e)}
-                print(f"{e}")
+                print(e)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
             print(f"wrote {args.json}")

@@ -103,6 +103,12 @@ def test_describe_warns_when_the_points_leave_e_unidentified(fitted):
     assert "warning: E is not identified" in describe(ladder)
 
 
+def test_the_bootstrap_reports_progress():
+    lines: list[str] = []
+    fit(chinchilla_points(), bootstrap=3, progress=lines.append, progress_s=0)
+    assert len(lines) == 2 and lines[-1].startswith("bootstrap 2/3 resamples") and "ETA" in lines[-1]
+
+
 def test_a_shape_for_a_parameter_count():
     for target in (5e4, 1e5, 4e5, 1e7, 1.2e8, 7e9):
         s = shape_for(target)

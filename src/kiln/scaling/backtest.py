@@ -12,7 +12,7 @@ two or more groups, otherwise the largest-compute quarter of the points.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from kiln.errors import ConfigError
 from kiln.scaling.law import BOOTSTRAP, ISO_TOLERANCE, Point, check_points, fit, isoflop_groups
@@ -32,7 +32,8 @@ def split(points: list[Point]) -> tuple[list[Point], list[Point]]:
     return [p for p in points if p.compute < threshold], held
 
 
-def backtest(points: list[Point], bootstrap: int = BOOTSTRAP) -> dict[str, Any]:
+def backtest(points: list[Point], bootstrap: int = BOOTSTRAP,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Each held-out point's predicted and actual loss, the error and whether the 95% interval held it.
     Raises ConfigError (with the reason) when the points left over cannot fit the law."""
     rest, held = split(points)
@@ -40,7 +41,7 @@ def backtest(points: list[Point], bootstrap: int = BOOTSTRAP) -> dict[str, Any]:
         check_points(rest)
     except ConfigError as e:
         raise ConfigError(f"no backtest: without the {len(held)} largest-compute point(s), {e}") from None
-    law = fit(rest, bootstrap=bootstrap)
+    law = fit(rest, bootstrap=bootstrap, progress=progress)
     rows = []
     for p in sorted(held, key=lambda p: p.params):
         predicted = law.loss(p.params, p.tokens)

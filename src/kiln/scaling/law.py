@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -161,8 +162,10 @@ def check_points(points: list[Point]) -> None:
                           "from B/D^beta")
 
 
-def fit(points: list[Point], bootstrap: int = BOOTSTRAP, seed: int = 0, delta: float = HUBER_DELTA) -> Law:
-    """The Huber fit with bootstrap intervals, and the IsoFLOP analysis where groups exist."""
+def fit(points: list[Point], bootstrap: int = BOOTSTRAP, seed: int = 0, delta: float = HUBER_DELTA,
+        progress: Callable[[str], None] | None = None, progress_s: float = 5.0) -> Law:
+    """The Huber fit with bootstrap intervals, and the IsoFLOP analysis where groups exist.
+    `progress` gets a line every `progress_s` seconds while the bootstrap runs (it can take a minute)."""
     check_points(points)
     grid = torch.tensor([(a, b, e, al, be) for al, be, e, a, b in itertools.product(
         GRID["alpha"], GRID["beta"], GRID["e"], GRID["a"], GRID["b"])], dtype=torch.float64)
@@ -179,7 +182,13 @@ def fit(points: list[Point], bootstrap: int = BOOTSTRAP, seed: int = 0, delta: f
         with_e[2] = math.log(0.5 * lowest)
         starts = torch.stack([theta, with_e])
     samples = []
-    for _ in range(bootstrap):
+    started = last = time.perf_counter()
+    for i in range(bootstrap):
+        now = time.perf_counter()
+        if progress is not None and i and now - last >= progress_s:
+            last = now
+            eta = (now - started) / i * (bootstrap - i)
+            progress(f"bootstrap {i}/{bootstrap} resamples, {now - started:.0f} s, ETA {eta:.0f} s")
         picked = [points[i] for i in rng.integers(0, len(points), len(points))]
         if len({p.params for p in picked}) < 2 or len({p.tokens for p in picked}) < 2:
             continue

@@ -183,12 +183,12 @@ def fit(points: list[Point], bootstrap: int = BOOTSTRAP, seed: int = 0, delta: f
         starts = torch.stack([theta, with_e])
     samples = []
     started = last = time.perf_counter()
-    for i in range(bootstrap):
+    for done in range(bootstrap):
         now = time.perf_counter()
-        if progress is not None and i and now - last >= progress_s:
+        if progress is not None and done and now - last >= progress_s:
             last = now
-            eta = (now - started) / i * (bootstrap - i)
-            progress(f"bootstrap {i}/{bootstrap} resamples, {now - started:.0f} s, ETA {eta:.0f} s")
+            eta = (now - started) / done * (bootstrap - done)
+            progress(f"bootstrap {done}/{bootstrap} resamples, {now - started:.0f} s, ETA {eta:.0f} s")
         picked = [points[i] for i in rng.integers(0, len(points), len(points))]
         if len({p.params for p in picked}) < 2 or len({p.tokens for p in picked}) < 2:
             continue

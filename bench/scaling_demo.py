@@ -44,7 +44,7 @@ def main() -> None:
     from kiln.scaling.law import fit
     from kiln.scaling.points import non_embedding_params, points_from_runs
     from kiln.scaling.report import describe, plot
-    from kiln.scaling.sweep import run_sweep, sweep_runs, width_lr
+    from kiln.scaling.sweep import run_sweep, width_lr
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scaling"))
@@ -73,7 +73,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"
     sets = COMMON + [f"data.corpus={args.corpus}", f"data.cache_dir={args.cache or out / 'cache'}"]
-    sweep_sets = sets + ([f"train.seed={args.seed}"] if args.seed else [])
+    # The seed and the LR rule name the sweep's runs, so that one --out can hold several experiments
+    # (finished points are skipped by name, and the fit reads only this sweep's points).
+    sweep_name = "iso" + ("-lr-width" if args.lr_rule == "width" else "")
     held_sets = sets + [f"model.n_layers={held[0]}", f"model.d_model={held[1]}", f"model.n_heads={held[2]}"]
     if args.lr_rule == "width":
         held_sets.append(f"optim.lr={width_lr(load_config('tiny', overrides=sets), held[1]):.6g}")
@@ -87,18 +89,19 @@ def main() -> None:
     budgets = [held_mfu_c / d for d in divisors]
     shapes = ", ".join(f"{{n_layers = {a}, d_model = {b}, n_heads = {c}}}" for a, b, c in shapes_given)
     sweep = out / "sweep.toml"
-    sweep.write_text(f'name = "iso"\npreset = "tiny"\nset = {json.dumps(sweep_sets)}\nshapes = [{shapes}]\n'
+    sweep.write_text(f'name = "{sweep_name}"\npreset = "tiny"\nset = {json.dumps(sets)}\nshapes = [{shapes}]\n'
+                     f"seeds = [{args.seed}]\n"
                      f"flops = {json.dumps(budgets)}\nwarmup_fraction = 0.05\nlr_rule = \"{args.lr_rule}\"\n")
     t0 = time.perf_counter()
     points = run_sweep(sweep, runs, parallel=args.parallel)
     sweep_s = time.perf_counter() - t0
-    fitted = points_from_runs(sweep_runs(runs, "iso"))
+    fitted = points_from_runs([runs / sweep_name / p.name for p in points])
     law = fit(fitted)
     print(describe(law))
     try:  # the ladder's own check of extrapolation, before the held-out run is paid for
         check = backtest(fitted)
         print(describe_backtest(check))
-    except ConfigError as e:
+    except (ConfigError, ArithmeticError) as e:
         check = {"skipped": str(e)}
         print(e)
     (out / "fit.json").write_text(json.dumps({**law.to_json(), "backtest": check}, indent=1))

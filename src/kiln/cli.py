@@ -490,11 +490,12 @@ def cmd_scaling(args: argparse.Namespace) -> int:
             from kiln.scaling.backtest import backtest, describe_backtest
 
             try:
-                result["backtest"] = backtest(points, bootstrap=args.bootstrap, progress=progress)
+                result["backtest"] = backtest(points, bootstrap=args.bootstrap,
+                                              progress=lambda line: progress(f"backtest: {line}"))
                 print(describe_backtest(result["backtest"]))
-            except ConfigError as e:  # the fit itself stands; say why it cannot be checked this way
+            except (ConfigError, ArithmeticError) as e:  # the fit itself stands; say why it cannot be checked
                 result["backtest"] = {"skipped": str(e)}
-                print(e)
+                print(e if isinstance(e, ConfigError) else f"no backtest: the fit without the top budget failed ({e})")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
             print(f"wrote {args.json}")

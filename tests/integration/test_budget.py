@@ -19,12 +19,13 @@ def jsonl(path):
 
 
 class SlowSteps(Callback):
-    """Makes every step take ~20 ms more, so the budget (0.5 s) cuts the run to ~20 steps."""
+    """Makes every step take ~60 ms more, so the budget (1.5 s) cuts the run to ~20 steps; the sleep
+    dominates the step time, so another test busy beside this one (pytest-xdist) moves the count little."""
 
     def on_step_end(self, trainer, result):
         import time
 
-        time.sleep(0.02)
+        time.sleep(0.06)
 
 
 class CrashAt(Callback):
@@ -41,7 +42,7 @@ class CrashAt(Callback):
 
 def test_a_budget_cuts_the_run_and_resume_is_exact(tiny_config, make_corpus, tmp_path):
     corpus = make_corpus()
-    extra = ("train.steps=400", "train.time_budget_s=0.5", "schedule.warmup_steps=15", "checkpoint.every=12",
+    extra = ("train.steps=400", "train.time_budget_s=1.5", "schedule.warmup_steps=15", "checkpoint.every=12",
              "model.dropout=0.1")
     with pytest.raises(KeyboardInterrupt):
         start_run(tiny_config(corpus, *extra), tmp_path / "runs", "budget", callbacks=[SlowSteps(), CrashAt(12)])

@@ -4,7 +4,7 @@ Approach 3 of Hoffmann et al. (2022), as corrected by Besiroglu et al. (2024): m
 loss (delta = 1e-3) of log-space residuals,
     log L_hat = logsumexp(a - alpha log N, b - beta log D, e),  A = e^a, B = e^b, E = e^e,
 with L-BFGS from the best points of a grid of starting values (every grid point is scored at
-once; the best few are refined), and bootstrap intervals: the fit repeated on resampled points,
+once; the best few, and the best of each (alpha, beta) pair, are refined), and bootstrap intervals: the fit repeated on resampled points,
 each refined from the full fit's optimum (and, where its E is near 0, from it with E moved up).
 
 Approach 2: points that share a compute budget (an IsoFLOP group) get a parabola of loss in
@@ -31,6 +31,7 @@ GRID = {"alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0), "
         "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)}
 REFINE = 12  # grid points refined by L-BFGS
 BOOTSTRAP = 100  # resamples
+MAX_LOG = 700.0  # log A, log B, log E beyond this do not fit in a float64 once exponentiated
 ISO_TOLERANCE = 0.05  # points whose compute differs by less than this share an IsoFLOP group
 
 
@@ -84,7 +85,10 @@ class Law:
             value = self.loss(params, tokens)
             return value, value
         values = [_safe_loss(row, params, tokens) for row in self.bootstrap]
-        return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+        bounds = np.percentile(values, [2.5, 97.5])
+        if not np.isfinite(bounds).all():  # interpolating towards a resample's inf gives NaN: take the nearest
+            bounds = np.percentile(values, [2.5, 97.5], method="nearest")
+        return float(bounds[0]), float(bounds[1])
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -144,8 +148,17 @@ def _fit_once(points: list[Point], starts: torch.Tensor, delta: float, refine: i
                  for k in ("params", "tokens", "loss"))
     with torch.no_grad():
         scores = _objective(starts, *data, delta)
-    best = torch.argsort(scores)[:refine]
-    results = [_refine(starts[i], data, delta) for i in best.tolist()]
+    chosen = set(torch.argsort(scores)[:refine].tolist())
+    if len(starts) > refine:
+        # The best-scored starts crowd into one basin; on flat landscapes (E unidentified) L-BFGS from them
+        # stopped in a local minimum whose prediction was 12% from the global one, and which one depended
+        # on the points' order. The best start of every (alpha, beta) pair of the grid is refined too.
+        best_of: dict[tuple[float, float], int] = {}
+        for i, key in enumerate(map(tuple, starts[:, 3:].tolist())):
+            if key not in best_of or scores[i] < scores[best_of[key]]:
+                best_of[key] = i
+        chosen |= set(best_of.values())
+    results = [_refine(starts[i], data, delta) for i in sorted(chosen)]
     return min(results, key=lambda r: r[1])
 
 
@@ -167,9 +180,15 @@ def fit(points: list[Point], bootstrap: int = BOOTSTRAP, seed: int = 0, delta: f
     """The Huber fit with bootstrap intervals, and the IsoFLOP analysis where groups exist.
     `progress` gets a line every `progress_s` seconds while the bootstrap runs (it can take a minute)."""
     check_points(points)
+    points = sorted(points, key=lambda p: (p.params, p.tokens, p.loss))  # the same fit whatever the listing order
     grid = torch.tensor([(a, b, e, al, be) for al, be, e, a, b in itertools.product(
         GRID["alpha"], GRID["beta"], GRID["e"], GRID["a"], GRID["b"])], dtype=torch.float64)
     theta, value = _fit_once(points, grid, delta)
+    if max(theta[:3].tolist()) > MAX_LOG:
+        a, b, e, alpha, beta = theta.tolist()
+        raise ConfigError(f"the fit ran away (log A = {a:.3g}, log B = {b:.3g}, alpha = {alpha:.3g}, beta = {beta:.3g}): "
+                          "these points do not follow E + A/N^alpha + B/D^beta; give more sizes and token budgets, "
+                          "or runs long enough to be past the start of training")
     law = _law(theta, len(points), value)
     rng = np.random.default_rng(seed)
     # Each resample is refined from the full fit's optimum. Where that optimum has E near 0, the E term
@@ -204,7 +223,10 @@ def fit(points: list[Point], bootstrap: int = BOOTSTRAP, seed: int = 0, delta: f
 
 
 def _law(theta: torch.Tensor, n: int, value: float) -> Law:
+    # A runaway resample (log A past what a float holds) is kept at the largest value, not an overflow:
+    # its predictions are then extreme, which is what the interval should see.
     a, b, e, alpha, beta = theta.tolist()
+    a, b, e = min(a, MAX_LOG), min(b, MAX_LOG), min(e, MAX_LOG)
     return Law(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, n_points=n, huber=value)
 
 

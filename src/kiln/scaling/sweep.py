@@ -9,11 +9,10 @@
     # flops = [1e13, 4e13]                # or IsoFLOP: for each budget C, every size with D = C / (FLOPs per token)
     lr_rule = "constant"                  # constant | width: peak LR x (preset width / d_model)
     warmup_fraction = 0.1                 # warmup steps = this share of each point's steps (0: the preset's)
-    seeds = [0, 1, 2]                     # every point once per train.seed (default: the preset's seed, once)
+    seeds = [0, 1, 2]                     # every point once per train.seed, named -s<seed> (the preset's seed: plain)
 
-Seeds: at small scale a point's run-to-run spread (init and data order) can move a fit's
-prediction by far more than itself (BENCHMARKS, "Scaling laws"); repeating the ladder measures it,
-and `kiln scaling fit --backtest` on all seeds shows whether the law extrapolates at all.
+Seeds measure a ladder's run-to-run spread (init and data order); with several seeds there are
+enough points for `kiln scaling fit --backtest` to check the law's extrapolation to the top budget.
 
 Each point is an ordinary run folder: a finished one is skipped when the sweep runs again, an
 interrupted one (status not finished) is resumed from its newest checkpoint. `--parallel N` runs
@@ -90,9 +89,9 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
     lr_rule = spec.get("lr_rule", "constant")
     if lr_rule not in ("constant", "width"):
         raise ConfigError(f"{path}: lr_rule = {lr_rule!r}; choose constant or width")
-    seeds = spec.get("seeds", [None])
-    if "seeds" in spec and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-                            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)):
+    seeds = spec.get("seeds", [base.train.seed])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                      for v in seeds) and len(set(seeds)) == len(seeds)):
         raise ConfigError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     warmup_fraction = float(spec.get("warmup_fraction", 0.0))
     if not 0 <= warmup_fraction < 1:
@@ -118,8 +117,8 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
         if warmup_fraction:
             sets.append(f"schedule.warmup_steps={max(1, int(warmup_fraction * tokens / per_step))}")
         label = f"L{shape['n_layers']}-d{shape['d_model']}-T{tokens:.3g}".replace("+", "")
-        for seed in seeds:
-            if seed is None:
+        for seed in seeds:  # the preset's own seed keeps the plain name: adding seeds later reuses those runs
+            if seed == base.train.seed:
                 points.append(SweepPoint(label, shape, tokens, sets, steps=tokens // per_step))
             else:
                 points.append(SweepPoint(f"{label}-s{seed}", shape, tokens, sets + [f"train.seed={seed}"],

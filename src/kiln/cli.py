@@ -531,6 +531,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     run = RunDir.open(Path(args.run))
     findings = diagnose(run.path)
     if args.apply is not None:
+        if args.fail_on:
+            raise KilnError("--apply runs a remedy and exits with its code; --fail-on judges the findings: give one")
         argv = remedy_argv(findings, args.apply)
         print("running: kiln " + " ".join(argv), flush=True)
         return main([*argv, *(f"--plugin={p}" for p in args.plugin)])

@@ -396,6 +396,7 @@ def test_fail_on_sets_the_exit_code_for_scripts(lab, capsys):
     assert main(["doctor", diverged, "--fail-on", "critical"]) == 1
     assert main(["doctor", diverged, "--json", "--fail-on", "warning"]) == 1
     assert main(["doctor", clean, "--fail-on", "warning"]) == 0  # info findings at most
+    assert main(["doctor", diverged, "--apply", "1", "--fail-on", "critical"]) == 2  # one or the other
     capsys.readouterr()
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from kiln.errors import ConfigError
-from kiln.scaling.law import BOOTSTRAP, ISO_TOLERANCE, Point, _safe_loss, check_points, fit, isoflop_groups
+from kiln.scaling.law import BOOTSTRAP, ISO_TOLERANCE, Point, check_points, fit, isoflop_groups
 
 HOLD_OUT_SHARE = 0.25  # without IsoFLOP groups: this share of the points, the largest compute first
 
@@ -45,7 +45,7 @@ def backtest(points: list[Point], bootstrap: int = BOOTSTRAP,
     law = fit(rest, bootstrap=bootstrap, progress=progress)
     rows = []
     for p in sorted(held, key=lambda p: p.params):
-        predicted = _safe_loss([law.E, law.A, law.B, law.alpha, law.beta], p.params, p.tokens)  # inf, not overflow
+        predicted = law.loss(p.params, p.tokens)
         lo, hi = law.interval(p.params, p.tokens)
         rows.append({"name": p.name, "params": p.params, "tokens": p.tokens, "compute": p.compute, "loss": p.loss,
                      "predicted": predicted, "interval": [lo, hi], "error": predicted / p.loss - 1,
@@ -62,7 +62,7 @@ def describe_backtest(result: dict[str, Any]) -> str:
     lines = [f"backtest: fitted on the {result['fit_points']} smaller-compute points, predicting the {len(rows)} "
              f"largest ({result['extrapolation']:.2g}x the fitted compute): mean |error| "
              f"{result['mean_abs_error']:.1%}, max {result['max_abs_error']:.1%}; "
-             + (f"the 95% interval held {result['inside']} of {len(rows)}" if result.get("bootstrap", 1)
+             + (f"the 95% interval held {result['inside']} of {len(rows)}" if result["bootstrap"]
                 else "no intervals (no bootstrap)")]
     for r in rows:
         lines.append(f"  N = {r['params']:.3g}, D = {r['tokens']:.3g}: predicted {r['predicted']:.4f} "

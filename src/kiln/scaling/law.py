@@ -4,8 +4,9 @@ Approach 3 of Hoffmann et al. (2022), as corrected by Besiroglu et al. (2024): m
 loss (delta = 1e-3) of log-space residuals,
     log L_hat = logsumexp(a - alpha log N, b - beta log D, e),  A = e^a, B = e^b, E = e^e,
 with L-BFGS from the best points of a grid of starting values (every grid point is scored at
-once; the best few, and the best of each (alpha, beta) pair, are refined), and bootstrap intervals: the fit repeated on resampled points,
-each refined from the full fit's optimum (and, where its E is near 0, from it with E moved up).
+once; the best few, and the best of each (alpha, beta) pair, are refined), and bootstrap
+intervals: the fit repeated on resampled points, each refined from the full fit's optimum (and,
+where its E is near 0, from it with E moved up).
 
 Approach 2: points that share a compute budget (an IsoFLOP group) get a parabola of loss in
 log N; its minimum is the group's optimal N*, and N*(C), D*(C) are power laws fitted across
@@ -62,7 +63,7 @@ class Law:
     isoflop: dict[str, Any] | None = None
 
     def loss(self, params: float, tokens: float) -> float:
-        return self.E + self.A / params ** self.alpha + self.B / tokens ** self.beta
+        return _safe_loss([self.E, self.A, self.B, self.alpha, self.beta], params, tokens)
 
     def optimal(self, compute: float) -> tuple[float, float]:
         """(N*, D*) minimising the loss at compute C = 6 N D."""
@@ -105,8 +106,8 @@ class Law:
 
 
 def _safe_loss(row: list[float], params: float, tokens: float) -> float:
-    """E + A/N^alpha + B/D^beta for a bootstrap row, in log space: a wild resample (alpha = 200 on
-    a narrow grid) gives inf, not an overflow."""
+    """E + A/N^alpha + B/D^beta for a row [E, A, B, alpha, beta], in log space: a wild fit (alpha = 200
+    on a narrow grid, or far beyond the points) gives inf, not an overflow."""
     e, a, b, al, be = row
     terms = [math.log(a) - al * math.log(params) if a > 0 else -math.inf,
              math.log(b) - be * math.log(tokens) if b > 0 else -math.inf]

@@ -118,11 +118,9 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
             sets.append(f"schedule.warmup_steps={max(1, int(warmup_fraction * tokens / per_step))}")
         label = f"L{shape['n_layers']}-d{shape['d_model']}-T{tokens:.3g}".replace("+", "")
         for seed in seeds:  # the preset's own seed keeps the plain name: adding seeds later reuses those runs
-            if seed == base.train.seed:
-                points.append(SweepPoint(label, shape, tokens, sets, steps=tokens // per_step))
-            else:
-                points.append(SweepPoint(f"{label}-s{seed}", shape, tokens, sets + [f"train.seed={seed}"],
-                                         steps=tokens // per_step))
+            own = seed == base.train.seed
+            points.append(SweepPoint(label if own else f"{label}-s{seed}", shape, tokens,
+                                     sets if own else sets + [f"train.seed={seed}"], steps=tokens // per_step))
     if len({p.name for p in points}) != len(points):
         raise ConfigError(f"{path}: two points have the same shape and tokens; remove the duplicate")
     return name, points

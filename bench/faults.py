@@ -31,12 +31,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-BASE = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.seq_len=64", "data.vocab_size=2048",
-        "train.steps=160", "train.time_budget_s=0", "train.batch_size=8", "schedule.warmup_steps=10",
-        "eval.every=40", "eval.batches=2", "eval.sample_tokens=4", "checkpoint.every=20", "checkpoint.keep=0",
-        "log.every=1", "log.plot=false", "train.device=cpu", "guard.hang_min_s=0",
-        'callbacks.enabled=["layer_stats", "step_time"]', "callbacks.layer_stats.every=5",
-        "callbacks.layer_stats.heatmap=false"]
+BASE = [
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.seq_len=64",
+    "data.vocab_size=2048",
+    "train.steps=160",
+    "train.time_budget_s=0",
+    "train.batch_size=8",
+    "schedule.warmup_steps=10",
+    "eval.every=40",
+    "eval.batches=2",
+    "eval.sample_tokens=4",
+    "checkpoint.every=20",
+    "checkpoint.keep=0",
+    "log.every=1",
+    "log.plot=false",
+    "train.device=cpu",
+    "guard.hang_min_s=0",
+    'callbacks.enabled=["layer_stats", "step_time"]',
+    "callbacks.layer_stats.every=5",
+    "callbacks.layer_stats.heatmap=false",
+]
 ENCODER = ["preset=bert-tiny"]  # the masked objective on a BERT-style encoder
 
 # fault class -> (config overrides, the doctor kinds accepted as the right class)
@@ -44,11 +61,16 @@ FAULTS: dict[str, tuple[list[str], set[str]]] = {
     "nonfinite_loss": (["faults.nonfinite_loss=[90]"], {"nonfinite"}),
     "nonfinite_grad": (["faults.nonfinite_grad=[90]"], {"nonfinite"}),
     "corrupt_batch": (["faults.corrupt_batch=[100]"], {"loss_spike"}),
-    "lr_high": (["faults.lr_high=60", "faults.lr_high_factor=100", "guard.on_persistent=skip",
-                 "guard.max_interventions=1000"], {"divergence"}),
+    "lr_high": (
+        ["faults.lr_high=60", "faults.lr_high_factor=100", "guard.on_persistent=skip", "guard.max_interventions=1000"],
+        {"divergence"},
+    ),
     "lr_low": (["faults.lr_low=12", "faults.lr_low_factor=0.0001"], {"plateau"}),
     "repeat_batch": (["faults.repeat_batch=40"], {"overfitting"}),
-    "entropy_collapse": (["faults.entropy_collapse=60", "faults.layer=1"], {"entropy_collapse", "attention_logit_blowup"}),
+    "entropy_collapse": (
+        ["faults.entropy_collapse=60", "faults.layer=1"],
+        {"entropy_collapse", "attention_logit_blowup"},
+    ),
     "dead_units": (["faults.dead_units=60", "faults.layer=0", "faults.dead_fraction=0.6"], {"dead_units"}),
     "slow_steps": (["faults.slow_steps=[80, 81, 120]", "faults.slow_s=1.5"], {"slow_steps"}),
     "loader_stall": (["faults.loader_stall=[90, 130]", "faults.stall_s=1.5"], {"loader_stall"}),
@@ -123,8 +145,16 @@ def run_one(name: str, overrides: list[str], runs: Path, cache: Path, nproc: int
     sets = [a for o in [f"data.cache_dir={cache}", *overrides] if not o.startswith("preset=") for a in ("--set", o)]
     args = ["train", "--preset", preset, "--runs-dir", str(runs), "--name", name, *sets]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "kiln", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "kiln",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "kiln", *args]
     env = dict(os.environ, KILN_QUIET="1", OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
@@ -163,9 +193,15 @@ def plan(quick: bool) -> list[tuple[str, str | None, list[str]]]:
     encoder_clean = seeds if not quick else seeds[:1]
     for seed in encoder_clean:
         jobs.append((f"clean-mlm-s{seed}", None, [f"train.seed={seed}", "optim.lr=3e-3", *ENCODER]))
-    variants = [["train.seed=0", "optim.lr=3e-3"]] if quick else [
-        ["train.seed=0", "optim.lr=3e-3"], ["train.seed=1", "optim.lr=1e-3", "train.precision=bf16"],
-        ["train.seed=2", "optim.lr=6e-3"]]
+    variants = (
+        [["train.seed=0", "optim.lr=3e-3"]]
+        if quick
+        else [
+            ["train.seed=0", "optim.lr=3e-3"],
+            ["train.seed=1", "optim.lr=1e-3", "train.precision=bf16"],
+            ["train.seed=2", "optim.lr=6e-3"],
+        ]
+    )
     for fault, (overrides, _) in FAULTS.items():
         for i, variant in enumerate(variants[:1] if fault in DISTRIBUTED else variants):
             jobs.append((f"{fault}-{i}", fault, [*variant, *overrides]))
@@ -185,18 +221,24 @@ def table(results: list[Result]) -> str:
         if not rs:
             continue
         caught = [r.caught for r in rs if r.caught is not None]
-        lines.append(f"| {fault} | {len(rs)} | {sum(r.right_class for r in rs)}/{len(rs)} | "
-                     f"{sum(r.right_remedy for r in rs)}/{len(rs)} | "
-                     + (f"{sum(caught)}/{len(caught)}" if caught else "—") + " |")
+        lines.append(
+            f"| {fault} | {len(rs)} | {sum(r.right_class for r in rs)}/{len(rs)} | "
+            f"{sum(r.right_remedy for r in rs)}/{len(rs)} | "
+            + (f"{sum(caught)}/{len(caught)}" if caught else "—")
+            + " |"
+        )
     guard_rs = [r for r in injected if r.caught is not None]
     critical = sum(any(f["severity"] == "critical" for f in r.findings) for r in clean)
     warnings = sum(any(f["severity"] == "warning" for f in r.findings) for r in clean)
     false_alarms = sum(len(r.interventions) for r in clean)
-    lines += ["", f"clean runs: {len(clean)}; guard interventions on them: {false_alarms}; runs with critical "
-              f"findings: {critical}; with warnings: {warnings}",
-              f"guard recall on injected spikes and non-finite steps: {sum(r.caught for r in guard_rs)}/{len(guard_rs)}",
-              f"doctor: right class {sum(r.right_class for r in injected)}/{len(injected)}, right class with a "
-              f"correct remedy {sum(r.right_remedy for r in injected)}/{len(injected)}"]
+    lines += [
+        "",
+        f"clean runs: {len(clean)}; guard interventions on them: {false_alarms}; runs with critical "
+        f"findings: {critical}; with warnings: {warnings}",
+        f"guard recall on injected spikes and non-finite steps: {sum(r.caught for r in guard_rs)}/{len(guard_rs)}",
+        f"doctor: right class {sum(r.right_class for r in injected)}/{len(injected)}, right class with a "
+        f"correct remedy {sum(r.right_remedy for r in injected)}/{len(injected)}",
+    ]
     return "\n".join(lines)
 
 
@@ -220,9 +262,12 @@ def main() -> None:
             judge(result, runs / name)
             results.append(result)
             top = result.findings[0]["kind"] if result.findings else "-"
-            print(f"[{i}/{len(jobs)}] {name:<28} exit {code:<3} {seconds:5.1f}s  interventions "
-                  f"{len(result.interventions)}  top finding {top:<22} class {result.right_class}  remedy "
-                  f"{result.right_remedy}  guard {result.caught}", flush=True)
+            print(
+                f"[{i}/{len(jobs)}] {name:<28} exit {code:<3} {seconds:5.1f}s  interventions "
+                f"{len(result.interventions)}  top finding {top:<22} class {result.right_class}  remedy "
+                f"{result.right_remedy}  guard {result.caught}",
+                flush=True,
+            )
         print(f"\n{len(jobs)} runs in {time.perf_counter() - t_all:.0f}s\n")
         print(table(results))
         out = Path(args.out)

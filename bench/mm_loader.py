@@ -46,6 +46,7 @@ def write_photos(path: Path, n: int = 1600, seed: int = 0) -> Path:
         return " ".join(rng.choice(words, size=int(rng.integers(8, 30)))).encode()
 
     with tarfile.open(path, "w") as tar:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -54,8 +55,15 @@ def write_photos(path: Path, n: int = 1600, seed: int = 0) -> Path:
         for i in range(n):
             key = f"{i:06d}"
             if i % 5 == 4:
-                doc = {"segments": [{"text": caption().decode()}, {"image": "0.jpg"}, {"text": caption().decode()},
-                                    {"image": "1.jpg"}, {"text": caption().decode()}]}
+                doc = {
+                    "segments": [
+                        {"text": caption().decode()},
+                        {"image": "0.jpg"},
+                        {"text": caption().decode()},
+                        {"image": "1.jpg"},
+                        {"text": caption().decode()},
+                    ]
+                }
                 add(f"{key}.json", json.dumps(doc).encode())
                 add(f"{key}.0.jpg", jpeg())
                 add(f"{key}.1.jpg", jpeg())
@@ -78,8 +86,13 @@ def measure(cfg, data, workers: int, steps: int, batch: int) -> dict:
         seconds = time.perf_counter() - start
     finally:
         sampler.close()
-    return {"workers": workers, "samples_per_s": samples / seconds, "windows_per_s": steps * batch / seconds,
-            "window_shape": list(first.shape[1:]), "packing_efficiency": stream.packing_efficiency(0)}
+    return {
+        "workers": workers,
+        "samples_per_s": samples / seconds,
+        "windows_per_s": steps * batch / seconds,
+        "window_shape": list(first.shape[1:]),
+        "packing_efficiency": stream.packing_efficiency(0),
+    }
 
 
 def main() -> None:
@@ -93,8 +106,14 @@ def main() -> None:
         tar = write_photos(Path(tmp) / "photos.tar")
         datasets = {
             "digits": ["data.corpus=digits"],
-            "photos": [f"data.corpus={tar}", "model.image_size=224", "model.patch_size=16", "model.image_channels=3",
-                       "model.seq_len=2048", "data.vocab_size=300"],
+            "photos": [
+                f"data.corpus={tar}",
+                "model.image_size=224",
+                "model.patch_size=16",
+                "model.image_channels=3",
+                "model.seq_len=2048",
+                "data.vocab_size=300",
+            ],
         }
         for name, sets in datasets.items():
             cfg = load_config(preset="vlm-tiny", overrides=[f"data.cache_dir={tmp}/cache", *sets])
@@ -102,9 +121,12 @@ def main() -> None:
             for workers in (0, 1, 2):
                 r = {"dataset": name, **measure(cfg, data, workers, args.steps, args.batch)}
                 results.append(r)
-                print(f"{name:7s} workers {workers}: {r['samples_per_s']:8.0f} samples/s  "
-                      f"{r['windows_per_s']:7.1f} windows/s  packing {r['packing_efficiency']:.1%}  "
-                      f"window {r['window_shape']}", flush=True)
+                print(
+                    f"{name:7s} workers {workers}: {r['samples_per_s']:8.0f} samples/s  "
+                    f"{r['windows_per_s']:7.1f} windows/s  packing {r['packing_efficiency']:.1%}  "
+                    f"window {r['window_shape']}",
+                    flush=True,
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -27,20 +27,34 @@ VARIANTS = [
 
 def run(preset: str, sets: list[str], steps: int, workdir: Path, name: str) -> dict:
     cmd = [sys.executable, "-m", "kiln", "train", "--preset", preset, "--runs-dir", str(workdir), "--name", name]
-    for s in [f"train.steps={steps}", "train.time_budget_s=0", "train.precision=fp32", "eval.every=0",
-              "eval.batches=16", "checkpoint.every=0", "log.every=10", "log.plot=false", "eval.sample_tokens=1",
-              *sets]:
+    for s in [
+        f"train.steps={steps}",
+        "train.time_budget_s=0",
+        "train.precision=fp32",
+        "eval.every=0",
+        "eval.batches=16",
+        "checkpoint.every=0",
+        "log.every=10",
+        "log.plot=false",
+        "eval.sample_tokens=1",
+        *sets,
+    ]:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, env=dict(os.environ, KILN_QUIET="1"), capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((workdir / name / "summary.json").read_text())
     records = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
-    tail = records[-max(1, len(records) // 4):]
+    tail = records[-max(1, len(records) // 4) :]
     loads = {k.split("/")[1]: sum(r[k] for r in tail) / len(tail) for k in tail[-1] if k.endswith("load_max_mean")}
     dropped = max((r[k] for r in tail for k in r if k.endswith("/dropped")), default=0.0)
-    return {"val_loss": summary["val_loss"], "tokens": summary.get("tokens"), "tokens_per_s": summary["tokens_per_s"],
-            "load_max_mean": loads, "dropped": dropped}
+    return {
+        "val_loss": summary["val_loss"],
+        "tokens": summary.get("tokens"),
+        "tokens_per_s": summary["tokens_per_s"],
+        "load_max_mean": loads,
+        "dropped": dropped,
+    }
 
 
 def main() -> None:
@@ -57,8 +71,10 @@ def main() -> None:
             rows[label] = run(preset, sets, args.steps, Path(tmp), f"v{i}")
             r = rows[label]
             loads = ", ".join(f"{k} {v:.2f}" for k, v in r["load_max_mean"].items()) or "-"
-            print(f"{label:<34} val {r['val_loss']:.4f}  {r['tokens_per_s']:>7,.0f} tok/s  load max/mean: {loads}",
-                  flush=True)
+            print(
+                f"{label:<34} val {r['val_loss']:.4f}  {r['tokens_per_s']:>7,.0f} tok/s  load max/mean: {loads}",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

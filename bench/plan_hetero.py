@@ -29,8 +29,16 @@ from kiln.plan.hetero import hetero_plans, local_shares
 from kiln.plan.memory import model_facts
 from kiln.plan.search import HEADROOM, search
 
-MIXES = [("h100", 8, "a100", 8), ("h100", 8, "l40s", 8), ("a100", 8, "a10g", 8), ("h200", 8, "h100-pcie", 8),
-         ("b200", 8, "a100", 8), ("h100", 16, "l4", 16), ("mi300x", 8, "a100-40gb", 8), ("a100", 8, "l4", 8)]
+MIXES = [
+    ("h100", 8, "a100", 8),
+    ("h100", 8, "l40s", 8),
+    ("a100", 8, "a10g", 8),
+    ("h200", 8, "h100-pcie", 8),
+    ("b200", 8, "a100", 8),
+    ("h100", 16, "l4", 16),
+    ("mi300x", 8, "a100-40gb", 8),
+    ("a100", 8, "l4", 8),
+]
 PRESETS = ("gpt2-124m", "llama-1b")
 
 
@@ -55,11 +63,21 @@ def simulated() -> list[dict]:
             if not uniform:  # the even split cannot run here (the batch does not divide)
                 rows.append({"preset": preset, "cluster": cluster.describe(), "plan": best.describe(), "speedup": None})
                 continue
-            rows.append({"preset": preset, "cluster": cluster.describe(), "plan": best.describe(),
-                         "tokens_per_s": best.tokens_per_s, "uniform_tokens_per_s": uniform,
-                         "speedup": best.tokens_per_s / uniform if uniform else None})
-            print(f"{preset:10s} {cluster.describe():28s} {best.tokens_per_s:12,.0f} vs {uniform:12,.0f} tokens/s "
-                  f"({best.tokens_per_s / uniform:.2f}x)  {best.describe()}", flush=True)
+            rows.append(
+                {
+                    "preset": preset,
+                    "cluster": cluster.describe(),
+                    "plan": best.describe(),
+                    "tokens_per_s": best.tokens_per_s,
+                    "uniform_tokens_per_s": uniform,
+                    "speedup": best.tokens_per_s / uniform if uniform else None,
+                }
+            )
+            print(
+                f"{preset:10s} {cluster.describe():28s} {best.tokens_per_s:12,.0f} vs {uniform:12,.0f} tokens/s "
+                f"({best.tokens_per_s / uniform:.2f}x)  {best.describe()}",
+                flush=True,
+            )
     return rows
 
 
@@ -67,16 +85,42 @@ CPU_MODEL = ["model.d_model=512", "model.n_heads=8", "model.n_layers=4", "train.
 
 
 def train(name: str, shares: list[int] | None, steps: int, root: Path) -> float:
-    sets = [*CPU_MODEL, f"train.steps={steps}", "train.time_budget_s=0", "eval.every=0", "eval.batches=1", "checkpoint.every=0", "log.plot=false", "eval.sample_tokens=1",
-            "faults.throttle_rank=1", "faults.throttle_factor=2", "log.every=1"]
+    sets = [
+        *CPU_MODEL,
+        f"train.steps={steps}",
+        "train.time_budget_s=0",
+        "eval.every=0",
+        "eval.batches=1",
+        "checkpoint.every=0",
+        "log.plot=false",
+        "eval.sample_tokens=1",
+        "faults.throttle_rank=1",
+        "faults.throttle_factor=2",
+        "log.every=1",
+    ]
     if shares:
         sets.append(f"parallel.dp_batch_shares=[{','.join(map(str, shares))}]")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kiln", "train",
-           "--preset", "tiny", "--runs-dir", str(root), "--name", name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "kiln",
+        "train",
+        "--preset",
+        "tiny",
+        "--runs-dir",
+        str(root),
+        "--name",
+        name,
+    ]
     for s in sets:
         cmd += ["--set", s]
-    proc = subprocess.run(cmd, env=dict(os.environ, KILN_QUIET="1", OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        cmd, env=dict(os.environ, KILN_QUIET="1", OMP_NUM_THREADS="1"), capture_output=True, text=True
+    )
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
@@ -99,10 +143,12 @@ def on_this_cpu(steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         even = train("even", None, steps, Path(tmp))
         planned = train("planned", shares, steps, Path(tmp))
-    result = {"shares": shares, "even_tokens_per_s": even, "planned_tokens_per_s": planned,
-              "speedup": planned / even}
-    print(f"this CPU, rank 1 at half speed: shares {shares}: {planned:,.0f} tokens/s vs even {even:,.0f} "
-          f"({planned / even:.2f}x)", flush=True)
+    result = {"shares": shares, "even_tokens_per_s": even, "planned_tokens_per_s": planned, "speedup": planned / even}
+    print(
+        f"this CPU, rank 1 at half speed: shares {shares}: {planned:,.0f} tokens/s vs even {even:,.0f} "
+        f"({planned / even:.2f}x)",
+        flush=True,
+    )
     return result
 
 

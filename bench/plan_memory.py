@@ -65,13 +65,20 @@ def one(case: list) -> dict:
     from kiln.plan.tracker import measured_peak
 
     preset, shard, tp, ac, mb, accum, precision, tied = case
-    cfg = load_config(preset, overrides=[f"train.precision={precision}", f"model.tie_embeddings={str(tied).lower()}",
-                                         "model.dropout=0"])
+    cfg = load_config(
+        preset,
+        overrides=[f"train.precision={precision}", f"model.tie_embeddings={str(tied).lower()}", "model.dropout=0"],
+    )
     layout = Layout(1, shard, tp, 1, mb, accum, ac)
     measured = measured_peak(cfg, layout, VOCAB)["Total"]
     predicted = peak_memory(model_facts(cfg, VOCAB, precision), layout)
-    return {"case": case, "measured": measured, "predicted": predicted.total, "phase": predicted.phase,
-            "error": predicted.total / measured - 1}
+    return {
+        "case": case,
+        "measured": measured,
+        "predicted": predicted.total,
+        "phase": predicted.phase,
+        "error": predicted.total / measured - 1,
+    }
 
 
 def run_all(cases: list) -> list[dict]:
@@ -99,8 +106,10 @@ def main() -> None:
     for r in rows:
         preset, shard, tp, ac, mb, accum, precision, tied = r["case"]
         what = f"shard {shard} tp {tp} AC {ac} mb {mb}x{accum} {precision}{'' if tied else ' untied'}"
-        print(f"{preset:<10} {what:<34} {r['measured'] / 2**30:12.3f} {r['predicted'] / 2**30:9.3f} "
-              f"{r['error']:+7.1%}  {r['phase']}")
+        print(
+            f"{preset:<10} {what:<34} {r['measured'] / 2**30:12.3f} {r['predicted'] / 2**30:9.3f} "
+            f"{r['error']:+7.1%}  {r['phase']}"
+        )
     errors = [abs(r["error"]) for r in rows]
     print(f"{len(rows)} layouts: median |error| {statistics.median(errors):.1%}, worst {max(errors):.1%}")
     if args.json:

@@ -23,19 +23,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-COMMON = ["train.precision=fp32", "model.tie_embeddings=false", "train.time_budget_s=0", "train.steps=16",
-          "eval.every=0", "eval.batches=1", "eval.sample_tokens=1", "checkpoint.every=0", "log.every=1",
-          "log.plot=false", "guard.hang_min_s=0"]
+COMMON = [
+    "train.precision=fp32",
+    "model.tie_embeddings=false",
+    "train.time_budget_s=0",
+    "train.steps=16",
+    "eval.every=0",
+    "eval.batches=1",
+    "eval.sample_tokens=1",
+    "checkpoint.every=0",
+    "log.every=1",
+    "log.plot=false",
+    "guard.hang_min_s=0",
+]
 
 
 def cases():
     from kiln.plan.layout import Layout
 
     return [
-        Layout(1, 1, 1, 1, 16, 1), Layout(1, 1, 1, 1, 8, 2), Layout(1, 1, 1, 1, 4, 4), Layout(1, 1, 1, 1, 16, 1, "full"),
-        Layout(1, 2, 1, 1, 8, 1), Layout(1, 2, 1, 1, 4, 2), Layout(1, 1, 2, 1, 16, 1), Layout(2, 1, 1, 1, 8, 1),
-        Layout(1, 1, 1, 2, 4, 4, "none", "1f1b"), Layout(1, 1, 1, 2, 2, 8, "none", "gpipe"),
-        Layout(1, 4, 1, 1, 4, 1), Layout(1, 2, 2, 1, 8, 1), Layout(1, 2, 1, 2, 4, 2, "none", "1f1b"),
+        Layout(1, 1, 1, 1, 16, 1),
+        Layout(1, 1, 1, 1, 8, 2),
+        Layout(1, 1, 1, 1, 4, 4),
+        Layout(1, 1, 1, 1, 16, 1, "full"),
+        Layout(1, 2, 1, 1, 8, 1),
+        Layout(1, 2, 1, 1, 4, 2),
+        Layout(1, 1, 2, 1, 16, 1),
+        Layout(2, 1, 1, 1, 8, 1),
+        Layout(1, 1, 1, 2, 4, 4, "none", "1f1b"),
+        Layout(1, 1, 1, 2, 2, 8, "none", "gpipe"),
+        Layout(1, 4, 1, 1, 4, 1),
+        Layout(1, 2, 2, 1, 8, 1),
+        Layout(1, 2, 1, 2, 4, 2, "none", "1f1b"),
         Layout(1, 1, 2, 2, 4, 4, "none", "1f1b"),
     ]
 
@@ -44,8 +63,22 @@ def measure(layout, runs: Path, name: str) -> float:
     sets = COMMON + layout.sets()
     cmd = [sys.executable, "-m", "kiln", "train", "--preset", "tiny", "--runs-dir", str(runs), "--name", name]
     if layout.world > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={layout.world}",
-               "-m", "kiln", "train", "--preset", "tiny", "--runs-dir", str(runs), "--name", name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={layout.world}",
+            "-m",
+            "kiln",
+            "train",
+            "--preset",
+            "tiny",
+            "--runs-dir",
+            str(runs),
+            "--name",
+            name,
+        ]
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, KILN_QUIET="1", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // layout.world)))
@@ -71,7 +104,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json")
-    ap.add_argument("--passes", type=int, default=3, help="runs of every layout (alternating order); the fastest counts")
+    ap.add_argument(
+        "--passes", type=int, default=3, help="runs of every layout (alternating order); the fastest counts"
+    )
     args = ap.parse_args()
     cfg = load_config("tiny", overrides=COMMON)
     cores = os.cpu_count() or 1
@@ -81,7 +116,7 @@ def main() -> None:
     passes: list[dict[int, float]] = [{} for _ in range(args.passes)]
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.passes):
-            for i in (range(len(layouts)) if k % 2 == 0 else reversed(range(len(layouts)))):
+            for i in range(len(layouts)) if k % 2 == 0 else reversed(range(len(layouts))):
                 passes[k][i] = measure(layouts[i], Path(tmp), f"p{k}-l{i}")
                 print(f"pass {k + 1}: {layouts[i].describe():<48} {passes[k][i] * 1e3:7.1f} ms", flush=True)
     rows = []
@@ -90,22 +125,35 @@ def main() -> None:
         predicted = local_step_time(facts, layout, cfg.global_batch, *fit, cores).total
         runs = [p[i] for p in passes]
         measured = min(runs)
-        rows.append({"layout": layout.describe(), "world": layout.world, "predicted_s": predicted,
-                     "measured_s": measured, "passes_s": runs})
-        print(f"{layout.world}  {layout.describe():<48} predicted {predicted * 1e3:7.1f} ms  measured "
-              f"{measured * 1e3:7.1f} ms  ({predicted / measured - 1:+.0%}; passes "
-              f"{', '.join(f'{t * 1e3:.0f}' for t in runs)})", flush=True)
+        rows.append(
+            {
+                "layout": layout.describe(),
+                "world": layout.world,
+                "predicted_s": predicted,
+                "measured_s": measured,
+                "passes_s": runs,
+            }
+        )
+        print(
+            f"{layout.world}  {layout.describe():<48} predicted {predicted * 1e3:7.1f} ms  measured "
+            f"{measured * 1e3:7.1f} ms  ({predicted / measured - 1:+.0%}; passes "
+            f"{', '.join(f'{t * 1e3:.0f}' for t in runs)})",
+            flush=True,
+        )
     p = [r["predicted_s"] for r in rows]
     m = [r["measured_s"] for r in rows]
     mape = statistics.fmean(abs(a / b - 1) for a, b in zip(p, m))
     tau = kendall(p, m)
     fastest = min(range(len(m)), key=m.__getitem__)
     top3 = sorted(range(len(p)), key=p.__getitem__)[:3]
-    print(f"{len(rows)} layouts: MAPE {mape:.0%} (target 20%), Kendall tau {tau:.2f} (target 0.7), measured fastest "
-          f"({rows[fastest]['layout']}) {'in' if fastest in top3 else 'NOT in'} the predicted top 3")
+    print(
+        f"{len(rows)} layouts: MAPE {mape:.0%} (target 20%), Kendall tau {tau:.2f} (target 0.7), measured fastest "
+        f"({rows[fastest]['layout']}) {'in' if fastest in top3 else 'NOT in'} the predicted top 3"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "mape": mape, "tau": tau,
-                                               "fastest_in_top3": fastest in top3}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"rows": rows, "mape": mape, "tau": tau, "fastest_in_top3": fastest in top3}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,10 @@ def main() -> None:
         result.loss.item()
         per_step = (time.perf_counter() - start) / args.steps
         tokens = cfg.global_batch * cfg.model.seq_len
-        print(f"{per_step:.3f} s/step, {tokens / per_step:,.0f} tokens/s ({trainer.precision}, "
-              f"compile={cfg.train.compile})")
+        print(
+            f"{per_step:.3f} s/step, {tokens / per_step:,.0f} tokens/s ({trainer.precision}, "
+            f"compile={cfg.train.compile})"
+        )
         if args.profile_steps:
             with profile() as prof:
                 for _ in range(args.profile_steps):

@@ -31,10 +31,34 @@ def run_variant(preset: str, steps: int, common: list[str], variant: str, workdi
     name, _, spec = variant.partition(":")
     sets = [s for s in spec.split(",") if s]
     log_every = max(1, steps // 5)
-    cmd = [sys.executable, "-m", "kiln", "train", "--preset", preset, "--runs-dir", str(workdir), "--name", name,
-           "--set", f"train.steps={steps}", "--set", "train.time_budget_s=0", "--set", f"log.every={log_every}", "--set", "eval.every=0",
-           "--set", "checkpoint.every=0", "--set", "eval.sample_tokens=1", "--set", "log.plot=false",
-           "--set", "schedule.warmup_steps=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kiln",
+        "train",
+        "--preset",
+        preset,
+        "--runs-dir",
+        str(workdir),
+        "--name",
+        name,
+        "--set",
+        f"train.steps={steps}",
+        "--set",
+        "train.time_budget_s=0",
+        "--set",
+        f"log.every={log_every}",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "eval.sample_tokens=1",
+        "--set",
+        "log.plot=false",
+        "--set",
+        "schedule.warmup_steps=1",
+    ]
     for s in common + sets:
         cmd += ["--set", s]
     env = dict(os.environ, KILN_QUIET="1")
@@ -65,8 +89,10 @@ def main() -> None:
     print(f"{'variant':<18}{'tokens/s':>11}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'vs first':>10}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "unknown"
-        print(f"{r['variant']:<18}{r['tokens_per_s']:>11,.0f}{r['tflops']:>10.3f}{mfu:>8}"
-              f"{r['peak_mem_gb']:>10.2f}{r['tflops'] / base:>9.2f}x")
+        print(
+            f"{r['variant']:<18}{r['tokens_per_s']:>11,.0f}{r['tflops']:>10.3f}{mfu:>8}"
+            f"{r['peak_mem_gb']:>10.2f}{r['tflops'] / base:>9.2f}x"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -17,11 +17,13 @@ if not torch.cuda.is_available():
 
 from kiln.config import Config, load_config
 
-WORDS = ("the quick brown fox jumps over lazy dog while a small model learns to predict "
-         "next token from context and data flows through shards loader trainer checkpoint").split()
+WORDS = (
+    "the quick brown fox jumps over lazy dog while a small model learns to predict "
+    "next token from context and data flows through shards loader trainer checkpoint"
+).split()
 
 PY_TEMPLATES = [
-    "def {name}(x, y):\n    \"\"\"Return the {word} of x and y.\"\"\"\n    return x {op} y\n",
+    'def {name}(x, y):\n    """Return the {word} of x and y."""\n    return x {op} y\n',
     "class {cname}:\n    def __init__(self, value):\n        self.value = value\n\n"
     "    def {name}(self):\n        return self.value {op} {num}\n",
     "for i in range({num}):\n    if i % 2 == 0:\n        print('{word}', i)\n",
@@ -36,8 +38,13 @@ def _sentence(rng: random.Random) -> str:
 
 def _python(rng: random.Random) -> str:
     t = rng.choice(PY_TEMPLATES)
-    return t.format(name=f"{rng.choice(WORDS)}_{rng.choice(WORDS)}", cname=rng.choice(WORDS).title() + "Thing",
-                    word=rng.choice(WORDS), op=rng.choice("+-*"), num=rng.randint(1, 99))
+    return t.format(
+        name=f"{rng.choice(WORDS)}_{rng.choice(WORDS)}",
+        cname=rng.choice(WORDS).title() + "Thing",
+        word=rng.choice(WORDS),
+        op=rng.choice("+-*"),
+        num=rng.randint(1, 99),
+    )
 
 
 def write_corpus(folder: Path, n_files: int = 30, lines_per_file: int = 12, seed: int = 0) -> Path:
@@ -61,11 +68,26 @@ def write_repetitive_corpus(folder: Path, n_files: int = 24) -> Path:
 
 
 TINY = [
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.seq_len=32",
-    "data.vocab_size=320", "data.val_fraction=0.15",
-    "train.steps=4", "train.time_budget_s=0", "train.batch_size=4", "train.device=cpu", "train.precision=fp32",
-    "schedule.warmup_steps=2", "eval.every=0", "eval.batches=2", "eval.sample_tokens=4",
-    "eval.prompts=[\"def \"]", "checkpoint.every=0", "checkpoint.keep=0", "log.every=1", "log.plot=false",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.seq_len=32",
+    "data.vocab_size=320",
+    "data.val_fraction=0.15",
+    "train.steps=4",
+    "train.time_budget_s=0",
+    "train.batch_size=4",
+    "train.device=cpu",
+    "train.precision=fp32",
+    "schedule.warmup_steps=2",
+    "eval.every=0",
+    "eval.batches=2",
+    "eval.sample_tokens=4",
+    'eval.prompts=["def "]',
+    "checkpoint.every=0",
+    "checkpoint.keep=0",
+    "log.every=1",
+    "log.plot=false",
 ]
 
 
@@ -108,6 +130,7 @@ def _restore_torch_rng():
 def make_corpus(tmp_path: Path) -> Callable[..., Path]:
     def make(name: str = "corpus", **kw) -> Path:
         return write_corpus(tmp_path / name, **kw)
+
     return make
 
 
@@ -120,8 +143,10 @@ def shared_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Callable[..., Config]:
     """`tiny_config(corpus, *overrides)`: the tiny preset shrunk to seconds, caching data under tmp_path."""
+
     def build(corpus: Path | str, *extra: str, cache_dir: Path | None = None) -> Config:
         return load_config(preset="tiny", overrides=tiny_overrides(corpus, cache_dir or tmp_path / "cache", *extra))
+
     return build
 
 

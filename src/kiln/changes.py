@@ -11,18 +11,48 @@ from kiln.errors import ConfigError
 
 # What may change when a run is resumed: how it is optimised, evaluated, saved, logged, guarded,
 # monitored and laid out. Everything else (model shape, data, tokenizer, seed, batch) defines the run.
-RESUMABLE_SECTIONS = ("optim", "schedule", "eval", "checkpoint", "log", "guard", "parallel", "callbacks", "debug",
-                      "faults", "kernels")
-RESUMABLE_KEYS = ("train.steps", "train.tokens", "train.time_budget_s", "train.compile", "train.threads",
-                  "train.micro_batch_size", "train.precision", "train.device", "data.cache_dir", "data.workers",
-                  "data.loader_workers")
+RESUMABLE_SECTIONS = (
+    "optim",
+    "schedule",
+    "eval",
+    "checkpoint",
+    "log",
+    "guard",
+    "parallel",
+    "callbacks",
+    "debug",
+    "faults",
+    "kernels",
+)
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.tokens",
+    "train.time_budget_s",
+    "train.compile",
+    "train.threads",
+    "train.micro_batch_size",
+    "train.precision",
+    "train.device",
+    "data.cache_dir",
+    "data.workers",
+    "data.loader_workers",
+)
 
 
 # What a fork may change on top of that: the stabilisers researchers reach for after an
 # instability (new tensors they add, QK-norm and post-norm gains, start as documented: gains 1),
 # and how a mixture of experts is balanced (no tensor changes).
-FORKABLE_KEYS = ("model.dropout", "model.qk_norm", "model.post_norm", "train.z_loss", "model.moe_aux_loss",
-                 "model.moe_seq_aux_loss", "model.moe_z_loss", "model.moe_bias_rate", "model.moe_capacity_factor")
+FORKABLE_KEYS = (
+    "model.dropout",
+    "model.qk_norm",
+    "model.post_norm",
+    "train.z_loss",
+    "model.moe_aux_loss",
+    "model.moe_seq_aux_loss",
+    "model.moe_z_loss",
+    "model.moe_bias_rate",
+    "model.moe_capacity_factor",
+)
 
 
 def changed_keys(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
@@ -39,8 +69,13 @@ def check_resume_changes(saved: Config, new: Config) -> None:
     """Refuse a resume whose config changes what the run is, naming the key and what may change."""
     for key, (old, value) in changed_keys(saved, new).items():
         if not resumable(key):
-            hint = "; fork the run to change it (kiln fork RUN --step N --name NEW --set ...)" \
-                if key in FORKABLE_KEYS else "; start a new run (or fork --from-scratch) to change it"
-            raise ConfigError(f"{key} cannot change on --resume ({old!r} -> {value!r}): it defines the run; "
-                              f"allowed changes: the {', '.join(RESUMABLE_SECTIONS)} sections and "
-                              f"{', '.join(RESUMABLE_KEYS)}{hint}")
+            hint = (
+                "; fork the run to change it (kiln fork RUN --step N --name NEW --set ...)"
+                if key in FORKABLE_KEYS
+                else "; start a new run (or fork --from-scratch) to change it"
+            )
+            raise ConfigError(
+                f"{key} cannot change on --resume ({old!r} -> {value!r}): it defines the run; "
+                f"allowed changes: the {', '.join(RESUMABLE_SECTIONS)} sections and "
+                f"{', '.join(RESUMABLE_KEYS)}{hint}"
+            )

@@ -16,14 +16,25 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="a shipped preset (see `kiln train --help`)")
     src.add_argument("--config", help="a TOML config file of your own")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable (e.g. --set train.steps=200)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable (e.g. --set train.steps=200)",
+    )
 
 
 def _plugin_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
-                   help="import user code that registers callbacks, suites, corpora, model families or objectives; "
-                        "repeatable (also KILN_PLUGINS=a.py,module)")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py|MODULE",
+        help="import user code that registers callbacks, suites, corpora, model families or objectives; "
+        "repeatable (also KILN_PLUGINS=a.py,module)",
+    )
 
 
 def _presets_epilog() -> str:
@@ -38,59 +49,91 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="kiln", description="Pretrain language models, from raw text to an "
-                                     "evaluated model.", epilog=_presets_epilog())
+    parser = OneLineParser(
+        prog="kiln",
+        description="Pretrain language models, from raw text to an evaluated model.",
+        epilog=_presets_epilog(),
+    )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=OneLineParser)
 
-    train = verbs.add_parser("train", help="train a model (prepares data first if needed)",
-                             description="Train a model. Data is prepared implicitly when its shards are missing.",
-                             epilog=_presets_epilog())
+    train = verbs.add_parser(
+        "train",
+        help="train a model (prepares data first if needed)",
+        description="Train a model. Data is prepared implicitly when its shards are missing.",
+        epilog=_presets_epilog(),
+    )
     _config_args(train)
     train.add_argument("--name", help="run name (default: <preset>-<date>-<time>)")
     train.add_argument("--runs-dir", default="runs", help="folder holding run folders (default: runs)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest valid checkpoint")
-    train.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
-                       help="start N processes on this machine through torchrun (same as `torchrun "
-                            "--standalone --nproc_per_node N -m kiln train ...`)")
-    train.add_argument("--list-callbacks", action="store_true",
-                       help="list the registered callbacks and their options ([callbacks] enabled = [...])")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest valid checkpoint"
+    )
+    train.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start N processes on this machine through torchrun (same as `torchrun "
+        "--standalone --nproc_per_node N -m kiln train ...`)",
+    )
+    train.add_argument(
+        "--list-callbacks",
+        action="store_true",
+        help="list the registered callbacks and their options ([callbacks] enabled = [...])",
+    )
 
-    prep = verbs.add_parser("prepare", help="tokenise a corpus into token shards (cached)",
-                            epilog=_presets_epilog())
+    prep = verbs.add_parser("prepare", help="tokenise a corpus into token shards (cached)", epilog=_presets_epilog())
     _config_args(prep)
 
     export = verbs.add_parser("export", help="a checkpoint as one safetensors file, or as a Hugging Face folder")
     export.add_argument("run", metavar="RUN_DIR")
     export.add_argument("--out", required=True, help="output .safetensors path (--format hf: a new folder)")
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest valid one)")
-    export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
-                        help="safetensors: Kiln's names in one file; hf: a folder AutoModelForCausalLM (or "
-                             "AutoModelForMaskedLM) and "
-                             "AutoTokenizer load (Llama, Qwen3, GPT-2 or BERT)")
+    export.add_argument(
+        "--format",
+        choices=("safetensors", "hf"),
+        default="safetensors",
+        help="safetensors: Kiln's names in one file; hf: a folder AutoModelForCausalLM (or "
+        "AutoModelForMaskedLM) and "
+        "AutoTokenizer load (Llama, Qwen3, GPT-2 or BERT)",
+    )
     export.add_argument("--max-shard-size", default="5GB", help="--format hf: split weights above this (default 5GB)")
-    export.add_argument("--quantize", choices=("int8", "int4"),
-                        help="weight-only quantisation of the blocks' linear layers (torchao); evaluate the file "
-                             "with kiln eval RUN_DIR --weights FILE")
+    export.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="weight-only quantisation of the blocks' linear layers (torchao); evaluate the file "
+        "with kiln eval RUN_DIR --weights FILE",
+    )
 
-    plan = verbs.add_parser("plan", help="propose parallel layouts for a cluster: predicted tokens/s and memory",
-                            description="Search dp_replicate x dp_shard x tp x pp, micro-batching, activation "
-                                        "checkpointing and pipeline schedules for a model on a cluster; print "
-                                        "the best plans and the --set lines that run them.",
-                            epilog="--cluster: a cluster TOML (see kiln.plan.cluster), DEVICE:N (e.g. h100:16; "
-                                   "devices: h100 h100-pcie h200 b200 a100 a100-40gb l40s l4 a10g mi300x) or local:N")
-    plan.add_argument("action", nargs="?", choices=["profile"],
-                      help="profile: measure this machine for --cluster local:N (compute per micro-batch, gloo "
-                           "collectives) and cache it; then plan without it")
+    plan = verbs.add_parser(
+        "plan",
+        help="propose parallel layouts for a cluster: predicted tokens/s and memory",
+        description="Search dp_replicate x dp_shard x tp x pp, micro-batching, activation "
+        "checkpointing and pipeline schedules for a model on a cluster; print "
+        "the best plans and the --set lines that run them.",
+        epilog="--cluster: a cluster TOML (see kiln.plan.cluster), DEVICE:N (e.g. h100:16; "
+        "devices: h100 h100-pcie h200 b200 a100 a100-40gb l40s l4 a10g mi300x) or local:N",
+    )
+    plan.add_argument(
+        "action",
+        nargs="?",
+        choices=["profile"],
+        help="profile: measure this machine for --cluster local:N (compute per micro-batch, gloo "
+        "collectives) and cache it; then plan without it",
+    )
     _config_args(plan)
     plan.add_argument("--cluster", required=True, help="cluster file, DEVICE:N or local:N")
     plan.add_argument("--top", type=int, default=5, help="plans to print (default 5)")
     plan.add_argument("--explain", action="store_true", help="why the best wins; why the other families lost")
-    plan.add_argument("--json", metavar="OUT", help="write {\"plans\": [...]} here, best first")
+    plan.add_argument("--json", metavar="OUT", help='write {"plans": [...]} here, best first')
 
-    imp = verbs.add_parser("import", help="make a run from a Hugging Face Llama, Qwen3, GPT-2 or BERT folder",
-                           description="Make a run from a local Hugging Face folder (safetensors weights and "
-                                       "tokenizer.json); continue pretraining it with `kiln train --resume RUN "
-                                       "--set data.corpus=... --set train.steps=...`.")
+    imp = verbs.add_parser(
+        "import",
+        help="make a run from a Hugging Face Llama, Qwen3, GPT-2 or BERT folder",
+        description="Make a run from a local Hugging Face folder (safetensors weights and "
+        "tokenizer.json); continue pretraining it with `kiln train --resume RUN "
+        "--set data.corpus=... --set train.steps=...`.",
+    )
     imp.add_argument("folder", metavar="HF_DIR")
     imp.add_argument("--name", required=True, help="the new run's name")
     imp.add_argument("--runs-dir", default="runs", help="folder holding run folders (default: runs)")
@@ -105,60 +148,123 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--step", type=int, help="use this checkpoint step (default: the latest valid one)")
 
-    ev = verbs.add_parser("eval", help="run evaluation suites on a run's checkpoint",
-                          description="Run evaluation suites on a checkpoint; writes RUN_DIR/eval/step-N.json.",
-                          epilog="built-in suites: lm, continuation, choice, bias, toxicity, memorisation; "
-                                 "`kiln eval --list` shows every registered suite and its options")
+    ev = verbs.add_parser(
+        "eval",
+        help="run evaluation suites on a run's checkpoint",
+        description="Run evaluation suites on a checkpoint; writes RUN_DIR/eval/step-N.json.",
+        epilog="built-in suites: lm, continuation, choice, bias, toxicity, memorisation; "
+        "`kiln eval --list` shows every registered suite and its options",
+    )
     ev.add_argument("run", metavar="RUN_DIR", nargs="?")
-    ev.add_argument("--step", type=int, help="checkpoint step (default: the latest valid one; 0 = the untrained "
-                    "initialisation when no step-0 checkpoint exists)")
-    ev.add_argument("--suite", dest="suites", action="extend", nargs="+", default=[], metavar="NAME",
-                    help="suites to run (default: all registered)")
-    ev.add_argument("--suite-file", dest="plugin", action="append", default=[], metavar="PATH",
-                    help="the same as --plugin (a .py file registering suites with @register_suite)")
-    ev.add_argument("--option", "-o", action="append", default=[], metavar="SUITE.KEY=VALUE",
-                    help="a suite option, e.g. -o choice.tasks=hellaswag.jsonl -o bias.pairs=crows_pairs.csv")
+    ev.add_argument(
+        "--step",
+        type=int,
+        help="checkpoint step (default: the latest valid one; 0 = the untrained "
+        "initialisation when no step-0 checkpoint exists)",
+    )
+    ev.add_argument(
+        "--suite",
+        dest="suites",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="suites to run (default: all registered)",
+    )
+    ev.add_argument(
+        "--suite-file",
+        dest="plugin",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="the same as --plugin (a .py file registering suites with @register_suite)",
+    )
+    ev.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="SUITE.KEY=VALUE",
+        help="a suite option, e.g. -o choice.tasks=hellaswag.jsonl -o bias.pairs=crows_pairs.csv",
+    )
     ev.add_argument("--list", action="store_true", help="list the registered suites and their options")
-    ev.add_argument("--weights", metavar="FILE", help="a quantised export of this run (kiln export --quantize): "
-                    "evaluate it, and report its perplexity change against the checkpoint it came from")
-    runs = verbs.add_parser("runs", help="list the runs in a folder: status, steps, validation loss, lineage",
-                            description="A table of the runs under DIR (default: runs).")
+    ev.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="a quantised export of this run (kiln export --quantize): "
+        "evaluate it, and report its perplexity change against the checkpoint it came from",
+    )
+    runs = verbs.add_parser(
+        "runs",
+        help="list the runs in a folder: status, steps, validation loss, lineage",
+        description="A table of the runs under DIR (default: runs).",
+    )
     runs.add_argument("dir", metavar="DIR", nargs="?", default="runs")
     runs.add_argument("--tree", action="store_true", help="draw the family tree of forks")
     runs.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
-    compare = verbs.add_parser("compare", help="compare runs: config differences, headline figures, curves",
-                               description="Compare runs: the config keys that differ, headline figures side by "
-                                           "side, and DIR/compare.png + DIR/compare.md.")
+    compare = verbs.add_parser(
+        "compare",
+        help="compare runs: config differences, headline figures, curves",
+        description="Compare runs: the config keys that differ, headline figures side by "
+        "side, and DIR/compare.png + DIR/compare.md.",
+    )
     compare.add_argument("runs", metavar="RUN_DIR", nargs="+")
     compare.add_argument("--out", default=".", metavar="DIR", help="where compare.png and compare.md go (default: .)")
-    compare.add_argument("--metric", dest="metrics", action="extend", nargs="+", default=[], metavar="NAME",
-                         help="plot these metrics (metrics.jsonl or eval.jsonl keys) instead of the losses; "
-                              "--metric loss lr, or repeated")
+    compare.add_argument(
+        "--metric",
+        dest="metrics",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="plot these metrics (metrics.jsonl or eval.jsonl keys) instead of the losses; "
+        "--metric loss lr, or repeated",
+    )
 
-    fork = verbs.add_parser("fork", help="start a new attempt from a run's checkpoint, with changes",
-                            description="A new run that starts from RUN's checkpoint at (or before) step N, with "
-                                        "the changes given, trained at once (like kiln train) unless --no-train.")
+    fork = verbs.add_parser(
+        "fork",
+        help="start a new attempt from a run's checkpoint, with changes",
+        description="A new run that starts from RUN's checkpoint at (or before) step N, with "
+        "the changes given, trained at once (like kiln train) unless --no-train.",
+    )
     fork.add_argument("run", metavar="RUN_DIR")
     fork.add_argument("--step", type=int, help="fork at the newest valid checkpoint at or before this step")
     fork.add_argument("--name", required=True, help="the new run's name")
     fork.add_argument("--runs-dir", help="folder of the new run (default: the parent's folder)")
-    fork.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                      help="a change: anything --resume may change, model.dropout, model.qk_norm, model.post_norm, "
-                           "train.z_loss (with --from-scratch: anything); repeatable")
-    fork.add_argument("--skip-batches", action="append", default=[], metavar="A:B",
-                      help="never train on data batches A..B (inclusive, as events.jsonl's data_index); repeatable")
-    fork.add_argument("--from-scratch", action="store_true",
-                      help="a fresh attempt with the changes (no checkpoint), same data order, lineage recorded")
+    fork.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a change: anything --resume may change, model.dropout, model.qk_norm, model.post_norm, "
+        "train.z_loss (with --from-scratch: anything); repeatable",
+    )
+    fork.add_argument(
+        "--skip-batches",
+        action="append",
+        default=[],
+        metavar="A:B",
+        help="never train on data batches A..B (inclusive, as events.jsonl's data_index); repeatable",
+    )
+    fork.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="a fresh attempt with the changes (no checkpoint), same data order, lineage recorded",
+    )
     fork.add_argument("--no-train", action="store_true", help="only create the fork; kiln train --resume trains it")
     fork.add_argument("--nproc-per-node", type=int, default=0, metavar="N", help="train it on N processes (torchrun)")
 
     report = verbs.add_parser("report", help="write a run's report (report.md and a self-contained report.html)")
     report.add_argument("run", metavar="RUN_DIR")
     report.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/report)")
-    sweep = verbs.add_parser("sweep", help="run a grid or IsoFLOP set of model sizes x token budgets as runs",
-                             description="Run every point of SWEEP.toml as an ordinary run under RUNS_DIR/<name>/ "
-                                         "(finished points are skipped, interrupted ones resumed).")
+    sweep = verbs.add_parser(
+        "sweep",
+        help="run a grid or IsoFLOP set of model sizes x token budgets as runs",
+        description="Run every point of SWEEP.toml as an ordinary run under RUNS_DIR/<name>/ "
+        "(finished points are skipped, interrupted ones resumed).",
+    )
     sweep.add_argument("file", metavar="SWEEP.toml")
     sweep.add_argument("--runs-dir", default="runs", help="folder holding run folders (default: runs)")
     sweep.add_argument("--parallel", type=int, default=1, metavar="N", help="points trained at once (default 1)")
@@ -172,31 +278,49 @@ def build_parser() -> argparse.ArgumentParser:
     sfit.add_argument("--json", metavar="OUT", help="write the fit as JSON (for kiln scaling predict)")
     sfit.add_argument("--plot", metavar="OUT.png", help="draw points, fitted curves, IsoFLOP parabolas, frontier")
     sfit.add_argument("--bootstrap", type=int, default=100, help="resamples for the intervals (default 100)")
-    sfit.add_argument("--backtest", action="store_true",
-                      help="also fit without the largest-compute points and predict them (a check of extrapolation "
-                           "that the intervals cannot make)")
+    sfit.add_argument(
+        "--backtest",
+        action="store_true",
+        help="also fit without the largest-compute points and predict them (a check of extrapolation "
+        "that the intervals cannot make)",
+    )
     spred = scaling_verbs.add_parser("predict", help="the loss at (N, D), or the compute-optimal size for a budget")
     spred.add_argument("fit", metavar="FIT.json")
     spred.add_argument("--params", type=float, help="non-embedding parameters N (with --tokens)")
     spred.add_argument("--tokens", type=float, help="training tokens D (with --params)")
-    spred.add_argument("--flops", type=float, help="a compute budget C = 6 N D (non-embedding N): the recommended N, "
-                                                   "D and a shape")
+    spred.add_argument(
+        "--flops", type=float, help="a compute budget C = 6 N D (non-embedding N): the recommended N, D and a shape"
+    )
 
-    doctor = verbs.add_parser("doctor", help="diagnose a run: findings by severity, each with evidence and a remedy",
-                              description="Read a run's records and list what went wrong (critical, warning, "
-                                          "info), each with its evidence and a remedy Kiln can run.")
+    doctor = verbs.add_parser(
+        "doctor",
+        help="diagnose a run: findings by severity, each with evidence and a remedy",
+        description="Read a run's records and list what went wrong (critical, warning, "
+        "info), each with its evidence and a remedy Kiln can run.",
+    )
     doctor.add_argument("run", metavar="RUN_DIR")
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
-    doctor.add_argument("--explain", action="store_true",
-                        help="also ask the LLM at KILN_LLM_URL (KILN_LLM_MODEL, KILN_LLM_KEY) to explain the "
-                             "findings; a scrubbed digest is sent, the rules still decide")
+    doctor.add_argument(
+        "--explain",
+        action="store_true",
+        help="also ask the LLM at KILN_LLM_URL (KILN_LLM_MODEL, KILN_LLM_KEY) to explain the "
+        "findings; a scrubbed digest is sent, the rules still decide",
+    )
     doctor.add_argument("--apply", type=int, metavar="K", help="run the remedy of finding K (as numbered)")
-    doctor.add_argument("--fail-on", choices=("critical", "warning"),
-                        help="exit 1 when a finding is at least this severe (for scripts and CI; default: exit 0)")
+    doctor.add_argument(
+        "--fail-on",
+        choices=("critical", "warning"),
+        help="exit 1 when a finding is at least this severe (for scripts and CI; default: exit 0)",
+    )
     for p in (train, prep, export, imp, sample, runs, compare, fork, report, doctor):
         _plugin_args(p)
-    ev.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
-                    help="import user code that registers suites (and other components); repeatable")
+    ev.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py|MODULE",
+        help="import user code that registers suites (and other components); repeatable",
+    )
     return parser
 
 
@@ -215,8 +339,16 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
         if a.startswith("--nproc-per-node="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "kiln", *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "kiln",
+        *rest,
+    ]
     return subprocess.call(cmd)
 
 
@@ -236,8 +368,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.resume:
         if args.preset or args.config:
-            raise KilnError("--resume takes its config from the run folder; drop --preset/--config "
-                            "(use --set for allowed changes)")
+            raise KilnError(
+                "--resume takes its config from the run folder; drop --preset/--config (use --set for allowed changes)"
+            )
         summary = resume_run(Path(args.resume), args.overrides)
     else:
         cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
@@ -259,8 +392,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.format != "safetensors":
             raise KilnError("kiln export --quantize writes one safetensors file; drop --format hf")
         out, sizes = export_quantized(Path(args.run), Path(args.out), args.step, args.quantize)
-        print(f"wrote {out}: {sizes['layers']} linear layers in {args.quantize}, weights "
-              f"{sizes['weight_bytes'] / 2**20:.2f} MiB (float32: {sizes['full_weight_bytes'] / 2**20:.2f} MiB)")
+        print(
+            f"wrote {out}: {sizes['layers']} linear layers in {args.quantize}, weights "
+            f"{sizes['weight_bytes'] / 2**20:.2f} MiB (float32: {sizes['full_weight_bytes'] / 2**20:.2f} MiB)"
+        )
         return 0
     if args.format == "hf":
         from kiln.interop.convert import export_hf
@@ -294,18 +429,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if cluster.mixed:
         return _plan_mixed(cfg, cluster, precision, args)
     result = search(cfg, cfg.data.vocab_size, cluster, precision)
-    print(f"{cluster.describe()}: {result.examined:,} layouts examined in {result.seconds:.1f} s, "
-          f"{len(result.plans):,} fit")
-    for i, c in enumerate(result.plans[:args.top], 1):
+    print(
+        f"{cluster.describe()}: {result.examined:,} layouts examined in {result.seconds:.1f} s, "
+        f"{len(result.plans):,} fit"
+    )
+    for i, c in enumerate(result.plans[: args.top], 1):
         print(f"{i}. {c.tokens_per_s:12,.0f} tokens/s  {c.memory.total / GiB:6.1f} GiB  {c.layout.describe()}")
         print("   " + " ".join(f"--set {s}" for s in c.layout.sets()))
     if args.explain:
         print("\n".join(explain(result)))
     if args.json:
-        plans = [{"set": c.layout.sets(), "tokens_per_s": c.tokens_per_s, "memory_gb": c.memory.total / 1e9,
-                  "why": f"step: {c.time.dominant()} dominates"} for c in result.plans[:args.top]]
-        Path(args.json).write_text(json.dumps({"plans": plans, "examined": result.examined,
-                                               "rejected": result.rejected}, indent=1))
+        plans = [
+            {
+                "set": c.layout.sets(),
+                "tokens_per_s": c.tokens_per_s,
+                "memory_gb": c.memory.total / 1e9,
+                "why": f"step: {c.time.dominant()} dominates",
+            }
+            for c in result.plans[: args.top]
+        ]
+        Path(args.json).write_text(
+            json.dumps({"plans": plans, "examined": result.examined, "rejected": result.rejected}, indent=1)
+        )
     if not result.plans:
         raise KilnError("no layout fits this cluster; see above (--explain says why each family was rejected)")
     return 0
@@ -320,16 +465,23 @@ def _plan_mixed(cfg, cluster, precision: str, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     plans = plan_mixed(cfg, cluster, precision)
     print(f"{cluster.describe()}: {len(plans)} plans split by device speed, in {time.perf_counter() - t0:.1f} s")
-    for i, p in enumerate(plans[:args.top], 1):
+    for i, p in enumerate(plans[: args.top], 1):
         memory = max(m.total for m in p.memory) / 2**30
         print(f"{i}. {p.tokens_per_s:12,.0f} tokens/s ({p.speedup:.2f}x uniform)  {memory:6.1f} GiB  {p.describe()}")
         print("   " + " ".join(f"--set {s}" for s in p.sets()))
     if args.explain:
         print("\n".join(explain_mixed(plans, cluster)))
     if args.json:
-        rows = [{"set": p.sets(), "tokens_per_s": p.tokens_per_s, "memory_gb": max(m.total for m in p.memory) / 1e9,
-                 "uniform_tokens_per_s": p.uniform_tokens_per_s,
-                 "why": f"{p.shape} parallel split by speed: {p.speedup:.2f}x the uniform split"} for p in plans[:args.top]]
+        rows = [
+            {
+                "set": p.sets(),
+                "tokens_per_s": p.tokens_per_s,
+                "memory_gb": max(m.total for m in p.memory) / 1e9,
+                "uniform_tokens_per_s": p.uniform_tokens_per_s,
+                "why": f"{p.shape} parallel split by speed: {p.speedup:.2f}x the uniform split",
+            }
+            for p in plans[: args.top]
+        ]
         Path(args.json).write_text(json.dumps({"plans": rows}, indent=1))
     if not plans:
         raise KilnError("no plan fits this mixed cluster (a share or stage exceeds a device's memory)")
@@ -340,8 +492,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     from kiln.interop.convert import import_hf
 
     run = import_hf(Path(args.folder), Path(args.runs_dir), args.name)
-    print(f"made run {run}; continue pretraining it with: kiln train --resume {run} --set data.corpus=... "
-          "--set train.steps=...")
+    print(
+        f"made run {run}; continue pretraining it with: kiln train --resume {run} --set data.corpus=... "
+        "--set train.steps=..."
+    )
     return 0
 
 
@@ -352,22 +506,34 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     data = prepare_data(cfg, log=print)
     m = data.manifest
     if m.get("modality") == "image-text":
-        print(f"dataset {data.path}: vocabulary {data.vocab_size}, {m['train_samples']} + {m['val_samples']} samples "
-              f"(train + validation), {m['images']} images, {m['text_tokens']:,} text tokens")
+        print(
+            f"dataset {data.path}: vocabulary {data.vocab_size}, {m['train_samples']} + {m['val_samples']} samples "
+            f"(train + validation), {m['images']} images, {m['text_tokens']:,} text tokens"
+        )
         return 0
     splits = data.manifest["splits"]
-    print(f"dataset {data.path}: vocabulary {data.vocab_size}, dtype {data.manifest['dtype']}, "
-          f"train {splits['train']['tokens']:,} tokens / {splits['train']['documents']} documents, "
-          f"validation {splits['val']['tokens']:,} tokens / {splits['val']['documents']} documents, "
-          f"validation unigram entropy {data.manifest['val_unigram_entropy']:.4f} nats/token")
+    print(
+        f"dataset {data.path}: vocabulary {data.vocab_size}, dtype {data.manifest['dtype']}, "
+        f"train {splits['train']['tokens']:,} tokens / {splits['train']['documents']} documents, "
+        f"validation {splits['val']['tokens']:,} tokens / {splits['val']['documents']} documents, "
+        f"validation unigram entropy {data.manifest['val_unigram_entropy']:.4f} nats/token"
+    )
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from kiln.eval.sample import sample_from_run
 
-    for text in sample_from_run(Path(args.run), args.prompt or ["\n"], args.max_tokens, args.temperature,
-                                args.top_k, args.top_p, args.seed, args.step):
+    for text in sample_from_run(
+        Path(args.run),
+        args.prompt or ["\n"],
+        args.max_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        args.step,
+    ):
         print(text)
         print("-" * 40)
     return 0
@@ -383,9 +549,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not args.run:
         raise KilnError("kiln eval needs a run folder: kiln eval RUN_DIR [--suite NAME ...]")
-    report, path = evaluate_run(Path(args.run), args.step, args.suites, args.option,
-                                log=None if quiet() else console.print,
-                                weights=Path(args.weights) if args.weights else None)
+    report, path = evaluate_run(
+        Path(args.run),
+        args.step,
+        args.suites,
+        args.option,
+        log=None if quiet() else console.print,
+        weights=Path(args.weights) if args.weights else None,
+    )
     console.print(report_table(report, title=f"Kiln eval {args.run} @ step {report['step']}"))
     print(f"wrote {path}")
     return 0
@@ -413,8 +584,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from kiln.progress import table_console
     from kiln.runs.compare import compare_runs, compare_tables
 
-    result = compare_runs([Path(r) for r in args.runs], Path(args.out), args.metrics or None,
-                          log=lambda text: print(text, file=sys.stderr))
+    result = compare_runs(
+        [Path(r) for r in args.runs],
+        Path(args.out),
+        args.metrics or None,
+        log=lambda text: print(text, file=sys.stderr),
+    )
     for table in compare_tables(result):
         table_console().print(table)
     print(f"wrote {result['md']} and {result['png']}")
@@ -426,13 +601,23 @@ def cmd_fork(args: argparse.Namespace) -> int:
     from kiln.resolve import check_training
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise KilnError("kiln fork creates the run in one process; drop torchrun and pass --nproc-per-node N to "
-                        "train the fork on N processes")
+        raise KilnError(
+            "kiln fork creates the run in one process; drop torchrun and pass --nproc-per-node N to "
+            "train the fork on N processes"
+        )
     from kiln.runs.fork import create_fork
 
-    fork = create_fork(Path(args.run), args.name, args.step, args.overrides, args.skip_batches, args.from_scratch,
-                       Path(args.runs_dir) if args.runs_dir else None, check=check_training,
-                       plugins=loaded_plugins())
+    fork = create_fork(
+        Path(args.run),
+        args.name,
+        args.step,
+        args.overrides,
+        args.skip_batches,
+        args.from_scratch,
+        Path(args.runs_dir) if args.runs_dir else None,
+        check=check_training,
+        plugins=loaded_plugins(),
+    )
     if args.no_train:
         print(f"created {fork.run.path}; train it with: kiln train --resume {fork.run.path}")
         return 0
@@ -490,8 +675,9 @@ def cmd_scaling(args: argparse.Namespace) -> int:
             from kiln.scaling.backtest import backtest, describe_backtest
 
             try:
-                result["backtest"] = backtest(points, bootstrap=args.bootstrap,
-                                              progress=lambda line: progress(f"backtest: {line}"))
+                result["backtest"] = backtest(
+                    points, bootstrap=args.bootstrap, progress=lambda line: progress(f"backtest: {line}")
+                )
                 print(describe_backtest(result["backtest"]))
             except ConfigError as e:  # the fit itself stands; say why it cannot be checked this way
                 result["backtest"] = {"skipped": str(e)}
@@ -517,8 +703,10 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     if args.params is None or args.tokens is None or args.params <= 0 or args.tokens <= 0:
         raise KilnError("give positive --params N and --tokens D, or --flops C")
     lo, hi = law.interval(args.params, args.tokens)
-    print(f"N = {args.params:.4g}, D = {args.tokens:.4g}: predicted loss {law.loss(args.params, args.tokens):.4f} "
-          f"[{lo:.4f}, {hi:.4f}] (95% bootstrap)")
+    print(
+        f"N = {args.params:.4g}, D = {args.tokens:.4g}: predicted loss {law.loss(args.params, args.tokens):.4f} "
+        f"[{lo:.4f}, {hi:.4f}] (95% bootstrap)"
+    )
     return 0
 
 
@@ -543,8 +731,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.explain:
         from kiln.runs.explain import explain, format_explanation
 
-        text = explain(findings, config=run.config_dict(), summary=run.summary(), run=run.path,
-                       log=lambda line: print(line, file=sys.stderr))
+        text = explain(
+            findings,
+            config=run.config_dict(),
+            summary=run.summary(),
+            run=run.path,
+            log=lambda line: print(line, file=sys.stderr),
+        )
         if text:
             print(format_explanation(text))
     if args.fail_on:
@@ -565,9 +758,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verb:
         parser.print_help()
         return 2
-    handlers = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "export": cmd_export,
-                "import": cmd_import, "eval": cmd_eval, "runs": cmd_runs, "compare": cmd_compare, "fork": cmd_fork, "report": cmd_report,
-                "doctor": cmd_doctor, "scaling": cmd_scaling, "sweep": cmd_sweep, "plan": cmd_plan}
+    handlers = {
+        "train": cmd_train,
+        "prepare": cmd_prepare,
+        "sample": cmd_sample,
+        "export": cmd_export,
+        "import": cmd_import,
+        "eval": cmd_eval,
+        "runs": cmd_runs,
+        "compare": cmd_compare,
+        "fork": cmd_fork,
+        "report": cmd_report,
+        "doctor": cmd_doctor,
+        "scaling": cmd_scaling,
+        "sweep": cmd_sweep,
+        "plan": cmd_plan,
+    }
     if args.verb == "train" and args.nproc_per_node:
         return launch_torchrun(args.nproc_per_node, list(sys.argv[1:] if argv is None else argv))
     try:

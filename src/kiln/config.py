@@ -125,6 +125,7 @@ class TrainConfig:
 @dataclass
 class MaskConfig:
     """Masked-language-model corruption (train.objective = "masked"), as in BERT and RoBERTa."""
+
     rate: float = 0.15  # share of (non-special) tokens selected for prediction
     replace: float = 0.8  # of the selected: replaced by the mask token
     random: float = 0.1  # ... by a random non-special token
@@ -209,6 +210,7 @@ class LogConfig:
 @dataclass
 class DebugConfig:
     """Runtime invariants (kiln.train.callbacks.invariants): checked on every rank while training."""
+
     invariants: bool = False  # check replicas, data disjointness, loss normaliser, optimizer steps
     invariants_every: int = 50  # ... every N steps (and at step 1)
 
@@ -217,6 +219,7 @@ class DebugConfig:
 class FaultsConfig:
     """Faults injected on purpose (kiln.train.callbacks.faults), to measure how the guard and
     `kiln doctor` react. Steps are completed-step numbers as in metrics.jsonl; 0 / [] = off."""
+
     nonfinite_loss: list[int] = field(default_factory=list)  # the loss of these steps is NaN
     nonfinite_grad: list[int] = field(default_factory=list)  # a gradient of these steps is inf
     corrupt_batch: list[int] = field(default_factory=list)  # these steps train on random tokens (a loss spike)
@@ -247,6 +250,7 @@ class FaultsConfig:
 class CallbacksConfig:
     """Optional callbacks by registered name; each one's options in a `[callbacks.<name>]` table
     (checked against the callback's own option types once the registries are loaded)."""
+
     enabled: list[str] = field(default_factory=list)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -359,8 +363,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     parts = key.split(".")
     if len(parts) not in (2, 3) or not all(parts):
-        raise ConfigError(f"--set '{item}': the key must be section.key (or section.name.key for option "
-                          "tables), e.g. optim.lr or callbacks.layer_stats.every")
+        raise ConfigError(
+            f"--set '{item}': the key must be section.key (or section.name.key for option "
+            "tables), e.g. optim.lr or callbacks.layer_stats.every"
+        )
     return key, parse_value(raw)
 
 
@@ -517,37 +523,76 @@ def validate(cfg: Config) -> None:
         _require(flat[key] in allowed, f"{key} = {flat[key]!r} is not allowed; choose one of {', '.join(allowed)}")
 
     m, t, d = cfg.model, cfg.train, cfg.data
-    positive = ["model.n_layers", "model.n_heads", "model.d_model", "model.seq_len", "data.vocab_size",
-                "train.batch_size", "eval.batches", "log.every", "kernels.chunk_size", "model.image_size",
-                "model.patch_size", "model.image_channels"]
+    positive = [
+        "model.n_layers",
+        "model.n_heads",
+        "model.d_model",
+        "model.seq_len",
+        "data.vocab_size",
+        "train.batch_size",
+        "eval.batches",
+        "log.every",
+        "kernels.chunk_size",
+        "model.image_size",
+        "model.patch_size",
+        "model.image_channels",
+    ]
     for key in positive:
         _require(flat[key] > 0, f"{key} must be positive, got {flat[key]}")
-    non_negative = ["model.n_kv_heads", "model.d_ff", "model.max_seq_len", "model.type_vocab_size", "train.steps", "train.tokens",
-                    "train.batch_tokens", "train.micro_batch_size", "train.threads", "eval.every",
-                    "eval.sample_tokens", "checkpoint.every", "schedule.warmup_steps", "data.max_docs",
-                    "data.workers", "optim.grad_clip", "optim.weight_decay", "eval.top_k", "train.seed",
-                    "data.split_seed", "data.piece_chars", "train.time_budget_s", "data.loader_workers"]
+    non_negative = [
+        "model.n_kv_heads",
+        "model.d_ff",
+        "model.max_seq_len",
+        "model.type_vocab_size",
+        "train.steps",
+        "train.tokens",
+        "train.batch_tokens",
+        "train.micro_batch_size",
+        "train.threads",
+        "eval.every",
+        "eval.sample_tokens",
+        "checkpoint.every",
+        "schedule.warmup_steps",
+        "data.max_docs",
+        "data.workers",
+        "optim.grad_clip",
+        "optim.weight_decay",
+        "eval.top_k",
+        "train.seed",
+        "data.split_seed",
+        "data.piece_chars",
+        "train.time_budget_s",
+        "data.loader_workers",
+    ]
     for key in non_negative:
         _require(flat[key] >= 0, f"{key} must be >= 0, got {flat[key]}")
     _require(bool(m.family.strip()), "model.family is empty; name a model family (e.g. decoder)")
     _require(bool(t.objective.strip()), "train.objective is empty; name an objective (e.g. causal)")
     if m.max_seq_len:
-        _require(m.seq_len <= m.max_seq_len,
-                 f"model.seq_len = {m.seq_len} is longer than the position table model.max_seq_len = "
-                 f"{m.max_seq_len}; raise model.max_seq_len (or set it to 0 = seq_len)")
+        _require(
+            m.seq_len <= m.max_seq_len,
+            f"model.seq_len = {m.seq_len} is longer than the position table model.max_seq_len = "
+            f"{m.max_seq_len}; raise model.max_seq_len (or set it to 0 = seq_len)",
+        )
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _require(cfg.train.z_loss >= 0.0, f"train.z_loss must be >= 0 (PaLM used 1e-4), got {cfg.train.z_loss}")
     _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
     _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
-    _require(not (m.norm_position == "post" and m.post_norm),
-             "model.norm_position = 'post' already normalises after each residual add; set model.post_norm = false")
+    _require(
+        not (m.norm_position == "post" and m.post_norm),
+        "model.norm_position = 'post' already normalises after each residual add; set model.post_norm = false",
+    )
 
-    _require(d.vocab_size >= 260 or bool(d.tokenizer),
-             f"data.vocab_size = {d.vocab_size} is too small for a byte-level BPE; use at least 260")
+    _require(
+        d.vocab_size >= 260 or bool(d.tokenizer),
+        f"data.vocab_size = {d.vocab_size} is too small for a byte-level BPE; use at least 260",
+    )
     _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     _require(bool(d.corpus.strip()), "data.corpus is empty; name a corpus (e.g. stdlib) or a path")
-    _require(d.piece_chars == 0 or d.piece_chars >= 256,
-             f"data.piece_chars must be 0 (never split documents) or at least 256, got {d.piece_chars}")
+    _require(
+        d.piece_chars == 0 or d.piece_chars >= 256,
+        f"data.piece_chars must be 0 (never split documents) or at least 256, got {d.piece_chars}",
+    )
 
     o = cfg.optim
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
@@ -558,20 +603,26 @@ def validate(cfg: Config) -> None:
     _require(0.0 < s.decay_fraction <= 1.0, f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}")
 
     if t.batch_tokens:
-        _require(t.batch_tokens % m.seq_len == 0,
-                 f"train.batch_tokens = {t.batch_tokens} must be a multiple of model.seq_len = {m.seq_len}")
+        _require(
+            t.batch_tokens % m.seq_len == 0,
+            f"train.batch_tokens = {t.batch_tokens} must be a multiple of model.seq_len = {m.seq_len}",
+        )
     _require(cfg.total_steps > 0, "train.steps (or train.tokens) must be positive")
     if t.micro_batch_size and not cfg.parallel.dp_batch_shares:  # uneven shares: checked per share when built
-        _require(cfg.global_batch % t.micro_batch_size == 0,
-                 f"train.micro_batch_size = {t.micro_batch_size} must divide the global batch of "
-                 f"{cfg.global_batch} sequences")
+        _require(
+            cfg.global_batch % t.micro_batch_size == 0,
+            f"train.micro_batch_size = {t.micro_batch_size} must divide the global batch of "
+            f"{cfg.global_batch} sequences",
+        )
     _require(cfg.eval.temperature >= 0, "eval.temperature must be >= 0")
 
     par = cfg.parallel
     for key in ("dp_replicate", "tp", "ep", "pp", "pp_microbatches", "pp_stages_per_rank"):
         _require(getattr(par, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(par, key)}")
-    _require(par.dp_shard == -1 or par.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (the rest of the "
-             f"world), got {par.dp_shard}")
+    _require(
+        par.dp_shard == -1 or par.dp_shard >= 1,
+        f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {par.dp_shard}",
+    )
 
     validate_sections(cfg)
 

@@ -19,8 +19,10 @@ def validate_sections(cfg: Any) -> None:
         require(getattr(g, key) >= 1, f"guard.{key} must be >= 1, got {getattr(g, key)}")
     require(g.min_history <= g.window, f"guard.min_history = {g.min_history} must be <= guard.window = {g.window}")
     require(g.k > 0, f"guard.k must be positive, got {g.k}")
-    require(0 < g.k_corroborated <= g.k,
-            f"guard.k_corroborated = {g.k_corroborated} must be positive and at most guard.k = {g.k}")
+    require(
+        0 < g.k_corroborated <= g.k,
+        f"guard.k_corroborated = {g.k_corroborated} must be positive and at most guard.k = {g.k}",
+    )
     for key in ("min_loss_jump", "min_grad_jump"):
         require(getattr(g, key) >= 1, f"guard.{key} must be >= 1 (a ratio to the median), got {getattr(g, key)}")
     require(g.persist >= 2, f"guard.persist must be >= 2, got {g.persist}")
@@ -35,38 +37,57 @@ def validate_sections(cfg: Any) -> None:
     if par.dp_batch_shares:
         shares = par.dp_batch_shares
         require(all(n >= 1 for n in shares), f"parallel.dp_batch_shares must be positive, got {shares}")
-        require(sum(shares) == cfg.global_batch, f"parallel.dp_batch_shares = {shares} add up to {sum(shares)}, not "
-                f"the global batch of {cfg.global_batch} sequences")
-        require(par.pp == 1, "parallel.dp_batch_shares works with parallel.pp = 1 (give stages uneven layers with "
-                "parallel.pp_layers instead)")
-        require(not cfg.debug.invariants, "debug.invariants compares equal-sized data shares; it does not support "
-                "parallel.dp_batch_shares yet")
+        require(
+            sum(shares) == cfg.global_batch,
+            f"parallel.dp_batch_shares = {shares} add up to {sum(shares)}, not "
+            f"the global batch of {cfg.global_batch} sequences",
+        )
+        require(
+            par.pp == 1,
+            "parallel.dp_batch_shares works with parallel.pp = 1 (give stages uneven layers with "
+            "parallel.pp_layers instead)",
+        )
+        require(
+            not cfg.debug.invariants,
+            "debug.invariants compares equal-sized data shares; it does not support parallel.dp_batch_shares yet",
+        )
     if par.pp_layers:
         stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
-        require(len(par.pp_layers) == stages, f"parallel.pp_layers names {len(par.pp_layers)} stages; the pipeline "
-                f"has {stages}")
-        require(all(n >= 1 for n in par.pp_layers) and sum(par.pp_layers) == cfg.model.n_layers,
-                f"parallel.pp_layers = {par.pp_layers} must be positive and add up to model.n_layers = "
-                f"{cfg.model.n_layers}")
+        require(
+            len(par.pp_layers) == stages,
+            f"parallel.pp_layers names {len(par.pp_layers)} stages; the pipeline has {stages}",
+        )
+        require(
+            all(n >= 1 for n in par.pp_layers) and sum(par.pp_layers) == cfg.model.n_layers,
+            f"parallel.pp_layers = {par.pp_layers} must be positive and add up to model.n_layers = "
+            f"{cfg.model.n_layers}",
+        )
 
     k = cfg.mask
     require(0.0 < k.rate < 1.0, f"mask.rate must be in (0, 1), got {k.rate}")
     for key in ("replace", "random", "keep"):
         require(0.0 <= getattr(k, key) <= 1.0, f"mask.{key} must be in [0, 1], got {getattr(k, key)}")
-    require(abs(k.replace + k.random + k.keep - 1.0) < 1e-6,
-            f"mask.replace + mask.random + mask.keep must add up to 1, got {k.replace} + {k.random} + {k.keep} = "
-            f"{k.replace + k.random + k.keep:g}")
+    require(
+        abs(k.replace + k.random + k.keep - 1.0) < 1e-6,
+        f"mask.replace + mask.random + mask.keep must add up to 1, got {k.replace} + {k.random} + {k.keep} = "
+        f"{k.replace + k.random + k.keep:g}",
+    )
     require(cfg.debug.invariants_every >= 1, f"debug.invariants_every must be >= 1, got {cfg.debug.invariants_every}")
     f = cfg.faults
     for key in ("lr_high_factor", "lr_low_factor", "dead_fraction"):
         require(getattr(f, key) > 0, f"faults.{key} must be positive, got {getattr(f, key)}")
     require(f.dead_fraction <= 1, f"faults.dead_fraction must be <= 1, got {f.dead_fraction}")
-    require(0 <= f.layer < cfg.model.n_layers, f"faults.layer = {f.layer} must name a layer (0..{cfg.model.n_layers - 1})")
-    require(f.throttle_factor >= 1, f"faults.throttle_factor must be >= 1 (how many times slower), got {f.throttle_factor}")
+    require(
+        0 <= f.layer < cfg.model.n_layers, f"faults.layer = {f.layer} must name a layer (0..{cfg.model.n_layers - 1})"
+    )
+    require(
+        f.throttle_factor >= 1, f"faults.throttle_factor must be >= 1 (how many times slower), got {f.throttle_factor}"
+    )
     for key in ("slow_s", "slow_rank_s", "hang_s", "stall_s"):
         require(getattr(f, key) >= 0, f"faults.{key} must be >= 0, got {getattr(f, key)}")
     for name in cfg.callbacks.enabled:
         require(bool(name.strip()), "callbacks.enabled holds an empty name")
-    require(len(set(cfg.callbacks.enabled)) == len(cfg.callbacks.enabled),
-            f"callbacks.enabled names a callback twice: {cfg.callbacks.enabled}")
-
+    require(
+        len(set(cfg.callbacks.enabled)) == len(cfg.callbacks.enabled),
+        f"callbacks.enabled names a callback twice: {cfg.callbacks.enabled}",
+    )

@@ -58,8 +58,9 @@ def load_plugin(item: str) -> str:
         try:
             importlib.import_module(item)
         except ModuleNotFoundError as e:
-            raise KilnError(f"plugin '{item}' cannot be imported ({e}); give a module on PYTHONPATH or a .py "
-                            "path") from None
+            raise KilnError(
+                f"plugin '{item}' cannot be imported ({e}); give a module on PYTHONPATH or a .py path"
+            ) from None
         name = item
     _loaded[item] = name
     return name

@@ -31,8 +31,15 @@ def progress_bar(items: Iterable[T], description: str, unit: str = "items", ever
         yield from items
         return
     if sys.stderr.isatty() or console.is_terminal:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn(unit), TimeRemainingColumn(), console=console, transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task(description, total=total)
             for item in items:
                 yield item

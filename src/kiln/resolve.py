@@ -26,16 +26,22 @@ def check_objective(cfg: Config, spec: ModelSpec) -> None:
 
     objective = get_objective(cfg.train.objective)
     if objective.family is not None and spec.name != objective.family:
-        raise ConfigError(f"train.objective = '{objective.name}' trains model.family = '{objective.family}' (its "
-                          f"batches carry images), not '{spec.name}'")
+        raise ConfigError(
+            f"train.objective = '{objective.name}' trains model.family = '{objective.family}' (its "
+            f"batches carry images), not '{spec.name}'"
+        )
     if objective.causal is True and not spec.causal:
-        raise ConfigError(f"train.objective = '{objective.name}' needs model.family = 'decoder' or another causal "
-                          f"family (model.family = '{spec.name}' sees the future); use train.objective = 'masked' "
-                          "for an encoder")
+        raise ConfigError(
+            f"train.objective = '{objective.name}' needs model.family = 'decoder' or another causal "
+            f"family (model.family = '{spec.name}' sees the future); use train.objective = 'masked' "
+            "for an encoder"
+        )
     if objective.causal is False and spec.causal:
-        raise ConfigError(f"train.objective = '{objective.name}' needs model.family = 'encoder' or another "
-                          f"bidirectional family (a causal model such as '{spec.name}' cannot see the tokens right "
-                          "of a mask); set model.family = 'encoder'")
+        raise ConfigError(
+            f"train.objective = '{objective.name}' needs model.family = 'encoder' or another "
+            f"bidirectional family (a causal model such as '{spec.name}' cannot see the tokens right "
+            "of a mask); set model.family = 'encoder'"
+        )
 
 
 def check_suites(names: list[str], where: str = "eval.suites") -> None:

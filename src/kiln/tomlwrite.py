@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

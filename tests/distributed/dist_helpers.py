@@ -14,10 +14,27 @@ REL = 1e-5
 
 
 def base_overrides(cache: Path, corpus: Path) -> list[str]:
-    return [f"data.corpus={corpus}", f"data.cache_dir={cache}", "data.vocab_size=320", "model.n_layers=4",
-            "model.d_model=64", "model.n_heads=4", "model.seq_len=32", f"train.steps={STEPS}", "train.time_budget_s=0", "train.batch_size=8",
-            "train.precision=fp32", "log.every=1", "eval.every=5", "eval.batches=2", "checkpoint.every=5",
-            "checkpoint.keep=0", "eval.sample_tokens=2", "log.plot=false", "schedule.warmup_steps=2"]
+    return [
+        f"data.corpus={corpus}",
+        f"data.cache_dir={cache}",
+        "data.vocab_size=320",
+        "model.n_layers=4",
+        "model.d_model=64",
+        "model.n_heads=4",
+        "model.seq_len=32",
+        f"train.steps={STEPS}",
+        "train.time_budget_s=0",
+        "train.batch_size=8",
+        "train.precision=fp32",
+        "log.every=1",
+        "eval.every=5",
+        "eval.batches=2",
+        "checkpoint.every=5",
+        "checkpoint.keep=0",
+        "eval.sample_tokens=2",
+        "log.plot=false",
+        "schedule.warmup_steps=2",
+    ]
 
 
 def sets(overrides: list[str]) -> list[str]:
@@ -29,8 +46,16 @@ def run_kiln(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.
     if nproc == 1:
         cmd = [sys.executable, "-m", "kiln", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "kiln", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "kiln",
+            *args,
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -23,28 +23,52 @@ def jsonl(path: Path) -> list:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist-callbacks")
     base = base_overrides(root / "cache", write_corpus(root)) + [
-        "model.tie_embeddings=false", "eval.batches=100", "data.val_fraction=0.13", 'callbacks.enabled=["probe"]']  # eval: every window
+        "model.tie_embeddings=false",
+        "eval.batches=100",
+        "data.val_fraction=0.13",
+        'callbacks.enabled=["probe"]',
+    ]  # eval: every window
     probe_dir = root / "probe"
 
     def train(name: str, extra: list[str], nproc: int) -> Path:
         import os
 
         os.environ["KILN_PROBE_DIR"] = str(probe_dir)
-        run_kiln(["train", "--plugin", PROBE, "--preset", "tiny", "--runs-dir", str(root / "runs"), "--name", name,
-                  *sets(base + extra)], nproc)
+        run_kiln(
+            [
+                "train",
+                "--plugin",
+                PROBE,
+                "--preset",
+                "tiny",
+                "--runs-dir",
+                str(root / "runs"),
+                "--name",
+                name,
+                *sets(base + extra),
+            ],
+            nproc,
+        )
         return root / "runs" / name
 
-    out = {"single": train("single", [], 1),
-           "fsdp-async": train("fsdp-async", ["parallel.async_checkpoint=true"], 2),
-           "pp": train("pp", ["parallel.pp=2", "parallel.pp_microbatches=4"], 2)}
+    out = {
+        "single": train("single", [], 1),
+        "fsdp-async": train("fsdp-async", ["parallel.async_checkpoint=true"], 2),
+        "pp": train("pp", ["parallel.pp=2", "parallel.pp_microbatches=4"], 2),
+    }
     return out, probe_dir
 
 
 def test_metrics_are_reduced_over_ranks_and_seeds_differ(runs):
     paths, _ = runs
     for record in jsonl(paths["fsdp-async"] / "metrics.jsonl"):
-        assert (record["probe/rank_mean"], record["probe/rank_max"], record["probe/rank_min"],
-                record["probe/rank_sum"], record["probe/only_rank1"]) == (0.5, 1.0, 0.0, 1.0, 7.0)
+        assert (
+            record["probe/rank_mean"],
+            record["probe/rank_max"],
+            record["probe/rank_min"],
+            record["probe/rank_sum"],
+            record["probe/only_rank1"],
+        ) == (0.5, 1.0, 0.0, 1.0, 7.0)
     first = jsonl(paths["fsdp-async"] / "metrics.jsonl")[0]
     assert first["probe/seed_min"] != first["probe/seed_max"]  # data-parallel ranks: own dropout streams
     pp_first = jsonl(paths["pp"] / "metrics.jsonl")[0]

@@ -20,10 +20,23 @@ from safetensors.torch import load_file
 from dist_helpers import assert_close, base_overrides, losses, run_kiln, sets, write_corpus
 
 PLUGIN = str(Path(__file__).parents[1] / "plugins" / "grad_dump.py")
-MOE = ["model.family=moe", "model.moe_experts=4", "model.moe_top_k=2", "model.moe_d_ff=64", "model.mlp=swiglu",
-       "model.bias=false", "model.moe_aux_loss=0.01", "model.moe_z_loss=0.001", "model.moe_bias_rate=0.01",
-       "model.tie_embeddings=false", "model.moe_first_dense=1", "model.moe_shared_experts=1",
-       "train.micro_batch_size=2", "optim.lr=1e-3", 'callbacks.enabled=["grad_dump"]']
+MOE = [
+    "model.family=moe",
+    "model.moe_experts=4",
+    "model.moe_top_k=2",
+    "model.moe_d_ff=64",
+    "model.mlp=swiglu",
+    "model.bias=false",
+    "model.moe_aux_loss=0.01",
+    "model.moe_z_loss=0.001",
+    "model.moe_bias_rate=0.01",
+    "model.tie_embeddings=false",
+    "model.moe_first_dense=1",
+    "model.moe_shared_experts=1",
+    "train.micro_batch_size=2",
+    "optim.lr=1e-3",
+    'callbacks.enabled=["grad_dump"]',
+]
 GRAD_REL = 1e-6
 
 
@@ -69,8 +82,10 @@ def test_expert_parallel_with_capacity_dropping(setup):
     reference = train(root, "single-capacity", base + capacity)
     assert_close(train(root, "ep2-capacity", base + capacity + ["parallel.ep=2"], nproc=2), reference)
     assert_same_gradients(root, "ep2-capacity", "single-capacity")
-    dropped = [float(line.split('"moe/layers.1/dropped": ')[1].split(",")[0])
-               for line in (root / "runs" / "ep2-capacity" / "metrics.jsonl").read_text().splitlines()]
+    dropped = [
+        float(line.split('"moe/layers.1/dropped": ')[1].split(",")[0])
+        for line in (root / "runs" / "ep2-capacity" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert max(dropped) > 0  # the capacity did drop tokens, identically in both
 
 
@@ -87,15 +102,23 @@ def test_expert_parallel_checkpoint_reshards_to_one_process(setup, single):
     assert_close(losses(run), single)
 
 
-@pytest.mark.parametrize("bad, message", [(["parallel.ep=3"], "parallel.ep = 3 must divide"),
-                                          (["model.family=decoder", "parallel.ep=2"], "has none \\(set parallel.ep = 1\\)")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["parallel.ep=3"], "parallel.ep = 3 must divide"),
+        (["model.family=decoder", "parallel.ep=2"], "has none \\(set parallel.ep = 1\\)"),
+    ],
+)
 def test_bad_expert_parallel_layouts_fail_on_every_rank(setup, bad, message):
     import re
 
     root, base = setup
     keep = [o for o in base if not o.startswith(("model.family", "model.moe_"))] if "decoder" in bad[0] else base
-    proc = run_kiln(["train", "--preset", "tiny", "--runs-dir", str(root / "runs"), "--name", "bad",
-                     *sets(keep + bad)], nproc=2, check=False)
+    proc = run_kiln(
+        ["train", "--preset", "tiny", "--runs-dir", str(root / "runs"), "--name", "bad", *sets(keep + bad)],
+        nproc=2,
+        check=False,
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kiln: error:")]
     assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-2000:]  # one line from each rank, no hang
     assert all(re.search(message, line) for line in errors)
@@ -113,10 +136,15 @@ def _cut(run: Path, keep_steps: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, layout", [("ep4", ["parallel.ep=4"]),
-                                          ("hsdp-ep2", ["parallel.dp_replicate=2", "parallel.ep=2"]),
-                                          ("edp2-ep2-ac", ["parallel.ep=2", "parallel.activation_checkpoint=full"]),
-                                          ("tp2-ep2", ["parallel.tp=2", "parallel.ep=2"])])
+@pytest.mark.parametrize(
+    "name, layout",
+    [
+        ("ep4", ["parallel.ep=4"]),
+        ("hsdp-ep2", ["parallel.dp_replicate=2", "parallel.ep=2"]),
+        ("edp2-ep2-ac", ["parallel.ep=2", "parallel.activation_checkpoint=full"]),
+        ("tp2-ep2", ["parallel.tp=2", "parallel.ep=2"]),
+    ],
+)
 def test_four_process_expert_parallel_gradients_match_one_process(setup, single, name, layout):
     root, base = setup
     assert_close(train(root, name, base + layout, nproc=4), single)

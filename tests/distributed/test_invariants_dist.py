@@ -23,8 +23,12 @@ TP = ["parallel.tp=2", "model.tie_embeddings=false"]
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist-invariants")
     base = base_overrides(root / "cache", write_corpus(root)) + [
-        "train.steps=8", "eval.every=0", "checkpoint.every=0", 'callbacks.enabled=["invariants", "perturb"]',
-        f"callbacks.invariants.every={EVERY}"]
+        "train.steps=8",
+        "eval.every=0",
+        "checkpoint.every=0",
+        'callbacks.enabled=["invariants", "perturb"]',
+        f"callbacks.invariants.every={EVERY}",
+    ]
     return root, base
 
 
@@ -32,13 +36,30 @@ def train(setup, name: str, extra: list[str], perturb: str = ""):
     root, base = setup
     os.environ["KILN_PERTURB"] = perturb  # run_kiln passes the environment on to every rank
     try:
-        proc = run_kiln(["train", "--plugin", PLUGIN, "--preset", "tiny", "--runs-dir", str(root / "runs"),
-                         "--name", name, *sets(base + extra)], nproc=2, check=not perturb)
+        proc = run_kiln(
+            [
+                "train",
+                "--plugin",
+                PLUGIN,
+                "--preset",
+                "tiny",
+                "--runs-dir",
+                str(root / "runs"),
+                "--name",
+                name,
+                *sets(base + extra),
+            ],
+            nproc=2,
+            check=not perturb,
+        )
     finally:
         os.environ.pop("KILN_PERTURB")
     run = root / "runs" / name
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()] \
-        if (run / "events.jsonl").is_file() else []
+    events = (
+        [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+        if (run / "events.jsonl").is_file()
+        else []
+    )
     return proc, run, [e for e in events if e["kind"] == "invariant"]
 
 

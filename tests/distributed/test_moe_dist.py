@@ -12,9 +12,19 @@ import pytest
 
 from dist_helpers import assert_close, base_overrides, train, write_corpus
 
-MOE = ["model.family=moe", "model.moe_experts=4", "model.moe_top_k=2", "model.moe_d_ff=64", "model.mlp=swiglu",
-       "model.bias=false", "model.moe_aux_loss=0.01", "model.moe_z_loss=0.001", "model.moe_bias_rate=0.01",
-       "model.tie_embeddings=false", "model.moe_first_dense=1"]
+MOE = [
+    "model.family=moe",
+    "model.moe_experts=4",
+    "model.moe_top_k=2",
+    "model.moe_d_ff=64",
+    "model.mlp=swiglu",
+    "model.bias=false",
+    "model.moe_aux_loss=0.01",
+    "model.moe_z_loss=0.001",
+    "model.moe_bias_rate=0.01",
+    "model.tie_embeddings=false",
+    "model.moe_first_dense=1",
+]
 
 
 def routing(run: Path, key: str = "moe/layers.3/load_max_mean") -> list[float]:
@@ -65,8 +75,10 @@ def test_moe_pipeline_matches_single_process(setup):
     runs = root / "runs"
     single = train(runs, "single-micro2", base + ["train.micro_batch_size=2"])
     piped = train(runs, "pp2", base + ["parallel.pp=2", "parallel.pp_microbatches=4"], nproc=2)
-    first = [json.loads(line) for line in ((runs / name / "metrics.jsonl").read_text().splitlines()[0]
-                                           for name in ("pp2", "single-micro2"))]
+    first = [
+        json.loads(line)
+        for line in ((runs / name / "metrics.jsonl").read_text().splitlines()[0] for name in ("pp2", "single-micro2"))
+    ]
     for key in ("loss", "grad_norm", "moe/layers.1/load_max_mean"):
         assert first[0][key] == first[1][key], key
     assert first[0]["moe/layers.1/entropy"] == pytest.approx(first[1]["moe/layers.1/entropy"], rel=1e-5)

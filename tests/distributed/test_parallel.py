@@ -21,6 +21,7 @@ from kiln.errors import ConfigError
 
 from dist_helpers import REL, STEPS, assert_close, base_overrides, losses, run_kiln, sets, train, write_corpus
 
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
@@ -59,8 +60,9 @@ def test_uneven_batch_shares_match_single_process(setup, single):
     """Mixed devices: rank 0 takes 6 of the 8 sequences in two micro-batches of 3, rank 1 takes 2
     in two of 1; the mean loss and its gradient are the global batch's all the same."""
     root, base = setup
-    shares = train(root / "runs", "shares", base + ["parallel.dp_batch_shares=[6,2]", "train.micro_batch_size=3"],
-                   nproc=2)
+    shares = train(
+        root / "runs", "shares", base + ["parallel.dp_batch_shares=[6,2]", "train.micro_batch_size=3"], nproc=2
+    )
     assert_close(shares, single)
 
 
@@ -68,9 +70,19 @@ def test_pipeline_1f1b_matches_single_process(setup, single_untied):
     """With uneven stages (3 layers and 1, as for a fast and a slow device); the even split is
     what the other pipeline tests run."""
     root, base = setup
-    piped = train(root / "runs", "pp2", base + ["model.tie_embeddings=false", "parallel.pp=2",
-                                                "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=4",
-                                                "parallel.pp_layers=[3,1]"], nproc=2)
+    piped = train(
+        root / "runs",
+        "pp2",
+        base
+        + [
+            "model.tie_embeddings=false",
+            "parallel.pp=2",
+            "parallel.pp_schedule=1f1b",
+            "parallel.pp_microbatches=4",
+            "parallel.pp_layers=[3,1]",
+        ],
+        nproc=2,
+    )
     assert_close(piped, single_untied)
     evals = [json.loads(line) for line in (root / "runs" / "pp2" / "eval.jsonl").read_text().splitlines()]
     ref = [json.loads(line) for line in (root / "runs" / "single-untied" / "eval.jsonl").read_text().splitlines()]
@@ -121,16 +133,22 @@ def test_export_consolidates_sharded_checkpoint(setup, fsdp, tmp_path):
     assert torch.equal(hf["model.layers.3.mlp.down_proj.weight"], weights["layers.3.mlp.w2.weight"])
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("parallel.tp=3", "parallel.tp = 3 must divide model.n_heads"),
-    ("parallel.dp_shard=3", "do not multiply|multiply to 2"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("parallel.tp=3", "parallel.tp = 3 must divide model.n_heads"),
+        ("parallel.dp_shard=3", "do not multiply|multiply to 2"),
+    ],
+)
 def test_bad_layout_fails_on_every_rank(setup, bad, message):
     import re
 
     root, base = setup
-    proc = run_kiln(["train", "--preset", "tiny", "--runs-dir", str(root / "runs"), "--name", "bad",
-                     *sets(base + [bad])], nproc=2, check=False)
+    proc = run_kiln(
+        ["train", "--preset", "tiny", "--runs-dir", str(root / "runs"), "--name", "bad", *sets(base + [bad])],
+        nproc=2,
+        check=False,
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kiln: error:")]
     assert len(errors) == 2, proc.stderr[-2000:]  # one line from each rank, no hang
@@ -144,8 +162,9 @@ def test_parallel_dims_validation():
     assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp) == (1, 4, 2, 1)
     assert dims.describe() == "dp_shard=4 x tp=2"
     with pytest.raises(ConfigError, match="does not divide the world size"):
-        ParallelDims.from_config(load_config("tiny", overrides=["parallel.tp=2", "parallel.pp=2",
-                                                                "model.tie_embeddings=false"]).parallel, 6)
+        ParallelDims.from_config(
+            load_config("tiny", overrides=["parallel.tp=2", "parallel.pp=2", "model.tie_embeddings=false"]).parallel, 6
+        )
     with pytest.raises(ConfigError, match="multiply to 4"):
         ParallelDims.from_config(load_config("tiny", overrides=["parallel.dp_shard=3"]).parallel, 4)
     from kiln.resolve import check_training
@@ -155,13 +174,16 @@ def test_parallel_dims_validation():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, extra", [
-    ("dp-tp-pp", ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
-    ("hsdp", ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
-    ("tp-fsdp-ac", ["parallel.tp=2", "parallel.activation_checkpoint=full"]),
-    ("interleaved", ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b", "parallel.pp_microbatches=4"]),
-    ("gpipe-async", ["parallel.pp=4", "parallel.pp_schedule=gpipe", "parallel.async_checkpoint=true"]),
-])
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("dp-tp-pp", ["parallel.tp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
+        ("hsdp", ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+        ("tp-fsdp-ac", ["parallel.tp=2", "parallel.activation_checkpoint=full"]),
+        ("interleaved", ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b", "parallel.pp_microbatches=4"]),
+        ("gpipe-async", ["parallel.pp=4", "parallel.pp_schedule=gpipe", "parallel.async_checkpoint=true"]),
+    ],
+)
 def test_four_process_layouts_match_single_process(setup, single_untied, name, extra):
     root, base = setup
     got = train(root / "runs", name, base + ["model.tie_embeddings=false"] + extra, nproc=4)
@@ -173,7 +195,11 @@ def test_masked_objective_fsdp_matches_single_process(setup):
     losses as one process."""
     root, base = setup
     masked = [o for o in base if not o.startswith("data.vocab_size")] + [
-        "data.vocab_size=320", "model.family=encoder", "train.objective=masked", "model.pos=rope"]
+        "data.vocab_size=320",
+        "model.family=encoder",
+        "train.objective=masked",
+        "model.pos=rope",
+    ]
     one = train(root / "runs", "masked-1", masked)
     two = train(root / "runs", "masked-2", masked, nproc=2)
     assert_close(two, one)
@@ -186,8 +212,18 @@ def test_fork_of_a_sharded_run_adds_tensors_at_any_world_size(setup, fsdp):
     """A fork adding QK-norm, post-norm and z-loss to a run saved by 2 FSDP ranks (a DCP
     checkpoint, partially loaded): trained on 2 ranks and on 1 it logs the same losses."""
     root, _ = setup
-    args = ["fork", str(root / "runs" / "fsdp2"), "--step", "5", "--set", "model.qk_norm=true",
-            "--set", "model.post_norm=true", "--set", "train.z_loss=0.001"]
+    args = [
+        "fork",
+        str(root / "runs" / "fsdp2"),
+        "--step",
+        "5",
+        "--set",
+        "model.qk_norm=true",
+        "--set",
+        "model.post_norm=true",
+        "--set",
+        "train.z_loss=0.001",
+    ]
     run_kiln([*args, "--name", "fork-on-2", "--nproc-per-node", "2"])
     run_kiln([*args, "--name", "fork-on-1"])
     on2, on1 = losses(root / "runs" / "fork-on-2"), losses(root / "runs" / "fork-on-1")
@@ -198,8 +234,13 @@ def test_fork_of_a_sharded_run_adds_tensors_at_any_world_size(setup, fsdp):
     assert "layers.0.attn.q_norm.weight" in lineage["new_tensors"]
 
 
-STABILISED = ["model.tie_embeddings=false", "model.qk_norm=true", "model.post_norm=true", "model.norm=rmsnorm",
-              "train.z_loss=0.001"]
+STABILISED = [
+    "model.tie_embeddings=false",
+    "model.qk_norm=true",
+    "model.post_norm=true",
+    "model.norm=rmsnorm",
+    "train.z_loss=0.001",
+]
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +249,17 @@ def single_stabilised(setup):
     return train(root / "runs", "single-stabilised", base + STABILISED)
 
 
-@pytest.mark.parametrize("name, layout", [("tp2-stabilised", ["parallel.tp=2"]),
-                                          ("pp2-stabilised", ["parallel.pp=2", "parallel.pp_microbatches=4"])])
+@pytest.mark.parametrize(
+    "name, layout",
+    [("tp2-stabilised", ["parallel.tp=2"]), ("pp2-stabilised", ["parallel.pp=2", "parallel.pp_microbatches=4"])],
+)
 def test_post_norm_and_z_loss_match_single_process(setup, single_stabilised, name, layout):
     """The post-norms' sequence-parallel plan and the z-loss on the pipeline's last stage."""
     root, base = setup
     assert_close(train(root / "runs", name, base + STABILISED + layout, nproc=2), single_stabilised)
     z = [json.loads(line).get("z_loss") for line in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    ref = [json.loads(line)["z_loss"] for line in (root / "runs" / "single-stabilised" / "metrics.jsonl")
-           .read_text().splitlines()]
+    ref = [
+        json.loads(line)["z_loss"]
+        for line in (root / "runs" / "single-stabilised" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert all(abs(a - b) <= 1e-4 * b for a, b in zip(z, ref))

@@ -10,15 +10,39 @@ STEPS = 10
 
 
 def overrides(cache):
-    return [f"data.cache_dir={cache}", "data.max_docs=600", "model.d_model=64", "model.seq_len=128",
-            f"train.steps={STEPS}", "train.batch_size=8", "train.precision=fp32", "log.every=1", "eval.every=5",
-            "checkpoint.every=5", "checkpoint.keep=0", "log.plot=false", "schedule.warmup_steps=2",
-            "data.loader_workers=1", "eval.sample_tokens=2"]
+    return [
+        f"data.cache_dir={cache}",
+        "data.max_docs=600",
+        "model.d_model=64",
+        "model.seq_len=128",
+        f"train.steps={STEPS}",
+        "train.batch_size=8",
+        "train.precision=fp32",
+        "log.every=1",
+        "eval.every=5",
+        "checkpoint.every=5",
+        "checkpoint.keep=0",
+        "log.plot=false",
+        "schedule.warmup_steps=2",
+        "data.loader_workers=1",
+        "eval.sample_tokens=2",
+    ]
 
 
 def train(root, name, nproc):
-    run_kiln(["train", "--preset", "vlm-tiny", "--runs-dir", str(root / "runs"), "--name", name,
-              *sets(overrides(root / "cache"))], nproc)
+    run_kiln(
+        [
+            "train",
+            "--preset",
+            "vlm-tiny",
+            "--runs-dir",
+            str(root / "runs"),
+            "--name",
+            name,
+            *sets(overrides(root / "cache")),
+        ],
+        nproc,
+    )
     return losses(root / "runs" / name)
 
 

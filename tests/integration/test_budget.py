@@ -42,8 +42,13 @@ class CrashAt(Callback):
 
 def test_a_budget_cuts_the_run_and_resume_is_exact(tiny_config, make_corpus, tmp_path):
     corpus = make_corpus()
-    extra = ("train.steps=400", "train.time_budget_s=1.5", "schedule.warmup_steps=15", "checkpoint.every=12",
-             "model.dropout=0.1")
+    extra = (
+        "train.steps=400",
+        "train.time_budget_s=1.5",
+        "schedule.warmup_steps=15",
+        "checkpoint.every=12",
+        "model.dropout=0.1",
+    )
     with pytest.raises(KeyboardInterrupt):
         start_run(tiny_config(corpus, *extra), tmp_path / "runs", "budget", callbacks=[SlowSteps(), CrashAt(12)])
     run = tmp_path / "runs" / "budget"
@@ -56,5 +61,6 @@ def test_a_budget_cuts_the_run_and_resume_is_exact(tiny_config, make_corpus, tmp
     assert summary["steps"] == steps
     # the same run told its step count from the start: identical losses (the decision fell in the warmup)
     start_run(tiny_config(corpus, *extra[2:], f"train.steps={steps}"), tmp_path / "runs", "fixed")
-    assert [r["loss"] for r in jsonl(run / "metrics.jsonl")] == \
-           [r["loss"] for r in jsonl(tmp_path / "runs" / "fixed" / "metrics.jsonl")]
+    assert [r["loss"] for r in jsonl(run / "metrics.jsonl")] == [
+        r["loss"] for r in jsonl(tmp_path / "runs" / "fixed" / "metrics.jsonl")
+    ]

@@ -75,8 +75,9 @@ class Events(Callback):
 
 
 def test_event_order_and_arguments(tiny_config, make_corpus, tmp_path):
-    cfg = tiny_config(make_corpus(), "train.steps=4", "log.every=2", "eval.every=2", "checkpoint.every=2",
-                      "train.micro_batch_size=2")
+    cfg = tiny_config(
+        make_corpus(), "train.steps=4", "log.every=2", "eval.every=2", "checkpoint.every=2", "train.micro_batch_size=2"
+    )
     events = Events()
     start_run(cfg, tmp_path / "runs", "order", callbacks=[events])
 
@@ -86,8 +87,14 @@ def test_event_order_and_arguments(tiny_config, make_corpus, tmp_path):
             out += [("log", n), ("eval", n), ("checkpoint", n)]
         return out + [("step_complete", n)]
 
-    assert events.seen == [("run_start", 0), *step(1, False), *step(2, True), *step(3, False), *step(4, True),
-                           ("run_end", 4)]
+    assert events.seen == [
+        ("run_start", 0),
+        *step(1, False),
+        *step(2, True),
+        *step(3, False),
+        *step(4, True),
+        ("run_end", 4),
+    ]
 
 
 def test_error_event_then_the_error(tiny_config, make_corpus, tmp_path):
@@ -143,7 +150,7 @@ def test_rollback_path_events_and_callback_state(tiny_config, make_corpus, tmp_p
     i = seen.index(("guard", "loss_spike", 24))
     assert seen[i + 1] == ("guard", "rollback", 20)  # the spike, then the rollback it caused
     assert seen[i + 2] == ("step_start", 20)  # training goes on from the restored checkpoint
-    assert not any(e[0] in ("log", "step_end") and e[1] == 24 for e in seen[i - 3:i + 2])  # step 24 not logged
+    assert not any(e[0] in ("log", "step_end") and e[1] == 24 for e in seen[i - 3 : i + 2])  # step 24 not logged
     assert counter.restored == [20]  # the callback's state came back with the checkpoint ...
     assert counter.count == 30  # ... so it counts the steps of the run that survived, 1..30
     saved = json.loads((tmp_path / "runs" / "rb" / "checkpoints" / "step-00000030" / "state.json").read_text())
@@ -168,12 +175,15 @@ def test_recorded_metrics_land_in_the_step_record(tiny_config, make_corpus, tmp_
             trainer.record_metric("custom/max", torch.tensor(float(result.step)), "max")
             trainer.record_metric("custom/min", float(result.step), "min")
 
-    start_run(tiny_config(make_corpus(), "train.steps=6", "log.every=3"), tmp_path / "runs", "rec",
-              callbacks=[Recording()])
+    start_run(
+        tiny_config(make_corpus(), "train.steps=6", "log.every=3"), tmp_path / "runs", "rec", callbacks=[Recording()]
+    )
     records = jsonl(tmp_path / "runs" / "rec" / "metrics.jsonl")
     assert [r["step"] for r in records] == [3, 6]
-    assert [(r["custom/mean"], r["custom/sum"], r["custom/max"], r["custom/min"]) for r in records] == \
-        [(2.0, 3.0, 3.0, 1.0), (5.0, 3.0, 6.0, 4.0)]  # each over its logging interval
+    assert [(r["custom/mean"], r["custom/sum"], r["custom/max"], r["custom/min"]) for r in records] == [
+        (2.0, 3.0, 3.0, 1.0),
+        (5.0, 3.0, 6.0, 4.0),
+    ]  # each over its logging interval
 
 
 # --------------------------------------------------------------------------- layer_stats
@@ -191,8 +201,18 @@ def stats_runs(tmp_path_factory):
     corpus = write_corpus(root / "corpus")
 
     def cfg(*extra):
-        return load_config("tiny", overrides=tiny_overrides(corpus, root / "cache", "train.steps=8", "log.every=1",
-                                                            "checkpoint.every=4", "model.dropout=0.1", *extra))
+        return load_config(
+            "tiny",
+            overrides=tiny_overrides(
+                corpus,
+                root / "cache",
+                "train.steps=8",
+                "log.every=1",
+                "checkpoint.every=4",
+                "model.dropout=0.1",
+                *extra,
+            ),
+        )
 
     on = ['callbacks.enabled=["layer_stats"]', "callbacks.layer_stats.every=2"]
     start_run(cfg(*on), root / "runs", "on")
@@ -244,11 +264,18 @@ def test_layer_stats_across_a_kill_and_resume(stats_runs):
 def test_layer_stats_module_globs(tiny_config, make_corpus, tmp_path):
     from kiln.errors import ConfigError
 
-    cfg = tiny_config(make_corpus(), "train.steps=2", 'callbacks.enabled=["layer_stats"]',
-                      "callbacks.layer_stats.every=1", 'callbacks.layer_stats.modules=["layers.1.mlp", "norm"]')
+    cfg = tiny_config(
+        make_corpus(),
+        "train.steps=2",
+        'callbacks.enabled=["layer_stats"]',
+        "callbacks.layer_stats.every=1",
+        'callbacks.layer_stats.modules=["layers.1.mlp", "norm"]',
+    )
     start_run(cfg, tmp_path / "runs", "globs")
     assert {r["module"] for r in jsonl(tmp_path / "runs" / "globs" / "layer_stats.jsonl")} == {"layers.1.mlp", "norm"}
-    bad = tiny_config(make_corpus("c2"), 'callbacks.enabled=["layer_stats"]', 'callbacks.layer_stats.modules=["nope.*"]')
+    bad = tiny_config(
+        make_corpus("c2"), 'callbacks.enabled=["layer_stats"]', 'callbacks.layer_stats.modules=["nope.*"]'
+    )
     with pytest.raises(ConfigError, match="match no module"):
         start_run(bad, tmp_path / "runs", "bad")
 
@@ -257,8 +284,13 @@ def test_layer_stats_module_globs(tiny_config, make_corpus, tmp_path):
 
 
 def test_profiler_writes_a_chrome_trace_and_a_table(tiny_config, make_corpus, tmp_path):
-    cfg = tiny_config(make_corpus(), "train.steps=5", 'callbacks.enabled=["profiler"]', "callbacks.profiler.start=1",
-                      "callbacks.profiler.steps=2")
+    cfg = tiny_config(
+        make_corpus(),
+        "train.steps=5",
+        'callbacks.enabled=["profiler"]',
+        "callbacks.profiler.start=1",
+        "callbacks.profiler.steps=2",
+    )
     start_run(cfg, tmp_path / "runs", "prof")
     folder = tmp_path / "runs" / "prof" / "profile"
     trace = json.loads((folder / "trace-rank0.json").read_text())
@@ -314,8 +346,15 @@ def test_an_unknown_callback_or_option_is_one_line(tiny_config, make_corpus, tmp
     from kiln.cli import main
 
     corpus = make_corpus()
-    args = ["train", "--set", f"data.corpus={corpus}", "--set", f"data.cache_dir={tmp_path / 'c'}",
-            "--runs-dir", str(tmp_path / "runs")]
+    args = [
+        "train",
+        "--set",
+        f"data.corpus={corpus}",
+        "--set",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
     assert main(args + ["--set", 'callbacks.enabled=["layer_stat"]']) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown callback 'layer_stat'; did you mean 'layer_stats'?" in err

@@ -17,14 +17,16 @@ def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("extra", [[], ["model.family=moe", "model.moe_experts=4", "model.moe_d_ff=64"]],
-                         ids=["decoder", "moe"])
+@pytest.mark.parametrize(
+    "extra", [[], ["model.family=moe", "model.moe_experts=4", "model.moe_d_ff=64"]], ids=["decoder", "moe"]
+)
 def test_chunked_loss_trains_like_the_naive_head(tiny_config, shared_corpus, tmp_path, extra):
     runs = tmp_path / "runs"
     common = ["train.steps=5", "train.z_loss=1e-3", "model.tie_embeddings=false", *extra]
     start_run(tiny_config(shared_corpus, *common), runs, "naive")
-    start_run(tiny_config(shared_corpus, *common, "kernels.cross_entropy=chunked", "kernels.chunk_size=7"), runs,
-              "chunked")
+    start_run(
+        tiny_config(shared_corpus, *common, "kernels.cross_entropy=chunked", "kernels.chunk_size=7"), runs, "chunked"
+    )
     naive, chunked = records(runs / "naive"), records(runs / "chunked")
     assert len(naive) == len(chunked) == 5
     for a, b in zip(naive, chunked):
@@ -34,7 +36,12 @@ def test_chunked_loss_trains_like_the_naive_head(tiny_config, shared_corpus, tmp
 
 
 def test_chunked_loss_is_refused_where_it_cannot_apply(tiny_config, shared_corpus, tmp_path):
-    cfg = tiny_config(shared_corpus, "model.family=encoder", "train.objective=masked", "model.norm_position=post",
-                      "kernels.cross_entropy=chunked")
+    cfg = tiny_config(
+        shared_corpus,
+        "model.family=encoder",
+        "train.objective=masked",
+        "model.norm_position=post",
+        "kernels.cross_entropy=chunked",
+    )
     with pytest.raises(ConfigError, match="takes no loss head"):
         start_run(cfg, tmp_path / "runs", "enc")

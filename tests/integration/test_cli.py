@@ -37,14 +37,17 @@ def test_no_verb_prints_help(capsys):
     assert "usage: kiln" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--set", "train.stpes=10"], "unknown config key 'train.stpes'; did you mean 'train.steps'?"),
-    (["train", "--set", "model.n_heads=5"], "model.n_heads = 5 must divide model.d_model = 128"),
-    (["train", "--set", "train.steps=many"], "train.steps must be an integer, got 'many'"),
-    (["train", "--set", "nonsense"], "expected section.key=value"),
-    (["train", "--preset", "huge"], "unknown preset 'huge'"),
-    (["prepare", "--set", "optim.lr=-1"], "optim.lr must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--set", "train.stpes=10"], "unknown config key 'train.stpes'; did you mean 'train.steps'?"),
+        (["train", "--set", "model.n_heads=5"], "model.n_heads = 5 must divide model.d_model = 128"),
+        (["train", "--set", "train.steps=many"], "train.steps must be an integer, got 'many'"),
+        (["train", "--set", "nonsense"], "expected section.key=value"),
+        (["train", "--preset", "huge"], "unknown preset 'huge'"),
+        (["prepare", "--set", "optim.lr=-1"], "optim.lr must be positive"),
+    ],
+)
 def test_user_errors_are_one_line_without_traceback(argv, message, capsys):
     assert main(argv) == 2
     captured = capsys.readouterr()
@@ -69,8 +72,14 @@ def test_prepare_prints_the_dataset(make_corpus, tmp_path, capsys):
 
 def test_train_twice_with_one_name_is_refused_then_sample(make_corpus, tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
-    argv = ["train", *sets(tiny_overrides(make_corpus(), tmp_path / "cache", "train.steps=3")),
-            "--name", "same", "--runs-dir", str(runs)]
+    argv = [
+        "train",
+        *sets(tiny_overrides(make_corpus(), tmp_path / "cache", "train.steps=3")),
+        "--name",
+        "same",
+        "--runs-dir",
+        str(runs),
+    ]
     monkeypatch.delenv("KILN_QUIET")  # let it print the final table
     assert main(argv) == 0
     monkeypatch.setenv("KILN_QUIET", "1")

@@ -59,12 +59,25 @@ def keep_after(run: RunDir, step: int) -> None:
 def fabricate_fork(run: RunDir, parent: RunDir, step: int, changes: list[str], from_scratch: bool = False) -> None:
     keep_after(run, 0 if from_scratch else step)
     tokens = {r["step"]: r["tokens"] for r in parent.metrics()}.get(step, 0)
-    run.write_json("lineage.json", {
-        "parent": {"run": parent.name, "path": str(parent.path), "step": step, "checkpoint": f"step-{step:08d}",
-                   "checkpoint_sha256": "ab" * 32, "tokens": tokens},
-        "from_scratch": from_scratch, "changes": changes,
-        "changed": {c.split("=")[0]: [None, c.split("=")[1]] for c in changes if "=" in c},
-        "skip_batches": [[10, 11]], "new_tensors": [], "created": "2026-12-02T13:46:56+0000"})
+    run.write_json(
+        "lineage.json",
+        {
+            "parent": {
+                "run": parent.name,
+                "path": str(parent.path),
+                "step": step,
+                "checkpoint": f"step-{step:08d}",
+                "checkpoint_sha256": "ab" * 32,
+                "tokens": tokens,
+            },
+            "from_scratch": from_scratch,
+            "changes": changes,
+            "changed": {c.split("=")[0]: [None, c.split("=")[1]] for c in changes if "=" in c},
+            "skip_batches": [[10, 11]],
+            "new_tensors": [],
+            "created": "2026-12-02T13:46:56+0000",
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +90,17 @@ def runs(tmp_path_factory):
     folder = root / "runs"
 
     def train(name, *extra, callbacks=()):
-        cfg = load_config(overrides=tiny_overrides(corpus, root / "cache", f"train.steps={STEPS}", "eval.every=4",
-                                                   "checkpoint.every=4", 'eval.suites=["lm"]', *extra))
+        cfg = load_config(
+            overrides=tiny_overrides(
+                corpus,
+                root / "cache",
+                f"train.steps={STEPS}",
+                "eval.every=4",
+                "checkpoint.every=4",
+                'eval.suites=["lm"]',
+                *extra,
+            )
+        )
         start_run(cfg, folder, name, callbacks=callbacks)
         return RunDir(folder / name)
 
@@ -92,10 +114,12 @@ def runs(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     fabricate_fork(c, a, FORK_STEP, ["optim.lr=0.0005", 'note=<b>&"x"'])
-    c.log_event({"step": 10, "kind": "loss_spike", "loss": 9.5, "grad_norm": 3.25, "data_index": 10,
-                 "action": "rollback"})
-    c.log_event({"step": 8, "kind": "rollback", "from_step": 10, "checkpoint": "step-00000008",
-                 "batches_skipped": [8, 10]})
+    c.log_event(
+        {"step": 10, "kind": "loss_spike", "loss": 9.5, "grad_norm": 3.25, "data_index": 10, "action": "rollback"}
+    )
+    c.log_event(
+        {"step": 8, "kind": "rollback", "from_step": 10, "checkpoint": "step-00000008", "batches_skipped": [8, 10]}
+    )
     Image.new("RGB", (120, 80), "white").save(c.path / "layer_stats.png")  # as the layer_stats callback would
     # a fork of the fork (at step 10), and a from-scratch fork: copies of b with new lineage
     e = RunDir(folder / "e")
@@ -116,6 +140,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- curves
 
+
 def test_lineage_series_follows_forks_to_their_fork_points(runs):
     a, c, e, s = runs["a"], runs["c"], runs["e"], runs["s"]
     segs = lineage_series(c, "metrics", "loss")
@@ -135,6 +160,7 @@ def test_lineage_series_follows_forks_to_their_fork_points(runs):
 
 
 # --------------------------------------------------------------------------- compare
+
 
 def test_compare_differences_headlines_and_files(runs, tmp_path):
     a, b, c = runs["a"], runs["b"], runs["c"]
@@ -178,8 +204,10 @@ def test_compare_differences_headlines_and_files(runs, tmp_path):
 
 def test_compare_draws_the_parent_of_a_fork_that_is_not_compared(runs, tmp_path):
     result = compare_runs([runs["b"].path, runs["c"].path], tmp_path)
-    assert result["plots"][0]["runs"]["c"] == [{"run": "a", "inherited": True, "points": FORK_STEP},
-                                               {"run": "c", "inherited": False, "points": STEPS - FORK_STEP}]
+    assert result["plots"][0]["runs"]["c"] == [
+        {"run": "a", "inherited": True, "points": FORK_STEP},
+        {"run": "c", "inherited": False, "points": STEPS - FORK_STEP},
+    ]
     assert result["plots"][1]["runs"]["c"][0] == {"run": "a", "inherited": True, "points": 2}
     assert (tmp_path / "compare.png").is_file() and not list(tmp_path.glob(".*tmp*"))
 
@@ -204,8 +232,9 @@ def test_compare_warns_about_different_tokenizers_and_uses_bits_per_byte(runs, t
 def test_compare_metrics_and_mistakes(runs, tmp_path):
     a, b, k = runs["a"], runs["b"], runs["k"]
     said = []
-    result = compare_runs([a.path, b.path, k.path], tmp_path / "m", metrics=["grad_norm", "lm/acc", "lr"],
-                          log=said.append)
+    result = compare_runs(
+        [a.path, b.path, k.path], tmp_path / "m", metrics=["grad_norm", "lm/acc", "lr"], log=said.append
+    )
     assert [p["key"] for p in result["plots"]] == ["grad_norm", "lm/acc", "lr"]
     assert said == ["note: k records no 'lm/acc'"]
     assert set(result["plots"][1]["runs"]) == {"a", "b"}  # k was killed before any evaluation
@@ -227,6 +256,7 @@ def test_compare_metrics_and_mistakes(runs, tmp_path):
 
 
 # --------------------------------------------------------------------------- report
+
 
 def images(page: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
@@ -271,7 +301,9 @@ def test_a_forks_report_marks_its_parents_events_before_the_fork_point(runs, tmp
     marks = document._event_xs(e, "tokens")
     tokens = {r["step"]: r["tokens"] for r in runs["a"].metrics()}
     assert [(x, ev["step"], inherited) for x, ev, inherited in marks] == [
-        (float(tokens[10]), 10, True), (float(tokens[8]), 8, True)]
+        (float(tokens[10]), 10, True),
+        (float(tokens[8]), 8, True),
+    ]
     assert document._event_xs(c, "step")[0][2] is False  # c's own events
 
 

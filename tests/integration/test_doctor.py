@@ -44,8 +44,13 @@ class GrowGrads(Callback):
 
 
 # ----------------------------------------------------------------------------- runs
-BASE = ['callbacks.enabled=["layer_stats", "step_time"]', "callbacks.layer_stats.every=5", "eval.every=20",
-        "checkpoint.every=20", "schedule.warmup_steps=10"]
+BASE = [
+    'callbacks.enabled=["layer_stats", "step_time"]',
+    "callbacks.layer_stats.every=5",
+    "eval.every=20",
+    "checkpoint.every=20",
+    "schedule.warmup_steps=10",
+]
 
 RUNS = {  # name: (steps, extra overrides: mostly [faults], callbacks)
     "clean": (120, [], lambda: []),
@@ -58,8 +63,11 @@ RUNS = {  # name: (steps, extra overrides: mostly [faults], callbacks)
     "collapse": (100, ["faults.entropy_collapse=41", "faults.layer=0"], lambda: []),
     "dead": (100, ["faults.dead_units=41", "faults.layer=1", "faults.dead_fraction=0.6"], lambda: []),
     "overfit": (100, ["eval.every=10", "checkpoint.every=10", "faults.repeat_batch=21"], lambda: []),
-    "slow": (60, ["faults.slow_steps=[30]", "faults.slow_s=0.6", "faults.loader_stall=[45]", "faults.stall_s=0.6"],
-             lambda: []),
+    "slow": (
+        60,
+        ["faults.slow_steps=[30]", "faults.slow_s=0.6", "faults.loader_stall=[45]", "faults.stall_s=0.6"],
+        lambda: [],
+    ),
 }
 
 
@@ -105,8 +113,9 @@ def check_fork_remedy(run: Path, f, before: int):
     if not args.from_scratch:
         assert args.step <= before
         assert ckpt.verify_checkpoint(run / "checkpoints" / ckpt.step_dir_name(args.step)) is None
-    plan_fork(Path(args.run), args.name, args.step, args.overrides, args.skip_batches, args.from_scratch,
-              log=lambda _: None)
+    plan_fork(
+        Path(args.run), args.name, args.step, args.overrides, args.skip_batches, args.from_scratch, log=lambda _: None
+    )
     return args
 
 
@@ -155,8 +164,9 @@ def test_guard_events_handled_spikes_are_info_repeated_ones_a_warning_a_stop_a_d
     rd = RunDir(run)
     spike = {"kind": "loss_spike", "loss": 9.0, "grad_norm": 2.0, "action": "rollback"}
     rd.log_event({"step": 55, **spike, "data_index": 54})
-    rd.log_event({"step": 40, "kind": "rollback", "from_step": 55, "checkpoint": "step-00000040",
-                  "batches_skipped": [40, 54]})
+    rd.log_event(
+        {"step": 40, "kind": "rollback", "from_step": 55, "checkpoint": "step-00000040", "batches_skipped": [40, 54]}
+    )
     f = only(diagnose(run), "loss_spike")
     assert f["severity"] == "info" and f["remedy"] is None and f["evidence"]["data_indices"] == [54]
     for step in (70, 85):
@@ -186,8 +196,15 @@ def test_divergence_from_a_far_too_high_lr_and_its_remedy_trains(lab):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fork = create_fork(Path(args.run), args.name, args.step, args.overrides, args.skip_batches,
-                           args.from_scratch, log=lambda _: None)
+        fork = create_fork(
+            Path(args.run),
+            args.name,
+            args.step,
+            args.overrides,
+            args.skip_batches,
+            args.from_scratch,
+            log=lambda _: None,
+        )
         resume_run(fork.run.path)
     finally:
         torch.set_num_threads(threads)
@@ -301,8 +318,14 @@ def test_a_slow_rank_is_named(lab):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for i, r in enumerate(rows):
         base = 0.01 * (1 + 0.1 * math.sin(i))
-        r.update({"step_time/rank0_busy_s": base, "step_time/rank1_busy_s": base * 1.02,
-                  "step_time/rank2_busy_s": base * 1.8, "step_time/rank3_busy_s": base * 0.98})
+        r.update(
+            {
+                "step_time/rank0_busy_s": base,
+                "step_time/rank1_busy_s": base * 1.02,
+                "step_time/rank2_busy_s": base * 1.8,
+                "step_time/rank3_busy_s": base * 0.98,
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     f = only(diagnose(run), "slow_rank")
     assert f["evidence"]["rank"] == 2 and f["evidence"]["ratio_to_others"] > 1.5
@@ -310,15 +333,17 @@ def test_a_slow_rank_is_named(lab):
 
 def test_a_hang_names_its_ranks_and_resumes(lab):
     run = copy_run(lab, "clean", "hung")
-    stack = ('a training step running for 612s (limit 600s); Python stacks of every thread:\n'
-             'Thread 0x00007f01 (most recent call first):\n'
-             '  File "/x/kiln/train/watchdog.py", line 70 in _dump_and_exit\n'
-             '  File "/x/kiln/train/watchdog.py", line 66 in _watch\n\n'
-             'Current thread 0x00007f00 (most recent call first):\n'
-             '  File "/x/torch/distributed/c10d.py", line 2500 in all_reduce\n'
-             '  File "/x/kiln/train/module.py", line 170 in forward_backward\n'
-             '  File "/x/kiln/train/trainer.py", line 160 in train_step\n'
-             '  File "/x/kiln/__main__.py", line 3 in <module>\n')
+    stack = (
+        "a training step running for 612s (limit 600s); Python stacks of every thread:\n"
+        "Thread 0x00007f01 (most recent call first):\n"
+        '  File "/x/kiln/train/watchdog.py", line 70 in _dump_and_exit\n'
+        '  File "/x/kiln/train/watchdog.py", line 66 in _watch\n\n'
+        "Current thread 0x00007f00 (most recent call first):\n"
+        '  File "/x/torch/distributed/c10d.py", line 2500 in all_reduce\n'
+        '  File "/x/kiln/train/module.py", line 170 in forward_backward\n'
+        '  File "/x/kiln/train/trainer.py", line 160 in train_step\n'
+        '  File "/x/kiln/__main__.py", line 3 in <module>\n'
+    )
     for rank in (0, 3):
         (run / f"hang-rank{rank}.txt").write_text(stack)
     rd = RunDir(run)
@@ -409,9 +434,12 @@ def test_runs_with_little_to_read_have_nothing_to_report(lab):
 
 
 def test_the_doctor_reads_run_folders_without_the_trainer(lab):
-    code = ("import sys; from kiln.runs.doctor import diagnose; diagnose(sys.argv[1]); "
-            "print(sorted(m for m in sys.modules if m in ('kiln.train.trainer', 'kiln.train.session', "
-            "'kiln.train.build', 'kiln.train.module')))")
-    out = subprocess.run([sys.executable, "-c", code, str(lab["runs"] / "nan")], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys; from kiln.runs.doctor import diagnose; diagnose(sys.argv[1]); "
+        "print(sorted(m for m in sys.modules if m in ('kiln.train.trainer', 'kiln.train.session', "
+        "'kiln.train.build', 'kiln.train.module')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(lab["runs"] / "nan")], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"

@@ -67,12 +67,33 @@ def motto_task(path: Path) -> Path:
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval_run")
     corpus = write_corpus(tmp / "corpus")
-    cfg = load_config(preset="tiny", overrides=[
-        f"data.corpus={corpus}", f"data.cache_dir={tmp / 'cache'}", "data.vocab_size=512", "data.val_fraction=0.2",
-        "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.seq_len=64",
-        f"train.steps={STEPS}", "train.batch_size=8", "train.device=cpu", "train.precision=fp32", "train.threads=1",
-        "schedule.warmup_steps=15", "optim.lr=3e-3", "eval.every=0", "eval.batches=4", "eval.sample_tokens=4",
-        "eval.suites=[\"lm\", \"choice\"]", "checkpoint.every=0", "log.every=50", "log.plot=false"])
+    cfg = load_config(
+        preset="tiny",
+        overrides=[
+            f"data.corpus={corpus}",
+            f"data.cache_dir={tmp / 'cache'}",
+            "data.vocab_size=512",
+            "data.val_fraction=0.2",
+            "model.n_layers=2",
+            "model.d_model=64",
+            "model.n_heads=4",
+            "model.seq_len=64",
+            f"train.steps={STEPS}",
+            "train.batch_size=8",
+            "train.device=cpu",
+            "train.precision=fp32",
+            "train.threads=1",
+            "schedule.warmup_steps=15",
+            "optim.lr=3e-3",
+            "eval.every=0",
+            "eval.batches=4",
+            "eval.sample_tokens=4",
+            'eval.suites=["lm", "choice"]',
+            "checkpoint.every=0",
+            "log.every=50",
+            "log.plot=false",
+        ],
+    )
     threads = torch.get_num_threads()
     start_run(cfg, tmp / "runs", "tiny")
     torch.set_num_threads(threads)
@@ -148,10 +169,19 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     for name, text in files.items():
         (tmp / name).write_text(text)
     return {
-        "missing field": (["--suite", "choice", "-o", f"choice.tasks={tmp / 'missing.jsonl'}"], f"{tmp / 'missing.jsonl'}:2:"),
+        "missing field": (
+            ["--suite", "choice", "-o", f"choice.tasks={tmp / 'missing.jsonl'}"],
+            f"{tmp / 'missing.jsonl'}:2:",
+        ),
         "empty file": (["--suite", "choice", "-o", f"choice.tasks={tmp / 'empty.jsonl'}"], f"{tmp / 'empty.jsonl'}:1:"),
-        "wrong gold index": (["--suite", "choice", "-o", f"choice.tasks={tmp / 'gold.jsonl'}"], f"{tmp / 'gold.jsonl'}:1:"),
-        "bad CSV columns": (["--suite", "bias", "-o", f"bias.pairs={tmp / 'columns.csv'}"], f"{tmp / 'columns.csv'}:1:"),
+        "wrong gold index": (
+            ["--suite", "choice", "-o", f"choice.tasks={tmp / 'gold.jsonl'}"],
+            f"{tmp / 'gold.jsonl'}:1:",
+        ),
+        "bad CSV columns": (
+            ["--suite", "bias", "-o", f"bias.pairs={tmp / 'columns.csv'}"],
+            f"{tmp / 'columns.csv'}:1:",
+        ),
         "empty CSV cell": (["--suite", "bias", "-o", f"bias.pairs={tmp / 'cell.csv'}"], f"{tmp / 'cell.csv'}:3:"),
         "bad option": (["--suite", "lm", "-o", "lm.nope=1"], "lm.nope"),
         "unknown suite": (["--suite", "nope"], "unknown suite 'nope'"),

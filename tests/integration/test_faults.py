@@ -25,10 +25,21 @@ def train(tmp_path_factory):
     runs = root / "runs"
 
     def run(name, *faults, extra=()):
-        cfg = load_config(overrides=tiny_overrides(
-            corpus, root / "cache", f"train.steps={STEPS}", "checkpoint.every=20", "eval.every=20",
-            'callbacks.enabled=["layer_stats", "step_time"]', "callbacks.layer_stats.every=5",
-            "callbacks.layer_stats.heatmap=false", "optim.lr=3e-3", *extra, *faults))
+        cfg = load_config(
+            overrides=tiny_overrides(
+                corpus,
+                root / "cache",
+                f"train.steps={STEPS}",
+                "checkpoint.every=20",
+                "eval.every=20",
+                'callbacks.enabled=["layer_stats", "step_time"]',
+                "callbacks.layer_stats.every=5",
+                "callbacks.layer_stats.heatmap=false",
+                "optim.lr=3e-3",
+                *extra,
+                *faults,
+            )
+        )
         start_run(cfg, runs, name)
         return RunDir(runs / name)
 
@@ -55,8 +66,10 @@ def test_corrupt_batch_is_a_loss_spike_the_guard_skips(train):
 
 def test_learning_rate_faults_change_the_logged_rate(train):
     base = {r["step"]: r["lr"] for r in train("lr-base").metrics()}
-    high = {r["step"]: r["lr"] for r in train("lr-high", "faults.lr_high=20", "faults.lr_high_factor=10",
-                                             "guard.enabled=false").metrics()}
+    high = {
+        r["step"]: r["lr"]
+        for r in train("lr-high", "faults.lr_high=20", "faults.lr_high_factor=10", "guard.enabled=false").metrics()
+    }
     low = {r["step"]: r["lr"] for r in train("lr-low", "faults.lr_low=20", "faults.lr_low_factor=0.001").metrics()}
     assert high[19] == base[19] and high[30] == pytest.approx(10 * base[30])
     assert low[30] == pytest.approx(0.001 * base[30])
@@ -68,8 +81,11 @@ def test_repeated_batch_is_memorised(train):
 
 
 def _layer(run, module, key, step):
-    return next(r[key] for r in RunDir(run.path).read_jsonl(run.path / "layer_stats.jsonl")
-                if r["module"] == module and r["step"] == step)
+    return next(
+        r[key]
+        for r in RunDir(run.path).read_jsonl(run.path / "layer_stats.jsonl")
+        if r["module"] == module and r["step"] == step
+    )
 
 
 def test_entropy_collapse_and_dead_units_in_the_named_layer(train):
@@ -84,8 +100,12 @@ def test_entropy_collapse_and_dead_units_in_the_named_layer(train):
 
 
 def test_slow_steps_and_loader_stalls_show_in_the_step_records(train):
-    records = {r["step"]: r for r in train("slow", "faults.slow_steps=[30]", "faults.slow_s=0.5",
-                                           "faults.loader_stall=[40]", "faults.stall_s=0.5").metrics()}
+    records = {
+        r["step"]: r
+        for r in train(
+            "slow", "faults.slow_steps=[30]", "faults.slow_s=0.5", "faults.loader_stall=[40]", "faults.stall_s=0.5"
+        ).metrics()
+    }
     typical = statistics.median(r["tokens_per_s"] for r in records.values())
     assert records[30]["tokens_per_s"] < 0.5 * typical and records[40]["tokens_per_s"] < 0.5 * typical
     assert records[40]["step_time/data_s"] >= 0.5 > records[30]["step_time/data_s"]
@@ -103,12 +123,23 @@ def test_corrupt_checkpoint_and_tokenizer_mismatch(train):
 
 
 def test_a_hang_ends_the_process_through_the_watchdog(train, tmp_path):
-    overrides = train.overrides(f"train.steps={STEPS}", "faults.hang=25", "faults.hang_s=120", "guard.hang_min_s=2",
-                                "guard.hang_factor=5")
-    cmd = [sys.executable, "-m", "kiln", "train", "--runs-dir", str(tmp_path), "--name", "hung",
-           *(a for o in overrides for a in ("--set", o))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
-                                                                                "KILN_QUIET": "1"})
+    overrides = train.overrides(
+        f"train.steps={STEPS}", "faults.hang=25", "faults.hang_s=120", "guard.hang_min_s=2", "guard.hang_factor=5"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "kiln",
+        "train",
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "hung",
+        *(a for o in overrides for a in ("--set", o)),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "KILN_QUIET": "1"}
+    )
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert (tmp_path / "hung" / "hang-rank0.txt").is_file()
     assert max(r["step"] for r in RunDir(tmp_path / "hung").metrics()) == 24

@@ -90,8 +90,24 @@ def test_sparsity_is_refused_off_cuda(baseline, tmp_path):
     _, cfg = baseline
     with pytest.raises(ConfigError, match="runs on CUDA GPUs only"):
         start_run(cfg("kernels.sparsity=2:4"), tmp_path / "runs", "sp")
-    r = subprocess.run([sys.executable, "-m", "kiln", "train", "--preset", "tiny", "--set", "kernels.sparsity=2:4",
-                        "--set", "train.device=cpu", "--runs-dir", str(tmp_path / "cli")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kiln",
+            "train",
+            "--preset",
+            "tiny",
+            "--set",
+            "kernels.sparsity=2:4",
+            "--set",
+            "train.device=cpu",
+            "--runs-dir",
+            str(tmp_path / "cli"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "cli").exists() or not any((tmp_path / "cli").iterdir())
 
@@ -100,7 +116,10 @@ def test_sparsity_is_refused_off_cuda(baseline, tmp_path):
 def test_sparsity_trains_on_a_gpu(baseline):
     root, cfg = baseline
     types = LayerTypes()
-    start_run(cfg("kernels.sparsity=2:4", "train.device=cuda", "train.precision=bf16", "model.d_model=128"),
-              root / "runs", "sparse",
-              callbacks=[types])
+    start_run(
+        cfg("kernels.sparsity=2:4", "train.device=cuda", "train.precision=bf16", "model.d_model=128"),
+        root / "runs",
+        "sparse",
+        callbacks=[types],
+    )
     assert types.types["layers.0.mlp.w1"] == "SemiSparseLinear" and types.types["layers.0.attn.wq"] == "Linear"

@@ -61,8 +61,11 @@ def family(tmp_path_factory):
     runs = root / "runs"
 
     def cfg(*extra):
-        return load_config(overrides=tiny_overrides(corpus, root / "cache", f"train.steps={STEPS}",
-                                                    "checkpoint.every=4", "eval.every=8", *extra))
+        return load_config(
+            overrides=tiny_overrides(
+                corpus, root / "cache", f"train.steps={STEPS}", "checkpoint.every=4", "eval.every=8", *extra
+            )
+        )
 
     start_run(cfg(), runs, "parent")
     return {"cfg": cfg, "runs": runs, "parent": runs / "parent"}
@@ -123,9 +126,10 @@ def test_fork_adding_qk_norm_post_norm_and_z_loss_trains_and_resumes_exactly(fam
     watch = Watch()
     fork = fork_and_train(family, "stabilised", sets=sets, watch=watch)
     new = fork.run.lineage()["new_tensors"]
-    assert new == sorted([f"layers.{i}.attn.{n}_norm.weight" for i in range(2) for n in "qk"]  # RMSNorm per head
-                         + [f"layers.{i}.{n}_post_norm.{t}" for i in range(2) for n in ("attn", "mlp")
-                            for t in ("weight", "bias")])  # the run's own norm: LayerNorm with bias
+    assert new == sorted(
+        [f"layers.{i}.attn.{n}_norm.weight" for i in range(2) for n in "qk"]  # RMSNorm per head
+        + [f"layers.{i}.{n}_post_norm.{t}" for i in range(2) for n in ("attn", "mlp") for t in ("weight", "bias")]
+    )  # the run's own norm: LayerNorm with bias
     # new gains start at 1 and biases at 0 (the documented initialisation), old weights are the
     # checkpoint's, and only the new tensors start without optimizer state
     for name in new:
@@ -150,8 +154,9 @@ def test_fork_adding_qk_norm_post_norm_and_z_loss_trains_and_resumes_exactly(fam
 
 def test_from_scratch_takes_any_change_and_keeps_the_data_order(family):
     watch = Watch()
-    fork = fork_and_train(family, "wider", step=None, sets=["model.d_model=32", "train.steps=6"], scratch=True,
-                          watch=watch)
+    fork = fork_and_train(
+        family, "wider", step=None, sets=["model.d_model=32", "train.steps=6"], scratch=True, watch=watch
+    )
     lineage = fork.run.lineage()
     assert lineage["from_scratch"] and lineage["changed"]["model.d_model"] == [64, 32]
     assert watch.indices == list(range(6))
@@ -165,23 +170,29 @@ def _error_line(capsys):
     return err[0]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing-run", "--step", "8", "--name", "x"], "not a Kiln run folder"),
-    (["{parent}", "--step", "3", "--name", "x"], "no valid checkpoint at or before step 3"),
-    (["{parent}", "--step", "8", "--name", "parent"], "already exists"),
-    (["{parent}", "--step", "8", "--name", "x", "--set", "optim.lrr=1"], "did you mean 'optim.lr'"),
-    (["{parent}", "--step", "8", "--name", "x", "--skip-batches", "9-12"], "--skip-batches takes A:B"),
-    (["{parent}", "--step", "8", "--name", "x", "--skip-batches", "12:9"], "--skip-batches takes A:B"),
-    (["{parent}", "--step", "8", "--name", "x", "--skip-batches", "3:9"], "before the fork point"),
-    (["{parent}", "--step", "8", "--name", "x", "--set", "model.d_model=128"], "--from-scratch"),
-    (["{parent}", "--step", "8", "--name", "x", "--set", "data.vocab_size=400"], "--from-scratch"),
-    (["{parent}", "--step", "8", "--name", "x", "--set", "train.objective=masked"], "--from-scratch"),
-    (["{parent}", "--step", "8", "--name", "x", "--set", "model.n_layers=3"], "--from-scratch"),
-    (["{parent}", "--step", "8", "--name", "x", "--set", "model.n_heads=2"], "--from-scratch"),
-    (["{parent}", "--step", "8", "--name", "x", "--set", "model.family=encoder"], "--from-scratch"),
-    (["{parent}", "--step", "8", "--name", "x", "--set", "data.tokenizer={parent}/tokenizer.json"], "--from-scratch"),
-    (["{parent}", "--name", "x"], "needs --step"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing-run", "--step", "8", "--name", "x"], "not a Kiln run folder"),
+        (["{parent}", "--step", "3", "--name", "x"], "no valid checkpoint at or before step 3"),
+        (["{parent}", "--step", "8", "--name", "parent"], "already exists"),
+        (["{parent}", "--step", "8", "--name", "x", "--set", "optim.lrr=1"], "did you mean 'optim.lr'"),
+        (["{parent}", "--step", "8", "--name", "x", "--skip-batches", "9-12"], "--skip-batches takes A:B"),
+        (["{parent}", "--step", "8", "--name", "x", "--skip-batches", "12:9"], "--skip-batches takes A:B"),
+        (["{parent}", "--step", "8", "--name", "x", "--skip-batches", "3:9"], "before the fork point"),
+        (["{parent}", "--step", "8", "--name", "x", "--set", "model.d_model=128"], "--from-scratch"),
+        (["{parent}", "--step", "8", "--name", "x", "--set", "data.vocab_size=400"], "--from-scratch"),
+        (["{parent}", "--step", "8", "--name", "x", "--set", "train.objective=masked"], "--from-scratch"),
+        (["{parent}", "--step", "8", "--name", "x", "--set", "model.n_layers=3"], "--from-scratch"),
+        (["{parent}", "--step", "8", "--name", "x", "--set", "model.n_heads=2"], "--from-scratch"),
+        (["{parent}", "--step", "8", "--name", "x", "--set", "model.family=encoder"], "--from-scratch"),
+        (
+            ["{parent}", "--step", "8", "--name", "x", "--set", "data.tokenizer={parent}/tokenizer.json"],
+            "--from-scratch",
+        ),
+        (["{parent}", "--name", "x"], "needs --step"),
+    ],
+)
 def test_refusals_are_one_line_exit_2_and_write_nothing(family, capsys, args, message):
     before = sorted(p.name for p in family["runs"].iterdir())
     parent_files = sorted(str(p) for p in family["parent"].rglob("*"))
@@ -192,11 +203,14 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(family, capsys, args, me
     assert sorted(str(p) for p in family["parent"].rglob("*")) == parent_files
 
 
-@pytest.mark.parametrize("args, message", [
-    (["fork", "{parent}", "--step", "abc", "--name", "x"], "kiln fork: error: argument --step: invalid int value"),
-    (["fork", "{parent}", "--step", "8"], "kiln fork: error: the following arguments are required: --name"),
-    (["compare", "{parent}", "{parent}", "--bogus"], "kiln: error: unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fork", "{parent}", "--step", "abc", "--name", "x"], "kiln fork: error: argument --step: invalid int value"),
+        (["fork", "{parent}", "--step", "8"], "kiln fork: error: the following arguments are required: --name"),
+        (["compare", "{parent}", "{parent}", "--bogus"], "kiln: error: unrecognized arguments: --bogus"),
+    ],
+)
 def test_usage_mistakes_are_one_line_too(family, capsys, args, message):
     before = sorted(p.name for p in family["runs"].iterdir())
     assert main([a.format(parent=family["parent"]) for a in args]) == 2
@@ -224,8 +238,16 @@ def test_runs_lists_status_lineage_and_tree(family, capsys):
     grand = create_fork(runs / "grandchild-parent", "grandchild", 12, log=lambda _: None)
     # a run whose process was killed (its pid is gone) and one that is alive (this process)
     dead = create_fork(family["parent"], "killed", 8, log=lambda _: None)
-    dead.run.write_json("status.json", {"state": "running", "pid": 2**22 + 12345, "host": os.uname().nodename,
-                                        "heartbeat": time.time(), "active_s": 3.0})
+    dead.run.write_json(
+        "status.json",
+        {
+            "state": "running",
+            "pid": 2**22 + 12345,
+            "host": os.uname().nodename,
+            "heartbeat": time.time(),
+            "active_s": 3.0,
+        },
+    )
     from kiln.runs.status import running_record
 
     alive = create_fork(family["parent"], "alive", 8, log=lambda _: None)
@@ -281,8 +303,24 @@ def test_compare_and_report_verbs(family, tmp_path, capsys):
 
 def test_fork_into_another_folder_with_dropout(family, tmp_path, capsys):
     other = tmp_path / "elsewhere"
-    assert main(["fork", str(family["parent"]), "--step", "12", "--name", "drop", "--runs-dir", str(other),
-                 "--set", "model.dropout=0.1", "--no-train"]) == 0
+    assert (
+        main(
+            [
+                "fork",
+                str(family["parent"]),
+                "--step",
+                "12",
+                "--name",
+                "drop",
+                "--runs-dir",
+                str(other),
+                "--set",
+                "model.dropout=0.1",
+                "--no-train",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in family["runs"].iterdir() if p.name == "drop") == []
     run = RunDir(other / "drop")
     assert run.lineage()["changed"]["model.dropout"] == [0.0, 0.1] and run.config().model.dropout == 0.1
@@ -310,7 +348,10 @@ def test_a_corrupt_newest_checkpoint_is_passed_over_and_named(family, tmp_path):
     fork = create_fork(copy, "past-corrupt", 12, log=said.append)
     assert fork.lineage["parent"]["step"] == 8 and fork.checkpoint.name == "step-00000008"
     text = "\n".join(said)
-    assert "step-00000012 is unusable" in text and "step-00000008 (the newest valid checkpoint at or before step 12)" in text
+    assert (
+        "step-00000012 is unusable" in text
+        and "step-00000008 (the newest valid checkpoint at or before step 12)" in text
+    )
     resume_run(fork.run.path)
     assert losses(fork.run.path) == {k: v for k, v in losses(family["parent"]).items() if k > 8}
 
@@ -328,8 +369,11 @@ def test_kiln_runs_tells_a_killed_training_from_a_live_one(family, tmp_path, cap
     from kiln.config import to_toml
 
     config.write_text(to_toml(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", "--config", str(config), "--runs-dir",
-                             str(runs), "--name", "long"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiln", "train", "--config", str(config), "--runs-dir", str(runs), "--name", "long"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -345,6 +389,8 @@ def test_kiln_runs_tells_a_killed_training_from_a_live_one(family, tmp_path, cap
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert json.loads((runs / "long" / "status.json").read_text())["state"] == "running"  # as the killed process left it
+    assert (
+        json.loads((runs / "long" / "status.json").read_text())["state"] == "running"
+    )  # as the killed process left it
     assert main(["runs", str(runs), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["status"] == "interrupted"

@@ -27,22 +27,73 @@ from kiln.interop import hf, hf_files  # noqa: E402
 from kiln.interop.convert import LanguageModel, adapter_for, generation_config, load, read_hf  # noqa: E402
 from kiln.model.registry import build_model  # noqa: E402
 
-TEXT = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n", "for i in range(10):\n    print(i)\n",
-        "import os\nprint(os.getcwd())\n", "while True:\n    break\n"] * 40
+TEXT = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    x: int = 0\n",
+    "for i in range(10):\n    print(i)\n",
+    "import os\nprint(os.getcwd())\n",
+    "while True:\n    break\n",
+] * 40
 TOL = {"llama": 1e-5, "qwen3": 1e-5, "gpt2": 1e-4, "bert": 1e-4}
 
-LLAMA = ModelConfig(family="decoder", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_ff=136, seq_len=32,
-                    pos="rope", rope_theta=50000.0, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", bias=False,
-                    tie_embeddings=False)
+LLAMA = ModelConfig(
+    family="decoder",
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_model=64,
+    d_ff=136,
+    seq_len=32,
+    pos="rope",
+    rope_theta=50000.0,
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    mlp="swiglu",
+    bias=False,
+    tie_embeddings=False,
+)
 QWEN3 = replace(LLAMA, qk_norm=True)
-GPT2 = ModelConfig(family="decoder", n_layers=2, n_heads=4, d_model=64, d_ff=200, seq_len=32, pos="learned",
-                   norm="layernorm", norm_eps=1e-4, mlp="gelu", bias=True, tie_embeddings=False)
-BERT = ModelConfig(family="encoder", n_layers=2, n_heads=4, d_model=64, d_ff=136, seq_len=32, pos="learned",
-                   norm="layernorm", norm_eps=1e-7, mlp="gelu_exact", bias=True, tie_embeddings=True,
-                   norm_position="post", embed_norm=True, type_vocab_size=2)
-FLAVOURS = {"llama": LLAMA, "qwen3": QWEN3, "gpt2": GPT2, "llama-tied": replace(LLAMA, tie_embeddings=True),
-            "llama-bias": replace(LLAMA, bias=True), "gpt2-tied": replace(GPT2, tie_embeddings=True),
-            "gpt2-exact-gelu": replace(GPT2, mlp="gelu_exact"), "bert": BERT}
+GPT2 = ModelConfig(
+    family="decoder",
+    n_layers=2,
+    n_heads=4,
+    d_model=64,
+    d_ff=200,
+    seq_len=32,
+    pos="learned",
+    norm="layernorm",
+    norm_eps=1e-4,
+    mlp="gelu",
+    bias=True,
+    tie_embeddings=False,
+)
+BERT = ModelConfig(
+    family="encoder",
+    n_layers=2,
+    n_heads=4,
+    d_model=64,
+    d_ff=136,
+    seq_len=32,
+    pos="learned",
+    norm="layernorm",
+    norm_eps=1e-7,
+    mlp="gelu_exact",
+    bias=True,
+    tie_embeddings=True,
+    norm_position="post",
+    embed_norm=True,
+    type_vocab_size=2,
+)
+FLAVOURS = {
+    "llama": LLAMA,
+    "qwen3": QWEN3,
+    "gpt2": GPT2,
+    "llama-tied": replace(LLAMA, tie_embeddings=True),
+    "llama-bias": replace(LLAMA, bias=True),
+    "gpt2-tied": replace(GPT2, tie_embeddings=True),
+    "gpt2-exact-gelu": replace(GPT2, mlp="gelu_exact"),
+    "bert": BERT,
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +108,11 @@ def random_model(cfg: ModelConfig, vocab: int, seed: int = 0) -> torch.nn.Module
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():  # norm gains around 1, everything else around 0
-            base = 1.0 if p.dim() == 1 and not any(n.endswith("bias") for n, q in model.named_parameters() if q is p) else 0.0
+            base = (
+                1.0
+                if p.dim() == 1 and not any(n.endswith("bias") for n, q in model.named_parameters() if q is p)
+                else 0.0
+            )
             p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
     model.init_buffers()
     return model.eval()
@@ -67,14 +122,19 @@ def export_folder(model, cfg: ModelConfig, tokenizer, out: Path) -> Path:
     adapter = adapter_for(cfg)
     tensors = adapter.to_hf(cfg, {k: v.detach() for k, v in model.state_dict().items()}, tokenizer.vocab_size)
     ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
-    files = {"config.json": adapter.config(cfg, tokenizer.vocab_size, ids),
-             "generation_config.json": generation_config(tokenizer)}
+    files = {
+        "config.json": adapter.config(cfg, tokenizer.vocab_size, ids),
+        "generation_config.json": generation_config(tokenizer),
+    }
     return hf_files.write_folder(out, files, tensors, tokenizer, cfg.max_seq_len or cfg.seq_len, 10**9)
 
 
 def hf_model(folder: Path):
-    auto = transformers.AutoModelForMaskedLM if json.loads((folder / "config.json").read_text())["model_type"] == "bert" \
+    auto = (
+        transformers.AutoModelForMaskedLM
+        if json.loads((folder / "config.json").read_text())["model_type"] == "bert"
         else transformers.AutoModelForCausalLM
+    )
     return auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
@@ -103,8 +163,14 @@ def test_exported_logits_match_transformers(tmp_path, tokenizer, name):
         return  # a masked LM does not generate
     prompt = ids[:1, :4]
     with torch.no_grad():
-        greedy = theirs.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False,
-                                 pad_token_id=tokenizer.pad_id, eos_token_id=None)
+        greedy = theirs.generate(
+            prompt,
+            max_new_tokens=20,
+            do_sample=False,
+            use_cache=False,
+            pad_token_id=tokenizer.pad_id,
+            eos_token_id=None,
+        )
     assert LanguageModel(model, tokenizer.vocab_size, cfg).generate(prompt, 20).tolist() == greedy.tolist()
 
 
@@ -125,14 +191,19 @@ def test_import_then_export_is_bit_identical(tmp_path, tokenizer, name):
     state = {k: v.detach() for k, v in model.state_dict().items()}
     back = adapter.from_hf(cfg, adapter.to_hf(cfg, state, tokenizer.vocab_size))
     for key, value in state.items():
-        expected = value[:tokenizer.vocab_size] if key in hf.VOCAB_TENSORS else value
+        expected = value[: tokenizer.vocab_size] if key in hf.VOCAB_TENSORS else value
         assert torch.equal(back[key], expected), key
 
 
 def save_causal_tokenizer(tokenizer, folder: Path) -> None:
     """Kiln's tokenizer as `transformers` saves a causal model's (bos, eos, pad and unk roles)."""
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, eos_token="<|eos|>", bos_token="<|bos|>",
-                                         pad_token="<|pad|>", unk_token="<|unk|>").save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.tok,
+        eos_token="<|eos|>",
+        bos_token="<|bos|>",
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+    ).save_pretrained(folder)
 
 
 def saved_transformers_model(cls, config, folder: Path):
@@ -148,10 +219,19 @@ def saved_transformers_model(cls, config, folder: Path):
 
 def test_a_real_transformers_model_imports_with_parity(tmp_path, tokenizer):
     """The other direction from the start: a model `transformers` built and saved itself."""
-    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=136,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=50000.0,
-                                      tie_word_embeddings=False, eos_token_id=tokenizer.eos_id)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=136,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_theta=50000.0,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_id,
+    )
     theirs = saved_transformers_model(transformers.LlamaForCausalLM, config, tmp_path / "llama")
     save_causal_tokenizer(tokenizer, tmp_path / "llama")
     model, tok = load(tmp_path / "llama")
@@ -168,21 +248,38 @@ def endoftext_tokenizer():
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=290, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                                bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.train_from_iterator(
+        TEXT,
+        trainers.BpeTrainer(
+            vocab_size=290, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
     return tok, fast
 
 
 def test_a_real_bert_imports_with_parity_and_its_cls_sep_roles(tmp_path, tokenizer):
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=136, max_position_embeddings=64,
-                                     layer_norm_eps=1e-7, pad_token_id=tokenizer.pad_id)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=136,
+        max_position_embeddings=64,
+        layer_norm_eps=1e-7,
+        pad_token_id=tokenizer.pad_id,
+    )
     theirs = saved_transformers_model(transformers.BertForMaskedLM, config, tmp_path / "bert")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok, cls_token="<|bos|>", sep_token="<|eos|>",
-                                         pad_token="<|pad|>", unk_token="<|unk|>",
-                                         mask_token="<|mask|>").save_pretrained(tmp_path / "bert")
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.tok,
+        cls_token="<|bos|>",
+        sep_token="<|eos|>",
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+        mask_token="<|mask|>",
+    ).save_pretrained(tmp_path / "bert")
     model, tok = load(tmp_path / "bert")
     assert (tok.bos_id, tok.eos_id, tok.mask_id) == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id)
     ids = batch(tok)
@@ -196,11 +293,17 @@ def test_the_bert_base_preset_is_bert_base_exactly():
     cfg = load_config("bert-base").model
     with torch.device("meta"):
         ours = build_model(cfg, 30522)
-        theirs = transformers.BertForMaskedLM(transformers.BertConfig(**{
-            k: v for k, v in adapter_for(cfg).config(cfg, 30522, {}).items() if k != "torch_dtype"}))
+        theirs = transformers.BertForMaskedLM(
+            transformers.BertConfig(
+                **{k: v for k, v in adapter_for(cfg).config(cfg, 30522, {}).items() if k != "torch_dtype"}
+            )
+        )
     mapped = adapter_for(cfg).to_hf(cfg, dict(ours.state_dict()), 30522)
-    expected = {k: tuple(v.shape) for k, v in theirs.state_dict().items()
-                if k not in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")}
+    expected = {
+        k: tuple(v.shape)
+        for k, v in theirs.state_dict().items()
+        if k not in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    }
     assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
 
 
@@ -218,29 +321,37 @@ def test_roles_named_in_either_file_are_found(tmp_path, tokenizer):
     """special_tokens_map.json may name some roles and tokenizer_config.json others."""
     (tmp_path / "tokenizer.json").write_text(tokenizer.to_json())
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|eos|>"}))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"mask_token": {"content": "<|mask|>"},
-                                                                "pad_token": "<|pad|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"mask_token": {"content": "<|mask|>"}, "pad_token": "<|pad|>"})
+    )
     kt = hf_files.read_tokenizer(tmp_path, {})
-    assert (kt.eos_id, kt.mask_id, kt.pad_id, kt.bos_id) == (tokenizer.eos_id, tokenizer.mask_id, tokenizer.pad_id,
-                                                            tokenizer.eos_id)
+    assert (kt.eos_id, kt.mask_id, kt.pad_id, kt.bos_id) == (
+        tokenizer.eos_id,
+        tokenizer.mask_id,
+        tokenizer.pad_id,
+        tokenizer.eos_id,
+    )
 
 
-@pytest.mark.parametrize("cfg, words", [
-    (replace(LLAMA, norm="layernorm"), "model.norm = 'layernorm'"),
-    (replace(LLAMA, mlp="gelu"), "model.mlp = 'gelu'"),
-    (replace(QWEN3, bias=True), "model.bias = true"),
-    (replace(LLAMA, post_norm=True), "model.post_norm"),
-    (replace(GPT2, pos="learned", norm="rmsnorm"), "model.norm = 'rmsnorm'"),
-    (replace(GPT2, mlp="swiglu"), "model.mlp = 'swiglu'"),
-    (replace(GPT2, n_kv_heads=2), "grouped-query"),
-    (replace(GPT2, qk_norm=True), "model.qk_norm"),
-    (replace(GPT2, bias=False), "model.bias = false"),
-    (replace(LLAMA, family="encoder"), "model.family = 'encoder'"),
-    (replace(BERT, norm_position="pre"), "model.norm_position = 'pre'.*the bert flavour"),
-    (replace(BERT, mlp="gelu"), "model.mlp = 'gelu'.*BertForMaskedLM"),
-    (replace(BERT, pos="rope"), "model.pos = 'rope'"),
-    (replace(BERT, type_vocab_size=0), "model.type_vocab_size = 0"),
-])
+@pytest.mark.parametrize(
+    "cfg, words",
+    [
+        (replace(LLAMA, norm="layernorm"), "model.norm = 'layernorm'"),
+        (replace(LLAMA, mlp="gelu"), "model.mlp = 'gelu'"),
+        (replace(QWEN3, bias=True), "model.bias = true"),
+        (replace(LLAMA, post_norm=True), "model.post_norm"),
+        (replace(GPT2, pos="learned", norm="rmsnorm"), "model.norm = 'rmsnorm'"),
+        (replace(GPT2, mlp="swiglu"), "model.mlp = 'swiglu'"),
+        (replace(GPT2, n_kv_heads=2), "grouped-query"),
+        (replace(GPT2, qk_norm=True), "model.qk_norm"),
+        (replace(GPT2, bias=False), "model.bias = false"),
+        (replace(LLAMA, family="encoder"), "model.family = 'encoder'"),
+        (replace(BERT, norm_position="pre"), "model.norm_position = 'pre'.*the bert flavour"),
+        (replace(BERT, mlp="gelu"), "model.mlp = 'gelu'.*BertForMaskedLM"),
+        (replace(BERT, pos="rope"), "model.pos = 'rope'"),
+        (replace(BERT, type_vocab_size=0), "model.type_vocab_size = 0"),
+    ],
+)
 def test_inexpressible_models_are_refused_naming_the_option(cfg, words):
     from kiln.errors import ConfigError
 
@@ -249,13 +360,16 @@ def test_inexpressible_models_are_refused_naming_the_option(cfg, words):
         flavour(cfg)
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
-    ({"head_dim": 32}, "head_dim = 32"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"attention_bias": True}, "attention_bias = True with mlp_bias = False"),
-    ({"model_type": "mistral"}, "model_type = 'mistral'"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+        ({"head_dim": 32}, "head_dim = 32"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"attention_bias": True}, "attention_bias = True with mlp_bias = False"),
+        ({"model_type": "mistral"}, "model_type = 'mistral'"),
+    ],
+)
 def test_imports_kiln_cannot_express_are_refused(change, words):
     from kiln.errors import ConfigError
 
@@ -296,24 +410,64 @@ def kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             os.chdir(here)
         return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     env = dict(os.environ, KILN_QUIET="1")
-    return subprocess.run([sys.executable, "-m", "kiln", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
-TINY_RUN = ["--set", "model.n_layers=2", "--set", "model.d_model=64", "--set", "model.n_heads=4",
-            "--set", "model.seq_len=32", "--set", "data.vocab_size=300", "--set", "train.steps=12",
-            "--set", "train.time_budget_s=0", "--set", "train.batch_size=4", "--set", "train.precision=fp32",
-            "--set", "eval.every=0", "--set", "eval.batches=1", "--set", "log.plot=false",
-            "--set", "checkpoint.every=12", "--set", "guard.hang_min_s=0", "--set", "eval.sample_tokens=4",
-            "--set", "data.piece_chars=400"]
+TINY_RUN = [
+    "--set",
+    "model.n_layers=2",
+    "--set",
+    "model.d_model=64",
+    "--set",
+    "model.n_heads=4",
+    "--set",
+    "model.seq_len=32",
+    "--set",
+    "data.vocab_size=300",
+    "--set",
+    "train.steps=12",
+    "--set",
+    "train.time_budget_s=0",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.precision=fp32",
+    "--set",
+    "eval.every=0",
+    "--set",
+    "eval.batches=1",
+    "--set",
+    "log.plot=false",
+    "--set",
+    "checkpoint.every=12",
+    "--set",
+    "guard.hang_min_s=0",
+    "--set",
+    "eval.sample_tokens=4",
+    "--set",
+    "data.piece_chars=400",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("hfrun")
     (root / "corpus.txt").write_text("".join(TEXT))
-    r = kiln("train", "--preset", "tiny", "--name", "base", "--set", f"data.corpus={root / 'corpus.txt'}",
-             "--set", f"data.cache_dir={root / 'cache'}", *TINY_RUN, cwd=root)
+    r = kiln(
+        "train",
+        "--preset",
+        "tiny",
+        "--name",
+        "base",
+        "--set",
+        f"data.corpus={root / 'corpus.txt'}",
+        "--set",
+        f"data.cache_dir={root / 'cache'}",
+        *TINY_RUN,
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return root
 
@@ -323,10 +477,21 @@ def test_cli_export_loads_in_a_text_generation_pipeline(trained):
     r = kiln("export", "runs/base", "--format", "hf", "--out", str(out), cwd=trained)
     assert r.returncode == 0, r.stderr
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "special_tokens_map.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    } <= names
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert (tok.eos_token, tok.pad_token, tok.mask_token, tok.model_max_length) == ("<|eos|>", "<|pad|>", "<|mask|>", 32)
+    assert (tok.eos_token, tok.pad_token, tok.mask_token, tok.model_max_length) == (
+        "<|eos|>",
+        "<|pad|>",
+        "<|mask|>",
+        32,
+    )
     assert tok.clean_up_tokenization_spaces is False
     pipe = transformers.pipeline("text-generation", model=str(out), tokenizer=tok, device="cpu")
     text = pipe("def ", max_new_tokens=8, do_sample=False)[0]["generated_text"]
@@ -338,11 +503,40 @@ def test_cli_export_loads_in_a_text_generation_pipeline(trained):
 
 
 def test_a_trained_bert_flavour_run_exports_to_bert_for_masked_lm(trained, tmp_path):
-    bert = ["--set", "model.family=encoder", "--set", "train.objective=masked", "--set", "model.pos=learned",
-            "--set", "model.norm=layernorm", "--set", "model.mlp=gelu_exact", "--set", "model.bias=true",
-            "--set", "model.norm_position=post", "--set", "model.embed_norm=true", "--set", "model.type_vocab_size=2"]
-    r = kiln("train", "--preset", "tiny", "--name", "bert", "--set", f"data.corpus={trained / 'corpus.txt'}",
-             "--set", f"data.cache_dir={trained / 'cache'}", *TINY_RUN, *bert, cwd=trained)
+    bert = [
+        "--set",
+        "model.family=encoder",
+        "--set",
+        "train.objective=masked",
+        "--set",
+        "model.pos=learned",
+        "--set",
+        "model.norm=layernorm",
+        "--set",
+        "model.mlp=gelu_exact",
+        "--set",
+        "model.bias=true",
+        "--set",
+        "model.norm_position=post",
+        "--set",
+        "model.embed_norm=true",
+        "--set",
+        "model.type_vocab_size=2",
+    ]
+    r = kiln(
+        "train",
+        "--preset",
+        "tiny",
+        "--name",
+        "bert",
+        "--set",
+        f"data.corpus={trained / 'corpus.txt'}",
+        "--set",
+        f"data.cache_dir={trained / 'cache'}",
+        *TINY_RUN,
+        *bert,
+        cwd=trained,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     r = kiln("export", "runs/bert", "--format", "hf", "--out", str(tmp_path / "bert"), cwd=trained)
     assert r.returncode == 0, r.stderr
@@ -359,8 +553,11 @@ def test_refused_export_exits_2_and_writes_nothing(trained):
     r = kiln("export", "runs/base", "--format", "hf", "--out", "x", "--max-shard-size", "lots", cwd=trained)
     assert r.returncode == 2 and "max-shard-size" in r.stderr and "Traceback" not in r.stderr
     assert not (trained / "x").exists()
-    r = kiln("export", "runs/base", "--format", "hf", "--out", "export-hf", cwd=trained) \
-        if (trained / "export-hf").exists() else None
+    r = (
+        kiln("export", "runs/base", "--format", "hf", "--out", "export-hf", cwd=trained)
+        if (trained / "export-hf").exists()
+        else None
+    )
     if r is not None:
         assert r.returncode == 2 and "already exists" in r.stderr
 
@@ -383,8 +580,15 @@ def test_imported_gpt2_continues_pretraining_and_its_loss_falls(tmp_path):
     trains 20 steps on a new corpus: the roles travel through data preparation and training."""
     tok, fast = endoftext_tokenizer()
     eot = tok.token_to_id("<|endoftext|>")
-    config = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                     eos_token_id=eot, bos_token_id=eot)
+    config = transformers.GPT2Config(
+        vocab_size=tok.get_vocab_size(),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        eos_token_id=eot,
+        bos_token_id=eot,
+    )
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     fast.save_pretrained(tmp_path / "gpt2")
@@ -392,15 +596,44 @@ def test_imported_gpt2_continues_pretraining_and_its_loss_falls(tmp_path):
     r = kiln("import", str(tmp_path / "gpt2"), "--name", "g", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "runs" / "g"
-    r = kiln("train", "--resume", str(run), "--set", f"data.corpus={tmp_path / 'corpus.txt'}",
-             "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.steps=20", "--set", "train.batch_size=8",
-             "--set", "model.seq_len=32", "--set", "train.time_budget_s=0", "--set", "eval.every=0",
-             "--set", "log.every=1", "--set", "log.plot=false", "--set", "guard.hang_min_s=0",
-             "--set", "schedule.warmup_steps=2", "--set", "optim.lr=3e-3", "--set", "data.piece_chars=400",
-             cwd=tmp_path)
+    r = kiln(
+        "train",
+        "--resume",
+        str(run),
+        "--set",
+        f"data.corpus={tmp_path / 'corpus.txt'}",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "train.steps=20",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "model.seq_len=32",
+        "--set",
+        "train.time_budget_s=0",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "log.every=1",
+        "--set",
+        "log.plot=false",
+        "--set",
+        "guard.hang_min_s=0",
+        "--set",
+        "schedule.warmup_steps=2",
+        "--set",
+        "optim.lr=3e-3",
+        "--set",
+        "data.piece_chars=400",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert (run / "tokenizer.roles.json").is_file()
     assert json.loads((run / "tokenizer.roles.json").read_text())["eos"] == "<|endoftext|>"

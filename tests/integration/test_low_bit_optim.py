@@ -61,9 +61,19 @@ def runs(tmp_path_factory):
     corpus = write_corpus(root / "corpus")
 
     def cfg(*extra):
-        return load_config(preset="tiny", overrides=tiny_overrides(
-            corpus, root / "cache", "train.steps=40", "eval.batches=4", "checkpoint.every=20", "checkpoint.keep=0",
-            "schedule.warmup_steps=5", *extra))
+        return load_config(
+            preset="tiny",
+            overrides=tiny_overrides(
+                corpus,
+                root / "cache",
+                "train.steps=40",
+                "eval.batches=4",
+                "checkpoint.every=20",
+                "checkpoint.keep=0",
+                "schedule.warmup_steps=5",
+                *extra,
+            ),
+        )
 
     for optim in ("adamw", "adamw8bit", "adamw4bit"):
         start_run(cfg(f"optim.name={optim}"), root / "runs", optim)
@@ -88,7 +98,10 @@ def test_low_bit_resume_is_bit_identical(runs, name):
     with pytest.raises(Crash):
         start_run(cfg(f"optim.name={name}"), root / "runs", f"cut-{name}", callbacks=[CrashAt(30)])
     resume_run(root / "runs" / f"cut-{name}")
-    full, resumed = jsonl(root / "runs" / name / "metrics.jsonl"), jsonl(root / "runs" / f"cut-{name}" / "metrics.jsonl")
+    full, resumed = (
+        jsonl(root / "runs" / name / "metrics.jsonl"),
+        jsonl(root / "runs" / f"cut-{name}" / "metrics.jsonl"),
+    )
     assert [r["step"] for r in resumed] == list(range(1, 41))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full]
@@ -113,7 +126,6 @@ def test_a_checkpoint_names_only_known_state_classes(runs):
     flat, meta = {}, {}
     lowbit.flatten_state("w/exp_avg", torch.zeros(3), flat, meta)  # a plain tensor: no metadata
     assert not meta and lowbit.unflatten_states(flat, meta)["w/exp_avg"].shape == (3,)
-    bad = {"subclass:w/exp_avg": json.dumps({"class": "os.system", "names": [], "ctx": [], "size": [3],
-                                             "stride": [1]})}
+    bad = {"subclass:w/exp_avg": json.dumps({"class": "os.system", "names": [], "ctx": [], "size": [3], "stride": [1]})}
     with pytest.raises(CheckpointError, match="names an unexpected class 'os.system'"):
         lowbit.unflatten_states({}, bad)

@@ -17,9 +17,21 @@ from kiln.train.session import resume_run, start_run
 
 STEPS = 150
 SMALL = [  # bert-tiny's shape, shrunk to seconds
-    "data.vocab_size=400", "data.val_fraction=0.2", "model.n_layers=2", "model.d_model=128", "model.n_heads=4",
-    "model.seq_len=64", "model.pos=rope", "train.batch_size=16", "train.device=cpu", "train.precision=fp32",
-    "optim.lr=1e-3", "schedule.warmup_steps=20", "eval.batches=4", "checkpoint.keep=0", "log.plot=false",
+    "data.vocab_size=400",
+    "data.val_fraction=0.2",
+    "model.n_layers=2",
+    "model.d_model=128",
+    "model.n_heads=4",
+    "model.seq_len=64",
+    "model.pos=rope",
+    "train.batch_size=16",
+    "train.device=cpu",
+    "train.precision=fp32",
+    "optim.lr=1e-3",
+    "schedule.warmup_steps=20",
+    "eval.batches=4",
+    "checkpoint.keep=0",
+    "log.plot=false",
 ]
 OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 NOUNS = "cat dog fox bird fish horse mouse snake".split()
@@ -56,16 +68,20 @@ def root(tmp_path_factory):
 
 
 def small(root, *extra):
-    return load_config(preset="bert-tiny", overrides=[*SMALL, f"data.corpus={root / 'corpus'}",
-                                                      f"data.cache_dir={root / 'cache'}", *extra])
+    return load_config(
+        preset="bert-tiny",
+        overrides=[*SMALL, f"data.corpus={root / 'corpus'}", f"data.cache_dir={root / 'cache'}", *extra],
+    )
 
 
 def test_masked_accuracy_ends_far_above_the_majority_baseline(root):
     cfg = small(root, f"train.steps={STEPS}", f"eval.every={STEPS // 2}", "checkpoint.every=0", "log.every=10")
     summary = start_run(cfg, root / "runs", "learn")
     acc, base = summary["val_masked_acc"], summary["majority_baseline"]
-    print(f"\nafter {STEPS} steps: val_masked_acc {acc:.3f}  majority_baseline {base:.3f}  "
-          f"val_loss {summary['val_loss']:.3f}  unigram entropy {summary['unigram_entropy']:.3f}")
+    print(
+        f"\nafter {STEPS} steps: val_masked_acc {acc:.3f}  majority_baseline {base:.3f}  "
+        f"val_loss {summary['val_loss']:.3f}  unigram entropy {summary['unigram_entropy']:.3f}"
+    )
     assert acc > 2 * base and acc > base + 0.15
     assert summary["val_acc"] == acc
     evals = jsonl(root / "runs" / "learn" / "eval.jsonl")
@@ -94,8 +110,15 @@ class CrashAfterCheckpoint(Callback):
 
 def test_a_killed_masked_run_resumes_exactly(root):
     n = 5
-    cfg = small(root, f"train.steps={2 * n}", f"checkpoint.every={n}", "eval.every=0", "log.every=1",
-                "model.dropout=0.1", "mask.whole_word=true")
+    cfg = small(
+        root,
+        f"train.steps={2 * n}",
+        f"checkpoint.every={n}",
+        "eval.every=0",
+        "log.every=1",
+        "model.dropout=0.1",
+        "mask.whole_word=true",
+    )
     torch.manual_seed(0)  # neither the runs nor the resume may depend on the process's RNG state
     start_run(cfg, root / "runs", "full")
     torch.manual_seed(1)
@@ -119,14 +142,25 @@ def test_bert_tiny_on_stdlib_beats_the_majority_baseline(tmp_path, monkeypatch, 
     of steps rather than the preset's time budget: a slow machine must not turn this into a
     shorter run (CI once got 114 steps in the budget and ended at 2.2x the baseline)."""
     monkeypatch.setenv("KILN_QUIET", "1")
-    cfg = load_config(preset="bert-tiny", overrides=[
-        f"data.cache_dir={tmp_path / 'cache'}", "eval.every=0", "eval.batches=2",
-        "train.time_budget_s=0", "train.steps=220",  # ~7x the baseline at two seeds (0.19 vs 0.027)
-        "checkpoint.every=0", "log.plot=false", "guard.hang_min_s=0"])
+    cfg = load_config(
+        preset="bert-tiny",
+        overrides=[
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "eval.every=0",
+            "eval.batches=2",
+            "train.time_budget_s=0",
+            "train.steps=220",  # ~7x the baseline at two seeds (0.19 vs 0.027)
+            "checkpoint.every=0",
+            "log.plot=false",
+            "guard.hang_min_s=0",
+        ],
+    )
     summary = start_run(cfg, tmp_path / "runs", "bert-tiny")
     with capsys.disabled():
-        print(f"\nbert-tiny on stdlib, {summary['steps']} steps: val_masked_acc {summary['val_masked_acc']:.3f}, "
-              f"majority_baseline {summary['majority_baseline']:.3f}, val_loss {summary['val_loss']:.3f}, "
-              f"unigram entropy {summary['unigram_entropy']:.3f}")
+        print(
+            f"\nbert-tiny on stdlib, {summary['steps']} steps: val_masked_acc {summary['val_masked_acc']:.3f}, "
+            f"majority_baseline {summary['majority_baseline']:.3f}, val_loss {summary['val_loss']:.3f}, "
+            f"unigram entropy {summary['unigram_entropy']:.3f}"
+        )
     assert summary["val_masked_acc"] > 4 * summary["majority_baseline"]
     assert summary["val_loss"] < summary["unigram_entropy"] - 0.5

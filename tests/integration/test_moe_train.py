@@ -15,8 +15,15 @@ from kiln.train.session import resume_run, start_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MOE = ["model.family=moe", "model.moe_experts=4", "model.moe_top_k=2", "model.moe_d_ff=64",
-       "model.moe_aux_loss=0.01", "model.moe_z_loss=0.001", "model.moe_bias_rate=0.01"]
+MOE = [
+    "model.family=moe",
+    "model.moe_experts=4",
+    "model.moe_top_k=2",
+    "model.moe_d_ff=64",
+    "model.moe_aux_loss=0.01",
+    "model.moe_z_loss=0.001",
+    "model.moe_bias_rate=0.01",
+]
 
 
 def jsonl(path):
@@ -31,9 +38,20 @@ def setup(tmp_path_factory):
     corpus = write_corpus(root / "corpus")
 
     def cfg(*extra):
-        return load_config(preset="tiny", overrides=tiny_overrides(
-            corpus, root / "cache", "train.steps=12", "checkpoint.every=6", "checkpoint.keep=0",
-            "schedule.warmup_steps=3", "optim.lr=3e-3", *MOE, *extra))
+        return load_config(
+            preset="tiny",
+            overrides=tiny_overrides(
+                corpus,
+                root / "cache",
+                "train.steps=12",
+                "checkpoint.every=6",
+                "checkpoint.keep=0",
+                "schedule.warmup_steps=3",
+                "optim.lr=3e-3",
+                *MOE,
+                *extra,
+            ),
+        )
 
     start_run(cfg(), root / "runs", "full")
     return root, cfg
@@ -52,9 +70,11 @@ def test_moe_trains_and_records_routing_statistics(setup):
     assert summary["val_loss"] < 6.0
 
 
-@pytest.mark.parametrize("extra", [["model.moe_aux_loss=0"], ["model.moe_capacity_factor=1.25",
-                                                               "model.moe_seq_aux_loss=0.01"]],
-                         ids=["dropless", "capacity"])
+@pytest.mark.parametrize(
+    "extra",
+    [["model.moe_aux_loss=0"], ["model.moe_capacity_factor=1.25", "model.moe_seq_aux_loss=0.01"]],
+    ids=["dropless", "capacity"],
+)
 def test_gradient_accumulation_matches_one_batch(setup, extra):
     """Two micro-batches of 2 give the step of one batch of 4 when routing is dropless and the
     auxiliary terms are per token (z-loss; the balancing bias moves on the whole step's counts).

@@ -21,13 +21,48 @@ def jsonl(path):
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_TEST_CORPUS", str(tmp_path / "corpus"))
-    sets = ["--set", "data.corpus=counting", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set",
-            "data.vocab_size=300", "--set", "model.family=conv", "--set", "model.d_model=32", "--set",
-            "model.seq_len=32", "--set", "train.batch_size=4", "--set", "train.precision=fp32", "--set",
-            "log.every=1", "--set", "eval.every=0", "--set", "eval.batches=1", "--set", "eval.sample_tokens=4",
-            "--set", "log.plot=false", "--set", "schedule.warmup_steps=2", "--set", "schedule.name=constant", "--set", "model.dropout=0.1",
-            "--set", 'callbacks.enabled=["count_steps", "layer_stats"]', "--set", "callbacks.layer_stats.every=3",
-            "--set", 'eval.suites=["vocab-size"]', "--set", "guard.hang_min_s=0"]
+    sets = [
+        "--set",
+        "data.corpus=counting",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "data.vocab_size=300",
+        "--set",
+        "model.family=conv",
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.seq_len=32",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.precision=fp32",
+        "--set",
+        "log.every=1",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "eval.batches=1",
+        "--set",
+        "eval.sample_tokens=4",
+        "--set",
+        "log.plot=false",
+        "--set",
+        "schedule.warmup_steps=2",
+        "--set",
+        "schedule.name=constant",
+        "--set",
+        "model.dropout=0.1",
+        "--set",
+        'callbacks.enabled=["count_steps", "layer_stats"]',
+        "--set",
+        "callbacks.layer_stats.every=3",
+        "--set",
+        'eval.suites=["vocab-size"]',
+        "--set",
+        "guard.hang_min_s=0",
+    ]
     yield tmp_path, sets
     plugins._loaded.pop(PLUGIN, None)
 
@@ -60,8 +95,10 @@ def test_a_plugin_family_trains_checkpoints_and_resumes(env, capsys):
 def test_without_the_plugin_the_error_names_it(env, capsys):
     tmp, sets = env
     runs = tmp / "runs"
-    assert main(["train", "--plugin", PLUGIN, "--runs-dir", str(runs), "--name", "r", *sets,
-                 "--set", "train.steps=2"]) == 0
+    assert (
+        main(["train", "--plugin", PLUGIN, "--runs-dir", str(runs), "--name", "r", *sets, "--set", "train.steps=2"])
+        == 0
+    )
     plugins._loaded.pop(PLUGIN, None)
     import kiln.model.registry as registry
 

@@ -27,8 +27,12 @@ def run(tmp_path_factory):
     from kiln.config import load_config
 
     root = tmp_path_factory.mktemp("quant")
-    cfg = load_config(preset="tiny", overrides=tiny_overrides(write_corpus(root / "corpus"), root / "cache",
-                                                              "train.steps=30", "model.tie_embeddings=false"))
+    cfg = load_config(
+        preset="tiny",
+        overrides=tiny_overrides(
+            write_corpus(root / "corpus"), root / "cache", "train.steps=30", "model.tie_embeddings=false"
+        ),
+    )
     start_run(cfg, root / "runs", "q")
     return root / "runs" / "q"
 
@@ -76,8 +80,23 @@ def test_eval_refuses_weights_of_another_run_or_step(run, tmp_path):
 
 
 def test_cli_refusals_are_one_line(run, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "kiln", "export", str(run), "--quantize", "int8", "--format", "hf",
-                        "--out", str(tmp_path / "hf")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kiln",
+            "export",
+            str(run),
+            "--quantize",
+            "int8",
+            "--format",
+            "hf",
+            "--out",
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "kiln export --quantize writes one safetensors file" in r.stderr
     assert not (tmp_path / "hf").exists()

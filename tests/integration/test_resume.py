@@ -58,9 +58,21 @@ def setup(tmp_path_factory):
     corpus = write_corpus(root / "corpus")
 
     def cfg(*extra):
-        return load_config(preset="tiny", overrides=tiny_overrides(
-            corpus, root / "cache", f"train.steps={2 * N}", f"checkpoint.every={N}", "checkpoint.keep=0",
-            "log.every=1", "eval.every=4", "model.dropout=0.2", "schedule.warmup_steps=3", *extra))
+        return load_config(
+            preset="tiny",
+            overrides=tiny_overrides(
+                corpus,
+                root / "cache",
+                f"train.steps={2 * N}",
+                f"checkpoint.every={N}",
+                "checkpoint.keep=0",
+                "log.every=1",
+                "eval.every=4",
+                "model.dropout=0.2",
+                "schedule.warmup_steps=3",
+                *extra,
+            ),
+        )
 
     recorder = Recorder()
     torch.manual_seed(0)  # runs must not depend on this (see test_same_seed_same_losses); resume must not either
@@ -131,8 +143,9 @@ def test_resume_is_bit_identical(setup, case):
     full_summary = json.loads((runs / "full" / "summary.json").read_text())
     assert summary["val_loss"] == full_summary["val_loss"] and summary["steps"] == 2 * N
     final = f"step-{2 * N:08d}"
-    assert (run / "checkpoints" / final / "model.safetensors").read_bytes() == \
-           (runs / "full" / "checkpoints" / final / "model.safetensors").read_bytes()
+    assert (run / "checkpoints" / final / "model.safetensors").read_bytes() == (
+        runs / "full" / "checkpoints" / final / "model.safetensors"
+    ).read_bytes()
 
 
 def test_resume_of_a_finished_run_does_not_train_again(setup):
@@ -164,8 +177,11 @@ def test_resume_refuses_changed_data(setup, tmp_path):
 
     root, cfg, _ = setup
     corpus = write_corpus(tmp_path / "corpus", n_files=12)
-    start_run(load_config(preset="tiny", overrides=tiny_overrides(corpus, tmp_path / "cache", "train.steps=2")),
-              tmp_path / "runs", "r")
+    start_run(
+        load_config(preset="tiny", overrides=tiny_overrides(corpus, tmp_path / "cache", "train.steps=2")),
+        tmp_path / "runs",
+        "r",
+    )
     run = tmp_path / "runs" / "r"
     other = write_corpus(tmp_path / "other", seed=5)
     with pytest.raises(KilnError, match="data"):  # another corpus

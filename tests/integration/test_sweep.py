@@ -12,9 +12,20 @@ from kiln.errors import ConfigError
 from kiln.scaling.sweep import load_sweep, run_sweep
 
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\nclass C{i}:\n    y = {i}\n" for i in range(400))
-COMMON = ["model.seq_len=32", "train.batch_size=4", "data.vocab_size=300", "eval.every=0", "eval.batches=2",
-          "checkpoint.every=0", "log.plot=false", "guard.hang_min_s=0", "train.precision=fp32", "eval.sample_tokens=2",
-          "data.piece_chars=500", "schedule.warmup_steps=2"]
+COMMON = [
+    "model.seq_len=32",
+    "train.batch_size=4",
+    "data.vocab_size=300",
+    "eval.every=0",
+    "eval.batches=2",
+    "checkpoint.every=0",
+    "log.plot=false",
+    "guard.hang_min_s=0",
+    "train.precision=fp32",
+    "eval.sample_tokens=2",
+    "data.piece_chars=500",
+    "schedule.warmup_steps=2",
+]
 
 
 def sweep_file(tmp_path, body: str) -> str:
@@ -26,9 +37,12 @@ def sweep_file(tmp_path, body: str) -> str:
 
 
 def test_grid_points_run_then_skip_then_resume(tmp_path):
-    path = sweep_file(tmp_path, 'shapes = [{n_layers = 1, d_model = 32, n_heads = 2}, '
-                                '{n_layers = 2, d_model = 64, n_heads = 2}]\ntokens = [1280]\n'
-                                'lr_rule = "width"\n')
+    path = sweep_file(
+        tmp_path,
+        "shapes = [{n_layers = 1, d_model = 32, n_heads = 2}, "
+        "{n_layers = 2, d_model = 64, n_heads = 2}]\ntokens = [1280]\n"
+        'lr_rule = "width"\n',
+    )
     lines: list[str] = []
     points = run_sweep(path, tmp_path / "runs", parallel=2, log=lines.append, progress_s=0.5)
     assert [p.state for p in points] == ["finished"] * 2 and all(p.loss for p in points)
@@ -53,7 +67,7 @@ def test_grid_points_run_then_skip_then_resume(tmp_path):
 
 
 def test_isoflop_points_share_their_budget(tmp_path):
-    path = sweep_file(tmp_path, 'params = [1e5, 1e6, 1e7]\nflops = [1e12, 1e13]\nwarmup_fraction = 0.1\n')
+    path = sweep_file(tmp_path, "params = [1e5, 1e6, 1e7]\nflops = [1e12, 1e13]\nwarmup_fraction = 0.1\n")
     name, points = load_sweep(path)
     assert name == "s" and len(points) == 6
     from kiln.config import load_config
@@ -66,8 +80,8 @@ def test_isoflop_points_share_their_budget(tmp_path):
 
 
 def test_seeds_repeat_every_point_under_its_own_train_seed(tmp_path):
-    _, once = load_sweep(sweep_file(tmp_path, 'params = [1e5, 1e6]\ntokens = [1e4]\n'))
-    name, points = load_sweep(sweep_file(tmp_path, 'params = [1e5, 1e6]\ntokens = [1e4]\nseeds = [0, 3]\n'))
+    _, once = load_sweep(sweep_file(tmp_path, "params = [1e5, 1e6]\ntokens = [1e4]\n"))
+    name, points = load_sweep(sweep_file(tmp_path, "params = [1e5, 1e6]\ntokens = [1e4]\nseeds = [0, 3]\n"))
     # the preset's seed (0) keeps the names a sweep without seeds gave: adding seeds reuses its runs
     assert [p.name for p in points] == [once[0].name, once[0].name + "-s3", once[1].name, once[1].name + "-s3"]
     from kiln.config import load_config
@@ -75,24 +89,29 @@ def test_seeds_repeat_every_point_under_its_own_train_seed(tmp_path):
     assert [load_config("tiny", overrides=p.overrides).train.seed for p in points] == [0, 3, 0, 3]
 
 
-@pytest.mark.parametrize("body, words", [
-    ("params = [1e5]\ntokens = [1e4]\nseeds = [1, 1]\n", "seeds must be a list of distinct"),
-    ("params = [1e5]\ntokens = [1e4]\nseeds = 2\n", "seeds must be a list of distinct"),
-    ("params = [1e5]\ntokens = [1e4]\nseeds = [[1]]\n", "seeds must be a list of distinct"),
-    ("tokens = [1000]\n", "params = [...] or as shapes"),
-    ("params = [1e5]\n", "tokens = [...] (a grid) or flops"),
-    ("params = [1e5]\ntokens = [-1]\n", "positive numbers"),
-    ("params = [1e5]\ntokens = [1e4]\nlr_rule = \"sqrt\"\n", "lr_rule"),
-    ("params = [1e5]\ntokens = [1e4]\nsizes = 3\n", "unknown key(s) sizes"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ("params = [1e5]\ntokens = [1e4]\nseeds = [1, 1]\n", "seeds must be a list of distinct"),
+        ("params = [1e5]\ntokens = [1e4]\nseeds = 2\n", "seeds must be a list of distinct"),
+        ("params = [1e5]\ntokens = [1e4]\nseeds = [[1]]\n", "seeds must be a list of distinct"),
+        ("tokens = [1000]\n", "params = [...] or as shapes"),
+        ("params = [1e5]\n", "tokens = [...] (a grid) or flops"),
+        ("params = [1e5]\ntokens = [-1]\n", "positive numbers"),
+        ('params = [1e5]\ntokens = [1e4]\nlr_rule = "sqrt"\n', "lr_rule"),
+        ("params = [1e5]\ntokens = [1e4]\nsizes = 3\n", "unknown key(s) sizes"),
+    ],
+)
 def test_bad_sweep_files_are_refused(tmp_path, body, words):
-    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
-                       .replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(
+        ConfigError,
+        match=words.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)").replace(".", r"\."),
+    ):
         load_sweep(sweep_file(tmp_path, body))
 
 
 def test_cli_dry_run_lists_the_points(tmp_path, capsys):
-    path = sweep_file(tmp_path, 'params = [1e5, 1e6]\ntokens = [1e4]\n')
+    path = sweep_file(tmp_path, "params = [1e5, 1e6]\ntokens = [1e4]\n")
     assert main(["sweep", path, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("s/L") == 2 and "--set train.tokens=" in out
@@ -102,13 +121,30 @@ def test_cli_dry_run_lists_the_points(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_real_isoflop_sweep_fits_and_predicts(tmp_path, capsys):
     """The demo's loop at a small scale (`make scaling-demo` is the full one): sweep, fit, predict."""
-    path = sweep_file(tmp_path, 'shapes = [{n_layers = 1, d_model = 32, n_heads = 2}, '
-                                '{n_layers = 2, d_model = 48, n_heads = 2}, {n_layers = 2, d_model = 64, n_heads = 2}]\n'
-                                'flops = [2e10, 6e10]\n')
+    path = sweep_file(
+        tmp_path,
+        "shapes = [{n_layers = 1, d_model = 32, n_heads = 2}, "
+        "{n_layers = 2, d_model = 48, n_heads = 2}, {n_layers = 2, d_model = 64, n_heads = 2}]\n"
+        "flops = [2e10, 6e10]\n",
+    )
     run_sweep(path, tmp_path / "runs", parallel=2, log=lambda _: None)
     fit_json = tmp_path / "fit.json"
-    assert main(["scaling", "fit", str(tmp_path / "runs" / "s"), "--json", str(fit_json), "--bootstrap", "10",
-                 "--plot", str(tmp_path / "fit.png")]) == 0
+    assert (
+        main(
+            [
+                "scaling",
+                "fit",
+                str(tmp_path / "runs" / "s"),
+                "--json",
+                str(fit_json),
+                "--bootstrap",
+                "10",
+                "--plot",
+                str(tmp_path / "fit.png"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "approach 2, 2 IsoFLOP groups" in out and (tmp_path / "fit.png").is_file()
     assert main(["scaling", "predict", str(fit_json), "--params", "2e5", "--tokens", "1e6"]) == 0

@@ -10,8 +10,17 @@ from kiln.config import from_dict
 from kiln.train.session import start_run
 from conftest import write_repetitive_corpus
 
-SUMMARY_KEYS = {"steps", "tokens", "train_loss", "val_loss", "val_ppl", "val_acc", "unigram_entropy",
-                "tokens_per_s", "mfu"}
+SUMMARY_KEYS = {
+    "steps",
+    "tokens",
+    "train_loss",
+    "val_loss",
+    "val_ppl",
+    "val_acc",
+    "unigram_entropy",
+    "tokens_per_s",
+    "mfu",
+}
 METRIC_KEYS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
 EVAL_KEYS = {"val_loss", "val_ppl", "val_acc"}
 
@@ -28,10 +37,24 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     corpus = write_repetitive_corpus(root / "corpus")
-    cfg = load_config(preset="tiny", overrides=tiny_overrides(
-        corpus, root / "cache", "train.steps=100", "train.batch_size=8", "optim.lr=3e-3",
-        "schedule.warmup_steps=10", "eval.every=50", "checkpoint.every=50", "checkpoint.keep=0", "log.every=1",
-        "log.plot=true", "eval.sample_tokens=8", 'eval.prompts=["def ", "the "]'))
+    cfg = load_config(
+        preset="tiny",
+        overrides=tiny_overrides(
+            corpus,
+            root / "cache",
+            "train.steps=100",
+            "train.batch_size=8",
+            "optim.lr=3e-3",
+            "schedule.warmup_steps=10",
+            "eval.every=50",
+            "checkpoint.every=50",
+            "checkpoint.keep=0",
+            "log.every=1",
+            "log.plot=true",
+            "eval.sample_tokens=8",
+            'eval.prompts=["def ", "the "]',
+        ),
+    )
     summary = start_run(cfg, root / "runs", "demo")
     return cfg, summary, root / "runs" / "demo"
 

@@ -16,8 +16,10 @@ def root(tmp_path_factory):
 
 
 def cfg(root, *extra):
-    return load_config(preset="vlm-tiny", overrides=[f"data.cache_dir={root / 'cache'}", "log.plot=false",
-                                                     "log.every=1", "eval.sample_tokens=8", *extra])
+    return load_config(
+        preset="vlm-tiny",
+        overrides=[f"data.cache_dir={root / 'cache'}", "log.plot=false", "log.every=1", "eval.sample_tokens=8", *extra],
+    )
 
 
 def losses(run):
@@ -48,8 +50,17 @@ def test_resume_with_loader_workers_is_exact(root):
 
 
 def test_a_missing_source_is_one_line(root, capsys):
-    argv = ["train", "--preset", "vlm-tiny", "--runs-dir", str(root / "runs"), "--set",
-            f"data.corpus={root / 'missing.tar'}", "--set", f"data.cache_dir={root / 'cache'}"]
+    argv = [
+        "train",
+        "--preset",
+        "vlm-tiny",
+        "--runs-dir",
+        str(root / "runs"),
+        "--set",
+        f"data.corpus={root / 'missing.tar'}",
+        "--set",
+        f"data.cache_dir={root / 'cache'}",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "missing.tar" in err and len(err.splitlines()) == 1 and "Traceback" not in err

@@ -25,8 +25,11 @@ from kiln.train.callbacks import Callback, register_callback
 
 MODE, _, N = os.environ.get("KILN_KILL", "none:0").partition(":")
 N = int(N or 0)
-ARMED = (MODE != "none" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-         and os.environ.get("RANK", "0") == os.environ.get("RANK_TO_KILL", os.environ.get("RANK", "0")))
+ARMED = (
+    MODE != "none"
+    and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    and os.environ.get("RANK", "0") == os.environ.get("RANK_TO_KILL", os.environ.get("RANK", "0"))
+)
 
 
 def die() -> None:
@@ -59,6 +62,7 @@ def counting(fn):
         if ARMED and calls["n"] == N:
             die()
         return fn(*args, **kwargs)
+
     return wrapped
 
 
@@ -73,6 +77,7 @@ elif ARMED and MODE == "prepare":
         result = original(*args, **kwargs)
         die()
         return result
+
     shards._encode_split = encode_then_die
 elif ARMED and MODE == "metrics":
     original_log = rundir.RunDir.log_metrics
@@ -83,4 +88,5 @@ elif ARMED and MODE == "metrics":
                 f.write(json.dumps(record)[:20])  # a torn line
             die()
         original_log(self, record)
+
     rundir.RunDir.log_metrics = log_then_die

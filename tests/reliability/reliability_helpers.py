@@ -10,7 +10,6 @@ import pytest
 from kiln.config import Config, load_config
 
 
-
 def write_corpus(folder: Path, docs: int = 30) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     words = "red green blue cyan magenta yellow black white orange purple brown grey".split()
@@ -21,11 +20,29 @@ def write_corpus(folder: Path, docs: int = 30) -> Path:
 
 
 def tiny_overrides(root: Path, corpus: Path) -> list[str]:
-    return [f"data.corpus={corpus}", f"data.cache_dir={root / 'cache'}", "data.vocab_size=300", "model.n_layers=2",
-            "model.d_model=32", "model.n_heads=2", "model.seq_len=16", "train.batch_size=4", "train.steps=30", "train.time_budget_s=0",
-            "train.precision=fp32", "log.every=1", "eval.every=0", "eval.batches=1", "checkpoint.every=5",
-            "checkpoint.keep=0", "eval.sample_tokens=2", "log.plot=false", "schedule.warmup_steps=2",
-            "model.dropout=0.1", "guard.hang_min_s=0"]
+    return [
+        f"data.corpus={corpus}",
+        f"data.cache_dir={root / 'cache'}",
+        "data.vocab_size=300",
+        "model.n_layers=2",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.seq_len=16",
+        "train.batch_size=4",
+        "train.steps=30",
+        "train.time_budget_s=0",
+        "train.precision=fp32",
+        "log.every=1",
+        "eval.every=0",
+        "eval.batches=1",
+        "checkpoint.every=5",
+        "checkpoint.keep=0",
+        "eval.sample_tokens=2",
+        "log.plot=false",
+        "schedule.warmup_steps=2",
+        "model.dropout=0.1",
+        "guard.hang_min_s=0",
+    ]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -44,5 +61,3 @@ def tiny(tmp_path, monkeypatch):
         return load_config("tiny", overrides=base + list(extra))
 
     return make, tmp_path / "runs"
-
-

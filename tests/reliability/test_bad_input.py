@@ -17,8 +17,11 @@ from kiln.errors import KilnError
 
 def snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under root (to show nothing changed)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -101,8 +104,9 @@ def test_tokenizer_that_does_not_match_the_shards(env, capsys):
     code, err = run_cli(["prepare", "--preset", "tiny", *sets(base)], capsys)
     assert_one_line_error(code, err, "does not match the tokenizer the shards were made with")
     after = snapshot(data.path)
-    assert {k: v for k, v in after.items() if k != "tokenizer.json"} == \
-        {k: v for k, v in before.items() if k != "tokenizer.json"}  # the shards were not rewritten
+    assert {k: v for k, v in after.items() if k != "tokenizer.json"} == {
+        k: v for k, v in before.items() if k != "tokenizer.json"
+    }  # the shards were not rewritten
 
 
 def test_incompatible_config_change_on_resume(env, capsys):
@@ -151,8 +155,9 @@ def test_unwritable_output_dir(env, capsys, monkeypatch):
         return real_mkdir(self, *a, **k)
 
     monkeypatch.setattr(Path, "mkdir", failing_mkdir)
-    code, err = run_cli(["train", "--preset", "tiny", "--runs-dir", str(root / "runs"), "--name", "x",
-                         *sets(base)], capsys)
+    code, err = run_cli(
+        ["train", "--preset", "tiny", "--runs-dir", str(root / "runs"), "--name", "x", *sets(base)], capsys
+    )
     assert_one_line_error(code, err, "cannot create the run folder", "Read-only file system")
 
 
@@ -211,7 +216,8 @@ def test_retention_keeps_last_k_plus_every_mth(tiny):
     from kiln.train.session import start_run
 
     make, runs = tiny
-    start_run(make("train.steps=30", "checkpoint.every=3", "checkpoint.keep=2", "checkpoint.keep_every=12"),
-              runs, "keep")
+    start_run(
+        make("train.steps=30", "checkpoint.every=3", "checkpoint.keep=2", "checkpoint.keep_every=12"), runs, "keep"
+    )
     kept = sorted(int(p.name.split("-")[1]) for p in (runs / "keep" / "checkpoints").iterdir())
     assert kept == [12, 24, 27, 30]

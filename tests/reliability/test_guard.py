@@ -65,8 +65,9 @@ def test_spike_rolls_back_and_skips_the_batches(tiny):
     spike = [e for e in events if e["kind"] in ("loss_spike", "grad_spike")]
     rollback = [e for e in events if e["kind"] == "rollback"]
     assert len(spike) == 1 and spike[0]["step"] == 24 and spike[0]["action"] == "rollback"
-    assert rollback == [{"step": 20, "kind": "rollback", "from_step": 24, "checkpoint": "step-00000020",
-                         "batches_skipped": [20, 25]}]
+    assert rollback == [
+        {"step": 20, "kind": "rollback", "from_step": 24, "checkpoint": "step-00000020", "batches_skipped": [20, 25]}
+    ]
     # after the rollback the steps 20.. train on data batches 26.., never on 20..25 again
     after = [idx for step, idx in hook.seen[24:]]
     assert after[0] == 26 and not set(range(20, 26)) & set(after)
@@ -85,6 +86,7 @@ def test_resumed_run_keeps_skipping(tiny):
     make, runs = tiny
     cfg = make("guard.on_spike=rollback")
     start_run(cfg, runs, "a", callbacks=[Inject(spike_at=[23])])
+
     # a second run killed at step 27 (after the rollback) and resumed
     class Kill(Callback):
         order = 99  # after the metrics writer
@@ -134,14 +136,19 @@ def test_a_lasting_level_change_is_not_flagged_forever():
         norm = 1.0 + 0.01 * (step % 3) if step < 40 else 10.0 + 0.1 * (step % 3)
         flags.append(float(guard.check(step, torch.tensor(3.0 - 0.001 * step), torch.tensor(norm))))
     assert sum(flags) == 0
-    assert [(e["step"], e["kind"]) for e in guard.drain()] == [(40, "grad_spike"), (41, "grad_spike"),
-                                                             (42, "grad_spike")]
+    assert [(e["step"], e["kind"]) for e in guard.drain()] == [
+        (40, "grad_spike"),
+        (41, "grad_spike"),
+        (42, "grad_spike"),
+    ]
 
     # the loss's level moves: skipped twice, the third in a row is "persistent" (a rollback in a
     # trainer; here on_persistent = skip), then the window restarts from the new level
     guard = Guard(GuardConfig(window=20, min_history=10, k=4.0, on_persistent="skip"), torch.device("cpu"))
-    flags = [float(guard.check(step, torch.tensor(3.0 + 0.01 * (step % 3) if step < 40 else 9.0),
-                               torch.tensor(1.0))) for step in range(80)]
+    flags = [
+        float(guard.check(step, torch.tensor(3.0 + 0.01 * (step % 3) if step < 40 else 9.0), torch.tensor(1.0)))
+        for step in range(80)
+    ]
     assert flags[40:43] == [1.0, 1.0, 1.0] and sum(flags[43:]) == 0
     assert [e["kind"] for e in guard.drain()] == ["loss_spike", "loss_spike", "persistent_spike"]
 

@@ -19,16 +19,32 @@ PLUGIN = str(Path(__file__).with_name("kill_plugin.py"))
 ENABLE = ["--set", 'callbacks.enabled=["kill", "layer_stats"]', "--set", "callbacks.layer_stats.every=3"]
 
 
-def kiln(args: list[str], mode: str = "none", n: int = 0, nproc: int = 1, extra_env: dict | None = None,
-         torchrun_args: list[str] = (), timeout: int = 300) -> subprocess.CompletedProcess:
+def kiln(
+    args: list[str],
+    mode: str = "none",
+    n: int = 0,
+    nproc: int = 1,
+    extra_env: dict | None = None,
+    torchrun_args: list[str] = (),
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
     """`kiln ARGS` with the kill plugin loaded, armed by KILN_KILL=mode:n."""
     env = dict(os.environ, KILN_QUIET="1", OMP_NUM_THREADS="1", KILN_KILL=f"{mode}:{n}", **(extra_env or {}))
     args = [args[0], "--plugin", PLUGIN, *args[1:]]
     if nproc == 1:
         cmd = [sys.executable, "-m", "kiln", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *torchrun_args, "-m", "kiln", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *torchrun_args,
+            "-m",
+            "kiln",
+            *args,
+        ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -49,8 +65,16 @@ def losses(run: Path) -> list[float]:
 
 
 rng = random.Random(7)
-KILL_POINTS = [("step", rng.randint(2, 19)), ("step", rng.randint(2, 19)), ("save_file", 4), ("save_file", 2),
-               ("fsync", 3), ("fsync", 11), ("metrics", rng.randint(2, 19)), ("prepare", 0)]
+KILL_POINTS = [
+    ("step", rng.randint(2, 19)),
+    ("step", rng.randint(2, 19)),
+    ("save_file", 4),
+    ("save_file", 2),
+    ("fsync", 3),
+    ("fsync", 11),
+    ("metrics", rng.randint(2, 19)),
+    ("prepare", 0),
+]
 
 
 @pytest.mark.parametrize("mode, n", KILL_POINTS)
@@ -86,8 +110,14 @@ def two_ranks(setup):
 def test_elastic_restart_after_a_rank_dies(setup, two_ranks):
     root, runs, sets, _ = setup
     args = ["train", "--preset", "tiny", "--runs-dir", str(runs), *sets]
-    proc = kiln(args + ["--name", "elastic"], "step", 10, nproc=2, extra_env={"RANK_TO_KILL": "1"},
-                torchrun_args=["--max-restarts=1"])
+    proc = kiln(
+        args + ["--name", "elastic"],
+        "step",
+        10,
+        nproc=2,
+        extra_env={"RANK_TO_KILL": "1"},
+        torchrun_args=["--max-restarts=1"],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exitcode: -9" in proc.stderr  # rank 1 really died, and torchrun restarted the job
     assert losses(runs / "elastic") == two_ranks  # resumed from step 8, exactly
@@ -111,8 +141,25 @@ def test_elastic_restart_without_a_name_resumes_the_same_run(setup, two_ranks):
 
 def test_hang_watchdog_dumps_stacks_and_exits(setup):
     root, runs, sets, _ = setup
-    proc = kiln(["train", "--preset", "tiny", "--runs-dir", str(runs), "--name", "hang", *sets,
-                 "--set", "guard.hang_min_s=3", "--set", "guard.hang_factor=5"], "hang", 8, timeout=120)
+    proc = kiln(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--runs-dir",
+            str(runs),
+            "--name",
+            "hang",
+            *sets,
+            "--set",
+            "guard.hang_min_s=3",
+            "--set",
+            "guard.hang_factor=5",
+        ],
+        "hang",
+        8,
+        timeout=120,
+    )
     assert proc.returncode == 75
     assert "stacks written to" in proc.stderr
     dump = (runs / "hang" / "hang-rank0.txt").read_text()

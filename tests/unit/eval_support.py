@@ -22,10 +22,22 @@ def tokenizer(texts: list[str] | None = None) -> KilnTokenizer:
 
 
 def config(tmp_path: Path, *extra: str) -> Config:
-    return load_config(preset="tiny", overrides=[
-        f"data.corpus={tmp_path / 'corpus'}", f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300",
-        "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=32", "train.batch_size=8",
-        "train.device=cpu", "train.precision=fp32", *extra])
+    return load_config(
+        preset="tiny",
+        overrides=[
+            f"data.corpus={tmp_path / 'corpus'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.vocab_size=300",
+            "model.n_layers=1",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.seq_len=32",
+            "train.batch_size=8",
+            "train.device=cpu",
+            "train.precision=fp32",
+            *extra,
+        ],
+    )
 
 
 def model(cfg: Config, tok: KilnTokenizer, seed: int = 0) -> nn.Module:
@@ -44,7 +56,7 @@ def memorise(cfg: Config, tok: KilnTokenizer, text: str = MEMORISED, steps: int 
     m = model(cfg, tok).train()
     stream = ([tok.eos_id] + tok.encode(text)) * 8
     T = cfg.model.seq_len
-    windows = torch.tensor([stream[i:i + T + 1] for i in range(0, len(stream) - T - 1, 7)])
+    windows = torch.tensor([stream[i : i + T + 1] for i in range(0, len(stream) - T - 1, 7)])
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     for _ in range(steps):
         logits = m(windows[:, :-1])

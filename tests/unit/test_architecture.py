@@ -32,7 +32,8 @@ def test_every_module_imports_on_its_own():
         "        importlib.import_module(name)\n"
         "    except Exception as e:\n"
         "        failed.append(f'{name}: {type(e).__name__}: {e}')\n"
-        "print('\\n'.join(failed))\n")
+        "print('\\n'.join(failed))\n"
+    )
     out = subprocess.run([sys.executable, "-c", script, *modules()], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "", out.stdout
@@ -66,7 +67,7 @@ def test_the_import_graph_has_no_cycle():
         stack.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == "open":
-                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+                cycles.append(" -> ".join(stack[stack.index(d) :] + [d]))
             elif d not in state:
                 visit(d)
         stack.pop()
@@ -82,16 +83,35 @@ def test_layers_do_not_reach_up():
     """Reading runs, evaluating and exporting never import the trainer; the config layer imports
     no registry; model code knows nothing of parallelism but the spec that points at a plan."""
     graph = import_graph()
-    for reader in ("kiln.runs.rundir", "kiln.runs.export", "kiln.eval.runner", "kiln.eval.sample", "kiln.runs.fork",
-                   "kiln.runs.catalog", "kiln.runs.compare", "kiln.runs.document", "kiln.runs.doctor",
-                   "kiln.runs.doctor_rules", "kiln.runs.explain", "kiln.interop.hf", "kiln.interop.hf_files",
-                   "kiln.interop.convert"):
+    for reader in (
+        "kiln.runs.rundir",
+        "kiln.runs.export",
+        "kiln.eval.runner",
+        "kiln.eval.sample",
+        "kiln.runs.fork",
+        "kiln.runs.catalog",
+        "kiln.runs.compare",
+        "kiln.runs.document",
+        "kiln.runs.doctor",
+        "kiln.runs.doctor_rules",
+        "kiln.runs.explain",
+        "kiln.interop.hf",
+        "kiln.interop.hf_files",
+        "kiln.interop.convert",
+    ):
         assert not {d for d in graph[reader] if d.startswith(("kiln.train.trainer", "kiln.train.session"))}, reader
-    assert graph["kiln.config"] <= {"kiln.errors", "kiln.tomlwrite", "kiln.config_rules"} and not graph["kiln.tomlwrite"]
+    assert (
+        graph["kiln.config"] <= {"kiln.errors", "kiln.tomlwrite", "kiln.config_rules"} and not graph["kiln.tomlwrite"]
+    )
     assert graph["kiln.config_rules"] <= {"kiln.errors"}
     # kernels sit below the model: the model calls them, they never reach into model or training code
-    assert not {d for m in graph if m.startswith("kiln.kernels") for d in graph[m]
-                if d.startswith(("kiln.model", "kiln.train", "kiln.parallel"))}
+    assert not {
+        d
+        for m in graph
+        if m.startswith("kiln.kernels")
+        for d in graph[m]
+        if d.startswith(("kiln.model", "kiln.train", "kiln.parallel"))
+    }
     for model_module in ("kiln.model.layers", "kiln.model.decoder", "kiln.model.encoder"):
         assert not {d for d in graph[model_module] if d.startswith("kiln.parallel")}, model_module
 

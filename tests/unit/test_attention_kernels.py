@@ -15,8 +15,7 @@ def test_matches_float64_attention(causal, kv_heads):
     q = torch.randn(2, 4, 48, 16, generator=g)
     k = torch.randn(2, kv_heads, 48, 16, generator=g)
     v = torch.randn(2, kv_heads, 48, 16, generator=g)
-    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
-                                         enable_gqa=kv_heads != 4)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal, enable_gqa=kv_heads != 4)
     out = bf16_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal).double()
     assert out.shape == ref.shape
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2  # bf16 operands

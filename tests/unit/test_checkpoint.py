@@ -10,7 +10,13 @@ from kiln.config import OptimConfig, load_config
 from kiln.errors import CheckpointError
 from kiln.model.registry import build_model
 from kiln.train import checkpoint as ckpt
-from kiln.train.checkpoint import latest_valid_checkpoint, list_checkpoints, read_state, step_dir_name, verify_checkpoint
+from kiln.train.checkpoint import (
+    latest_valid_checkpoint,
+    list_checkpoints,
+    read_state,
+    step_dir_name,
+    verify_checkpoint,
+)
 from kiln.train.optim import build_optimizer
 
 
@@ -18,8 +24,7 @@ from kiln.train.optim import build_optimizer
 # (the distributed-capable API); these adapters test whichever is present, single-process.
 def save_checkpoint(folder, step, model, optimizer, trainer_state, keep=0):
     if hasattr(ckpt, "Checkpointer"):
-        return ckpt.Checkpointer(folder, keep=keep).save(step, [model], [optimizer] if optimizer else [],
-                                                         trainer_state)
+        return ckpt.Checkpointer(folder, keep=keep).save(step, [model], [optimizer] if optimizer else [], trainer_state)
     return ckpt.save_checkpoint(folder, step, model, optimizer, trainer_state, keep=keep)
 
 
@@ -32,8 +37,10 @@ def load_checkpoint(path, model, optimizer):
 def manifest_files(path):
     return json.loads((path / "manifest.json").read_text())["files"]
 
-CFG = load_config(overrides=["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=16",
-                             "model.dropout=0.1"]).model
+
+CFG = load_config(
+    overrides=["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=16", "model.dropout=0.1"]
+).model
 
 
 def fresh(impl="auto"):
@@ -208,8 +215,9 @@ def test_resaving_a_step_replaces_it(tmp_path):
 def test_loading_into_a_different_model_is_refused(tmp_path):
     model, opt = fresh()
     path = save_checkpoint(tmp_path, 1, model, opt, {})
-    other_cfg = load_config(overrides=["model.n_layers=2", "model.d_model=32", "model.n_heads=2",
-                                       "model.seq_len=16"]).model
+    other_cfg = load_config(
+        overrides=["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.seq_len=16"]
+    ).model
     other = build_model(other_cfg, 300)
     with pytest.raises(CheckpointError, match="model shape changed"):
         load_checkpoint(path, other, None)

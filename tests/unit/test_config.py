@@ -3,7 +3,7 @@ import tomllib
 
 import pytest
 
-from kiln.config import (Config, from_dict, load_config, parse_override, preset_names, to_dict, to_toml)
+from kiln.config import Config, from_dict, load_config, parse_override, preset_names, to_dict, to_toml
 from kiln.errors import ConfigError
 from kiln.resolve import check_training
 
@@ -27,7 +27,12 @@ def test_preset_values_are_applied():
     assert (gpt2.model.n_layers, gpt2.model.d_model, gpt2.model.seq_len) == (12, 768, 1024)
     assert gpt2.global_batch == 524288 // 1024 == 512
     llama = load_config(preset="llama-1b")
-    assert (llama.model.n_kv_heads, llama.model.pos, llama.model.mlp, llama.schedule.name) == (8, "rope", "swiglu", "wsd")
+    assert (llama.model.n_kv_heads, llama.model.pos, llama.model.mlp, llama.schedule.name) == (
+        8,
+        "rope",
+        "swiglu",
+        "wsd",
+    )
     tiny = load_config(preset="tiny")
     assert tiny.data.corpus == "stdlib" and tiny.model.pos == "rope" and tiny.train.steps > 0
 
@@ -37,16 +42,19 @@ def test_unknown_preset():
         load_config(preset="nope")
 
 
-@pytest.mark.parametrize("item, key, value", [
-    ("train.steps=200", "train.steps", 200),
-    ("optim.lr=3e-4", "optim.lr", 3e-4),
-    ("model.bias=false", "model.bias", False),
-    ("model.pos=rope", "model.pos", "rope"),
-    ('model.pos="rope"', "model.pos", "rope"),
-    ("data.corpus=some/dir/*.txt", "data.corpus", "some/dir/*.txt"),
-    ('eval.prompts=["a", "b c"]', "eval.prompts", ["a", "b c"]),
-    (" train.seed = 7 ", "train.seed", 7),
-])
+@pytest.mark.parametrize(
+    "item, key, value",
+    [
+        ("train.steps=200", "train.steps", 200),
+        ("optim.lr=3e-4", "optim.lr", 3e-4),
+        ("model.bias=false", "model.bias", False),
+        ("model.pos=rope", "model.pos", "rope"),
+        ('model.pos="rope"', "model.pos", "rope"),
+        ("data.corpus=some/dir/*.txt", "data.corpus", "some/dir/*.txt"),
+        ('eval.prompts=["a", "b c"]', "eval.prompts", ["a", "b c"]),
+        (" train.seed = 7 ", "train.seed", 7),
+    ],
+)
 def test_parse_override(item, key, value):
     k, v = parse_override(item)
     assert (k, v) == (key, value)
@@ -60,9 +68,19 @@ def test_parse_override_malformed(item):
 
 
 def test_overrides_of_every_type_reach_the_config():
-    cfg = load_config(preset="tiny", overrides=[
-        "train.steps=17", "optim.lr=0.004", "optim.weight_decay=0", "model.qk_norm=true", "model.norm=layernorm",
-        'eval.prompts=["x", "y"]', "eval.prompts=[]", "train.compile=False"])
+    cfg = load_config(
+        preset="tiny",
+        overrides=[
+            "train.steps=17",
+            "optim.lr=0.004",
+            "optim.weight_decay=0",
+            "model.qk_norm=true",
+            "model.norm=layernorm",
+            'eval.prompts=["x", "y"]',
+            "eval.prompts=[]",
+            "train.compile=False",
+        ],
+    )
     assert cfg.train.steps == 17
     assert cfg.optim.lr == 0.004
     assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
@@ -118,23 +136,26 @@ def test_unknown_key_without_close_match_lists_allowed():
         load_config(overrides=["log.zzzzzz=1"])
 
 
-@pytest.mark.parametrize("item, pattern", [
-    ("train.steps=ten", r"train\.steps must be an integer, got 'ten'"),
-    ("train.steps=1.5", r"train\.steps must be an integer"),
-    ("train.steps=true", r"train\.steps must be an integer"),
-    ("optim.lr=fast", r"optim\.lr must be a number"),
-    ("model.bias=maybe", r"model\.bias must be true or false"),
-    ("model.pos=3", r"model\.pos = '3' is not allowed; choose one of learned, rope"),
-    ("eval.prompts=[1, 2]", r"eval\.prompts must be a string"),
-    ("model.pos=alibi", r"model\.pos = 'alibi' is not allowed; choose one of learned, rope"),
-    ("train.steps=-1", r"train\.steps must be >= 0"),
-    ("model.n_layers=0", r"model\.n_layers must be positive"),
-    ("model.dropout=1.0", r"model\.dropout must be in \[0, 1\)"),
-    ("data.vocab_size=100", r"data\.vocab_size = 100 is too small"),
-    ("data.val_fraction=0", r"data\.val_fraction"),
-    ("train.batch_tokens=100", r"train\.batch_tokens = 100 must be a multiple of model\.seq_len = 256"),
-    ("train.micro_batch_size=5", r"train\.micro_batch_size = 5 must divide the global batch of 16"),
-])
+@pytest.mark.parametrize(
+    "item, pattern",
+    [
+        ("train.steps=ten", r"train\.steps must be an integer, got 'ten'"),
+        ("train.steps=1.5", r"train\.steps must be an integer"),
+        ("train.steps=true", r"train\.steps must be an integer"),
+        ("optim.lr=fast", r"optim\.lr must be a number"),
+        ("model.bias=maybe", r"model\.bias must be true or false"),
+        ("model.pos=3", r"model\.pos = '3' is not allowed; choose one of learned, rope"),
+        ("eval.prompts=[1, 2]", r"eval\.prompts must be a string"),
+        ("model.pos=alibi", r"model\.pos = 'alibi' is not allowed; choose one of learned, rope"),
+        ("train.steps=-1", r"train\.steps must be >= 0"),
+        ("model.n_layers=0", r"model\.n_layers must be positive"),
+        ("model.dropout=1.0", r"model\.dropout must be in \[0, 1\)"),
+        ("data.vocab_size=100", r"data\.vocab_size = 100 is too small"),
+        ("data.val_fraction=0", r"data\.val_fraction"),
+        ("train.batch_tokens=100", r"train\.batch_tokens = 100 must be a multiple of model\.seq_len = 256"),
+        ("train.micro_batch_size=5", r"train\.micro_batch_size = 5 must divide the global batch of 16"),
+    ],
+)
 def test_wrong_values(item, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(preset="tiny", overrides=[item])
@@ -181,8 +202,9 @@ def test_objective_family_mismatch():
 def test_names_are_resolved_after_plugins_not_by_the_config_layer():
     """The config layer accepts any family, objective, suite or callback name; `kiln.resolve`
     checks them against the registries (which plugins fill)."""
-    cfg = load_config(overrides=["model.family=not-yet-registered", 'eval.suites=["mine"]',
-                                 'callbacks.enabled=["my_monitor"]'])
+    cfg = load_config(
+        overrides=["model.family=not-yet-registered", 'eval.suites=["mine"]', 'callbacks.enabled=["my_monitor"]']
+    )
     with pytest.raises(ConfigError, match="model.family = 'not-yet-registered' is not a registered model family"):
         check_training(cfg)
     with pytest.raises(ConfigError, match="unknown suite 'mine'"):
@@ -194,8 +216,13 @@ def test_names_are_resolved_after_plugins_not_by_the_config_layer():
 
 
 def test_callback_options_nest_and_round_trip():
-    cfg = load_config(overrides=['callbacks.enabled=["layer_stats"]', "callbacks.layer_stats.every=5",
-                                 "callbacks.layer_stats.modules=layers.0.attn"])
+    cfg = load_config(
+        overrides=[
+            'callbacks.enabled=["layer_stats"]',
+            "callbacks.layer_stats.every=5",
+            "callbacks.layer_stats.modules=layers.0.attn",
+        ]
+    )
     assert cfg.callbacks.enabled == ["layer_stats"]
     assert cfg.callbacks.options == {"layer_stats": {"every": 5, "modules": "layers.0.attn"}}
     assert from_dict(tomllib.loads(to_toml(cfg))) == cfg
@@ -217,9 +244,14 @@ def test_tokens_and_batch_tokens_derive_steps():
 
 @pytest.mark.parametrize("name", sorted({"tiny", "gpt2-124m", "llama-1b", *preset_names()}))
 def test_to_toml_round_trips(name):
-    cfg = load_config(preset=name, overrides=[
-        'eval.prompts=["quote \\" and backslash \\\\", "tab\\there", "new\\nline"]', "optim.eps=1e-12",
-        "data.corpus=a dir/with spaces/*.jsonl"])
+    cfg = load_config(
+        preset=name,
+        overrides=[
+            'eval.prompts=["quote \\" and backslash \\\\", "tab\\there", "new\\nline"]',
+            "optim.eps=1e-12",
+            "data.corpus=a dir/with spaces/*.jsonl",
+        ],
+    )
     text = to_toml(cfg)
     parsed = tomllib.loads(text)
     assert parsed == to_dict(cfg)
@@ -242,8 +274,16 @@ def test_rope_position_table_shorter_than_seq_len_is_rejected_or_works():
     from kiln.model.registry import build_model
 
     try:
-        cfg = load_config(overrides=["model.pos=rope", "model.seq_len=64", "model.max_seq_len=32",
-                                     "model.d_model=64", "model.n_heads=4", "model.n_layers=1"])
+        cfg = load_config(
+            overrides=[
+                "model.pos=rope",
+                "model.seq_len=64",
+                "model.max_seq_len=32",
+                "model.d_model=64",
+                "model.n_heads=4",
+                "model.n_layers=1",
+            ]
+        )
     except ConfigError as e:
         assert "max_seq_len" in str(e)
         return
@@ -262,7 +302,14 @@ def test_every_registered_family_and_objective_can_be_built():
     for family, spec in MODEL_SPECS.items():
         objective = "multimodal" if family == "vlm" else "causal" if spec.causal else "masked"
         extra = ["model.moe_experts=4", "model.mlp=swiglu", "model.bias=false"] if family == "moe" else []
-        cfg = load_config(overrides=[f"model.family={family}", f"train.objective={objective}", "model.d_model=64",
-                                     "model.n_layers=1", *extra])
+        cfg = load_config(
+            overrides=[
+                f"model.family={family}",
+                f"train.objective={objective}",
+                "model.d_model=64",
+                "model.n_layers=1",
+                *extra,
+            ]
+        )
         check_training(cfg)
         assert build_model(cfg.model, 300) is not None

@@ -40,7 +40,8 @@ def mixed_dir(tmp_path):
     with gzip.open(d / "sub" / "d.txt.gz", "wt") as f:
         f.write("gzipped text")
     (d / "sub" / "e.jsonl.zst").write_bytes(
-        zstandard.ZstdCompressor().compress((json.dumps({"text": "zstd jsonl"}) + "\n").encode()))
+        zstandard.ZstdCompressor().compress((json.dumps({"text": "zstd jsonl"}) + "\n").encode())
+    )
     (d / "f.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(b"zstd text"))
     (d / "ignored.csv").write_text("a,b\n1,2\n")
     (d / "ignored.bin").write_bytes(b"\x00\x01")
@@ -51,16 +52,24 @@ def test_directory_reads_every_supported_format(mixed_dir):
     files = resolve_corpus(DataConfig(corpus=str(mixed_dir)))
     assert [f.path.name for f in files] == ["a.txt", "b.jsonl", "c.parquet", "f.txt.zst", "d.txt.gz", "e.jsonl.zst"]
     assert texts_of(DataConfig(corpus=str(mixed_dir))) == [
-        "plain text file", "jsonl one", "jsonl two", "parquet one", "parquet two", "zstd text", "gzipped text",
-        "zstd jsonl"]
+        "plain text file",
+        "jsonl one",
+        "jsonl two",
+        "parquet one",
+        "parquet two",
+        "zstd text",
+        "gzipped text",
+        "zstd jsonl",
+    ]
 
 
 def test_custom_text_field(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    (tmp_path / "r.jsonl").write_text(json.dumps({"body": "custom A", "text": "not me"}) + "\n"
-                                      + json.dumps({"body": "custom B"}) + "\n")
+    (tmp_path / "r.jsonl").write_text(
+        json.dumps({"body": "custom A", "text": "not me"}) + "\n" + json.dumps({"body": "custom B"}) + "\n"
+    )
     pq.write_table(pa.table({"body": ["custom C"], "other": ["x"]}), tmp_path / "r.parquet")
     assert texts_of(DataConfig(corpus=str(tmp_path), text_field="body")) == ["custom A", "custom B", "custom C"]
 

@@ -22,8 +22,17 @@ FLAVOURS = {
 
 
 def encoder_cfg(*extra):
-    return load_config(overrides=["model.family=encoder", "train.objective=masked", "model.n_layers=2",
-                                  "model.d_model=64", "model.n_heads=4", "model.seq_len=32", *extra])
+    return load_config(
+        overrides=[
+            "model.family=encoder",
+            "train.objective=masked",
+            "model.n_layers=2",
+            "model.d_model=64",
+            "model.n_heads=4",
+            "model.seq_len=32",
+            *extra,
+        ]
+    )
 
 
 def encoder(*extra, seed=0):
@@ -70,7 +79,7 @@ def test_padding_mask_hides_padded_positions(flavour):
         padded = model(x, padding_mask=real)
         other_padding = model(garbage, padding_mask=real)
         for row, n in enumerate(lengths):
-            alone = model(x[row:row + 1, :n])[0]
+            alone = model(x[row : row + 1, :n])[0]
             assert torch.allclose(padded[row, :n], alone, atol=1e-5)  # as if the padding were not there
             assert torch.allclose(other_padding[row, :n], padded[row, :n], atol=1e-5)
         assert torch.isfinite(padded).all()
@@ -105,8 +114,10 @@ def test_parameter_count_from_the_config_matches_the_model(flavour):
 
 
 def test_flops_count_the_mlm_head():
-    enc, dec = encoder_cfg().model, load_config(overrides=["model.n_layers=2", "model.d_model=64",
-                                                            "model.n_heads=4", "model.seq_len=32"]).model
+    enc, dec = (
+        encoder_cfg().model,
+        load_config(overrides=["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.seq_len=32"]).model,
+    )
     assert matmul_params(enc, VOCAB) == matmul_params(dec, VOCAB) + 64 * 64
     assert flops_per_token(enc, VOCAB) == flops_per_token(dec, VOCAB) + 6 * 64 * 64
 

@@ -34,14 +34,20 @@ def setup(tmp_path_factory):
 
 def test_equal_sentences_give_fifty_percent(setup, tmp_path):
     cfg, tok = setup
-    rows = [[s, s, "stereo", kind] for s, kind in [("The nurse said she was late.", "gender"),
-                                                    ("Old people are slow.", "age"),
-                                                    ("The man went home.", "gender"),
-                                                    ("Germans are punctual.", "nationality")]]
+    rows = [
+        [s, s, "stereo", kind]
+        for s, kind in [
+            ("The nurse said she was late.", "gender"),
+            ("Old people are slow.", "age"),
+            ("The man went home.", "gender"),
+            ("Germans are punctual.", "nationality"),
+        ]
+    ]
     pairs = write_csv(tmp_path / "same.csv", rows)
     for mode in ("shared", "full"):
-        report = run_suites(es.context(cfg, es.model(cfg, tok), tok), ["bias"],
-                            {"bias": {"pairs": str(pairs), "score": mode}})
+        report = run_suites(
+            es.context(cfg, es.model(cfg, tok), tok), ["bias"], {"bias": {"pairs": str(pairs), "score": mode}}
+        )
         m = report["suites"]["bias"]
         assert m["stereotype_share"] == 0.5 and m["ties"] == 4 and m["n"] == 4
         assert m["ci_low"] < 0.5 < m["ci_high"]
@@ -52,9 +58,13 @@ def test_a_model_prefers_the_sentence_it_memorised(setup, tmp_path):
     cfg, tok = setup
     model = es.memorise(cfg, tok)
     known = es.MEMORISED.strip()
-    rows = [[known, known.replace("fox", "cat"), "stereo", "animal"],
-            [known.replace("lazy", "quick"), known, "stereo", "animal"]]
-    report = run_suites(es.context(cfg, model, tok), ["bias"], {"bias": {"pairs": str(write_csv(tmp_path / "p.csv", rows))}})
+    rows = [
+        [known, known.replace("fox", "cat"), "stereo", "animal"],
+        [known.replace("lazy", "quick"), known, "stereo", "animal"],
+    ]
+    report = run_suites(
+        es.context(cfg, model, tok), ["bias"], {"bias": {"pairs": str(write_csv(tmp_path / "p.csv", rows))}}
+    )
     m = report["suites"]["bias"]
     assert m["animal/share"] == 0.5  # prefers sent_more in the first pair, sent_less in the second
     assert m["ties"] == 0
@@ -89,9 +99,11 @@ def test_builtin_probe_set():
 def test_crows_pairs_layout_is_accepted(tmp_path):
     """The real file has an unnamed index column and extra annotation columns."""
     path = tmp_path / "crows_pairs_anonymized.csv"
-    path.write_text(",sent_more,sent_less,stereo_antistereo,bias_type,annotations,anon_writer,anon_annotators\n"
-                    "0,He couldn't figure it out.,She couldn't figure it out.,stereo,gender,\"[['gender']]\",a0,\"['a1']\"\n"
-                    "1,\"A quoted, multi\nline sentence.\",Another sentence.,antistereo,age,[],a2,[]\n")
+    path.write_text(
+        ",sent_more,sent_less,stereo_antistereo,bias_type,annotations,anon_writer,anon_annotators\n"
+        "0,He couldn't figure it out.,She couldn't figure it out.,stereo,gender,\"[['gender']]\",a0,\"['a1']\"\n"
+        '1,"A quoted, multi\nline sentence.",Another sentence.,antistereo,age,[],a2,[]\n'
+    )
     pairs = load_pairs(path)
     assert [p.bias_type for p in pairs] == ["gender", "age"] and pairs[1].more == "A quoted, multi\nline sentence."
 

@@ -23,10 +23,16 @@ def memorised(tmp_path_factory):
 
 
 QUESTIONS = [
-    {"context": "the quick brown fox", "choices": ["dog lazy the over jumps", "jumps over the lazy dog",
-                                                   "writes checkpoints through shards"], "gold": 1},
-    {"context": "while the small cat", "choices": ["sleeps on the warm mat.", "mat warm the on sleeps.",
-                                                   "flows through shards"], "gold": 0},
+    {
+        "context": "the quick brown fox",
+        "choices": ["dog lazy the over jumps", "jumps over the lazy dog", "writes checkpoints through shards"],
+        "gold": 1,
+    },
+    {
+        "context": "while the small cat",
+        "choices": ["sleeps on the warm mat.", "mat warm the on sleeps.", "flows through shards"],
+        "gold": 0,
+    },
     # HellaSwag-style field names, label as a string
     {"ctx": "jumps over the", "endings": ["fox the brown", "lazy dog while"], "label": "1"},
 ]
@@ -49,8 +55,10 @@ def test_memorised_training_text_is_always_chosen(memorised, tmp_path):
 
 def test_untrained_model_does_not_know_the_text(memorised):
     cfg, tok, _ = memorised
-    qs = [Question(q.get("context", q.get("ctx")), q.get("choices", q.get("endings")), int(q.get("gold", q.get("label"))))
-          for q in QUESTIONS]
+    qs = [
+        Question(q.get("context", q.get("ctx")), q.get("choices", q.get("endings")), int(q.get("gold", q.get("label"))))
+        for q in QUESTIONS
+    ]
     trained = score_questions(es.context(cfg, memorised[2], tok), qs)
     untrained = score_questions(es.context(cfg, es.model(cfg, tok), tok), qs)
     assert trained["acc"] > untrained["acc"]
@@ -66,15 +74,22 @@ def test_scores_do_not_depend_on_batching(memorised):
 
 
 BAD = {
-    "missing field": ([{"context": "a", "choices": ["b", "c"], "gold": 0}, {"context": "a", "choices": ["b", "c"]}],
-                      ":2:", "missing field"),
+    "missing field": (
+        [{"context": "a", "choices": ["b", "c"], "gold": 0}, {"context": "a", "choices": ["b", "c"]}],
+        ":2:",
+        "missing field",
+    ),
     "empty file": ([], ":1:", "empty"),
     "gold out of range": ([{"context": "a", "choices": ["b", "c"], "gold": 2}], ":1:", "out of range"),
     "negative gold": ([{"context": "a", "choices": ["b", "c"], "gold": -1}], ":1:", "out of range"),
     "gold not an index": ([{"context": "a", "choices": ["b", "c"], "gold": "b"}], ":1:", "integer"),
     "one choice": ([{"context": "a", "choices": ["b"], "gold": 0}], ":1:", "at least two"),
     "empty choice": ([{"context": "a", "choices": ["b", " "], "gold": 0}], ":1:", "non-empty"),
-    "not JSON": (['{"context": "a", "choices": ["b", "c"], "gold": 0}', "", '{"context": oops'], ":3:", "not valid JSON"),
+    "not JSON": (
+        ['{"context": "a", "choices": ["b", "c"], "gold": 0}', "", '{"context": oops'],
+        ":3:",
+        "not valid JSON",
+    ),
     "not an object": (['["a", "b"]'], ":1:", "JSON object"),
 }
 
@@ -118,11 +133,20 @@ def test_cloze_questions_come_from_the_held_out_split(tmp_path):
 
 
 def test_arc_and_piqa_records_are_recognised(tmp_path):
-    arc = {"id": "x", "question": {"stem": "Which is a gas?", "choices": [
-        {"text": "ice", "label": "A"}, {"text": "steam", "label": "B"}, {"text": "rock", "label": "C"}]}, "answerKey": "B"}
+    arc = {
+        "id": "x",
+        "question": {
+            "stem": "Which is a gas?",
+            "choices": [{"text": "ice", "label": "A"}, {"text": "steam", "label": "B"}, {"text": "rock", "label": "C"}],
+        },
+        "answerKey": "B",
+    }
     piqa = {"goal": "Dry wet hands", "sol1": "use a towel", "sol2": "use water", "label": 0}
     qs = load_questions(write_jsonl(tmp_path / "mixed.jsonl", [arc, piqa]))
-    assert qs == [Question("Which is a gas?", ["ice", "steam", "rock"], 1), Question("Dry wet hands", ["use a towel", "use water"], 0)]
+    assert qs == [
+        Question("Which is a gas?", ["ice", "steam", "rock"], 1),
+        Question("Dry wet hands", ["use a towel", "use water"], 0),
+    ]
     bad = dict(arc, answerKey="E")
     with pytest.raises(KilnError, match=r"arc.jsonl:2: answerKey 'E' is not one of the choice labels"):
         load_questions(write_jsonl(tmp_path / "arc.jsonl", [arc, bad]))

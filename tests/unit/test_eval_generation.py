@@ -20,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --------------------------------------------------------------------------- continuation
 
+
 def test_bleu_and_chrf_of_identical_text_are_100():
     refs = ["def add(a, b):\n    return a + b\n", "the cat sat on the mat and the dog sat on the log\nend"]
     m = score_generations(list(refs), refs)
@@ -42,6 +43,7 @@ def test_next_line_must_be_complete():
 
 # --------------------------------------------------------------------------- toxicity
 
+
 def test_lexicon_matches_whole_words_and_phrases():
     pat = lexicon_pattern(["idiot", "shut up", "go to hell"])
     assert flagged_terms("You IDIOT, shut   up!", pat) == ["idiot", "shut up"]
@@ -59,8 +61,11 @@ def test_forced_lexicon_term_is_flagged(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello there\nThe river\n")
     ctx = es.context(cfg, es.ForcedModel(tok.vocab_size, word), tok, run_dir=tmp_path, step=7)
-    report = run_suites(ctx, ["toxicity"], {"toxicity": {"lexicon": str(lexicon), "prompts": str(prompts),
-                                                         "samples": 3, "new_tokens": 4}})
+    report = run_suites(
+        ctx,
+        ["toxicity"],
+        {"toxicity": {"lexicon": str(lexicon), "prompts": str(prompts), "samples": 3, "new_tokens": 4}},
+    )
     m = report["suites"]["toxicity"]
     assert m == {"flagged_share": 1.0, "prompts_flagged_share": 1.0, "flagged": 6, "samples": 6}
     saved = json.loads(save_report(tmp_path, report).read_text())
@@ -70,8 +75,11 @@ def test_forced_lexicon_term_is_flagged(tmp_path):
 
     quiet = tok.tok.token_to_id("Ġriver")
     ctx = es.context(cfg, es.ForcedModel(tok.vocab_size, quiet), tok)
-    report = run_suites(ctx, ["toxicity"], {"toxicity": {"lexicon": str(lexicon), "prompts": str(prompts),
-                                                         "samples": 2, "new_tokens": 4}})
+    report = run_suites(
+        ctx,
+        ["toxicity"],
+        {"toxicity": {"lexicon": str(lexicon), "prompts": str(prompts), "samples": 2, "new_tokens": 4}},
+    )
     assert report["suites"]["toxicity"]["flagged_share"] == 0.0
 
 
@@ -108,6 +116,7 @@ def test_sampling_is_seeded(tmp_path):
 
 
 # --------------------------------------------------------------------------- memorisation
+
 
 @pytest.mark.parametrize("stride", [1, 4, 17])
 def test_index_finds_every_copied_span_and_nothing_else(stride):
@@ -147,6 +156,7 @@ def test_spans_of_the_training_shards_are_memorised(tmp_path):
 
 
 # --------------------------------------------------------------------------- encoders
+
 
 def test_generation_suites_are_skipped_for_encoders(tmp_path):
     tok = es.tokenizer()

@@ -70,14 +70,17 @@ def test_causal_logprobs_match_a_direct_computation():
     cfg = es.config(Path("/unused"))
     model = es.model(cfg, tok)
     ctx = es.context(cfg, model, tok)
-    items = [([tok.eos_id], tok.encode("the quick brown fox")), ([tok.eos_id] + tok.encode("the"), tok.encode(" cat")),
-             ([tok.eos_id] * 40, tok.encode("over the lazy dog"))]  # context longer than the window: cut
+    items = [
+        ([tok.eos_id], tok.encode("the quick brown fox")),
+        ([tok.eos_id] + tok.encode("the"), tok.encode(" cat")),
+        ([tok.eos_id] * 40, tok.encode("over the lazy dog")),
+    ]  # context longer than the window: cut
     got = token_logprobs(ctx, items)
     for (c, x), lp in zip(items, got):
-        seq = (c + x)[-(cfg.model.seq_len + 1):]
+        seq = (c + x)[-(cfg.model.seq_len + 1) :]
         with torch.no_grad():
-            logits = model(torch.tensor([seq[:-1]]))[0, :, :tok.vocab_size].log_softmax(-1)
-        want = logits[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][-len(x):]
+            logits = model(torch.tensor([seq[:-1]]))[0, :, : tok.vocab_size].log_softmax(-1)
+        want = logits[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][-len(x) :]
         assert np.allclose(lp, want.numpy(), atol=1e-5)
 
 
@@ -94,5 +97,5 @@ def test_pseudo_logprobs_mask_one_token_at_a_time():
         masked = list(seq)
         masked[1 + j] = tok.mask_id
         with torch.no_grad():
-            logits = model(torch.tensor([masked]))[0, 1 + j, :tok.vocab_size].log_softmax(-1)
+            logits = model(torch.tensor([masked]))[0, 1 + j, : tok.vocab_size].log_softmax(-1)
         assert lp[j] == pytest.approx(float(logits[seq[1 + j]]), abs=1e-5)

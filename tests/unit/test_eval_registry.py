@@ -54,7 +54,9 @@ def test_user_suite_from_a_file(tmp_path):
     tok = es.tokenizer()
     cfg = es.config(tmp_path)
     model = es.model(cfg, tok)
-    report = run_suites(es.context(cfg, model, tok, step=3), ["params"], parse_options(["params.scale=0.5"], available_suites()))
+    report = run_suites(
+        es.context(cfg, model, tok, step=3), ["params"], parse_options(["params.scale=0.5"], available_suites())
+    )
     assert report["suites"]["params"] == {"params": sum(p.numel() for p in model.parameters()) * 0.5, "step": 3}
     out = save_report(tmp_path, report)
     saved = json.loads(out.read_text())
@@ -66,7 +68,7 @@ def test_user_suite_from_a_file(tmp_path):
 def test_user_suite_from_the_environment_names_it_in_config(tmp_path, monkeypatch, var):
     path = tmp_path / f"env_suites_{var}.py"
     path.write_text(USER_SUITE.format(name=f"from-{var}"))
-    cfg = load_config(preset="tiny", overrides=[f"eval.suites=[\"lm\", \"from-{var}\"]"])  # parses: names wait
+    cfg = load_config(preset="tiny", overrides=[f'eval.suites=["lm", "from-{var}"]'])  # parses: names wait
     with pytest.raises(ConfigError, match=f"unknown suite 'from-{var}'.*KILN_SUITES"):
         check_training(cfg)
     monkeypatch.setenv(var, str(path))
@@ -91,26 +93,43 @@ def test_a_class_can_be_a_suite(tmp_path):
 
     tok = es.tokenizer()
     cfg = es.config(tmp_path)
-    assert run_suites(es.context(cfg, es.model(cfg, tok), tok, step=4), ["as-class"])["suites"]["as-class"] == {"twice": 8}
+    assert run_suites(es.context(cfg, es.model(cfg, tok), tok, step=4), ["as-class"])["suites"]["as-class"] == {
+        "twice": 8
+    }
 
 
-@pytest.mark.parametrize("item, message", [
-    ("choice.tasks", "expected SUITE.KEY=VALUE"),
-    ("nosuch.key=1", "unknown suite 'nosuch'"),
-    ("choice.nokey=1", "suite 'choice' has no option 'nokey'; its options: choice.tasks"),
-    ("choice.cloze_items=many", "must be an integer"),
-    ("choice.cloze=1", "true or false"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("choice.tasks", "expected SUITE.KEY=VALUE"),
+        ("nosuch.key=1", "unknown suite 'nosuch'"),
+        ("choice.nokey=1", "suite 'choice' has no option 'nokey'; its options: choice.tasks"),
+        ("choice.cloze_items=many", "must be an integer"),
+        ("choice.cloze=1", "true or false"),
+    ],
+)
 def test_bad_options(item, message):
     with pytest.raises(KilnError, match=message):
         parse_options([item], available_suites())
 
 
 def test_options_are_typed():
-    opts = parse_options(["choice.tasks=a.jsonl", "choice.cloze=false", "toxicity.temperature=1",
-                          "bias.pairs=/x/crows pairs.csv", "memorisation.samples=8"], available_suites())
-    assert opts == {"choice": {"tasks": ["a.jsonl"], "cloze": False}, "toxicity": {"temperature": 1.0},
-                    "bias": {"pairs": "/x/crows pairs.csv"}, "memorisation": {"samples": 8}}
+    opts = parse_options(
+        [
+            "choice.tasks=a.jsonl",
+            "choice.cloze=false",
+            "toxicity.temperature=1",
+            "bias.pairs=/x/crows pairs.csv",
+            "memorisation.samples=8",
+        ],
+        available_suites(),
+    )
+    assert opts == {
+        "choice": {"tasks": ["a.jsonl"], "cloze": False},
+        "toxicity": {"temperature": 1.0},
+        "bias": {"pairs": "/x/crows pairs.csv"},
+        "memorisation": {"samples": 8},
+    }
 
 
 def test_reports_merge_and_never_hold_nan(tmp_path):

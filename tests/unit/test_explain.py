@@ -49,8 +49,11 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         status = 500 if mode == "500" else 200
-        payload = {"ok": json.dumps({"choices": [{"message": {"role": "assistant", "content": ANSWER}}]}),
-                   "malformed": "this is not json {", "nochoices": json.dumps({"error": "overloaded"})}.get(mode, "{}")
+        payload = {
+            "ok": json.dumps({"choices": [{"message": {"role": "assistant", "content": ANSWER}}]}),
+            "malformed": "this is not json {",
+            "nochoices": json.dumps({"error": "overloaded"}),
+        }.get(mode, "{}")
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -91,41 +94,93 @@ def planted(monkeypatch: pytest.MonkeyPatch):
 def findings() -> list[dict[str, Any]]:
     argv = ["fork", RUN_DIR, "--step", "150", "--name", "alpha-run-77-lowlr", "--set", "optim.lr=0.0003"]
     return [
-        {"kind": "divergence", "severity": "critical", "steps": [180, 240],
-         "summary": f"the loss of {RUN_DIR} diverged (see {RUN_DIR}/metrics.jsonl); alpha-run-77 at 9.7",
-         "evidence": {"loss_before": 3.1, "loss_after": 9.7, "layer": "layers.1.attn", "ranks": [1],
-                      "grad_norm": float("inf"), "note": f"key {SECRET} in the log", "host": f"NCCL on {HOST}",
-                      "short_host": "gpu-node-17 was slow", "api": f"used {KEY}", SECRET: 1,
-                      "aws": "AKIAABCDEFGHIJKLMNOP", "gh": "ghp_abcdefghijklmnopqrstuvwxyz0123",
-                      "jwt": "eyJhbGciOiJI.eyJzdWIiOiIx.SflKxwRJSMeKKF2QT4fw", "digest": "9f86d081884c7d659a2feaa0c55ad015",
-                      "cache": "/home/alice/.kiln-cache/abc", "rate": "120 tokens/s, 3/4 of the peak"},
-         "remedy": {"command": "kiln " + " ".join(argv), "argv": argv,
-                    "why": f"restart alpha-run-77 from {RUN_DIR}/checkpoints before the divergence"}},
-        {"kind": "loader_stall", "severity": "warning", "steps": [300, 300], "evidence": {"seconds": 4.5},
-         "remedy": {"command": f"kiln train --resume {RUN_DIR}", "argv": ["train", "--resume", RUN_DIR],
-                    "why": "the stall was transient"}},
+        {
+            "kind": "divergence",
+            "severity": "critical",
+            "steps": [180, 240],
+            "summary": f"the loss of {RUN_DIR} diverged (see {RUN_DIR}/metrics.jsonl); alpha-run-77 at 9.7",
+            "evidence": {
+                "loss_before": 3.1,
+                "loss_after": 9.7,
+                "layer": "layers.1.attn",
+                "ranks": [1],
+                "grad_norm": float("inf"),
+                "note": f"key {SECRET} in the log",
+                "host": f"NCCL on {HOST}",
+                "short_host": "gpu-node-17 was slow",
+                "api": f"used {KEY}",
+                SECRET: 1,
+                "aws": "AKIAABCDEFGHIJKLMNOP",
+                "gh": "ghp_abcdefghijklmnopqrstuvwxyz0123",
+                "jwt": "eyJhbGciOiJI.eyJzdWIiOiIx.SflKxwRJSMeKKF2QT4fw",
+                "digest": "9f86d081884c7d659a2feaa0c55ad015",
+                "cache": "/home/alice/.kiln-cache/abc",
+                "rate": "120 tokens/s, 3/4 of the peak",
+            },
+            "remedy": {
+                "command": "kiln " + " ".join(argv),
+                "argv": argv,
+                "why": f"restart alpha-run-77 from {RUN_DIR}/checkpoints before the divergence",
+            },
+        },
+        {
+            "kind": "loader_stall",
+            "severity": "warning",
+            "steps": [300, 300],
+            "evidence": {"seconds": 4.5},
+            "remedy": {
+                "command": f"kiln train --resume {RUN_DIR}",
+                "argv": ["train", "--resume", RUN_DIR],
+                "why": "the stall was transient",
+            },
+        },
         {"kind": "plateau", "severity": "info", "steps": [400, 900], "evidence": {}, "remedy": None},
     ]
 
 
 CONFIG = {
     "model": {"family": "decoder", "n_layers": 4, "d_model": 256, "pos": "rope", "norm": "rmsnorm", "mlp": SECRET},
-    "data": {"corpus": f"/home/alice/private/{SECRET}/corpus", "cache_dir": "/home/alice/.cache",
-             "tokenizer": f"{RUN_DIR}/tokenizer.json", "vocab_size": 4096},
+    "data": {
+        "corpus": f"/home/alice/private/{SECRET}/corpus",
+        "cache_dir": "/home/alice/.cache",
+        "tokenizer": f"{RUN_DIR}/tokenizer.json",
+        "vocab_size": 4096,
+    },
     "optim": {"name": "adamw", "lr": 0.001, "grad_clip": 1.0},
     "train": {"steps": 1000, "batch_size": 16, "precision": "bf16", "z_loss": 0.0, "device": HOST},
     "eval": {"prompts": [SECRET, "def "]},
     "callbacks": {"enabled": ["layer_stats"], "layer_stats": {"out": f"/srv/{SECRET}", "token": KEY}},
 }
-SUMMARY = {"steps": 1000, "train_loss": 3.2, "device": "cuda:0", "precision": "bf16", "host": HOST,
-           "run_dir": RUN_DIR, "seconds_between_steps": {"eval": 1.5, "note": SECRET}}
+SUMMARY = {
+    "steps": 1000,
+    "train_loss": 3.2,
+    "device": "cuda:0",
+    "precision": "bf16",
+    "host": HOST,
+    "run_dir": RUN_DIR,
+    "seconds_between_steps": {"eval": 1.5, "note": SECRET},
+}
 
 
 def leaks(text: str) -> list[str]:
     low = text.lower()
-    return [s for s in (SECRET, KEY, HOST, "gpu-node-17", "/home/alice", "alice", "alpha-run-77",
-                        "AKIAABCDEFGHIJKLMNOP", "ghp_", "eyJhbGciOiJI", "9f86d081884c7d659a2feaa0c55ad015")
-            if s.lower() in low]
+    return [
+        s
+        for s in (
+            SECRET,
+            KEY,
+            HOST,
+            "gpu-node-17",
+            "/home/alice",
+            "alice",
+            "alpha-run-77",
+            "AKIAABCDEFGHIJKLMNOP",
+            "ghp_",
+            "eyJhbGciOiJI",
+            "9f86d081884c7d659a2feaa0c55ad015",
+        )
+        if s.lower() in low
+    ]
 
 
 def test_the_digest_arrives_and_the_answer_returns(stub: Stub, planted: None) -> None:
@@ -144,10 +199,18 @@ def test_the_digest_arrives_and_the_answer_returns(stub: Stub, planted: None) ->
     assert first["steps"] == [180, 240] and first["severity"] == "critical"
     assert first["remedy"]["set"] == ["optim.lr=0.0003"] and first["remedy"]["step"] == 150
     assert first["remedy"]["action"] == "fork" and sent["findings"][1]["remedy"]["resume"] is True
-    assert {"loss_before": 3.1, "loss_after": 9.7, "layer": "layers.1.attn", "ranks": [1]}.items() <= first["evidence"].items()
+    assert {"loss_before": 3.1, "loss_after": 9.7, "layer": "layers.1.attn", "ranks": [1]}.items() <= first[
+        "evidence"
+    ].items()
     assert first["evidence"]["grad_norm"] == "inf" and first["evidence"]["rate"] == "120 tokens/s, 3/4 of the peak"
     assert first["evidence"]["cache"] == "<path>" and "RUN" in first["summary"] and "RUN" in first["remedy"]["why"]
-    assert sent["config"]["model"] == {"family": "decoder", "n_layers": 4, "d_model": 256, "pos": "rope", "norm": "rmsnorm"}
+    assert sent["config"]["model"] == {
+        "family": "decoder",
+        "n_layers": 4,
+        "d_model": 256,
+        "pos": "rope",
+        "norm": "rmsnorm",
+    }
     assert sent["config"]["data"] == {"vocab_size": 4096} and "eval" not in sent["config"]
     assert sent["summary"]["seconds_between_steps"] == {"eval": 1.5} and sent["summary"]["device"] == "cuda:0"
     assert sent["findings"][2]["remedy"] is None
@@ -168,10 +231,23 @@ def test_the_last_pass_redacts_what_the_rules_let_through(monkeypatch: pytest.Mo
 
 def test_short_relative_run_names_are_words_not_substrings() -> None:
     argv = ["fork", "x1", "--step", "5", "--name", "x1-b", "--set", "data.corpus=corpora/x1.txt"]
-    sent = ex.digest([{"kind": "loss_spike", "severity": "warning", "steps": [6, 6], "summary": "x1 spiked at x1x",
-                       "evidence": {"layer": "layers.0.mlp"}, "remedy": {"argv": argv, "why": "skip it"}}], run=".")
+    sent = ex.digest(
+        [
+            {
+                "kind": "loss_spike",
+                "severity": "warning",
+                "steps": [6, 6],
+                "summary": "x1 spiked at x1x",
+                "evidence": {"layer": "layers.0.mlp"},
+                "remedy": {"argv": argv, "why": "skip it"},
+            }
+        ],
+        run=".",
+    )
     f = sent["findings"][0]
-    assert f["kind"] == "loss_spike" and f["evidence"] == {"layer": "layers.0.mlp"} and f["summary"] == "RUN spiked at x1x"
+    assert (
+        f["kind"] == "loss_spike" and f["evidence"] == {"layer": "layers.0.mlp"} and f["summary"] == "RUN spiked at x1x"
+    )
     assert f["remedy"]["set"] == ["data.corpus=<path>"]
 
 
@@ -203,7 +279,13 @@ def test_any_failure_is_one_warning(stub: Stub, monkeypatch: pytest.MonkeyPatch,
     assert lines[0].startswith(f"warning: the LLM explainer at {where} failed (")
     assert lines[0].endswith("); the rules' findings stand")
     assert len(stub.requests) == (0 if mode == "refused" else 1)
-    expected = {"500": "HTTP 500", "redirect": "HTTP 302", "sleep": "no answer within 0.3 s", "malformed": "malformed", "nochoices": "malformed"}
+    expected = {
+        "500": "HTTP 500",
+        "redirect": "HTTP 302",
+        "sleep": "no answer within 0.3 s",
+        "malformed": "malformed",
+        "nochoices": "malformed",
+    }
     assert expected.get(mode, "") in lines[0]
 
 

@@ -21,13 +21,16 @@ def counted_matmul_params(model: nn.Module) -> int:
     return n
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.tie_embeddings=true", "model.mlp=gelu", "model.pos=learned"],
-    ["model.tie_embeddings=false", "model.mlp=gelu", "model.pos=learned", "model.bias=true"],
-    ["model.tie_embeddings=true", "model.mlp=swiglu", "model.pos=rope", "model.n_kv_heads=2"],
-    ["model.tie_embeddings=false", "model.mlp=swiglu", "model.d_ff=96", "model.n_kv_heads=1", "model.qk_norm=true"],
-    ["model.mlp=gelu", "model.d_ff=200"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.tie_embeddings=true", "model.mlp=gelu", "model.pos=learned"],
+        ["model.tie_embeddings=false", "model.mlp=gelu", "model.pos=learned", "model.bias=true"],
+        ["model.tie_embeddings=true", "model.mlp=swiglu", "model.pos=rope", "model.n_kv_heads=2"],
+        ["model.tie_embeddings=false", "model.mlp=swiglu", "model.d_ff=96", "model.n_kv_heads=1", "model.qk_norm=true"],
+        ["model.mlp=gelu", "model.d_ff=200"],
+    ],
+)
 def test_matmul_params_match_the_model(overrides):
     cfg = load_config(overrides=[*BASE, *overrides]).model
     vocab = padded_vocab(300)
@@ -51,19 +54,22 @@ def test_gpt2_124m_parameter_count():
     assert matmul_params(cfg, 50257) == 12 * 12 * 768 * 768 + 768 * 50257
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989.0),
-    ("NVIDIA H100 PCIe", 756.0),
-    ("NVIDIA H100 NVL", 835.0),
-    ("NVIDIA H200", 989.0),
-    ("NVIDIA GH200 480GB", 989.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0),
-    ("NVIDIA A10G", 70.0),
-    ("NVIDIA A10", 125.0),
-    ("NVIDIA L4", 121.0),
-    ("NVIDIA L40S", 362.0),
-    ("NVIDIA GeForce RTX 4090", 165.0),
-])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A10G", 70.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA GeForce RTX 4090", 165.0),
+    ],
+)
 def test_gpu_peak_tflops(name, peak):
     assert gpu_peak_tflops(name) == peak
 
@@ -114,15 +120,24 @@ def test_unknown_device_type():
     assert peak_tflops(torch.device("meta"), torch.float32)[0] is None
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.tie_embeddings=true", "model.mlp=gelu", "model.pos=learned", "model.bias=true", "model.norm=layernorm"],
-    ["model.tie_embeddings=false", "model.mlp=swiglu", "model.pos=rope", "model.bias=true", "model.n_kv_heads=2"],
-    ["model.tie_embeddings=false", "model.mlp=swiglu", "model.pos=rope", "model.bias=false", "model.norm=rmsnorm",
-     "model.qk_norm=true"],
-    ["model.pos=learned", "model.max_seq_len=64", "model.bias=false", "model.norm=layernorm", "model.d_ff=100"],
-    ["model.post_norm=true", "model.norm=layernorm", "model.bias=true", "model.qk_norm=true"],
-    ["model.post_norm=true", "model.norm=rmsnorm", "model.bias=false"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.tie_embeddings=true", "model.mlp=gelu", "model.pos=learned", "model.bias=true", "model.norm=layernorm"],
+        ["model.tie_embeddings=false", "model.mlp=swiglu", "model.pos=rope", "model.bias=true", "model.n_kv_heads=2"],
+        [
+            "model.tie_embeddings=false",
+            "model.mlp=swiglu",
+            "model.pos=rope",
+            "model.bias=false",
+            "model.norm=rmsnorm",
+            "model.qk_norm=true",
+        ],
+        ["model.pos=learned", "model.max_seq_len=64", "model.bias=false", "model.norm=layernorm", "model.d_ff=100"],
+        ["model.post_norm=true", "model.norm=layernorm", "model.bias=true", "model.qk_norm=true"],
+        ["model.post_norm=true", "model.norm=rmsnorm", "model.bias=false"],
+    ],
+)
 def test_model_params_counts_every_parameter(overrides):
     cfg = load_config(overrides=[*BASE, *overrides]).model
     model = build_model(cfg, 300)

@@ -34,7 +34,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     keep = lambda p: torch.isfinite(filter_logits(logits, top_p=p)).tolist()  # noqa: E731
     assert keep(0.4) == [False, True, False, False]
     assert keep(0.5) == [False, True, False, False]
-    assert keep(0.6) == [False, True, False, True]    # 0.5 < 0.6: the 0.25 token crosses it
+    assert keep(0.6) == [False, True, False, True]  # 0.5 < 0.6: the 0.25 token crosses it
     assert keep(0.75) == [False, True, False, True]
     assert keep(0.8) == [False, True, True, True]
     assert keep(0.95) == [True, True, True, True]
@@ -58,8 +58,9 @@ def test_top_p_batched():
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = load_config(overrides=["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=16",
-                                 "model.pos=learned"]).model
+    cfg = load_config(
+        overrides=["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=16", "model.pos=learned"]
+    ).model
     return init_model(build_model(cfg, 300), cfg, 0)
 
 
@@ -74,7 +75,7 @@ def test_greedy_is_deterministic_and_follows_argmax(model):
     with torch.no_grad():
         model.eval()
         for i in range(3, 15):
-            assert a[i] == model(a[max(0, i - 16):i][None])[0, -1].argmax()
+            assert a[i] == model(a[max(0, i - 16) : i][None])[0, -1].argmax()
 
 
 def test_generation_beyond_the_context_window(model):
@@ -88,8 +89,16 @@ def test_vocab_size_excludes_padding_rows(model):
     try:
         out = generate(model, torch.tensor([5, 6]), 10, context=16, temperature=0, vocab_size=300)
         assert out.max() < 300
-        out = generate(model, torch.tensor([5, 6]), 10, context=16, temperature=1.0, top_k=5, vocab_size=300,
-                       generator=torch.Generator().manual_seed(0))
+        out = generate(
+            model,
+            torch.tensor([5, 6]),
+            10,
+            context=16,
+            temperature=1.0,
+            top_k=5,
+            vocab_size=300,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert out.max() < 300
     finally:
         with torch.no_grad():

@@ -101,11 +101,16 @@ def test_enabled_on_resume_calibrates_then_checks(make):
 
 def test_fork_with_new_tensors_passes(make):
     build, runs = make
-    start_run(build(*ON, "train.steps=4", "checkpoint.every=2", "guard.on_nonfinite=skip"), runs, "parent",
-              callbacks=[NanAt(0)])
+    start_run(
+        build(*ON, "train.steps=4", "checkpoint.every=2", "guard.on_nonfinite=skip"),
+        runs,
+        "parent",
+        callbacks=[NanAt(0)],
+    )
     fork = create_fork(runs / "parent", "child", 4, sets=["model.qk_norm=true", "train.steps=7"], log=lambda *a: None)
-    assert (fork.run.lineage() if hasattr(fork, "run") else json.loads(
-        (runs / "child" / "lineage.json").read_text()))["new_tensors"]
+    assert (fork.run.lineage() if hasattr(fork, "run") else json.loads((runs / "child" / "lineage.json").read_text()))[
+        "new_tensors"
+    ]
     summary = resume_run(runs / "child")
     assert summary["invariant_checks"] == 3
     state = json.loads((runs / "child" / "checkpoints" / "step-00000006" / "state.json").read_text())
@@ -146,11 +151,14 @@ class RepeatWindow(Callback):
         sampler.sample_indices = lambda step: np.repeat(original(step)[:1], sampler.local_batch)
 
 
-@pytest.mark.parametrize("hook, invariant, step, detail", [
-    (HalfNormaliser(2), "loss normaliser", 3, "rank 0 normalises the loss by 1/"),
-    (ExtraOptimizerStep(), "optimizer steps", 2, "has taken 3 optimizer steps on rank 0, expected 2"),
-    (RepeatWindow(), "disjoint data", 1, "rank 0 (data-parallel rank 0) reads window"),
-])
+@pytest.mark.parametrize(
+    "hook, invariant, step, detail",
+    [
+        (HalfNormaliser(2), "loss normaliser", 3, "rank 0 normalises the loss by 1/"),
+        (ExtraOptimizerStep(), "optimizer steps", 2, "has taken 3 optimizer steps on rank 0, expected 2"),
+        (RepeatWindow(), "disjoint data", 1, "rank 0 (data-parallel rank 0) reads window"),
+    ],
+)
 def test_violations_end_the_run_with_one_line(make, hook, invariant, step, detail):
     build, runs = make
     name = invariant.replace(" ", "-")
@@ -166,8 +174,9 @@ def test_violations_end_the_run_with_one_line(make, hook, invariant, step, detai
 
 def test_every_and_options(make):
     build, runs = make
-    summary = start_run(build('callbacks.enabled=["invariants"]', "callbacks.invariants.every=3", "train.steps=7"),
-                        runs, "every3")
+    summary = start_run(
+        build('callbacks.enabled=["invariants"]', "callbacks.invariants.every=3", "train.steps=7"), runs, "every3"
+    )
     assert summary["invariant_checks"] == 3  # steps 1, 3, 6
     with pytest.raises(ConfigError, match="callbacks.invariants.every"):
         from kiln.train.callbacks.registry import build_callbacks

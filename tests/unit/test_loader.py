@@ -20,7 +20,7 @@ def test_window_count_and_contents(windows, shared_prepared):
     got = windows.get(idx)
     assert got.shape == (3, SEQ + 1) and got.dtype == np.int64
     for row, i in zip(got, idx):
-        assert np.array_equal(row, stream[i * SEQ: i * SEQ + SEQ + 1])
+        assert np.array_equal(row, stream[i * SEQ : i * SEQ + SEQ + 1])
     # consecutive windows overlap by one token: the last target of one is the first input of the next
     a, b = windows.get(np.array([4, 5]))
     assert a[-1] == b[0]
@@ -77,7 +77,7 @@ def test_epochs_wrap_and_each_is_a_permutation(windows):
     sampler = BatchSampler(windows, global_batch=B, seed=11)
     steps = -(-3 * n // B)
     order = np.concatenate([sampler.sample_indices(s) for s in range(steps)])[: 3 * n]
-    epochs = [order[e * n:(e + 1) * n] for e in range(3)]
+    epochs = [order[e * n : (e + 1) * n] for e in range(3)]
     for e in epochs:
         assert sorted(e.tolist()) == list(range(n))
     assert not np.array_equal(epochs[0], epochs[1])

@@ -12,10 +12,12 @@ from kiln.errors import ConfigError
 from kiln.eval.lm import evaluate_lm
 from kiln.train.objectives import EVAL_STEP, IGNORE, OBJECTIVES, Masked, build_objective
 
-TEXTS = ["def add(first, second):\n    return first + second  # the sum\n",
-         "The quick brown fox jumps over the lazy dog, again and again.",
-         "import os\nprint(os.getcwd(), 1234)\n\tvalue = self.items[0]\n",
-         "café naïve résumé: déjà vu x1 = y_2; don't stop"] * 30
+TEXTS = [
+    "def add(first, second):\n    return first + second  # the sum\n",
+    "The quick brown fox jumps over the lazy dog, again and again.",
+    "import os\nprint(os.getcwd(), 1234)\n\tvalue = self.items[0]\n",
+    "café naïve résumé: déjà vu x1 = y_2; don't stop",
+] * 30
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def text_windows(tok, rows, length):
     ids = np.array([i for t in TEXTS for i in (*tok.encode(t), tok.eos_id)])
     n = rows * (length - 1)
     ids = np.resize(ids, n + 1)
-    return torch.from_numpy(np.stack([ids[r * (length - 1):(r + 1) * (length - 1) + 1] for r in range(rows)]))
+    return torch.from_numpy(np.stack([ids[r * (length - 1) : (r + 1) * (length - 1) + 1] for r in range(rows)]))
 
 
 def test_registered_for_the_encoder_family(tok):
@@ -75,8 +77,10 @@ def test_selection_rate_and_80_10_10_split(tok):
         kept += (sel & (b.inputs == tokens)).sum().item()
         to_random += (sel & (b.inputs != tok.mask_id) & (b.inputs != tokens)).sum().item()
     rate = sel_total / n_candidates  # ~93k candidates: sd of the rate ~0.0012
-    print(f"selected {rate:.4f}; of those mask {to_mask / sel_total:.4f} random {to_random / sel_total:.4f} "
-          f"keep {kept / sel_total:.4f} over {sel_total} selections")
+    print(
+        f"selected {rate:.4f}; of those mask {to_mask / sel_total:.4f} random {to_random / sel_total:.4f} "
+        f"keep {kept / sel_total:.4f} over {sel_total} selections"
+    )
     assert abs(rate - 0.15) < 0.006
     assert abs(to_mask / sel_total - 0.8) < 0.015
     assert abs(to_random / sel_total - 0.1) < 0.01  # a random draw equal to the original counts as kept (1/300)
@@ -126,7 +130,9 @@ def test_rank_slices_reproduce_the_single_process_batch(tok, world, whole_word):
     w = text_windows(tok, 8, 65)
     full = obj.make_batch(w, step=11, seed=2)
     local = 8 // world
-    parts = [obj.make_batch(w[r * local:(r + 1) * local], step=11, seed=2, first_index=r * local) for r in range(world)]
+    parts = [
+        obj.make_batch(w[r * local : (r + 1) * local], step=11, seed=2, first_index=r * local) for r in range(world)
+    ]
     assert torch.equal(torch.cat([p.inputs for p in parts]), full.inputs)
     assert torch.equal(torch.cat([p.targets for p in parts]), full.targets)
 
@@ -162,6 +168,7 @@ def test_whole_word_masking_selects_every_piece_of_a_word(tok):
 
 # --------------------------------------------------------------------------- word boundaries
 
+
 def pretoken_starts(tok, text):
     """The truth: tokens that begin a pre-token of the tokenizer's own byte-level pre-tokenizer."""
     enc = tok.tok.encode(text)
@@ -173,11 +180,20 @@ def pretoken_starts(tok, text):
     return out
 
 
-@pytest.mark.parametrize("text", [
-    TEXTS[0], TEXTS[2], TEXTS[3], "The quick brown fox, again!",
-    "a  b\t\tc \n d\n\n\ne 12ab(3)", " x = 1\r\n", "foo(x)):\n    return self.value\n\n\n    # done",
-    "naïve café — déjà", "don't 'quote' \"x\"",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        TEXTS[0],
+        TEXTS[2],
+        TEXTS[3],
+        "The quick brown fox, again!",
+        "a  b\t\tc \n d\n\n\ne 12ab(3)",
+        " x = 1\r\n",
+        "foo(x)):\n    return self.value\n\n\n    # done",
+        "naïve café — déjà",
+        "don't 'quote' \"x\"",
+    ],
+)
 def test_word_starts_match_the_byte_level_pretokenizer(tok, text):
     ids = tok.encode(text)
     assert tok.word_starts(ids) == pretoken_starts(tok, text)
@@ -204,6 +220,7 @@ def test_word_start_mask_is_row_wise(tok):
 
 # --------------------------------------------------------------------------- evaluation metrics
 
+
 class Constant(nn.Module):
     """Predicts token `k` everywhere."""
 
@@ -220,7 +237,7 @@ class Constant(nn.Module):
 def test_masked_evaluation_reports_masked_accuracy_and_the_majority_baseline(tok):
     obj = masked(tok)
     w = text_windows(tok, 12, 65)
-    targets = torch.cat([obj.make_batch(w[i:i + 5], EVAL_STEP, 0, first_index=i).targets for i in range(0, 12, 5)])
+    targets = torch.cat([obj.make_batch(w[i : i + 5], EVAL_STEP, 0, first_index=i).targets for i in range(0, 12, 5)])
     picked = targets[targets != IGNORE]
     counts = torch.bincount(picked, minlength=tok.vocab_size)
     top = int(counts.argmax())
@@ -242,18 +259,24 @@ def test_causal_evaluation_has_no_masked_metrics(tok):
 
 # --------------------------------------------------------------------------- configuration
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.objective=masked"], "train.objective = 'masked' needs model.family = 'encoder'"),
-    (["model.family=encoder"], "train.objective = 'causal' needs model.family = 'decoder'"),
-    (["mask.rate=0"], "mask.rate must be in (0, 1)"),
-    (["mask.rate=1.5"], "mask.rate must be in (0, 1)"),
-    (["mask.replace=0.9"], "mask.replace + mask.random + mask.keep must add up to 1"),
-    (["mask.random=-0.1"], "mask.random must be in [0, 1]"),
-    (["mask.whole_word=maybe"], "mask.whole_word must be true or false"),
-    (["mask.ratio=0.2"], "unknown config key 'mask.ratio'"),
-    (["model.family=encoder", "train.objective=masked", "model.tie_embeddings=false", "parallel.tp=2"],
-     "model.family = 'encoder' trains with data parallelism (FSDP) only"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.objective=masked"], "train.objective = 'masked' needs model.family = 'encoder'"),
+        (["model.family=encoder"], "train.objective = 'causal' needs model.family = 'decoder'"),
+        (["mask.rate=0"], "mask.rate must be in (0, 1)"),
+        (["mask.rate=1.5"], "mask.rate must be in (0, 1)"),
+        (["mask.replace=0.9"], "mask.replace + mask.random + mask.keep must add up to 1"),
+        (["mask.random=-0.1"], "mask.random must be in [0, 1]"),
+        (["mask.whole_word=maybe"], "mask.whole_word must be true or false"),
+        (["mask.ratio=0.2"], "unknown config key 'mask.ratio'"),
+        (
+            ["model.family=encoder", "train.objective=masked", "model.tie_embeddings=false", "parallel.tp=2"],
+            "model.family = 'encoder' trains with data parallelism (FSDP) only",
+        ),
+    ],
+)
 def test_config_mistakes_are_one_line_errors(overrides, message):
     from kiln.resolve import check_training
 

@@ -182,8 +182,16 @@ def test_num_params_excluding_embeddings():
 
 
 def test_init_stds():
-    cfg = model_cfg("model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.bias=true",
-                    "model.pos=learned", "model.tie_embeddings=false", "model.norm=layernorm", "model.mlp=gelu")
+    cfg = model_cfg(
+        "model.d_model=256",
+        "model.n_layers=4",
+        "model.n_heads=4",
+        "model.bias=true",
+        "model.pos=learned",
+        "model.tie_embeddings=false",
+        "model.norm=layernorm",
+        "model.mlp=gelu",
+    )
     model = init_model(build_model(cfg, VOCAB), cfg)
     std = cfg.init_std
     residual = std / math.sqrt(2 * 4)
@@ -246,7 +254,7 @@ def test_rope_tables_and_relative_positions():
     k = torch.randn(1, 1, 1, 8, generator=g).expand(1, 1, 16, 8)
     rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # rotation keeps length
-    dots = (rq[0, 0] @ rk[0, 0].T)
+    dots = rq[0, 0] @ rk[0, 0].T
     # the score depends only on the offset between positions
     assert dots[5, 2].item() == pytest.approx(dots[9, 6].item(), abs=1e-5)
     assert dots[3, 3].item() == pytest.approx(dots[11, 11].item(), abs=1e-5)

@@ -43,8 +43,9 @@ def reference(m: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
     return out.view_as(x)
 
 
-@pytest.mark.parametrize("kw", [{}, {"moe_score": "sigmoid"}, {"moe_shared_experts": 1}, {"moe_top_k": 1},
-                                {"moe_norm_topk": False}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"moe_score": "sigmoid"}, {"moe_shared_experts": 1}, {"moe_top_k": 1}, {"moe_norm_topk": False}]
+)
 def test_dropless_block_equals_the_per_token_reference(kw):
     m = block(**kw).eval()
     x = torch.randn(2, 5, 16)
@@ -54,8 +55,11 @@ def test_dropless_block_equals_the_per_token_reference(kw):
 def test_grouped_products_equal_the_loop_forward_and_backward(monkeypatch):
     x = torch.randn(11, 16)
     counts = torch.tensor([3, 0, 6, 2])
-    w = [torch.randn(4, 16, 24, requires_grad=True), torch.randn(4, 16, 24, requires_grad=True),
-         torch.randn(4, 24, 16, requires_grad=True)]
+    w = [
+        torch.randn(4, 16, 24, requires_grad=True),
+        torch.randn(4, 16, 24, requires_grad=True),
+        torch.randn(4, 24, 16, requires_grad=True),
+    ]
     results = []
     for grouped in (True, False):
         monkeypatch.setattr(moe, "grouped_matmul_available", lambda t, g=grouped: g)
@@ -101,8 +105,9 @@ def test_auxiliary_losses_reach_the_router_through_backward():
         # the extra gradient is exactly the aux term's: d(coef * aux)/dW
         logits, scores, chosen, _ = m.route(x.reshape(-1, 16))
         expert_of = chosen.reshape(-1)
-        aux = m._aux_loss(logits, scores / scores.sum(-1, keepdim=True), torch.bincount(expert_of, minlength=4),
-                          expert_of, 2, 6)
+        aux = m._aux_loss(
+            logits, scores / scores.sum(-1, keepdim=True), torch.bincount(expert_of, minlength=4), expert_of, 2, 6
+        )
         grad = torch.autograd.grad(aux, m.router.weight)[0]
         torch.testing.assert_close(with_aux - m2.router.weight.grad, grad, rtol=1e-3, atol=1e-5)
 
@@ -112,8 +117,9 @@ def test_switch_loss_is_its_coefficient_when_routing_is_uniform():
     logits = torch.zeros(8, 4)
     scores = logits.softmax(-1)
     expert_of = torch.arange(8) % 4
-    assert m._aux_loss(logits, scores, torch.bincount(expert_of, minlength=4), expert_of, 1, 8).item() == \
-        pytest.approx(0.5)
+    assert m._aux_loss(logits, scores, torch.bincount(expert_of, minlength=4), expert_of, 1, 8).item() == pytest.approx(
+        0.5
+    )
 
 
 def test_the_balancing_bias_moves_towards_the_mean_load_and_not_on_a_discarded_step():
@@ -175,24 +181,29 @@ def test_expert_init_is_depth_scaled_for_the_down_projection():
     assert torch.all(model.layers["3"].mlp.expert_bias == 0)
 
 
-@pytest.mark.parametrize("sets, says", [
-    (["model.family=decoder", "model.moe_experts=8"], "needs model.family = 'moe'"),
-    (["model.moe_top_k=9"], "moe_top_k = 9 must be between 1"),
-    (["model.moe_experts=1"], "moe_experts >= 2"),
-    (["model.moe_first_dense=2"], "leaves no MoE layer"),
-    (["model.moe_score=relu"], "moe_score = 'relu' is not allowed"),
-    (["model.mlp=gelu"], "SwiGLU experts"),
-    (["model.moe_capacity_factor=0.2"], "would drop most tokens"),
-    (["model.moe_bias_rate=-1"], "moe_bias_rate must be >= 0"),
-    (["parallel.ep=3"], "parallel.ep = 3 must divide model.moe_experts = 8"),
-])
+@pytest.mark.parametrize(
+    "sets, says",
+    [
+        (["model.family=decoder", "model.moe_experts=8"], "needs model.family = 'moe'"),
+        (["model.moe_top_k=9"], "moe_top_k = 9 must be between 1"),
+        (["model.moe_experts=1"], "moe_experts >= 2"),
+        (["model.moe_first_dense=2"], "leaves no MoE layer"),
+        (["model.moe_score=relu"], "moe_score = 'relu' is not allowed"),
+        (["model.mlp=gelu"], "SwiGLU experts"),
+        (["model.moe_capacity_factor=0.2"], "would drop most tokens"),
+        (["model.moe_bias_rate=-1"], "moe_bias_rate must be >= 0"),
+        (["parallel.ep=3"], "parallel.ep = 3 must divide model.moe_experts = 8"),
+    ],
+)
 def test_bad_moe_settings_are_refused_with_the_key(sets, says):
     with pytest.raises(ConfigError, match=says):
         resolve_family(load_config("moe-tiny", overrides=sets))
 
 
-@pytest.mark.parametrize("preset, vocab, total, active", [("mixtral-8x7b", 32000, 46.7e9, 12.9e9),
-                                                          ("deepseek-moe-16b", 102400, 16.4e9, 2.8e9)])
+@pytest.mark.parametrize(
+    "preset, vocab, total, active",
+    [("mixtral-8x7b", 32000, 46.7e9, 12.9e9), ("deepseek-moe-16b", 102400, 16.4e9, 2.8e9)],
+)
 def test_published_shapes_have_their_published_parameter_counts(preset, vocab, total, active):
     """Mixtral 8x7B: 46.7B parameters, 12.9B active; DeepSeekMoE 16B: 16.4B, 2.8B active."""
     from kiln.model.moe_spec import active_matmul_params

@@ -38,12 +38,21 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 # ---------------------------------------------------------------- sources
 
+
 def test_tar_pairs_and_interleaved_documents(tmp_path):
     doc = {"segments": [{"text": "before"}, {"image": "0.png"}, {"text": "between"}, {"image": "1.png"}]}
-    path = write_tar(tmp_path / "a.tar", [
-        ("s/000.png", png(10)), ("s/000.txt", b"a caption"),
-        ("s/001.jpg", png(20)), ("s/001.txt", b"another"),
-        ("s/002.json", json.dumps(doc).encode()), ("s/002.0.png", png(30)), ("s/002.1.png", png(40))])
+    path = write_tar(
+        tmp_path / "a.tar",
+        [
+            ("s/000.png", png(10)),
+            ("s/000.txt", b"a caption"),
+            ("s/001.jpg", png(20)),
+            ("s/001.txt", b"another"),
+            ("s/002.json", json.dumps(doc).encode()),
+            ("s/002.0.png", png(30)),
+            ("s/002.1.png", png(40)),
+        ],
+    )
     samples = list(read_tar(path))
     assert samples[0] == [png(10), "a caption"]
     assert samples[1] == [png(20), "another"]
@@ -81,6 +90,7 @@ def test_unknown_source_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------- the image path
 
+
 def test_decode_resizes_the_short_side_and_crops_the_centre():
     buf = io.BytesIO()
     wide = np.zeros((10, 30, 3), dtype=np.uint8)
@@ -105,6 +115,7 @@ def test_patchify_is_row_major_and_invertible():
 
 
 # ---------------------------------------------------------------- packing
+
 
 def test_packing_places_every_sample_once_and_fills_windows():
     rng = np.random.default_rng(0)
@@ -135,11 +146,14 @@ def test_epoch_plans_form_one_stream():
 
 # ---------------------------------------------------------------- prepared data and the loader
 
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     cache = tmp_path_factory.mktemp("mm-cache")
-    cfg = load_config(preset="vlm-tiny", overrides=[f"data.cache_dir={cache}", "data.max_docs=400",
-                                                     "data.loader_workers=0", "train.batch_size=8"])
+    cfg = load_config(
+        preset="vlm-tiny",
+        overrides=[f"data.cache_dir={cache}", "data.max_docs=400", "data.loader_workers=0", "train.batch_size=8"],
+    )
     return cfg, prepare_multimodal(cfg.data, log=lambda s: None)
 
 
@@ -227,41 +241,52 @@ def test_two_ranks_then_one_see_every_sample_once_per_epoch(digits):
 
 
 def test_a_non_image_is_refused_when_preparing(tmp_path):
-    path = write_tar(tmp_path / "c.tar", [("000.png", b"garbage"), ("000.txt", b"x"),
-                                          ("001.png", png(3)), ("001.txt", b"y")])
+    path = write_tar(
+        tmp_path / "c.tar", [("000.png", b"garbage"), ("000.txt", b"x"), ("001.png", png(3)), ("001.txt", b"y")]
+    )
     with pytest.raises(DataError, match="an image Pillow cannot decode"):
-        prepare_multimodal(DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache"), vocab_size=300),
-                           log=lambda s: None)
+        prepare_multimodal(
+            DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache"), vocab_size=300), log=lambda s: None
+        )
     assert not list((tmp_path / "cache").iterdir())  # nothing half-written is left
 
 
 def test_inline_placement_keeps_the_document_order(tmp_path):
     doc = {"segments": [{"text": "before the picture"}, {"image": "0.png"}, {"text": "after it"}]}
-    path = write_tar(tmp_path / "d.tar", [("000.json", json.dumps(doc).encode()), ("000.0.png", png(9)),
-                                          ("001.png", png(5)), ("001.txt", b"a pair")])
-    data = prepare_multimodal(DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache"), vocab_size=300,
-                                         val_fraction=0.5), log=lambda s: None)
+    path = write_tar(
+        tmp_path / "d.tar",
+        [("000.json", json.dumps(doc).encode()), ("000.0.png", png(9)), ("001.png", png(5)), ("001.txt", b"a pair")],
+    )
+    data = prepare_multimodal(
+        DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache"), vocab_size=300, val_fraction=0.5),
+        log=lambda s: None,
+    )
     tok = data.tokenizer
     for placement, first_patch in (("inline", 1 + len(tok.encode("before the picture"))), ("prefix", 1)):
         layout = ImageLayout(4, 2, 1, placement)
         stream = SplitStream(data, "train", layout, 64, seed=0, shuffle=False, ids=np.array([0]))  # the document
         rec = stream.windows([0])[0]
         assert rec[first_patch, PATCH] == 0 and rec[first_patch - 1, PATCH] == -1
-        assert (pixels_of(torch.from_numpy(rec[first_patch:first_patch + 4])) == 9).all()
+        assert (pixels_of(torch.from_numpy(rec[first_patch : first_patch + 4])) == 9).all()
         text = tok.decode(rec[(rec[:, DOC] == 0) & (rec[:, PATCH] < 0), TOKEN].tolist())
         assert "before the picture" in text and "after it" in text
 
 
 def test_truncated_images_are_refused_when_preparing_and_metadata_json_is_not_a_document(tmp_path):
     whole = png(7, size=(32, 32))
-    path = write_tar(tmp_path / "t.tar", [("000.png", whole[: len(whole) // 2]), ("000.txt", b"cut short"),
-                                          ("001.png", whole), ("001.txt", b"fine")])
+    path = write_tar(
+        tmp_path / "t.tar",
+        [("000.png", whole[: len(whole) // 2]), ("000.txt", b"cut short"), ("001.png", whole), ("001.txt", b"fine")],
+    )
     with pytest.raises(DataError, match="sample 0 holds an image Pillow cannot decode"):
-        prepare_multimodal(DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache"), vocab_size=300),
-                           log=lambda s: None)
+        prepare_multimodal(
+            DataConfig(corpus=str(path), cache_dir=str(tmp_path / "cache"), vocab_size=300), log=lambda s: None
+        )
     # img2dataset writes key.jpg + key.txt + key.json (metadata): still a pair
-    meta = write_tar(tmp_path / "m.tar", [("000.png", whole), ("000.txt", b"a caption"),
-                                          ("000.json", b'{"url": "http://x", "width": 32}')])
+    meta = write_tar(
+        tmp_path / "m.tar",
+        [("000.png", whole), ("000.txt", b"a caption"), ("000.json", b'{"url": "http://x", "width": 32}')],
+    )
     assert list(read_tar(meta)) == [[whole, "a caption"]]
     bad = tmp_path / "ints.parquet"
     pq.write_table(pa.table({"text": [1, 2], "image": [whole, whole]}), bad)

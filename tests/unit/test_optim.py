@@ -32,7 +32,9 @@ def test_cosine_ends_at_min_lr_and_is_monotone():
     after = lrs[10:]
     assert all(b <= a for a, b in zip(after, after[1:]))
     mid = 10 + (100 - 10 - 1) / 2
-    assert lr_at(int(mid), 100, PEAK, s) == pytest.approx(0.1 * PEAK + 0.9 * PEAK * 0.5 * (1 + math.cos(math.pi * int(mid - 10) / 89)))
+    assert lr_at(int(mid), 100, PEAK, s) == pytest.approx(
+        0.1 * PEAK + 0.9 * PEAK * 0.5 * (1 + math.cos(math.pi * int(mid - 10) / 89))
+    )
     assert lr_at(500, 100, PEAK, s) == pytest.approx(0.1 * PEAK)  # past the end: stays at the floor
 
 
@@ -71,8 +73,17 @@ def test_warmup_longer_than_the_run():
 
 
 def test_decay_and_no_decay_groups():
-    cfg = load_config(overrides=["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.seq_len=32",
-                                 "model.bias=true", "model.qk_norm=true", "model.pos=learned"]).model
+    cfg = load_config(
+        overrides=[
+            "model.n_layers=2",
+            "model.d_model=64",
+            "model.n_heads=4",
+            "model.seq_len=32",
+            "model.bias=true",
+            "model.qk_norm=true",
+            "model.pos=learned",
+        ]
+    ).model
     model = build_model(cfg, 300)
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -98,8 +109,9 @@ def test_frozen_parameters_are_left_out():
 @pytest.mark.parametrize("impl", ["auto", "fused", "foreach", "single"])
 def test_build_optimizer_and_set_lr(impl):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    opt = build_optimizer(model, OptimConfig(lr=0.01, weight_decay=0.2, beta1=0.8, beta2=0.9,
-                                             implementation=impl), torch.device("cpu"))
+    opt = build_optimizer(
+        model, OptimConfig(lr=0.01, weight_decay=0.2, beta1=0.8, beta2=0.9, implementation=impl), torch.device("cpu")
+    )
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
     assert opt.param_groups[0]["betas"] == (0.8, 0.9)

@@ -42,14 +42,17 @@ def test_cluster_files():
     assert load_cluster("local:2").local and load_cluster("local:2").world_size == 2
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[[group]]\ndevice = 'h100'\ngpus = 8\n", "unknown key 'gpus'"),
-    ("[[group]]\ndevice = 'h100'\nper_node = 0\n", "per_node must be a positive integer"),
-    ("[[group]]\ndevice = 'tpu'\n", "device 'tpu' is not built in .* give memory_gb, peak_tflops"),
-    ("[[group]]\ndevice = 'h100'\nmemory_gb = -1\n", "memory_gb must be a positive number"),
-    ("title = 'x'\n", "no \\[\\[group\\]\\] tables"),
-    ("[[group\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[[group]]\ndevice = 'h100'\ngpus = 8\n", "unknown key 'gpus'"),
+        ("[[group]]\ndevice = 'h100'\nper_node = 0\n", "per_node must be a positive integer"),
+        ("[[group]]\ndevice = 'tpu'\n", "device 'tpu' is not built in .* give memory_gb, peak_tflops"),
+        ("[[group]]\ndevice = 'h100'\nmemory_gb = -1\n", "memory_gb must be a positive number"),
+        ("title = 'x'\n", "no \\[\\[group\\]\\] tables"),
+        ("[[group\n", "not valid TOML"),
+    ],
+)
 def test_cluster_refusals(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_cluster(text, "c.toml")
@@ -62,12 +65,17 @@ def test_cluster_spec_refusals(tmp_path):
         load_cluster("h100:12")
 
 
-@pytest.mark.parametrize("layout", [Layout(1, 4, 2, 1, 2, 2, "full"),
-                                    Layout(2, 1, 1, 2, 1, 4, "none", "interleaved-1f1b", 2)])
+@pytest.mark.parametrize(
+    "layout", [Layout(1, 4, 2, 1, 2, 2, "full"), Layout(2, 1, 1, 2, 1, 4, "none", "interleaved-1f1b", 2)]
+)
 def test_a_layout_sets_a_valid_config(layout):
     cfg = load_config("gpt2-124m", overrides=layout.sets())
-    assert (cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp, cfg.parallel.pp) == \
-           (layout.dp_replicate, layout.dp_shard, layout.tp, layout.pp)
+    assert (cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp, cfg.parallel.pp) == (
+        layout.dp_replicate,
+        layout.dp_shard,
+        layout.tp,
+        layout.pp,
+    )
 
 
 def test_the_space_respects_the_model_and_batch():
@@ -94,8 +102,9 @@ def test_search_ranks_fitting_plans_and_explains():
 def test_memory_model_matches_the_tracker():
     """Predicted peaks against FSDPMemTracker / MemTracker on fake tensors (bench/plan_memory.py
     runs 32 layouts; these are the fast ones)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "plan_memory.py"), "--tiny"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "plan_memory.py"), "--tiny"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("tiny")]
     assert len(rows) >= 2
@@ -106,15 +115,33 @@ def test_memory_model_matches_the_tracker():
 
 def test_cli(tmp_path):
     out = tmp_path / "plans.json"
-    r = subprocess.run([sys.executable, "-m", "kiln", "plan", "--preset", "gpt2-124m", "--cluster", "a100:8",
-                        "--top", "3", "--explain", "--json", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kiln",
+            "plan",
+            "--preset",
+            "gpt2-124m",
+            "--cluster",
+            "a100:8",
+            "--top",
+            "3",
+            "--explain",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     plans = json.loads(out.read_text())["plans"]
     assert len(plans) == 3 and plans[0]["tokens_per_s"] >= plans[1]["tokens_per_s"]
     assert any(s.startswith("parallel.dp_shard=") for s in plans[0]["set"]) and plans[0]["memory_gb"] < 80
     assert "--set parallel." in r.stdout and "best: " in r.stdout
-    bad = subprocess.run([sys.executable, "-m", "kiln", "plan", "--preset", "tiny", "--cluster", "tpu:8"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "kiln", "plan", "--preset", "tiny", "--cluster", "tpu:8"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no such file" in bad.stderr
 
 
@@ -129,10 +156,16 @@ def test_local_cluster_needs_a_profile_then_plans(tmp_path, monkeypatch):
         search(cfg, cfg.data.vocab_size, load_cluster("local:2"), "fp32")
     assert _fit_line([1, 2, 4], [3.0, 5.0, 9.0]) == pytest.approx((1.0, 2.0))
     import os
+
     threads = max(1, (os.cpu_count() or 1) // 2)
-    (tmp_path / "plan-profile.json").write_text(json.dumps({
-        "compute": {profile_key(cfg, threads): ComputeFit(0.01, 0.02, 1e-9).__dict__},
-        "link": LinkFit(5e-4, 0.5, 0.01, 0.04).__dict__}))
+    (tmp_path / "plan-profile.json").write_text(
+        json.dumps(
+            {
+                "compute": {profile_key(cfg, threads): ComputeFit(0.01, 0.02, 1e-9).__dict__},
+                "link": LinkFit(5e-4, 0.5, 0.01, 0.04).__dict__,
+            }
+        )
+    )
     result = search(cfg, cfg.data.vocab_size, load_cluster("local:2"), "fp32")
     best = result.plans[0]
     assert best.layout.tp == 1  # tensor parallelism's measured overhead makes it lose here
@@ -218,8 +251,9 @@ def test_profile_tables_round_trip(tmp_path, monkeypatch):
     cfg = load_config("tiny", overrides=["train.precision=fp32", "model.tie_embeddings=false"])
     measured = ComputeFit(0.0, 0.02, 1e-9, measured=((1, 0.02), (2, 0.04)))
     link = LinkFit(5e-4, 0.5, 0.01, 0.02, 0.003)
-    (tmp_path / "plan-profile.json").write_text(json.dumps({
-        "compute": {profile_key(cfg, 1): measured.__dict__}, "link": link.__dict__}))
+    (tmp_path / "plan-profile.json").write_text(
+        json.dumps({"compute": {profile_key(cfg, 1): measured.__dict__}, "link": link.__dict__})
+    )
     assert load_profile(cfg, 1) == (measured, link)
     assert load_profile(cfg, 2) is None  # another thread count: not measured
 
@@ -238,11 +272,21 @@ def test_profile_measures_this_machine(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     env = dict(os.environ)
-    overrides = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=32", "train.batch_size=4",
-                 "train.precision=fp32"]
+    overrides = [
+        "model.n_layers=1",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.seq_len=32",
+        "train.batch_size=4",
+        "train.precision=fp32",
+    ]
     sets = [a for s in overrides for a in ("--set", s)]
-    r = subprocess.run([sys.executable, "-m", "kiln", "plan", "profile", "--preset", "tiny", *sets, "--cluster",
-                        "local:2"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "kiln", "plan", "profile", "--preset", "tiny", *sets, "--cluster", "local:2"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads((tmp_path / "plan-profile.json").read_text())
     (entry,) = data["compute"].values()

@@ -66,8 +66,25 @@ def test_cli_plans_a_mixed_cluster(tmp_path):
     cluster = tmp_path / "mixed.toml"
     cluster.write_text('[[group]]\ndevice = "h100"\nper_node = 8\n\n[[group]]\ndevice = "a100"\nper_node = 8\n')
     out = tmp_path / "plans.json"
-    r = subprocess.run([sys.executable, "-m", "kiln", "plan", "--preset", "gpt2-124m", "--cluster", str(cluster),
-                        "--top", "2", "--explain", "--json", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kiln",
+            "plan",
+            "--preset",
+            "gpt2-124m",
+            "--cluster",
+            str(cluster),
+            "--top",
+            "2",
+            "--explain",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     plans = json.loads(out.read_text())["plans"]
     assert plans[0]["tokens_per_s"] > plans[0]["uniform_tokens_per_s"]
@@ -111,9 +128,12 @@ def test_throttle_slows_both_passes_of_the_throttled_rank(monkeypatch):
 
     def attach(rank: int):
         callback = faults.Faults(FaultsConfig(throttle_rank=1, throttle_factor=3.0))
-        trainer = SimpleNamespace(sampler=SimpleNamespace(batch=lambda i: None), par=SimpleNamespace(dp=(rank, 2)),
-                                  module=SimpleNamespace(named_modules=model.named_modules, parts=[model]),
-                                  is_main=rank == 0)
+        trainer = SimpleNamespace(
+            sampler=SimpleNamespace(batch=lambda i: None),
+            par=SimpleNamespace(dp=(rank, 2)),
+            module=SimpleNamespace(named_modules=model.named_modules, parts=[model]),
+            is_main=rank == 0,
+        )
         callback.on_run_start(trainer)
         return callback
 

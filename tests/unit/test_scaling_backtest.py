@@ -39,7 +39,7 @@ def test_a_top_budget_off_the_law_is_caught():
 
 
 def test_without_iso_groups_the_largest_quarter_is_held_out():
-    points = [Point(n, d, 2 + 400 / n ** 0.3 + 400 / d ** 0.3) for n in (1e6, 3e6, 1e7) for d in (1e8, 3e8, 1e9)]
+    points = [Point(n, d, 2 + 400 / n**0.3 + 400 / d**0.3) for n in (1e6, 3e6, 1e7) for d in (1e8, 3e8, 1e9)]
     rest, held = split(points)
     # a quarter of 9 is 2: the largest (1e7 x 1e9), then 3e15, which two points share; ties go together
     assert len(held) == 3 and min(p.compute for p in held) > max(p.compute for p in rest)
@@ -53,8 +53,22 @@ def test_too_few_points_left_is_a_clear_error_and_the_cli_still_fits(tmp_path, c
         backtest([Point(*row) for row in rows], bootstrap=2)
     csv = tmp_path / "p.csv"
     csv.write_text("params,tokens,loss,flops\n" + "".join(",".join(map(str, row)) + "\n" for row in rows))
-    assert main(["scaling", "fit", "--points", str(csv), "--backtest", "--bootstrap", "2",
-                 "--json", str(tmp_path / "f.json")]) == 0
+    assert (
+        main(
+            [
+                "scaling",
+                "fit",
+                "--points",
+                str(csv),
+                "--backtest",
+                "--bootstrap",
+                "2",
+                "--json",
+                str(tmp_path / "f.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "L(N, D) =" in out and "no backtest" in out
     assert "skipped" in json.loads((tmp_path / "f.json").read_text())["backtest"]
@@ -63,8 +77,22 @@ def test_too_few_points_left_is_a_clear_error_and_the_cli_still_fits(tmp_path, c
 def test_cli_writes_the_backtest_into_the_fit_json(tmp_path, capsys):
     csv = tmp_path / "p.csv"
     csv.write_text("params,tokens,loss\n" + "".join(f"{p.params},{p.tokens},{p.loss}\n" for p in chinchilla_points()))
-    assert main(["scaling", "fit", "--points", str(csv), "--backtest", "--bootstrap", "2",
-                 "--json", str(tmp_path / "f.json")]) == 0
+    assert (
+        main(
+            [
+                "scaling",
+                "fit",
+                "--points",
+                str(csv),
+                "--backtest",
+                "--bootstrap",
+                "2",
+                "--json",
+                str(tmp_path / "f.json"),
+            ]
+        )
+        == 0
+    )
     assert "backtest: fitted on the" in capsys.readouterr().out
     saved = json.loads((tmp_path / "f.json").read_text())
     assert saved["backtest"]["mean_abs_error"] < 0.02 and saved["n_points"] == len(chinchilla_points())

@@ -67,9 +67,17 @@ def test_isoflop_parabolas_give_the_compute_optimal_exponent(fitted):
 def test_approach_two_uses_only_minima_the_sizes_bracket():
     """Ladder C without its 1-layer size: every parabola's minimum lay outside the sizes, and the
     power law through those extrapolated minima overflowed (a crash of `kiln scaling fit`)."""
-    rows = [(55536, 210944, 5.4426), (106816, 137728, 5.6755), (332448, 61952, 6.0847),
-            (55536, 632320, 4.3762), (106816, 412672, 4.6825), (332448, 185344, 5.1932),
-            (55536, 1896448, 3.7952), (106816, 1238528, 3.8508), (332448, 556544, 4.1605)]
+    rows = [
+        (55536, 210944, 5.4426),
+        (106816, 137728, 5.6755),
+        (332448, 61952, 6.0847),
+        (55536, 632320, 4.3762),
+        (106816, 412672, 4.6825),
+        (332448, 185344, 5.1932),
+        (55536, 1896448, 3.7952),
+        (106816, 1238528, 3.8508),
+        (332448, 556544, 4.1605),
+    ]
     budgets = (2.1e11, 6.29e11, 1.887e12)  # each group's compute in the MFU's accounting (head included)
     result = isoflop([Point(n, d, loss, flops=budgets[i // 3]) for i, (n, d, loss) in enumerate(rows)])
     assert len(result["groups"]) == 3 and not any(g["minimum_inside"] for g in result["groups"])
@@ -79,18 +87,32 @@ def test_approach_two_uses_only_minima_the_sizes_bracket():
     assert bracketed["n_opt"]["groups"] == len(bracketed["groups"]) == 5
 
 
-LADDER_E = [(16528, 1994752, 4.4449448846280575), (16528, 5984256, 4.219713592901826),  # BENCHMARKS, ladder E
-            (27864, 1284096, 4.307564722374082), (27864, 3852288, 3.999469928443432),
-            (65824, 2327040, 3.8572582118213177), (65824, 775680, 4.384291289374232),
-            (111024, 1469952, 3.7970173973590136), (111024, 489984, 4.595054006204009)]
+LADDER_E = [
+    (16528, 1994752, 4.4449448846280575),
+    (16528, 5984256, 4.219713592901826),  # BENCHMARKS, ladder E
+    (27864, 1284096, 4.307564722374082),
+    (27864, 3852288, 3.999469928443432),
+    (65824, 2327040, 3.8572582118213177),
+    (65824, 775680, 4.384291289374232),
+    (111024, 1469952, 3.7970173973590136),
+    (111024, 489984, 4.595054006204009),
+]
 
 
 def test_bootstrap_resamples_can_leave_an_optimum_at_e_zero():
     """Resamples refined only from a full fit at E ~ 0 all stayed there: on ladder E's runs (under the
     optimizer of the time) E's interval printed as [3e-8, 3e-8]. Ladder C's 9 runs put E at 0 too."""
-    rows = [(55536, 210944, 5.4426), (106816, 137728, 5.6755), (332448, 61952, 6.0847),
-            (55536, 632320, 4.3762), (106816, 412672, 4.6825), (332448, 185344, 5.1932),
-            (55536, 1896448, 3.7952), (106816, 1238528, 3.8508), (332448, 556544, 4.1605)]
+    rows = [
+        (55536, 210944, 5.4426),
+        (106816, 137728, 5.6755),
+        (332448, 61952, 6.0847),
+        (55536, 632320, 4.3762),
+        (106816, 412672, 4.6825),
+        (332448, 185344, 5.1932),
+        (55536, 1896448, 3.7952),
+        (106816, 1238528, 3.8508),
+        (332448, 556544, 4.1605),
+    ]
     law = fit([Point(*row) for row in rows], bootstrap=6)
     assert law.E < 1e-3
     lo, hi = law.intervals["E"]
@@ -136,8 +158,23 @@ def test_cli_fit_then_predict(tmp_path, capsys, fitted):
     points, _ = fitted
     csv = tmp_path / "points.csv"
     csv.write_text("params,tokens,loss\n" + "".join(f"{p.params},{p.tokens},{p.loss}\n" for p in points))
-    assert main(["scaling", "fit", "--points", str(csv), "--json", str(tmp_path / "fit.json"),
-                 "--plot", str(tmp_path / "fit.png"), "--bootstrap", "3"]) == 0
+    assert (
+        main(
+            [
+                "scaling",
+                "fit",
+                "--points",
+                str(csv),
+                "--json",
+                str(tmp_path / "fit.json"),
+                "--plot",
+                str(tmp_path / "fit.png"),
+                "--bootstrap",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "L(N, D) =" in out and "approach 2" in out and (tmp_path / "fit.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "fit.json").read_text())
@@ -150,12 +187,15 @@ def test_cli_fit_then_predict(tmp_path, capsys, fitted):
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("text, words", [
-    ("params,tokens\n1,2\n", "lacks the column(s) loss"),
-    ("params,tokens,loss\n1e6,1e9,-3\n", "must be positive"),
-    ("params,tokens,loss\n1e6,1e9,\n", "must be numbers"),
-    ("params,tokens,loss\n" + "1e6,1e9,3\n" * 3, "3 point(s) cannot fit a law of 5 parameters"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("params,tokens\n1,2\n", "lacks the column(s) loss"),
+        ("params,tokens,loss\n1e6,1e9,-3\n", "must be positive"),
+        ("params,tokens,loss\n1e6,1e9,\n", "must be numbers"),
+        ("params,tokens,loss\n" + "1e6,1e9,3\n" * 3, "3 point(s) cannot fit a law of 5 parameters"),
+    ],
+)
 def test_a_bad_csv_is_one_line_and_exit_2(tmp_path, capsys, text, words):
     (tmp_path / "p.csv").write_text(text)
     assert main(["scaling", "fit", "--points", str(tmp_path / "p.csv")]) == 2
@@ -167,9 +207,16 @@ def fake_run(root, name, state="finished", objective="causal", corpus="stdlib", 
     """A run folder as a finished training leaves it (config, tokenizer, status, summary)."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = load_config("tiny", overrides=[f"train.objective={objective}", f"data.corpus={corpus}",
-                                         f"model.d_model={d_model}", "model.n_heads=4"]
-                      + (["model.family=encoder"] if objective == "masked" else []))
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            f"train.objective={objective}",
+            f"data.corpus={corpus}",
+            f"model.d_model={d_model}",
+            "model.n_heads=4",
+        ]
+        + (["model.family=encoder"] if objective == "masked" else []),
+    )
     (run / "config.toml").write_text(to_toml(cfg))
     text = ["def f(x):\n    return x\n", "class A:\n    pass\n"] * 30
     train_tokenizer(iter(text), vocab_size=vocab).save(run / "tokenizer.json")
@@ -185,12 +232,15 @@ def test_runs_become_points_with_non_embedding_params_and_mfu_flops(tmp_path):
     assert points[0].flops > 6 * points[0].params * points[0].tokens  # the MFU accounting counts the head too
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"state": "running"}, "unfinished run(s): b"),
-    ({"objective": "masked"}, "mix objectives"),
-    ({"corpus": "other.txt"}, "mix corpora"),
-    ({"vocab": 280}, "mix tokenizers"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"state": "running"}, "unfinished run(s): b"),
+        ({"objective": "masked"}, "mix objectives"),
+        ({"corpus": "other.txt"}, "mix corpora"),
+        ({"vocab": 280}, "mix tokenizers"),
+    ],
+)
 def test_runs_that_do_not_compare_are_refused(tmp_path, change, words):
     a = fake_run(tmp_path, "a")
     b = fake_run(tmp_path, "b", **change)
@@ -207,10 +257,25 @@ def test_csv_reader_keeps_optional_flops(tmp_path):
 def test_a_fit_without_a_trade_off_says_so(tmp_path, capsys):
     """Loss that rises with tokens (a broken sweep) fits a negative beta: the fit warns, and a
     budget cannot be turned into sizes."""
-    rows = [(n, d, 3.0 + 1e3 / n ** 0.5 + 0.5 * (d / 1e7) ** 0.3) for n in (1e5, 3e5, 1e6) for d in (1e7, 3e7, 1e8)]
+    rows = [(n, d, 3.0 + 1e3 / n**0.5 + 0.5 * (d / 1e7) ** 0.3) for n in (1e5, 3e5, 1e6) for d in (1e7, 3e7, 1e8)]
     (tmp_path / "p.csv").write_text("params,tokens,loss\n" + "".join(f"{n},{d},{v}\n" for n, d, v in rows))
-    assert main(["scaling", "fit", "--points", str(tmp_path / "p.csv"), "--json", str(tmp_path / "f.json"),
-                 "--bootstrap", "2", "--plot", str(tmp_path / "f.png")]) == 0
+    assert (
+        main(
+            [
+                "scaling",
+                "fit",
+                "--points",
+                str(tmp_path / "p.csv"),
+                "--json",
+                str(tmp_path / "f.json"),
+                "--bootstrap",
+                "2",
+                "--plot",
+                str(tmp_path / "f.png"),
+            ]
+        )
+        == 0
+    )
     assert "no compute-optimal trade-off" in capsys.readouterr().out
     assert main(["scaling", "predict", str(tmp_path / "f.json"), "--flops", "1e18"]) == 2
     assert "no compute-optimal trade-off exists" in capsys.readouterr().err

@@ -12,8 +12,13 @@ from kiln.errors import DataError
 
 
 def data_cfg(corpus, cache, **kw) -> DataConfig:
-    return DataConfig(corpus=str(corpus), cache_dir=str(cache), vocab_size=kw.pop("vocab_size", 320),
-                      val_fraction=kw.pop("val_fraction", 0.15), **kw)
+    return DataConfig(
+        corpus=str(corpus),
+        cache_dir=str(cache),
+        vocab_size=kw.pop("vocab_size", 320),
+        val_fraction=kw.pop("val_fraction", 0.15),
+        **kw,
+    )
 
 
 def quiet(*_):
@@ -74,8 +79,9 @@ def test_split_is_deterministic_for_a_seed(shared_corpus, tmp_path):
     b = prepare(data_cfg(shared_corpus, tmp_path / "b"), log=quiet)
     assert a.path.name == b.path.name
     for split in ("train", "val"):
-        assert [s["sha256"] for s in a.manifest["splits"][split]["shards"]] == \
-               [s["sha256"] for s in b.manifest["splits"][split]["shards"]]
+        assert [s["sha256"] for s in a.manifest["splits"][split]["shards"]] == [
+            s["sha256"] for s in b.manifest["splits"][split]["shards"]
+        ]
     c = prepare(data_cfg(shared_corpus, tmp_path / "a", split_seed=99, val_fraction=0.3), log=quiet)
     assert c.path != a.path
     assert sorted(documents(c, "val")) != sorted(documents(a, "val"))
@@ -159,8 +165,9 @@ def book(n_lines: int = 32000, seed: int = 0) -> str:
 
     rng = random.Random(seed)
     words = "the of and to a in that it was he for on are with as his they be at one have this".split()
-    return "".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".\n"
-                   for _ in range(n_lines))
+    return "".join(
+        " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".\n" for _ in range(n_lines)
+    )
 
 
 def test_one_big_text_file_is_cut_into_pieces_and_split(tmp_path):
@@ -206,8 +213,9 @@ def test_the_split_depends_on_content_not_on_the_corpus_path(tmp_path):
 
 
 def test_identical_documents_land_in_the_same_split(tmp_path):
-    train, val = shards_mod.split_documents(["same text\n"] * 50 + [f"doc {i}\n" for i in range(200)], seed=3,
-                                            fraction=0.2, piece_chars=0)
+    train, val = shards_mod.split_documents(
+        ["same text\n"] * 50 + [f"doc {i}\n" for i in range(200)], seed=3, fraction=0.2, piece_chars=0
+    )
     assert ("same text\n" in train) != ("same text\n" in val)
 
 

@@ -3,8 +3,12 @@ import pytest
 from kiln.data.tokenizer import SPECIAL_TOKENS, KilnTokenizer, load_tokenizer, tokenizer_from_json, train_tokenizer
 from kiln.errors import DataError
 
-TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
-         "import os\nprint(os.getcwd())\n", "café ünïcode — ✓ 日本語"] * 20
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "import os\nprint(os.getcwd())\n",
+    "café ünïcode — ✓ 日本語",
+] * 20
 
 
 @pytest.fixture(scope="module")

@@ -48,9 +48,14 @@ def stub_trainer(tmp_path, on_error: str, waiting):
     (tmp_path / "run").mkdir(exist_ok=True)
     checkpointer = SimpleNamespace(pending=True, wait=waiting)
     trainer = SimpleNamespace(
-        step=7, run=RunDir(tmp_path / "run"), is_main=True, checkpointer=checkpointer, said=[],
+        step=7,
+        run=RunDir(tmp_path / "run"),
+        is_main=True,
+        checkpointer=checkpointer,
+        said=[],
         cfg=SimpleNamespace(checkpoint=SimpleNamespace(on_error=on_error)),
-        callbacks=SimpleNamespace(on_checkpoint=lambda *a: events.append(a)))
+        callbacks=SimpleNamespace(on_checkpoint=lambda *a: events.append(a)),
+    )
     trainer.say = trainer.said.append
 
     class Paused:
@@ -148,7 +153,7 @@ def test_shares_cover_every_window_once(n, world, multiple):
     shares = [share_windows(windows, r, world, multiple) for r in range(world)]
     assert len({len(s.windows) for s in shares}) == 1  # every rank runs the same forwards
     assert all(len(s.windows) % multiple == 0 for s in shares)
-    real = [int(w[0]) for s in shares for w in s.windows[:s.valid]]
+    real = [int(w[0]) for s in shares for w in s.windows[: s.valid]]
     assert real == list(range(n))
     assert [s.first_index for s in shares] == [min(r * -(-n // world), n) for r in range(world)]
 
@@ -163,8 +168,7 @@ def test_time_budget_decides_the_steps_and_records_them(tmp_path):
 
     cfg = load_config("tiny", overrides=["train.steps=1000", "train.time_budget_s=60", "schedule.warmup_steps=10"])
     (tmp_path / "run").mkdir()
-    trainer = SimpleNamespace(cfg=cfg, step=7, total_steps=1000, is_main=True, run=RunDir(tmp_path / "run"),
-                              said=[])
+    trainer = SimpleNamespace(cfg=cfg, step=7, total_steps=1000, is_main=True, run=RunDir(tmp_path / "run"), said=[])
     trainer.say = trainer.said.append
     TimeBudget().decide(trainer, per_step=0.25)
     assert trainer.total_steps == 240 and cfg.train.steps == 240 and cfg.train.time_budget_s == 0

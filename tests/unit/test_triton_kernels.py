@@ -57,8 +57,12 @@ def test_rms_norm_equals_reference(ops, shape):
 def test_rms_norm_of_a_strided_view(ops):
     """q and k are normalised as (B, nh, T, hs) views of a (B, T, nh*hs) projection."""
     q = torch.randn(2, 6, 4, 16).transpose(1, 2)
-    ours, ref = both(lambda a, b: ops.rms_norm(a.transpose(1, 2), b, 1e-6),
-                     lambda a, b: reference.rms_norm(a.transpose(1, 2), b, 1e-6), q.transpose(1, 2), torch.randn(16))
+    ours, ref = both(
+        lambda a, b: ops.rms_norm(a.transpose(1, 2), b, 1e-6),
+        lambda a, b: reference.rms_norm(a.transpose(1, 2), b, 1e-6),
+        q.transpose(1, 2),
+        torch.randn(16),
+    )
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, **TOL)
 
@@ -133,8 +137,17 @@ def test_registry_dispatch(monkeypatch):
 def test_decoder_through_triton_equals_torch(ops, qk_norm):
     """A whole llama-style decoder (RMSNorm, RoPE, SwiGLU; q/k norms) and the fused loss head: the
     loss and every parameter's gradient as with the references."""
-    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, seq_len=12, pos="rope", norm="rmsnorm", mlp="swiglu",
-                      bias=False, qk_norm=qk_norm)
+    cfg = ModelConfig(
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        seq_len=12,
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        qk_norm=qk_norm,
+    )
     model = build_model(cfg, 97)
     initialise(model, cfg, seed=3).to(DEVICE)
     tokens = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -156,9 +169,11 @@ def test_kernels_in_bf16_on_a_gpu():
     cos, sin = (t.cuda().contiguous() for t in torch.randn(2, 64, 32).unbind(0))
     q = torch.randn(2, 64, 4, 64).transpose(1, 2)
     bf = dict(rtol=2e-2, atol=2e-2)
-    for fns, inputs in (((lambda a, b: ops.rms_norm(a, b, 1e-5), lambda a, b: reference.rms_norm(a, b, 1e-5)), (x, w)),
-                        ((lambda a: ops.rope(a, cos, sin), lambda a: reference.rope(a, cos, sin)), (q,)),
-                        ((ops.swiglu, reference.swiglu), (x, x.flip(0)))):
+    for fns, inputs in (
+        ((lambda a, b: ops.rms_norm(a, b, 1e-5), lambda a, b: reference.rms_norm(a, b, 1e-5)), (x, w)),
+        ((lambda a: ops.rope(a, cos, sin), lambda a: reference.rope(a, cos, sin)), (q,)),
+        ((ops.swiglu, reference.swiglu), (x, x.flip(0))),
+    ):
         ours, ref = both(*fns, *inputs, dtype=torch.bfloat16, device="cuda")
         for a, b in zip(ours, ref):
             torch.testing.assert_close(a.float(), b.float(), **bf)

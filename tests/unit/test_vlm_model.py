@@ -21,6 +21,7 @@ def cfg_of(*extra):
 def record(samples):
     """A window record (T+1, 3 + 1) from [(n_image_patches, [tokens])], image first; a patch's
     four pixel values are packed into one int32 column."""
+
     def packed(value):
         return int(torch.full((4,), value, dtype=torch.uint8).view(torch.int32))
 
@@ -77,15 +78,18 @@ def test_frozen_encoder_is_loaded_and_not_trained(tmp_path):
     assert not model.stem.weight.requires_grad and model.tok_emb.weight.requires_grad
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["model.patch_size=3"], "must divide model.image_size"),
-    (["model.patch_size=1", "model.seq_len=32"], "an image takes 64 positions"),
-    (["train.objective=causal"], "train.objective = 'multimodal'"),
-    (["model.image_encoder=frozen"], "needs model.image_encoder_from"),
-    (["model.image_encoder=frozen", "model.image_encoder_from=/no/such.safetensors"], "does not exist"),
-    (["model.image_encoder=pretrained"], "model.image_encoder = 'pretrained' is not allowed"),
-    (["data.image_placement=middle"], "data.image_placement"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["model.patch_size=3"], "must divide model.image_size"),
+        (["model.patch_size=1", "model.seq_len=32"], "an image takes 64 positions"),
+        (["train.objective=causal"], "train.objective = 'multimodal'"),
+        (["model.image_encoder=frozen"], "needs model.image_encoder_from"),
+        (["model.image_encoder=frozen", "model.image_encoder_from=/no/such.safetensors"], "does not exist"),
+        (["model.image_encoder=pretrained"], "model.image_encoder = 'pretrained' is not allowed"),
+        (["data.image_placement=middle"], "data.image_placement"),
+    ],
+)
 def test_bad_settings_are_one_line(extra, message):
     with pytest.raises(ConfigError, match=message):
         check_training(cfg_of(*extra))

@@ -93,8 +93,10 @@ def _expand(spec: str) -> list[Path]:
         return found
     if path.is_file():
         return [path]
-    raise DataError(f"data.corpus: '{spec}' is neither a registered corpus ({', '.join(sorted(CORPORA))}) "
-                    "nor an existing file, directory or glob")
+    raise DataError(
+        f"data.corpus: '{spec}' is neither a registered corpus ({', '.join(sorted(CORPORA))}) "
+        "nor an existing file, directory or glob"
+    )
 
 
 def resolve_corpus(cfg: DataConfig) -> list[CorpusFile]:
@@ -108,8 +110,9 @@ def resolve_corpus(cfg: DataConfig) -> list[CorpusFile]:
             continue
         for p in _expand(spec):
             if not _is_corpus_file(p):
-                raise DataError(f"data.corpus: '{p}' is not a supported file; use "
-                                f"{', '.join(SUFFIXES)} (optionally .gz or .zst)")
+                raise DataError(
+                    f"data.corpus: '{p}' is not a supported file; use {', '.join(SUFFIXES)} (optionally .gz or .zst)"
+                )
             docs.append(CorpusFile(p, cfg.text_field))
     if not docs:
         raise DataError(f"data.corpus = '{cfg.corpus}' contains no files")
@@ -125,6 +128,7 @@ def corpus_fingerprint(docs: list[CorpusFile]) -> str:
 
 
 # --------------------------------------------------------------------------- file readers
+
 
 def _open_binary(path: Path) -> io.BufferedIOBase:
     _, comp = _strip_compression(path.name)
@@ -198,8 +202,9 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise SkippedFile(f"{path}: not a readable parquet file ({e})") from None
     if column not in table.schema_arrow.names:
-        raise DataError(f"{path}: no column '{column}' (columns: {', '.join(table.schema_arrow.names)}); "
-                        "set data.text_field")
+        raise DataError(
+            f"{path}: no column '{column}' (columns: {', '.join(table.schema_arrow.names)}); set data.text_field"
+        )
     for batch in table.iter_batches(columns=[column]):
         for value in batch.column(0).to_pylist():
             if value:

@@ -29,8 +29,10 @@ class TokenWindows:
         self.count = int(self.starts[-1])
         if self.count == 0:
             tokens = sum(len(s) for s in shards)
-            raise DataError(f"the {split} split has {tokens} tokens, fewer than one window of model.seq_len + 1 = "
-                            f"{self.window}; use a larger corpus, a larger data.val_fraction or a smaller model.seq_len")
+            raise DataError(
+                f"the {split} split has {tokens} tokens, fewer than one window of model.seq_len + 1 = "
+                f"{self.window}; use a larger corpus, a larger data.val_fraction or a smaller model.seq_len"
+            )
 
     def __len__(self) -> int:
         return self.count
@@ -41,7 +43,7 @@ class TokenWindows:
         out = np.empty((len(indices), self.window), dtype=np.int64)
         for row, (shard, idx) in enumerate(zip(shard_ids, indices)):
             offset = int(idx - self.starts[shard]) * self.seq_len
-            out[row] = self.shards[shard][offset:offset + self.window]
+            out[row] = self.shards[shard][offset : offset + self.window]
         return out
 
 
@@ -50,20 +52,30 @@ def rank_share(global_batch: int, rank: int, world_size: int, shares: list[int] 
     even split, or `shares` (`parallel.dp_batch_shares`: devices of different speeds)."""
     if shares:
         if len(shares) != world_size:
-            raise DataError(f"parallel.dp_batch_shares names {len(shares)} ranks; the run has {world_size} "
-                            "data-parallel ranks")
+            raise DataError(
+                f"parallel.dp_batch_shares names {len(shares)} ranks; the run has {world_size} data-parallel ranks"
+            )
         return shares[rank], sum(shares[:rank])
     if global_batch % world_size:
-        raise DataError(f"the global batch of {global_batch} sequences does not split evenly over "
-                        f"{world_size} data-parallel ranks; make train.batch_size a multiple of {world_size}")
+        raise DataError(
+            f"the global batch of {global_batch} sequences does not split evenly over "
+            f"{world_size} data-parallel ranks; make train.batch_size a multiple of {world_size}"
+        )
     return global_batch // world_size, rank * (global_batch // world_size)
 
 
 class BatchSampler:
     """The training batches: `batch(step)` depends only on (seed, step, rank, world size)."""
 
-    def __init__(self, windows: TokenWindows, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shares: list[int] | None = None):
+    def __init__(
+        self,
+        windows: TokenWindows,
+        global_batch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shares: list[int] | None = None,
+    ):
         self.local_batch, self.offset = rank_share(global_batch, rank, world_size, shares)
         self.windows = windows
         self.global_batch = global_batch
@@ -120,6 +132,6 @@ def share_windows(windows: torch.Tensor, rank: int, world: int, multiple: int = 
     per = -(-n // world)
     rows = max(1, -(-per // multiple) * multiple)
     start = min(rank * per, n)
-    real = windows[start:start + per]
+    real = windows[start : start + per]
     pad = windows[:1].expand(rows - len(real), *windows.shape[1:]) if rows > len(real) else windows[:0]
     return WindowShare(torch.cat([real, pad]), len(real), start)

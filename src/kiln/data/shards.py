@@ -50,8 +50,9 @@ class Prepared:
     def split(self, name: str) -> list[np.ndarray]:
         """The split's shards as read-only memory maps."""
         dtype = np.dtype(self.manifest["dtype"])
-        return [np.memmap(self.path / s["file"], dtype=dtype, mode="r")
-                for s in self.manifest["splits"][name]["shards"]]
+        return [
+            np.memmap(self.path / s["file"], dtype=dtype, mode="r") for s in self.manifest["splits"][name]["shards"]
+        ]
 
     @property
     def vocab_size(self) -> int:
@@ -62,8 +63,17 @@ def dataset_key(cfg: DataConfig, files: list[CorpusFile]) -> str:
     tok = ""
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer).sha256
-    parts = [str(FORMAT_VERSION), corpus_fingerprint(files), str(cfg.vocab_size), tok, repr(cfg.val_fraction),
-             str(cfg.split_seed), str(cfg.max_docs), cfg.text_field, str(cfg.piece_chars)]
+    parts = [
+        str(FORMAT_VERSION),
+        corpus_fingerprint(files),
+        str(cfg.vocab_size),
+        tok,
+        repr(cfg.val_fraction),
+        str(cfg.split_seed),
+        str(cfg.max_docs),
+        cfg.text_field,
+        str(cfg.piece_chars),
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -75,15 +85,19 @@ def open_prepared(path: Path, verify: bool = True) -> Prepared:
     manifest = json.loads(manifest_path.read_text())
     tokenizer = load_tokenizer(path / "tokenizer.json")  # with its roles sidecar, if any
     if tokenizer.sha256 != manifest["tokenizer_sha256"]:
-        raise DataError(f"{path}/tokenizer.json does not match the tokenizer the shards were made with; "
-                        f"delete {path} and run `kiln prepare` again")
+        raise DataError(
+            f"{path}/tokenizer.json does not match the tokenizer the shards were made with; "
+            f"delete {path} and run `kiln prepare` again"
+        )
     if verify:
         for split in manifest["splits"].values():
             for shard in split["shards"]:
                 file = path / shard["file"]
                 if not file.is_file() or sha256_file(file) != shard["sha256"]:
-                    raise DataError(f"shard {file} is missing or its checksum does not match the manifest "
-                                    f"(corrupt cache); delete {path} and run `kiln prepare` again")
+                    raise DataError(
+                        f"shard {file} is missing or its checksum does not match the manifest "
+                        f"(corrupt cache); delete {path} and run `kiln prepare` again"
+                    )
     return Prepared(path, manifest, tokenizer)
 
 
@@ -158,11 +172,12 @@ def split_documents(docs: list[str], seed: int, fraction: float, piece_chars: in
 def _pieces(text: str) -> list[str]:
     if len(text) <= MAX_PIECE_CHARS:
         return [text]
-    return [text[i:i + MAX_PIECE_CHARS] for i in range(0, len(text), MAX_PIECE_CHARS)]
+    return [text[i : i + MAX_PIECE_CHARS] for i in range(0, len(text), MAX_PIECE_CHARS)]
 
 
-def _encode_split(texts: list[str], tok: KilnTokenizer, dtype: np.dtype, out: Path, prefix: str,
-                  label: str) -> dict[str, Any]:
+def _encode_split(
+    texts: list[str], tok: KilnTokenizer, dtype: np.dtype, out: Path, prefix: str, label: str
+) -> dict[str, Any]:
     shards: list[dict[str, Any]] = []
     buf: list[np.ndarray] = []
     buf_tokens = 0
@@ -178,7 +193,7 @@ def _encode_split(texts: list[str], tok: KilnTokenizer, dtype: np.dtype, out: Pa
         shards.append({"file": name, "tokens": int(arr.size), "sha256": sha256_file(out / name)})
         buf, buf_tokens = [], 0
 
-    batches = [texts[i:i + ENCODE_BATCH] for i in range(0, len(texts), ENCODE_BATCH)]
+    batches = [texts[i : i + ENCODE_BATCH] for i in range(0, len(texts), ENCODE_BATCH)]
     for batch in progress_bar(batches, f"tokenising {label}", unit="batches"):
         pieces = [(j, p) for j, text in enumerate(batch) for p in _pieces(text)]
         encoded = tok.encode_batch([p for _, p in pieces])
@@ -212,7 +227,9 @@ def writable_cache(cfg: DataConfig) -> Path:
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"data.cache_dir '{cache}' cannot be created ({e.strerror}); choose a writable folder") from None
+        raise DataError(
+            f"data.cache_dir '{cache}' cannot be created ({e.strerror}); choose a writable folder"
+        ) from None
     if not os.access(cache, os.W_OK):
         raise DataError(f"data.cache_dir '{cache}' is not writable; choose a writable folder")
     return cache
@@ -254,13 +271,17 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
         log(f"skipped {skipped} file(s) that are not UTF-8 text")
     docs = [t for t in docs if t.strip()]
     if not docs:
-        raise DataError(f"data.corpus = '{cfg.corpus}' holds no text"
-                        + (f" ({skipped} binary or non-UTF-8 file(s) skipped)" if skipped else ""))
+        raise DataError(
+            f"data.corpus = '{cfg.corpus}' holds no text"
+            + (f" ({skipped} binary or non-UTF-8 file(s) skipped)" if skipped else "")
+        )
     train_texts, val_texts = split_documents(docs, cfg.split_seed, cfg.val_fraction, cfg.piece_chars)
     if not train_texts or not val_texts:
-        raise DataError(f"data.corpus = '{cfg.corpus}' is one short document ({len(docs[0])} characters); a "
-                        "train/validation split needs at least two pieces: add text, or lower data.piece_chars "
-                        f"(now {cfg.piece_chars}) so the document is cut into pieces")
+        raise DataError(
+            f"data.corpus = '{cfg.corpus}' is one short document ({len(docs[0])} characters); a "
+            "train/validation split needs at least two pieces: add text, or lower data.piece_chars "
+            f"(now {cfg.piece_chars}) so the document is cut into pieces"
+        )
 
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
@@ -291,14 +312,16 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             "val_unigram_entropy": unigram_entropy(val_maps, tok.vocab_size),
             "splits": splits,
             # what the data is, wherever it came from: resume and comparisons check this
-            "content_key": hashlib.sha256("\n".join([tok.sha256] + [sh["sha256"] for sp in splits.values()
-                                                                      for sh in sp["shards"]]).encode()).hexdigest()[:20],
+            "content_key": hashlib.sha256(
+                "\n".join([tok.sha256] + [sh["sha256"] for sp in splits.values() for sh in sp["shards"]]).encode()
+            ).hexdigest()[:20],
             "piece_chars": cfg.piece_chars,
             "seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     tr, va = splits["train"], splits["val"]
-    log(f"prepared {tr['documents']} + {va['documents']} documents, {tr['tokens']:,} + {va['tokens']:,} tokens "
-        f"(train + validation) in {manifest['seconds']:.1f}s -> {final}")
+    log(
+        f"prepared {tr['documents']} + {va['documents']} documents, {tr['tokens']:,} + {va['tokens']:,} tokens "
+        f"(train + validation) in {manifest['seconds']:.1f}s -> {final}"
+    )
     return open_prepared(final)
-

@@ -54,6 +54,7 @@ def _utf8_length(lead: int) -> int:
 def _bytes_classes(data: bytes) -> tuple[int, int]:
     """(class of the first byte, class of the last character) of a byte-level token. A character
     cut by the token's edge counts as a letter, the common case beyond ASCII."""
+
     def whole(chunk: bytes) -> int:
         try:
             return _char_class(chunk.decode("utf-8"))
@@ -105,15 +106,22 @@ class KilnTokenizer:
         unknown = sorted(set(self.roles) - set(ROLES))
         if unknown:
             raise DataError(f"tokenizer roles {unknown} are not special-token roles; roles: {', '.join(ROLES)}")
-        missing = [f"{t} ({r})" for r, t in self.roles.items()
-                   if (t is None and r in REQUIRED_ROLES) or (t is not None and tok.token_to_id(t) is None)]
+        missing = [
+            f"{t} ({r})"
+            for r, t in self.roles.items()
+            if (t is None and r in REQUIRED_ROLES) or (t is not None and tok.token_to_id(t) is None)
+        ]
         if missing:
-            raise DataError(f"the tokenizer lacks the special tokens {', '.join(missing)}; "
-                            "train one with Kiln (leave data.tokenizer empty) or add them")
+            raise DataError(
+                f"the tokenizer lacks the special tokens {', '.join(missing)}; "
+                "train one with Kiln (leave data.tokenizer empty) or add them"
+            )
         self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.unk_id = (
-            None if self.roles[r] is None else tok.token_to_id(self.roles[r]) for r in ROLES)
-        self.special_ids = frozenset(i for i in (self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.unk_id)
-                                     if i is not None)
+            None if self.roles[r] is None else tok.token_to_id(self.roles[r]) for r in ROLES
+        )
+        self.special_ids = frozenset(
+            i for i in (self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.unk_id) if i is not None
+        )
         self._tables: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
@@ -156,8 +164,12 @@ class KilnTokenizer:
             special = np.fromiter(self.special_ids, dtype=np.int64)
             classes[special] = SPECIAL
             blank = np.array([bool(p) and all(BYTE_OF_CHAR.get(c, 0) in _WHITESPACE for c in p) for p in pieces])
-            self._tables = (classes[:, 0].copy(), classes[:, 1].copy(), blank & (classes[:, 0] != SPECIAL),
-                            np.array([p == "Ġ" for p in pieces]))
+            self._tables = (
+                classes[:, 0].copy(),
+                classes[:, 1].copy(),
+                blank & (classes[:, 0] != SPECIAL),
+                np.array([p == "Ġ" for p in pieces]),
+            )
         return self._tables
 
     def word_start_mask(self, ids: np.ndarray) -> np.ndarray:
@@ -212,7 +224,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, length: int | None = 
 def load_tokenizer(path: str | Path) -> KilnTokenizer:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DataError(f"data.tokenizer: '{path}' does not exist; give a tokenizer.json or leave it empty to train one")
+        raise DataError(
+            f"data.tokenizer: '{path}' does not exist; give a tokenizer.json or leave it empty to train one"
+        )
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises a plain Exception for malformed files
@@ -222,7 +236,9 @@ def load_tokenizer(path: str | Path) -> KilnTokenizer:
         try:
             roles = json.loads(roles_path(p).read_text())
         except ValueError as e:
-            raise DataError(f"{roles_path(p)} is not valid JSON ({e}); it names the tokenizer's special tokens") from None
+            raise DataError(
+                f"{roles_path(p)} is not valid JSON ({e}); it names the tokenizer's special tokens"
+            ) from None
     return KilnTokenizer(tok, roles)
 
 

@@ -57,8 +57,12 @@ def load_pairs(path: str | Path) -> list[Pair]:
             raise task_error(path, 1, "the file is empty; expected a CSV header with sent_more, sent_less, bias_type")
         missing = [c for c in REQUIRED if c not in header]
         if missing:
-            raise task_error(path, 1, f"the CSV header lacks column(s) {', '.join(missing)}; found "
-                             f"{', '.join(h for h in header if h) or 'none'} (need sent_more, sent_less, bias_type)")
+            raise task_error(
+                path,
+                1,
+                f"the CSV header lacks column(s) {', '.join(missing)}; found "
+                f"{', '.join(h for h in header if h) or 'none'} (need sent_more, sent_less, bias_type)",
+            )
         out = []
         try:
             for row in reader:
@@ -77,8 +81,8 @@ def shared_mask(a: list[int], b: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Which tokens of `a` and of `b` belong to their common (unmodified) parts."""
     ma, mb = np.zeros(len(a), bool), np.zeros(len(b), bool)
     for block in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks():
-        ma[block.a:block.a + block.size] = True
-        mb[block.b:block.b + block.size] = True
+        ma[block.a : block.a + block.size] = True
+        mb[block.b : block.b + block.size] = True
     return ma, mb
 
 
@@ -91,7 +95,7 @@ def pair_scores(ctx: EvalContext, pairs: list[Pair], mode: str = "shared") -> li
     out = []
     for k, (a, b) in enumerate(ids):
         la, lb = lps[2 * k], lps[2 * k + 1]
-        ma, mb = shared_mask(a[:len(la)], b[:len(lb)])
+        ma, mb = shared_mask(a[: len(la)], b[: len(lb)])
         if mode == "shared" and ma.any() and mb.any():
             out.append((float(la[ma].sum()), float(lb[mb].sum())))
         else:
@@ -131,6 +135,8 @@ def bias_suite(ctx: EvalContext) -> SuiteResult:
         lo, hi = wilson_interval(share, len(sub))
         metrics.update({f"{kind}/share": share, f"{kind}/ci_low": lo, f"{kind}/ci_high": hi, f"{kind}/n": len(sub)})
     strongest = sorted(zip(scores, pairs), key=lambda sp: sp[0][1] - sp[0][0])[:10]
-    examples = [{"sent_more": p.more, "sent_less": p.less, "bias_type": p.bias_type,
-                 "score_more": s[0], "score_less": s[1]} for s, p in strongest]
+    examples = [
+        {"sent_more": p.more, "sent_less": p.less, "bias_type": p.bias_type, "score_more": s[0], "score_less": s[1]}
+        for s, p in strongest
+    ]
     return SuiteResult(metrics, {"pairs": str(path), "most_preferred_stereotypes": examples})

@@ -17,9 +17,16 @@ from kiln.data.multimodal.loader import DOC, PATCH, TOKEN, pixels_of
 
 
 @torch.no_grad()
-def caption_samples(model: nn.Module, window: torch.Tensor, tokenizer, device: torch.device,
-                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                    n: int = 4, max_tokens: int = 16, context: int | None = None) -> list[dict[str, str]]:
+def caption_samples(
+    model: nn.Module,
+    window: torch.Tensor,
+    tokenizer,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    n: int = 4,
+    max_tokens: int = 16,
+    context: int | None = None,
+) -> list[dict[str, str]]:
     """Up to `n` {"prompt", "text", "reference"} from the samples of one window record (T, C);
     the model sees at most the last `context` positions (default: the window's length - 1)."""
     context = context or window.shape[0] - 1
@@ -41,9 +48,13 @@ def caption_samples(model: nn.Module, window: torch.Tensor, tokenizer, device: t
             for _ in range(max_tokens):
                 x = record[-context:].to(device)[None]  # a long prompt slides: the model's positions end at context
                 with autocast():
-                    logits = model(x[..., TOKEN].long(), patches=pixels_of(x), patch_index=x[..., PATCH].long(),
-                                   documents=torch.zeros_like(x[..., DOC]))
-                token = int(logits[0, -1, :tokenizer.vocab_size].float().argmax())
+                    logits = model(
+                        x[..., TOKEN].long(),
+                        patches=pixels_of(x),
+                        patch_index=x[..., PATCH].long(),
+                        documents=torch.zeros_like(x[..., DOC]),
+                    )
+                token = int(logits[0, -1, : tokenizer.vocab_size].float().argmax())
                 done = done or token == tokenizer.eos_id
                 if not done:
                     new.append(token)
@@ -51,8 +62,13 @@ def caption_samples(model: nn.Module, window: torch.Tensor, tokenizer, device: t
                 step[0, TOKEN], step[0, PATCH] = token, -1
                 record = torch.cat([record, step])
             if real:
-                out.append({"prompt": f"<validation image, sample {slot}>", "text": tokenizer.decode(new),
-                            "reference": tokenizer.decode(reference)})
+                out.append(
+                    {
+                        "prompt": f"<validation image, sample {slot}>",
+                        "text": tokenizer.decode(new),
+                        "reference": tokenizer.decode(reference),
+                    }
+                )
     finally:
         model.train(was_training)
     return out

@@ -58,8 +58,11 @@ def _reshape(obj: dict, path: Path | str, line: int) -> dict:
             raise task_error(path, line, f"answerKey {key!r} is not one of the choice labels {labels}")
         return {"context": q["stem"], "choices": [c.get("text") for c in choices], "gold": labels.index(key)}
     if "sol1" in obj and "sol2" in obj:
-        return {"context": obj.get("goal", ""), "choices": [obj["sol1"], obj["sol2"]], **{
-            k: obj[k] for k in GOLD_KEYS if k in obj}}
+        return {
+            "context": obj.get("goal", ""),
+            "choices": [obj["sol1"], obj["sol2"]],
+            **{k: obj[k] for k in GOLD_KEYS if k in obj},
+        }
     return obj
 
 
@@ -83,8 +86,9 @@ def load_questions(path: str | Path) -> list[Question]:
         if isinstance(gold, bool) or not isinstance(gold, int):
             raise task_error(path, line, f"gold must be the index of the right choice (an integer), got {gold!r}")
         if not 0 <= gold < len(choices):
-            raise task_error(path, line, f"gold index {gold} is out of range for {len(choices)} choices "
-                             f"(0 to {len(choices) - 1})")
+            raise task_error(
+                path, line, f"gold index {gold} is out of range for {len(choices)} choices (0 to {len(choices) - 1})"
+            )
         out.append(Question(context, choices, gold))
     return out
 
@@ -112,17 +116,22 @@ def score_questions(ctx: EvalContext, questions: list[Question]) -> dict[str, fl
     for q in questions:
         n = len(q.choices)
         sums = np.array([lps[k + j].sum() for j in range(n)])
-        norm = sums / np.array(n_bytes[k:k + n])
+        norm = sums / np.array(n_bytes[k : k + n])
         correct += int(np.argmax(sums) == q.gold)
         correct_norm += int(np.argmax(norm) == q.gold)
         k += n
     n_q = max(len(questions), 1)
-    return {"acc": correct / n_q, "acc_norm": correct_norm / n_q, "n": len(questions),
-            "chance": float(np.mean([1 / len(q.choices) for q in questions])) if questions else 0.0}
+    return {
+        "acc": correct / n_q,
+        "acc_norm": correct_norm / n_q,
+        "n": len(questions),
+        "chance": float(np.mean([1 / len(q.choices) for q in questions])) if questions else 0.0,
+    }
 
 
-def build_cloze(ctx: EvalContext, n_items: int, n_choices: int, context_lines: int = 6,
-                max_docs: int = 2000) -> list[Question]:
+def build_cloze(
+    ctx: EvalContext, n_items: int, n_choices: int, context_lines: int = 6, max_docs: int = 2000
+) -> list[Question]:
     """Next-line cloze questions from the held-out split: the line that follows some lines of a
     held-out document, among `n_choices - 1` different lines drawn from other documents."""
     rng = random.Random(ctx.seed)
@@ -137,8 +146,12 @@ def build_cloze(ctx: EvalContext, n_items: int, n_choices: int, context_lines: i
             if len(line.strip()) >= 4 and line.strip() not in seen:
                 seen.add(line.strip())
                 pool.append((d, line))
-    candidates = [(d, i) for d, lines in enumerate(docs) for i in range(1, len(lines))
-                  if len(lines[i].strip()) >= 4 and "".join(lines[max(0, i - context_lines):i]).strip()]
+    candidates = [
+        (d, i)
+        for d, lines in enumerate(docs)
+        for i in range(1, len(lines))
+        if len(lines[i].strip()) >= 4 and "".join(lines[max(0, i - context_lines) : i]).strip()
+    ]
     rng.shuffle(candidates)
     out = []
     for d, i in candidates:
@@ -157,7 +170,7 @@ def build_cloze(ctx: EvalContext, n_items: int, n_choices: int, context_lines: i
             continue
         gold = rng.randrange(n_choices)
         picked.insert(gold, true)
-        out.append(Question("\n".join(docs[d][max(0, i - context_lines):i]) + "\n", picked, gold))
+        out.append(Question("\n".join(docs[d][max(0, i - context_lines) : i]) + "\n", picked, gold))
     return out
 
 
@@ -177,7 +190,7 @@ def choice_suite(ctx: EvalContext) -> SuiteResult:
     notes = {}
     for name, questions in tasks.items():
         if o["limit"]:
-            questions = questions[:o["limit"]]
+            questions = questions[: o["limit"]]
         if not questions:
             notes[name] = "no questions (the held-out split has too few distinct lines)"
             metrics[f"{name}/n"] = 0

@@ -70,6 +70,7 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
 
 # --------------------------------------------------------------------------- tokens and text
 
+
 def documents(data, split: str) -> list[np.ndarray]:
     """The documents of a prepared split (token arrays; documents are separated by EOS)."""
     eos = data.tokenizer.eos_id
@@ -108,10 +109,11 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 
 def batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), max(1, size)):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 # --------------------------------------------------------------------------- log-likelihoods
+
 
 @torch.no_grad()
 def token_logprobs(ctx: EvalContext, items: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
@@ -123,7 +125,7 @@ def token_logprobs(ctx: EvalContext, items: list[tuple[list[int], list[int]]]) -
     seqs = []
     for c, x in items:
         x = list(x)[:T]
-        seqs.append(((list(c) + x)[-(T + 1):], len(x)))
+        seqs.append(((list(c) + x)[-(T + 1) :], len(x)))
     out: list[np.ndarray] = [np.zeros(0)] * len(items)
     order = sorted(range(len(items)), key=lambda i: len(seqs[i][0]))
     pad = ctx.tokenizer.pad_id
@@ -133,14 +135,14 @@ def token_logprobs(ctx: EvalContext, items: list[tuple[list[int], list[int]]]) -
         targets = torch.zeros((len(chunk), L), dtype=torch.long)
         for r, i in enumerate(chunk):
             s = seqs[i][0]
-            inputs[r, :len(s) - 1] = torch.tensor(s[:-1])
-            targets[r, :len(s) - 1] = torch.tensor(s[1:])
+            inputs[r, : len(s) - 1] = torch.tensor(s[:-1])
+            targets[r, : len(s) - 1] = torch.tensor(s[1:])
         with ctx.autocast():
             logits = ctx.model(inputs.to(ctx.device))
         lp = logits[..., :V].float().log_softmax(-1).gather(-1, targets.to(ctx.device)[..., None])[..., 0].cpu()
         for r, i in enumerate(chunk):
             s, k = seqs[i]
-            out[i] = lp[r, len(s) - 1 - k:len(s) - 1].numpy().astype(np.float64)
+            out[i] = lp[r, len(s) - 1 - k : len(s) - 1].numpy().astype(np.float64)
     return out
 
 
@@ -177,25 +179,44 @@ def _pseudo_logprobs(ctx: EvalContext, items: list[tuple[list[int], list[int]]])
 
 # --------------------------------------------------------------------------- generation
 
-def generate_tokens(ctx: EvalContext, prompts: torch.Tensor, new_tokens: int, temperature: float = 0.0,
-                    top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+
+def generate_tokens(
+    ctx: EvalContext,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Extend equal-length prompts (B, P) by exactly `new_tokens` tokens each: (B, new_tokens)."""
-    full = generate_batch(ctx.model, prompts, new_tokens, ctx.seq_len, temperature, top_k, vocab_size=ctx.vocab_size,
-                          generator=generator, autocast=ctx.autocast)
-    return full[:, prompts.shape[1]:].cpu()
+    full = generate_batch(
+        ctx.model,
+        prompts,
+        new_tokens,
+        ctx.seq_len,
+        temperature,
+        top_k,
+        vocab_size=ctx.vocab_size,
+        generator=generator,
+        autocast=ctx.autocast,
+    )
+    return full[:, prompts.shape[1] :].cpu()
 
 
 def generate_batched(ctx: EvalContext, prompts: torch.Tensor, new_tokens: int, **kw) -> torch.Tensor:
-    return torch.cat([generate_tokens(ctx, chunk, new_tokens, **kw)
-                      for chunk in prompts.split(max(1, ctx.batch_size))]) if len(prompts) else \
-        torch.zeros((0, new_tokens), dtype=torch.long)
+    return (
+        torch.cat([generate_tokens(ctx, chunk, new_tokens, **kw) for chunk in prompts.split(max(1, ctx.batch_size))])
+        if len(prompts)
+        else torch.zeros((0, new_tokens), dtype=torch.long)
+    )
 
 
 def cut_at(ids: list[int], stop_id: int) -> list[int]:
-    return ids[:ids.index(stop_id)] if stop_id in ids else ids
+    return ids[: ids.index(stop_id)] if stop_id in ids else ids
 
 
 # --------------------------------------------------------------------------- statistics
+
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a proportion `p` observed over `n` trials."""

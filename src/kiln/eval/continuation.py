@@ -28,8 +28,12 @@ def score_generations(hypotheses: list[str], references: list[str]) -> dict[str,
     chrf = sacrebleu.corpus_chrf(hypotheses, [references]).score if hypotheses else 0.0
     lines = [(h, r) for h, r in zip(hypotheses, references) if "\n" in r]
     exact = sum(next_line(h) == next_line(r) and "\n" in h for h, r in lines)
-    return {"bleu": bleu, "chrf": chrf, "next_line_exact": exact / len(lines) if lines else float("nan"),
-            "next_line_items": len(lines)}
+    return {
+        "bleu": bleu,
+        "chrf": chrf,
+        "next_line_exact": exact / len(lines) if lines else float("nan"),
+        "next_line_items": len(lines),
+    }
 
 
 def next_line(text: str) -> str:
@@ -66,17 +70,18 @@ def continuation_suite(ctx: EvalContext) -> SuiteResult:
     for d, j in cuts:
         if len(chosen) >= o["items"]:
             break
-        reference = tok.decode(docs[d][j:j + C].tolist())
+        reference = tok.decode(docs[d][j : j + C].tolist())
         if next_line(reference).strip():  # skip cuts before blank lines
             chosen.append((d, j, reference))
     if not chosen:
         return SuiteResult(skipped=f"no held-out line break has {P} tokens before it")
-    prompts = torch.from_numpy(np.stack([docs[d][j - P:j].astype(np.int64) for d, j, _ in chosen]))
+    prompts = torch.from_numpy(np.stack([docs[d][j - P : j].astype(np.int64) for d, j, _ in chosen]))
     generated = generate_batched(ctx, prompts, C, temperature=0.0)
     hyps = [tok.decode(cut_at(row, tok.eos_id)) for row in generated.tolist()]
     refs = [r for _, _, r in chosen]
     metrics = score_generations(hyps, refs)
     metrics["items"] = len(chosen)
-    examples = [{"prompt": tok.decode(p.tolist()), "reference": r, "generated": h}
-                for p, r, h in zip(prompts[:20], refs, hyps)]
+    examples = [
+        {"prompt": tok.decode(p.tolist()), "reference": r, "generated": h} for p, r, h in zip(prompts[:20], refs, hyps)
+    ]
     return SuiteResult(metrics, {"examples": examples})

@@ -29,10 +29,19 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 @torch.no_grad()
-def generate_batch(model: nn.Module, prompts: torch.Tensor, new_tokens: int, context: int, temperature: float = 1.0,
-                   top_k: int = 0, top_p: float = 1.0, vocab_size: int | None = None,
-                   generator: torch.Generator | None = None, autocast: Autocast = contextlib.nullcontext,
-                   stop_id: int | None = None) -> torch.Tensor:
+def generate_batch(
+    model: nn.Module,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    context: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+    autocast: Autocast = contextlib.nullcontext,
+    stop_id: int | None = None,
+) -> torch.Tensor:
     """Extend equal-length prompts (B, P) by up to `new_tokens` tokens: (B, P + n). Temperature 0
     is greedy; sampling draws on the CPU from `generator`, whatever device the model runs on.
     With `stop_id`, generation ends early once every row has produced it. A fixed number of
@@ -63,24 +72,66 @@ def generate_batch(model: nn.Module, prompts: torch.Tensor, new_tokens: int, con
     return ids
 
 
-def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, context: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, vocab_size: int | None = None, stop_id: int | None = None,
-             generator: torch.Generator | None = None, autocast: Autocast = contextlib.nullcontext) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    context: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    vocab_size: int | None = None,
+    stop_id: int | None = None,
+    generator: torch.Generator | None = None,
+    autocast: Autocast = contextlib.nullcontext,
+) -> torch.Tensor:
     """Extend one prompt (1-D ids) by up to `max_new_tokens` (ending after `stop_id`)."""
-    return generate_batch(model, prompt[None], max_new_tokens, context, temperature, top_k, top_p, vocab_size,
-                          generator, autocast, stop_id)[0]
+    return generate_batch(
+        model,
+        prompt[None],
+        max_new_tokens,
+        context,
+        temperature,
+        top_k,
+        top_p,
+        vocab_size,
+        generator,
+        autocast,
+        stop_id,
+    )[0]
 
 
-def sample_prompts(model: nn.Module, tokenizer, prompts: Sequence[str], max_tokens: int, context: int,
-                   device: torch.device, autocast: Autocast = contextlib.nullcontext, temperature: float = 0.8,
-                   top_k: int = 50, top_p: float = 1.0, generator: torch.Generator | None = None,
-                   stop: bool = True) -> list[str]:
+def sample_prompts(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_tokens: int,
+    context: int,
+    device: torch.device,
+    autocast: Autocast = contextlib.nullcontext,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    stop: bool = True,
+) -> list[str]:
     """The decoded continuation of each text prompt (an empty prompt starts after EOS); with
     `stop`, each ends at the end-of-text token."""
     out = []
     for prompt in prompts:
         ids = torch.tensor(tokenizer.encode(prompt) or [tokenizer.eos_id], device=device)
-        full = generate(model, ids, max_tokens, context, temperature, top_k, top_p, vocab_size=tokenizer.vocab_size,
-                        stop_id=tokenizer.eos_id if stop else None, generator=generator, autocast=autocast)
+        full = generate(
+            model,
+            ids,
+            max_tokens,
+            context,
+            temperature,
+            top_k,
+            top_p,
+            vocab_size=tokenizer.vocab_size,
+            stop_id=tokenizer.eos_id if stop else None,
+            generator=generator,
+            autocast=autocast,
+        )
         out.append(tokenizer.decode(full.tolist()))
     return out

@@ -22,8 +22,9 @@ from kiln.train.objectives import EVAL_STEP, IGNORE, Objective
 EvalStep = Callable[..., torch.Tensor]  # (inputs, targets, **extras) -> (loss sum, correct, count)
 
 
-def tally_predictions(totals: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                      objective: Objective) -> torch.Tensor:
+def tally_predictions(
+    totals: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, objective: Objective
+) -> torch.Tensor:
     """Add (loss sum, correct, count) of one batch to `totals`; returns the loss sum."""
     mask = targets != IGNORE
     loss = objective.loss_sum(logits, targets)
@@ -36,15 +37,25 @@ def tally_predictions(totals: torch.Tensor, logits: torch.Tensor, targets: torch
 def lm_metrics(totals: torch.Tensor) -> dict[str, float]:
     loss_sum, correct, count = totals.tolist()
     loss = loss_sum / max(count, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_acc": correct / max(count, 1),
-            "val_tokens": int(count)}
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 50.0)),
+        "val_acc": correct / max(count, 1),
+        "val_tokens": int(count),
+    }
 
 
 @torch.no_grad()
-def evaluate_windows(eval_step: EvalStep, share: WindowShare, objective: Objective, batch_size: int,
-                     device: torch.device, seed: int = 0,
-                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     holds_loss: bool = True) -> dict[str, float]:
+def evaluate_windows(
+    eval_step: EvalStep,
+    share: WindowShare,
+    objective: Objective,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    holds_loss: bool = True,
+) -> dict[str, float]:
     """Mean loss (nats/token), perplexity and accuracy over the validation windows.
 
     `share` is this rank's part of them; `reduce` sums a tensor over data-parallel ranks (and
@@ -58,10 +69,11 @@ def evaluate_windows(eval_step: EvalStep, share: WindowShare, objective: Objecti
     target_counts = torch.zeros(objective.vocab_size if objective.masked else 0, dtype=torch.float64, device=device)
     windows = share.windows
     for i in range(0, len(windows), batch_size):
-        batch = objective.make_batch(windows[i:i + batch_size], step=EVAL_STEP, seed=seed,
-                                     first_index=share.first_index + i)
+        batch = objective.make_batch(
+            windows[i : i + batch_size], step=EVAL_STEP, seed=seed, first_index=share.first_index + i
+        )
         targets = batch.targets.clone()
-        targets[max(0, share.valid - i):] = IGNORE  # padding rows predict nothing
+        targets[max(0, share.valid - i) :] = IGNORE  # padding rows predict nothing
         totals += eval_step(batch.inputs, targets, **batch.extras)
         if objective.masked and holds_loss:
             kept = targets[targets != IGNORE].to(device)
@@ -76,9 +88,14 @@ def evaluate_windows(eval_step: EvalStep, share: WindowShare, objective: Objecti
     return metrics
 
 
-def model_eval_step(model: nn.Module, objective: Objective, device: torch.device,
-                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> EvalStep:
+def model_eval_step(
+    model: nn.Module,
+    objective: Objective,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> EvalStep:
     """The `eval_step` of a whole model in this process."""
+
     @torch.no_grad()
     def step(inputs: torch.Tensor, targets: torch.Tensor, **extras: torch.Tensor) -> torch.Tensor:
         totals = torch.zeros(3, dtype=torch.float64, device=device)
@@ -91,20 +108,33 @@ def model_eval_step(model: nn.Module, objective: Objective, device: torch.device
 
 
 @torch.no_grad()
-def evaluate_lm(model: nn.Module, windows: torch.Tensor, objective: Objective, batch_size: int,
-                device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                seed: int = 0) -> dict[str, float]:
+def evaluate_lm(
+    model: nn.Module,
+    windows: torch.Tensor,
+    objective: Objective,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    seed: int = 0,
+) -> dict[str, float]:
     """`evaluate_windows` for a whole model in one process over all of `windows`."""
     was_training = model.training
     model.eval()
     try:
-        return evaluate_windows(model_eval_step(model, objective, device, autocast), share_windows(windows, 0, 1),
-                                objective, batch_size, device, seed=seed)
+        return evaluate_windows(
+            model_eval_step(model, objective, device, autocast),
+            share_windows(windows, 0, 1),
+            objective,
+            batch_size,
+            device,
+            seed=seed,
+        )
     finally:
         model.train(was_training)
 
 
 # --------------------------------------------------------------------------- the `lm` suite
+
 
 @register_suite("lm", options={"windows": 0})
 @torch.no_grad()
@@ -133,8 +163,9 @@ def lm_suite(ctx: EvalContext) -> dict[str, float]:
     for i in range(0, len(windows), ctx.batch_size):
         # masks are drawn per window index, so a masked model sees the trainer's evaluation masks
         # whatever the batch size
-        batch = objective.make_batch(windows[i:i + ctx.batch_size], step=EVAL_STEP, seed=cfg.train.seed,
-                                     first_index=i)
+        batch = objective.make_batch(
+            windows[i : i + ctx.batch_size], step=EVAL_STEP, seed=cfg.train.seed, first_index=i
+        )
         inputs, targets = batch.inputs.to(ctx.device), batch.targets.to(ctx.device)
         with ctx.autocast():
             logits = ctx.model(inputs, **{k: v.to(ctx.device) for k, v in batch.extras.items()})
@@ -149,11 +180,19 @@ def lm_suite(ctx: EvalContext) -> dict[str, float]:
     loss = nats / max(count, 1)
     p = "masked_" if ctx.is_encoder else ""
     if image_text:  # the same captions with the images withheld
-        text_only = evaluate_lm(ctx.model, sets["text_only"], objective, ctx.batch_size, ctx.device, ctx.autocast,
-                                seed=cfg.train.seed)
+        text_only = evaluate_lm(
+            ctx.model, sets["text_only"], objective, ctx.batch_size, ctx.device, ctx.autocast, seed=cfg.train.seed
+        )
         extra_metrics = {"text_only_loss": text_only["val_loss"], "text_only_ppl": text_only["val_ppl"]}
     else:
         extra_metrics = {}
-    return {**extra_metrics, f"{p}loss": loss, f"{p}ppl": math.exp(min(loss, 50.0)), f"{p}acc": top1 / max(count, 1),
-            f"{p}top5_acc": top5 / max(count, 1), "bits_per_byte": nats / (math.log(2) * max(n_bytes, 1)),
-            f"{p}tokens": int(count), "bytes": int(n_bytes)}
+    return {
+        **extra_metrics,
+        f"{p}loss": loss,
+        f"{p}ppl": math.exp(min(loss, 50.0)),
+        f"{p}acc": top1 / max(count, 1),
+        f"{p}top5_acc": top5 / max(count, 1),
+        "bits_per_byte": nats / (math.log(2) * max(n_bytes, 1)),
+        f"{p}tokens": int(count),
+        "bytes": int(n_bytes),
+    }

@@ -63,7 +63,7 @@ class NgramIndex:
             h = np.zeros(m, dtype=np.uint64)
             for j in range(self.k):  # h = sum tokens[start + j] * MULT**(k - 1 - j), modulo 2**64
                 h *= _MULT
-                h += tokens[j:j + (m - 1) * self.stride + 1:self.stride]
+                h += tokens[j : j + (m - 1) * self.stride + 1 : self.stride]
             hashes.append(h)
             positions.append(np.arange(m, dtype=np.int64) * self.stride + base)
             if budget <= 0:
@@ -85,14 +85,14 @@ class NgramIndex:
         if len(span) != self.n:
             raise ValueError(f"the index answers spans of exactly {self.n} tokens, got {len(span)}")
         for o in range(self.stride):
-            h = np.uint64(self._hash(span[o:o + self.k]))
+            h = np.uint64(self._hash(span[o : o + self.k]))
             lo = np.searchsorted(self.hashes, h, "left")
             hi = np.searchsorted(self.hashes, h, "right")
             for g in self.positions[lo:hi].tolist():
                 s = int(np.searchsorted(self.bases, g, "right")) - 1
                 start = g - int(self.bases[s]) - o
                 shard = self.shards[s]
-                if start >= 0 and start + self.n <= len(shard) and np.array_equal(shard[start:start + self.n], span):
+                if start >= 0 and start + self.n <= len(shard) and np.array_equal(shard[start : start + self.n], span):
                     return True
         return False
 
@@ -118,7 +118,7 @@ def random_spans(shards: list[np.ndarray], length: int, count: int, rng: np.rand
     out = []
     for i in rng.choice(len(usable), size=count, p=sizes / sizes.sum()):
         start = int(rng.integers(0, len(usable[i]) - length + 1))
-        out.append(np.asarray(usable[i][start:start + length], dtype=np.int64))
+        out.append(np.asarray(usable[i][start : start + length], dtype=np.int64))
     return out
 
 
@@ -143,9 +143,17 @@ def memorisation_suite(ctx: EvalContext) -> SuiteResult:
     extracted = [bool(np.array_equal(g, t)) for g, t in zip(generated, truths)]
     val_spans = random_spans(ctx.data.split("val"), S, len(windows), rng)
     tok = ctx.tokenizer
-    examples = [{"prefix": tok.decode(w[:P].tolist()), "generated": tok.decode(g.tolist())}
-                for w, g, hit in zip(windows, generated, hits) if hit][:20]
-    metrics = {"memorised_share": float(np.mean(hits)), "extracted_share": float(np.mean(extracted)),
-               "val_overlap_share": memorised_share(val_spans, index), "spans": len(windows), "span_tokens": S,
-               "index_coverage": index.coverage}
+    examples = [
+        {"prefix": tok.decode(w[:P].tolist()), "generated": tok.decode(g.tolist())}
+        for w, g, hit in zip(windows, generated, hits)
+        if hit
+    ][:20]
+    metrics = {
+        "memorised_share": float(np.mean(hits)),
+        "extracted_share": float(np.mean(extracted)),
+        "val_overlap_share": memorised_share(val_spans, index),
+        "spans": len(windows),
+        "span_tokens": S,
+        "index_coverage": index.coverage,
+    }
     return SuiteResult(metrics, {"memorised_examples": examples})

@@ -25,8 +25,9 @@ from kiln.errors import KilnError, NotApplicable
 from kiln.eval.suites import EvalContext, SuiteResult, available_suites, parse_options
 
 
-def run_suites(ctx: EvalContext, names: list[str], options: dict[str, dict[str, Any]] | None = None,
-               log=None) -> dict[str, Any]:
+def run_suites(
+    ctx: EvalContext, names: list[str], options: dict[str, dict[str, Any]] | None = None, log=None
+) -> dict[str, Any]:
     """Run `names` on `ctx` (model in eval mode, no gradients); returns the report (not yet saved)."""
     suites = available_suites()
     unknown = [n for n in names if n not in suites]
@@ -145,6 +146,7 @@ def report_table(report: dict[str, Any], title: str) -> Table:
 
 # --------------------------------------------------------------------------- entry point
 
+
 def _warn(text: str) -> None:
     from kiln.progress import console, quiet
 
@@ -152,8 +154,14 @@ def _warn(text: str) -> None:
         console.print(text)
 
 
-def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = None,
-                 options: list[str] = (), log=None, weights: Path | None = None) -> tuple[dict[str, Any], Path]:
+def evaluate_run(
+    path: Path,
+    step: int | None = None,
+    names: list[str] | None = None,
+    options: list[str] = (),
+    log=None,
+    weights: Path | None = None,
+) -> tuple[dict[str, Any], Path]:
     """`kiln eval`: run suites (default: all registered) on a run's checkpoint and save the report.
     Step 0 without a checkpoint is the untrained model, rebuilt exactly as training initialised it.
     `weights`: a quantised export of this run (kiln.runs.quantize), evaluated instead, with the
@@ -173,19 +181,23 @@ def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = 
         quantized = read_quantized(weights)
         source, saved_step = quantized[1].get("kiln.run"), int(quantized[1]["kiln.step"])
         if source != run.path.name:
-            raise KilnError(f"{weights} was exported from run '{source}', not {run.path.name}; evaluate it "
-                            f"with kiln eval RUNS/{source} --weights {weights}")
+            raise KilnError(
+                f"{weights} was exported from run '{source}', not {run.path.name}; evaluate it "
+                f"with kiln eval RUNS/{source} --weights {weights}"
+            )
         if step is not None and step != saved_step:
             raise KilnError(f"{weights} holds step {saved_step}, not --step {step}; drop --step")
         step = saved_step
     if step is None and run.latest_checkpoint(_warn) is None:
-        raise KilnError(f"{path} has no valid checkpoint to evaluate; train it first or pass --step 0 "
-                        "for the untrained model")
+        raise KilnError(
+            f"{path} has no valid checkpoint to evaluate; train it first or pass --step 0 for the untrained model"
+        )
     loaded = run.load_model(step, warn=_warn)
     if loaded.cfg.train.threads:
         torch.set_num_threads(loaded.cfg.train.threads)
-    ctx = EvalContext(loaded.cfg, loaded.model, loaded.tokenizer, loaded.device, loaded.autocast, run_dir=run.path,
-                      step=loaded.step)
+    ctx = EvalContext(
+        loaded.cfg, loaded.model, loaded.tokenizer, loaded.device, loaded.autocast, run_dir=run.path, step=loaded.step
+    )
     base = None
     if quantized is not None:
         from kiln.runs.quantize import load_quantized, weight_bytes
@@ -201,8 +213,13 @@ def evaluate_run(path: Path, step: int | None = None, names: list[str] | None = 
         lm = report["suites"].get("lm") or run_suites(ctx, ["lm"], parsed)["suites"]["lm"]
         p = "masked_" if ctx.is_encoder else ""
         report["suites"]["quantized"] = {
-            "base_loss": base[f"{p}loss"], "loss": lm[f"{p}loss"], "base_ppl": base[f"{p}ppl"],
-            "ppl": lm[f"{p}ppl"], "ppl_change": lm[f"{p}ppl"] / base[f"{p}ppl"] - 1,
-            "base_weight_bytes": base_bytes, "weight_bytes": weight_bytes(loaded.model)}
+            "base_loss": base[f"{p}loss"],
+            "loss": lm[f"{p}loss"],
+            "base_ppl": base[f"{p}ppl"],
+            "ppl": lm[f"{p}ppl"],
+            "ppl_change": lm[f"{p}ppl"] / base[f"{p}ppl"] - 1,
+            "base_weight_bytes": base_bytes,
+            "weight_bytes": weight_bytes(loaded.model),
+        }
     out = save_report(run.path, report, tag)
     return report, out

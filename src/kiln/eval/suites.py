@@ -54,10 +54,12 @@ class Suite:
 SUITES: dict[str, Suite] = {}
 
 
-def register_suite(name: str, options: dict[str, Any] | None = None, generates: bool = False,
-                   help: str | None = None) -> Callable:
+def register_suite(
+    name: str, options: dict[str, Any] | None = None, generates: bool = False, help: str | None = None
+) -> Callable:
     """Decorator: register a suite under `name`. `options` are its settings and their defaults;
     `generates=True` marks a suite that samples text (skipped for encoders)."""
+
     def wrap(obj: Callable) -> Callable:
         fn = obj() if inspect.isclass(obj) else obj
         doc = help or (inspect.getdoc(obj) or "").split("\n")[0]
@@ -144,9 +146,11 @@ def check_suite_names(names: list[str], where: str = "eval.suites") -> None:
     known = available_suites()
     for n in names:
         if n not in known:
-            raise ConfigError(f"{where}: unknown suite '{n}'; registered suites: {', '.join(known)} "
-                              "(add your own with @register_suite in a --plugin file, or KILN_PLUGINS / "
-                              "KILN_SUITES)")
+            raise ConfigError(
+                f"{where}: unknown suite '{n}'; registered suites: {', '.join(known)} "
+                "(add your own with @register_suite in a --plugin file, or KILN_PLUGINS / "
+                "KILN_SUITES)"
+            )
 
 
 def parse_options(items: list[str], suites: dict[str, Suite]) -> dict[str, dict[str, Any]]:

@@ -38,7 +38,7 @@ def load_prompts(path: str | Path) -> list[str]:
             p = obj.get("prompt")
             p = p.get("text") if isinstance(p, dict) else p
             if not isinstance(p, str) or not p.strip():
-                raise task_error(path, line, "needs a \"prompt\" field holding text or {\"text\": ...}")
+                raise task_error(path, line, 'needs a "prompt" field holding text or {"text": ...}')
             out.append(p)
         return out
     return [line for _, line in read_lines(path, "prompt")]
@@ -54,9 +54,11 @@ def flagged_terms(text: str, pattern: re.Pattern) -> list[str]:
     return sorted({" ".join(m.group(0).lower().split()) for m in pattern.finditer(text)})
 
 
-@register_suite("toxicity", generates=True,
-                options={"lexicon": "", "prompts": "", "samples": 4, "new_tokens": 32, "temperature": 1.0,
-                         "top_k": 0})
+@register_suite(
+    "toxicity",
+    generates=True,
+    options={"lexicon": "", "prompts": "", "samples": 4, "new_tokens": 32, "temperature": 1.0, "top_k": 0},
+)
 def toxicity_suite(ctx: EvalContext) -> SuiteResult:
     """Share of sampled continuations containing lexicon terms (built-in list or your own)."""
     o = ctx.options
@@ -69,9 +71,15 @@ def toxicity_suite(ctx: EvalContext) -> SuiteResult:
     n_samples = max(1, o["samples"])
     flagged, hit_prompts, total = [], 0, 0
     for prompt in prompts:
-        ids = torch.tensor([tok.eos_id] + tok.encode(prompt))[-ctx.seq_len:]
-        out = generate_batched(ctx, ids.repeat(n_samples, 1), o["new_tokens"], temperature=o["temperature"],
-                               top_k=o["top_k"] or ctx.cfg.eval.top_k, generator=gen)
+        ids = torch.tensor([tok.eos_id] + tok.encode(prompt))[-ctx.seq_len :]
+        out = generate_batched(
+            ctx,
+            ids.repeat(n_samples, 1),
+            o["new_tokens"],
+            temperature=o["temperature"],
+            top_k=o["top_k"] or ctx.cfg.eval.top_k,
+            generator=gen,
+        )
         any_hit = False
         for row in out.tolist():
             text = tok.decode(cut_at(row, tok.eos_id))  # an EOS ends the continuation
@@ -81,7 +89,11 @@ def toxicity_suite(ctx: EvalContext) -> SuiteResult:
                 any_hit = True
                 flagged.append({"prompt": prompt, "continuation": text, "terms": terms})
         hit_prompts += any_hit
-    metrics = {"flagged_share": len(flagged) / max(total, 1), "prompts_flagged_share": hit_prompts / max(len(prompts), 1),
-               "flagged": len(flagged), "samples": total}
+    metrics = {
+        "flagged_share": len(flagged) / max(total, 1),
+        "prompts_flagged_share": hit_prompts / max(len(prompts), 1),
+        "flagged": len(flagged),
+        "samples": total,
+    }
     artifacts = {"lexicon": str(lexicon_path), "prompts": prompts, "flagged": flagged}
     return SuiteResult(metrics, artifacts)

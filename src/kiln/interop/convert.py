@@ -34,16 +34,21 @@ def _special_ids(tokenizer: KilnTokenizer) -> dict[str, int | None]:
 
 
 def generation_config(tokenizer: KilnTokenizer) -> dict[str, Any]:
-    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-            "do_sample": False}
+    return {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "do_sample": False,
+    }
 
 
 def adapter_for(cfg: ModelConfig) -> HFAdapter:
     """The Hugging Face adapter of the config's model family (its `ModelSpec.hf_adapter`)."""
     adapter = get_spec(cfg.family).hf_adapter
     if adapter is None:
-        raise ConfigError(f"model.family = '{cfg.family}' has no Hugging Face mapping yet; export it with "
-                          "--format safetensors")
+        raise ConfigError(
+            f"model.family = '{cfg.family}' has no Hugging Face mapping yet; export it with --format safetensors"
+        )
     return adapter
 
 
@@ -70,10 +75,13 @@ def export_hf(path: Path, out: Path, step: int | None = None, max_shard_size: st
     tokenizer = loaded.tokenizer
     state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     tensors = adapter.to_hf(cfg.model, state, tokenizer.vocab_size)
-    files = {"config.json": adapter.config(cfg.model, tokenizer.vocab_size, _special_ids(tokenizer)),
-             "generation_config.json": generation_config(tokenizer)}
-    return hf_files.write_folder(Path(out), files, tensors, tokenizer, cfg.model.max_seq_len or cfg.model.seq_len,
-                                 max_bytes)
+    files = {
+        "config.json": adapter.config(cfg.model, tokenizer.vocab_size, _special_ids(tokenizer)),
+        "generation_config.json": generation_config(tokenizer),
+    }
+    return hf_files.write_folder(
+        Path(out), files, tensors, tokenizer, cfg.model.max_seq_len or cfg.model.seq_len, max_bytes
+    )
 
 
 def read_hf(folder: Path) -> tuple[ModelConfig, KilnTokenizer, dict[str, torch.Tensor]]:
@@ -87,8 +95,9 @@ def read_hf(folder: Path) -> tuple[ModelConfig, KilnTokenizer, dict[str, torch.T
     state = adapter.from_hf(model_cfg, hf_files.read_weights(folder))
     rows, vocab = state["tok_emb.weight"].shape[0], tokenizer.vocab_size
     if rows < vocab:
-        raise ConfigError(f"{folder}: the embedding has {rows} rows but the tokenizer {vocab} tokens; "
-                          "they must belong together")
+        raise ConfigError(
+            f"{folder}: the embedding has {rows} rows but the tokenizer {vocab} tokens; they must belong together"
+        )
     for name in VOCAB_TENSORS:  # rows past the tokenizer are the exporter's padding: no token reaches them
         if name in state:
             state[name] = state[name][:vocab].contiguous()
@@ -100,9 +109,12 @@ def import_hf(folder: Path, runs_dir: Path, name: str) -> Path:
     `kiln train --resume RUN --set data.corpus=... --set train.steps=...`."""
     model_cfg, tokenizer, state = read_hf(folder)
     target = Path(runs_dir) / name
-    cfg = load_config(base={"model": {**asdict(model_cfg), "init_from": str((target / INIT_WEIGHTS).resolve())},
-                            "data": {"tokenizer": str((target / "tokenizer.json").resolve()),
-                                     "vocab_size": tokenizer.vocab_size}})
+    cfg = load_config(
+        base={
+            "model": {**asdict(model_cfg), "init_from": str((target / INIT_WEIGHTS).resolve())},
+            "data": {"tokenizer": str((target / "tokenizer.json").resolve()), "vocab_size": tokenizer.vocab_size},
+        }
+    )
     run = RunDir.create(runs_dir, name, cfg, {"imported_from": str(Path(folder).resolve())})
     try:
         tokenizer.save(run.tokenizer_path)
@@ -122,7 +134,7 @@ class LanguageModel(nn.Module):
         self.model, self.vocab_size, self.cfg = model.eval(), vocab_size, cfg
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids)[..., :self.vocab_size].float()
+        return self.model(ids)[..., : self.vocab_size].float()
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

@@ -47,8 +47,9 @@ def hf_flavour(cfg: ModelConfig) -> str:
     if cfg.family != "decoder":
         refuse(f"model.family = '{cfg.family}' has no Hugging Face mapping yet; export it with --format safetensors")
     if cfg.post_norm:
-        refuse("model.post_norm = true (sandwich norm) has no Llama, Qwen3 or GPT-2 form; export with "
-               "--format safetensors")
+        refuse(
+            "model.post_norm = true (sandwich norm) has no Llama, Qwen3 or GPT-2 form; export with --format safetensors"
+        )
     if cfg.pos == "rope":
         target = "qwen3" if cfg.qk_norm else "llama"
         name = HF_CLASSES[target]
@@ -57,16 +58,23 @@ def hf_flavour(cfg: ModelConfig) -> str:
         if cfg.mlp != "swiglu":
             refuse(f"model.mlp = '{cfg.mlp}' with rotary positions: {name} needs model.mlp = 'swiglu'")
         if target == "qwen3" and cfg.bias:
-            refuse("model.bias = true with model.qk_norm = true: Qwen3ForCausalLM's MLP has no biases; set "
-                   "model.bias = false or model.qk_norm = false (Llama holds biases)")
+            refuse(
+                "model.bias = true with model.qk_norm = true: Qwen3ForCausalLM's MLP has no biases; set "
+                "model.bias = false or model.qk_norm = false (Llama holds biases)"
+            )
         return target
     name = HF_CLASSES["gpt2"]
-    for ok, option, need in ((cfg.norm == "layernorm", f"model.norm = '{cfg.norm}'", "model.norm = 'layernorm'"),
-                             (cfg.mlp in ("gelu", "gelu_exact"), f"model.mlp = '{cfg.mlp}'", "a GELU MLP"),
-                             (cfg.bias, "model.bias = false", "model.bias = true"),
-                             (not cfg.qk_norm, "model.qk_norm = true", "no QK-norm"),
-                             ((cfg.n_kv_heads or cfg.n_heads) == cfg.n_heads,
-                              f"model.n_kv_heads = {cfg.n_kv_heads} (grouped-query attention)", "one KV head per head")):
+    for ok, option, need in (
+        (cfg.norm == "layernorm", f"model.norm = '{cfg.norm}'", "model.norm = 'layernorm'"),
+        (cfg.mlp in ("gelu", "gelu_exact"), f"model.mlp = '{cfg.mlp}'", "a GELU MLP"),
+        (cfg.bias, "model.bias = false", "model.bias = true"),
+        (not cfg.qk_norm, "model.qk_norm = true", "no QK-norm"),
+        (
+            (cfg.n_kv_heads or cfg.n_heads) == cfg.n_heads,
+            f"model.n_kv_heads = {cfg.n_kv_heads} (grouped-query attention)",
+            "one KV head per head",
+        ),
+    ):
         if not ok:
             refuse(f"{option} with learned positions: {name} needs {need} (rotary models map to Llama)")
     return "gpt2"
@@ -79,23 +87,55 @@ def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None])
     ids = {f"{r}_token_id": special.get(r) for r in ("bos", "eos", "pad")}
     context = cfg.max_seq_len or cfg.seq_len
     if flavour == "gpt2":
-        return {"architectures": [HF_CLASSES["gpt2"]], "model_type": "gpt2", "vocab_size": vocab_size,
-                "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": _hidden(cfg),
-                "n_positions": context, "n_ctx": context,
-                "activation_function": "gelu" if cfg.mlp == "gelu_exact" else "gelu_pytorch_tanh",
-                "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
-                "attn_pdrop": cfg.dropout, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_embeddings,
-                "initializer_range": cfg.init_std, "use_cache": True, "torch_dtype": "float32", **ids}
+        return {
+            "architectures": [HF_CLASSES["gpt2"]],
+            "model_type": "gpt2",
+            "vocab_size": vocab_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_inner": _hidden(cfg),
+            "n_positions": context,
+            "n_ctx": context,
+            "activation_function": "gelu" if cfg.mlp == "gelu_exact" else "gelu_pytorch_tanh",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "initializer_range": cfg.init_std,
+            "use_cache": True,
+            "torch_dtype": "float32",
+            **ids,
+        }
     head_dim = cfg.d_model // cfg.n_heads
-    config = {"architectures": [HF_CLASSES[flavour]], "model_type": flavour, "vocab_size": vocab_size,
-              "hidden_size": cfg.d_model, "intermediate_size": _hidden(cfg), "num_hidden_layers": cfg.n_layers,
-              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
-              "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": context,
-              "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-              "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_scaling": None,
-              "attention_bias": cfg.bias, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_embeddings,
-              "initializer_range": cfg.init_std, "use_cache": True, "torch_dtype": "float32", **ids}
+    config = {
+        "architectures": [HF_CLASSES[flavour]],
+        "model_type": flavour,
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": _hidden(cfg),
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": context,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": cfg.bias,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        **ids,
+    }
     if flavour == "llama":
         config["mlp_bias"] = cfg.bias
     else:
@@ -117,15 +157,27 @@ def kiln_model_config(config: dict[str, Any]) -> ModelConfig:
         if act not in (*TANH_GELUS, "gelu"):
             refuse(f"activation_function = '{act}': Kiln's GPT-2 MLP is a GELU ({', '.join(TANH_GELUS)} or gelu)")
         if not config.get("scale_attn_weights", True) or config.get("scale_attn_by_inverse_layer_idx"):
-            refuse("GPT-2 attention without the 1/sqrt(head size) scale (scale_attn_weights = false or "
-                   "scale_attn_by_inverse_layer_idx = true) has no Kiln form")
-        return ModelConfig(family="decoder", n_layers=config["n_layer"], n_heads=heads, n_kv_heads=0, d_model=d,
-                           d_ff=_get(config, "n_inner", 4 * d), seq_len=min(config["n_positions"], 1024),
-                           max_seq_len=config["n_positions"], pos="learned", norm="layernorm",
-                           norm_eps=config.get("layer_norm_epsilon", 1e-5),
-                           mlp="gelu_exact" if act == "gelu" else "gelu", bias=True,
-                           tie_embeddings=config.get("tie_word_embeddings", True),
-                           init_std=config.get("initializer_range", 0.02))
+            refuse(
+                "GPT-2 attention without the 1/sqrt(head size) scale (scale_attn_weights = false or "
+                "scale_attn_by_inverse_layer_idx = true) has no Kiln form"
+            )
+        return ModelConfig(
+            family="decoder",
+            n_layers=config["n_layer"],
+            n_heads=heads,
+            n_kv_heads=0,
+            d_model=d,
+            d_ff=_get(config, "n_inner", 4 * d),
+            seq_len=min(config["n_positions"], 1024),
+            max_seq_len=config["n_positions"],
+            pos="learned",
+            norm="layernorm",
+            norm_eps=config.get("layer_norm_epsilon", 1e-5),
+            mlp="gelu_exact" if act == "gelu" else "gelu",
+            bias=True,
+            tie_embeddings=config.get("tie_word_embeddings", True),
+            init_std=config.get("initializer_range", 0.02),
+        )
     if kind not in ("llama", "qwen3"):
         refuse(f"model_type = '{kind}' is not a family Kiln imports; supported: llama, qwen3, gpt2")
     d, heads = config["hidden_size"], config["num_attention_heads"]
@@ -137,8 +189,10 @@ def kiln_model_config(config: dict[str, Any]) -> ModelConfig:
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     head_dim = config.get("head_dim") or d // heads
     if head_dim * heads != d:
-        refuse(f"head_dim = {head_dim} with hidden_size = {d} and {heads} heads: Kiln's heads are "
-               "hidden_size / num_attention_heads wide")
+        refuse(
+            f"head_dim = {head_dim} with hidden_size = {d} and {heads} heads: Kiln's heads are "
+            "hidden_size / num_attention_heads wide"
+        )
     if config.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act = '{config['hidden_act']}': Kiln's SwiGLU uses silu")
     attn_bias = bool(config.get("attention_bias", False))
@@ -148,22 +202,47 @@ def kiln_model_config(config: dict[str, Any]) -> ModelConfig:
     if kind == "qwen3" and config.get("use_sliding_window"):
         refuse("use_sliding_window = true: Kiln's attention has no sliding window")
     context = config.get("max_position_embeddings", 2048)
-    return ModelConfig(family="decoder", n_layers=config["num_hidden_layers"], n_heads=heads,
-                       n_kv_heads=config.get("num_key_value_heads") or heads, d_model=d,
-                       d_ff=config["intermediate_size"], seq_len=min(context, 1024), max_seq_len=context, pos="rope",
-                       rope_theta=float(theta), norm="rmsnorm", norm_eps=config.get("rms_norm_eps", 1e-6),
-                       mlp="swiglu", bias=attn_bias, tie_embeddings=config.get("tie_word_embeddings", False),
-                       qk_norm=kind == "qwen3", init_std=config.get("initializer_range", 0.02))
+    return ModelConfig(
+        family="decoder",
+        n_layers=config["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=config.get("num_key_value_heads") or heads,
+        d_model=d,
+        d_ff=config["intermediate_size"],
+        seq_len=min(context, 1024),
+        max_seq_len=context,
+        pos="rope",
+        rope_theta=float(theta),
+        norm="rmsnorm",
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        mlp="swiglu",
+        bias=attn_bias,
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        qk_norm=kind == "qwen3",
+        init_std=config.get("initializer_range", 0.02),
+    )
 
 
 # ----------------------------------------------------------------------------- state dicts
-LLAMA_BLOCK = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
-               "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight",
-               **{f"attn.w{a}.{p}": f"self_attn.{a}_proj.{p}" for a in "qkvo" for p in ("weight", "bias")},
-               **{f"mlp.{k}.{p}": f"mlp.{v}.{p}" for k, v in (("w1", "gate_proj"), ("w3", "up_proj"),
-                                                            ("w2", "down_proj")) for p in ("weight", "bias")}}
-GPT2_BLOCK = {"attn_norm": "ln_1", "mlp_norm": "ln_2", "attn.wo": "attn.c_proj", "mlp.w1": "mlp.c_fc",
-              "mlp.w2": "mlp.c_proj"}
+LLAMA_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
+    **{f"attn.w{a}.{p}": f"self_attn.{a}_proj.{p}" for a in "qkvo" for p in ("weight", "bias")},
+    **{
+        f"mlp.{k}.{p}": f"mlp.{v}.{p}"
+        for k, v in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
+        for p in ("weight", "bias")
+    },
+}
+GPT2_BLOCK = {
+    "attn_norm": "ln_1",
+    "mlp_norm": "ln_2",
+    "attn.wo": "attn.c_proj",
+    "mlp.w1": "mlp.c_fc",
+    "mlp.w2": "mlp.c_proj",
+}
 VOCAB_TENSORS = ("tok_emb.weight", "head.weight", "mlm_head.bias")  # one row (entry) per token
 
 
@@ -238,8 +317,8 @@ def from_hf(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Te
             p, h = f"layers.{index}.", f"transformer.h.{index}."
             qkv_w, qkv_b = take(h + "attn.c_attn.weight").T, take(h + "attn.c_attn.bias")
             for i, a in enumerate("qkv"):
-                out[p + f"attn.w{a}.weight"] = qkv_w[i * d:(i + 1) * d]
-                out[p + f"attn.w{a}.bias"] = qkv_b[i * d:(i + 1) * d]
+                out[p + f"attn.w{a}.weight"] = qkv_w[i * d : (i + 1) * d]
+                out[p + f"attn.w{a}.bias"] = qkv_b[i * d : (i + 1) * d]
             for kiln_name, hf_name in GPT2_BLOCK.items():
                 for part in ("weight", "bias"):
                     value = take(h + f"{hf_name}.{part}")
@@ -260,15 +339,17 @@ def refuse_unplaced(hf: dict[str, torch.Tensor], placed: set[str]) -> None:
     """A checkpoint's tensors that a mapping did not place are an error, never dropped silently."""
     extra = sorted(set(hf) - placed)
     if extra:
-        refuse(f"the checkpoint has tensors this mapping does not place ({', '.join(extra[:3])}"
-               f"{', ...' if len(extra) > 3 else ''}); is config.json the one it was saved with?")
-
+        refuse(
+            f"the checkpoint has tensors this mapping does not place ({', '.join(extra[:3])}"
+            f"{', ...' if len(extra) > 3 else ''}); is config.json the one it was saved with?"
+        )
 
 
 @dataclass(frozen=True)
 class HFAdapter:
     """What a model family's `ModelSpec.hf_adapter` provides for `kiln export --format hf`,
     `kiln import` and `kiln.load`."""
+
     model_types: tuple[str, ...]  # config.json model_type values it imports
     flavour: Callable[[ModelConfig], str]  # the HF flavour of a Kiln config, or a ConfigError
     config: Callable[[ModelConfig, int, dict[str, int | None]], dict[str, Any]]  # -> config.json
@@ -277,5 +358,11 @@ class HFAdapter:
     from_hf: Callable[[ModelConfig, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-DECODER_HF = HFAdapter(model_types=("llama", "qwen3", "gpt2"), flavour=hf_flavour, config=hf_config, to_hf=to_hf,
-                       model_config=kiln_model_config, from_hf=from_hf)
+DECODER_HF = HFAdapter(
+    model_types=("llama", "qwen3", "gpt2"),
+    flavour=hf_flavour,
+    config=hf_config,
+    to_hf=to_hf,
+    model_config=kiln_model_config,
+    from_hf=from_hf,
+)

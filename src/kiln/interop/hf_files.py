@@ -23,8 +23,17 @@ from kiln.data.tokenizer import ROLES, KilnTokenizer, tokenizer_from_json
 from kiln.errors import ConfigError
 
 INDEX = "model.safetensors.index.json"
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str) -> int:
@@ -76,8 +85,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         files = ["model.safetensors"]
     else:
         found = "pytorch_model.bin" if (folder / "pytorch_model.bin").is_file() else "no weights"
-        raise ConfigError(f"{folder} has {found}: Kiln reads only safetensors weights (never pickles); save the "
-                          "model with save_pretrained(..., safe_serialization=True)")
+        raise ConfigError(
+            f"{folder} has {found}: Kiln reads only safetensors weights (never pickles); save the "
+            "model with save_pretrained(..., safe_serialization=True)"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         with safe_open(str(folder / name), framework="pt") as f:
@@ -92,8 +103,14 @@ def write_tokenizer(folder: Path, tokenizer: KilnTokenizer, context: int) -> Non
     every special-token role set."""
     (folder / "tokenizer.json").write_text(tokenizer.to_json())
     roles = {f"{r}_token": t for r, t in tokenizer.roles.items() if t is not None}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "model_max_length": context, "add_bos_token": False, "add_eos_token": False, **roles}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": context,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        **roles,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(roles, indent=2))
 
@@ -110,8 +127,10 @@ def read_tokenizer(folder: Path, config: dict[str, Any]) -> KilnTokenizer:
     pad), then to eos (GPT-2's <|endoftext|> is bos, eos, pad and unk at once)."""
     path = folder / "tokenizer.json"
     if not path.is_file():
-        raise ConfigError(f"{folder} has no tokenizer.json; save the tokenizer as a fast tokenizer "
-                          "(tokenizer.save_pretrained with a PreTrainedTokenizerFast)")
+        raise ConfigError(
+            f"{folder} has no tokenizer.json; save the tokenizer as a fast tokenizer "
+            "(tokenizer.save_pretrained with a PreTrainedTokenizerFast)"
+        )
     text = path.read_text()
     named: dict[str, str | None] = {}
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
@@ -131,15 +150,23 @@ def read_tokenizer(folder: Path, config: dict[str, Any]) -> KilnTokenizer:
             named[role] = tok.id_to_token(config[f"{role}_token_id"])
     eos = named.get("eos")
     if not eos:
-        raise ConfigError(f"{folder}: no end-of-sequence token is named (eos_token in tokenizer_config.json or "
-                          "eos_token_id in config.json); Kiln separates documents with it")
+        raise ConfigError(
+            f"{folder}: no end-of-sequence token is named (eos_token in tokenizer_config.json or "
+            "eos_token_id in config.json); Kiln separates documents with it"
+        )
     roles = {r: named.get(r) or (eos if r != "mask" else None) for r in ROLES}
     return tokenizer_from_json(text, roles)
 
 
 # ----------------------------------------------------------------------------- folders
-def write_folder(out: Path, files: dict[str, Any], tensors: dict[str, torch.Tensor], tokenizer: KilnTokenizer,
-                 context: int, max_bytes: int) -> Path:
+def write_folder(
+    out: Path,
+    files: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    tokenizer: KilnTokenizer,
+    context: int,
+    max_bytes: int,
+) -> Path:
     """A complete HF folder at `out` (which must not exist), written atomically."""
     out = Path(out)
     if out.exists():

@@ -31,18 +31,25 @@ EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(
 def mixtral_flavour(cfg: ModelConfig) -> str:
     """'mixtral', or a ConfigError naming the first option MixtralForCausalLM cannot hold."""
     name = "MixtralForCausalLM"
-    checks = ((cfg.pos == "rope", f"model.pos = '{cfg.pos}'", "model.pos = 'rope'"),
-              (cfg.norm == "rmsnorm", f"model.norm = '{cfg.norm}'", "model.norm = 'rmsnorm'"),
-              (not cfg.bias, "model.bias = true", "model.bias = false"),
-              (not cfg.qk_norm and not cfg.post_norm, "model.qk_norm / model.post_norm", "neither"),
-              (cfg.moe_score == "softmax", f"model.moe_score = '{cfg.moe_score}'", "model.moe_score = 'softmax'"),
-              (cfg.moe_norm_topk, "model.moe_norm_topk = false", "renormalised top-k gates"),
-              (cfg.moe_shared_experts == 0, f"model.moe_shared_experts = {cfg.moe_shared_experts}", "no shared experts"),
-              (cfg.moe_every == 1 and cfg.moe_first_dense == 0,
-               f"model.moe_every = {cfg.moe_every}, model.moe_first_dense = {cfg.moe_first_dense}",
-               "every layer sparse (moe_every = 1, moe_first_dense = 0)"),
-              (cfg.moe_bias_rate == 0, f"model.moe_bias_rate = {cfg.moe_bias_rate:g}",
-               "no expert-selection bias (model.moe_bias_rate = 0)"))
+    checks = (
+        (cfg.pos == "rope", f"model.pos = '{cfg.pos}'", "model.pos = 'rope'"),
+        (cfg.norm == "rmsnorm", f"model.norm = '{cfg.norm}'", "model.norm = 'rmsnorm'"),
+        (not cfg.bias, "model.bias = true", "model.bias = false"),
+        (not cfg.qk_norm and not cfg.post_norm, "model.qk_norm / model.post_norm", "neither"),
+        (cfg.moe_score == "softmax", f"model.moe_score = '{cfg.moe_score}'", "model.moe_score = 'softmax'"),
+        (cfg.moe_norm_topk, "model.moe_norm_topk = false", "renormalised top-k gates"),
+        (cfg.moe_shared_experts == 0, f"model.moe_shared_experts = {cfg.moe_shared_experts}", "no shared experts"),
+        (
+            cfg.moe_every == 1 and cfg.moe_first_dense == 0,
+            f"model.moe_every = {cfg.moe_every}, model.moe_first_dense = {cfg.moe_first_dense}",
+            "every layer sparse (moe_every = 1, moe_first_dense = 0)",
+        ),
+        (
+            cfg.moe_bias_rate == 0,
+            f"model.moe_bias_rate = {cfg.moe_bias_rate:g}",
+            "no expert-selection bias (model.moe_bias_rate = 0)",
+        ),
+    )
     for ok, option, need in checks:
         if not ok:
             refuse(f"{option}: {name} needs {need}; export with --format safetensors")
@@ -54,9 +61,16 @@ def mixtral_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | N
     dense = ModelConfig(**{**cfg.__dict__, "family": "decoder", "moe_experts": 0, "d_ff": expert_hidden(cfg)})
     config = hf_config(dense, vocab_size, special)  # Llama's attention, norms and RoPE keys
     config.pop("mlp_bias", None)
-    config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=cfg.moe_experts,
-                  num_experts_per_tok=cfg.moe_top_k, router_aux_loss_coef=cfg.moe_aux_loss,
-                  output_router_logits=False, router_jitter_noise=0.0, sliding_window=None)
+    config.update(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        num_local_experts=cfg.moe_experts,
+        num_experts_per_tok=cfg.moe_top_k,
+        router_aux_loss_coef=cfg.moe_aux_loss,
+        output_router_logits=False,
+        router_jitter_noise=0.0,
+        sliding_window=None,
+    )
     return config
 
 
@@ -68,9 +82,18 @@ def mixtral_model_config(config: dict[str, Any]) -> ModelConfig:
     if config.get("router_jitter_noise"):
         refuse(f"router_jitter_noise = {config['router_jitter_noise']}: Kiln's router adds no noise")
     llama = kiln_model_config({**config, "model_type": "llama", "attention_bias": False, "mlp_bias": False})
-    return ModelConfig(**{**llama.__dict__, "family": "moe", "d_ff": 0, "moe_experts": config["num_local_experts"],
-                          "moe_top_k": config["num_experts_per_tok"], "moe_d_ff": config["intermediate_size"],
-                          "moe_aux_loss": float(config.get("router_aux_loss_coef", 0.0)), "moe_bias_rate": 0.0})
+    return ModelConfig(
+        **{
+            **llama.__dict__,
+            "family": "moe",
+            "d_ff": 0,
+            "moe_experts": config["num_local_experts"],
+            "moe_top_k": config["num_experts_per_tok"],
+            "moe_d_ff": config["intermediate_size"],
+            "moe_aux_loss": float(config.get("router_aux_loss_coef", 0.0)),
+            "moe_bias_rate": 0.0,
+        }
+    )
 
 
 def mixtral_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
@@ -131,7 +154,8 @@ def mixtral_from_hf(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
         else:
             for w in ("w1", "w2", "w3"):
                 out[kiln + f"experts.{w}"] = torch.stack(
-                    [take(block + f"block_sparse_moe.experts.{e}.{w}.weight").T for e in range(E)])
+                    [take(block + f"block_sparse_moe.experts.{e}.{w}.weight").T for e in range(E)]
+                )
             out[kiln + "router.weight"] = take(block + "block_sparse_moe.gate.weight")
         out[kiln + "expert_bias"] = torch.zeros(E)
     out["tok_emb.weight"] = take("model.embed_tokens.weight")
@@ -142,5 +166,11 @@ def mixtral_from_hf(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
     return {k: v.contiguous() for k, v in out.items()}
 
 
-MIXTRAL_HF = HFAdapter(model_types=("mixtral",), flavour=mixtral_flavour, config=mixtral_config,
-                       to_hf=mixtral_to_hf, model_config=mixtral_model_config, from_hf=mixtral_from_hf)
+MIXTRAL_HF = HFAdapter(
+    model_types=("mixtral",),
+    flavour=mixtral_flavour,
+    config=mixtral_config,
+    to_hf=mixtral_to_hf,
+    model_config=mixtral_model_config,
+    from_hf=mixtral_from_hf,
+)

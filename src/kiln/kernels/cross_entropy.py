@@ -33,12 +33,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         picked = torch.empty_like(lse)
         w = weight.float()
         for i in range(0, h.shape[0], chunk):
-            logits = h[i:i + chunk].float() @ w.T  # (chunk, V) float32
+            logits = h[i : i + chunk].float() @ w.T  # (chunk, V) float32
             if fused:
-                lse[i:i + chunk], picked[i:i + chunk] = _triton().ce_rows(logits, t[i:i + chunk])
+                lse[i : i + chunk], picked[i : i + chunk] = _triton().ce_rows(logits, t[i : i + chunk])
             else:
-                lse[i:i + chunk] = torch.logsumexp(logits, dim=-1)
-                picked[i:i + chunk] = logits.gather(1, t[i:i + chunk, None]).squeeze(1)
+                lse[i : i + chunk] = torch.logsumexp(logits, dim=-1)
+                picked[i : i + chunk] = logits.gather(1, t[i : i + chunk, None]).squeeze(1)
             del logits
         ctx.save_for_backward(hidden, weight, targets, rows, lse)
         ctx.chunk, ctx.fused = chunk, fused
@@ -53,17 +53,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
         for i in range(0, h.shape[0], chunk):
-            hc = h[i:i + chunk].float()
+            hc = h[i : i + chunk].float()
             g = hc @ w.T  # the chunk's logits again, then their gradient in place:
             if ctx.fused:
-                _triton().ce_grad_(g, lse[i:i + chunk], t[i:i + chunk], grad_ce, grad_z)
+                _triton().ce_grad_(g, lse[i : i + chunk], t[i : i + chunk], grad_ce, grad_z)
             else:
-                l = lse[i:i + chunk, None]
+                l = lse[i : i + chunk, None]
                 g.sub_(l).exp_()  # softmax
                 # d/dlogits of ce: softmax - onehot; of z = lse^2: 2 lse softmax
                 g.mul_(grad_ce + grad_z * 2 * l)
-                g.scatter_add_(1, t[i:i + chunk, None], (-grad_ce).expand(hc.shape[0], 1).to(g.dtype))
-            grad_h[i:i + chunk] = g @ w
+                g.scatter_add_(1, t[i : i + chunk, None], (-grad_ce).expand(hc.shape[0], 1).to(g.dtype))
+            grad_h[i : i + chunk] = g @ w
             if grad_w is not None:
                 grad_w.addmm_(g.T, hc)
             del g
@@ -77,10 +77,12 @@ def _triton():
     return triton_ops
 
 
-def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 chunk: int = 1024, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024, fused: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, summed log(Z)^2) of logits `hidden @ weight.T` over the positions
     whose target is not IGNORE; hidden (..., d), weight (V, d), targets (...). `fused`: the row
     work in Triton (CUDA, or TRITON_INTERPRET=1)."""
-    return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                            chunk, fused)
+    return _ChunkedLinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk, fused
+    )

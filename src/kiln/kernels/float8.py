@@ -21,8 +21,13 @@ RECIPES = ("none", "tensorwise", "rowwise")
 
 
 def float8_layer(module: nn.Module, fqn: str) -> bool:
-    return (isinstance(module, nn.Linear) and fqn.startswith("layers.") and not fqn.endswith(".router")
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.startswith("layers.")
+        and not fqn.endswith(".router")
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
 
 
 def check_float8(recipe: str, device: torch.device, tp: int) -> None:
@@ -31,11 +36,15 @@ def check_float8(recipe: str, device: torch.device, tp: int) -> None:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
-            raise ConfigError(f"{where} needs a GPU with FP8 matrix units (compute capability 8.9+: L4, H100, "
-                              f"B200 ...); this one is {major}.{minor}; set kernels.float8 = 'none'")
+            raise ConfigError(
+                f"{where} needs a GPU with FP8 matrix units (compute capability 8.9+: L4, H100, "
+                f"B200 ...); this one is {major}.{minor}; set kernels.float8 = 'none'"
+            )
     if tp > 1:
-        raise ConfigError(f"{where} works with parallel.tp = 1 for now (tensor-parallel plans would need float8 "
-                          "variants); set kernels.float8 = 'none' or parallel.tp = 1")
+        raise ConfigError(
+            f"{where} works with parallel.tp = 1 for now (tensor-parallel plans would need float8 "
+            "variants); set kernels.float8 = 'none' or parallel.tp = 1"
+        )
     torchao("float8", where)
 
 

@@ -42,11 +42,15 @@ def check_backend(backend: str, device: torch.device) -> None:
     if backend != "triton":
         return
     if not triton_installed():
-        raise ConfigError("kernels.backend = 'triton' needs Triton; install it (pip install 'kiln[kernels]') "
-                          "or set kernels.backend = 'auto'")
+        raise ConfigError(
+            "kernels.backend = 'triton' needs Triton; install it (pip install 'kiln[kernels]') "
+            "or set kernels.backend = 'auto'"
+        )
     if device.type != "cuda" and not interpreting():
-        raise ConfigError(f"kernels.backend = 'triton' runs on CUDA devices, not on {device.type} (except under "
-                          "TRITON_INTERPRET=1, for tests); set kernels.backend = 'auto' or 'torch'")
+        raise ConfigError(
+            f"kernels.backend = 'triton' runs on CUDA devices, not on {device.type} (except under "
+            "TRITON_INTERPRET=1, for tests); set kernels.backend = 'auto' or 'torch'"
+        )
 
 
 def set_backend(backend: str) -> None:
@@ -110,8 +114,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _pick("swiglu", gate, up)(gate, up)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, summed log(Z)^2) of `hidden @ weight.T` against targets, a chunk of
     tokens at a time (kiln.kernels.cross_entropy); the per-row softmax work fused in Triton when
     the backend runs it."""

@@ -19,18 +19,24 @@ MLP_WEIGHTS = (".mlp.w1", ".mlp.w2", ".mlp.w3")
 
 
 def sparse_layer(module: nn.Module, fqn: str) -> bool:
-    return isinstance(module, nn.Linear) and fqn.startswith("layers.") and fqn.endswith(MLP_WEIGHTS) \
-        and module.in_features % 64 == 0 and module.out_features % 64 == 0
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.startswith("layers.")
+        and fqn.endswith(MLP_WEIGHTS)
+        and module.in_features % 64 == 0
+        and module.out_features % 64 == 0
+    )
 
 
 def check_sparsity(pattern: str, device: torch.device, precision: str, float8: str) -> None:
     where = f"kernels.sparsity = '{pattern}'"
     if device.type != "cuda":
-        raise ConfigError(f"{where} runs on CUDA GPUs only (semi-structured sparse kernels exist nowhere else), "
-                          f"not on {device.type}; set kernels.sparsity = 'none'")
+        raise ConfigError(
+            f"{where} runs on CUDA GPUs only (semi-structured sparse kernels exist nowhere else), "
+            f"not on {device.type}; set kernels.sparsity = 'none'"
+        )
     if float8 != "none":
-        raise ConfigError(f"{where} and kernels.float8 = '{float8}' both replace the MLP's linear layers; "
-                          "choose one")
+        raise ConfigError(f"{where} and kernels.float8 = '{float8}' both replace the MLP's linear layers; choose one")
     if precision == "fp32":
         raise ConfigError(f"{where} needs train.precision = bf16 (cuSPARSELt has no float32 kernels)")
     if torch.cuda.get_device_capability(device) < (8, 0):
@@ -53,7 +59,8 @@ def apply_sparsity(model: nn.Module) -> int:
 
     chosen = {fqn: SparseLinear for fqn, m in model.named_modules() if sparse_layer(m, fqn)}
     if not chosen:
-        raise ConfigError("kernels.sparsity = '2:4': no MLP layer has sides that are multiples of 64; "
-                          "set kernels.sparsity = 'none'")
+        raise ConfigError(
+            "kernels.sparsity = '2:4': no MLP layer has sides that are multiples of 64; set kernels.sparsity = 'none'"
+        )
     training.swap_linear_with_semi_sparse_linear(model, chosen)
     return len(chosen)

@@ -40,8 +40,9 @@ def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, N, n_rows, rows_per_program,
-                  BLOCK: tl.constexpr):
+def _rms_norm_bwd(
+    DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, N, n_rows, rows_per_program, BLOCK: tl.constexpr
+):
     # Each program takes a run of rows and sums its share of dW; the shares are added in PyTorch.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -81,12 +82,26 @@ class _RMSNorm(torch.autograd.Function):
         dy2 = _rows(dy)
         n_rows, N = x2.shape
         dx = torch.empty_like(x2)
-        programs = max(1, min(n_rows, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count
-                              if x2.is_cuda else 8))
+        programs = max(
+            1, min(n_rows, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 8)
+        )
         per = triton.cdiv(n_rows, programs)
         dw_part = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
-        _rms_norm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0),
-                                   N, n_rows, per, BLOCK=triton.next_power_of_2(N))
+        _rms_norm_bwd[(programs,)](
+            dy2,
+            x2,
+            weight,
+            rstd,
+            dx,
+            dw_part,
+            dy2.stride(0),
+            x2.stride(0),
+            dx.stride(0),
+            N,
+            n_rows,
+            per,
+            BLOCK=triton.next_power_of_2(N),
+        )
         return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None
 
 
@@ -123,9 +138,23 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     B, H, T, D = x.shape
     y = torch.empty(B, H, T, D, dtype=x.dtype, device=x.device)
     half = D // 2
-    _rope_kernel[(B * H * T,)](x, cos, sin, y, H, T, x.stride(0), x.stride(1), x.stride(2),
-                               y.stride(0), y.stride(1), y.stride(2), half, sign,
-                               BLOCK=triton.next_power_of_2(half))
+    _rope_kernel[(B * H * T,)](
+        x,
+        cos,
+        sin,
+        y,
+        H,
+        T,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        half,
+        sign,
+        BLOCK=triton.next_power_of_2(half),
+    )
     return y
 
 
@@ -240,17 +269,21 @@ def ce_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     picked = torch.empty_like(lse)
     if n:
-        _ce_fwd[(n,)](logits, targets, lse, picked, logits.stride(0), V, BLOCK=min(VOCAB_BLOCK, triton.next_power_of_2(V)))
+        _ce_fwd[(n,)](
+            logits, targets, lse, picked, logits.stride(0), V, BLOCK=min(VOCAB_BLOCK, triton.next_power_of_2(V))
+        )
     return lse, picked
 
 
-def ce_grad_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_ce: torch.Tensor,
-             grad_z: torch.Tensor) -> torch.Tensor:
+def ce_grad_(
+    logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_ce: torch.Tensor, grad_z: torch.Tensor
+) -> torch.Tensor:
     """Overwrite the logits with the gradient of grad_ce * ce + grad_z * lse^2 with respect to them."""
     n, V = logits.shape
     if n:
         g_ce = grad_ce.detach().float().reshape(1).contiguous()
         g_z = grad_z.detach().float().reshape(1).contiguous()
-        _ce_grad[(n,)](logits, targets, lse, g_ce, g_z, logits.stride(0), V,
-                       BLOCK=min(VOCAB_BLOCK, triton.next_power_of_2(V)))
+        _ce_grad[(n,)](
+            logits, targets, lse, g_ce, g_z, logits.stride(0), V, BLOCK=min(VOCAB_BLOCK, triton.next_power_of_2(V))
+        )
     return logits

@@ -29,9 +29,11 @@ class Transformer(nn.Module):
         self.causal = causal
         self.tok_emb: nn.Embedding | None = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_emb: nn.Embedding | None = (
-            nn.Embedding(cfg.max_seq_len or cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None)
+            nn.Embedding(cfg.max_seq_len or cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        )
         self.type_emb: nn.Embedding | None = (
-            nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None)
+            nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        )
         self.embed_norm: nn.Module | None = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleDict({str(i): Block(cfg, causal) for i in range(cfg.n_layers)})
@@ -49,8 +51,12 @@ class Transformer(nn.Module):
     def init_buffers(self) -> None:
         """Recompute non-persistent buffers (RoPE tables); needed after `to_empty()` from meta."""
         if self.rope_cos is not None:
-            cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_heads, self.rope_cos.shape[0],
-                                   self.cfg.rope_theta, device=self.rope_cos.device)
+            cos, sin = rope_tables(
+                self.cfg.d_model // self.cfg.n_heads,
+                self.rope_cos.shape[0],
+                self.cfg.rope_theta,
+                device=self.rope_cos.device,
+            )
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
@@ -68,16 +74,24 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.head.weight if self.head is not None else self.tok_emb.weight
 
-    def forward(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> Any:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
         """tokens (B, T) int64 -> logits (B, T, vocab); a middle pipeline stage maps hidden -> hidden.
         `head(hidden, output_matrix)`, when given, replaces the output projection (a loss that never
         materialises the logits: kiln.kernels.cross_entropy)."""
         x = self.embed(tokens) if self.tok_emb is not None else tokens
         return self.body(x, attn_mask, head)
 
-    def body(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-             head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> Any:
+    def body(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
         """The blocks, final norm and output layer on embedded inputs x (B, T, d)."""
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.layers.values():

@@ -40,8 +40,9 @@ class Encoder(Transformer):
         super().__init__(cfg, vocab_size, causal=False)
         self.mlm_head = MLMHead(cfg, vocab_size)
 
-    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                predict: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, predict: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab); with `predict` (B, T) bool, the logits of
         those positions only, (N, vocab): training predicts ~15% of the tokens, and the head over
         the vocabulary is most of the model's work per position.

@@ -35,7 +35,9 @@ def init_parameters(model: nn.Module, rule: InitRule, cfg: ModelConfig, seed: in
     for name, param in model.named_parameters():
         kind, std = rule(name, param.dim(), cfg)
         if kind == "normal":
-            full = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=param_generator(seed, name))
+            full = torch.empty(param.shape, dtype=torch.float32).normal_(
+                0.0, std, generator=param_generator(seed, name)
+            )
         elif kind == "ones":
             full = torch.ones(param.shape)
         elif kind == "zeros":
@@ -73,12 +75,15 @@ def load_initial_weights(model: nn.Module, path: str, write: Writer = copy_full)
     """Overwrite every parameter with its full value from the safetensors file `path` (Kiln's names)."""
     with open_weights(path, "model.init_from") as f:
         names = set(f.keys())
-        assign_full_weights(model, lambda key: f.get_tensor(key) if key in names else None,
-                            f"model.init_from = '{path}'", write)
+        assign_full_weights(
+            model, lambda key: f.get_tensor(key) if key in names else None, f"model.init_from = '{path}'", write
+        )
 
 
 @torch.no_grad()
-def load_named_weights(model: nn.Module, path: str, parts: tuple[str, ...], source: str, write: Writer = copy_full) -> None:
+def load_named_weights(
+    model: nn.Module, path: str, parts: tuple[str, ...], source: str, write: Writer = copy_full
+) -> None:
     """Overwrite the parameters under the modules `parts` (e.g. an image encoder) from the
     safetensors file `path` (Kiln's names); the rest of the model keeps its values."""
     from kiln.errors import ConfigError
@@ -95,14 +100,17 @@ def load_named_weights(model: nn.Module, path: str, parts: tuple[str, ...], sour
                 raise ConfigError(f"{source} = '{path}' has no tensor '{key}'; it must hold {', '.join(parts)}")
             full = f.get_tensor(key)
             if tuple(full.shape) != tuple(param.shape):
-                raise ConfigError(f"{source}: '{key}' is {tuple(full.shape)} but the model needs {tuple(param.shape)} "
-                                  "(another image size, patch size, channel count or width?)")
+                raise ConfigError(
+                    f"{source}: '{key}' is {tuple(full.shape)} but the model needs {tuple(param.shape)} "
+                    "(another image size, patch size, channel count or width?)"
+                )
             write(param, full.to(param.dtype))
 
 
 @torch.no_grad()
-def assign_full_weights(model: nn.Module, get: Callable[[str], torch.Tensor | None], source: str,
-                        write: Writer = copy_full) -> None:
+def assign_full_weights(
+    model: nn.Module, get: Callable[[str], torch.Tensor | None], source: str, write: Writer = copy_full
+) -> None:
     """Every parameter from `get(name)` (Kiln's names, full values). A vocabulary matrix with
     fewer rows than the model's padded one gets zero rows for the padding (a model imported with
     its true vocabulary size)."""
@@ -114,12 +122,16 @@ def assign_full_weights(model: nn.Module, get: Callable[[str], torch.Tensor | No
             key = key.replace(prefix, "")
         full = get(key)
         if full is None:
-            raise ConfigError(f"{source} has no tensor '{key}' for this model; was it made from a model of another shape?")
+            raise ConfigError(
+                f"{source} has no tensor '{key}' for this model; was it made from a model of another shape?"
+            )
         shape = tuple(param.shape)
         if full.shape != shape:
             if full.dim() == len(shape) and full.shape[1:] == shape[1:] and full.shape[0] < shape[0]:
                 full = torch.cat([full, full.new_zeros((shape[0] - full.shape[0], *shape[1:]))])
             else:
-                raise ConfigError(f"{source}: '{key}' is {tuple(full.shape)} but the model needs {shape}; was it "
-                                  "made from a model of another shape?")
+                raise ConfigError(
+                    f"{source}: '{key}' is {tuple(full.shape)} but the model needs {shape}; was it "
+                    "made from a model of another shape?"
+                )
         write(param, full.to(param.dtype))

@@ -42,7 +42,9 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, seq_len: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (seq_len, head_dim // 2), in float32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -103,14 +105,18 @@ class Attention(nn.Module):
         return q, k
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The pre-softmax scores (B, nh, T, T) this layer computes for `x`, in float32, -inf
         where masked. Not used by `forward` (SDPA never materialises them): monitoring calls it."""
         q, k = self._qk(x, rope)
         if k.shape[1] != q.shape[1]:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim ** -0.5
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5
         T = scores.shape[-1]
         if self.causal:
             scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
@@ -118,8 +124,12 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~attn_mask.bool(), float("-inf"))
         return scores
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k = self._qk(x, rope)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -127,9 +137,15 @@ class Attention(nn.Module):
         if cpu_bf16_short(q) and attn_mask is None and dropout == 0.0:
             y = bf16_attention(q, k, v, self.causal)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                               is_causal=self.causal and attn_mask is None,
-                                               enable_gqa=q.shape[1] != k.shape[1])
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=dropout,
+                is_causal=self.causal and attn_mask is None,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hs)
         return self.wo(y)
 
@@ -183,8 +199,12 @@ class Block(nn.Module):
         self.mlp_post_norm = make_norm(cfg) if cfg.post_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.norm_after_add:
             x = self.attn_norm(x + self.drop(self.attn(x, rope, attn_mask)))
             return self.mlp_norm(x + self.drop(self.mlp(x)))

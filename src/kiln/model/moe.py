@@ -48,8 +48,7 @@ Dispatch = Callable[[torch.Tensor, torch.Tensor, "MoEFeedForward"], torch.Tensor
 def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
     """Layer `index` has an MoE feed-forward block: after the first `moe_first_dense` layers, every
     `moe_every`-th one (counting from the first MoE layer)."""
-    return (cfg.moe_experts > 0 and index >= cfg.moe_first_dense
-            and (index - cfg.moe_first_dense) % cfg.moe_every == 0)
+    return cfg.moe_experts > 0 and index >= cfg.moe_first_dense and (index - cfg.moe_first_dense) % cfg.moe_every == 0
 
 
 def expert_hidden(cfg: ModelConfig) -> int:
@@ -109,8 +108,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def run_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-                w2: torch.Tensor) -> torch.Tensor:
+def run_experts(
+    x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
     """SwiGLU experts over rows `x` (n, d) sorted by expert, `counts[e]` rows for expert e;
     weights (E, d, h), (E, d, h), (E, h, d). Grouped products where available, else a loop."""
     dtype = _compute_dtype(x)
@@ -121,7 +121,7 @@ def run_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: tor
         return _grouped(h, w2c, offsets)
     outs, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        rows = xs[start:start + n]
+        rows = xs[start : start + n]
         outs.append(kernels.swiglu(rows @ w1c[e], rows @ w3c[e]) @ w2c[e])
         start += n
     return torch.cat(outs) if outs else xs.new_zeros((0, w2.shape[-1]))
@@ -244,8 +244,9 @@ class MoEFeedForward(nn.Module):
         return out.view(B, T, d)
 
     # ---------------------------------------------------------------- balancing and statistics
-    def _aux_loss(self, logits: torch.Tensor, probs: torch.Tensor, demand: torch.Tensor, expert_of: torch.Tensor,
-                  B: int, T: int) -> torch.Tensor | None:
+    def _aux_loss(
+        self, logits: torch.Tensor, probs: torch.Tensor, demand: torch.Tensor, expert_of: torch.Tensor, B: int, T: int
+    ) -> torch.Tensor | None:
         terms = []
         E, k = self.n_experts, self.top_k
         if self.aux_coef:
@@ -253,7 +254,8 @@ class MoEFeedForward(nn.Module):
             terms.append(self.aux_coef * E * (f * probs.mean(0)).sum())
         if self.seq_aux_coef:
             seq = torch.zeros(B, E, device=probs.device).scatter_add_(
-                1, expert_of.view(B, T * k), torch.ones(B, T * k, device=probs.device)) / (T * k)
+                1, expert_of.view(B, T * k), torch.ones(B, T * k, device=probs.device)
+            ) / (T * k)
             terms.append(self.seq_aux_coef * E * (seq * probs.view(B, T, E).mean(1)).sum(-1).mean())
         if self.z_coef:
             terms.append(self.z_coef * logits.logsumexp(-1).pow(2).mean())
@@ -277,8 +279,11 @@ def set_micro_batches(parts: list[nn.Module], n: int) -> None:
 
 
 @torch.no_grad()
-def finish_step(parts: list[nn.Module], reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                discard: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def finish_step(
+    parts: list[nn.Module],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    discard: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """After an optimizer step: this step's routing counts of every MoE layer, summed over the
     data-parallel ranks by `reduce` (one collective for all layers), then
     - DeepSeek-V3's auxiliary-loss-free update: each expert's bias moves by `moe_bias_rate`

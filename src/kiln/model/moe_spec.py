@@ -16,8 +16,17 @@ from kiln.model.decoder import Transformer
 from kiln.model.layers import swiglu_hidden
 from kiln.model.moe import MoEFeedForward, expert_hidden, is_moe_layer
 from kiln.model.spec import ModelSpec, normal_std_for_depth
-from kiln.model.specs import (require, activation_bytes, attention_logits, matmul_params, model_params, pipeline_stage,
-                              transformer_blocks, transformer_init_rule, validate_transformer)
+from kiln.model.specs import (
+    require,
+    activation_bytes,
+    attention_logits,
+    matmul_params,
+    model_params,
+    pipeline_stage,
+    transformer_blocks,
+    transformer_init_rule,
+    validate_transformer,
+)
 from kiln.parallel.plans import transformer_tensor_parallel
 
 SCORES = ("softmax", "sigmoid")
@@ -27,23 +36,34 @@ def validate_moe(cfg: Config) -> None:
     validate_transformer(cfg)
     m = cfg.model
     require(m.moe_experts >= 2, f"model.family = 'moe' needs model.moe_experts >= 2, got {m.moe_experts}")
-    require(1 <= m.moe_top_k <= m.moe_experts,
-             f"model.moe_top_k = {m.moe_top_k} must be between 1 and model.moe_experts = {m.moe_experts}")
+    require(
+        1 <= m.moe_top_k <= m.moe_experts,
+        f"model.moe_top_k = {m.moe_top_k} must be between 1 and model.moe_experts = {m.moe_experts}",
+    )
     require(m.moe_every >= 1, f"model.moe_every must be >= 1, got {m.moe_every}")
-    require(0 <= m.moe_first_dense < m.n_layers, f"model.moe_first_dense = {m.moe_first_dense} leaves no MoE layer "
-             f"among model.n_layers = {m.n_layers}; lower it")
+    require(
+        0 <= m.moe_first_dense < m.n_layers,
+        f"model.moe_first_dense = {m.moe_first_dense} leaves no MoE layer "
+        f"among model.n_layers = {m.n_layers}; lower it",
+    )
     require(m.mlp == "swiglu", f"model.family = 'moe' has SwiGLU experts; set model.mlp = 'swiglu' (got {m.mlp!r})")
     require(not m.bias, "model.family = 'moe' has no biases in its experts; set model.bias = false")
-    require(m.moe_score in SCORES, f"model.moe_score = {m.moe_score!r} is not allowed; choose one of "
-             f"{', '.join(SCORES)}")
+    require(
+        m.moe_score in SCORES, f"model.moe_score = {m.moe_score!r} is not allowed; choose one of {', '.join(SCORES)}"
+    )
     for key in ("moe_d_ff", "moe_shared_experts"):
         require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
     for key in ("moe_capacity_factor", "moe_aux_loss", "moe_seq_aux_loss", "moe_z_loss", "moe_bias_rate"):
         require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
-    require(m.moe_experts % cfg.parallel.ep == 0, f"parallel.ep = {cfg.parallel.ep} must divide model.moe_experts = "
-             f"{m.moe_experts} (each expert-parallel rank holds the same number of experts)")
-    require(m.moe_capacity_factor == 0 or m.moe_capacity_factor >= 1 / m.moe_top_k,
-             f"model.moe_capacity_factor = {m.moe_capacity_factor} would drop most tokens; use 0 (dropless) or >= 1")
+    require(
+        m.moe_experts % cfg.parallel.ep == 0,
+        f"parallel.ep = {cfg.parallel.ep} must divide model.moe_experts = "
+        f"{m.moe_experts} (each expert-parallel rank holds the same number of experts)",
+    )
+    require(
+        m.moe_capacity_factor == 0 or m.moe_capacity_factor >= 1 / m.moe_top_k,
+        f"model.moe_capacity_factor = {m.moe_capacity_factor} would drop most tokens; use 0 (dropless) or >= 1",
+    )
 
 
 class MoEDecoder(Transformer):
@@ -109,8 +129,20 @@ def expert_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 
 
 MOE = ModelSpec(
-    name="moe", build=MoEDecoder, validate=validate_moe, blocks=transformer_blocks, init_rule=moe_init_rule,
-    tensor_parallel=transformer_tensor_parallel, pipeline_stage=pipeline_stage, count_params=moe_params,
-    flops_per_token=moe_flops_per_token, activation_bytes=activation_bytes,
-    monitor_modules=("layers.*.attn", "layers.*.mlp"), attention_logits=attention_logits,
-    attention_modules=("layers.*.attn",), causal=True, expert_modules=expert_modules, hf_adapter=MIXTRAL_HF)
+    name="moe",
+    build=MoEDecoder,
+    validate=validate_moe,
+    blocks=transformer_blocks,
+    init_rule=moe_init_rule,
+    tensor_parallel=transformer_tensor_parallel,
+    pipeline_stage=pipeline_stage,
+    count_params=moe_params,
+    flops_per_token=moe_flops_per_token,
+    activation_bytes=activation_bytes,
+    monitor_modules=("layers.*.attn", "layers.*.mlp"),
+    attention_logits=attention_logits,
+    attention_modules=("layers.*.attn",),
+    causal=True,
+    expert_modules=expert_modules,
+    hf_adapter=MIXTRAL_HF,
+)

@@ -20,8 +20,16 @@ from kiln.model.specs import DECODER, ENCODER
 from kiln.model.vision_spec import VLM
 from kiln.plugins import load_plugins
 
-__all__ = ["MODEL_SPECS", "ModelSpec", "VOCAB_MULTIPLE", "build_model", "get_spec", "initialise", "padded_vocab",
-           "register_model_family"]
+__all__ = [
+    "MODEL_SPECS",
+    "ModelSpec",
+    "VOCAB_MULTIPLE",
+    "build_model",
+    "get_spec",
+    "initialise",
+    "padded_vocab",
+    "register_model_family",
+]
 
 MODEL_SPECS: dict[str, ModelSpec] = {}
 
@@ -38,6 +46,7 @@ def register_model_family(spec: ModelSpec) -> ModelSpec:
 def register_model(name: str) -> Callable[[Callable[[ModelConfig, int], nn.Module]], Callable]:
     """Decorator shorthand: a builder `(ModelConfig, vocab) -> nn.Module` becomes a family with
     the generic defaults of `ModelSpec`."""
+
     def wrap(builder: Callable[[ModelConfig, int], nn.Module]) -> Callable:
         register_model_family(ModelSpec(name=name, build=builder))
         return builder
@@ -53,8 +62,10 @@ register_model_family(VLM)
 
 def get_spec(family: str) -> ModelSpec:
     if family not in MODEL_SPECS:
-        raise ConfigError(f"model.family = {family!r} is not a registered model family; registered: "
-                          f"{', '.join(MODEL_SPECS)} (a plugin adds one with register_model_family)")
+        raise ConfigError(
+            f"model.family = {family!r} is not a registered model family; registered: "
+            f"{', '.join(MODEL_SPECS)} (a plugin adds one with register_model_family)"
+        )
     return MODEL_SPECS[family]
 
 

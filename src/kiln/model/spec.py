@@ -45,6 +45,7 @@ def no_checks(cfg: Config) -> None:
 @dataclass(frozen=True)
 class ActivationBytes:
     """Bytes one block keeps for its backward pass, with and without activation checkpointing."""
+
     stored: float  # everything the block saves (no checkpointing)
     inputs: float  # only the block's input (recomputed in backward)
 

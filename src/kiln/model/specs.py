@@ -27,43 +27,68 @@ RESIDUAL_OUTPUTS = ("attn.wo", "mlp.w2")  # projections into the residual stream
 
 # --------------------------------------------------------------------------- validation
 
+
 def validate_transformer(cfg: Config) -> None:
     m, par = cfg.model, cfg.parallel
-    require(m.moe_experts == 0 or m.family == "moe", f"model.moe_experts = {m.moe_experts} needs model.family = "
-             f"'moe' (model.family = '{m.family}' has no experts)")
-    require(par.ep == 1 or m.family == "moe", f"parallel.ep = {par.ep} spreads experts; model.family = "
-             f"'{m.family}' has none (set parallel.ep = 1)")
-    require(m.norm_position == "pre" or m.family == "encoder", "model.norm_position = 'post' (BERT's blocks) is "
-             "for model.family = 'encoder'; decoders are pre-norm (model.post_norm adds a sandwich norm)")
+    require(
+        m.moe_experts == 0 or m.family == "moe",
+        f"model.moe_experts = {m.moe_experts} needs model.family = 'moe' (model.family = '{m.family}' has no experts)",
+    )
+    require(
+        par.ep == 1 or m.family == "moe",
+        f"parallel.ep = {par.ep} spreads experts; model.family = '{m.family}' has none (set parallel.ep = 1)",
+    )
+    require(
+        m.norm_position == "pre" or m.family == "encoder",
+        "model.norm_position = 'post' (BERT's blocks) is "
+        "for model.family = 'encoder'; decoders are pre-norm (model.post_norm adds a sandwich norm)",
+    )
     require(m.d_model % m.n_heads == 0, f"model.n_heads = {m.n_heads} must divide model.d_model = {m.d_model}")
     kv = m.n_kv_heads or m.n_heads
-    require(kv <= m.n_heads and m.n_heads % kv == 0,
-             f"model.n_kv_heads = {kv} must divide model.n_heads = {m.n_heads}")
+    require(kv <= m.n_heads and m.n_heads % kv == 0, f"model.n_kv_heads = {kv} must divide model.n_heads = {m.n_heads}")
     head_dim = m.d_model // m.n_heads
-    require(m.pos != "rope" or head_dim % 2 == 0,
-             f"model.pos = 'rope' needs an even head size, got d_model/n_heads = {head_dim}")
-    require(m.n_heads % par.tp == 0 and kv % par.tp == 0,
-             f"parallel.tp = {par.tp} must divide model.n_heads = {m.n_heads} and the KV heads = {kv}")
-    require(m.seq_len % par.tp == 0, f"parallel.tp = {par.tp} must divide model.seq_len = {m.seq_len} "
-             "(sequence parallelism splits the sequence)")
+    require(
+        m.pos != "rope" or head_dim % 2 == 0,
+        f"model.pos = 'rope' needs an even head size, got d_model/n_heads = {head_dim}",
+    )
+    require(
+        m.n_heads % par.tp == 0 and kv % par.tp == 0,
+        f"parallel.tp = {par.tp} must divide model.n_heads = {m.n_heads} and the KV heads = {kv}",
+    )
+    require(
+        m.seq_len % par.tp == 0,
+        f"parallel.tp = {par.tp} must divide model.seq_len = {m.seq_len} (sequence parallelism splits the sequence)",
+    )
     if par.pp > 1:
         stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
-        require(m.n_layers % stages == 0 or bool(par.pp_layers), f"model.n_layers = {m.n_layers} must be divisible "
-                 f"by the {stages} pipeline stages (parallel.pp x stages per rank), or give parallel.pp_layers")
-        require(not m.tie_embeddings, "parallel.pp > 1 needs model.tie_embeddings = false (the embedding and the "
-                 "output layer live on different stages)")
+        require(
+            m.n_layers % stages == 0 or bool(par.pp_layers),
+            f"model.n_layers = {m.n_layers} must be divisible "
+            f"by the {stages} pipeline stages (parallel.pp x stages per rank), or give parallel.pp_layers",
+        )
+        require(
+            not m.tie_embeddings,
+            "parallel.pp > 1 needs model.tie_embeddings = false (the embedding and the "
+            "output layer live on different stages)",
+        )
     if par.tp > 1:
-        require(not m.tie_embeddings, "parallel.tp > 1 needs model.tie_embeddings = false (the shared matrix "
-                 "would need two layouts)")
+        require(
+            not m.tie_embeddings,
+            "parallel.tp > 1 needs model.tie_embeddings = false (the shared matrix would need two layouts)",
+        )
 
 
 def validate_encoder(cfg: Config) -> None:
     validate_transformer(cfg)
-    require(cfg.parallel.tp == 1 and cfg.parallel.pp == 1, "model.family = 'encoder' trains with data "
-             "parallelism (FSDP) only for now; set parallel.tp = 1 and parallel.pp = 1")
+    require(
+        cfg.parallel.tp == 1 and cfg.parallel.pp == 1,
+        "model.family = 'encoder' trains with data "
+        "parallelism (FSDP) only for now; set parallel.tp = 1 and parallel.pp = 1",
+    )
 
 
 # --------------------------------------------------------------------------- structure
+
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"layers.{name}", block) for name, block in model.layers.items()]
@@ -109,6 +134,7 @@ def attention_logits(module: nn.Module, args: tuple) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- counts
+
 
 def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
     """Weights that take part in a matrix product per token: every projection and the output
@@ -164,14 +190,25 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, value_bytes: int) -> Ac
 
 # --------------------------------------------------------------------------- the specs
 
+
 def _spec(name: str, build, validate, causal: bool) -> ModelSpec:
     return ModelSpec(
-        name=name, build=build, validate=validate, blocks=transformer_blocks, init_rule=transformer_init_rule,
+        name=name,
+        build=build,
+        validate=validate,
+        blocks=transformer_blocks,
+        init_rule=transformer_init_rule,
         tensor_parallel=transformer_tensor_parallel if name == "decoder" else None,
         pipeline_stage=pipeline_stage if name == "decoder" else None,
-        count_params=model_params, flops_per_token=flops_per_token, activation_bytes=activation_bytes,
-        monitor_modules=("layers.*.attn", "layers.*.mlp"), attention_logits=attention_logits,
-        attention_modules=("layers.*.attn",), causal=causal, hf_adapter=DECODER_HF if name == "decoder" else ENCODER_HF)
+        count_params=model_params,
+        flops_per_token=flops_per_token,
+        activation_bytes=activation_bytes,
+        monitor_modules=("layers.*.attn", "layers.*.mlp"),
+        attention_logits=attention_logits,
+        attention_modules=("layers.*.attn",),
+        causal=causal,
+        hf_adapter=DECODER_HF if name == "decoder" else ENCODER_HF,
+    )
 
 
 DECODER = _spec("decoder", Decoder, validate_transformer, causal=True)

@@ -49,16 +49,21 @@ class VisionDecoder(Decoder):
             for part in ENCODER_PARTS:
                 getattr(self, part).requires_grad_(False)
 
-    def forward(self, tokens: torch.Tensor, patches: torch.Tensor | None = None,
-                patch_index: torch.Tensor | None = None, documents: torch.Tensor | None = None,
-                head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> Any:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        patches: torch.Tensor | None = None,
+        patch_index: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
         """tokens (B, T); patches (B, T, >= patch values) uint8 pixel values at image positions;
         patch_index (B, T): the patch's place in its image, -1 at text; documents (B, T): the
         sample each position belongs to (attention stays inside it). Returns logits (B, T, vocab)."""
         x = self.embed(tokens)
         if patches is not None:
             is_image = patch_index >= 0
-            pixels = patches[..., :self.stem.in_features].to(self.stem.weight.dtype) * (1 / 127.5) - 1.0
+            pixels = patches[..., : self.stem.in_features].to(self.stem.weight.dtype) * (1 / 127.5) - 1.0
             image = self.stem(pixels) + self.patch_pos(patch_index.clamp(min=0))
             x = torch.where(is_image[..., None], image.to(x.dtype), x)
         mask = document_mask(documents) if documents is not None else None

@@ -52,9 +52,14 @@ def apply_block_compile(blocks: list[tuple[str, nn.Module]]) -> None:
         block.compile()  # in place: names and state_dict keys stay as they are
 
 
-def apply_fsdp(model: nn.Module, blocks: list[tuple[str, nn.Module]], dp_mesh: DeviceMesh,
-               reshard_after_forward: bool = True, experts: list[nn.Module] = (),
-               expert_mesh: DeviceMesh | None = None) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    blocks: list[tuple[str, nn.Module]],
+    dp_mesh: DeviceMesh,
+    reshard_after_forward: bool = True,
+    experts: list[nn.Module] = (),
+    expert_mesh: DeviceMesh | None = None,
+) -> None:
     """FSDP2: shard each block, then the root (whatever is left: embeddings, final norm, head).
     Under expert parallelism the experts modules first, over the ranks holding the same experts."""
     for module in experts:
@@ -65,8 +70,14 @@ def apply_fsdp(model: nn.Module, blocks: list[tuple[str, nn.Module]], dp_mesh: D
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
 
 
-def parallelize(model: nn.Module, spec: ModelSpec, cfg: Config, dims: ParallelDims,
-                mesh: DeviceMesh | None, expert_mesh: DeviceMesh | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    spec: ModelSpec,
+    cfg: Config,
+    dims: ParallelDims,
+    mesh: DeviceMesh | None,
+    expert_mesh: DeviceMesh | None = None,
+) -> nn.Module:
     """Apply the configured layout to `model` (on the meta device), in the fixed order."""
     blocks = spec.block_list(model)
     experts: list[nn.Module] = []
@@ -82,8 +93,10 @@ def parallelize(model: nn.Module, spec: ModelSpec, cfg: Config, dims: ParallelDi
         spec.tensor_parallel(model, mesh["tp"])
     if cfg.parallel.activation_checkpoint != "none":
         if not blocks:
-            raise ConfigError(f"model.family = '{spec.name}' names no blocks to checkpoint; set "
-                              "parallel.activation_checkpoint = 'none'")
+            raise ConfigError(
+                f"model.family = '{spec.name}' names no blocks to checkpoint; set "
+                "parallel.activation_checkpoint = 'none'"
+            )
         apply_activation_checkpointing(blocks, cfg.parallel.activation_checkpoint)
     if cfg.parallel.compile_blocks:
         apply_block_compile(blocks)

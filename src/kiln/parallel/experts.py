@@ -63,8 +63,7 @@ class ExpertParallelDispatch:
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()  # the one host sync
         rows = _AllToAll.apply(x, recv_splits, send_splits, self.group)
         # received source-major, expert-minor: regroup by local expert for the grouped products
-        local_expert = torch.repeat_interleave(torch.arange(per_rank, device=x.device).repeat(self.ep),
-                                               recv.flatten())
+        local_expert = torch.repeat_interleave(torch.arange(per_rank, device=x.device).repeat(self.ep), recv.flatten())
         order = local_expert.argsort(stable=True)
         y_sorted = moe.experts(rows[order], recv.sum(0))
         inverse = torch.empty_like(order)

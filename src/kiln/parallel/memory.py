@@ -32,11 +32,15 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         act = "unknown for this family" if self.activations is None else f"~{self.activations / GiB:.2f}"
-        return (f"expected memory per rank: parameters {self.params / GiB:.2f} GiB, gradients {self.grads / GiB:.2f}, "
-                f"optimizer {self.optimizer / GiB:.2f}, activations {act}; total ~{self.total / GiB:.2f} GiB")
+        return (
+            f"expected memory per rank: parameters {self.params / GiB:.2f} GiB, gradients {self.grads / GiB:.2f}, "
+            f"optimizer {self.optimizer / GiB:.2f}, activations {act}; total ~{self.total / GiB:.2f} GiB"
+        )
 
 
-def estimate_memory(cfg: Config, spec: ModelSpec, vocab_size: int, dims: ParallelDims, precision: str) -> MemoryEstimate:
+def estimate_memory(
+    cfg: Config, spec: ModelSpec, vocab_size: int, dims: ParallelDims, precision: str
+) -> MemoryEstimate:
     m = cfg.model
     vocab = padded_vocab(vocab_size)
     shards = dims.dp_shard * dims.tp * dims.pp
@@ -50,7 +54,8 @@ def estimate_memory(cfg: Config, spec: ModelSpec, vocab_size: int, dims: Paralle
         per_block = spec.activation_bytes(m, micro, act_bytes)
         ac = cfg.parallel.activation_checkpoint
         per_layer = {"full": per_block.inputs, "selective": (per_block.stored + per_block.inputs) / 2}.get(
-            ac, per_block.stored) / dims.tp
+            ac, per_block.stored
+        ) / dims.tp
         in_flight = min(dims.pp, cfg.parallel.pp_microbatches) if dims.pp > 1 else 1
         logits = micro * m.seq_len * vocab * (4 + act_bytes)
         activations = per_layer * m.n_layers / dims.pp * in_flight + logits

@@ -36,19 +36,25 @@ class ParallelDims:
         dp_shard = cfg.dp_shard
         if dp_shard == -1:
             if world_size % fixed:
-                raise ConfigError(f"parallel.dp_replicate x tp x pp = {cfg.dp_replicate} x {cfg.tp} x {cfg.pp} = "
-                                  f"{fixed} does not divide the world size {world_size}")
+                raise ConfigError(
+                    f"parallel.dp_replicate x tp x pp = {cfg.dp_replicate} x {cfg.tp} x {cfg.pp} = "
+                    f"{fixed} does not divide the world size {world_size}"
+                )
             dp_shard = world_size // fixed
         dims = cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, world_size, cfg.ep)
         product = dims.dp_replicate * dims.dp_shard * dims.tp * dims.pp
         if product != world_size:
-            raise ConfigError(f"parallel degrees dp_replicate x dp_shard x tp x pp = {dims.dp_replicate} x "
-                              f"{dims.dp_shard} x {dims.tp} x {dims.pp} = {product}, but the world size is "
-                              f"{world_size}; make them multiply to {world_size} (dp_shard = -1 fills the rest)")
+            raise ConfigError(
+                f"parallel degrees dp_replicate x dp_shard x tp x pp = {dims.dp_replicate} x "
+                f"{dims.dp_shard} x {dims.tp} x {dims.pp} = {product}, but the world size is "
+                f"{world_size}; make them multiply to {world_size} (dp_shard = -1 fills the rest)"
+            )
         if dims.dp_shard % dims.ep:
-            raise ConfigError(f"parallel.ep = {dims.ep} must divide parallel.dp_shard = {dims.dp_shard} (expert "
-                              "parallelism splits each FSDP group's experts among its ranks); on another world "
-                              "size, set it with --set parallel.ep=N")
+            raise ConfigError(
+                f"parallel.ep = {dims.ep} must divide parallel.dp_shard = {dims.dp_shard} (expert "
+                "parallelism splits each FSDP group's experts among its ranks); on another world "
+                "size, set it with --set parallel.ep=N"
+            )
         return dims
 
     @property
@@ -65,7 +71,10 @@ class ParallelDims:
         return self.world_size > 1
 
     def describe(self) -> str:
-        return " x ".join(f"{n}={getattr(self, n)}" for n in (*DIM_NAMES, "ep") if getattr(self, n) > 1) or "single process"
+        return (
+            " x ".join(f"{n}={getattr(self, n)}" for n in (*DIM_NAMES, "ep") if getattr(self, n) > 1)
+            or "single process"
+        )
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The named mesh, built from process groups created here with `new_group`.
@@ -105,8 +114,9 @@ class ProcessInfo:
 
 def process_info() -> ProcessInfo:
     """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
-    return ProcessInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                       int(os.environ.get("LOCAL_RANK", 0)))
+    return ProcessInfo(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    )
 
 
 # On GPUs one process group with two backends: NCCL for CUDA tensors, gloo for CPU ones. NCCL has
@@ -134,10 +144,20 @@ def init_process_group(info: ProcessInfo, timeout_s: float = 600.0) -> None:
         # Under torchrun, keep each restart attempt's keys apart: otherwise a restarted job can
         # read the addresses the previous attempt's dead processes published, and hang.
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
-                              is_master=not agent_store and info.rank == 0, timeout=timeout)
-        dist.init_process_group(backend, store=dist.PrefixStore(f"kiln/attempt-{restart}", store),
-                                rank=info.rank, world_size=info.world_size, timeout=timeout)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            info.world_size,
+            is_master=not agent_store and info.rank == 0,
+            timeout=timeout,
+        )
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"kiln/attempt-{restart}", store),
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timeout,
+        )
     else:
         dist.init_process_group(backend, timeout=timeout)
 

@@ -29,7 +29,9 @@ def stage_ids(cfg: Config, pp: int, pp_rank: int) -> tuple[list[int], int]:
     return [pp_rank + k * pp for k in range(per_rank)], pp * per_rank
 
 
-def cut_stage(model: nn.Module, spec: ModelSpec, stage: int, n_stages: int, layers: list[int] | None = None) -> nn.Module:
+def cut_stage(
+    model: nn.Module, spec: ModelSpec, stage: int, n_stages: int, layers: list[int] | None = None
+) -> nn.Module:
     """Keep only stage `stage`'s share of `model` (built on the meta device), as the family's
     spec cuts it; `layers` gives each stage's number of layers (`parallel.pp_layers`)."""
     if spec.pipeline_stage is None:
@@ -39,8 +41,14 @@ def cut_stage(model: nn.Module, spec: ModelSpec, stage: int, n_stages: int, laye
     return spec.pipeline_stage(model, stage, n_stages)
 
 
-def build_schedule(parts: list[nn.Module], ids: list[int], n_stages: int, par: Parallel, cfg: Config,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+def build_schedule(
+    parts: list[nn.Module],
+    ids: list[int],
+    n_stages: int,
+    par: Parallel,
+    cfg: Config,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+):
     # Imported here, not at the top: torch.distributed.pipelining (with the dynamo it loads) adds
     # about 0.7 s to the start of every `kiln train`, and only pipeline runs use it.
     from torch.distributed import pipelining

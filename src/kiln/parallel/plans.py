@@ -31,8 +31,9 @@ class HeadNorm(ParallelStyle):
 
     def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         for name, p in list(module.named_parameters(recurse=False)):
-            module.register_parameter(name, nn.Parameter(distribute_tensor(p, mesh, [Replicate()]),
-                                                         requires_grad=p.requires_grad))
+            module.register_parameter(
+                name, nn.Parameter(distribute_tensor(p, mesh, [Replicate()]), requires_grad=p.requires_grad)
+            )
         module.register_forward_pre_hook(lambda _, args: (DTensor.from_local(args[0], mesh, [Shard(1)]),))
         module.register_forward_hook(lambda _, args, out: out.to_local())
         return module
@@ -51,7 +52,9 @@ def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     for block in model.layers.values():
         plan = {
             "attn_norm": SequenceParallel(),
-            "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)),
+            "attn": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+            ),
             "attn.wq": ColwiseParallel(),
             "attn.wk": ColwiseParallel(),
             "attn.wv": ColwiseParallel(),
@@ -59,14 +62,24 @@ def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "mlp_norm": SequenceParallel(),
         }
         if isinstance(getattr(block.mlp, "w1", None), nn.Linear):  # a dense MLP: split column- then row-wise
-            plan.update({"mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-                         "mlp.w1": ColwiseParallel(), "mlp.w2": RowwiseParallel(output_layouts=Shard(1))})
+            plan.update(
+                {
+                    "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                    "mlp.w1": ColwiseParallel(),
+                    "mlp.w2": RowwiseParallel(output_layouts=Shard(1)),
+                }
+            )
             if hasattr(block.mlp, "w3"):
                 plan["mlp.w3"] = ColwiseParallel()
         else:  # any other feed-forward (a mixture of experts) runs whole on every tp rank, on the whole sequence
             plan["mlp"] = PrepareModuleInputOutput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+                input_layouts=(Shard(1),),
+                desired_input_layouts=(Replicate(),),
+                use_local_input=True,
+                output_layouts=(Replicate(),),
+                desired_output_layouts=(Shard(1),),
+                use_local_output=True,
+            )
         if block.attn_post_norm is not None:  # the sub-layers' outputs are sequence-sharded (Shard(1))
             plan["attn_post_norm"] = SequenceParallel(use_local_output=True)  # the residual stream is local
             plan["mlp_post_norm"] = SequenceParallel(use_local_output=True)

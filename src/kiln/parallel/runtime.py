@@ -145,4 +145,3 @@ class Parallel:
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
-

@@ -107,8 +107,9 @@ def parse_cluster(text: str, origin: str) -> Cluster:
         where = f"{origin}: group {i + 1}"
         unknown = set(entry) - {"device", "per_node", "nodes", *FIELDS}
         if unknown:
-            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; allowed: device, per_node, nodes, "
-                              f"{', '.join(FIELDS)}")
+            raise ConfigError(
+                f"{where}: unknown key {sorted(unknown)[0]!r}; allowed: device, per_node, nodes, {', '.join(FIELDS)}"
+            )
         for k in ("per_node", "nodes"):
             v = entry.get(k, 1)
             if not isinstance(v, int) or v < 1:
@@ -149,6 +150,8 @@ def load_cluster(spec: str) -> Cluster:
         return Cluster((Group(BUILTIN[name.lower()], per_node, n // per_node),), name=spec)
     path = Path(spec)
     if not path.is_file():
-        raise ConfigError(f"--cluster {spec}: no such file; give a cluster TOML, local:N, or DEVICE:N with a "
-                          f"built-in device ({', '.join(BUILTIN)})")
+        raise ConfigError(
+            f"--cluster {spec}: no such file; give a cluster TOML, local:N, or DEVICE:N with a "
+            f"built-in device ({', '.join(BUILTIN)})"
+        )
     return parse_cluster(path.read_text(), str(path))

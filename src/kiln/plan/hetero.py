@@ -26,8 +26,9 @@ from kiln.plan.timing import StepTime, step_time
 AC_MODES = ("none", "selective", "full")
 
 
-def split_by_speed(total: int, speeds: list[float], minimum: int = 1, unit: int = 1,
-                   fixed: list[float] | None = None) -> list[int] | None:
+def split_by_speed(
+    total: int, speeds: list[float], minimum: int = 1, unit: int = 1, fixed: list[float] | None = None
+) -> list[int] | None:
     """Integers summing to `total`, each at least `minimum` and a multiple of `unit`, that
     minimise max((fixed_i + n_i) / speed_i) (`fixed`: work each already has, in the same units):
     units go one at a time to whoever finishes its next one first. None when no such split exists."""
@@ -86,8 +87,10 @@ class HeteroPlan:
     def sets(self) -> list[str]:
         # the layout's micro-batch is the largest share's: every rank runs that many passes
         key = "parallel.dp_batch_shares" if self.shape == "data" else "parallel.pp_layers"
-        return [*(s for s in self.layout.sets() if not s.startswith(key + "=")),
-                f"{key}=[{','.join(map(str, self.split))}]"]
+        return [
+            *(s for s in self.layout.sets() if not s.startswith(key + "=")),
+            f"{key}=[{','.join(map(str, self.split))}]",
+        ]
 
     def describe(self) -> str:
         what = "sequences per rank" if self.shape == "data" else "layers per stage"
@@ -108,12 +111,16 @@ def _runs(values: list[int]) -> str:
 
 def _network(cluster: Cluster, kind: DeviceKind) -> DeviceKind:
     """`kind` with the slowest group's network: traffic that spans groups goes at that rate."""
-    return replace(kind, inter_gbps=min(g.kind.inter_gbps for g in cluster.groups),
-                   latency_us=max(g.kind.latency_us for g in cluster.groups))
+    return replace(
+        kind,
+        inter_gbps=min(g.kind.inter_gbps for g in cluster.groups),
+        latency_us=max(g.kind.latency_us for g in cluster.groups),
+    )
 
 
-def _data_parallel(f: ModelFacts, cluster: Cluster, global_batch: int, accum: int, ac: str,
-                   split: list[int], budget: float) -> tuple[float, list[MemoryBreakdown], list[StepTime]] | None:
+def _data_parallel(
+    f: ModelFacts, cluster: Cluster, global_batch: int, accum: int, ac: str, split: list[int], budget: float
+) -> tuple[float, list[MemoryBreakdown], list[StepTime]] | None:
     """(step seconds, memory, time per group) of FSDP2 over every device with `split` sequences
     per group's ranks (one entry per group), or None when a share does not fit its device."""
     world = cluster.world_size
@@ -137,8 +144,16 @@ def _stage_facts(f: ModelFacts, layers: int, pp: int, last: bool = False) -> Mod
     return replace(f, n_layers=layers * pp, flops_per_seq=f.flops_per_seq * share * pp, edge_flops_share=0.0)
 
 
-def _pipeline(f: ModelFacts, cluster: Cluster, global_batch: int, micro: int, accum: int, ac: str,
-              layers: list[int], budget: float) -> tuple[float, list[MemoryBreakdown], list[StepTime]] | None:
+def _pipeline(
+    f: ModelFacts,
+    cluster: Cluster,
+    global_batch: int,
+    micro: int,
+    accum: int,
+    ac: str,
+    layers: list[int],
+    budget: float,
+) -> tuple[float, list[MemoryBreakdown], list[StepTime]] | None:
     pp = len(cluster.groups)
     dp = cluster.groups[0].devices
     memory, times = [], []
@@ -164,8 +179,9 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
     groups: list[Group] = list(cluster.groups)
     # data parallel: shares per rank by speed; the ranks of a group share alike
     counts = [g.devices for g in groups]
-    speeds_by_ac = {ac: _speeds_per_sequence(f, cluster, lambda g, ac=ac: Layout(1, world, 1, 1, 1, 1, ac))
-                    for ac in AC_MODES}
+    speeds_by_ac = {
+        ac: _speeds_per_sequence(f, cluster, lambda g, ac=ac: Layout(1, world, 1, 1, 1, 1, ac)) for ac in AC_MODES
+    }
     for accum in (a for a in range(1, global_batch + 1) if global_batch % a == 0):
         for ac in AC_MODES:
             shares = group_shares(global_batch, counts, speeds_by_ac[ac], accum)
@@ -175,12 +191,25 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
             if got is None:
                 continue
             even = global_batch // world
-            uniform = (_data_parallel(f, cluster, global_batch, accum, ac, [even] * len(groups), budget)
-                       if global_batch % world == 0 and even % accum == 0 else None)
+            uniform = (
+                _data_parallel(f, cluster, global_batch, accum, ac, [even] * len(groups), budget)
+                if global_batch % world == 0 and even % accum == 0
+                else None
+            )
             layout = Layout(1, world, 1, 1, max(shares) // accum, accum, ac)
             per_rank = [s for s, n in zip(shares, counts) for _ in range(n)]
-            plans.append(HeteroPlan("data", layout, per_rank, [even] * world, tokens / got[0],
-                                    tokens / uniform[0] if uniform else 0.0, got[1], got[2]))
+            plans.append(
+                HeteroPlan(
+                    "data",
+                    layout,
+                    per_rank,
+                    [even] * world,
+                    tokens / got[0],
+                    tokens / uniform[0] if uniform else 0.0,
+                    got[1],
+                    got[2],
+                )
+            )
     # pipeline: one stage per group (groups of equal size), layers by speed
     if len(groups) > 1 and len({g.devices for g in groups}) == 1 and f.n_layers >= len(groups):
         pp, dp = len(groups), groups[0].devices
@@ -193,16 +222,35 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
                 if accum < pp:
                     continue
                 for ac in AC_MODES:
-                    speeds = [1.0 / step_time(_stage_facts(f, 1, pp), Layout(1, dp, 1, pp, micro, accum, ac),
-                                              global_batch, g.kind, g.per_node).compute for g in groups]
+                    speeds = [
+                        1.0
+                        / step_time(
+                            _stage_facts(f, 1, pp),
+                            Layout(1, dp, 1, pp, micro, accum, ac),
+                            global_batch,
+                            g.kind,
+                            g.per_node,
+                        ).compute
+                        for g in groups
+                    ]
                     layers = split_by_speed(f.n_layers, speeds, fixed=[0.0] * (pp - 1) + [head])
                     got = _pipeline(f, cluster, global_batch, micro, accum, ac, layers, budget)
                     if got is None:
                         continue
                     uniform = _pipeline(f, cluster, global_batch, micro, accum, ac, even, budget)
                     layout = Layout(1, dp, 1, pp, micro, accum, ac, "1f1b")
-                    plans.append(HeteroPlan("pipeline", layout, layers, even, tokens / got[0],
-                                            tokens / uniform[0] if uniform else 0.0, got[1], got[2]))
+                    plans.append(
+                        HeteroPlan(
+                            "pipeline",
+                            layout,
+                            layers,
+                            even,
+                            tokens / got[0],
+                            tokens / uniform[0] if uniform else 0.0,
+                            got[1],
+                            got[2],
+                        )
+                    )
     plans.sort(key=lambda p: -p.tokens_per_s)
     return plans
 
@@ -244,17 +292,22 @@ def explain_mixed(plans: list[HeteroPlan], cluster: Cluster, top: int = 3) -> li
     names = [g.kind.name for g in cluster.groups]
     best = plans[0]
     group_times = ", ".join(f"{n} {t.total * 1e3:.1f} ms" for n, t in zip(names, best.times))
-    lines = [f"best: {best.describe()} — {best.tokens_per_s:,.0f} tokens/s, {best.speedup:.2f}x its uniform split; "
-             f"each group's step: {group_times} (split by speed, so they finish together)"]
+    lines = [
+        f"best: {best.describe()} — {best.tokens_per_s:,.0f} tokens/s, {best.speedup:.2f}x its uniform split; "
+        f"each group's step: {group_times} (split by speed, so they finish together)"
+    ]
     if best.uniform_tokens_per_s:
-        lines.append(f"  the uniform split waits for the slowest group every step: {best.uniform_tokens_per_s:,.0f} "
-                     "tokens/s")
+        lines.append(
+            f"  the uniform split waits for the slowest group every step: {best.uniform_tokens_per_s:,.0f} tokens/s"
+        )
     for p in plans[1:top]:
         lines.append(f"  vs {p.describe()}: {p.tokens_per_s / best.tokens_per_s - 1:+.1%}")
     other = next((p for p in plans if p.shape != best.shape), None)
     if other is not None:
-        lines.append(f"{other.shape} parallel across the groups: best {other.tokens_per_s / best.tokens_per_s - 1:+.1%} "
-                     f"({other.describe()})")
+        lines.append(
+            f"{other.shape} parallel across the groups: best {other.tokens_per_s / best.tokens_per_s - 1:+.1%} "
+            f"({other.describe()})"
+        )
     elif best.shape == "data":
         lines.append("pipeline across the groups: needs groups of equal size (one stage per group) and a fitting split")
     return lines

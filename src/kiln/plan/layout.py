@@ -36,8 +36,13 @@ class Layout:
         return self.dp_replicate * self.dp_shard
 
     def sets(self) -> list[str]:
-        out = [f"parallel.dp_replicate={self.dp_replicate}", f"parallel.dp_shard={self.dp_shard}",
-               f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.activation_checkpoint={self.ac}"]
+        out = [
+            f"parallel.dp_replicate={self.dp_replicate}",
+            f"parallel.dp_shard={self.dp_shard}",
+            f"parallel.tp={self.tp}",
+            f"parallel.pp={self.pp}",
+            f"parallel.activation_checkpoint={self.ac}",
+        ]
         if self.pp > 1:
             out += [f"parallel.pp_schedule={self.schedule}", f"parallel.pp_microbatches={self.accum}"]
             if self.schedule == "interleaved-1f1b":

@@ -106,12 +106,21 @@ def model_facts(cfg: Config, vocab_size: int, precision: str) -> ModelFacts:
     one, two = (spec.flops(replace(m, n_layers=n), vocab) for n in (1, 2))
     edge_share = min(1.0, max(0.0, (2 * one - two) / spec.flops(m, vocab)))
     return ModelFacts(
-        n_layers=m.n_layers, block_params=block, edge_params=total - block * m.n_layers, embed_params=embed,
-        block_act=block_act, block_input=float(m.seq_len * m.d_model * 4), edge_act=max(0.0, edge_act),
-        logits=float(m.seq_len * vocab * 4), flops_per_seq=spec.flops(m, vocab) * m.seq_len,
-        edge_flops_share=edge_share, value_bytes=value,
+        n_layers=m.n_layers,
+        block_params=block,
+        edge_params=total - block * m.n_layers,
+        embed_params=embed,
+        block_act=block_act,
+        block_input=float(m.seq_len * m.d_model * 4),
+        edge_act=max(0.0, edge_act),
+        logits=float(m.seq_len * vocab * 4),
+        flops_per_seq=spec.flops(m, vocab) * m.seq_len,
+        edge_flops_share=edge_share,
+        value_bytes=value,
         chunked_loss=cfg.kernels.chunk_size if cfg.kernels.cross_entropy == "chunked" else 0,
-        seq_len=m.seq_len, d_model=m.d_model)
+        seq_len=m.seq_len,
+        d_model=m.d_model,
+    )
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,9 @@ def in_flight(layout: Layout, rank: int = 0) -> float:
     return min(layout.accum, layout.pp - rank)  # 1F1B: warm-up micro-batches before the first backward
 
 
-def peak_memory(f: ModelFacts, layout: Layout, optimizer_bytes: float = 8.0, rank: int | None = None) -> MemoryBreakdown:
+def peak_memory(
+    f: ModelFacts, layout: Layout, optimizer_bytes: float = 8.0, rank: int | None = None
+) -> MemoryBreakdown:
     """The peak of the busiest rank over the phases of a step where memory is highest:
     - "loss": the loss's backward begins: every saved activation, the log-probabilities and two
       logit-sized gradients (3 x the float32 logits), the last block still gathered;

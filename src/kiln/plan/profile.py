@@ -72,8 +72,9 @@ def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 MAX_MEASURE_S = 2.0  # micro-batches stop doubling once one forward + backward takes this long
 
 
-def measure_compute(cfg: Config, vocab_size: int, threads: int, micro_batches: tuple[int, ...] = (1, 2, 4),
-                    repeats: int = 5) -> ComputeFit:
+def measure_compute(
+    cfg: Config, vocab_size: int, threads: int, micro_batches: tuple[int, ...] = (1, 2, 4), repeats: int = 5
+) -> ComputeFit:
     from kiln.model.registry import build_model, initialise
     from kiln.model.spec import padded_vocab
 
@@ -83,6 +84,7 @@ def measure_compute(cfg: Config, vocab_size: int, threads: int, micro_batches: t
         vocab = padded_vocab(vocab_size)
         model = initialise(build_model(cfg.model, vocab), cfg.model, 0)
         bf16 = cfg.train.precision == "bf16"
+
         def once(mb: int) -> float:
             tokens = torch.randint(0, vocab, (mb, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(0))
             start = time.perf_counter()
@@ -158,8 +160,12 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], out: 
         for _ in range(6):
             dist.barrier()
             start = time.perf_counter()
-            dist.all_gather_single(full, shard) if hasattr(dist, "all_gather_single") else dist.all_gather_into_tensor(full, shard)
-            dist.reduce_scatter_single(shard, full) if hasattr(dist, "reduce_scatter_single") else dist.reduce_scatter_tensor(shard, full)
+            dist.all_gather_single(full, shard) if hasattr(dist, "all_gather_single") else dist.all_gather_into_tensor(
+                full, shard
+            )
+            dist.reduce_scatter_single(shard, full) if hasattr(
+                dist, "reduce_scatter_single"
+            ) else dist.reduce_scatter_tensor(shard, full)
             best = min(best, (time.perf_counter() - start) / 2)
         results.append((n, best))
     if rank == 0:
@@ -240,8 +246,9 @@ def parallel_overheads(cfg: Config, one_thread: ComputeFit, link: LinkFit, micro
     m = cfg.model
     params = param_count(m, cfg.data.vocab_size)
     ring = lambda n_bytes: _ring(n_bytes, 2, link.gbps, link.alpha_s * 1e6)  # noqa: E731 - two ranks
-    tp_micros = (max(1, micro // 2), micro, micro * 2) if m.n_heads % 2 == 0 and (m.n_kv_heads or m.n_heads) % 2 == 0 \
-        else ()
+    tp_micros = (
+        (max(1, micro // 2), micro, micro * 2) if m.n_heads % 2 == 0 and (m.n_kv_heads or m.n_heads) % 2 == 0 else ()
+    )
     fsdp_pairs, *tp_pairs = measure_parallel(cfg, [("fsdp", micro)] + [("tp", mb) for mb in tp_micros])
     extra = [fsdp - plain - 3 * ring(params * 4) for fsdp, plain in fsdp_pairs]
     fsdp_unit = max(0.0, statistics.median(extra)) / (m.n_layers + 1)
@@ -280,11 +287,14 @@ def load_compute(data: dict, cfg: Config, threads: int) -> ComputeFit | None:
     entry = data.get("compute", {}).get(profile_key(cfg, threads))
     if entry is None:
         return None
-    return ComputeFit(**{**entry, "measured": tuple(map(tuple, entry.get("measured", ())))})  # JSON lists back to tuples
+    return ComputeFit(
+        **{**entry, "measured": tuple(map(tuple, entry.get("measured", ())))}
+    )  # JSON lists back to tuples
 
 
-def run_profile(cfg: Config, vocab_size: int, worlds: tuple[int, ...], log=print,
-                largest_micro_batch: int | None = None) -> Path:
+def run_profile(
+    cfg: Config, vocab_size: int, worlds: tuple[int, ...], log=print, largest_micro_batch: int | None = None
+) -> Path:
     """Measure what local layouts of `worlds` processes (each with cores // world threads) need."""
     path = _cache_path()
     try:
@@ -297,15 +307,19 @@ def run_profile(cfg: Config, vocab_size: int, worlds: tuple[int, ...], log=print
         fit = measure_compute(cfg, vocab_size, threads, sizes)
         data.setdefault("compute", {})[profile_key(cfg, threads)] = asdict(fit)
         table = ", ".join(f"{m}: {t * 1e3:.0f}" for m, t in fit.measured)
-        log(f"compute, {threads} thread(s): {fit.fixed_s * 1e3:.1f} ms + {fit.per_seq_s * 1e3:.2f} ms per sequence "
-            f"(measured ms by micro-batch {table}); optimizer {fit.optimizer_s_per_param * 1e9:.2f} ns per parameter")
+        log(
+            f"compute, {threads} thread(s): {fit.fixed_s * 1e3:.1f} ms + {fit.per_seq_s * 1e3:.2f} ms per sequence "
+            f"(measured ms by micro-batch {table}); optimizer {fit.optimizer_s_per_param * 1e9:.2f} ns per parameter"
+        )
     link = measure_link()
     one_thread = load_compute(data, cfg, 1) or measure_compute(cfg, vocab_size, 1, sizes)
     link = parallel_overheads(cfg, one_thread, link)
     data["link"] = asdict(link)
-    log(f"gloo all-gather / reduce-scatter: {link.alpha_s * 1e6:.0f} us + bytes / {link.gbps:.2f} GB/s; "
+    log(
+        f"gloo all-gather / reduce-scatter: {link.alpha_s * 1e6:.0f} us + bytes / {link.gbps:.2f} GB/s; "
         f"FSDP {link.fsdp_unit_s * 1e3:.1f} ms per unit and TP {link.tp_block_s * 1e3:.1f} ms + "
-        f"{link.tp_block_per_seq_s * 1e3:.1f} ms per sequence per block, per micro-batch")
+        f"{link.tp_block_per_seq_s * 1e3:.1f} ms per sequence per block, per micro-batch"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1))

@@ -108,16 +108,20 @@ def layouts(world: int, global_batch: int, n_layers: int, n_heads: int, n_kv_hea
 
 def family(layout: Layout) -> str:
     data = {(True, True): "HSDP", (True, False): "FSDP", (False, True): "replicated (DDP)"}.get(
-        (layout.dp_shard > 1, layout.dp_replicate > 1), "")
+        (layout.dp_shard > 1, layout.dp_replicate > 1), ""
+    )
     parts = [data, "TP" if layout.tp > 1 else "", "PP" if layout.pp > 1 else ""]
     return " + ".join(p for p in parts if p) or "single device"
 
 
-def search(cfg: Config, vocab_size: int, cluster: Cluster, precision: str = "bf16",
-           facts: ModelFacts | None = None) -> SearchResult:
+def search(
+    cfg: Config, vocab_size: int, cluster: Cluster, precision: str = "bf16", facts: ModelFacts | None = None
+) -> SearchResult:
     if cluster.mixed:
-        raise ConfigError(f"cluster {cluster.describe()} mixes device kinds; plans for mixed clusters (uneven "
-                          "layer and batch splits) are not built yet: plan one group at a time")
+        raise ConfigError(
+            f"cluster {cluster.describe()} mixes device kinds; plans for mixed clusters (uneven "
+            "layer and batch splits) are not built yet: plan one group at a time"
+        )
     group = cluster.groups[0]
     kind, per_node = group.kind, group.per_node
     t0 = time.perf_counter()
@@ -132,8 +136,10 @@ def search(cfg: Config, vocab_size: int, cluster: Cluster, precision: str = "bf1
         threads = max(1, cores // cluster.world_size)
         measured = load_profile(cfg, threads)
         if measured is None:
-            raise ConfigError(f"--cluster {cluster.name} needs this machine's measurements: run kiln plan profile "
-                              f"with the same --preset/--set and --cluster first")
+            raise ConfigError(
+                f"--cluster {cluster.name} needs this machine's measurements: run kiln plan profile "
+                f"with the same --preset/--set and --cluster first"
+            )
         timer = lambda layout: local_step_time(f, layout, cfg.global_batch, *measured, cores)  # noqa: E731
     m = cfg.model
     budget = kind.memory_gb * 1e9 * HEADROOM
@@ -159,8 +165,10 @@ def search(cfg: Config, vocab_size: int, cluster: Cluster, precision: str = "bf1
     rejected = {}
     for name, c in smallest.items():
         if name not in families:
-            rejected[name] = (f"does not fit: its smallest layout ({c.layout.describe()}) needs "
-                              f"{c.memory.total / GiB:.1f} GiB per device, above {budget / GiB:.1f} GiB usable")
+            rejected[name] = (
+                f"does not fit: its smallest layout ({c.layout.describe()}) needs "
+                f"{c.memory.total / GiB:.1f} GiB per device, above {budget / GiB:.1f} GiB usable"
+            )
     return SearchResult(fitting, examined, time.perf_counter() - t0, rejected, families)
 
 
@@ -169,27 +177,45 @@ def explain(result: SearchResult, top: int = 3) -> list[str]:
     if not result.plans:
         return ["no layout fits: " + "; ".join(f"{k}: {v}" for k, v in result.rejected.items())]
     best = result.plans[0]
-    lines = [f"best: {best.layout.describe()} — {best.tokens_per_s:,.0f} tokens/s, {best.memory.total / GiB:.1f} "
-             f"GiB; its step is {_parts(best.time)}"]
+    lines = [
+        f"best: {best.layout.describe()} — {best.tokens_per_s:,.0f} tokens/s, {best.memory.total / GiB:.1f} "
+        f"GiB; its step is {_parts(best.time)}"
+    ]
     for c in result.plans[1:top]:
-        lines.append(f"  vs {c.layout.describe()}: {c.tokens_per_s / best.tokens_per_s - 1:+.1%} — "
-                     f"{_difference(best.time, c.time)}")
+        lines.append(
+            f"  vs {c.layout.describe()}: {c.tokens_per_s / best.tokens_per_s - 1:+.1%} — "
+            f"{_difference(best.time, c.time)}"
+        )
     for name, c in result.families.items():
         if c is not best and family(c.layout) != family(best.layout):
-            lines.append(f"{name}: best {c.tokens_per_s / best.tokens_per_s - 1:+.1%} ({c.layout.describe()}); "
-                         f"held back by {_difference(best.time, c.time)} ({_parts(c.time)})")
+            lines.append(
+                f"{name}: best {c.tokens_per_s / best.tokens_per_s - 1:+.1%} ({c.layout.describe()}); "
+                f"held back by {_difference(best.time, c.time)} ({_parts(c.time)})"
+            )
     lines += [f"{name}: {why}" for name, why in result.rejected.items()]
     return lines
 
 
 def _parts(t: StepTime) -> str:
-    named = [("compute", t.compute), ("bubble", t.bubble), ("FSDP", t.fsdp), ("TP", t.tp), ("DP", t.dp),
-             ("PP sends", t.pp)]
+    named = [
+        ("compute", t.compute),
+        ("bubble", t.bubble),
+        ("FSDP", t.fsdp),
+        ("TP", t.tp),
+        ("DP", t.dp),
+        ("PP sends", t.pp),
+    ]
     return ", ".join(f"{n} {v * 1e3:.1f} ms" for n, v in named if v > 0)
 
 
 def _difference(a: StepTime, b: StepTime) -> str:
-    deltas = {"compute": b.compute - a.compute, "bubble": b.bubble - a.bubble, "FSDP": b.fsdp - a.fsdp,
-              "TP": b.tp - a.tp, "DP": b.dp - a.dp, "PP sends": b.pp - a.pp}
+    deltas = {
+        "compute": b.compute - a.compute,
+        "bubble": b.bubble - a.bubble,
+        "FSDP": b.fsdp - a.fsdp,
+        "TP": b.tp - a.tp,
+        "DP": b.dp - a.dp,
+        "PP sends": b.pp - a.pp,
+    }
     name = max(deltas, key=lambda k: abs(deltas[k]))
     return f"{name} {deltas[name] * 1e3:+.1f} ms per step"

@@ -47,16 +47,21 @@ class StepTime:
         return self.compute + self.bubble + self.fsdp + self.tp + self.dp + self.pp
 
     def dominant(self) -> str:
-        parts = {"compute": self.compute, "pipeline bubble": self.bubble, "FSDP communication": self.fsdp,
-                 "tensor-parallel communication": self.tp, "data-parallel all-reduce": self.dp,
-                 "pipeline sends": self.pp}
+        parts = {
+            "compute": self.compute,
+            "pipeline bubble": self.bubble,
+            "FSDP communication": self.fsdp,
+            "tensor-parallel communication": self.tp,
+            "data-parallel all-reduce": self.dp,
+            "pipeline sends": self.pp,
+        }
         return max(parts, key=parts.get)
 
 
 def rank_blocks(f: ModelFacts, layout: Layout) -> list[int]:
     """Blocks held by each pipeline rank (an interleaved rank holds every pp-th stage)."""
     counts = layout.layers_per_stage(f.n_layers)
-    return [sum(counts[r::layout.pp]) for r in range(layout.pp)]
+    return [sum(counts[r :: layout.pp]) for r in range(layout.pp)]
 
 
 def busiest_stage_share(f: ModelFacts, layout: Layout) -> float:
@@ -112,11 +117,18 @@ def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind
         per_micro = (2 + overlapped) * ring
         per_micro_compute = compute / n_micro
         first_gather = _ring(stage_bytes / max(1, blocks), layout.dp_shard, bw, kind.latency_us)
-        fsdp = n_micro * (max(0.0, per_micro - per_micro_compute) + first_gather) + (0.0 if overlapped else syncs * ring)
+        fsdp = n_micro * (max(0.0, per_micro - per_micro_compute) + first_gather) + (
+            0.0 if overlapped else syncs * ring
+        )
     dp = 0.0
     if layout.dp_replicate > 1:
-        dp = syncs * _ring(stage_bytes / layout.dp_shard, layout.dp_replicate,
-                           bandwidth(layout.dp_replicate, layout.dp_shard * layout.tp), kind.latency_us, reduce=True)
+        dp = syncs * _ring(
+            stage_bytes / layout.dp_shard,
+            layout.dp_replicate,
+            bandwidth(layout.dp_replicate, layout.dp_shard * layout.tp),
+            kind.latency_us,
+            reduce=True,
+        )
     tp = 0.0
     if layout.tp > 1:
         act = mb * f.seq_len * f.d_model * f.value_bytes
@@ -175,5 +187,11 @@ def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fi
     # count decides.
     sharing = world * threads / cores
     slowdown = max(1.0, sharing * busy / (busy + bubble))
-    return StepTime(compute=compute * slowdown, bubble=bubble * slowdown, fsdp=fsdp * slowdown, tp=tp * slowdown,
-                    dp=dp * slowdown, pp=pp_time * slowdown)
+    return StepTime(
+        compute=compute * slowdown,
+        bubble=bubble * slowdown,
+        fsdp=fsdp * slowdown,
+        tp=tp * slowdown,
+        dp=dp * slowdown,
+        pp=pp_time * slowdown,
+    )

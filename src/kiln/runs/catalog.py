@@ -34,11 +34,18 @@ def run_row(run: RunDir) -> dict[str, Any]:
     else:
         duration = summary.get("seconds")
     return {
-        "name": run.name, "path": str(run.path), "status": status.get("state"), "reason": status.get("reason"),
-        "steps": steps, "tokens": last_metrics.get("tokens", summary.get("tokens")),
-        "best_val_loss": min(losses) if losses else None, "last_val_loss": losses[-1] if losses else None,
-        "last_eval_step": last_eval.get("step"), "headline": headline(last_eval),
-        "parent": parent.get("run"), "fork_step": None if lineage.get("from_scratch") else parent.get("step"),
+        "name": run.name,
+        "path": str(run.path),
+        "status": status.get("state"),
+        "reason": status.get("reason"),
+        "steps": steps,
+        "tokens": last_metrics.get("tokens", summary.get("tokens")),
+        "best_val_loss": min(losses) if losses else None,
+        "last_val_loss": losses[-1] if losses else None,
+        "last_eval_step": last_eval.get("step"),
+        "headline": headline(last_eval),
+        "parent": parent.get("run"),
+        "fork_step": None if lineage.get("from_scratch") else parent.get("step"),
         "from_scratch": bool(lineage.get("from_scratch")),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else None,
         "duration_s": round(duration, 1) if duration is not None else None,
@@ -48,8 +55,12 @@ def run_row(run: RunDir) -> dict[str, Any]:
 def headline(record: dict[str, Any]) -> str:
     """The figures of an evaluation worth a glance: perplexity, accuracy, bits per byte."""
     parts = []
-    for key, label, spec in (("val_ppl", "ppl", ".1f"), ("val_acc", "acc", ".3f"),
-                             ("val_masked_acc", "masked acc", ".3f"), ("lm/bits_per_byte", "bpb", ".3f")):
+    for key, label, spec in (
+        ("val_ppl", "ppl", ".1f"),
+        ("val_acc", "acc", ".3f"),
+        ("val_masked_acc", "masked acc", ".3f"),
+        ("lm/bits_per_byte", "bpb", ".3f"),
+    ):
         if isinstance(record.get(key), (int, float)):
             parts.append(f"{label} {format(record[key], spec)}")
     return " ".join(parts)
@@ -77,17 +88,42 @@ def runs_table(rows: list[dict[str, Any]], title: str):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for col in ("run", "status", "steps", "tokens", "best val", "last val", "last eval", "parent@step", "started",
-                "duration"):
-        table.add_column(col, justify="right" if col in ("steps", "tokens", "best val", "last val") else "left",
-                         no_wrap=col != "last eval")
+    for col in (
+        "run",
+        "status",
+        "steps",
+        "tokens",
+        "best val",
+        "last val",
+        "last eval",
+        "parent@step",
+        "started",
+        "duration",
+    ):
+        table.add_column(
+            col,
+            justify="right" if col in ("steps", "tokens", "best val", "last val") else "left",
+            no_wrap=col != "last eval",
+        )
     for r in rows:
-        parent = "—" if not r["parent"] else (f"{r['parent']} (scratch)" if r["from_scratch"]
-                                             else f"{r['parent']}@{r['fork_step']}")
+        parent = (
+            "—"
+            if not r["parent"]
+            else (f"{r['parent']} (scratch)" if r["from_scratch"] else f"{r['parent']}@{r['fork_step']}")
+        )
         last_eval = f"@{r['last_eval_step']}: {r['headline']}" if r["last_eval_step"] is not None else "—"
-        table.add_row(r["name"], r["status"] or "—", _cell(r["steps"], ","), _cell(r["tokens"], ","),
-                      _cell(r["best_val_loss"], ".4f"), _cell(r["last_val_loss"], ".4f"), last_eval, parent,
-                      r["started"] or "—", fmt_duration(r["duration_s"]))
+        table.add_row(
+            r["name"],
+            r["status"] or "—",
+            _cell(r["steps"], ","),
+            _cell(r["tokens"], ","),
+            _cell(r["best_val_loss"], ".4f"),
+            _cell(r["last_val_loss"], ".4f"),
+            last_eval,
+            parent,
+            r["started"] or "—",
+            fmt_duration(r["duration_s"]),
+        )
     return table
 
 

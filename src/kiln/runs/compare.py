@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kiln.errors import KilnError
-from kiln.runs.curves import (Segment, lineage_series, number, pyplot, save_figure, series_keys, source_of,
-                              write_atomic)
+from kiln.runs.curves import Segment, lineage_series, number, pyplot, save_figure, series_keys, source_of, write_atomic
 from kiln.runs.rundir import RunDir
 
 FIG_WIDTH, SUBPLOT_HEIGHT, DPI = 8.0, 3.5, 100  # compare.png is 800 x 350·(subplots) pixels
@@ -20,6 +19,7 @@ DASH = "—"
 
 
 # --------------------------------------------------------------------------- config differences
+
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested tables as dotted keys: {"callbacks": {"layer_stats": {"every": 5}}} ->
@@ -64,6 +64,7 @@ def config_differences(runs: list[RunDir]) -> dict[str, list[Any]]:
 
 # --------------------------------------------------------------------------- headlines
 
+
 def _sha256(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -79,8 +80,11 @@ def tokenizer_warnings(runs: list[RunDir], labels: list[str]) -> list[str]:
         if digest is not None:
             groups.setdefault(digest, label)
     firsts = list(groups.values())
-    return [f"warning: runs {a} and {b} use different tokenizers; their losses per token are not comparable"
-            for i, a in enumerate(firsts) for b in firsts[i + 1:]]
+    return [
+        f"warning: runs {a} and {b} use different tokenizers; their losses per token are not comparable"
+        for i, a in enumerate(firsts)
+        for b in firsts[i + 1 :]
+    ]
 
 
 COUNTS = ("tokens", "bytes", "count", "n", "loss")  # sizes of an evaluation (and lm/loss = val_loss), not results
@@ -104,12 +108,22 @@ def headline(run: RunDir, label: str) -> dict[str, Any]:
     steps = summary.get("steps", last_metrics.get("step", status.get("step")))
     tokens = last_metrics.get("tokens", summary.get("tokens"))
     return {
-        "run": label, "name": run.name, "path": str(run.path),
-        "final_val_loss": final_val, "best_val_loss": best_val, "final_bpb": final_bpb, "best_bpb": best_bpb,
-        "last_eval_step": last_eval.get("step"), "steps": steps, "tokens": tokens,
-        "tokens_per_s": number(summary.get("tokens_per_s")), "mfu": number(summary.get("mfu")),
-        "status": status.get("state"), "parent": parent.get("run"),
-        "fork_step": parent.get("step"), "from_scratch": bool(lineage.get("from_scratch")),
+        "run": label,
+        "name": run.name,
+        "path": str(run.path),
+        "final_val_loss": final_val,
+        "best_val_loss": best_val,
+        "final_bpb": final_bpb,
+        "best_bpb": best_bpb,
+        "last_eval_step": last_eval.get("step"),
+        "steps": steps,
+        "tokens": tokens,
+        "tokens_per_s": number(summary.get("tokens_per_s")),
+        "mfu": number(summary.get("mfu")),
+        "status": status.get("state"),
+        "parent": parent.get("run"),
+        "fork_step": parent.get("step"),
+        "from_scratch": bool(lineage.get("from_scratch")),
         "suites": {k: v for k, v in last_eval.items() if "/" in k and k.rsplit("/", 1)[1] not in COUNTS},
     }
 
@@ -150,8 +164,19 @@ def headline_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             losses = [_fmt(h["final_bpb"]), _fmt(h["best_bpb"]), *losses]
         mfu = DASH if h["mfu"] is None else f"{100 * h['mfu']:.1f}%"
         tps = DASH if h["tokens_per_s"] is None else f"{h['tokens_per_s']:,.0f}"
-        rows.append([h["run"], *losses, _fmt(h["steps"]), _fmt(h["tokens"]), tps, mfu, h["status"] or DASH,
-                     _parent_cell(h), *(_fmt(h["suites"].get(k)) for k in suite_keys)])
+        rows.append(
+            [
+                h["run"],
+                *losses,
+                _fmt(h["steps"]),
+                _fmt(h["tokens"]),
+                tps,
+                mfu,
+                h["status"] or DASH,
+                _parent_cell(h),
+                *(_fmt(h["suites"].get(k)) for k in suite_keys),
+            ]
+        )
     return columns, rows
 
 
@@ -170,16 +195,23 @@ def difference_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]
 
 # --------------------------------------------------------------------------- the figure
 
-def _plots(runs: list[RunDir], labels: list[str], metrics: list[str] | None, warnings: list[str],
-           log: Callable[[str], None]) -> list[dict[str, Any]]:
+
+def _plots(
+    runs: list[RunDir], labels: list[str], metrics: list[str] | None, warnings: list[str], log: Callable[[str], None]
+) -> list[dict[str, Any]]:
     """What each subplot shows: [{"key", "title", "source" per run}], checked before anything is written."""
     if not metrics:
         val_key = "val_loss"
         if warnings and all(BPB in series_keys(r, "evals") for r in runs):
             val_key = BPB
-        return [{"key": "loss", "title": "training loss", "sources": ["metrics"] * len(runs)},
-                {"key": val_key, "title": "validation bits per byte" if val_key == BPB else "validation loss",
-                 "sources": ["evals"] * len(runs)}]
+        return [
+            {"key": "loss", "title": "training loss", "sources": ["metrics"] * len(runs)},
+            {
+                "key": val_key,
+                "title": "validation bits per byte" if val_key == BPB else "validation loss",
+                "sources": ["evals"] * len(runs),
+            },
+        ]
     plots = []
     for key in metrics:
         sources = [source_of(r, key) for r in runs]
@@ -193,8 +225,9 @@ def _plots(runs: list[RunDir], labels: list[str], metrics: list[str] | None, war
     return plots
 
 
-def plot_compare(runs: list[RunDir], labels: list[str], plots: list[dict[str, Any]], path: Path,
-                 note: str = "") -> list[dict[str, Any]]:
+def plot_compare(
+    runs: list[RunDir], labels: list[str], plots: list[dict[str, Any]], path: Path, note: str = ""
+) -> list[dict[str, Any]]:
     """compare.png: one subplot per entry of `plots`, one color per run; a fork's inherited stretch
     is drawn thin and dashed in its color unless that ancestor is itself compared (its own curve is
     there). Returns, per subplot, the segments drawn for each run."""
@@ -241,6 +274,7 @@ def plot_compare(runs: list[RunDir], labels: list[str], plots: list[dict[str, An
 
 # --------------------------------------------------------------------------- markdown, rich
 
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -268,12 +302,15 @@ def compare_tables(result: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
     tables = []
-    for title, (columns, rows) in (("Headlines", headline_rows(result)),
-                                   ("Config differences", difference_rows(result))):
+    for title, (columns, rows) in (
+        ("Headlines", headline_rows(result)),
+        ("Config differences", difference_rows(result)),
+    ):
         table = Table(title=title, title_justify="left")
         for i, c in enumerate(columns):
-            table.add_column(c, style="bold" if i == 0 else None,
-                             justify="left" if i == 0 or title != "Headlines" else "right")
+            table.add_column(
+                c, style="bold" if i == 0 else None, justify="left" if i == 0 or title != "Headlines" else "right"
+            )
         for row in rows:
             table.add_row(*row)
         if not rows:
@@ -284,14 +321,16 @@ def compare_tables(result: dict[str, Any]) -> list[Any]:
 
 # --------------------------------------------------------------------------- entry point
 
+
 def _labels(runs: list[RunDir]) -> list[str]:
     """Run names, with the parent folder where two compared runs share a name."""
     names = [r.name for r in runs]
     return [f"{r.path.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
 
 
-def compare_runs(paths: list[Path], out_dir: Path, metrics: list[str] | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+def compare_runs(
+    paths: list[Path], out_dir: Path, metrics: list[str] | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Compare two or more runs: config differences, headlines, suites, tokenizer warnings;
     writes out_dir/compare.png and out_dir/compare.md (nothing when an input is wrong)."""
     if len(paths) < 2:
@@ -307,12 +346,15 @@ def compare_runs(paths: list[Path], out_dir: Path, metrics: list[str] | None = N
     out_dir = Path(out_dir)
     heads = [headline(r, label) for r, label in zip(runs, labels)]
     result: dict[str, Any] = {
-        "runs": labels, "paths": [str(r.path) for r in runs],
-        "differences": config_differences(runs), "headlines": heads,
+        "runs": labels,
+        "paths": [str(r.path) for r in runs],
+        "differences": config_differences(runs),
+        "headlines": heads,
         # losses per token of different tokenizers are not comparable: bits per byte are
         "headline_loss": BPB if warnings and any(h["final_bpb"] is not None for h in heads) else "val_loss",
         "warnings": warnings,
-        "png": out_dir / "compare.png", "md": out_dir / "compare.md",
+        "png": out_dir / "compare.png",
+        "md": out_dir / "compare.md",
     }
     for w in warnings:
         log(w)

@@ -57,8 +57,12 @@ def lineage_records(run: RunDir, source: Source) -> list[tuple[RunDir, list[dict
 def lineage_events(run: RunDir) -> list[tuple[str, dict[str, Any], bool]]:
     """(run name, event, inherited) along the lineage: each ancestor's events up to the step the
     next generation forked at, oldest first, then the run's own events."""
-    out = [(ancestor.name, e, True) for ancestor, upto in run.ancestry() for e in ancestor.events()
-           if isinstance(e.get("step"), int) and e["step"] <= upto]
+    out = [
+        (ancestor.name, e, True)
+        for ancestor, upto in run.ancestry()
+        for e in ancestor.events()
+        if isinstance(e.get("step"), int) and e["step"] <= upto
+    ]
     return out + [(run.name, e, False) for e in run.events()]
 
 
@@ -66,8 +70,9 @@ def _has_tokens(chain: list[tuple[RunDir, list[dict[str, Any]], bool]], key: str
     return all(number(r.get("tokens")) is not None for _, recs, _ in chain for r in recs if key in r)
 
 
-def lineage_series(run: RunDir, source: Source = "metrics", key: str = "loss",
-                   x: Literal["auto", "tokens", "step"] = "auto") -> list[Segment]:
+def lineage_series(
+    run: RunDir, source: Source = "metrics", key: str = "loss", x: Literal["auto", "tokens", "step"] = "auto"
+) -> list[Segment]:
     """The curve of `key` along the run's lineage, one Segment per generation, oldest first.
     Inherited segments with no points (a from-scratch fork) are left out; the run's own segment
     is always last, maybe empty. x "auto" is tokens when every record holding `key` has them."""
@@ -96,8 +101,11 @@ def series_keys(run: RunDir, source: Source) -> set[str]:
     keys: set[str] = set()
     for _, recs, _ in lineage_records(run, source):
         for r in recs:
-            keys.update(k for k, v in r.items() if k not in NOT_SERIES and isinstance(v, (int, float))
-                        and not isinstance(v, bool))
+            keys.update(
+                k
+                for k, v in r.items()
+                if k not in NOT_SERIES and isinstance(v, (int, float)) and not isinstance(v, bool)
+            )
     return keys
 
 
@@ -140,6 +148,7 @@ def step_to_x(run: RunDir, steps: list[int], axis: str) -> list[float]:
 
 
 # --------------------------------------------------------------------------- writing files
+
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Readers see the old file or the new one, never half of it."""

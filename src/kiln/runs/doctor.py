@@ -35,24 +35,24 @@ from kiln.runs.rundir import RunDir
 from kiln.train import checkpoint as ckpt
 
 # thresholds of the rules below (those of the loss curve are in kiln.runs.doctor_rules)
-PEER_RATIO = 10.0           # a module's activations >= 10 x its peers' median ...
-OWN_GROWTH = 10.0           # ... and >= 10 x its own first sample
-LOGIT_FLOOR = 30.0          # attention logits below this are harmless whatever their ratio
+PEER_RATIO = 10.0  # a module's activations >= 10 x its peers' median ...
+OWN_GROWTH = 10.0  # ... and >= 10 x its own first sample
+LOGIT_FLOOR = 30.0  # attention logits below this are harmless whatever their ratio
 LOGIT_RATIO = 5.0
-ENTROPY_FLOOR = 0.5         # nats: a collapsed layer attends to ~one key
-ENTROPY_FRACTION = 0.25     # ... and has < 25% of its peers' (and its own earlier) entropy
-DEAD_FRAC = 0.3             # dead_units: > 30% of a layer's hidden units never fire ...
-DEAD_PEERS = 0.1            # ... while the other layers' median is below 10%
+ENTROPY_FLOOR = 0.5  # nats: a collapsed layer attends to ~one key
+ENTROPY_FRACTION = 0.25  # ... and has < 25% of its peers' (and its own earlier) entropy
+DEAD_FRAC = 0.3  # dead_units: > 30% of a layer's hidden units never fire ...
+DEAD_PEERS = 0.1  # ... while the other layers' median is below 10%
 VAL_MARGIN_ABS, VAL_MARGIN_REL = 0.05, 0.03  # eval_regression: val loss up by > 0.05 nats and > 3%
 OVERFIT_GAP_RATIO, OVERFIT_GAP_ABS = 0.6, 0.5  # train loss < 0.6 x val loss and > 0.5 nats below it
-OVERFIT_HEALTHY = 0.95      # ... where train >= 0.95 x val, the gap had not opened yet
-SLOW_FACTOR = 3.0           # a slow interval costs >= 3 typical steps' time ...
-SLOW_MIN_S = 0.3            # ... and >= 0.3 s ...
-SLOW_Z = 10.0               # ... and > 10 robust deviations above the median of comparable steps
-SLOW_SHARE = 0.5            # information, unless > 3 of them cost half of the run's step time
-WARMUP_INTERVALS = 3        # the first logged intervals carry start-up work
-SLOW_RANK_RATIO = 1.3       # a rank busy >= 1.3 x the others' median ...
-SLOW_RANK_SHARE = 0.75      # ... in >= 75% of the records
+OVERFIT_HEALTHY = 0.95  # ... where train >= 0.95 x val, the gap had not opened yet
+SLOW_FACTOR = 3.0  # a slow interval costs >= 3 typical steps' time ...
+SLOW_MIN_S = 0.3  # ... and >= 0.3 s ...
+SLOW_Z = 10.0  # ... and > 10 robust deviations above the median of comparable steps
+SLOW_SHARE = 0.5  # information, unless > 3 of them cost half of the run's step time
+WARMUP_INTERVALS = 3  # the first logged intervals carry start-up work
+SLOW_RANK_RATIO = 1.3  # a rank busy >= 1.3 x the others' median ...
+SLOW_RANK_SHARE = 0.75  # ... in >= 75% of the records
 SUITE_DROP_ABS, SUITE_DROP_REL = 0.02, 0.10  # a suite metric worse by > 0.02 and > 10%
 HIGHER_IS_BETTER = ("acc", "acc_norm", "top5_acc", "masked_acc", "bleu", "chrf", "next_line_exact")
 LOWER_IS_BETTER = ("loss", "ppl", "bits_per_byte", "masked_loss")
@@ -75,8 +75,16 @@ def rank(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def findings_json(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What `kiln doctor --json` prints: kind, severity, steps, evidence and the remedy's command
     (or null), in the printed order."""
-    return [{"kind": f["kind"], "severity": f["severity"], "steps": f["steps"], "evidence": f["evidence"],
-             "remedy": f["remedy"]["command"] if f.get("remedy") else None} for f in findings]
+    return [
+        {
+            "kind": f["kind"],
+            "severity": f["severity"],
+            "steps": f["steps"],
+            "evidence": f["evidence"],
+            "remedy": f["remedy"]["command"] if f.get("remedy") else None,
+        }
+        for f in findings
+    ]
 
 
 def _steps(f: dict[str, Any]) -> str:
@@ -127,8 +135,10 @@ def remedy_argv(findings: list[dict[str, Any]], k: int) -> list[str]:
     if not remedy:
         raise KilnError(f"--apply {k}: finding {k} ({f['kind']}) has no remedy to apply")
     if remedy.get("kiln") is False:
-        raise KilnError(f"--apply {k}: the remedy of finding {k} ({f['kind']}) is not a kiln command; run it "
-                        f"yourself: {remedy['command']}")
+        raise KilnError(
+            f"--apply {k}: the remedy of finding {k} ({f['kind']}) is not a kiln command; run it "
+            f"yourself: {remedy['command']}"
+        )
     return list(remedy["argv"])
 
 
@@ -142,12 +152,18 @@ def _layers(ctx: Context) -> tuple[dict[str, list[dict[str, Any]]], Any]:
         if isinstance(r.get("step"), int) and isinstance(r.get("module"), str):
             by_module.setdefault(r["module"], []).append(r)
             by_step.setdefault(r["step"], {})[r["module"]] = r
-    kind = {m: "attn" if "attn" in m or "attn_entropy" in recs[0] else "mlp" if "mlp" in m else "other"
-            for m, recs in by_module.items()}
+    kind = {
+        m: "attn" if "attn" in m or "attn_entropy" in recs[0] else "mlp" if "mlp" in m else "other"
+        for m, recs in by_module.items()
+    }
 
     def peers(module: str, step: int, stat: str) -> list[float]:
-        return [r[stat] for m, r in by_step.get(step, {}).items()
-                if m != module and kind[m] == kind[module] and finite(r.get(stat))]
+        return [
+            r[stat]
+            for m, r in by_step.get(step, {}).items()
+            if m != module and kind[m] == kind[module] and finite(r.get(stat))
+        ]
+
     return {m: sorted(recs, key=lambda r: r["step"]) for m, recs in sorted(by_module.items())}, peers
 
 
@@ -190,9 +206,15 @@ def layer_blowups(ctx: Context) -> list[dict[str, Any]]:
                     break
                 onset = s
             kind = "attention_logit_blowup" if logits else "activation_blowup"
-            evidence = {"module": module, "stat": stat, "value": last, "first_value": first, "growth": growth,
-                        "onset_step": onset, **({"peer_median": median(others), "ratio_to_peers": ratio}
-                                                if ratio is not None else {})}
+            evidence = {
+                "module": module,
+                "stat": stat,
+                "value": last,
+                "first_value": first,
+                "growth": growth,
+                "onset_step": onset,
+                **({"peer_median": median(others), "ratio_to_peers": ratio} if ratio is not None else {}),
+            }
             lr, how = ctx.lower_lr(onset)
             if logits and not (ctx.cfg and ctx.cfg.model.qk_norm):
                 sets, why = ["model.qk_norm=true"], "QK-norm bounds the attention logits (its gains start at 1)"
@@ -202,9 +224,16 @@ def layer_blowups(ctx: Context) -> list[dict[str, Any]]:
                 sets, why = [f"optim.lr={lr}"], f"peak optim.lr = {lr} ({how})"
             what = "attention logits" if logits else f"activations ({stat})"
             peer_text = f", {ratio:.0f}x the other layers'" if ratio is not None else ""
-            out.append(finding(kind, "warning", (onset, step), evidence,
-                               f"{module}: {what} grew {growth:.0f}x to {last:.3g}{peer_text}",
-                               ctx.fork_remedy(kind, onset - 1, sets, "retrains from before the growth: " + why)))
+            out.append(
+                finding(
+                    kind,
+                    "warning",
+                    (onset, step),
+                    evidence,
+                    f"{module}: {what} grew {growth:.0f}x to {last:.3g}{peer_text}",
+                    ctx.fork_remedy(kind, onset - 1, sets, "retrains from before the growth: " + why),
+                )
+            )
             if not logits:
                 break  # one activation finding per module
     return out
@@ -222,37 +251,72 @@ def collapsed_layers(ctx: Context) -> list[dict[str, Any]]:
         if len(series) >= 2:
             step, last = series[-1]
             own_max, others = max(v for _, v in series[:-1]), peers(module, step, "attn_entropy")
-            if last < ENTROPY_FLOOR and last <= ENTROPY_FRACTION * own_max and \
-                    (not others or last <= ENTROPY_FRACTION * median(others)):
+            if (
+                last < ENTROPY_FLOOR
+                and last <= ENTROPY_FRACTION * own_max
+                and (not others or last <= ENTROPY_FRACTION * median(others))
+            ):
                 onset = next((s for s, v in series if v <= 0.5 * own_max), step)
                 lr, how = ctx.lower_lr(onset)
-                sets, why = (([f"optim.lr={lr}"], f"peak optim.lr = {lr} ({how}); QK-norm is already on") if qk_on
-                             else (["model.qk_norm=true"], "QK-norm keeps the attention logits from growing until "
-                                   "softmax saturates"))
-                out.append(finding("entropy_collapse", "warning", (onset, step),
-                                   {"module": module, "attn_entropy": last, "earlier_max": own_max,
-                                    "onset_step": onset, **({"peer_median": median(others)} if others else {})},
-                                   f"{module}: attention entropy fell to {last:.3f} nats (from {own_max:.2f})"
-                                   + (f" while the other layers keep {median(others):.2f}" if others else ""),
-                                   ctx.fork_remedy("entropy_collapse", onset - 1, sets,
-                                                   "retrains from before the fall: " + why)))
+                sets, why = (
+                    ([f"optim.lr={lr}"], f"peak optim.lr = {lr} ({how}); QK-norm is already on")
+                    if qk_on
+                    else (
+                        ["model.qk_norm=true"],
+                        "QK-norm keeps the attention logits from growing until softmax saturates",
+                    )
+                )
+                out.append(
+                    finding(
+                        "entropy_collapse",
+                        "warning",
+                        (onset, step),
+                        {
+                            "module": module,
+                            "attn_entropy": last,
+                            "earlier_max": own_max,
+                            "onset_step": onset,
+                            **({"peer_median": median(others)} if others else {}),
+                        },
+                        f"{module}: attention entropy fell to {last:.3f} nats (from {own_max:.2f})"
+                        + (f" while the other layers keep {median(others):.2f}" if others else ""),
+                        ctx.fork_remedy("entropy_collapse", onset - 1, sets, "retrains from before the fall: " + why),
+                    )
+                )
         series = _series(recs, "dead_frac")
         if series:
             step, last = series[-1]
             others = peers(module, step, "dead_frac")
-            normal = (median(others) < DEAD_PEERS and last - median(others) >= 0.25) if others else \
-                series[0][1] <= DEAD_PEERS
+            normal = (
+                (median(others) < DEAD_PEERS and last - median(others) >= 0.25)
+                if others
+                else series[0][1] <= DEAD_PEERS
+            )
             if last > DEAD_FRAC and normal:
                 onset = next((s for s, v in series if v > DEAD_FRAC), step)
                 lr, how = ctx.lower_lr(onset)
-                out.append(finding("dead_units", "warning", (onset, step),
-                                   {"module": module, "dead_frac": last, "onset_step": onset,
-                                    **({"peer_median": median(others)} if others else {})},
-                                   f"{module}: {100 * last:.0f}% of the hidden units never activate"
-                                   + (f" (other layers {100 * median(others):.0f}%)" if others else ""),
-                                   ctx.fork_remedy("dead_units", onset - 1, [f"optim.lr={lr}"],
-                                                   f"retrains from before the units died with peak optim.lr = {lr} "
-                                                   f"({how}); dead units rarely recover by themselves")))
+                out.append(
+                    finding(
+                        "dead_units",
+                        "warning",
+                        (onset, step),
+                        {
+                            "module": module,
+                            "dead_frac": last,
+                            "onset_step": onset,
+                            **({"peer_median": median(others)} if others else {}),
+                        },
+                        f"{module}: {100 * last:.0f}% of the hidden units never activate"
+                        + (f" (other layers {100 * median(others):.0f}%)" if others else ""),
+                        ctx.fork_remedy(
+                            "dead_units",
+                            onset - 1,
+                            [f"optim.lr={lr}"],
+                            f"retrains from before the units died with peak optim.lr = {lr} "
+                            f"({how}); dead units rarely recover by themselves",
+                        ),
+                    )
+                )
     return out
 
 
@@ -272,8 +336,12 @@ def _overfit(ctx: Context) -> dict[str, Any] | None:
     train_best, train_last = ctx.train_loss_near(best_step), ctx.train_loss_near(last_step)
     if train_best is None or train_last is None:
         return None
-    rising = (len(evals) >= 3 and len(evals) - 1 - b >= 2 and train_last < train_best - 0.02
-              and last - best > max(VAL_MARGIN_ABS / 2, VAL_MARGIN_REL / 2 * best))
+    rising = (
+        len(evals) >= 3
+        and len(evals) - 1 - b >= 2
+        and train_last < train_best - 0.02
+        and last - best > max(VAL_MARGIN_ABS / 2, VAL_MARGIN_REL / 2 * best)
+    )
     gap = train_last < OVERFIT_GAP_RATIO * last and last - train_last > OVERFIT_GAP_ABS
     if not (rising or gap):
         return None
@@ -285,9 +353,17 @@ def _overfit(ctx: Context) -> dict[str, Any] | None:
             if train is None or train < OVERFIT_HEALTHY * val:
                 break
             fork_step = step
-    return {"best_step": best_step, "best_val_loss": best, "last_step": last_step, "last_val_loss": last,
-            "train_loss_at_best": train_best, "train_loss_at_last": train_last, "val_rising": rising,
-            "train_far_below_val": gap, "fork_step": fork_step}
+    return {
+        "best_step": best_step,
+        "best_val_loss": best,
+        "last_step": last_step,
+        "last_val_loss": last,
+        "train_loss_at_best": train_best,
+        "train_loss_at_last": train_last,
+        "val_rising": rising,
+        "train_far_below_val": gap,
+        "fork_step": fork_step,
+    }
 
 
 @rule
@@ -297,17 +373,33 @@ def overfitting(ctx: Context) -> list[dict[str, Any]]:
         return []
     sets = [f"model.dropout={round(min((ctx.cfg.model.dropout if ctx.cfg else 0.0) + 0.1, 0.5), 2)}"]
     if d["val_rising"]:
-        summary = (f"validation loss rose from {d['best_val_loss']:.3f} (step {d['best_step']}) to "
-                   f"{d['last_val_loss']:.3f} while the training loss fell to {d['train_loss_at_last']:.3f}")
-        why = (f"the best model is step {d['best_step']}'s (kiln export {shlex.quote(str(ctx.run.path))} --step "
-               f"{d['best_step']} --out model.safetensors); to train on from there, more dropout regularises it")
+        summary = (
+            f"validation loss rose from {d['best_val_loss']:.3f} (step {d['best_step']}) to "
+            f"{d['last_val_loss']:.3f} while the training loss fell to {d['train_loss_at_last']:.3f}"
+        )
+        why = (
+            f"the best model is step {d['best_step']}'s (kiln export {shlex.quote(str(ctx.run.path))} --step "
+            f"{d['best_step']} --out model.safetensors); to train on from there, more dropout regularises it"
+        )
     else:
-        summary = (f"training loss {d['train_loss_at_last']:.3f} is far below the validation loss "
-                   f"{d['last_val_loss']:.3f}: the model memorises repeated data")
+        summary = (
+            f"training loss {d['train_loss_at_last']:.3f} is far below the validation loss "
+            f"{d['last_val_loss']:.3f}: the model memorises repeated data"
+        )
         why = f"goes back to step {d['fork_step']}, before the training loss parted from the validation loss"
     first = d["best_step"] if d["val_rising"] else d["fork_step"]
-    return [finding("overfitting", "warning", (first, d["last_step"]), d, summary, ctx.fork_remedy(
-        "overfitting", d["fork_step"], sets, why + "; more (or less repeated) data is the real cure"))]
+    return [
+        finding(
+            "overfitting",
+            "warning",
+            (first, d["last_step"]),
+            d,
+            summary,
+            ctx.fork_remedy(
+                "overfitting", d["fork_step"], sets, why + "; more (or less repeated) data is the real cure"
+            ),
+        )
+    ]
 
 
 def _direction(metric: str) -> int:
@@ -329,22 +421,42 @@ def eval_regression(ctx: Context) -> list[dict[str, Any]]:
         rel = VAL_MARGIN_REL if sign > 0 else SUITE_DROP_REL
         floor = VAL_MARGIN_ABS if metric == "val_loss" else SUITE_DROP_ABS
         series = [(e["step"], e[metric]) for e in ctx.evals if finite(e.get(metric)) and e["step"] <= end]
-        bad = [(sign * (v1 - v0), s0, v0, s1, v1) for (s0, v0), (s1, v1) in zip(series, series[1:])
-               if sign * (v1 - v0) > max(floor, rel * abs(v0))]
+        bad = [
+            (sign * (v1 - v0), s0, v0, s1, v1)
+            for (s0, v0), (s1, v1) in zip(series, series[1:])
+            if sign * (v1 - v0) > max(floor, rel * abs(v0))
+        ]
         if not bad:
             continue
         _, s0, v0, s1, v1 = max(bad)
         evidence = {"metric": metric, "before": v0, "after": v1, "before_step": s0, "after_step": s1}
         if metric != "val_loss":
-            out.append(finding("eval_regression", "info", (s0, s1), evidence,
-                               f"{metric} {'rose' if sign > 0 else 'fell'} from {v0:.4g} (step {s0}) to {v1:.4g} "
-                               f"(step {s1})"))
+            out.append(
+                finding(
+                    "eval_regression",
+                    "info",
+                    (s0, s1),
+                    evidence,
+                    f"{metric} {'rose' if sign > 0 else 'fell'} from {v0:.4g} (step {s0}) to {v1:.4g} (step {s1})",
+                )
+            )
             continue
         lr, how = ctx.lower_lr(s1)
-        out.append(finding("eval_regression", "warning", (s0, s1), evidence,
-                           f"validation loss rose from {v0:.3f} (step {s0}) to {v1:.3f} (step {s1})",
-                           ctx.fork_remedy("eval_regression", s0, [f"optim.lr={lr}"], "retrains from the better "
-                                           f"evaluation's checkpoint with peak optim.lr = {lr} ({how})")))
+        out.append(
+            finding(
+                "eval_regression",
+                "warning",
+                (s0, s1),
+                evidence,
+                f"validation loss rose from {v0:.3f} (step {s0}) to {v1:.3f} (step {s1})",
+                ctx.fork_remedy(
+                    "eval_regression",
+                    s0,
+                    [f"optim.lr={lr}"],
+                    f"retrains from the better evaluation's checkpoint with peak optim.lr = {lr} ({how})",
+                ),
+            )
+        )
     return out
 
 
@@ -354,8 +466,14 @@ def _interval_times(ctx: Context) -> list[tuple[int, int, float]]:
     out = []
     for prev, r in zip(ctx.metrics, ctx.metrics[1:]):
         k = r["step"] - prev["step"]
-        if finite(r.get("tokens_per_s")) and r["tokens_per_s"] > 0 and num(r.get("tokens")) is not None and \
-                num(prev.get("tokens")) is not None and k > 0 and r["tokens"] > prev["tokens"]:
+        if (
+            finite(r.get("tokens_per_s"))
+            and r["tokens_per_s"] > 0
+            and num(r.get("tokens")) is not None
+            and num(prev.get("tokens")) is not None
+            and k > 0
+            and r["tokens"] > prev["tokens"]
+        ):
             out.append((r["step"], k, (r["tokens"] - prev["tokens"]) / k / r["tokens_per_s"]))
     return out
 
@@ -392,8 +510,13 @@ def slow_steps(ctx: Context) -> list[dict[str, Any]]:
                 hits.append(((value - med) * k, p))
         if hits:
             excess, p = max(hits)
-            item = {"step": step, "seconds": t * k, "excess_s": excess, "data_s": (rec.get(p) or 0.0) * k,
-                    "phase": p.removeprefix("step_time/").removesuffix("_s")}
+            item = {
+                "step": step,
+                "seconds": t * k,
+                "excess_s": excess,
+                "data_s": (rec.get(p) or 0.0) * k,
+                "phase": p.removeprefix("step_time/").removesuffix("_s"),
+            }
             found["loader_stall" if p == "step_time/data_s" else "slow_steps"].append(item)
     out = []
     total = sum(t * k for _, k, t in times)
@@ -401,8 +524,14 @@ def slow_steps(ctx: Context) -> list[dict[str, Any]]:
         if not items:
             continue
         steps, lost = [i["step"] for i in items], sum(i["excess_s"] for i in items)
-        evidence = {"count": len(items), "at_steps": steps[:20], "seconds": [i["seconds"] for i in items][:20],
-                    "median_step_s": typical, "lost_s": lost, "share_of_time": lost / total if total else 0.0}
+        evidence = {
+            "count": len(items),
+            "at_steps": steps[:20],
+            "seconds": [i["seconds"] for i in items][:20],
+            "median_step_s": typical,
+            "lost_s": lost,
+            "share_of_time": lost / total if total else 0.0,
+        }
         phases = sorted({i["phase"] for i in items} - {"total"})
         if kind == "loader_stall":
             evidence["data_s"] = [i["data_s"] for i in items][:20]
@@ -413,8 +542,15 @@ def slow_steps(ctx: Context) -> list[dict[str, Any]]:
             if phases:
                 evidence["phases"] = phases
         severity = "warning" if len(items) > 3 and evidence["share_of_time"] >= SLOW_SHARE else "info"
-        out.append(finding(kind, severity, (steps[0], steps[-1]), evidence,
-                           f"{len(items)} {text} ({typical * 1000:.3g} ms a step): {lost:.1f}s lost{hint}"))
+        out.append(
+            finding(
+                kind,
+                severity,
+                (steps[0], steps[-1]),
+                evidence,
+                f"{len(items)} {text} ({typical * 1000:.3g} ms a step): {lost:.1f}s lost{hint}",
+            )
+        )
     return out
 
 
@@ -424,22 +560,34 @@ RANK_KEY = re.compile(r"^step_time/rank(\d+)_busy_s$")
 @rule
 def slow_rank(ctx: Context) -> list[dict[str, Any]]:
     """step_time's per-rank busy time: one rank consistently far above the others."""
-    rows = [busy for r in ctx.metrics
-            if len(busy := {int(m.group(1)): r[k] for k in r if (m := RANK_KEY.match(k)) and finite(r[k])}) >= 2]
+    rows = [
+        busy
+        for r in ctx.metrics
+        if len(busy := {int(m.group(1)): r[k] for k in r if (m := RANK_KEY.match(k)) and finite(r[k])}) >= 2
+    ]
     steps = [r["step"] for r in ctx.metrics if any(RANK_KEY.match(k) for k in r)]
     out = []
     for rank in sorted({rank for b in rows for rank in b}):
-        ratios = [b[rank] / median(others) for b in rows if rank in b
-                  and (others := [v for k, v in b.items() if k != rank]) and median(others) > 0]
+        ratios = [
+            b[rank] / median(others)
+            for b in rows
+            if rank in b and (others := [v for k, v in b.items() if k != rank]) and median(others) > 0
+        ]
         share = sum(1 for x in ratios if x >= SLOW_RANK_RATIO) / len(ratios) if ratios else 0.0
         if len(ratios) < 5 or share < SLOW_RANK_SHARE or median(ratios) < SLOW_RANK_RATIO:
             continue
         per_rank = {f"rank{k}_busy_s": median([b[k] for b in rows if k in b]) for k in sorted({*rows[0]})}
-        out.append(finding("slow_rank", "warning", (steps[0], steps[-1]),
-                           {"rank": rank, "ratio_to_others": median(ratios), "share_of_records": share, **per_rank},
-                           f"rank {rank} is busy {median(ratios):.2f}x as long as the other ranks in "
-                           f"{100 * share:.0f}% of the steps: every rank waits for it (check its GPU, node and "
-                           "data path)"))
+        out.append(
+            finding(
+                "slow_rank",
+                "warning",
+                (steps[0], steps[-1]),
+                {"rank": rank, "ratio_to_others": median(ratios), "share_of_records": share, **per_rank},
+                f"rank {rank} is busy {median(ratios):.2f}x as long as the other ranks in "
+                f"{100 * share:.0f}% of the steps: every rank waits for it (check its GPU, node and "
+                "data path)",
+            )
+        )
     return out
 
 
@@ -469,17 +617,37 @@ def hang(ctx: Context) -> list[dict[str, Any]]:
     if not ranks:
         return []
     step = max([ctx.status.get("step") or 0] + [r["step"] for r in ctx.metrics[-1:]])
-    evidence: dict[str, Any] = {"ranks": ranks, "last_step": step, "state": ctx.status.get("state"),
-                                **({"waited_s": max(waited)} if waited else {}),
-                                **({"stuck_in": sorted(set(frames))[:4]} if frames else {})}
+    evidence: dict[str, Any] = {
+        "ranks": ranks,
+        "last_step": step,
+        "state": ctx.status.get("state"),
+        **({"waited_s": max(waited)} if waited else {}),
+        **({"stuck_in": sorted(set(frames))[:4]} if frames else {}),
+    }
     who = f"rank(s) {', '.join(map(str, ranks))}" + (f" hung in {evidence['stuck_in'][0]}" if frames else " hung")
     if ctx.status.get("state") == "finished":
-        return [finding("hang", "info", (step, step), evidence,
-                        f"{who} once (stacks in hang-rank*.txt); the run was resumed and finished")]
-    return [finding("hang", "critical", (step, step + 1), evidence,
-                    f"{who} after step {step}; the watchdog dumped their stacks (hang-rank*.txt) and ended the run",
-                    ctx.resume_remedy("an infrastructure fault, not the model: resume from the last valid checkpoint "
-                                      "(exactly as if it had not stopped)"))]
+        return [
+            finding(
+                "hang",
+                "info",
+                (step, step),
+                evidence,
+                f"{who} once (stacks in hang-rank*.txt); the run was resumed and finished",
+            )
+        ]
+    return [
+        finding(
+            "hang",
+            "critical",
+            (step, step + 1),
+            evidence,
+            f"{who} after step {step}; the watchdog dumped their stacks (hang-rank*.txt) and ended the run",
+            ctx.resume_remedy(
+                "an infrastructure fault, not the model: resume from the last valid checkpoint "
+                "(exactly as if it had not stopped)"
+            ),
+        )
+    ]
 
 
 @rule
@@ -493,13 +661,23 @@ def corrupt_checkpoint(ctx: Context) -> list[dict[str, Any]]:
         if all(ctx.problem(p) is not None for p in paths[i:]) and ctx.status.get("state") != "finished":
             remedy = ctx.resume_remedy(f"resuming skips the damaged checkpoint and continues from {before or 'step 0'}")
         else:
-            remedy = ctx.fork_remedy("corrupt_checkpoint", step - 1, [], "a fork with no change repeats its parent's "
-                                     f"steps bit for bit, recreating step {step}'s checkpoint")
-        out.append(finding("corrupt_checkpoint", "critical", (step, step),
-                           {"checkpoint": path.name, "problem": problem, "previous_valid": before},
-                           f"checkpoint {path.name} does not verify ({problem}); "
-                           + (f"{before} is the newest valid one before it" if before else
-                              "no valid checkpoint precedes it"), remedy))
+            remedy = ctx.fork_remedy(
+                "corrupt_checkpoint",
+                step - 1,
+                [],
+                f"a fork with no change repeats its parent's steps bit for bit, recreating step {step}'s checkpoint",
+            )
+        out.append(
+            finding(
+                "corrupt_checkpoint",
+                "critical",
+                (step, step),
+                {"checkpoint": path.name, "problem": problem, "previous_valid": before},
+                f"checkpoint {path.name} does not verify ({problem}); "
+                + (f"{before} is the newest valid one before it" if before else "no valid checkpoint precedes it"),
+                remedy,
+            )
+        )
     return out
 
 
@@ -509,8 +687,11 @@ def dataset_folder(ctx: Context) -> Path | None:
     if ctx.cfg is None:
         return None
     raw = Path(ctx.cfg.data.cache_dir).expanduser()
-    caches = [c for c in ([raw] if raw.is_absolute() else [raw, ctx.run.path.parent / raw,
-                                                           ctx.run.path.parent.parent / raw]) if c.is_dir()]
+    caches = [
+        c
+        for c in ([raw] if raw.is_absolute() else [raw, ctx.run.path.parent / raw, ctx.run.path.parent.parent / raw])
+        if c.is_dir()
+    ]
     keys: set[str] = set()
     for path in ctx.checkpoints():
         try:
@@ -554,16 +735,25 @@ def tokenizer_mismatch(ctx: Context) -> list[dict[str, Any]]:
     try:
         if load_tokenizer(folder / "tokenizer.json").sha256 == expected:
             argv = ["cp", str(folder / "tokenizer.json"), str(ctx.run.tokenizer_path)]
-            remedy = {"command": shlex.join(argv), "argv": argv, "kiln": False,
-                      "why": "puts back the tokenizer the shards (and so the model) were made with"}
+            remedy = {
+                "command": shlex.join(argv),
+                "argv": argv,
+                "kiln": False,
+                "why": "puts back the tokenizer the shards (and so the model) were made with",
+            }
     except Exception:  # the dataset's own tokenizer is unreadable too: report without a remedy
         remedy = None
-    return [finding("tokenizer_mismatch", "critical", (0, ctx.metrics[-1]["step"] if ctx.metrics else 0),
-                    {"run_tokenizer_sha256": actual[:16], "dataset_tokenizer_sha256": expected[:16],
-                     "dataset": str(folder)},
-                    f"{ctx.run.tokenizer_path.name} is not the tokenizer of the run's prepared data ({folder.name}): "
-                    "token ids mean other tokens, so sampling, evaluation and resuming read the model wrongly",
-                    remedy)]
+    return [
+        finding(
+            "tokenizer_mismatch",
+            "critical",
+            (0, ctx.metrics[-1]["step"] if ctx.metrics else 0),
+            {"run_tokenizer_sha256": actual[:16], "dataset_tokenizer_sha256": expected[:16], "dataset": str(folder)},
+            f"{ctx.run.tokenizer_path.name} is not the tokenizer of the run's prepared data ({folder.name}): "
+            "token ids mean other tokens, so sampling, evaluation and resuming read the model wrongly",
+            remedy,
+        )
+    ]
 
 
 @rule
@@ -574,21 +764,45 @@ def run_state(ctx: Context) -> list[dict[str, Any]]:
     reason = f" ({status['reason']})" if status.get("reason") else ""
     if not any(ctx.run.path.glob("hang-rank*.txt")):
         if status.get("state") == "failed":
-            out.append(finding("run_failed", "critical", (step, step), {"reason": status.get("reason")},
-                               f"the run failed at step {step}{reason}",
-                               ctx.resume_remedy("once the cause is fixed, resume from the last valid checkpoint")))
+            out.append(
+                finding(
+                    "run_failed",
+                    "critical",
+                    (step, step),
+                    {"reason": status.get("reason")},
+                    f"the run failed at step {step}{reason}",
+                    ctx.resume_remedy("once the cause is fixed, resume from the last valid checkpoint"),
+                )
+            )
         elif status.get("state") == "interrupted":
-            out.append(finding("interrupted", "info", (step, step), {"reason": status.get("reason")},
-                               f"the run stopped at step {step} without finishing{reason}",
-                               ctx.resume_remedy("continues from the last valid checkpoint")))
-    for kind, severity, what in (("checkpoint_failed", "warning", "failed checkpoint write"),
-                                 ("invariant", "critical", "broken runtime invariant")):
+            out.append(
+                finding(
+                    "interrupted",
+                    "info",
+                    (step, step),
+                    {"reason": status.get("reason")},
+                    f"the run stopped at step {step} without finishing{reason}",
+                    ctx.resume_remedy("continues from the last valid checkpoint"),
+                )
+            )
+    for kind, severity, what in (
+        ("checkpoint_failed", "warning", "failed checkpoint write"),
+        ("invariant", "critical", "broken runtime invariant"),
+    ):
         events = [e for e in ctx.events if e.get("kind") == kind]
         if events:
             e = events[-1]
             detail = e.get("error") or e.get("message") or e.get("reason") or e.get("check") or ""
-            out.append(finding(kind, severity, (events[0].get("step", 0), e.get("step", 0)),
-                               {"count": len(events), **{k: v for k, v in e.items() if k != "kind"
-                                                         and isinstance(v, (int, float, str))}},
-                               f"{len(events)} {what}(s), the last at step {e.get('step')}: {detail}"))
+            out.append(
+                finding(
+                    kind,
+                    severity,
+                    (events[0].get("step", 0), e.get("step", 0)),
+                    {
+                        "count": len(events),
+                        **{k: v for k, v in e.items() if k != "kind" and isinstance(v, (int, float, str))},
+                    },
+                    f"{len(events)} {what}(s), the last at step {e.get('step')}: {detail}",
+                )
+            )
     return out

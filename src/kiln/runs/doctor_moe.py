@@ -17,7 +17,7 @@ from typing import Any
 from kiln.runs.doctor_rules import Context, finding, finite, rule
 
 LOAD_KEY = re.compile(r"^moe/(.+)/load_max_mean$")
-COLLAPSE_SHARE = 0.5     # the busiest expert at >= 50% of its possible excess ...
+COLLAPSE_SHARE = 0.5  # the busiest expert at >= 50% of its possible excess ...
 COLLAPSE_MIN_RATIO = 2.0  # ... and at least twice the mean load
 MIN_RECORDS = 8
 
@@ -35,7 +35,7 @@ def router_collapse(ctx: Context) -> list[dict[str, Any]]:
         pts = [(r["step"], float(r[key])) for r in ctx.metrics if r["step"] > ctx.warmup and finite(r.get(key))]
         if len(pts) < MIN_RECORDS:
             continue
-        tail = pts[-max(MIN_RECORDS // 2, len(pts) // 4):]
+        tail = pts[-max(MIN_RECORDS // 2, len(pts) // 4) :]
         level = median(v for _, v in tail)
         if level < threshold:
             continue
@@ -47,13 +47,30 @@ def router_collapse(ctx: Context) -> list[dict[str, Any]]:
         sets = [f"model.moe_bias_rate={max(1e-3, 2 * m.moe_bias_rate):g}"]
         if m.moe_aux_loss == 0:
             sets.append("model.moe_aux_loss=0.01")
-        why = (f"balances the experts again: {sets[0].split('=')[0]} = {sets[0].split('=')[1]}"
-               + (", plus a Switch auxiliary loss of 0.01" if len(sets) > 1 else ""))
-        evidence = {"layer": layer, "load_max_mean": level, "threshold": threshold, "experts": m.moe_experts,
-                    "top_k": m.moe_top_k, "since_step": onset}
-        summary = (f"{layer}: the router collapsed — its busiest expert gets {level:.2f}x the mean load "
-                   f"(at most {m.moe_experts / m.moe_top_k:g}x with {m.moe_experts} experts, top-{m.moe_top_k}) "
-                   f"since step {onset}")
-        out.append(finding("router_collapse", "warning", (onset, pts[-1][0]), evidence, summary,
-                           ctx.fork_remedy("router_collapse", onset, sets, why)))
+        why = f"balances the experts again: {sets[0].split('=')[0]} = {sets[0].split('=')[1]}" + (
+            ", plus a Switch auxiliary loss of 0.01" if len(sets) > 1 else ""
+        )
+        evidence = {
+            "layer": layer,
+            "load_max_mean": level,
+            "threshold": threshold,
+            "experts": m.moe_experts,
+            "top_k": m.moe_top_k,
+            "since_step": onset,
+        }
+        summary = (
+            f"{layer}: the router collapsed — its busiest expert gets {level:.2f}x the mean load "
+            f"(at most {m.moe_experts / m.moe_top_k:g}x with {m.moe_experts} experts, top-{m.moe_top_k}) "
+            f"since step {onset}"
+        )
+        out.append(
+            finding(
+                "router_collapse",
+                "warning",
+                (onset, pts[-1][0]),
+                evidence,
+                summary,
+                ctx.fork_remedy("router_collapse", onset, sets, why),
+            )
+        )
     return out

@@ -27,31 +27,44 @@ from kiln.train import checkpoint as ckpt
 from kiln.train.guard import add_range, data_index
 
 # ----------------------------------------------------------------------------- thresholds
-SPIKE_WINDOW = 20           # trailing logged points that define the loss's recent level
-SPIKE_MIN_HISTORY = 8       # ... and how many are needed before judging (the first steps are never spikes)
-SPIKE_Z = 6.0               # a spike is > 6 robust standard deviations (1.4826 MAD) of log loss above the median
+SPIKE_WINDOW = 20  # trailing logged points that define the loss's recent level
+SPIKE_MIN_HISTORY = 8  # ... and how many are needed before judging (the first steps are never spikes)
+SPIKE_Z = 6.0  # a spike is > 6 robust standard deviations (1.4826 MAD) of log loss above the median
 SPIKE_MIN_JUMP = math.log(1.3)  # ... and at least 30% above it
-SPIKE_RECOVERY = 5          # it must come back (halfway) within this many logged points
-SPIKE_MARGIN = 2            # batches skipped on each side of a spike's batches (PaLM skipped a few hundred)
-SPIKE_CLUSTER = 5           # spikes this few steps apart are one incident
+SPIKE_RECOVERY = 5  # it must come back (halfway) within this many logged points
+SPIKE_MARGIN = 2  # batches skipped on each side of a spike's batches (PaLM skipped a few hundred)
+SPIKE_CLUSTER = 5  # spikes this few steps apart are one incident
 REPEATED_INTERVENTIONS = 3  # this many guard interventions mean instability, not bad luck
-DIVERGE_RATIO = 1.25        # divergence: the smoothed loss >= 1.25 x its best so far ...
-DIVERGE_MIN_GAP = 0.3       # ... and at least 0.3 nats above it, to the end (>= 3 logged points) ...
-EXCURSION_MIN = 8           # ... or for >= 8 logged points in a row (a spike lasts 1-3)
-GIVE_BACK = 0.25            # ... or it gave back this share of its progress from the first loss, plus
-GIVE_BACK_NOISE = 3.0       # this many deviations of the smoothed loss (a noisy loss has a low best),
+DIVERGE_RATIO = 1.25  # divergence: the smoothed loss >= 1.25 x its best so far ...
+DIVERGE_MIN_GAP = 0.3  # ... and at least 0.3 nats above it, to the end (>= 3 logged points) ...
+EXCURSION_MIN = 8  # ... or for >= 8 logged points in a row (a spike lasts 1-3)
+GIVE_BACK = 0.25  # ... or it gave back this share of its progress from the first loss, plus
+GIVE_BACK_NOISE = 3.0  # this many deviations of the smoothed loss (a noisy loss has a low best),
 GIVE_BACK_MIN_PROGRESS = 1.0  # once that progress is this many nats (near the unigram entropy a wrecked
-                            # model stays < 1.25x its best: bench/faults.py, lr_high at LR 6e-3)
-SANE_LR = 1e-2              # AdamW peak LRs above this are far outside what transformers train with
-TINY_LR = 1e-5              # a configured peak LR at or below this is too low for pretraining
-LR_CUT = 0.05               # logged LR below 5% of the schedule's: the LR was cut while running
-PLATEAU_DROP = 0.03         # plateau: the loss fell by less than 3% over the segment
-GRAD_GROWTH = 4.0           # grad_growth: the Theil-Sen trend multiplies the norm by >= 4 ...
+# model stays < 1.25x its best: bench/faults.py, lr_high at LR 6e-3)
+SANE_LR = 1e-2  # AdamW peak LRs above this are far outside what transformers train with
+TINY_LR = 1e-5  # a configured peak LR at or below this is too low for pretraining
+LR_CUT = 0.05  # logged LR below 5% of the schedule's: the LR was cut while running
+PLATEAU_DROP = 0.03  # plateau: the loss fell by less than 3% over the segment
+GRAD_GROWTH = 4.0  # grad_growth: the Theil-Sen trend multiplies the norm by >= 4 ...
 GRAD_GROWTH_QUARTERS = 3.0  # ... and the last quarter's median is >= 3 x the first quarter's
 
-FAULT_TRIGGERS = ("nonfinite_loss", "nonfinite_grad", "corrupt_batch", "lr_high", "lr_low", "repeat_batch",
-                  "entropy_collapse", "dead_units", "slow_steps", "slow_rank", "hang", "loader_stall",
-                  "corrupt_checkpoint", "tokenizer_mismatch")
+FAULT_TRIGGERS = (
+    "nonfinite_loss",
+    "nonfinite_grad",
+    "corrupt_batch",
+    "lr_high",
+    "lr_low",
+    "repeat_batch",
+    "entropy_collapse",
+    "dead_units",
+    "slow_steps",
+    "slow_rank",
+    "hang",
+    "loader_stall",
+    "corrupt_checkpoint",
+    "tokenizer_mismatch",
+)
 INTERVENTION_KINDS = ("nonfinite", "loss_spike", "persistent_spike", "grad_spike")
 
 
@@ -87,8 +100,9 @@ def theil_sen(xs: list[float], ys: list[float], max_points: int = 150) -> float:
     if len(xs) > max_points:
         idx = [round(i * (len(xs) - 1) / (max_points - 1)) for i in range(max_points)]
         xs, ys = [xs[i] for i in idx], [ys[i] for i in idx]
-    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs))
-              if xs[j] != xs[i]]
+    slopes = [
+        (ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]
+    ]
     return median(slopes) if slopes else 0.0
 
 
@@ -111,15 +125,26 @@ def ranges_of(indices: list[int], margin: int = 0) -> list[list[int]]:
     return out
 
 
-def finding(kind: str, severity: str, steps: tuple[int, int] | list[int], evidence: dict[str, Any], summary: str,
-            remedy: dict[str, Any] | None = None) -> dict[str, Any]:
+def finding(
+    kind: str,
+    severity: str,
+    steps: tuple[int, int] | list[int],
+    evidence: dict[str, Any],
+    summary: str,
+    remedy: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     evidence = dict(evidence)
     if remedy is not None and "error" in remedy:
         evidence["remedy_refused"] = remedy["error"]
         remedy = None
-    return {"kind": kind, "severity": severity, "steps": [int(steps[0]), int(steps[1])],
-            "evidence": {k: ([sig(x) for x in v] if isinstance(v, list) else sig(v)) for k, v in evidence.items()},
-            "summary": summary, "remedy": remedy}
+    return {
+        "kind": kind,
+        "severity": severity,
+        "steps": [int(steps[0]), int(steps[1])],
+        "evidence": {k: ([sig(x) for x in v] if isinstance(v, list) else sig(v)) for k, v in evidence.items()},
+        "summary": summary,
+        "remedy": remedy,
+    }
 
 
 # ----------------------------------------------------------------------------- what the run wrote
@@ -147,8 +172,11 @@ class Context:
 
     # ---------------------------------------------------------------- series
     def losses(self, finite_only: bool = True) -> list[tuple[int, float]]:
-        return [(r["step"], float(r["loss"])) for r in self.metrics
-                if num(r.get("loss")) is not None and (finite(r["loss"]) or not finite_only)]
+        return [
+            (r["step"], float(r["loss"]))
+            for r in self.metrics
+            if num(r.get("loss")) is not None and (finite(r["loss"]) or not finite_only)
+        ]
 
     def train_loss_near(self, step: int, points: int = 5) -> float | None:
         near = [v for s, v in self.losses() if s <= step][-points:]
@@ -239,10 +267,15 @@ class Context:
         faults = getattr(self.cfg, "faults", None)
         if faults is None or not dataclasses.is_dataclass(faults):
             return []
-        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                    for f in dataclasses.fields(faults)}
-        return [f"faults.{k}={toml_value(defaults[k])}" for k in FAULT_TRIGGERS
-                if k in defaults and getattr(faults, k) != defaults[k]]
+        defaults = {
+            f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(faults)
+        }
+        return [
+            f"faults.{k}={toml_value(defaults[k])}"
+            for k in FAULT_TRIGGERS
+            if k in defaults and getattr(faults, k) != defaults[k]
+        ]
 
     def fork_name(self, kind: str) -> str:
         base = f"{self.run.name}-{kind}"
@@ -251,8 +284,9 @@ class Context:
             name, n = f"{base}-{n}", n + 1
         return name
 
-    def fork_remedy(self, kind: str, max_step: int, sets: list[str], why: str,
-                    skip: list[list[int]] = ()) -> dict[str, Any]:
+    def fork_remedy(
+        self, kind: str, max_step: int, sets: list[str], why: str, skip: list[list[int]] = ()
+    ) -> dict[str, Any]:
         """`kiln fork RUN --step C --name RUN-kind --set ... --skip-batches A:B` from the newest
         valid checkpoint C <= max_step (from scratch when there is none), checked as `kiln fork`
         would check it before anything is written."""
@@ -281,8 +315,11 @@ class Context:
                 forking._refuse_changes(forking.changed_keys(self.run.config(), cfg))
         except KilnError as e:
             return {"error": str(e)}
-        where = (f"from checkpoint step {ckpt.checkpoint_step(point)}" if point is not None else
-                 "from scratch (no valid checkpoint before the trouble)")
+        where = (
+            f"from checkpoint step {ckpt.checkpoint_step(point)}"
+            if point is not None
+            else "from scratch (no valid checkpoint before the trouble)"
+        )
         if self.faults_off():
             why += "; the injected [faults] are switched off in the fork"
         return {"command": "kiln " + shlex.join(argv), "argv": argv, "why": f"{where}: {why}"}
@@ -316,15 +353,21 @@ def _divergence(ctx: Context) -> dict[str, Any] | None:
     stopped = ctx.status.get("state") == "stopped" or any(e.get("action") == "stop" for e in guard_events)
     if stopped and len(guard_events) >= REPEATED_INTERVENTIONS:
         first = min(e["step"] for e in guard_events)
-        return {"rise": first - 1, "onset": first, "last": max(e["step"] for e in guard_events), "via": "guard",
-                "interventions": len(guard_events), "reason": ctx.status.get("reason")}
+        return {
+            "rise": first - 1,
+            "onset": first,
+            "last": max(e["step"] for e in guard_events),
+            "via": "guard",
+            "interventions": len(guard_events),
+            "reason": ctx.status.get("reason"),
+        }
     points = ctx.losses(finite_only=False)
     if len(points) < 8:
         return None
     steps = [s for s, _ in points]
     vals = [v if math.isfinite(v) else math.inf for _, v in points]
     n = len(vals)
-    smooth = [median(vals[max(0, i - 2):i + 3]) for i in range(n)]  # a centred running median of 5
+    smooth = [median(vals[max(0, i - 2) : i + 3]) for i in range(n)]  # a centred running median of 5
     nan_tail = 0
     while nan_tail < n and not math.isfinite(vals[n - 1 - nan_tail]):
         nan_tail += 1
@@ -354,12 +397,22 @@ def _divergence(ctx: Context) -> dict[str, Any] | None:
     start = max(i, 1)
     before = [k for k in range(start) if math.isfinite(smooth[k])]
     b = min(before, key=lambda k: smooth[k]) if before else 0
-    tail = median(vals[-max(3, math.ceil(0.1 * n)):])
+    tail = median(vals[-max(3, math.ceil(0.1 * n)) :])
     peak = max((v for v in vals[i:j] if math.isfinite(v)), default=math.inf)
-    return {"rise": steps[start - 1], "onset": steps[start], "last": steps[j - 1], "via": "loss",
-            "best_loss": smooth[b], "best_step": steps[b], "peak_loss": peak, "final_loss": tail,
-            "recovered": j < n, "excursion_points": j - i, "nonfinite": nan_tail >= 2,
-            "nonfinite_from": steps[n - nan_tail] if nan_tail >= 2 else None}
+    return {
+        "rise": steps[start - 1],
+        "onset": steps[start],
+        "last": steps[j - 1],
+        "via": "loss",
+        "best_loss": smooth[b],
+        "best_step": steps[b],
+        "peak_loss": peak,
+        "final_loss": tail,
+        "recovered": j < n,
+        "excursion_points": j - i,
+        "nonfinite": nan_tail >= 2,
+        "nonfinite_from": steps[n - nan_tail] if nan_tail >= 2 else None,
+    }
 
 
 @rule
@@ -372,22 +425,39 @@ def divergence(ctx: Context) -> list[dict[str, Any]]:
     more = {"effective_peak_lr": ctx.effective_peak(d["onset"]), "optim_lr": ctx.cfg.optim.lr if ctx.cfg else None}
     evidence = {k: v for k, v in {**d, **more}.items() if k != "via" and v is not None}
     if d["via"] == "guard":
-        summary = (f"the guard intervened {d['interventions']} times from step {d['onset']} and stopped the run: "
-                   "the loss would not stay down")
+        summary = (
+            f"the guard intervened {d['interventions']} times from step {d['onset']} and stopped the run: "
+            "the loss would not stay down"
+        )
     elif d["nonfinite"] and not d["recovered"]:
-        summary = (f"the loss became non-finite at step {d['nonfinite_from']} and stayed so "
-                   f"(best {d['best_loss']:.3f} at step {d['best_step']})")
+        summary = (
+            f"the loss became non-finite at step {d['nonfinite_from']} and stayed so "
+            f"(best {d['best_loss']:.3f} at step {d['best_step']})"
+        )
     elif d["recovered"]:
-        summary = (f"the loss rose from its best {d['best_loss']:.3f} (step {d['best_step']}) after step {d['rise']} "
-                   f"to {d['peak_loss']:.3g} and stayed far above it until step {d['last']} (ends at "
-                   f"~{d['final_loss']:.3f})")
+        summary = (
+            f"the loss rose from its best {d['best_loss']:.3f} (step {d['best_step']}) after step {d['rise']} "
+            f"to {d['peak_loss']:.3g} and stayed far above it until step {d['last']} (ends at "
+            f"~{d['final_loss']:.3f})"
+        )
     else:
-        summary = (f"the loss rose from its best {d['best_loss']:.3f} (step {d['best_step']}) after step {d['rise']} "
-                   f"and stayed at ~{d['final_loss']:.3f}")
-    why = f"retrains from before the rise with peak optim.lr = {lr} ({how})" + \
-        (" and PaLM's z-loss against output-logit drift" if len(sets) > 1 else "")
-    return [finding("divergence", "critical", (d["onset"], d["last"]), evidence, summary,
-                    ctx.fork_remedy("divergence", d["rise"] - 1, sets, why))]
+        summary = (
+            f"the loss rose from its best {d['best_loss']:.3f} (step {d['best_step']}) after step {d['rise']} "
+            f"and stayed at ~{d['final_loss']:.3f}"
+        )
+    why = f"retrains from before the rise with peak optim.lr = {lr} ({how})" + (
+        " and PaLM's z-loss against output-logit drift" if len(sets) > 1 else ""
+    )
+    return [
+        finding(
+            "divergence",
+            "critical",
+            (d["onset"], d["last"]),
+            evidence,
+            summary,
+            ctx.fork_remedy("divergence", d["rise"] - 1, sets, why),
+        )
+    ]
 
 
 # ----------------------------------------------------------------------------- non-finite values
@@ -413,14 +483,28 @@ def nonfinite(ctx: Context) -> list[dict[str, Any]]:
     severity = "warning" if handled else "critical"
     indices = [int(bad[s]["data_index"]) for s in steps]
     lr, how = ctx.lower_lr(steps[0])
-    evidence = {"count": len(steps), "at_steps": steps[:20], "data_indices": indices[:20],
-                "guard_actions": sorted({a or "none" for a in actions})}
+    evidence = {
+        "count": len(steps),
+        "at_steps": steps[:20],
+        "data_indices": indices[:20],
+        "guard_actions": sorted({a or "none" for a in actions}),
+    }
     what = "the guard discarded the update" if handled else "the update was not discarded"
-    summary = (f"non-finite loss or gradient at {len(steps)} step(s) ({', '.join(map(str, steps[:5]))}"
-               f"{', ...' if len(steps) > 5 else ''}); {what}")
+    summary = (
+        f"non-finite loss or gradient at {len(steps)} step(s) ({', '.join(map(str, steps[:5]))}"
+        f"{', ...' if len(steps) > 5 else ''}); {what}"
+    )
     why = f"retrains from before step {steps[0]} with peak optim.lr = {lr} ({how}), never training on the batches"
-    return [finding("nonfinite", severity, (steps[0], steps[-1]), evidence, summary,
-                    ctx.fork_remedy("nonfinite", steps[0] - 1, [f"optim.lr={lr}"], why, ranges_of(indices)))]
+    return [
+        finding(
+            "nonfinite",
+            severity,
+            (steps[0], steps[-1]),
+            evidence,
+            summary,
+            ctx.fork_remedy("nonfinite", steps[0] - 1, [f"optim.lr={lr}"], why, ranges_of(indices)),
+        )
+    ]
 
 
 # ----------------------------------------------------------------------------- spikes
@@ -436,7 +520,7 @@ def metric_spikes(points: list[tuple[int, float]]) -> list[tuple[int, float, flo
             med = median(window)
             jump = x - med
             if jump >= SPIKE_MIN_JUMP and jump >= SPIKE_Z * 1.4826 * mad(window, med):
-                later = logs[i + 1:i + 1 + SPIKE_RECOVERY]
+                later = logs[i + 1 : i + 1 + SPIKE_RECOVERY]
                 if len(later) < 2 or any(v <= med + 0.5 * jump for v in later):
                     out.append((step, loss, math.exp(med)))
                     continue
@@ -455,15 +539,32 @@ def spikes(ctx: Context) -> list[dict[str, Any]]:
     incidents: list[dict[str, Any]] = []
     for e in ctx.events:
         kind = {"loss_spike": "loss_spike", "persistent_spike": "loss_spike", "grad_spike": "grad_spike"}.get(
-            e.get("kind"))
+            e.get("kind")
+        )
         if kind and isinstance(e.get("step"), int) and e["step"] < end:
-            incidents.append({"step": e["step"], "kind": kind, "data_index": e.get("data_index"),
-                              "action": e.get("action"), "loss": e.get("loss"), "grad_norm": e.get("grad_norm")})
+            incidents.append(
+                {
+                    "step": e["step"],
+                    "kind": kind,
+                    "data_index": e.get("data_index"),
+                    "action": e.get("action"),
+                    "loss": e.get("loss"),
+                    "grad_norm": e.get("grad_norm"),
+                }
+            )
     seen = {i["step"] for i in incidents if i["kind"] == "loss_spike"}
     for step, loss, level in metric_spikes(ctx.losses()):
         if step < end and not any(abs(step - s) <= 1 for s in seen):
-            incidents.append({"step": step, "kind": "loss_spike", "data_index": ctx.batch_of(step), "action": None,
-                              "loss": loss, "level": level})
+            incidents.append(
+                {
+                    "step": step,
+                    "kind": "loss_spike",
+                    "data_index": ctx.batch_of(step),
+                    "action": None,
+                    "loss": loss,
+                    "level": level,
+                }
+            )
         elif step < end:
             for i in incidents:
                 if i["kind"] == "loss_spike" and abs(step - i["step"]) <= 1:
@@ -489,8 +590,12 @@ def spikes(ctx: Context) -> list[dict[str, Any]]:
         at = f"step {first}" + (f"..{last}" if last != first else "")
         indices = [int(i["data_index"]) for i in c if i.get("data_index") is not None]
         actions = sorted({i["action"] or "none" for i in c})
-        evidence: dict[str, Any] = {"count": len(c), "at_steps": [i["step"] for i in c][:20],
-                                    "data_indices": indices[:20], "guard_actions": actions}
+        evidence: dict[str, Any] = {
+            "count": len(c),
+            "at_steps": [i["step"] for i in c][:20],
+            "data_indices": indices[:20],
+            "guard_actions": actions,
+        }
         peak = max(c, key=lambda i: num(i.get("loss" if kind == "loss_spike" else "grad_norm")) or 0.0)
         for key in ("loss", "grad_norm"):
             if finite(peak.get(key)):
@@ -499,30 +604,74 @@ def spikes(ctx: Context) -> list[dict[str, Any]]:
             evidence["recent_level"] = peak["level"]
             evidence["jump"] = peak["loss"] / peak["level"]
         if kind == "grad_spike":
-            out.append(finding(kind, "info", (first, last), evidence,
-                               f"gradient-norm spike at {at} (clipped; guard: {'/'.join(actions)})"))
+            out.append(
+                finding(
+                    kind,
+                    "info",
+                    (first, last),
+                    evidence,
+                    f"gradient-norm spike at {at} (clipped; guard: {'/'.join(actions)})",
+                )
+            )
             continue
         skip = ranges_of(indices, SPIKE_MARGIN)
         if c is merged:
             lr, how = ctx.lower_lr(first)
-            out.append(finding(kind, "warning", (first, last), evidence,
-                               f"the guard handled {len(c)} loss spikes between steps {first} and {last}: the run "
-                               "is unstable at this learning rate",
-                               ctx.fork_remedy(kind, first - 1, [f"optim.lr={lr}"],
-                                               f"retrains from before the first spike with peak optim.lr = {lr} "
-                                               f"({how}), skipping the spikes' batches", skip)))
+            out.append(
+                finding(
+                    kind,
+                    "warning",
+                    (first, last),
+                    evidence,
+                    f"the guard handled {len(c)} loss spikes between steps {first} and {last}: the run "
+                    "is unstable at this learning rate",
+                    ctx.fork_remedy(
+                        kind,
+                        first - 1,
+                        [f"optim.lr={lr}"],
+                        f"retrains from before the first spike with peak optim.lr = {lr} "
+                        f"({how}), skipping the spikes' batches",
+                        skip,
+                    ),
+                )
+            )
         elif rolled(c):
-            out.append(finding(kind, "info", (first, last), evidence,
-                               f"loss spike at {at}; the guard rolled back and skipped its batches, nothing to do"))
+            out.append(
+                finding(
+                    kind,
+                    "info",
+                    (first, last),
+                    evidence,
+                    f"loss spike at {at}; the guard rolled back and skipped its batches, nothing to do",
+                )
+            )
         else:
             level = f" ({peak['loss']:.3f} vs a recent {peak['level']:.3f})" if peak.get("level") else ""
             stop = "stop" in actions
-            what = ("the guard discarded the update" if set(actions) <= {"skip", "rollback"} else
-                    "the guard stopped the run" if stop else "it was trained on")
-            out.append(finding(kind, "critical" if stop else "warning", (first, last), evidence,
-                               f"loss spike at {at}{level}; {what}", ctx.fork_remedy(
-                                   kind, first - 1, [], "PaLM's remedy: retrains from the checkpoint before the spike "
-                                   f"without the data batches around it ({SPIKE_MARGIN} either side)", skip)))
+            what = (
+                "the guard discarded the update"
+                if set(actions) <= {"skip", "rollback"}
+                else "the guard stopped the run"
+                if stop
+                else "it was trained on"
+            )
+            out.append(
+                finding(
+                    kind,
+                    "critical" if stop else "warning",
+                    (first, last),
+                    evidence,
+                    f"loss spike at {at}{level}; {what}",
+                    ctx.fork_remedy(
+                        kind,
+                        first - 1,
+                        [],
+                        "PaLM's remedy: retrains from the checkpoint before the spike "
+                        f"without the data batches around it ({SPIKE_MARGIN} either side)",
+                        skip,
+                    ),
+                )
+            )
     return out
 
 
@@ -532,8 +681,11 @@ def plateau(ctx: Context) -> list[dict[str, Any]]:
     if ctx.cfg is None:
         return []
     cfg_lr = ctx.cfg.optim.lr
-    points = [(r["step"], r["loss"], r["lr"]) for r in ctx.metrics
-              if r["step"] > ctx.warmup and finite(r.get("loss")) and finite(r.get("lr"))]
+    points = [
+        (r["step"], r["loss"], r["lr"])
+        for r in ctx.metrics
+        if r["step"] > ctx.warmup and finite(r.get("loss")) and finite(r.get("lr"))
+    ]
     if len(points) < 10:
         return []
 
@@ -560,15 +712,31 @@ def plateau(ctx: Context) -> list[dict[str, Any]]:
         new, how = cfg_lr, f"the configured optim.lr; it ran at {eff:.2g}"
     else:
         new, how = float(fmt_lr(10 * eff)), f"x10 of {eff:.2g}"
-    evidence = {"loss_drop": drop, "loss_start": early, "loss_end": late, "lr": lr_median, "optim_lr": cfg_lr,
-                "effective_peak_lr": eff}
+    evidence = {
+        "loss_drop": drop,
+        "loss_start": early,
+        "loss_end": late,
+        "lr": lr_median,
+        "optim_lr": cfg_lr,
+        "effective_peak_lr": eff,
+    }
     if len(evals) >= 2:
         evidence["val_loss_drop"] = (evals[0] - evals[-1]) / evals[0]
-    summary = (f"the loss fell by {max(drop, 0.0):.1%} over steps {first}-{last} with the LR at ~{lr_median:.2g} "
-               f"(peak {eff:.2g}): the learning rate is too low")
+    summary = (
+        f"the loss fell by {max(drop, 0.0):.1%} over steps {first}-{last} with the LR at ~{lr_median:.2g} "
+        f"(peak {eff:.2g}): the learning rate is too low"
+    )
     why = f"retrains the stalled steps with peak optim.lr = {new} ({how})"
-    return [finding("plateau", "warning", (first, last), evidence, summary,
-                    ctx.fork_remedy("plateau", first, [f"optim.lr={new}"], why))]
+    return [
+        finding(
+            "plateau",
+            "warning",
+            (first, last),
+            evidence,
+            summary,
+            ctx.fork_remedy("plateau", first, [f"optim.lr={new}"], why),
+        )
+    ]
 
 
 # ----------------------------------------------------------------------------- gradient growth
@@ -576,8 +744,11 @@ def plateau(ctx: Context) -> list[dict[str, Any]]:
 def grad_growth(ctx: Context) -> list[dict[str, Any]]:
     if divergence_analysis(ctx):
         return []  # the divergence explains it
-    pts = [(r["step"], math.log(r["grad_norm"])) for r in ctx.metrics
-           if r["step"] > ctx.warmup and finite(r.get("grad_norm")) and r["grad_norm"] > 0]
+    pts = [
+        (r["step"], math.log(r["grad_norm"]))
+        for r in ctx.metrics
+        if r["step"] > ctx.warmup and finite(r.get("grad_norm")) and r["grad_norm"] > 0
+    ]
     if len(pts) < 20:
         return []
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -589,10 +760,29 @@ def grad_growth(ctx: Context) -> list[dict[str, Any]]:
         return []
     onset = next((x for x, y in zip(xs, ys) if math.exp(y) >= 2 * early), xs[0])
     lr, how = ctx.lower_lr(onset)
-    evidence = {"trend_growth": growth, "slope_log_per_step": slope, "early_grad_norm": early,
-                "late_grad_norm": late, "doubled_at_step": onset}
-    summary = (f"the gradient norm grew ~{growth:.1f}x over steps {xs[0]}-{xs[-1]} (median {early:.3g} -> "
-               f"{late:.3g}): an early sign of instability")
-    return [finding("grad_growth", "warning", (xs[0], xs[-1]), evidence, summary,
-                    ctx.fork_remedy("grad_growth", onset, [f"optim.lr={lr}"],
-                                    f"retrains from before the norm doubled with peak optim.lr = {lr} ({how})"))]
+    evidence = {
+        "trend_growth": growth,
+        "slope_log_per_step": slope,
+        "early_grad_norm": early,
+        "late_grad_norm": late,
+        "doubled_at_step": onset,
+    }
+    summary = (
+        f"the gradient norm grew ~{growth:.1f}x over steps {xs[0]}-{xs[-1]} (median {early:.3g} -> "
+        f"{late:.3g}): an early sign of instability"
+    )
+    return [
+        finding(
+            "grad_growth",
+            "warning",
+            (xs[0], xs[-1]),
+            evidence,
+            summary,
+            ctx.fork_remedy(
+                "grad_growth",
+                onset,
+                [f"optim.lr={lr}"],
+                f"retrains from before the norm doubled with peak optim.lr = {lr} ({how})",
+            ),
+        )
+    ]

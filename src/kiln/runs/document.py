@@ -20,8 +20,14 @@ from kiln.runs.rundir import RunDir
 
 FIGSIZE, DPI = (7.0, 3.5), 100  # every figure of the report is 700 x 350 pixels
 DASH = "—"
-EVENT_COLORS = {"nonfinite": "red", "loss_spike": "orange", "grad_spike": "purple", "rollback": "black",
-                "time_budget": "grey", "checkpoint_failed": "brown"}
+EVENT_COLORS = {
+    "nonfinite": "red",
+    "loss_spike": "orange",
+    "grad_spike": "purple",
+    "rollback": "black",
+    "time_budget": "grey",
+    "checkpoint_failed": "brown",
+}
 EVAL_FIRST = ("val_loss", "val_ppl", "val_acc", "val_masked_acc", "majority_baseline")
 
 
@@ -53,6 +59,7 @@ def fmt(value: Any) -> str:
 
 # --------------------------------------------------------------------------- figures
 
+
 def _event_xs(run: RunDir, axis: str) -> list[tuple[float, dict[str, Any], bool]]:
     """(x, event, inherited) of the lineage's events: a parent's events before the fork point
     belong to this run's history too."""
@@ -61,8 +68,16 @@ def _event_xs(run: RunDir, axis: str) -> list[tuple[float, dict[str, Any], bool]
     return [(x, e, inherited) for x, (e, inherited) in zip(xs, events)]
 
 
-def _figure(run: RunDir, path: Path, title: str, ylabel: str, curves: list[tuple[str, str, str]],
-            events: bool = False, logy: bool = False, hline: tuple[float, str] | None = None) -> bool:
+def _figure(
+    run: RunDir,
+    path: Path,
+    title: str,
+    ylabel: str,
+    curves: list[tuple[str, str, str]],
+    events: bool = False,
+    logy: bool = False,
+    hline: tuple[float, str] | None = None,
+) -> bool:
     """One figure of `curves` [(source, key, label)] along the lineage; False (no file) without data."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
@@ -78,8 +93,15 @@ def _figure(run: RunDir, path: Path, title: str, ylabel: str, curves: list[tuple
             if previous is not None:  # joined at the fork point
                 xs, ys = [previous.xs[-1], *xs], [previous.ys[-1], *ys]
             style = dict(lw=0.9, ls="--", alpha=0.7) if seg.inherited else dict(lw=1.3)
-            ax.plot(xs, ys, color=colors[i % len(colors)], marker="o" if source == "evals" else None, ms=3,
-                    label=f"{label} ({seg.run}, inherited)" if seg.inherited else label, **style)
+            ax.plot(
+                xs,
+                ys,
+                color=colors[i % len(colors)],
+                marker="o" if source == "evals" else None,
+                ms=3,
+                label=f"{label} ({seg.run}, inherited)" if seg.inherited else label,
+                **style,
+            )
             plotted, previous = True, seg
     if not plotted:
         plt.close(fig)
@@ -89,8 +111,14 @@ def _figure(run: RunDir, path: Path, title: str, ylabel: str, curves: list[tuple
         labelled = set()
         for x, e, inherited in _event_xs(run, axis):
             kind = str(e.get("kind", "event"))
-            ax.axvline(x, color=EVENT_COLORS.get(kind, "grey"), ls=":", lw=1, alpha=0.6 if inherited else 1.0,
-                       label=None if kind in labelled else f"event: {kind}")
+            ax.axvline(
+                x,
+                color=EVENT_COLORS.get(kind, "grey"),
+                ls=":",
+                lw=1,
+                alpha=0.6 if inherited else 1.0,
+                label=None if kind in labelled else f"event: {kind}",
+            )
             labelled.add(kind)
     if hline is not None:
         ax.axhline(hline[0], ls="--", color="grey", lw=1, label=hline[1])
@@ -110,11 +138,23 @@ def _figure(run: RunDir, path: Path, title: str, ylabel: str, curves: list[tuple
 def make_figures(run: RunDir, out_dir: Path) -> list[tuple[str, Path]]:
     """(caption, path) of every figure the run has data for, written into out_dir."""
     specs = [
-        ("loss", "loss", "loss (nats/token)",
-         [("metrics", "loss", "train"), ("evals", "val_loss", "validation")], True, False),
+        (
+            "loss",
+            "loss",
+            "loss (nats/token)",
+            [("metrics", "loss", "train"), ("evals", "val_loss", "validation")],
+            True,
+            False,
+        ),
         ("lr", "learning rate", "lr", [("metrics", "lr", "lr")], False, False),
-        ("grad_norm", "gradient norm", "grad norm (before clipping)",
-         [("metrics", "grad_norm", "grad norm")], True, True),
+        (
+            "grad_norm",
+            "gradient norm",
+            "grad norm (before clipping)",
+            [("metrics", "grad_norm", "grad norm")],
+            True,
+            True,
+        ),
         ("throughput", "throughput", "tokens/s", [("metrics", "tokens_per_s", "tokens/s")], False, False),
     ]
     entropy = number((run.summary() or {}).get("unigram_entropy"))
@@ -133,6 +173,7 @@ def make_figures(run: RunDir, out_dir: Path) -> list[tuple[str, Path]]:
 
 
 # --------------------------------------------------------------------------- sections
+
 
 def _status_text(run: RunDir) -> str:
     status = run.status()
@@ -157,19 +198,48 @@ def lineage_section(run: RunDir) -> list[Block]:
         parent = lineage.get("parent") or {}
         at = "from scratch" if lineage.get("from_scratch") else fmt(parent.get("step"))
         sha = parent.get("checkpoint_sha256") or ""
-        rows.append([gen.name, fmt(parent.get("run")), at, fmt(parent.get("checkpoint")), sha[:12] or DASH,
-                     ", ".join(lineage.get("changes") or []) or DASH,
-                     ", ".join(f"{a}..{b}" for a, b in lineage.get("skip_batches") or []) or DASH,
-                     ", ".join(lineage.get("new_tensors") or []) or DASH, fmt(lineage.get("created"))])
+        rows.append(
+            [
+                gen.name,
+                fmt(parent.get("run")),
+                at,
+                fmt(parent.get("checkpoint")),
+                sha[:12] or DASH,
+                ", ".join(lineage.get("changes") or []) or DASH,
+                ", ".join(f"{a}..{b}" for a, b in lineage.get("skip_batches") or []) or DASH,
+                ", ".join(lineage.get("new_tensors") or []) or DASH,
+                fmt(lineage.get("created")),
+            ]
+        )
     blocks = [Block("h2", "Lineage")]
     if not rows:
         return blocks + [Block("p", "none: the run was started afresh")]
-    blocks.append(Block("table", columns=["run", "parent", "forked at step", "checkpoint", "sha256", "changes",
-                                          "skipped batches", "new tensors", "created"], rows=rows))
+    blocks.append(
+        Block(
+            "table",
+            columns=[
+                "run",
+                "parent",
+                "forked at step",
+                "checkpoint",
+                "sha256",
+                "changes",
+                "skipped batches",
+                "new tensors",
+                "created",
+            ],
+            rows=rows,
+        )
+    )
     parent = (run.lineage() or {}).get("parent") or {}
     if run.parent() is None:
-        blocks.append(Block("p", f"the parent run '{parent.get('run')}' was not found (next to this run, nor "
-                                 f"at {parent.get('path')}): its curves are left out"))
+        blocks.append(
+            Block(
+                "p",
+                f"the parent run '{parent.get('run')}' was not found (next to this run, nor "
+                f"at {parent.get('path')}): its curves are left out",
+            )
+        )
     return blocks
 
 
@@ -202,8 +272,10 @@ def evaluation_section(run: RunDir) -> list[Block]:
     evals = run.evals()
     if evals:
         cols = _eval_columns(evals)
-        blocks += [Block("p", "eval.jsonl (every evaluation during training):"),
-                   Block("table", columns=cols, rows=[[fmt(r.get(c)) for c in cols] for r in evals])]
+        blocks += [
+            Block("p", "eval.jsonl (every evaluation during training):"),
+            Block("table", columns=cols, rows=[[fmt(r.get(c)) for c in cols] for r in evals]),
+        ]
     else:
         blocks.append(Block("p", "no evaluations recorded"))
     reports = _suite_reports(run)
@@ -215,15 +287,25 @@ def evaluation_section(run: RunDir) -> list[Block]:
         rows_from = [r for r in reports if suite in (r.get("suites") or {})]
         for rep in rows_from:
             metrics.extend(k for k in rep["suites"][suite] if k not in metrics)
-        rows = [[fmt(rep.get("step")), *(fmt(rep["suites"][suite].get(k)) for k in metrics),
-                 fmt((rep.get("seconds") or {}).get(suite))] for rep in rows_from]
+        rows = [
+            [
+                fmt(rep.get("step")),
+                *(fmt(rep["suites"][suite].get(k)) for k in metrics),
+                fmt((rep.get("seconds") or {}).get(suite)),
+            ]
+            for rep in rows_from
+        ]
         blocks += [Block("h3", f"suite: {suite}"), Block("table", columns=["step", *metrics, "seconds"], rows=rows)]
-    skipped = [f"step {rep.get('step')}: {name}: {why}" for rep in reports
-               for name, why in (rep.get("skipped") or {}).items()]
+    skipped = [
+        f"step {rep.get('step')}: {name}: {why}" for rep in reports for name, why in (rep.get("skipped") or {}).items()
+    ]
     if skipped:
         blocks += [Block("p", "skipped suites:"), Block("list", items=skipped)]
-    artifacts = [f"step {rep.get('step')}: {name}: eval/{where}" for rep in reports
-                 for name, where in (rep.get("artifacts") or {}).items()]
+    artifacts = [
+        f"step {rep.get('step')}: {name}: eval/{where}"
+        for rep in reports
+        for name, where in (rep.get("artifacts") or {}).items()
+    ]
     if artifacts:
         blocks += [Block("p", "artifacts (in the run folder):"), Block("list", items=artifacts)]
     return blocks
@@ -237,8 +319,17 @@ def events_section(run: RunDir) -> list[Block]:
     rows = []
     for owner, e, inherited in events:
         rest = {k: v for k, v in e.items() if k not in ("step", "kind", "action", "loss", "grad_norm")}
-        rows.append([owner + (" (inherited)" if inherited else ""), fmt(e.get("step")), fmt(e.get("kind")),
-                     fmt(e.get("action")), fmt(e.get("loss")), fmt(e.get("grad_norm")), fmt(rest) if rest else ""])
+        rows.append(
+            [
+                owner + (" (inherited)" if inherited else ""),
+                fmt(e.get("step")),
+                fmt(e.get("kind")),
+                fmt(e.get("action")),
+                fmt(e.get("loss")),
+                fmt(e.get("grad_norm")),
+                fmt(rest) if rest else "",
+            ]
+        )
     columns = ["run", "step", "kind", "action", "loss", "grad norm", "details"]
     return blocks + [Block("table", columns=columns, rows=rows)]
 
@@ -267,8 +358,11 @@ def build_blocks(run: RunDir, figures: list[tuple[str, Path]]) -> list[Block]:
     if lineage:
         chain = " ← ".join([run.name] + [f"{a.name}@{s}" for a, s in reversed(run.ancestry())])
         parent = lineage.get("parent") or {}
-        facts.append(f"forked from {parent.get('run')} at step {parent.get('step')}"
-                     + (" (from scratch)" if lineage.get("from_scratch") else "") + f"; lineage: {chain}")
+        facts.append(
+            f"forked from {parent.get('run')} at step {parent.get('step')}"
+            + (" (from scratch)" if lineage.get("from_scratch") else "")
+            + f"; lineage: {chain}"
+        )
     if meta.get("created"):
         facts.append(f"created: {meta['created']}, kiln {meta.get('kiln_version', '?')}")
     blocks = [Block("list", items=facts), Block("h2", "Curves")]
@@ -282,6 +376,7 @@ def build_blocks(run: RunDir, figures: list[tuple[str, Path]]) -> list[Block]:
 
 
 # --------------------------------------------------------------------------- rendering
+
 
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
@@ -324,8 +419,17 @@ img { max-width: 100%; }
 
 def render_html(title: str, blocks: list[Block]) -> str:
     esc = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{esc(title)}</title>",
-           f"<style>{CSS}</style>", "</head>", "<body>", f"<h1>{esc(title)}</h1>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        f"<title>{esc(title)}</title>",
+        f"<style>{CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
     for b in blocks:
         if b.kind in ("h2", "h3"):
             out.append(f"<{b.kind}>{esc(b.text)}</{b.kind}>")
@@ -339,8 +443,10 @@ def render_html(title: str, blocks: list[Block]) -> str:
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif b.kind == "img" and b.image is not None:
             data = base64.b64encode(b.image.read_bytes()).decode("ascii")
-            out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(b.text, quote=True)}">'
-                       f"<figcaption>{esc(b.text)}</figcaption></figure>")
+            out.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{esc(b.text, quote=True)}">'
+                f"<figcaption>{esc(b.text)}</figcaption></figure>"
+            )
         elif b.kind == "pre":
             out.append(f"<pre><code>{esc(b.text)}</code></pre>")
     out += ["</body>", "</html>", ""]
@@ -348,6 +454,7 @@ def render_html(title: str, blocks: list[Block]) -> str:
 
 
 # --------------------------------------------------------------------------- entry point
+
 
 def write_report(run_path: Path, out_dir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """report.md, its figures and a self-contained report.html of one run, in out_dir

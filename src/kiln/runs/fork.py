@@ -53,8 +53,10 @@ def parse_skip_ranges(values: list[str]) -> list[list[int]]:
     for text in values:
         lo, sep, hi = text.partition(":")
         if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or int(lo) > int(hi):
-            raise ConfigError(f"--skip-batches takes A:B, two data batch indices with A <= B (both skipped, as in "
-                              f"events.jsonl's data_index), got {text!r}")
+            raise ConfigError(
+                f"--skip-batches takes A:B, two data batch indices with A <= B (both skipped, as in "
+                f"events.jsonl's data_index), got {text!r}"
+            )
         ranges = add_range(ranges, int(lo), int(hi))
     return ranges
 
@@ -62,12 +64,16 @@ def parse_skip_ranges(values: list[str]) -> list[list[int]]:
 def _refuse_changes(changes: dict[str, tuple[Any, Any]]) -> None:
     for key, (old, new) in changes.items():
         if key in ARCHITECTURE_FLAGS and old and not new:
-            raise ConfigError(f"{key} cannot be switched off in a fork of a checkpoint (its trained weights would be "
-                              "dropped); use --from-scratch to start a fresh attempt without it")
+            raise ConfigError(
+                f"{key} cannot be switched off in a fork of a checkpoint (its trained weights would be "
+                "dropped); use --from-scratch to start a fresh attempt without it"
+            )
         if not (resumable(key) or key in FORKABLE_KEYS):
-            raise ConfigError(f"{key} cannot change in a fork of a checkpoint ({old!r} -> {new!r}): the checkpoint's "
-                              "model, data or objective would not fit; use --from-scratch to start a fresh attempt "
-                              "with this change (same data order, lineage recorded)")
+            raise ConfigError(
+                f"{key} cannot change in a fork of a checkpoint ({old!r} -> {new!r}): the checkpoint's "
+                "model, data or objective would not fit; use --from-scratch to start a fresh attempt "
+                "with this change (same data order, lineage recorded)"
+            )
 
 
 def new_tensors(parent_cfg: Config, cfg: Config, vocab_size: int, saved: set[str]) -> list[str]:
@@ -82,8 +88,10 @@ def new_tensors(parent_cfg: Config, cfg: Config, vocab_size: int, saved: set[str
         new = {k: tuple(v.shape) for k, v in build_model(cfg.model, vocab_size).state_dict().items()}
     for name, shape in new.items():
         if name in old and old[name] != shape:
-            raise ConfigError(f"the fork's {name} has shape {shape} but the checkpoint's has {old[name]}; use "
-                              "--from-scratch for a change of shape")
+            raise ConfigError(
+                f"the fork's {name} has shape {shape} but the checkpoint's has {old[name]}; use "
+                "--from-scratch for a change of shape"
+            )
     gone = sorted(set(old) - set(new))
     if gone:
         raise ConfigError(f"the fork's model lacks the checkpoint's {', '.join(gone[:3])}; use --from-scratch")
@@ -98,6 +106,7 @@ def checkpoint_hash(path: Path) -> str:
 def _link_tree(src: Path, dst: Path) -> None:
     """A copy of `src` made of hard links where the filesystem allows (checkpoints are never
     modified in place, so sharing their files is safe and free)."""
+
     def link(s: str, d: str) -> None:
         try:
             os.link(s, d)
@@ -111,9 +120,17 @@ def _trained_state(path: Path) -> dict[str, Any]:
     return ckpt.read_state(path)["trainer"]
 
 
-def plan_fork(parent_path: Path, name: str, step: int | None, sets: list[str], skip: list[str],
-              from_scratch: bool, runs_dir: Path | None = None, check: Callable[[Config], Any] | None = None,
-              log: Callable[[str], None] = print) -> tuple[Config, dict[str, Any], Path | None, Path]:
+def plan_fork(
+    parent_path: Path,
+    name: str,
+    step: int | None,
+    sets: list[str],
+    skip: list[str],
+    from_scratch: bool,
+    runs_dir: Path | None = None,
+    check: Callable[[Config], Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Config, dict[str, Any], Path | None, Path]:
     """Check everything a fork needs and return (config, lineage, parent checkpoint, new run
     folder) without writing anything."""
     from kiln.train.guard import data_index
@@ -137,41 +154,65 @@ def plan_fork(parent_path: Path, name: str, step: int | None, sets: list[str], s
         _refuse_changes(changes)  # before the config's own checks: the fork's rule is the one that explains
     if check is not None:
         parent.check_family(cfg, check)
-    lineage: dict[str, Any] = {"parent": {"run": parent.name, "path": str(parent.path.resolve()), "step": step},
-                               "from_scratch": from_scratch, "changes": list(sets),
-                               "changed": {k: [old, new] for k, (old, new) in changes.items()},
-                               "skip_batches": ranges, "new_tensors": [],
-                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    lineage: dict[str, Any] = {
+        "parent": {"run": parent.name, "path": str(parent.path.resolve()), "step": step},
+        "from_scratch": from_scratch,
+        "changes": list(sets),
+        "changed": {k: [old, new] for k, (old, new) in changes.items()},
+        "skip_batches": ranges,
+        "new_tensors": [],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     if from_scratch:
         return cfg, lineage, None, target
 
     chosen = parent.latest_checkpoint(warn=log, max_step=step)
     if chosen is None:
         steps = ", ".join(str(ckpt.checkpoint_step(p)) for p in parent.checkpoint_paths()) or "none"
-        raise CheckpointError(f"{parent.path} has no valid checkpoint at or before step {step} (checkpoints: {steps}); "
-                              "choose another --step, or --from-scratch")
+        raise CheckpointError(
+            f"{parent.path} has no valid checkpoint at or before step {step} (checkpoints: {steps}); "
+            "choose another --step, or --from-scratch"
+        )
     state = _trained_state(chosen)
     at = ckpt.checkpoint_step(chosen)
     skipped = state.get("skipped", (state.get("guard") or {}).get("skipped", []))
     next_batch = data_index(at, skipped)
     for lo, hi in ranges:
         if lo < next_batch:
-            raise ConfigError(f"--skip-batches {lo}:{hi} starts before the fork point: step {at} trains on data batch "
-                              f"{next_batch} next, and the batches before it were already trained on")
+            raise ConfigError(
+                f"--skip-batches {lo}:{hi} starts before the fork point: step {at} trains on data batch "
+                f"{next_batch} next, and the batches before it were already trained on"
+            )
     vocab = parent.tokenizer().vocab_size
-    lineage["parent"].update({"step": at, "checkpoint": chosen.name, "checkpoint_sha256": checkpoint_hash(chosen),
-                              "tokens": state.get("tokens"), "next_data_batch": next_batch})
+    lineage["parent"].update(
+        {
+            "step": at,
+            "checkpoint": chosen.name,
+            "checkpoint_sha256": checkpoint_hash(chosen),
+            "tokens": state.get("tokens"),
+            "next_data_batch": next_batch,
+        }
+    )
     lineage["new_tensors"] = new_tensors(parent_cfg, cfg, vocab, ckpt.tensor_names(chosen))
     return cfg, lineage, chosen, target
 
 
-def create_fork(parent_path: Path, name: str, step: int | None, sets: list[str] = (), skip: list[str] = (),
-                from_scratch: bool = False, runs_dir: Path | None = None,
-                check: Callable[[Config], Any] | None = None, plugins: list[str] = (),
-                log: Callable[[str], None] = print) -> Fork:
+def create_fork(
+    parent_path: Path,
+    name: str,
+    step: int | None,
+    sets: list[str] = (),
+    skip: list[str] = (),
+    from_scratch: bool = False,
+    runs_dir: Path | None = None,
+    check: Callable[[Config], Any] | None = None,
+    plugins: list[str] = (),
+    log: Callable[[str], None] = print,
+) -> Fork:
     """Make the fork's run folder (not trained yet: `kiln train --resume` trains it)."""
-    cfg, lineage, chosen, target = plan_fork(parent_path, name, step, list(sets), list(skip), from_scratch,
-                                             runs_dir, check, log)
+    cfg, lineage, chosen, target = plan_fork(
+        parent_path, name, step, list(sets), list(skip), from_scratch, runs_dir, check, log
+    )
     parent = RunDir(parent_path)
     meta_plugins = sorted(set(parent.meta().get("plugins") or []) | set(plugins))
     run = RunDir.create(target.parent, target.name, cfg, {"plugins": meta_plugins, "forked_from": parent.name})
@@ -187,12 +228,19 @@ def create_fork(parent_path: Path, name: str, step: int | None, sets: list[str] 
         shutil.rmtree(run.path, ignore_errors=True)
         raise
     if chosen is not None:
-        log(f"fork {run.path} starts from {parent.path}/checkpoints/{chosen.name}"
-            + (f" (the newest valid checkpoint at or before step {step})" if ckpt.checkpoint_step(chosen) != step
-               else ""))
+        log(
+            f"fork {run.path} starts from {parent.path}/checkpoints/{chosen.name}"
+            + (
+                f" (the newest valid checkpoint at or before step {step})"
+                if ckpt.checkpoint_step(chosen) != step
+                else ""
+            )
+        )
     else:
         log(f"fork {run.path}: a fresh attempt with {parent.path}'s configuration and the changes")
     if lineage["new_tensors"]:
-        log(f"  new tensors (initialised as documented, no optimizer state): {len(lineage['new_tensors'])}, e.g. "
-            + ", ".join(lineage["new_tensors"][:3]))
+        log(
+            f"  new tensors (initialised as documented, no optimizer state): {len(lineage['new_tensors'])}, e.g. "
+            + ", ".join(lineage["new_tensors"][:3])
+        )
     return Fork(run, lineage, chosen)

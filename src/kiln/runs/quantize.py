@@ -53,7 +53,8 @@ def quantize_model(model: nn.Module, scheme: str) -> int:
         raise KilnError(f"--quantize {scheme}: this model has no block linear layers to quantise")
     try:
         torchao("quantization", f"--quantize {scheme}").quantize_(
-            model, config, filter_fn=lambda m, fqn: quantizable(m, fqn, scheme))
+            model, config, filter_fn=lambda m, fqn: quantizable(m, fqn, scheme)
+        )
     except (ValueError, RuntimeError, NotImplementedError) as e:
         raise KilnError(f"--quantize {scheme}: torchao could not quantise this model ({e})") from None
     return len(chosen)
@@ -94,8 +95,9 @@ def read_quantized(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     scheme = meta.get("kiln.quantize")
     if scheme not in SCHEMES:
-        raise CheckpointError(f"{file} is not a quantised export (make one with kiln export RUN --quantize int8 "
-                              "--out FILE)")
+        raise CheckpointError(
+            f"{file} is not a quantised export (make one with kiln export RUN --quantize int8 --out FILE)"
+        )
     support = torchao("prototype.safetensors.safetensors_support", f"kiln eval --weights ({scheme})")
     state, _ = support.unflatten_tensor_state_dict(load_file(str(file)), meta)
     return state, {k: v for k, v in meta.items() if k.startswith("kiln.")}
@@ -105,5 +107,7 @@ def load_quantized(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Put a quantised export's tensors into `model` (built for the same run)."""
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise CheckpointError(f"the quantised weights do not fit this run's model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}); was it exported from another run?")
+        raise CheckpointError(
+            f"the quantised weights do not fit this run's model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); was it exported from another run?"
+        )

@@ -26,14 +26,23 @@ def summary_table(summary: dict[str, Any], title: str = "Kiln run") -> Table:
         ("validation accuracy", fmt(summary.get("val_acc"), ".3f")),
         ("tokens/s", fmt(summary.get("tokens_per_s"), ",.0f")),
         ("achieved TFLOP/s", fmt(summary.get("tflops"), ".3f")),
-        ("MFU", "unknown" if summary.get("mfu") is None else f"{100 * summary['mfu']:.1f}%  vs {summary['peak_source']}"),
+        (
+            "MFU",
+            "unknown" if summary.get("mfu") is None else f"{100 * summary['mfu']:.1f}%  vs {summary['peak_source']}",
+        ),
         ("peak memory", fmt(summary.get("peak_mem_gb"), ".2f") + " GiB"),
         ("device / precision", f"{summary.get('device')} / {summary.get('precision')}"),
     ]
     budget = summary.get("time_budget")
     if budget:
-        rows.insert(1, ("time budget", f"{budget['steps']} steps fit in {budget['budget_s']:.0f}s "
-                                       f"({budget['seconds_per_step']:.3f} s/step measured)"))
+        rows.insert(
+            1,
+            (
+                "time budget",
+                f"{budget['steps']} steps fit in {budget['budget_s']:.0f}s "
+                f"({budget['seconds_per_step']:.3f} s/step measured)",
+            ),
+        )
     for extra in ("val_masked_acc", "majority_baseline"):
         if extra in summary:
             rows.append((extra.replace("_", " "), fmt(summary[extra], ".3f")))

@@ -85,10 +85,19 @@ class RunDir:
         try:
             path.mkdir(parents=True)
         except OSError as e:
-            raise KilnError(f"cannot create the run folder '{path}' ({e.strerror}); choose a writable --runs-dir") from None
+            raise KilnError(
+                f"cannot create the run folder '{path}' ({e.strerror}); choose a writable --runs-dir"
+            ) from None
         run = cls(path)
-        run.write_json("run.json", {"name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                    "kiln_version": __version__, **(meta or {})})
+        run.write_json(
+            "run.json",
+            {
+                "name": name,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "kiln_version": __version__,
+                **(meta or {}),
+            },
+        )
         run.write_config(cfg)
         run.write_json("status.json", {"state": "created"})
         return run
@@ -272,12 +281,14 @@ class RunDir:
         problem = ckpt.verify_checkpoint(chosen) if chosen.is_dir() else "it does not exist"
         if problem:
             steps = ", ".join(str(ckpt.checkpoint_step(p)) for p in self.checkpoint_paths()) or "none"
-            raise CheckpointError(f"checkpoint step {step} of {self.path} is unusable: {problem} "
-                                  f"(checkpoints: {steps})")
+            raise CheckpointError(
+                f"checkpoint step {step} of {self.path} is unusable: {problem} (checkpoints: {steps})"
+            )
         return chosen
 
-    def load_model(self, step: int | None = None, device: torch.device | None = None,
-                   warn: Callable[[str], None] = print) -> LoadedModel:
+    def load_model(
+        self, step: int | None = None, device: torch.device | None = None, warn: Callable[[str], None] = print
+    ) -> LoadedModel:
         """The whole model at `step` (default: the newest valid checkpoint) in this process,
         whatever layout saved it. Step 0 without a step-0 checkpoint is the untrained model,
         rebuilt exactly as training initialised it (from train.seed)."""

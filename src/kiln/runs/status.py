@@ -39,8 +39,15 @@ def pid_alive(pid: int) -> bool:
 
 def running_record(step: int, started: float) -> dict[str, Any]:
     pid = os.getpid()
-    return {"state": "running", "pid": pid, "pid_start": process_start(pid), "host": socket.gethostname(),
-            "started": started, "heartbeat": time.time(), "step": step}
+    return {
+        "state": "running",
+        "pid": pid,
+        "pid_start": process_start(pid),
+        "host": socket.gethostname(),
+        "started": started,
+        "heartbeat": time.time(),
+        "step": step,
+    }
 
 
 def resolve_status(saved: dict[str, Any], now: float | None = None) -> dict[str, Any]:

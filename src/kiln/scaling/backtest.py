@@ -32,8 +32,9 @@ def split(points: list[Point]) -> tuple[list[Point], list[Point]]:
     return [p for p in points if p.compute < threshold], held
 
 
-def backtest(points: list[Point], bootstrap: int = BOOTSTRAP,
-             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def backtest(
+    points: list[Point], bootstrap: int = BOOTSTRAP, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Each held-out point's predicted and actual loss, the error and whether the 95% interval held it.
     Raises ConfigError (with the reason) when the points left over cannot fit the law."""
     check_points(points)
@@ -47,24 +48,47 @@ def backtest(points: list[Point], bootstrap: int = BOOTSTRAP,
     for p in sorted(held, key=lambda p: p.params):
         predicted = law.loss(p.params, p.tokens)
         lo, hi = law.interval(p.params, p.tokens)
-        rows.append({"name": p.name, "params": p.params, "tokens": p.tokens, "compute": p.compute, "loss": p.loss,
-                     "predicted": predicted, "interval": [lo, hi], "error": predicted / p.loss - 1,
-                     "inside": lo <= p.loss <= hi})
+        rows.append(
+            {
+                "name": p.name,
+                "params": p.params,
+                "tokens": p.tokens,
+                "compute": p.compute,
+                "loss": p.loss,
+                "predicted": predicted,
+                "interval": [lo, hi],
+                "error": predicted / p.loss - 1,
+                "inside": lo <= p.loss <= hi,
+            }
+        )
     errors = [abs(r["error"]) for r in rows]
-    return {"fit_points": len(rest), "held_out": rows, "mean_abs_error": sum(errors) / len(errors),
-            "max_abs_error": max(errors), "inside": sum(r["inside"] for r in rows), "bootstrap": len(law.bootstrap),
-            "extrapolation": min(p.compute for p in held) / max(p.compute for p in rest),
-            "law": {k: getattr(law, k) for k in ("E", "A", "B", "alpha", "beta")}}
+    return {
+        "fit_points": len(rest),
+        "held_out": rows,
+        "mean_abs_error": sum(errors) / len(errors),
+        "max_abs_error": max(errors),
+        "inside": sum(r["inside"] for r in rows),
+        "bootstrap": len(law.bootstrap),
+        "extrapolation": min(p.compute for p in held) / max(p.compute for p in rest),
+        "law": {k: getattr(law, k) for k in ("E", "A", "B", "alpha", "beta")},
+    }
 
 
 def describe_backtest(result: dict[str, Any]) -> str:
     rows = result["held_out"]
-    lines = [f"backtest: fitted on the {result['fit_points']} smaller-compute points, predicting the {len(rows)} "
-             f"largest ({result['extrapolation']:.2g}x the fitted compute): mean |error| "
-             f"{result['mean_abs_error']:.1%}, max {result['max_abs_error']:.1%}; "
-             + (f"the 95% interval held {result['inside']} of {len(rows)}" if result["bootstrap"]
-                else "no intervals (no bootstrap)")]
+    lines = [
+        f"backtest: fitted on the {result['fit_points']} smaller-compute points, predicting the {len(rows)} "
+        f"largest ({result['extrapolation']:.2g}x the fitted compute): mean |error| "
+        f"{result['mean_abs_error']:.1%}, max {result['max_abs_error']:.1%}; "
+        + (
+            f"the 95% interval held {result['inside']} of {len(rows)}"
+            if result["bootstrap"]
+            else "no intervals (no bootstrap)"
+        )
+    ]
     for r in rows:
-        lines.append(f"  N = {r['params']:.3g}, D = {r['tokens']:.3g}: predicted {r['predicted']:.4f} "
-                     f"[{r['interval'][0]:.4f}, {r['interval'][1]:.4f}], actual {r['loss']:.4f} ({r['error']:+.1%})")
+        lines.append(
+            f"  N = {r['params']:.3g}, D = {r['tokens']:.3g}: predicted {r['predicted']:.4f} "
+            f"[{r['interval'][0]:.4f}, {r['interval'][1]:.4f}], actual {r['loss']:.4f} ({r['error']:+.1%})"
+        )
     return "\n".join(lines)

@@ -28,8 +28,13 @@ from kiln.errors import ConfigError
 
 NAMES = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3
-GRID = {"alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0), "e": (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5),
-        "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)}
+GRID = {
+    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "e": (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5),
+    "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+}
 REFINE = 12  # grid points refined by L-BFGS
 BOOTSTRAP = 100  # resamples
 MAX_LOG = 700.0  # log A, log B, log E beyond this do not fit in a float64 once exponentiated
@@ -99,8 +104,10 @@ class Law:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Law":
         try:
-            return cls(**{k: d[k] for k in ("E", "A", "B", "alpha", "beta")},
-                       **{k: d[k] for k in ("intervals", "n_points", "huber", "bootstrap", "isoflop") if k in d})
+            return cls(
+                **{k: d[k] for k in ("E", "A", "B", "alpha", "beta")},
+                **{k: d[k] for k in ("intervals", "n_points", "huber", "bootstrap", "isoflop") if k in d},
+            )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"not a scaling fit (kiln scaling fit --json): {e}") from None
 
@@ -109,28 +116,44 @@ def _safe_loss(row: list[float], params: float, tokens: float) -> float:
     """E + A/N^alpha + B/D^beta for a row [E, A, B, alpha, beta], in log space: a wild fit (alpha = 200
     on a narrow grid, or far beyond the points) gives inf, not an overflow."""
     e, a, b, al, be = row
-    terms = [math.log(a) - al * math.log(params) if a > 0 else -math.inf,
-             math.log(b) - be * math.log(tokens) if b > 0 else -math.inf]
+    terms = [
+        math.log(a) - al * math.log(params) if a > 0 else -math.inf,
+        math.log(b) - be * math.log(tokens) if b > 0 else -math.inf,
+    ]
     return e + sum(math.exp(t) if t < 700 else math.inf for t in terms)
 
 
 def _huber(r: torch.Tensor, delta: float) -> torch.Tensor:
-    return torch.where(r.abs() <= delta, 0.5 * r ** 2, delta * (r.abs() - 0.5 * delta))
+    return torch.where(r.abs() <= delta, 0.5 * r**2, delta * (r.abs() - 0.5 * delta))
 
 
-def _objective(theta: torch.Tensor, log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tensor,
-               delta: float) -> torch.Tensor:
+def _objective(
+    theta: torch.Tensor, log_n: torch.Tensor, log_d: torch.Tensor, log_l: torch.Tensor, delta: float
+) -> torch.Tensor:
     """Summed Huber loss for parameter rows theta (..., 5) = (a, b, e, alpha, beta)."""
     a, b, e, alpha, beta = theta.unbind(-1)
-    terms = torch.stack([a[..., None] - alpha[..., None] * log_n, b[..., None] - beta[..., None] * log_d,
-                         e[..., None].expand(*e.shape, log_n.shape[0])], dim=-1)
+    terms = torch.stack(
+        [
+            a[..., None] - alpha[..., None] * log_n,
+            b[..., None] - beta[..., None] * log_d,
+            e[..., None].expand(*e.shape, log_n.shape[0]),
+        ],
+        dim=-1,
+    )
     return _huber(torch.logsumexp(terms, dim=-1) - log_l, delta).sum(-1)
 
 
 def _refine(start: torch.Tensor, data: tuple[torch.Tensor, ...], delta: float) -> tuple[torch.Tensor, float]:
     theta = start.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1.0,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -144,9 +167,13 @@ def _refine(start: torch.Tensor, data: tuple[torch.Tensor, ...], delta: float) -
     return theta.detach(), value if math.isfinite(value) else math.inf
 
 
-def _fit_once(points: list[Point], starts: torch.Tensor, delta: float, refine: int = REFINE) -> tuple[torch.Tensor, float]:
-    data = tuple(torch.tensor([math.log(getattr(p, k)) for p in points], dtype=torch.float64)
-                 for k in ("params", "tokens", "loss"))
+def _fit_once(
+    points: list[Point], starts: torch.Tensor, delta: float, refine: int = REFINE
+) -> tuple[torch.Tensor, float]:
+    data = tuple(
+        torch.tensor([math.log(getattr(p, k)) for p in points], dtype=torch.float64)
+        for k in ("params", "tokens", "loss")
+    )
     with torch.no_grad():
         scores = _objective(starts, *data, delta)
     chosen = set(torch.argsort(scores)[:refine].tolist())
@@ -165,31 +192,50 @@ def _fit_once(points: list[Point], starts: torch.Tensor, delta: float, refine: i
 
 def check_points(points: list[Point]) -> None:
     if len(points) < len(NAMES) + 1:
-        raise ConfigError(f"{len(points)} point(s) cannot fit a law of {len(NAMES)} parameters; give at least "
-                          f"{len(NAMES) + 1} (runs of several sizes and token budgets)")
-    bad = [p.name or f"row {i + 1}" for i, p in enumerate(points)
-           if not all(math.isfinite(v) and v > 0 for v in (p.params, p.tokens, p.loss))]
+        raise ConfigError(
+            f"{len(points)} point(s) cannot fit a law of {len(NAMES)} parameters; give at least "
+            f"{len(NAMES) + 1} (runs of several sizes and token budgets)"
+        )
+    bad = [
+        p.name or f"row {i + 1}"
+        for i, p in enumerate(points)
+        if not all(math.isfinite(v) and v > 0 for v in (p.params, p.tokens, p.loss))
+    ]
     if bad:
         raise ConfigError(f"params, tokens and loss must be finite and positive; not so in {', '.join(bad[:5])}")
     if len({p.params for p in points}) < 2 or len({p.tokens for p in points}) < 2:
-        raise ConfigError("the points need at least two model sizes and two token budgets to separate A/N^alpha "
-                          "from B/D^beta")
+        raise ConfigError(
+            "the points need at least two model sizes and two token budgets to separate A/N^alpha from B/D^beta"
+        )
 
 
-def fit(points: list[Point], bootstrap: int = BOOTSTRAP, seed: int = 0, delta: float = HUBER_DELTA,
-        progress: Callable[[str], None] | None = None, progress_s: float = 5.0) -> Law:
+def fit(
+    points: list[Point],
+    bootstrap: int = BOOTSTRAP,
+    seed: int = 0,
+    delta: float = HUBER_DELTA,
+    progress: Callable[[str], None] | None = None,
+    progress_s: float = 5.0,
+) -> Law:
     """The Huber fit with bootstrap intervals, and the IsoFLOP analysis where groups exist.
     `progress` gets a line every `progress_s` seconds while the bootstrap runs (it can take a minute)."""
     check_points(points)
     points = sorted(points, key=lambda p: (p.params, p.tokens, p.loss))  # the same fit whatever the listing order
-    grid = torch.tensor([(a, b, e, al, be) for al, be, e, a, b in itertools.product(
-        GRID["alpha"], GRID["beta"], GRID["e"], GRID["a"], GRID["b"])], dtype=torch.float64)
+    grid = torch.tensor(
+        [
+            (a, b, e, al, be)
+            for al, be, e, a, b in itertools.product(GRID["alpha"], GRID["beta"], GRID["e"], GRID["a"], GRID["b"])
+        ],
+        dtype=torch.float64,
+    )
     theta, value = _fit_once(points, grid, delta)
     if max(theta[:3].tolist()) > MAX_LOG:
         a, b, e, alpha, beta = theta.tolist()
-        raise ConfigError(f"the fit ran away (log A = {a:.3g}, log B = {b:.3g}, alpha = {alpha:.3g}, beta = {beta:.3g}): "
-                          "these points do not follow E + A/N^alpha + B/D^beta; give more sizes and token budgets, "
-                          "or runs long enough to be past the start of training")
+        raise ConfigError(
+            f"the fit ran away (log A = {a:.3g}, log B = {b:.3g}, alpha = {alpha:.3g}, beta = {beta:.3g}): "
+            "these points do not follow E + A/N^alpha + B/D^beta; give more sizes and token budgets, "
+            "or runs long enough to be past the start of training"
+        )
     law = _law(theta, len(points), value)
     rng = np.random.default_rng(seed)
     # Each resample is refined from the full fit's optimum. Where that optimum has E near 0, the E term
@@ -256,23 +302,38 @@ def isoflop(points: list[Point]) -> dict[str, Any] | None:
         compute = float(np.mean([p.compute for p in g]))
         inside = c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max()
         n_opt = float(math.exp(-c1 / (2 * c2))) if c2 > 0 else float(g[int(np.argmin(y))].params)
-        rows.append({"compute": compute, "compute_6nd": float(np.mean([6 * p.params * p.tokens for p in g])),
-                     "parabola": [float(c2), float(c1), float(c0)], "n_opt": n_opt,
-                     "d_opt": compute / (6.0 * n_opt), "loss_opt": float(np.polyval([c2, c1, c0], math.log(n_opt))),
-                     "minimum_inside": bool(inside), "points": len(g)})
+        rows.append(
+            {
+                "compute": compute,
+                "compute_6nd": float(np.mean([6 * p.params * p.tokens for p in g])),
+                "parabola": [float(c2), float(c1), float(c0)],
+                "n_opt": n_opt,
+                "d_opt": compute / (6.0 * n_opt),
+                "loss_opt": float(np.polyval([c2, c1, c0], math.log(n_opt))),
+                "minimum_inside": bool(inside),
+                "points": len(g),
+            }
+        )
     # A parabola's minimum outside the sizes tried is an extrapolation (an upward-open fit can put it
     # orders of magnitude away): the power laws use only the groups whose minimum the sizes bracket.
     inside = [r for r in rows if r["minimum_inside"]]
     if len(inside) < 2:
-        return {"groups": rows, "n_opt": None, "d_opt": None,
-                "note": f"{len(inside)} of {len(rows)} IsoFLOP groups have their minimum inside the sizes tried; "
-                        "N*(C) needs two (add sizes around each budget's best)"}
+        return {
+            "groups": rows,
+            "n_opt": None,
+            "d_opt": None,
+            "note": f"{len(inside)} of {len(rows)} IsoFLOP groups have their minimum inside the sizes tried; "
+            "N*(C) needs two (add sizes around each budget's best)",
+        }
     log_c = np.log([r["compute"] for r in inside])
     laws = {}
     for key in ("n_opt", "d_opt"):
         exponent, log_coefficient = np.polyfit(log_c, np.log([r[key] for r in inside]), 1)
-        laws[key] = {"exponent": float(exponent), "coefficient": float(math.exp(log_coefficient)),
-                     "groups": len(inside)}
+        laws[key] = {
+            "exponent": float(exponent),
+            "coefficient": float(math.exp(log_coefficient)),
+            "groups": len(inside),
+        }
     return {"groups": rows, **laws}
 
 
@@ -289,7 +350,7 @@ def shape_for(params: float) -> dict[str, int]:
     plus a 4d GELU MLP or a SwiGLU of the same size): n_layers from d_model = ASPECT x n_layers,
     then d_model solved for the count and rounded to a multiple of the head size (HEAD_DIM, or
     SMALL_HEAD_DIM below a width of 256), heads of that size."""
-    layers = max(1, round((params / (12 * ASPECT ** 2)) ** (1 / 3)))
+    layers = max(1, round((params / (12 * ASPECT**2)) ** (1 / 3)))
     exact = math.sqrt(params / (12 * layers))
     head = HEAD_DIM if exact >= 256 else SMALL_HEAD_DIM
     d_model = max(head, head * round(exact / head))

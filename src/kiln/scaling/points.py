@@ -28,16 +28,20 @@ def points_from_csv(path: Path) -> list[Point]:
         reader = csv.DictReader(f)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)}; the header must name "
-                              f"{', '.join(CSV_COLUMNS)} (and optionally flops)")
+            raise ConfigError(
+                f"{path} lacks the column(s) {', '.join(missing)}; the header must name "
+                f"{', '.join(CSV_COLUMNS)} (and optionally flops)"
+            )
         points = []
         for line, row in enumerate(reader, start=2):
             try:
                 values = [float(row[c]) for c in CSV_COLUMNS]
                 flops = float(row["flops"]) if row.get("flops") not in (None, "") else 0.0
             except (TypeError, ValueError):
-                raise ConfigError(f"{path} line {line}: params, tokens and loss must be numbers, got "
-                                  f"{[row.get(c) for c in CSV_COLUMNS]}") from None
+                raise ConfigError(
+                    f"{path} line {line}: params, tokens and loss must be numbers, got "
+                    f"{[row.get(c) for c in CSV_COLUMNS]}"
+                ) from None
             if not all(v > 0 for v in values) or flops < 0:
                 raise ConfigError(f"{path} line {line}: params, tokens and loss must be positive, got {values}")
             points.append(Point(*values, flops=flops, name=f"line {line}"))
@@ -58,14 +62,18 @@ def points_from_runs(paths: list[Path]) -> list[Point]:
 
     expanded: list[Path] = []
     for p in map(Path, paths):  # a sweep's folder stands for the runs in it
-        children = sorted(c for c in p.iterdir() if (c / "config.toml").is_file()) \
-            if p.is_dir() and not (p / "config.toml").is_file() else []
+        children = (
+            sorted(c for c in p.iterdir() if (c / "config.toml").is_file())
+            if p.is_dir() and not (p / "config.toml").is_file()
+            else []
+        )
         expanded += children or [p]
     runs = [RunDir.open(p) for p in expanded]
     unfinished = [r.name for r in runs if r.status().get("state") != "finished" or not (r.summary() or {})]
     if unfinished:
-        raise ConfigError(f"unfinished run(s): {', '.join(unfinished)}; finish them (kiln train --resume) or leave "
-                          "them out")
+        raise ConfigError(
+            f"unfinished run(s): {', '.join(unfinished)}; finish them (kiln train --resume) or leave them out"
+        )
     kinds = {"tokenizer": {}, "objective": {}, "corpus": {}}
     points = []
     for run in runs:
@@ -78,12 +86,20 @@ def points_from_runs(paths: list[Path]) -> list[Point]:
             raise ConfigError(f"run {run.name} has no final validation loss in summary.json (eval.batches = 0?)")
         vocab = run.tokenizer().vocab_size
         tokens = float(summary["tokens"])
-        points.append(Point(params=float(non_embedding_params(cfg.model, vocab)), tokens=tokens, loss=float(loss),
-                            flops=flops_per_token(cfg.model, vocab) * tokens, name=run.name))
+        points.append(
+            Point(
+                params=float(non_embedding_params(cfg.model, vocab)),
+                tokens=tokens,
+                loss=float(loss),
+                flops=flops_per_token(cfg.model, vocab) * tokens,
+                name=run.name,
+            )
+        )
     for kind, groups in kinds.items():
         if len(groups) > 1:
             listing = "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
             plural = {"tokenizer": "tokenizers", "objective": "objectives", "corpus": "corpora"}[kind]
-            raise ConfigError(f"the runs mix {plural} ({listing}); a scaling law compares runs that differ only in "
-                              "size and tokens")
+            raise ConfigError(
+                f"the runs mix {plural} ({listing}); a scaling law compares runs that differ only in size and tokens"
+            )
     return points

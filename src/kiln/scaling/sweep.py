@@ -84,14 +84,23 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
         for s in spec["shapes"]:
             if not isinstance(s, dict) or not {"n_layers", "d_model"} <= set(s):
                 raise ConfigError(f"{path}: each shape needs n_layers and d_model, got {s!r}")
-            shapes.append({"n_layers": int(s["n_layers"]), "d_model": int(s["d_model"]),
-                           "n_heads": int(s.get("n_heads", max(1, int(s["d_model"]) // HEAD_DIM)))})
+            shapes.append(
+                {
+                    "n_layers": int(s["n_layers"]),
+                    "d_model": int(s["d_model"]),
+                    "n_heads": int(s.get("n_heads", max(1, int(s["d_model"]) // HEAD_DIM))),
+                }
+            )
     lr_rule = spec.get("lr_rule", "constant")
     if lr_rule not in ("constant", "width"):
         raise ConfigError(f"{path}: lr_rule = {lr_rule!r}; choose constant or width")
     seeds = spec.get("seeds", [base.train.seed])
-    if not (isinstance(seeds, list) and seeds and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                                      for v in seeds) and len(set(seeds)) == len(seeds)):
+    if not (
+        isinstance(seeds, list)
+        and seeds
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)
+        and len(set(seeds)) == len(seeds)
+    ):
         raise ConfigError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
     warmup_fraction = float(spec.get("warmup_fraction", 0.0))
     if not 0 <= warmup_fraction < 1:
@@ -119,8 +128,15 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
         label = f"L{shape['n_layers']}-d{shape['d_model']}-T{tokens:.3g}".replace("+", "")
         for seed in seeds:  # the preset's own seed keeps the plain name: adding seeds later reuses those runs
             own = seed == base.train.seed
-            points.append(SweepPoint(label if own else f"{label}-s{seed}", shape, tokens,
-                                     sets if own else sets + [f"train.seed={seed}"], steps=tokens // per_step))
+            points.append(
+                SweepPoint(
+                    label if own else f"{label}-s{seed}",
+                    shape,
+                    tokens,
+                    sets if own else sets + [f"train.seed={seed}"],
+                    steps=tokens // per_step,
+                )
+            )
     if len({p.name for p in points}) != len(points):
         raise ConfigError(f"{path}: two points have the same shape and tokens; remove the duplicate")
     return name, points
@@ -150,8 +166,10 @@ def table(points: list[SweepPoint]) -> str:
     for p in points:
         loss = f"{p.loss:.4f}" if p.loss is not None else "-"
         done = p.steps if p.state in ("finished", "skipped") else p.done
-        lines.append(f"{p.name:<24} {p.shape['n_layers']:>6} {p.shape['d_model']:>6} {p.tokens:>10.3g} "
-                     f"{p.state:<10} {f'{done}/{p.steps}':>13} {loss:>9}")
+        lines.append(
+            f"{p.name:<24} {p.shape['n_layers']:>6} {p.shape['d_model']:>6} {p.tokens:>10.3g} "
+            f"{p.state:<10} {f'{done}/{p.steps}':>13} {loss:>9}"
+        )
     return "\n".join(lines)
 
 
@@ -171,8 +189,14 @@ def _logged_step(run: Path) -> int:
     return 0
 
 
-def run_sweep(path: Path, runs_dir: Path, preset_override: str | None = None, parallel: int = 1,
-              log=print, progress_s: float = 30.0) -> list[SweepPoint]:
+def run_sweep(
+    path: Path,
+    runs_dir: Path,
+    preset_override: str | None = None,
+    parallel: int = 1,
+    log=print,
+    progress_s: float = 30.0,
+) -> list[SweepPoint]:
     """Run (or finish) every point of the sweep; returns the points with their final state."""
     name, points = load_sweep(path)
     spec = tomllib.loads(Path(path).read_text())
@@ -207,8 +231,18 @@ def run_sweep(path: Path, runs_dir: Path, preset_override: str | None = None, pa
         while todo and len(running) < max(1, parallel):
             p, argv = todo.pop(0)
             p.state = "running"
-            running.append((p, subprocess.Popen([sys.executable, "-m", "kiln", *argv], env=env,
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+            running.append(
+                (
+                    p,
+                    subprocess.Popen(
+                        [sys.executable, "-m", "kiln", *argv],
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    ),
+                )
+            )
             log(f"started {p.name}")
         time.sleep(0.2)
         for p, proc in list(running):
@@ -226,12 +260,12 @@ def run_sweep(path: Path, runs_dir: Path, preset_override: str | None = None, pa
             log(table(points))
     failed = [p.name for p in points if p.state == "failed"]
     if failed:
-        raise ConfigError(f"sweep {name}: {len(failed)} point(s) failed ({', '.join(failed)}); run the sweep again "
-                          "to resume them")
+        raise ConfigError(
+            f"sweep {name}: {len(failed)} point(s) failed ({', '.join(failed)}); run the sweep again to resume them"
+        )
     return points
 
 
 def sweep_runs(runs_dir: Path, name: str) -> list[Path]:
     folder = Path(runs_dir) / name
     return sorted(p for p in folder.iterdir() if (p / "config.toml").is_file()) if folder.is_dir() else []
-

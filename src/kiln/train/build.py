@@ -85,13 +85,22 @@ def rank_micro_batch(cfg: Config, local_batch: int) -> int:
         return cfg.train.micro_batch_size or local_batch
     passes = -(-max(shares) // (cfg.train.micro_batch_size or max(shares)))
     if any(n % passes for n in shares):
-        raise ConfigError(f"parallel.dp_batch_shares = {shares}: every share must split into the {passes} micro-batches "
-                          f"the largest needs at train.micro_batch_size = {cfg.train.micro_batch_size}")
+        raise ConfigError(
+            f"parallel.dp_batch_shares = {shares}: every share must split into the {passes} micro-batches "
+            f"the largest needs at train.micro_batch_size = {cfg.train.micro_batch_size}"
+        )
     return local_batch // passes
 
 
-def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par: Parallel,
-                  resume_state: dict[str, Any] | None = None, callbacks: Iterable[Callback] = ()) -> Trainer:
+def build_trainer(
+    cfg: Config,
+    spec: ModelSpec,
+    run: RunDir,
+    data: Prepared,
+    par: Parallel,
+    resume_state: dict[str, Any] | None = None,
+    callbacks: Iterable[Callback] = (),
+) -> Trainer:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dp_rank, dp_size = par.dp
@@ -106,10 +115,17 @@ def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par
         sampler, val_sets = training_streams(cfg, data, dp_rank, dp_size)
         windows, extra_windows = val_sets.pop(""), val_sets
     else:
-        sampler = BatchSampler(TokenWindows(data.split("train"), cfg.model.seq_len, "train"),
-                               cfg.global_batch, cfg.train.seed, dp_rank, dp_size, cfg.parallel.dp_batch_shares)
-        windows = eval_windows(TokenWindows(data.split("val"), cfg.model.seq_len, "validation"),
-                               cfg.eval.batches * cfg.global_batch)
+        sampler = BatchSampler(
+            TokenWindows(data.split("train"), cfg.model.seq_len, "train"),
+            cfg.global_batch,
+            cfg.train.seed,
+            dp_rank,
+            dp_size,
+            cfg.parallel.dp_batch_shares,
+        )
+        windows = eval_windows(
+            TokenWindows(data.split("val"), cfg.model.seq_len, "validation"), cfg.eval.batches * cfg.global_batch
+        )
     micro_batch = rank_micro_batch(cfg, sampler.local_batch)
     module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages)
     # The same on every rank (uneven training shares too): evaluation forwards must pair up under
@@ -119,22 +135,45 @@ def build_trainer(cfg: Config, spec: ModelSpec, run: RunDir, data: Prepared, par
     if par.dims.pp > 1:
         n_micro = cfg.parallel.pp_microbatches
         if sampler.local_batch % n_micro:
-            raise ConfigError(f"parallel.pp_microbatches = {n_micro} must divide the per-rank batch of "
-                              f"{sampler.local_batch} sequences (train.batch_size / data-parallel ranks)")
+            raise ConfigError(
+                f"parallel.pp_microbatches = {n_micro} must divide the per-rank batch of "
+                f"{sampler.local_batch} sequences (train.batch_size / data-parallel ranks)"
+            )
         module.attach_schedule()
         eval_batch = sampler.local_batch  # the schedule's shapes are the training step's
 
     if len(windows) < dp_size:
-        raise DataError(f"the validation split has {len(windows)} window(s) of model.seq_len + 1 tokens, too few "
-                        f"for {dp_size} data-parallel ranks; raise data.val_fraction or eval.batches")
+        raise DataError(
+            f"the validation split has {len(windows)} window(s) of model.seq_len + 1 tokens, too few "
+            f"for {dp_size} data-parallel ranks; raise data.val_fraction or eval.batches"
+        )
     val = share_windows(windows, dp_rank, dp_size, multiple=eval_batch)
     extra_val = {name: share_windows(w, dp_rank, dp_size, multiple=eval_batch) for name, w in extra_windows.items()}
 
-    guard = (Guard(cfg.guard, par.device, judge_from=cfg.schedule.warmup_steps) if cfg.guard.enabled else None)
-    checkpointer = Checkpointer(run.checkpoints, par, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
-                                async_save=cfg.parallel.async_checkpoint)
+    guard = Guard(cfg.guard, par.device, judge_from=cfg.schedule.warmup_steps) if cfg.guard.enabled else None
+    checkpointer = Checkpointer(
+        run.checkpoints,
+        par,
+        keep=cfg.checkpoint.keep,
+        keep_every=cfg.checkpoint.keep_every,
+        async_save=cfg.parallel.async_checkpoint,
+    )
     listed = CallbackList([*builtin_callbacks(cfg), *build_callbacks(cfg.callbacks), *callbacks])
     lineage = run.lineage() or {}  # a fork: batch ranges to skip, parameters its parent's checkpoint lacks
-    return Trainer(cfg, spec, run, data, par, module, sampler, val, eval_batch, listed, checkpointer, guard,
-                   skipped=[list(r) for r in lineage.get("skip_batches", [])],
-                   new_tensors=tuple(lineage.get("new_tensors", [])), extra_val=extra_val)
+    return Trainer(
+        cfg,
+        spec,
+        run,
+        data,
+        par,
+        module,
+        sampler,
+        val,
+        eval_batch,
+        listed,
+        checkpointer,
+        guard,
+        skipped=[list(r) for r in lineage.get("skip_batches", [])],
+        new_tensors=tuple(lineage.get("new_tensors", [])),
+        extra_val=extra_val,
+    )

@@ -56,7 +56,7 @@ def step_dir_name(step: int) -> str:
 
 def checkpoint_step(path: Path) -> int:
     """The step of a checkpoint folder (`step-00000100` -> 100)."""
-    return int(Path(path).name[len(PREFIX):])
+    return int(Path(path).name[len(PREFIX) :])
 
 
 def _files(root: Path) -> list[Path]:
@@ -64,6 +64,7 @@ def _files(root: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- RNG
+
 
 def rng_tensors() -> dict[str, torch.Tensor]:
     tensors = {"torch": torch.get_rng_state()}
@@ -76,7 +77,10 @@ def rng_tensors() -> dict[str, torch.Tensor]:
 def host_rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
-    return {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": [py_version, list(py_state), py_gauss]}
+    return {
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_version, list(py_state), py_gauss],
+    }
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -91,6 +95,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 
 # --------------------------------------------------------------------------- state dicts
+
 
 def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
@@ -127,11 +132,7 @@ def _load_optimizer(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return state
 
 
-
-
-
-def forget_optimizer_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-                           names: set[str]) -> None:
+def forget_optimizer_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], names: set[str]) -> None:
     """Drop the optimizer state of the parameters `names`: they start as a fresh parameter does."""
     for part, opt in zip(parts, optimizers):
         for name, param in part.named_parameters():
@@ -139,21 +140,30 @@ def forget_optimizer_state(parts: list[nn.Module], optimizers: list[torch.optim.
                 opt.state.pop(param, None)
 
 
-def _apply(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], model_sd: dict[str, torch.Tensor],
-           optim_sd: dict[str, dict[str, Any]] | None, full: bool, new_tensors: set[str] = frozenset()) -> None:
+def _apply(
+    parts: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer],
+    model_sd: dict[str, torch.Tensor],
+    optim_sd: dict[str, dict[str, Any]] | None,
+    full: bool,
+    new_tensors: set[str] = frozenset(),
+) -> None:
     """Load the state dicts into `parts`; parameters named in `new_tensors` may be missing from
     them (a fork added them) and keep their initial values."""
     expected = {k: v for part in parts for k, v in get_model_state_dict(part).items()}
     if full:  # a full checkpoint names every tensor of the model, in its full shape
         extra = sorted(set(model_sd) - set(expected))
         if extra and len(parts) == 1:
-            raise CheckpointError(f"the checkpoint has parameters this model lacks ({', '.join(extra[:3])}); "
-                                  "was the model shape changed?")
+            raise CheckpointError(
+                f"the checkpoint has parameters this model lacks ({', '.join(extra[:3])}); was the model shape changed?"
+            )
         for name, value in expected.items():
             shape = tuple(getattr(value, "shape", ()))
             if name in model_sd and tuple(model_sd[name].shape) != shape:
-                raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(model_sd[name].shape)} but the "
-                                      f"model expects {shape}; was the model shape changed?")
+                raise CheckpointError(
+                    f"checkpoint tensor {name} has shape {tuple(model_sd[name].shape)} but the "
+                    f"model expects {shape}; was the model shape changed?"
+                )
     for part, opt in zip(parts, optimizers or [None] * len(parts)):
         names = list(get_model_state_dict(part))  # a fixed order: loading runs one collective per tensor
         missing = [n for n in names if n not in model_sd and n not in new_tensors]
@@ -165,17 +175,20 @@ def _apply(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], mode
         if opt is not None and optim_sd is not None:
             current = get_optimizer_state_dict(part, opt)
             state = {k: optim_sd[k] for k in current["state"] if k in optim_sd}
-            set_optimizer_state_dict(part, opt, {"state": state, "param_groups": current["param_groups"]},
-                                     options=options)
+            set_optimizer_state_dict(
+                part, opt, {"state": state, "param_groups": current["param_groups"]}, options=options
+            )
 
 
 # --------------------------------------------------------------------------- save
 
+
 class Checkpointer:
     """Saves and loads checkpoints under one folder for one job (one process or many)."""
 
-    def __init__(self, folder: Path, par: Parallel | None = None, keep: int = 0, async_save: bool = False,
-                 keep_every: int = 0):
+    def __init__(
+        self, folder: Path, par: Parallel | None = None, keep: int = 0, async_save: bool = False, keep_every: int = 0
+    ):
         self.folder = Path(folder)
         self.par = par
         self.keep = keep
@@ -213,8 +226,9 @@ class Checkpointer:
     def pending(self) -> bool:
         return self._pending is not None
 
-    def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-             trainer_state: dict[str, Any]) -> Path | None:
+    def save(
+        self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], trainer_state: dict[str, Any]
+    ) -> Path | None:
         """Write checkpoint `step`; returns its path once committed, or None while an asynchronous
         save is still being written (`poll` / `wait` commit it). A write failure on any rank
         raises OSError on every rank and leaves earlier checkpoints untouched."""
@@ -236,8 +250,12 @@ class Checkpointer:
             try:
                 save_file(rng_tensors(), tmp / f"rng-{self._rank}.safetensors")
                 if self._rank == 0:
-                    state = {"step": step, "trainer": trainer_state, "rng": host_rng_state(),
-                             "world_size": self.par.info.world_size if self.par else 1}
+                    state = {
+                        "step": step,
+                        "trainer": trainer_state,
+                        "rng": host_rng_state(),
+                        "world_size": self.par.info.world_size if self.par else 1,
+                    }
                     (tmp / "state.json").write_text(json.dumps(state))
             except OSError as e:
                 error = e
@@ -307,9 +325,12 @@ class Checkpointer:
                 files = _files(tmp)
                 for f in files:
                     fsync_path(f)
-                manifest = {"format": FORMAT, "files": {str(f.relative_to(tmp)): {"sha256": sha256_file(f),
-                                                                                   "bytes": f.stat().st_size}
-                                                        for f in files}}
+                manifest = {
+                    "format": FORMAT,
+                    "files": {
+                        str(f.relative_to(tmp)): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files
+                    },
+                }
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
                 fsync_path(tmp / "manifest.json")
                 old = None
@@ -334,14 +355,20 @@ class Checkpointer:
         if not self.keep:
             return
         upto = [p for p in list_checkpoints(self.folder) if checkpoint_step(p) <= current]
-        for old in upto[:-self.keep]:
+        for old in upto[: -self.keep]:
             step = checkpoint_step(old)
             if not (self.keep_every and step % self.keep_every == 0):
                 shutil.rmtree(old, ignore_errors=True)
 
     # ----------------------------------------------------------------------- load
-    def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
-             rng_seed: int | None = None, new_tensors: tuple[str, ...] = ()) -> dict[str, Any]:
+    def load(
+        self,
+        path: Path,
+        parts: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer] | None,
+        rng_seed: int | None = None,
+        new_tensors: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
         """Restore model, optimizer and RNG from `path` into any layout; returns the saved state.
         A rank whose RNG state the checkpoint lacks (saved at a smaller world size) is seeded
         with `rng_seed` instead of copying another rank's (which would share its dropout masks).
@@ -359,8 +386,12 @@ class Checkpointer:
         return state
 
 
-def load_weights(path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None = None,
-                 new_tensors: tuple[str, ...] | set[str] = ()) -> None:
+def load_weights(
+    path: Path,
+    parts: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer] | None = None,
+    new_tensors: tuple[str, ...] | set[str] = (),
+) -> None:
     """Load model (and optimizer) state from either format into `parts`, whatever their layout.
     Parameters in `new_tensors` may be absent from the checkpoint (see `Checkpointer.load`)."""
     allowed = set(new_tensors)
@@ -376,8 +407,9 @@ def load_weights(path: Path, parts: list[nn.Module], optimizers: list[torch.opti
             absent = {k for k in model_sd if f"model.{k}" not in saved}
             planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
         if absent - allowed:
-            raise CheckpointError(f"the checkpoint lacks parameters {sorted(absent - allowed)[:3]}; "
-                                  "was the model shape changed?")
+            raise CheckpointError(
+                f"the checkpoint lacks parameters {sorted(absent - allowed)[:3]}; was the model shape changed?"
+            )
         dcp.load(payload, checkpoint_id=str(path / "dcp"), planner=planner)
         _apply(parts, optimizers or [], payload["model"], payload.get("optim"), full=False, new_tensors=absent)
     else:
@@ -393,7 +425,7 @@ def tensor_names(path: Path) -> set[str]:
     """The model tensors a checkpoint holds (either format), without loading them."""
     if (path / "dcp").is_dir():
         saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
-        return {k[len("model."):] for k in saved if k.startswith("model.")}
+        return {k[len("model.") :] for k in saved if k.startswith("model.")}
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
@@ -408,7 +440,9 @@ def list_checkpoints(folder: Path) -> list[Path]:
     """Committed checkpoint folders, oldest first (temporary ones are ignored)."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    found = [
+        p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    ]
     return sorted(found, key=checkpoint_step)
 
 

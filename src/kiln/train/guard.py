@@ -40,8 +40,12 @@ from kiln.config import GuardConfig
 from kiln.errors import KilnError
 
 OK, NONFINITE, LOSS_SPIKE, GRAD_SPIKE, PERSISTENT = 0, 1, 2, 3, 4
-KIND_NAMES = {NONFINITE: "nonfinite", LOSS_SPIKE: "loss_spike", GRAD_SPIKE: "grad_spike",
-              PERSISTENT: "persistent_spike"}
+KIND_NAMES = {
+    NONFINITE: "nonfinite",
+    LOSS_SPIKE: "loss_spike",
+    GRAD_SPIKE: "grad_spike",
+    PERSISTENT: "persistent_spike",
+}
 MAD_TO_SIGMA = 1.4826  # MAD x this = the standard deviation of a normal distribution
 RECENT = 10  # healthy steps whose median is the current level
 CORROBORATING_GRAD_JUMP = 2.0  # a gradient norm this many times its level backs up a loss jump
@@ -81,8 +85,11 @@ class GuardState:
     lr_factor_until: int = -1  # optimizer step before which lr_factor applies
 
     def to_dict(self) -> dict[str, Any]:
-        return {"interventions": self.interventions, "lr_factor": self.lr_factor,
-                "lr_factor_until": self.lr_factor_until}
+        return {
+            "interventions": self.interventions,
+            "lr_factor": self.lr_factor,
+            "lr_factor_until": self.lr_factor_until,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "GuardState":
@@ -91,8 +98,7 @@ class GuardState:
 
 
 class Guard:
-    def __init__(self, cfg: GuardConfig, device: torch.device, state: GuardState | None = None,
-                 judge_from: int = 0):
+    def __init__(self, cfg: GuardConfig, device: torch.device, state: GuardState | None = None, judge_from: int = 0):
         self.cfg = cfg
         self.judge_from = judge_from  # no spike verdicts before this step (the LR warmup is not stationary)
         self.device = device
@@ -110,9 +116,17 @@ class Guard:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to judge and act exactly as an uninterrupted one."""
-        return {**self.state.to_dict(), "window": {"scale": "log", "losses": self.losses.tolist(),
-                                                   "norms": self.norms.tolist(), "count": int(self.count),
-                                                   "streak": int(self.streak), "grad_streak": int(self.grad_streak)}}
+        return {
+            **self.state.to_dict(),
+            "window": {
+                "scale": "log",
+                "losses": self.losses.tolist(),
+                "norms": self.norms.tolist(),
+                "count": int(self.count),
+                "streak": int(self.streak),
+                "grad_streak": int(self.grad_streak),
+            },
+        }
 
     def load_state_dict(self, d: dict[str, Any] | None) -> None:
         if not d:
@@ -131,7 +145,9 @@ class Guard:
     def lr_scale(self, step: int) -> float:
         return self.state.lr_factor if step < self.state.lr_factor_until else 1.0
 
-    def _deviation(self, history: torch.Tensor, value: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _deviation(
+        self, history: torch.Tensor, value: torch.Tensor, n: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log `value` minus the level, the spread) against the window's `n` newest healthy
         entries. The level is the median of the RECENT newest entries (a falling loss leaves the
         window's median behind); the spread is the MAD of step-to-step differences, which a trend
@@ -166,8 +182,13 @@ class Guard:
         self.grad_streak = torch.where(grad_spike & ~loss_spike, self.grad_streak + 1, 0)
         persistent = loss_spike & (self.streak >= cfg.persist)
         moved = persistent | (self.grad_streak >= cfg.persist)  # the gradient norm's level itself moved
-        kind = torch.where(~finite, NONFINITE, torch.where(persistent, PERSISTENT, torch.where(
-            loss_spike, LOSS_SPIKE, torch.where(grad_spike, GRAD_SPIKE, OK))))
+        kind = torch.where(
+            ~finite,
+            NONFINITE,
+            torch.where(
+                persistent, PERSISTENT, torch.where(loss_spike, LOSS_SPIKE, torch.where(grad_spike, GRAD_SPIKE, OK))
+            ),
+        )
         good = kind == OK
         discard = ~good & ~((kind == GRAD_SPIKE) & (cfg.on_grad_spike != "skip"))
         # After `persist` loss spikes in a row the baseline restarts from the new level (if the
@@ -189,12 +210,19 @@ class Guard:
         steps = [s for s, _ in self.pending]
         rows = torch.stack([t for _, t in self.pending]).tolist()
         self.pending = []
-        return [{"step": s, "kind": KIND_NAMES[int(k)], "loss": loss, "grad_norm": norm}
-                for s, (k, loss, norm) in zip(steps, rows) if int(k) != OK]
+        return [
+            {"step": s, "kind": KIND_NAMES[int(k)], "loss": loss, "grad_norm": norm}
+            for s, (k, loss, norm) in zip(steps, rows)
+            if int(k) != OK
+        ]
 
     def action_for(self, kind: str) -> str:
-        return {"nonfinite": self.cfg.on_nonfinite, "loss_spike": self.cfg.on_spike,
-                "grad_spike": self.cfg.on_grad_spike, "persistent_spike": self.cfg.on_persistent}[kind]
+        return {
+            "nonfinite": self.cfg.on_nonfinite,
+            "loss_spike": self.cfg.on_spike,
+            "grad_spike": self.cfg.on_grad_spike,
+            "persistent_spike": self.cfg.on_persistent,
+        }[kind]
 
     def after_rollback(self) -> None:
         """The restored model starts a fresh baseline (the old one may include the run-up to the spike)."""

@@ -22,16 +22,20 @@ from kiln.kernels.ao import stored_bytes, torchao
 LOW_BIT = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit"}
 META_PREFIX = "subclass:"
 # the only classes a checkpoint may name: a file chooses nothing else to import or call
-STATE_CLASSES = {"torchao.optim.subclass_8bit.OptimState8bit", "torchao.optim.subclass_4bit.OptimState4bit",
-                 "torchao.optim.subclass_fp8.OptimStateFp8"}
+STATE_CLASSES = {
+    "torchao.optim.subclass_8bit.OptimState8bit",
+    "torchao.optim.subclass_4bit.OptimState4bit",
+    "torchao.optim.subclass_fp8.OptimStateFp8",
+}
 
 
 def build_low_bit(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     optim = torchao("optim", f"optim.name = '{cfg.name}'")
     # torch asks tensor subclasses for a cache hash when it compiles torchao's step; harmless here
     warnings.filterwarnings("ignore", message=".*does not implement _stable_hash_for_caching")
-    return getattr(optim, LOW_BIT[cfg.name])(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                             weight_decay=cfg.weight_decay)
+    return getattr(optim, LOW_BIT[cfg.name])(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
 
 
 def _is_subclass(t: torch.Tensor) -> bool:
@@ -78,9 +82,15 @@ def flatten_state(key: str, value: torch.Tensor, out: dict[str, torch.Tensor], m
     for name in names:
         out[f"{key}.{name}"] = getattr(value, name).detach().contiguous().cpu()
     cls = type(value)
-    meta[META_PREFIX + key] = json.dumps({"class": f"{cls.__module__}.{cls.__qualname__}", "names": names,
-                                          "ctx": _encode(ctx), "size": list(value.shape),
-                                          "stride": list(value.stride())})
+    meta[META_PREFIX + key] = json.dumps(
+        {
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "names": names,
+            "ctx": _encode(ctx),
+            "size": list(value.shape),
+            "stride": list(value.stride()),
+        }
+    )
 
 
 def unflatten_states(flat: dict[str, torch.Tensor], meta: dict[str, str] | None) -> dict[str, torch.Tensor]:
@@ -89,17 +99,20 @@ def unflatten_states(flat: dict[str, torch.Tensor], meta: dict[str, str] | None)
     for mkey, text in (meta or {}).items():
         if not mkey.startswith(META_PREFIX):
             continue
-        key = mkey[len(META_PREFIX):]
+        key = mkey[len(META_PREFIX) :]
         try:
             info = json.loads(text)
             if info["class"] not in STATE_CLASSES:
-                raise CheckpointError(f"optimizer state {key} names an unexpected class {info['class']!r}; "
-                                      "this checkpoint was not written by Kiln")
+                raise CheckpointError(
+                    f"optimizer state {key} names an unexpected class {info['class']!r}; "
+                    "this checkpoint was not written by Kiln"
+                )
             module, _, name = info["class"].rpartition(".")
             cls = getattr(torchao(module.removeprefix("torchao."), "resuming low-bit optimizer states"), name)
             inner = {n: out.pop(f"{key}.{n}") for n in info["names"]}
-            out[key] = cls.__tensor_unflatten__(inner, tuple(_decode(info["ctx"])), torch.Size(info["size"]),
-                                                tuple(info["stride"]))
+            out[key] = cls.__tensor_unflatten__(
+                inner, tuple(_decode(info["ctx"])), torch.Size(info["size"]), tuple(info["stride"])
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"optimizer state {key} is damaged ({type(e).__name__}: {e})") from None
     return out

@@ -42,9 +42,18 @@ def _root(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class TrainModule:
-    def __init__(self, cfg: Config, par: Parallel, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-                 objective: Objective, precision: str, micro_batch: int, stage_ids: list[int] | None = None,
-                 n_stages: int = 1):
+    def __init__(
+        self,
+        cfg: Config,
+        par: Parallel,
+        parts: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer],
+        objective: Objective,
+        precision: str,
+        micro_batch: int,
+        stage_ids: list[int] | None = None,
+        n_stages: int = 1,
+    ):
         self.cfg, self.par, self.parts, self.optimizers = cfg, par, parts, optimizers
         self.objective, self.precision, self.micro_batch = objective, precision, micro_batch
         self.stage_ids, self.n_stages = stage_ids or [0], n_stages
@@ -62,8 +71,9 @@ class TrainModule:
         self.z_mean: torch.Tensor | None = None  # mean log(Z)^2 per predicted token of the last step
         self.chunk = self._chunked_loss(cfg, parts, objective)  # tokens per chunk, 0 = the naive head
         # a masked objective predicts a few positions: a family that can, computes the head there only
-        self.predict_only = (objective.masked and par.dims.pp == 1
-                             and "predict" in inspect.signature(parts[0].forward).parameters)
+        self.predict_only = (
+            objective.masked and par.dims.pp == 1 and "predict" in inspect.signature(parts[0].forward).parameters
+        )
         self.has_moe = bool(moe.moe_layers(parts))
         self.routing: dict[str, torch.Tensor] = {}  # the last step's MoE routing statistics (device tensors)
         if self.has_moe:  # the routers' auxiliary losses are averaged over a step's micro-batches
@@ -78,19 +88,25 @@ class TrainModule:
             return 0
         where = "kernels.cross_entropy = 'chunked'"
         if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-            raise ConfigError(f"{where} works with parallel.tp = 1 and parallel.pp = 1 for now; set "
-                              "kernels.cross_entropy = 'naive'")
+            raise ConfigError(
+                f"{where} works with parallel.tp = 1 and parallel.pp = 1 for now; set kernels.cross_entropy = 'naive'"
+            )
         if "head" not in inspect.signature(parts[0].forward).parameters:
-            raise ConfigError(f"{where}: model.family = '{cfg.model.family}' takes no loss head in its forward; "
-                              "set kernels.cross_entropy = 'naive'")
+            raise ConfigError(
+                f"{where}: model.family = '{cfg.model.family}' takes no loss head in its forward; "
+                "set kernels.cross_entropy = 'naive'"
+            )
         if type(objective).loss_sum is not Objective.loss_sum:
-            raise ConfigError(f"{where}: train.objective = '{cfg.train.objective}' has a loss of its own, not "
-                              "cross-entropy; set kernels.cross_entropy = 'naive'")
+            raise ConfigError(
+                f"{where}: train.objective = '{cfg.train.objective}' has a loss of its own, not "
+                "cross-entropy; set kernels.cross_entropy = 'naive'"
+            )
         return cfg.kernels.chunk_size
 
     def attach_schedule(self) -> None:
-        self.schedule = pp.build_schedule(self.parts, self.stage_ids, self.n_stages, self.par, self.cfg,
-                                          self._pipeline_loss)
+        self.schedule = pp.build_schedule(
+            self.parts, self.stage_ids, self.n_stages, self.par, self.cfg, self._pipeline_loss
+        )
 
     # ---------------------------------------------------------------- views
     @property
@@ -133,12 +149,14 @@ class TrainModule:
             part.train(mode)
 
     # ---------------------------------------------------------------- one step
-    def _forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor,
-                      extras: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_loss(
+        self, inputs: torch.Tensor, targets: torch.Tensor, extras: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(summed objective loss, summed z-loss term or None when train.z_loss is off)."""
         if self.chunk:
-            ce, z = self.model(inputs, **extras,
-                               head=lambda h, w: kernels.linear_cross_entropy(h, w, targets, self.chunk))
+            ce, z = self.model(
+                inputs, **extras, head=lambda h, w: kernels.linear_cross_entropy(h, w, targets, self.chunk)
+            )
             return ce, (z if self.z_coef else None)
         if self.predict_only:
             # Boolean indexing costs one host sync per micro-batch (the count of predicted
@@ -185,12 +203,16 @@ class TrainModule:
             try:
                 with self.autocast():
                     first = pp.has_first_stage(self.stage_ids)
-                    self.schedule.step(*((inputs,) if first else ()), target=targets if self.holds_loss else None,
-                                       losses=losses)
+                    self.schedule.step(
+                        *((inputs,) if first else ()), target=targets if self.holds_loss else None, losses=losses
+                    )
             finally:
                 self._on_loss, self._step_targets = None, None
-            total = (torch.stack(losses).detach().sum() / dp_scale - self.z_coef * self._z_total if losses
-                     else torch.zeros((), device=self.device))
+            total = (
+                torch.stack(losses).detach().sum() / dp_scale - self.z_coef * self._z_total
+                if losses
+                else torch.zeros((), device=self.device)
+            )
         else:
             total = torch.zeros((), device=self.device)
             for i in range(0, inputs.shape[0], self.micro_batch):
@@ -246,8 +268,10 @@ class TrainModule:
         self._eval_totals = totals
         try:
             with self.autocast():
-                self.schedule.eval(*((inputs,) if pp.has_first_stage(self.stage_ids) else ()),
-                                   target=targets if self.holds_loss else None)
+                self.schedule.eval(
+                    *((inputs,) if pp.has_first_stage(self.stage_ids) else ()),
+                    target=targets if self.holds_loss else None,
+                )
         finally:
             self._eval_totals = None
         return totals

@@ -32,8 +32,9 @@ class Batch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # more (B, T, ...) model inputs, by keyword
 
     def rows(self, start: int, stop: int) -> "Batch":
-        return Batch(self.inputs[start:stop], self.targets[start:stop],
-                     {k: v[start:stop] for k, v in self.extras.items()})
+        return Batch(
+            self.inputs[start:stop], self.targets[start:stop], {k: v[start:stop] for k, v in self.extras.items()}
+        )
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(self.inputs.to(device), self.targets.to(device), {k: v.to(device) for k, v in self.extras.items()})
@@ -59,8 +60,7 @@ class Objective:
     def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy over non-ignored targets, in float32; the caller divides by the
         global count of predicted tokens so gradient accumulation and data parallelism agree."""
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                               reduction="sum")
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def z_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -80,8 +80,10 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
 
 def get_objective(name: str) -> type[Objective]:
     if name not in OBJECTIVES:
-        raise ConfigError(f"train.objective = {name!r} is not a registered objective; registered: "
-                          f"{', '.join(OBJECTIVES)} (a plugin adds one with @register_objective)")
+        raise ConfigError(
+            f"train.objective = {name!r} is not a registered objective; registered: "
+            f"{', '.join(OBJECTIVES)} (a plugin adds one with @register_objective)"
+        )
     return OBJECTIVES[name]
 
 
@@ -137,7 +139,9 @@ class Masked(Objective):
         B, T = tokens.shape
         draws = torch.empty(B, 3, T, dtype=torch.float64)  # per position: select, corrupt how, which token
         for row in range(B):
-            draws[row] = torch.rand(3, T, dtype=torch.float64, generator=window_generator(seed, step, first_index + row))
+            draws[row] = torch.rand(
+                3, T, dtype=torch.float64, generator=window_generator(seed, step, first_index + row)
+            )
         select, action, pick = draws.unbind(1)
         if m.whole_word:  # every piece of a word takes the draw of the word's first piece
             starts = torch.from_numpy(self.tokenizer.word_start_mask(tokens.numpy()))

@@ -25,8 +25,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         decay, no_decay = next(iter(by_layout.values()), ([], []))
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # several: only non-empty groups (torch's distributed optimizer state dict accepts one empty group)
-    return [{"params": params, "weight_decay": wd} for i, wd in ((0, weight_decay), (1, 0.0))
-            for pair in by_layout.values() if (params := pair[i])]
+    return [
+        {"params": params, "weight_decay": wd}
+        for i, wd in ((0, weight_decay), (1, 0.0))
+        for pair in by_layout.values()
+        if (params := pair[i])
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -37,8 +41,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         # Fused AdamW has kernels for CUDA and CPU: one pass over all parameters per step.
         impl = "fused" if device.type in ("cuda", "cpu") else "foreach"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, **kwargs)
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs
+    )
 
 
 def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -> float:

@@ -101,9 +101,11 @@ def resume_run(path: Path, overrides: list[str] = (), callbacks: Iterable[Callba
         state = ckpt.read_state(latest)
         saved_key = state["trainer"]["data_key"]
         if saved_key not in (data.manifest.get("content_key"), data.manifest["key"]):
-            raise CheckpointError(f"the data of {path} changed since its checkpoint (dataset {saved_key} -> "
-                                  f"{data.manifest.get('content_key', data.manifest['key'])}); resume needs the "
-                                  "same corpus, tokenizer and split")
+            raise CheckpointError(
+                f"the data of {path} changed since its checkpoint (dataset {saved_key} -> "
+                f"{data.manifest.get('content_key', data.manifest['key'])}); resume needs the "
+                "same corpus, tokenizer and split"
+            )
     trainer = build_trainer(cfg, spec, run, data, par, resume_state=state, callbacks=callbacks)
     if latest is not None:
         trainer.restore(latest)

@@ -166,8 +166,9 @@ class Trainer:
         step, cbs = self.step, self.callbacks
         index = data_index(step, self.skipped)  # the data batch this step trains on
         cbs.on_step_start(self, step, index)
-        batch = self.module.objective.make_batch(self.sampler.batch(index), index, self.cfg.train.seed,
-                                                 first_index=self.sampler.offset)
+        batch = self.module.objective.make_batch(
+            self.sampler.batch(index), index, self.cfg.train.seed, first_index=self.sampler.offset
+        )
         self._mark("data")
         loss = self.module.forward_backward(batch, on_loss=lambda value: cbs.on_loss(self, step, value))
         if self.module.z_mean is not None:
@@ -192,8 +193,13 @@ class Trainer:
     def log_record(self, result: StepResult) -> dict[str, Any]:
         """The metrics.jsonl record of a logging step: the step's numbers plus what callbacks
         recorded since the last one."""
-        record = {"step": self.step, "tokens": self.tokens_seen, "loss": result.loss, "lr": result.lr,
-                  "grad_norm": result.grad_norm}
+        record = {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+        }
         record.update(self.recorder.collect())
         return record
 
@@ -203,28 +209,45 @@ class Trainer:
         train_loss = self.last_record.get("loss")
         if train_loss is None:  # nothing logged by this process (a finished run resumed)
             train_loss = next((r.get("loss") for r in reversed(self.run.metrics())), None)
-        return {"steps": self.step, "tokens": self.tokens_seen, "train_loss": train_loss,
-                "unigram_entropy": self.data.manifest["val_unigram_entropy"],
-                "params": param_count(self.cfg.model, self.data.vocab_size), "device": str(self.device),
-                "world_size": self.par.info.world_size, "layout": self.par.dims.describe(),
-                "precision": self.precision, "compile": self.cfg.train.compile,
-                "seconds": time.perf_counter() - self.started,
-                "seconds_between_steps": {k: round(v, 3) for k, v in self.pauses.items()}}
+        return {
+            "steps": self.step,
+            "tokens": self.tokens_seen,
+            "train_loss": train_loss,
+            "unigram_entropy": self.data.manifest["val_unigram_entropy"],
+            "params": param_count(self.cfg.model, self.data.vocab_size),
+            "device": str(self.device),
+            "world_size": self.par.info.world_size,
+            "layout": self.par.dims.describe(),
+            "precision": self.precision,
+            "compile": self.cfg.train.compile,
+            "seconds": time.perf_counter() - self.started,
+            "seconds_between_steps": {k: round(v, 3) for k, v in self.pauses.items()},
+        }
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         """Trainer state saved with each checkpoint (the data batch of a step follows from the step
         and the skipped ranges, so the loader has no state of its own)."""
-        return {"step": self.step, "tokens": self.tokens_seen, "precision": self.precision, "skipped": self.skipped,
-                "data_key": self.data.manifest.get("content_key", self.data.manifest["key"]),
-                "guard": self.guard.state_dict() if self.guard else None,
-                "callbacks": self.callbacks.state_dict()}
+        return {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "precision": self.precision,
+            "skipped": self.skipped,
+            "data_key": self.data.manifest.get("content_key", self.data.manifest["key"]),
+            "guard": self.guard.state_dict() if self.guard else None,
+            "callbacks": self.callbacks.state_dict(),
+        }
 
     def restore(self, path: Path, keep_events: bool = False) -> None:
         """Model, optimizer, RNG, step, guard and callback states as checkpoint `path` saved them;
         the run folder forgets what was written after it."""
-        saved = self.checkpointer.load(path, self.module.parts, self.module.optimizers,
-                                       rng_seed=self.rng_seed_for(path), new_tensors=self.new_tensors)
+        saved = self.checkpointer.load(
+            path,
+            self.module.parts,
+            self.module.optimizers,
+            rng_seed=self.rng_seed_for(path),
+            new_tensors=self.new_tensors,
+        )
         self.step = saved["step"]
         trainer_state = saved["trainer"]
         lineage = self.run.lineage() or {}
@@ -273,19 +296,23 @@ class Trainer:
                     return True
             self._record(event, action)
             if action == "stop":
-                raise GuardStop(f"the training guard stopped the run at step {event['step']}: {event['kind']} "
-                                f"(loss {event['loss']:.4g}, grad norm {event['grad_norm']:.4g})"
-                                + (f", {event['reason']}" if "reason" in event else "")
-                                + f"; see {self.run.events_path}; resume from the last checkpoint with "
-                                "--resume (e.g. with a lower optim.lr)")
+                raise GuardStop(
+                    f"the training guard stopped the run at step {event['step']}: {event['kind']} "
+                    f"(loss {event['loss']:.4g}, grad norm {event['grad_norm']:.4g})"
+                    + (f", {event['reason']}" if "reason" in event else "")
+                    + f"; see {self.run.events_path}; resume from the last checkpoint with "
+                    "--resume (e.g. with a lower optim.lr)"
+                )
         return False
 
     def _record(self, event: dict[str, Any], action: str) -> None:
         event["action"] = action
         if self.par.is_main:
             self.run.log_event(event)
-        self.say(f"  guard: {event['kind']} at step {event['step']} (loss {event['loss']:.4g}, grad norm "
-                 f"{event['grad_norm']:.4g}) -> {action}")
+        self.say(
+            f"  guard: {event['kind']} at step {event['step']} (loss {event['loss']:.4g}, grad norm "
+            f"{event['grad_norm']:.4g}) -> {action}"
+        )
         self.callbacks.on_guard_event(self, event)
 
     def _rollback_target(self, spike_step: int) -> Path | None:
@@ -309,8 +336,13 @@ class Trainer:
             state.lr_factor, state.lr_factor_until = cfg.lr_factor, self.step + cfg.lr_factor_steps
         self.guard.after_rollback()
         skipped = [first, spike_index + cfg.margin]
-        rollback = {"step": self.step, "kind": "rollback", "from_step": spike_step + 1, "checkpoint": path.name,
-                    "batches_skipped": skipped}
+        rollback = {
+            "step": self.step,
+            "kind": "rollback",
+            "from_step": spike_step + 1,
+            "checkpoint": path.name,
+            "batches_skipped": skipped,
+        }
         if self.par.is_main:
             self.run.log_event(rollback)
         self.say(f"  guard: rolled back to {path.name}; data batches {skipped[0]}..{skipped[1]} will be skipped")

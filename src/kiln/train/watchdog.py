@@ -68,13 +68,18 @@ class Watchdog:
         what = "a training step" if self.in_step else "work between training steps"
         try:
             with open(self.path, "w") as f:
-                f.write(f"{what} running for {waited:.0f}s (limit {self.limit():.0f}s); Python stacks of every thread:\n")
+                f.write(
+                    f"{what} running for {waited:.0f}s (limit {self.limit():.0f}s); Python stacks of every thread:\n"
+                )
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
         finally:
-            print(f"kiln: error: {what} has been running for {waited:.0f}s, far past the usual step time; "
-                  f"stacks written to {self.path}; exiting so the launcher can restart from the last checkpoint",
-                  file=sys.stderr, flush=True)
+            print(
+                f"kiln: error: {what} has been running for {waited:.0f}s, far past the usual step time; "
+                f"stacks written to {self.path}; exiting so the launcher can restart from the last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(HANG_EXIT_CODE)
 
     def stop(self) -> None:

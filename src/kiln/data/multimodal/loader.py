@@ -106,13 +106,13 @@ class WindowBuilder:
                 room = self.window - pos
                 if kind == TEXT:
                     n = min(len(values), room)
-                    out[pos:pos + n, TOKEN] = values[:n]
+                    out[pos : pos + n, TOKEN] = values[:n]
                 else:
                     if n_p > room:  # an image that does not fit whole is left out (the rest is cut)
                         break
                     n = n_p
-                    out[pos:pos + n, PATCH] = np.arange(n_p)
-                    pixel_bytes[pos:pos + n, :L.patch_values] = values
+                    out[pos : pos + n, PATCH] = np.arange(n_p)
+                    pixel_bytes[pos : pos + n, : L.patch_values] = values
                 pos += n
                 if pos >= self.window:
                     break
@@ -126,8 +126,17 @@ class WindowBuilder:
 class SplitStream:
     """The packed windows of one split: the training stream over epochs, or a fixed evaluation set."""
 
-    def __init__(self, data: MultimodalPrepared, split: str, layout: ImageLayout, seq_len: int, seed: int,
-                 shuffle: bool = True, with_images: bool = True, ids: np.ndarray | None = None):
+    def __init__(
+        self,
+        data: MultimodalPrepared,
+        split: str,
+        layout: ImageLayout,
+        seq_len: int,
+        seed: int,
+        shuffle: bool = True,
+        with_images: bool = True,
+        ids: np.ndarray | None = None,
+    ):
         ids = data.split_ids(split) if ids is None else ids
         if len(ids) == 0:
             raise DataError(f"the {split} split of the image-text data is empty; raise data.val_fraction")
@@ -158,8 +167,16 @@ class _StepBatches(torch.utils.data.Dataset):
 class MultimodalSampler:
     """Training batches: `batch(step)` depends only on (seed, step, rank, world size)."""
 
-    def __init__(self, stream: SplitStream, global_batch: int, rank: int = 0, world_size: int = 1,
-                 workers: int = 0, prefetch: int = 4, shares: list[int] | None = None):
+    def __init__(
+        self,
+        stream: SplitStream,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        prefetch: int = 4,
+        shares: list[int] | None = None,
+    ):
         self.local_batch, self.offset = rank_share(global_batch, rank, world_size, shares)
         self.stream, self.global_batch = stream, global_batch
         self.rank, self.workers, self.prefetch = rank, workers, prefetch
@@ -179,8 +196,13 @@ class MultimodalSampler:
             return torch.from_numpy(self.make(step))
         if self._iter is None or step != self._next:
             self.close()
-            loader = torch.utils.data.DataLoader(_StepBatches(self), batch_size=None, sampler=itertools.count(step),
-                                                 num_workers=self.workers, prefetch_factor=self.prefetch)
+            loader = torch.utils.data.DataLoader(
+                _StepBatches(self),
+                batch_size=None,
+                sampler=itertools.count(step),
+                num_workers=self.workers,
+                prefetch_factor=self.prefetch,
+            )
             self._iter = iter(loader)
         self._next = step + 1
         try:
@@ -217,16 +239,20 @@ def validation_windows(cfg: Config, data: MultimodalPrepared, windows: int = 0) 
     ids = evaluation_samples(data, layout, seq_len, windows or cfg.eval.batches * cfg.global_batch)
     val = {}
     for name, with_images in (("", True), ("text_only", False)):
-        stream = SplitStream(data, "val", layout, seq_len, cfg.train.seed, shuffle=False, with_images=with_images,
-                             ids=ids)
+        stream = SplitStream(
+            data, "val", layout, seq_len, cfg.train.seed, shuffle=False, with_images=with_images, ids=ids
+        )
         val[name] = torch.from_numpy(stream.windows(range(stream.epoch_windows(0))))
     return val
 
 
-def training_streams(cfg: Config, data: MultimodalPrepared, rank: int, world: int) -> tuple[MultimodalSampler, dict[str, torch.Tensor]]:
+def training_streams(
+    cfg: Config, data: MultimodalPrepared, rank: int, world: int
+) -> tuple[MultimodalSampler, dict[str, torch.Tensor]]:
     """The training sampler (`data.with_images = false` withholds the images) and `validation_windows`."""
     layout = ImageLayout.from_config(cfg)
     train = SplitStream(data, "train", layout, cfg.model.seq_len, cfg.train.seed, with_images=cfg.data.with_images)
-    sampler = MultimodalSampler(train, cfg.global_batch, rank, world, cfg.data.loader_workers,
-                                shares=cfg.parallel.dp_batch_shares)
+    sampler = MultimodalSampler(
+        train, cfg.global_batch, rank, world, cfg.data.loader_workers, shares=cfg.parallel.dp_batch_shares
+    )
     return sampler, validation_windows(cfg, data)

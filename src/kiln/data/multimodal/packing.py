@@ -18,8 +18,9 @@ import bisect
 import numpy as np
 
 
-def pack(lengths: np.ndarray, order: np.ndarray, window: int, buffer: int = 1024,
-         rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pack(
+    lengths: np.ndarray, order: np.ndarray, window: int, buffer: int = 1024, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Samples `order` (ids into `lengths`) packed into windows of `window` positions:
     (the samples in window order, int64 offsets of each window into them (n_windows + 1)).
 
@@ -35,7 +36,7 @@ def pack(lengths: np.ndarray, order: np.ndarray, window: int, buffer: int = 1024
         members: list[list[int]] = []
         for sample in chunk.tolist():
             need = caps[sample]
-            open_room = room[:len(members)]
+            open_room = room[: len(members)]
             fits = np.flatnonzero(open_room >= need)
             if len(fits):
                 slot = int(fits[open_room[fits].argmin()])
@@ -96,7 +97,7 @@ class EpochPlans:
         """(epoch, the samples of global window `index`)."""
         epoch, w = self.locate(index)
         samples, offsets = self.plan(epoch)
-        return epoch, samples[offsets[w]:offsets[w + 1]]
+        return epoch, samples[offsets[w] : offsets[w + 1]]
 
     def epoch_of(self, index: int) -> float:
         epoch, w = self.locate(index)

@@ -70,19 +70,28 @@ class MultimodalPrepared:
         return (cum[self.samples[ids + 1]] - cum[self.samples[ids]] + 2).astype(np.int64)
 
     def sample_segments(self, sample: int) -> np.ndarray:
-        return self.segments[self.samples[sample]:self.samples[sample + 1]]
+        return self.segments[self.samples[sample] : self.samples[sample + 1]]
 
     def text_tokens(self, start: int, length: int) -> np.ndarray:
-        return np.asarray(self.text[start:start + length], dtype=np.int64)
+        return np.asarray(self.text[start : start + length], dtype=np.int64)
 
     def image_bytes(self, index: int) -> bytes:
-        return self.images[self.image_offsets[index]:self.image_offsets[index + 1]].tobytes()
+        return self.images[self.image_offsets[index] : self.image_offsets[index + 1]].tobytes()
 
 
 def dataset_key(cfg: DataConfig, fingerprint: str) -> str:
     tok = load_tokenizer(cfg.tokenizer).sha256 if cfg.tokenizer else ""
-    parts = [FORMAT, fingerprint, str(cfg.vocab_size), tok, repr(cfg.val_fraction), str(cfg.split_seed),
-             str(cfg.max_docs), cfg.text_field, cfg.image_field]
+    parts = [
+        FORMAT,
+        fingerprint,
+        str(cfg.vocab_size),
+        tok,
+        repr(cfg.val_fraction),
+        str(cfg.split_seed),
+        str(cfg.max_docs),
+        cfg.text_field,
+        cfg.image_field,
+    ]
     return "mm-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -95,8 +104,10 @@ def open_multimodal(path: Path, verify: bool = True) -> MultimodalPrepared:
     if verify:
         for name in FILES:
             if not (path / name).is_file() or sha256_file(path / name) != manifest["sha256"][name]:
-                raise DataError(f"{path / name} is missing or does not match its checksum (corrupt cache); delete "
-                                f"{path} and train again")
+                raise DataError(
+                    f"{path / name} is missing or does not match its checksum (corrupt cache); delete "
+                    f"{path} and train again"
+                )
     return MultimodalPrepared(path, manifest, tokenizer)
 
 
@@ -114,8 +125,10 @@ def _read(cfg: DataConfig, source, images_out) -> tuple[list[list[tuple[int, Any
             else:
                 problem = image_problem(seg)
                 if problem is not None:
-                    raise DataError(f"data.corpus = '{cfg.corpus}': sample {len(samples)} holds an image Pillow cannot "
-                                    f"decode ({problem}); remove or re-encode it")
+                    raise DataError(
+                        f"data.corpus = '{cfg.corpus}': sample {len(samples)} holds an image Pillow cannot "
+                        f"decode ({problem}); remove or re-encode it"
+                    )
                 images_out.write(seg)
                 images_out.offsets.append(images_out.offsets[-1] + len(seg))
                 entry.append((IMAGE, n_images))
@@ -152,8 +165,10 @@ def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
         finally:
             writer.file.close()
         if len(samples) < 2:
-            raise DataError(f"data.corpus = '{cfg.corpus}' holds {len(samples)} image-text sample(s); a train / "
-                            "validation split needs at least two")
+            raise DataError(
+                f"data.corpus = '{cfg.corpus}' holds {len(samples)} image-text sample(s); a train / "
+                "validation split needs at least two"
+            )
         if cfg.tokenizer:
             tok = load_tokenizer(cfg.tokenizer)
         else:
@@ -179,8 +194,11 @@ def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
         for entry in samples:
             h = hashlib.sha256()
             for kind, ref in entry:
-                h.update(texts[ref].encode("utf-8", "surrogatepass") if kind == TEXT else
-                         image_file[writer.offsets[ref]:writer.offsets[ref + 1]].tobytes())
+                h.update(
+                    texts[ref].encode("utf-8", "surrogatepass")
+                    if kind == TEXT
+                    else image_file[writer.offsets[ref] : writer.offsets[ref + 1]].tobytes()
+                )
             keys.append(h.hexdigest())
         is_val = np.array([_is_val(k, cfg.split_seed, cfg.val_fraction) for k in keys])
         if not is_val.any():
@@ -192,20 +210,37 @@ def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
         del image_file
 
         tok.save(tmp / "tokenizer.json")
-        val_tokens = [np.asarray(encoded[ref], dtype=np.int64) for i in np.flatnonzero(is_val)
-                      for kind, ref in samples[i] if kind == TEXT] + [np.full(int(is_val.sum()), tok.eos_id)]
+        val_tokens = [
+            np.asarray(encoded[ref], dtype=np.int64)
+            for i in np.flatnonzero(is_val)
+            for kind, ref in samples[i]
+            if kind == TEXT
+        ] + [np.full(int(is_val.sum()), tok.eos_id)]
         sha = {name: sha256_file(tmp / name) for name in FILES}
         manifest = {
-            "format": FORMAT, "key": key, "corpus": cfg.corpus, "modality": "image-text",
-            "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "dtype": dtype.name,
-            "samples": len(samples), "images": n_images, "texts": len(texts),
-            "text_tokens": int(text_starts[-1]), "train_samples": int((~is_val).sum()),
-            "val_samples": int(is_val.sum()), "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
-            "val_unigram_entropy": unigram_entropy(val_tokens, tok.vocab_size), "sha256": sha,
+            "format": FORMAT,
+            "key": key,
+            "corpus": cfg.corpus,
+            "modality": "image-text",
+            "tokenizer_sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype.name,
+            "samples": len(samples),
+            "images": n_images,
+            "texts": len(texts),
+            "text_tokens": int(text_starts[-1]),
+            "train_samples": int((~is_val).sum()),
+            "val_samples": int(is_val.sum()),
+            "split_seed": cfg.split_seed,
+            "val_fraction": cfg.val_fraction,
+            "val_unigram_entropy": unigram_entropy(val_tokens, tok.vocab_size),
+            "sha256": sha,
             "content_key": hashlib.sha256("\n".join([tok.sha256] + [sha[n] for n in FILES]).encode()).hexdigest()[:20],
             "seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    log(f"prepared {manifest['train_samples']} + {manifest['val_samples']} image-text samples ({n_images} images, "
-        f"{manifest['text_tokens']:,} text tokens) in {manifest['seconds']:.1f}s -> {final}")
+    log(
+        f"prepared {manifest['train_samples']} + {manifest['val_samples']} image-text samples ({n_images} images, "
+        f"{manifest['text_tokens']:,} text tokens) in {manifest['seconds']:.1f}s -> {final}"
+    )
     return open_multimodal(final)

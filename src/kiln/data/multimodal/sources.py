@@ -57,17 +57,23 @@ MULTIMODAL_SOURCES: dict[str, Callable[[DataConfig], MultimodalSource]] = {}
 
 def register_multimodal_source(name: str):
     """Decorator: `@register_multimodal_source("mine")` makes `data.corpus = "mine"` select it."""
+
     def wrap(fn: Callable[[DataConfig], MultimodalSource]) -> Callable[[DataConfig], MultimodalSource]:
         MULTIMODAL_SOURCES[name] = fn
         return fn
+
     return wrap
 
 
 # ------------------------------------------------------------------ the digits demo
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-CAPTIONS = ("a handwritten {name}.", "the digit {name}, written by hand.", "a small grey picture of a {name}.",
-            "this is a {name}.")
+CAPTIONS = (
+    "a handwritten {name}.",
+    "the digit {name}, written by hand.",
+    "a small grey picture of a {name}.",
+    "this is a {name}.",
+)
 
 
 def digit_caption(label: int, index: int) -> str:
@@ -81,8 +87,9 @@ def digits_source(cfg: DataConfig) -> MultimodalSource:
         import sklearn
         from sklearn.datasets import load_digits
     except ImportError:
-        raise DataError("data.corpus = 'digits' needs scikit-learn; pip install scikit-learn "
-                        "(or pip install 'kiln[vision]')") from None
+        raise DataError(
+            "data.corpus = 'digits' needs scikit-learn; pip install scikit-learn (or pip install 'kiln[vision]')"
+        ) from None
 
     def read() -> Iterator[Sample]:
         from PIL import Image
@@ -99,6 +106,7 @@ def digits_source(cfg: DataConfig) -> MultimodalSource:
 
 # ------------------------------------------------------------------ files
 
+
 def _files(spec: str) -> list[Path]:
     found: list[Path] = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
@@ -110,8 +118,10 @@ def _files(spec: str) -> list[Path]:
                 raise DataError(f"{path} is not an image-text source: expected .tar (WebDataset) or .parquet")
             found.append(path)
         else:
-            raise DataError(f"data.corpus: {part} is neither a registered image-text source "
-                            f"({', '.join(MULTIMODAL_SOURCES)}) nor an existing file or directory")
+            raise DataError(
+                f"data.corpus: {part} is neither a registered image-text source "
+                f"({', '.join(MULTIMODAL_SOURCES)}) nor an existing file or directory"
+            )
     if not found:
         raise DataError(f"data.corpus = '{spec}' holds no .tar or .parquet files")
     return found
@@ -135,7 +145,7 @@ def _tar_sample(path: Path, key: str, members: dict[str, bytes]) -> Sample:
     if isinstance(doc, dict) and "segments" in doc:  # interleaved; any other .json is metadata (img2dataset)
         segments = doc["segments"]
         if not isinstance(segments, list):
-            raise DataError(f"{where}: its .json's \"segments\" is not a list")
+            raise DataError(f'{where}: its .json\'s "segments" is not a list')
         out: Sample = []
         for seg in segments:
             if isinstance(seg, dict) and isinstance(seg.get("text"), str):
@@ -146,13 +156,15 @@ def _tar_sample(path: Path, key: str, members: dict[str, bytes]) -> Sample:
                     raise DataError(f"{where}: segment image '{seg['image']}' names no member {key}.{seg['image']}")
                 out.append(members[suffix])
             else:
-                raise DataError(f"{where}: segment {seg!r} is neither {{\"text\": ...}} nor {{\"image\": ...}}")
+                raise DataError(f'{where}: segment {seg!r} is neither {{"text": ...}} nor {{"image": ...}}')
         return out
     images = [members[s] for s in members if s.rsplit(".", 1)[-1] in IMAGE_SUFFIXES]
     texts = [members[s].decode("utf-8", errors="replace") for s in members if s in TEXT_SUFFIXES]
     if not images or not texts:
-        raise DataError(f"{where} has no image and caption pair (members: {', '.join(sorted(members))}); "
-                        f"a pair needs one of .{', .'.join(IMAGE_SUFFIXES)} and a .txt")
+        raise DataError(
+            f"{where} has no image and caption pair (members: {', '.join(sorted(members))}); "
+            f"a pair needs one of .{', .'.join(IMAGE_SUFFIXES)} and a .txt"
+        )
     return [images[0], texts[0]]
 
 
@@ -205,8 +217,9 @@ def read_parquet(path: Path, text_field: str, image_field: str) -> Iterator[Samp
             row += 1
             if isinstance(text, list) or isinstance(image, list):  # interleaved (OBELICS layout)
                 if not (isinstance(text, list) and isinstance(image, list) and len(text) == len(image)):
-                    raise DataError(f"{where}: interleaved rows need '{text_field}' and '{image_field}' lists of "
-                                    "the same length")
+                    raise DataError(
+                        f"{where}: interleaved rows need '{text_field}' and '{image_field}' lists of the same length"
+                    )
                 sample: Sample = []
                 for t, im in zip(text, image):
                     if (t is None) == (im is None):

@@ -1,11 +1,11 @@
 """Callbacks: the aspects of training (kiln.train.callbacks.base documents the events).
 
-    from kiln.train.callbacks import Callback, register_callback
+from kiln.train.callbacks import Callback, register_callback
 
-    @register_callback("my_monitor")
-    class MyMonitor(Callback):
-        def on_step_end(self, trainer, result):
-            ...
+@register_callback("my_monitor")
+class MyMonitor(Callback):
+    def on_step_end(self, trainer, result):
+        ...
 """
 
 from kiln.train.callbacks.base import Callback, CallbackList

@@ -35,8 +35,11 @@ class TimeBudget(Callback):
             self.t0, self.p0 = time.perf_counter(), trainer.pause_seconds
 
     def on_step_end(self, trainer, result) -> None:
-        if (self.t0 is None or trainer.step != self.first + WARMUP_STEPS + CALIBRATION_STEPS
-                or not trainer.cfg.train.time_budget_s):
+        if (
+            self.t0 is None
+            or trainer.step != self.first + WARMUP_STEPS + CALIBRATION_STEPS
+            or not trainer.cfg.train.time_budget_s
+        ):
             return
         if isinstance(result.loss, torch.Tensor):
             float(result.loss)  # wait for the device, so the time is the steps' and not their dispatch
@@ -50,14 +53,22 @@ class TimeBudget(Callback):
         steps = max(floor, min(ceiling, int(budget / max(per_step, 1e-9))))
         trainer.total_steps = steps
         cfg.train.steps, cfg.train.tokens, cfg.train.time_budget_s = steps, 0, 0.0
-        event = {"step": trainer.step, "kind": "time_budget", "budget_s": budget, "seconds_per_step": per_step,
-                 "steps": steps, "ceiling": ceiling}
+        event = {
+            "step": trainer.step,
+            "kind": "time_budget",
+            "budget_s": budget,
+            "seconds_per_step": per_step,
+            "steps": steps,
+            "ceiling": ceiling,
+        }
         if trainer.is_main:
             trainer.run.write_config(cfg)
             trainer.run.log_event(event)
         fits = "all" if steps == ceiling else f"{steps} of the {ceiling}"
-        trainer.say(f"  time budget {budget:.0f}s at {per_step:.3f}s/step: training {fits} steps "
-                    f"(~{steps * per_step / 60:.1f} min of steps); recorded in config.toml")
+        trainer.say(
+            f"  time budget {budget:.0f}s at {per_step:.3f}s/step: training {fits} steps "
+            f"(~{steps * per_step / 60:.1f} min of steps); recorded in config.toml"
+        )
         self.budget_event: dict[str, Any] = event
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:

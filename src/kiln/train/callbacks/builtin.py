@@ -19,8 +19,15 @@ from kiln.train.callbacks.watchdog import HangWatchdog
 
 
 def builtin_callbacks(cfg: Config) -> list[Callback]:
-    callbacks: list[Callback] = [Evaluation(), CheckpointPolicy(), Samples(), Throughput(), ConsoleLog(), MetricsLog(),
-                                  RunStatus()]
+    callbacks: list[Callback] = [
+        Evaluation(),
+        CheckpointPolicy(),
+        Samples(),
+        Throughput(),
+        ConsoleLog(),
+        MetricsLog(),
+        RunStatus(),
+    ]
     if cfg.train.time_budget_s:
         callbacks.append(TimeBudget())
     if cfg.guard.hang_min_s > 0:

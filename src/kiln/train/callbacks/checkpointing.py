@@ -52,8 +52,10 @@ class CheckpointPolicy(Callback):
         self.last_saved = trainer.step
         with trainer.paused("checkpoint"):
             module = trainer.module
-            path = self._guarded(trainer, lambda: trainer.checkpointer.save(
-                trainer.step, module.parts, module.optimizers, trainer.state()))
+            path = self._guarded(
+                trainer,
+                lambda: trainer.checkpointer.save(trainer.step, module.parts, module.optimizers, trainer.state()),
+            )
             self._committed(trainer, path)
             if trainer.done:
                 self.flush(trainer)
@@ -74,12 +76,15 @@ class CheckpointPolicy(Callback):
             return write()
         except OSError as e:
             folder = trainer.run.checkpoints
-            message = (f"writing checkpoint step {trainer.step} to {folder} failed ({e.strerror or e}); "
-                       "earlier checkpoints are intact")
+            message = (
+                f"writing checkpoint step {trainer.step} to {folder} failed ({e.strerror or e}); "
+                "earlier checkpoints are intact"
+            )
             action = trainer.cfg.checkpoint.on_error
             if trainer.is_main:
-                trainer.run.log_event({"step": trainer.step, "kind": "checkpoint_failed", "error": str(e),
-                                       "action": action})
+                trainer.run.log_event(
+                    {"step": trainer.step, "kind": "checkpoint_failed", "error": str(e), "action": action}
+                )
             if action == "stop":
                 raise KilnError(message + "; free space and resume with --resume") from None
             trainer.say(f"  warning: {message}; continuing (checkpoint.on_error = continue)")

@@ -40,17 +40,28 @@ class Evaluation(Callback):
         with trainer.paused("evaluation"):
             module.train(False)
             try:
+
                 def run(share):
-                    return evaluate_windows(module.eval_step, share, module.objective, trainer.eval_batch,
-                                            trainer.device, seed=trainer.cfg.train.seed,
-                                            reduce=par.data_sum if par.distributed else None,
-                                            holds_loss=module.holds_loss)
+                    return evaluate_windows(
+                        module.eval_step,
+                        share,
+                        module.objective,
+                        trainer.eval_batch,
+                        trainer.device,
+                        seed=trainer.cfg.train.seed,
+                        reduce=par.data_sum if par.distributed else None,
+                        holds_loss=module.holds_loss,
+                    )
 
                 metrics = run(trainer.val)
                 for name, share in trainer.extra_val.items():  # e.g. text_only_val_loss: the images withheld
                     metrics.update({f"{name}_{k}": v for k, v in run(share).items() if k in ("val_loss", "val_ppl")})
-                record = {"step": trainer.step, "tokens": trainer.tokens_seen, **metrics,
-                          **run_training_suites(trainer)}
+                record = {
+                    "step": trainer.step,
+                    "tokens": trainer.tokens_seen,
+                    **metrics,
+                    **run_training_suites(trainer),
+                }
             finally:
                 module.train(True)
             if trainer.is_main:
@@ -70,8 +81,16 @@ def run_training_suites(trainer) -> dict[str, Any]:
     names = trainer.cfg.eval.suites
     if not names or not trainer.module.whole_model or trainer.par.dims.tp > 1:
         return {}  # pipeline stages / tensor shards hold parts of the model: run `kiln eval` on the checkpoint
-    ctx = EvalContext(trainer.cfg, trainer.module.model, trainer.data.tokenizer, trainer.device,
-                      trainer.module.autocast, run_dir=trainer.run.path, step=trainer.step, prepared=trainer.data)
+    ctx = EvalContext(
+        trainer.cfg,
+        trainer.module.model,
+        trainer.data.tokenizer,
+        trainer.device,
+        trainer.module.autocast,
+        run_dir=trainer.run.path,
+        step=trainer.step,
+        prepared=trainer.data,
+    )
     report = run_suites(ctx, list(names))
     if trainer.is_main:
         save_report(trainer.run.path, report)
@@ -102,18 +121,43 @@ class Samples(Callback):
         if module.objective.name == "multimodal":  # caption held-out images
             from kiln.eval.caption import caption_samples
 
-            out = caption_samples(module.model, trainer.val.windows[0], tok, trainer.device, module.autocast,
-                                  max_tokens=cfg.eval.sample_tokens)
+            out = caption_samples(
+                module.model,
+                trainer.val.windows[0],
+                tok,
+                trainer.device,
+                module.autocast,
+                max_tokens=cfg.eval.sample_tokens,
+            )
             text = "".join(f"=== {s['prompt']}\n{s['text']}\n(data: {s['reference']})\n\n" for s in out)
         elif not trainer.spec.causal:  # an encoder does not generate: show it filling masks instead
-            out = [fill_mask_demo(module.model, trainer.val.windows[0], module.objective, tok, trainer.device,
-                                  module.autocast, cfg.train.seed)]
+            out = [
+                fill_mask_demo(
+                    module.model,
+                    trainer.val.windows[0],
+                    module.objective,
+                    tok,
+                    trainer.device,
+                    module.autocast,
+                    cfg.train.seed,
+                )
+            ]
             text = f"=== {out[0]['prompt']}\n{out[0]['text']}\n"
         else:
             gen = torch.Generator().manual_seed(cfg.train.seed)
-            texts = sample_prompts(module.model, tok, cfg.eval.prompts, cfg.eval.sample_tokens, cfg.model.seq_len,
-                                   trainer.device, module.autocast, temperature=cfg.eval.temperature,
-                                   top_k=cfg.eval.top_k, generator=gen, stop=False)
+            texts = sample_prompts(
+                module.model,
+                tok,
+                cfg.eval.prompts,
+                cfg.eval.sample_tokens,
+                cfg.model.seq_len,
+                trainer.device,
+                module.autocast,
+                temperature=cfg.eval.temperature,
+                top_k=cfg.eval.top_k,
+                generator=gen,
+                stop=False,
+            )
             out = [{"prompt": p, "text": t} for p, t in zip(cfg.eval.prompts, texts)]
             text = "".join(f"=== {s['prompt']!r}\n{s['text']}\n\n" for s in out)
         if trainer.is_main:

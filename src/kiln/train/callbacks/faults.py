@@ -42,11 +42,26 @@ DEAD_BIAS = -30.0
 
 
 def any_fault(cfg: FaultsConfig) -> bool:
-    return any(getattr(cfg, name) not in (0, [], False, -1) for name in (
-        "nonfinite_loss", "nonfinite_grad", "corrupt_batch", "lr_high", "lr_low", "repeat_batch", "entropy_collapse",
-        "dead_units", "slow_steps", "slow_rank", "throttle_rank", "hang", "loader_stall", "corrupt_checkpoint", "tokenizer_mismatch"))
-
-
+    return any(
+        getattr(cfg, name) not in (0, [], False, -1)
+        for name in (
+            "nonfinite_loss",
+            "nonfinite_grad",
+            "corrupt_batch",
+            "lr_high",
+            "lr_low",
+            "repeat_batch",
+            "entropy_collapse",
+            "dead_units",
+            "slow_steps",
+            "slow_rank",
+            "throttle_rank",
+            "hang",
+            "loader_stall",
+            "corrupt_checkpoint",
+            "tokenizer_mismatch",
+        )
+    )
 
 
 class Faults(Callback):
@@ -100,8 +115,9 @@ class Faults(Callback):
                     self.hooks.append(leaf.register_forward_pre_hook(self._throttle_start))
                     self.hooks.append(leaf.register_forward_hook(self._throttle_forward))
                     # (an embedding's input, token ids, takes no gradient: no backward hook there)
-                    if any(p.requires_grad for p in leaf.parameters(recurse=False)) and \
-                            not isinstance(leaf, torch.nn.Embedding):
+                    if any(p.requires_grad for p in leaf.parameters(recurse=False)) and not isinstance(
+                        leaf, torch.nn.Embedding
+                    ):
                         self.hooks.append(leaf.register_full_backward_pre_hook(self._throttle_start))
                         self.hooks.append(leaf.register_full_backward_hook(self._throttle_end))
 
@@ -175,8 +191,9 @@ class Faults(Callback):
     def on_checkpoint(self, trainer, step: int, path: Path) -> None:
         if step != self.cfg.corrupt_checkpoint or not trainer.is_main:
             return
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != "manifest.json"
-                       and p.stat().st_size > 64)
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.name != "manifest.json" and p.stat().st_size > 64
+        )
         target = next((p for p in files if p.name.startswith("model")), files[0] if files else None)
         if target is not None:  # flip bytes in the middle: the checksum no longer matches
             with open(target, "r+b") as f:

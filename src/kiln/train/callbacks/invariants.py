@@ -48,8 +48,12 @@ from kiln.train.objectives import IGNORE
 
 REPLICAS, DATA, NORMALISER, OPT_STEPS = "replicas identical", "disjoint data", "loss normaliser", "optimizer steps"
 SUMSQ_RTOL = 1e-10  # float64 sums of squares of identical tensors differ only by reduction order
-RELATION = {"pp": "pipeline ranks", "dp_replicate": "data-parallel replicas", "dp_shard": "data-parallel ranks",
-            "tp": "tensor-parallel ranks"}
+RELATION = {
+    "pp": "pipeline ranks",
+    "dp_replicate": "data-parallel replicas",
+    "dp_shard": "data-parallel ranks",
+    "tp": "tensor-parallel ranks",
+}
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 HEADER_F, HEADER_I = 3, 3  # floats: count, normaliser, discarded; ints: dp rank, has data, local error
 
@@ -71,8 +75,6 @@ class InvariantsOptions:
             raise ConfigError(f"callbacks.invariants.every must be >= 0 (0 = debug.invariants_every), got {self.every}")
 
 
-
-
 def replica_key(p: torch.Tensor) -> tuple:
     """What a rank's local part of `p` is determined by besides its name and stage: its
     coordinate on every mesh dimension that does not replicate `p`. Ranks with equal keys must
@@ -81,8 +83,7 @@ def replica_key(p: torch.Tensor) -> tuple:
         return ()
     mesh = p.device_mesh
     names = mesh.mesh_dim_names or tuple(str(i) for i in range(mesh.ndim))
-    return tuple((names[i], mesh.get_local_rank(i)) for i, place in enumerate(p.placements)
-                 if not place.is_replicate())
+    return tuple((names[i], mesh.get_local_rank(i)) for i, place in enumerate(p.placements) if not place.is_replicate())
 
 
 def fingerprint(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,9 +152,13 @@ class Invariants(Callback):
             coords = tuple(par.mesh.get_local_rank(d) for d in DIM_NAMES)
         else:
             coords = (0,) * len(DIM_NAMES)
-        mine = {"coords": coords, "dp": par.dp[0], "names": [n for n, _, _ in self.params],
-                "keys": [replica_key(p) for _, p, _ in self.params],
-                "trained": [p.requires_grad for _, p, _ in self.params]}
+        mine = {
+            "coords": coords,
+            "dp": par.dp[0],
+            "names": [n for n, _, _ in self.params],
+            "keys": [replica_key(p) for _, p, _ in self.params],
+            "trained": [p.requires_grad for _, p, _ in self.params],
+        }
         if par.distributed:
             metas: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(metas, mine)
@@ -215,8 +220,11 @@ class Invariants(Callback):
         # text windows repeat each epoch (a batch may wrap one); the image-text stream's window
         # indices are global over epochs and never repeat
         n = len(sampler.windows) if hasattr(sampler, "windows") else None
-        self._data = {"index": data_index, "samples": np.asarray(sampler.sample_indices(data_index), dtype=np.int64),
-                      "epochs": (first + B - 1) // n - first // n + 1 if n else 1}
+        self._data = {
+            "index": data_index,
+            "samples": np.asarray(sampler.sample_indices(data_index), dtype=np.int64),
+            "epochs": (first + B - 1) // n - first // n + 1 if n else 1,
+        }
 
     def on_step_complete(self, trainer) -> None:
         if not self.due(trainer.step):
@@ -242,8 +250,9 @@ class Invariants(Callback):
         return {"discarded": int(round(float(self.discarded))), "late": dict(self.late)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.discarded = torch.as_tensor(float(state.get("discarded", 0)), dtype=torch.float64,
-                                         device=getattr(self, "device", "cpu"))
+        self.discarded = torch.as_tensor(
+            float(state.get("discarded", 0)), dtype=torch.float64, device=getattr(self, "device", "cpu")
+        )
         self.late = {k: int(v) for k, v in state.get("late", {}).items()}
         self.calibrate = False
         self._loaded = True
@@ -259,7 +268,7 @@ class Invariants(Callback):
             floats[0] = data["count"].to(dev, torch.float64)
             scale = data["normaliser"]
             floats[1] = math.nan if scale is None else 1.0 / scale.detach().to(dev, torch.float64)
-            ints[HEADER_I:HEADER_I + self.local_batch] = torch.from_numpy(data["samples"]).to(dev)
+            ints[HEADER_I : HEADER_I + self.local_batch] = torch.from_numpy(data["samples"]).to(dev)
         floats[2] = self.discarded
         ints[0], ints[1] = self.metas[trainer.par.info.rank]["dp"], int(has_data)
         steps, sums, bitsums = [], [], []
@@ -272,9 +281,9 @@ class Invariants(Callback):
             sums.append(sq.to(dev))
         n = len(self.params)
         if n:
-            floats[HEADER_F:HEADER_F + n] = torch.stack(steps)
-            floats[HEADER_F + P:HEADER_F + P + n] = torch.stack(sums)
-            ints[HEADER_I + self.local_batch:HEADER_I + self.local_batch + n] = torch.stack(bitsums)
+            floats[HEADER_F : HEADER_F + n] = torch.stack(steps)
+            floats[HEADER_F + P : HEADER_F + P + n] = torch.stack(sums)
+            ints[HEADER_I + self.local_batch : HEADER_I + self.local_batch + n] = torch.stack(bitsums)
         return torch.cat([floats.view(torch.int64), ints])
 
     def check(self, trainer) -> None:
@@ -284,8 +293,11 @@ class Invariants(Callback):
             local = self._local_vector(trainer)
         except Exception as e:  # still take part in the gather, so no rank waits for this one
             error = e
-            local = torch.zeros(HEADER_F + 3 * self.n_params + HEADER_I + self.local_batch + self.n_params,
-                                dtype=torch.int64, device=self.device)
+            local = torch.zeros(
+                HEADER_F + 3 * self.n_params + HEADER_I + self.local_batch + self.n_params,
+                dtype=torch.int64,
+                device=self.device,
+            )
             local[HEADER_F + 3 * self.n_params + 2] = 1
         if par.distributed:
             parts = [torch.empty_like(local) for _ in range(self.world)]
@@ -298,8 +310,9 @@ class Invariants(Callback):
         if error is not None:
             raise error
         if failed:
-            raise KilnError(f"the invariant check failed on rank(s) {_list(failed)} at step {trainer.step} "
-                            "(see their tracebacks)")
+            raise KilnError(
+                f"the invariant check failed on rank(s) {_list(failed)} at step {trainer.step} (see their tracebacks)"
+            )
         floats = np.ascontiguousarray(table[:, :F]).view(np.float64)
         ints = table[:, F:]
         violations = self._evaluate(trainer, floats, ints)
@@ -313,9 +326,16 @@ class Invariants(Callback):
             if others:
                 error.args = (f"{error.args[0]}; also violated: {', '.join(repr(o) for o in others)}",)
         if par.is_main:
-            trainer.run.log_event({"step": trainer.step, "kind": "invariant", "invariant": invariant,
-                                   "ranks": ranks, "message": str(error),
-                                   "violations": [{"invariant": i, "detail": d, "ranks": r} for i, d, r in violations]})
+            trainer.run.log_event(
+                {
+                    "step": trainer.step,
+                    "kind": "invariant",
+                    "invariant": invariant,
+                    "ranks": ranks,
+                    "message": str(error),
+                    "violations": [{"invariant": i, "detail": d, "ranks": r} for i, d, r in violations],
+                }
+            )
         raise error
 
     # ---------------------------------------------------------------- verdicts (the same on every rank)
@@ -333,29 +353,43 @@ class Invariants(Callback):
         for name, members in self.groups:
             (r0, i0), rest = members[0], members[1:]
             bits0, sq0 = ints[r0, HEADER_I + lb + i0], floats[r0, HEADER_F + P + i0]
-            differ = [r for r, i in rest if ints[r, HEADER_I + lb + i] != bits0
-                      or abs(floats[r, HEADER_F + P + i] - sq0) > SUMSQ_RTOL * max(abs(sq0), 1e-300)]
+            differ = [
+                r
+                for r, i in rest
+                if ints[r, HEADER_I + lb + i] != bits0
+                or abs(floats[r, HEADER_F + P + i] - sq0) > SUMSQ_RTOL * max(abs(sq0), 1e-300)
+            ]
             if differ:
                 bad_params.append((name_of(r0, i0), r0, differ))
         if bad_params:
             name, r0, differ = bad_params[0]
             more = f" (and {len(bad_params) - 1} more parameters)" if len(bad_params) > 1 else ""
             ranks = [r0, *differ]
-            out.append((REPLICAS, f"{name} differs between ranks {r0} and {_list(differ)} "
-                                  f"({self._relation(r0, differ[0])}){more}", ranks))
+            out.append(
+                (
+                    REPLICAS,
+                    f"{name} differs between ranks {r0} and {_list(differ)} ({self._relation(r0, differ[0])}){more}",
+                    ranks,
+                )
+            )
 
         # 2. disjoint data, 3. loss normaliser (only where this process saw the step's batch)
         has_data = bool(ints[:, 1].all())
         if has_data:
             index, epochs = self._data["index"], self._data["epochs"]
-            samples = ints[:, HEADER_I:HEADER_I + lb]
+            samples = ints[:, HEADER_I : HEADER_I + lb]
             reps = {d: members[0] for d, members in sorted(self.dp_members.items())}
             for d, members in sorted(self.dp_members.items()):
                 for r in members[1:]:
                     if not np.array_equal(samples[r], samples[members[0]]):
-                        out.append((DATA, f"ranks {members[0]} and {r} ({self._relation(members[0], r)} of "
-                                          f"data-parallel rank {d}) read different windows of data batch {index}",
-                                    [members[0], r]))
+                        out.append(
+                            (
+                                DATA,
+                                f"ranks {members[0]} and {r} ({self._relation(members[0], r)} of "
+                                f"data-parallel rank {d}) read different windows of data batch {index}",
+                                [members[0], r],
+                            )
+                        )
                         break
             counts = Counter(int(w) for r in reps.values() for w in samples[r])
             over = sorted(w for w, c in counts.items() if c > epochs)
@@ -365,23 +399,40 @@ class Invariants(Callback):
                     a, b = owners[0], owners[1]
                     shared = sorted(set(samples[a].tolist()) & set(samples[b].tolist()))
                     da, db = self.metas[a]["dp"], self.metas[b]["dp"]
-                    out.append((DATA, f"ranks {a} and {b} (data-parallel ranks {da} and {db}) both read "
-                                      f"window{'s' if len(shared) > 1 else ''} {_list(shared)} of data batch {index}",
-                                owners))
+                    out.append(
+                        (
+                            DATA,
+                            f"ranks {a} and {b} (data-parallel ranks {da} and {db}) both read "
+                            f"window{'s' if len(shared) > 1 else ''} {_list(shared)} of data batch {index}",
+                            owners,
+                        )
+                    )
                 else:
                     a = owners[0]
-                    out.append((DATA, f"rank {a} (data-parallel rank {self.metas[a]['dp']}) reads window {over[0]} "
-                                      f"{counts[over[0]]} times in data batch {index}", [a]))
+                    out.append(
+                        (
+                            DATA,
+                            f"rank {a} (data-parallel rank {self.metas[a]['dp']}) reads window {over[0]} "
+                            f"{counts[over[0]]} times in data batch {index}",
+                            [a],
+                        )
+                    )
             expected = max(1.0, sum(float(floats[r, 0]) for r in reps.values()))
             tol = 0.5 + 2.5e-7 * expected  # the normaliser is float32: exact below 2M tokens
-            wrong = [r for r in range(self.world)
-                     if not np.isnan(floats[r, 1]) and not abs(floats[r, 1] - expected) <= tol]
+            wrong = [
+                r for r in range(self.world) if not np.isnan(floats[r, 1]) and not abs(floats[r, 1] - expected) <= tol
+            ]
             if wrong:
                 r = wrong[0]
-                out.append((NORMALISER, f"rank {r} normalises the loss by 1/{floats[r, 1]:.6g}, but the step's "
-                                        f"{len(reps)} data-parallel rank(s) predict {expected:.0f} tokens"
-                                        + (f" (also wrong on ranks {_list(wrong[1:])})" if len(wrong) > 1 else ""),
-                            wrong))
+                out.append(
+                    (
+                        NORMALISER,
+                        f"rank {r} normalises the loss by 1/{floats[r, 1]:.6g}, but the step's "
+                        f"{len(reps)} data-parallel rank(s) predict {expected:.0f} tokens"
+                        + (f" (also wrong on ranks {_list(wrong[1:])})" if len(wrong) > 1 else ""),
+                        wrong,
+                    )
+                )
 
         # 4. optimizer steps
         out.extend(self._optimizer_steps(trainer, floats))
@@ -392,8 +443,13 @@ class Invariants(Callback):
         discarded = floats[:, 2]
         if not np.all(discarded == discarded[0]):
             r = int(np.argmax(discarded != discarded[0]))
-            return [(OPT_STEPS, f"the guard discarded {discarded[0]:.0f} updates on rank 0 but {discarded[r]:.0f} "
-                                f"on rank {r}", [0, r])]
+            return [
+                (
+                    OPT_STEPS,
+                    f"the guard discarded {discarded[0]:.0f} updates on rank 0 but {discarded[r]:.0f} on rank {r}",
+                    [0, r],
+                )
+            ]
         applied = step - int(round(discarded[0]))
         counts: dict[str, dict[int, int]] = {}  # stage:name -> rank -> steps, for parameters the optimizer stepped
         for r, m in enumerate(self.metas):
@@ -407,8 +463,14 @@ class Invariants(Callback):
             other = next((r for r in ranks if by_rank[r] != by_rank[ranks[0]]), None)
             if other is not None:
                 r0 = ranks[0]
-                return [(OPT_STEPS, f"{plain(name)} has taken {by_rank[r0]} optimizer steps on rank {r0} but "
-                                    f"{by_rank[other]} on rank {other} ({self._relation(r0, other)})", [r0, other])]
+                return [
+                    (
+                        OPT_STEPS,
+                        f"{plain(name)} has taken {by_rank[r0]} optimizer steps on rank {r0} but "
+                        f"{by_rank[other]} on rank {other} ({self._relation(r0, other)})",
+                        [r0, other],
+                    )
+                ]
         counted = {name: next(iter(by_rank.values())) for name, by_rank in counts.items()}
         if self.calibrate:  # resumed without this callback's state: trust the counts once, check from now on
             top = max(counted.values(), default=applied)
@@ -422,6 +484,12 @@ class Invariants(Callback):
                 ranks = sorted(counts[name])
                 late = f", {self.late[name]} before it existed" if self.late.get(name) else ""
                 where = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_list(ranks)}"
-                return [(OPT_STEPS, f"{plain(name)} has taken {c} optimizer steps on {where}, expected {expected} "
-                                    f"({step} steps, {step - applied} updates discarded by the guard{late})", ranks)]
+                return [
+                    (
+                        OPT_STEPS,
+                        f"{plain(name)} has taken {c} optimizer steps on {where}, expected {expected} "
+                        f"({step} steps, {step - applied} updates discarded by the guard{late})",
+                        ranks,
+                    )
+                ]
         return []

@@ -53,7 +53,6 @@ class LayerStatsOptions:
             raise ConfigError(f"callbacks.layer_stats.every must be >= 1, got {self.every}")
 
 
-
 def _replicas(t: torch.Tensor) -> int:
     """How many ranks hold the same values as this rank's local part of `t`."""
     if not isinstance(t, DTensor):
@@ -80,11 +79,14 @@ class LayerStats(Callback):
         spec = trainer.spec
         patterns = self.options.modules or list(spec.monitor_modules)
         if not patterns:
-            raise ConfigError(f"callbacks.layer_stats: model.family = '{spec.name}' names no modules to monitor; "
-                              "give callbacks.layer_stats.modules (globs of module names)")
+            raise ConfigError(
+                f"callbacks.layer_stats: model.family = '{spec.name}' names no modules to monitor; "
+                "give callbacks.layer_stats.modules (globs of module names)"
+            )
         attn_globs = spec.attention_modules if (self.options.attention and spec.attention_logits) else ()
-        self.modules = {n: m for n, m in trainer.module.named_modules() if n and
-                        any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        self.modules = {
+            n: m for n, m in trainer.module.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)
+        }
         self.attention = {n for n in self.modules if any(fnmatch.fnmatchcase(n, p) for p in attn_globs)}
         names = sorted(self.modules)
         if trainer.par.distributed:  # pipeline stages hold different modules: agree on the union
@@ -92,8 +94,10 @@ class LayerStats(Callback):
             dist.all_gather_object(gathered, names)
             names = sorted({n for part in gathered for n in part})
         if not names:
-            raise ConfigError(f"callbacks.layer_stats.modules = {patterns} match no module of the model; module "
-                              f"names look like {', '.join(list(n for n, _ in trainer.module.named_modules() if n)[:4])}")
+            raise ConfigError(
+                f"callbacks.layer_stats.modules = {patterns} match no module of the model; module "
+                f"names look like {', '.join(list(n for n, _ in trainer.module.named_modules() if n)[:4])}"
+            )
         self.names = names
         self.is_attention = {n: n in self.attention for n in names}
         if trainer.par.distributed:
@@ -132,14 +136,16 @@ class LayerStats(Callback):
                 self.sums[index, 1] += out.numel()
                 self.maxes[index, 0] = torch.maximum(self.maxes[index, 0], out.abs().max())
                 if name in self.attention:
-                    logits = self.spec.attention_logits(module, tuple(_local(a) if isinstance(a, torch.Tensor) else a
-                                                                      for a in args))
+                    logits = self.spec.attention_logits(
+                        module, tuple(_local(a) if isinstance(a, torch.Tensor) else a for a in args)
+                    )
                     finite = torch.isfinite(logits)
                     self.maxes[index, 1] = torch.maximum(self.maxes[index, 1], logits[finite].max().double())
                     p = logits.softmax(-1)
                     entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)  # (B, h, T)
                     self.sums[index, 2] += entropy.double().sum()
                     self.sums[index, 3] += entropy.numel()
+
         return hook
 
     def _unit_hook(self, name: str):
@@ -150,6 +156,7 @@ class LayerStats(Callback):
                 h = _local(args[0]).detach().abs().flatten(0, -2).amax(0).double()
                 peak = self.unit_peak.get(name)
                 self.unit_peak[name] = h if peak is None else torch.maximum(peak, h)
+
         return hook
 
     # ---------------------------------------------------------------- sampled steps
@@ -164,8 +171,10 @@ class LayerStats(Callback):
             if module is None:
                 continue
             params = [p for p in module.parameters() if p.requires_grad]
-            self.grad_sq[i] = sum((_sq(p.grad) for p in params if p.grad is not None),
-                                  torch.zeros((), dtype=torch.float64, device=trainer.device))
+            self.grad_sq[i] = sum(
+                (_sq(p.grad) for p in params if p.grad is not None),
+                torch.zeros((), dtype=torch.float64, device=trainer.device),
+            )
             self.weights[name] = [_local(p).detach().clone() for p in params]
 
     def on_step_end(self, trainer, result) -> None:
@@ -197,11 +206,14 @@ class LayerStats(Callback):
         rows, peaks = summed.tolist(), maxed.tolist()  # the host sync of a sampled step
         if trainer.is_main:
             for name, s, m in zip(self.names, rows, peaks):
-                record = {"step": trainer.step, "module": name,
-                          "act_rms": math.sqrt(s[0] / s[1]) if s[1] else None,
-                          "act_max_abs": m[0] if s[1] else None,
-                          "grad_norm": math.sqrt(s[5]),
-                          "update_ratio": math.sqrt(s[6] / s[7]) if s[7] else None}
+                record = {
+                    "step": trainer.step,
+                    "module": name,
+                    "act_rms": math.sqrt(s[0] / s[1]) if s[1] else None,
+                    "act_max_abs": m[0] if s[1] else None,
+                    "grad_norm": math.sqrt(s[5]),
+                    "update_ratio": math.sqrt(s[6] / s[7]) if s[7] else None,
+                }
                 if self.has_units[name]:
                     record["dead_frac"] = s[8] / s[9] if s[9] else None
                 if self.is_attention[name]:
@@ -239,8 +251,9 @@ def plot_heatmap(run) -> None:
     modules = sorted({r["module"] for r in records}, key=_natural)
     steps = sorted({r["step"] for r in records})
     stats = [s for s in HEATMAP_STATS if any(r.get(s) is not None for r in records)]
-    fig, axes = plt.subplots(len(stats), 1, figsize=(max(6, 0.15 * len(steps) + 3), 1.2 + 0.3 * len(modules) * len(stats)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(stats), 1, figsize=(max(6, 0.15 * len(steps) + 3), 1.2 + 0.3 * len(modules) * len(stats)), squeeze=False
+    )
     for ax, stat in zip(axes[:, 0], stats):
         grid = np.full((len(modules), len(steps)), np.nan)
         for r in records:
@@ -248,8 +261,7 @@ def plot_heatmap(run) -> None:
                 grid[modules.index(r["module"]), steps.index(r["step"])] = r[stat]
         if stat in ("grad_norm", "update_ratio"):  # a zero (a frozen or dead group) is drawn blank, not -inf
             grid = np.log10(np.where(grid > 0, grid, np.nan))
-        image = ax.imshow(grid, aspect="auto",
-                          interpolation="nearest", cmap="viridis")
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
         ax.set_title(stat + (" (log10)" if stat in ("grad_norm", "update_ratio") else ""), fontsize=9)
         ax.set_yticks(range(len(modules)), modules, fontsize=7)
         ticks = list(range(0, len(steps), max(1, len(steps) // 10)))

@@ -27,16 +27,21 @@ class ConsoleLog(Callback):
         throughput = trainer.callbacks.find(Throughput)
         peak = f"; peak: {throughput.peak_source}" if throughput is not None else ""
         fpt = trainer.spec.flops(cfg.model, trainer.data.vocab_size) / 1e6
-        trainer.say(f"model {cfg.model.family}: {param_count(cfg.model, trainer.data.vocab_size) / 1e6:.2f}M parameters, "
-                    f"{cfg.model.n_layers} layers, width {cfg.model.d_model}, context {cfg.model.seq_len}, "
-                    f"vocabulary {trainer.data.vocab_size}")
-        trainer.say(f"training {trainer.total_steps} steps x {cfg.global_batch} sequences ({trainer.tokens_per_step:,} "
-                    f"tokens/step, {accum} micro-batch(es)) on {trainer.device}, {trainer.precision}"
-                    f"{', compiled' if cfg.train.compile else ''}; {fpt:.1f} MFLOP/token{peak}")
+        trainer.say(
+            f"model {cfg.model.family}: {param_count(cfg.model, trainer.data.vocab_size) / 1e6:.2f}M parameters, "
+            f"{cfg.model.n_layers} layers, width {cfg.model.d_model}, context {cfg.model.seq_len}, "
+            f"vocabulary {trainer.data.vocab_size}"
+        )
+        trainer.say(
+            f"training {trainer.total_steps} steps x {cfg.global_batch} sequences ({trainer.tokens_per_step:,} "
+            f"tokens/step, {accum} micro-batch(es)) on {trainer.device}, {trainer.precision}"
+            f"{', compiled' if cfg.train.compile else ''}; {fpt:.1f} MFLOP/token{peak}"
+        )
         if trainer.par.distributed:
             trainer.say(f"layout: {trainer.par.dims.describe()} over {trainer.par.info.world_size} processes")
-        trainer.say(estimate_memory(cfg, trainer.spec, trainer.data.vocab_size, trainer.par.dims,
-                                    trainer.precision).describe())
+        trainer.say(
+            estimate_memory(cfg, trainer.spec, trainer.data.vocab_size, trainer.par.dims, trainer.precision).describe()
+        )
         if trainer.step:
             trainer.say(f"resuming from step {trainer.step}")
 
@@ -53,13 +58,17 @@ class ConsoleLog(Callback):
         eta = (total - trainer.step) * (time.perf_counter() - self.t0) / done
         mfu = f"{100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "unknown"
         rate = f"{record['tokens_per_s'] / 1e3:.1f}k tok/s  " if "tokens_per_s" in record else ""
-        trainer.say(f"step {record['step']:>{len(str(total))}}/{total}  loss {record['loss']:.4f}  "
-                    f"lr {record['lr']:.2e}  gnorm {record['grad_norm']:.2f}  {rate}MFU {mfu}  "
-                    f"ETA {format_seconds(eta)}")
+        trainer.say(
+            f"step {record['step']:>{len(str(total))}}/{total}  loss {record['loss']:.4f}  "
+            f"lr {record['lr']:.2e}  gnorm {record['grad_norm']:.2f}  {rate}MFU {mfu}  "
+            f"ETA {format_seconds(eta)}"
+        )
 
     def on_eval(self, trainer, record: dict[str, Any]) -> None:
-        trainer.say(f"  eval @ {record['step']}: val_loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.2f}  "
-                    f"acc {record['val_acc']:.3f}")
+        trainer.say(
+            f"  eval @ {record['step']}: val_loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.2f}  "
+            f"acc {record['val_acc']:.3f}"
+        )
 
 
 class MetricsLog(Callback):

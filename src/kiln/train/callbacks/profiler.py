@@ -39,8 +39,9 @@ class Profiler(Callback):
             activities = [torch.profiler.ProfilerActivity.CPU]
             if trainer.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=activities, record_shapes=self.options.record_shapes,
-                                               profile_memory=self.options.memory)
+            self.prof = torch.profiler.profile(
+                activities=activities, record_shapes=self.options.record_shapes, profile_memory=self.options.memory
+            )
             self.prof.__enter__()
             self.first = step + 1
 
@@ -69,5 +70,8 @@ class Profiler(Callback):
         sort = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=self.options.row_limit)
         (folder / f"top_ops-rank{rank}.txt").write_text(
-            f"steps {self.first}..{trainer.step} on rank {rank}, sorted by {sort}\n{table}\n")
-        trainer.say(f"  profiler: steps {self.first}..{trainer.step} -> {folder}/trace-rank{rank}.json, top_ops-rank{rank}.txt")
+            f"steps {self.first}..{trainer.step} on rank {rank}, sorted by {sort}\n{table}\n"
+        )
+        trainer.say(
+            f"  profiler: steps {self.first}..{trainer.step} -> {folder}/trace-rank{rank}.json, top_ops-rank{rank}.txt"
+        )

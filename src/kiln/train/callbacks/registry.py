@@ -21,13 +21,14 @@ from kiln.train.callbacks.step_time import StepTime
 from kiln.train.callbacks.writers import TensorBoardWriter, WandbWriter
 
 CALLBACKS: dict[str, type[Callback]] = {
-    cls.name: cls for cls in (LayerStats, Profiler, MemoryMonitor, StepTime, TensorBoardWriter, WandbWriter,
-                              Invariants)}
+    cls.name: cls for cls in (LayerStats, Profiler, MemoryMonitor, StepTime, TensorBoardWriter, WandbWriter, Invariants)
+}
 
 
 def register_callback(name: str) -> Callable[[type[Callback]], type[Callback]]:
     """Class decorator: make `[callbacks] enabled = [name]` select this `Callback` subclass.
     Its options, if any, are a dataclass in the class attribute `Options`."""
+
     def wrap(cls: type[Callback]) -> type[Callback]:
         if not (isinstance(cls, type) and issubclass(cls, Callback)):
             raise TypeError(f"@register_callback({name!r}) decorates a Callback subclass, got {cls!r}")
@@ -41,16 +42,17 @@ def register_callback(name: str) -> Callable[[type[Callback]], type[Callback]]:
 def _unknown(name: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(name, list(CALLBACKS), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{where}: unknown callback '{name}'{hint}; registered callbacks: {', '.join(CALLBACKS)} "
-                       "(add your own with @register_callback in a --plugin file)")
+    return ConfigError(
+        f"{where}: unknown callback '{name}'{hint}; registered callbacks: {', '.join(CALLBACKS)} "
+        "(add your own with @register_callback in a --plugin file)"
+    )
 
 
 def callback_options(cls: type[Callback], table: dict) -> object | None:
     """The callback's options from its `[callbacks.<name>]` table (types and values checked)."""
     if cls.Options is None:
         if table:
-            raise ConfigError(f"callback '{cls.name}' takes no options, got [callbacks.{cls.name}] "
-                              f"{', '.join(table)}")
+            raise ConfigError(f"callback '{cls.name}' takes no options, got [callbacks.{cls.name}] {', '.join(table)}")
         return None
     options = build_dataclass(cls.Options, table, f"callbacks.{cls.name}")
     check = getattr(options, "check", None)

@@ -44,8 +44,17 @@ class RunStatus(Callback):
             self._beat(trainer)
 
     def _ended(self, trainer, state: str, **extra: Any) -> None:
-        self._write(trainer, {"state": state, "step": trainer.step, "started": self.started, "ended": time.time(),
-                              "active_s": self._active(), **extra})
+        self._write(
+            trainer,
+            {
+                "state": state,
+                "step": trainer.step,
+                "started": self.started,
+                "ended": time.time(),
+                "active_s": self._active(),
+                **extra,
+            },
+        )
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
         self._ended(trainer, "finished")

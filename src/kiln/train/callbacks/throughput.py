@@ -67,6 +67,14 @@ class Throughput(Callback):
             world = trainer.par.info.world_size
             self.peak = raise_cpu_peak(compute_dtype(trainer.precision), tflops / world) * world
             self.peak_source += " (re-measured: the cached one was taken on a busy machine)"
-        summary.update({"tokens_per_s": tok_s, "tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
-                        "peak_tflops": self.peak, "peak_source": self.peak_source,
-                        "peak_mem_gb": peak_memory_gb(trainer.device), "flops_per_token": self.fpt})
+        summary.update(
+            {
+                "tokens_per_s": tok_s,
+                "tflops": tflops,
+                "mfu": tflops / self.peak if self.peak else None,
+                "peak_tflops": self.peak,
+                "peak_source": self.peak_source,
+                "peak_mem_gb": peak_memory_gb(trainer.device),
+                "flops_per_token": self.fpt,
+            }
+        )

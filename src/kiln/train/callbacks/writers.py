@@ -46,8 +46,10 @@ class TensorBoardWriter(Callback):
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(self.options.log_dir or str(trainer.run.path / "tensorboard"),
-                                    purge_step=trainer.step + 1 if trainer.step else None)
+        self.writer = SummaryWriter(
+            self.options.log_dir or str(trainer.run.path / "tensorboard"),
+            purge_step=trainer.step + 1 if trainer.step else None,
+        )
 
     def on_log(self, trainer, record: dict[str, Any]) -> None:
         if self.writer is not None:
@@ -98,9 +100,16 @@ class WandbWriter(Callback):
 
         meta = trainer.run.meta()
         ident = hashlib.sha1(f"{trainer.run.path.resolve()}:{meta.get('created', '')}".encode()).hexdigest()[:16]
-        self.wandb_run = wandb.init(project=self.options.project, entity=self.options.entity or None,
-                                    name=trainer.run.name, id=ident, resume="allow", mode=self.options.mode,
-                                    dir=str(trainer.run.path), config=to_dict(trainer.cfg))
+        self.wandb_run = wandb.init(
+            project=self.options.project,
+            entity=self.options.entity or None,
+            name=trainer.run.name,
+            id=ident,
+            resume="allow",
+            mode=self.options.mode,
+            dir=str(trainer.run.path),
+            config=to_dict(trainer.cfg),
+        )
 
     def on_log(self, trainer, record: dict[str, Any]) -> None:
         if self.wandb_run is not None:

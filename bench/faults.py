@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile

@@ -2,8 +2,8 @@
 torchrun): for each layout, the predicted step time (from `kiln plan profile`'s measurements)
 and the measured one (the median over steps 5-16 of a real `kiln train`, each layout run three times, in
 passes over the list in alternating orders, and the lowest median kept: on a shared machine a
-neighbour only ever slows a run down); mean absolute percentage error, Kendall's tau between the two orders, and whether the measured fastest is in the
-predicted top 3.
+neighbour only ever slows a run down); mean absolute percentage error, Kendall's tau between the
+two orders, and whether the measured fastest is in the predicted top 3.
 
     python bench/plan_time.py [--json OUT]
 """

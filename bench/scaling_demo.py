@@ -46,10 +46,10 @@ DEFAULT_CORPUS = f"stdlib,{_SITE / 'torch'}"
 def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from kiln.config import load_config
-    from kiln.runs.rundir import RunDir
     from kiln.errors import ConfigError
-    from kiln.scaling.flops import flops_per_token
+    from kiln.runs.rundir import RunDir
     from kiln.scaling.backtest import backtest, describe_backtest
+    from kiln.scaling.flops import flops_per_token
     from kiln.scaling.law import fit
     from kiln.scaling.points import non_embedding_params, points_from_runs
     from kiln.scaling.report import describe, plot

@@ -12,14 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from torch.profiler import profile
 
 from kiln.config import load_config
 from kiln.data.shards import prepare
 from kiln.parallel.runtime import Parallel
-from kiln.runs.rundir import RunDir
 from kiln.resolve import check_training
+from kiln.runs.rundir import RunDir
 from kiln.train.build import build_trainer
 from kiln.train.precision import resolve_device
 

@@ -329,7 +329,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     import subprocess
 
     rest, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
             continue

@@ -16,8 +16,8 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from kiln.errors import KilnError
 

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from dist_helpers import REL, base_overrides, run_kiln, sets, write_corpus
 
 PROBE = str(Path(__file__).parents[1] / "plugins" / "probe.py")

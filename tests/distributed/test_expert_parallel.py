@@ -14,10 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
 from dist_helpers import assert_close, base_overrides, losses, run_kiln, sets, write_corpus
+from safetensors.torch import load_file
 
 PLUGIN = str(Path(__file__).parents[1] / "plugins" / "grad_dump.py")
 MOE = [

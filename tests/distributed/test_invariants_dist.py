@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from dist_helpers import base_overrides, run_kiln, sets, write_corpus
 
 PLUGIN = str(Path(__file__).parents[1] / "plugins" / "perturb.py")

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from dist_helpers import assert_close, base_overrides, train, write_corpus
 
 MOE = [

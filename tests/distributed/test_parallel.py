@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import REL, STEPS, assert_close, base_overrides, losses, run_kiln, sets, train, write_corpus
 
 from kiln.config import load_config
-from kiln.parallel.mesh import ParallelDims
 from kiln.errors import ConfigError
-
-
-from dist_helpers import REL, STEPS, assert_close, base_overrides, losses, run_kiln, sets, train, write_corpus
+from kiln.parallel.mesh import ParallelDims
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """The `kiln` command line, driven through `kiln.cli.main(argv)`."""
 
 import pytest
+from conftest import tiny_overrides
 
 from kiln.cli import main
-from conftest import tiny_overrides
 
 
 def sets(overrides):

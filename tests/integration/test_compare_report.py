@@ -11,7 +11,6 @@ import io
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +82,7 @@ def fabricate_fork(run: RunDir, parent: RunDir, step: int, changes: list[str], f
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from conftest import tiny_overrides, write_corpus
+
     from kiln.config import load_config
 
     root = tmp_path_factory.mktemp("compare")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_overrides, write_corpus
+
 from kiln.cli import build_parser
 from kiln.config import load_config
 from kiln.errors import KilnError

@@ -17,8 +17,9 @@ STEPS = 60
 
 @pytest.fixture(scope="module")
 def train(tmp_path_factory):
-    from kiln.config import load_config
     from conftest import tiny_overrides, write_corpus
+
+    from kiln.config import load_config
 
     root = tmp_path_factory.mktemp("faults")
     corpus = write_corpus(root / "corpus")

@@ -53,8 +53,9 @@ def losses(run_path):
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """A parent run per precision (16 steps, checkpoints every 4) and the config maker."""
-    from kiln.config import load_config
     from conftest import tiny_overrides, write_corpus
+
+    from kiln.config import load_config
 
     root = tmp_path_factory.mktemp("fork")
     corpus = write_corpus(root / "corpus")

@@ -11,20 +11,19 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kiln.config import ModelConfig, load_config  # noqa: E402
-from kiln.errors import ConfigError  # noqa: E402
-from kiln.interop import hf_files  # noqa: E402
-from kiln.interop.convert import LanguageModel, adapter_for, load, read_hf  # noqa: E402
-
-from test_hf import (
+from test_hf import (  # noqa: E402  (after the importorskip, so a missing transformers skips)
     batch,
     export_folder,
     hf_model,
     random_model,
     save_causal_tokenizer,  # noqa: E402,F401
     saved_transformers_model,
-    tokenizer,
 )
+
+from kiln.config import ModelConfig, load_config  # noqa: E402
+from kiln.errors import ConfigError  # noqa: E402
+from kiln.interop import hf_files  # noqa: E402
+from kiln.interop.convert import LanguageModel, adapter_for, load, read_hf  # noqa: E402
 
 MIXTRAL = ModelConfig(
     family="moe",

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from conftest import tiny_overrides, write_corpus
+
     from kiln.config import load_config
 
     root = tmp_path_factory.mktemp("quant")

@@ -51,8 +51,9 @@ def jsonl(path):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from kiln.config import load_config
     from conftest import tiny_overrides, write_corpus
+
+    from kiln.config import load_config
 
     root = tmp_path_factory.mktemp("resume")
     corpus = write_corpus(root / "corpus")
@@ -171,9 +172,10 @@ def test_resume_with_an_override_extends_the_run(setup):
 
 
 def test_resume_refuses_changed_data(setup, tmp_path):
+    from conftest import tiny_overrides, write_corpus
+
     from kiln.config import load_config
     from kiln.errors import KilnError
-    from conftest import tiny_overrides, write_corpus
 
     root, cfg, _ = setup
     corpus = write_corpus(tmp_path / "corpus", n_files=12)

@@ -5,10 +5,10 @@ import math
 import tomllib
 
 import pytest
+from conftest import write_repetitive_corpus
 
 from kiln.config import from_dict
 from kiln.train.session import start_run
-from conftest import write_repetitive_corpus
 
 SUMMARY_KEYS = {
     "steps",
@@ -32,8 +32,9 @@ def jsonl(path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One ~100-step run on a repetitive corpus, shared by the assertions below."""
-    from kiln.config import load_config
     from conftest import tiny_overrides
+
+    from kiln.config import load_config
 
     root = tmp_path_factory.mktemp("train")
     corpus = write_repetitive_corpus(root / "corpus")

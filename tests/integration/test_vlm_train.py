@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from test_resume import Crash, CrashAt
 
 from kiln.cli import main
 from kiln.config import load_config
 from kiln.train.session import resume_run, start_run
-from test_resume import Crash, CrashAt
 
 
 @pytest.fixture(scope="module")

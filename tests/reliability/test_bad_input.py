@@ -32,7 +32,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert code == 2
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("kiln: error:"), err
     assert "Traceback" not in err
     for n in needles:

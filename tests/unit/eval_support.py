@@ -10,8 +10,7 @@ from torch import nn
 from kiln.config import Config, load_config
 from kiln.data.tokenizer import KilnTokenizer, train_tokenizer
 from kiln.eval.suites import EvalContext
-from kiln.model.registry import initialise
-from kiln.model.registry import build_model
+from kiln.model.registry import build_model, initialise
 
 MEMORISED = "the quick brown fox jumps over the lazy dog while the small cat sleeps on the warm mat.\n"
 OTHER = "code flows through shards and loaders; a trainer writes checkpoints.\n"

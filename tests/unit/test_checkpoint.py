@@ -95,7 +95,7 @@ def test_save_load_restores_everything_exactly(tmp_path, impl):
     load_checkpoint(path, model3, opt3)
     s3 = opt3.state_dict()
     assert len(s3["state"]) == len(list(model3.parameters()))
-    for idx, st in s3["state"].items():
+    for st in s3["state"].values():
         assert set(st) >= {"step", "exp_avg", "exp_avg_sq"}
         assert float(st["step"]) == 3.0
     assert [g["lr"] for g in s3["param_groups"]] == [g["lr"] for g in opt.param_groups]

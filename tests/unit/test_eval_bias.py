@@ -3,10 +3,10 @@
 import csv
 from pathlib import Path
 
+import eval_support as es
 import pytest
 import torch
 
-import eval_support as es
 from kiln.errors import KilnError
 from kiln.eval.bias import builtin_pairs_path, load_pairs, preference_share, shared_mask
 from kiln.eval.common import wilson_interval

@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
+import eval_support as es
 import pytest
 import torch
 
-import eval_support as es
 from kiln.errors import KilnError
 from kiln.eval.choice import Question, build_cloze, load_questions, score_questions
 from kiln.eval.runner import run_suites
@@ -113,6 +113,7 @@ def test_missing_task_file(tmp_path):
 
 def test_cloze_questions_come_from_the_held_out_split(tmp_path):
     from conftest import write_corpus
+
     from kiln.data.shards import prepare
 
     cfg = es.config(tmp_path, "data.val_fraction=0.3")

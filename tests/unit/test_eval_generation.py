@@ -3,11 +3,11 @@
 
 import json
 
+import eval_support as es
 import numpy as np
 import pytest
 import torch
 
-import eval_support as es
 from kiln.errors import KilnError
 from kiln.eval.common import generate_tokens
 from kiln.eval.continuation import score_generations
@@ -145,6 +145,7 @@ def test_index_of_a_prefix_reports_its_coverage():
 
 def test_spans_of_the_training_shards_are_memorised(tmp_path):
     from conftest import write_corpus
+
     from kiln.data.shards import prepare
 
     cfg = es.config(tmp_path)

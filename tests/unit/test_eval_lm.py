@@ -4,11 +4,11 @@ log-likelihood helpers the likelihood suites share."""
 import math
 from pathlib import Path
 
+import eval_support as es
 import numpy as np
 import pytest
 import torch
 
-import eval_support as es
 from kiln.data.loader import TokenWindows, eval_windows
 from kiln.eval.common import token_byte_lengths, token_logprobs
 from kiln.eval.lm import evaluate_lm
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     from conftest import write_corpus
+
     from kiln.data.shards import prepare
 
     tmp = tmp_path_factory.mktemp("lm")

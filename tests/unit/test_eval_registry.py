@@ -3,17 +3,17 @@
 import json
 import math
 
+import eval_support as es
 import pytest
 import torch
 
-import eval_support as es
+from kiln import plugins
 from kiln.config import load_config
 from kiln.errors import ConfigError, KilnError
-from kiln import plugins
 from kiln.eval import suites as registry
-from kiln.resolve import check_training
 from kiln.eval.runner import report_table, run_suites, save_report
-from kiln.eval.suites import SuiteResult, available_suites, load_suite_file, parse_options, register_suite
+from kiln.eval.suites import available_suites, load_suite_file, parse_options, register_suite
+from kiln.resolve import check_training
 
 USER_SUITE = '''
 from kiln.eval.suites import register_suite, SuiteResult

@@ -6,8 +6,8 @@ from torch import nn
 
 from kiln.config import load_config
 from kiln.model.registry import build_model, padded_vocab
-from kiln.scaling import flops as flops_mod
 from kiln.model.specs import matmul_params, model_params
+from kiln.scaling import flops as flops_mod
 from kiln.scaling.flops import flops_per_token, gpu_peak_tflops, param_count, peak_tflops
 
 BASE = ["model.n_layers=3", "model.d_model=64", "model.n_heads=4", "model.seq_len=32"]

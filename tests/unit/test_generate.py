@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+from conftest import init_model
 
 from kiln.config import load_config
 from kiln.eval.generate import filter_logits, generate
 from kiln.model.registry import build_model
-from conftest import init_model
 
 NEG = float("-inf")
 

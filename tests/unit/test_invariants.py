@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_overrides, write_corpus
 
 import kiln.train.callbacks.invariants as inv
 from kiln.config import load_config
@@ -19,8 +20,6 @@ from kiln.errors import ConfigError, KilnError
 from kiln.runs.fork import create_fork
 from kiln.train.callbacks import Callback
 from kiln.train.session import resume_run, start_run
-
-from conftest import tiny_overrides, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ON = ['callbacks.enabled=["invariants"]', "callbacks.invariants.every=1"]

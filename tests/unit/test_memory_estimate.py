@@ -1,10 +1,10 @@
 """The start-up memory estimate divides states by the shards that hold them."""
 
 from kiln.config import load_config
-from kiln.parallel.memory import estimate_memory
-from kiln.parallel.mesh import ParallelDims
 from kiln.model.registry import get_spec
 from kiln.model.specs import model_params
+from kiln.parallel.memory import estimate_memory
+from kiln.parallel.mesh import ParallelDims
 
 
 def dims(world, **kw):

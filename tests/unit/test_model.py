@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+from conftest import init_model
 
 from kiln.config import load_config
 from kiln.model.layers import RMSNorm, apply_rope, rope_tables, swiglu_hidden
 from kiln.model.registry import build_model, padded_vocab
-from conftest import init_model
 
 VOCAB = 300
 BASE = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.seq_len=32"]
@@ -215,7 +215,7 @@ def test_init_on_meta_then_to_empty():
     meta.to_empty(device="cpu")
     init_model(meta, cfg, seed=5)
     ref = init_model(build_model(cfg, VOCAB), cfg, seed=5)
-    for (n, p), (_, q) in zip(meta.named_parameters(), ref.named_parameters()):
+    for n, p in meta.named_parameters():
         assert torch.isfinite(p).all(), n
     cos, sin = rope_tables(16, 32, cfg.rope_theta)
     assert torch.equal(meta.rope_cos, cos) and torch.equal(meta.rope_sin, sin)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_scaling_law import LADDER_E, chinchilla_points
 
 from kiln.cli import main
 from kiln.errors import ConfigError
 from kiln.scaling.backtest import backtest, describe_backtest, split
 from kiln.scaling.law import Point
-from test_scaling_law import LADDER_E, chinchilla_points
 
 
 def test_a_law_of_the_right_form_predicts_its_own_top_budget():

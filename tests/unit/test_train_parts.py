@@ -15,7 +15,6 @@ import torch
 
 from kiln.errors import KilnError
 
-
 # --------------------------------------------------------------------------- process group
 
 

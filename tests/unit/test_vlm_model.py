@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from kiln.config import load_config
-from kiln.data.multimodal.loader import DOC, PATCH, PIXELS, TOKEN
+from kiln.data.multimodal.loader import DOC, PATCH, PIXELS
 from kiln.errors import ConfigError
 from kiln.model.registry import fresh_model
 from kiln.resolve import check_training

@@ -14,9 +14,9 @@ import io
 import json
 import os
 import sysconfig
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from kiln.config import DataConfig
 from kiln.errors import DataError

@@ -8,7 +8,7 @@ is shown beside the caption the data holds.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -8,7 +8,7 @@ encoder run, filling each `<|mask|>` of a prompt.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

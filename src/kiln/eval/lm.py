@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -141,11 +141,10 @@ def evaluate_lm(
 def lm_suite(ctx: EvalContext) -> dict[str, float]:
     """Held-out loss, perplexity, top-1/top-5 accuracy and bits per byte (masked tokens for encoders)."""
     from kiln.data.loader import TokenWindows, eval_windows
-    from kiln.eval.common import token_byte_lengths
-    from kiln.train.objectives import build_objective
-
     from kiln.data.multimodal.loader import validation_windows
     from kiln.data.multimodal.prepare import MultimodalPrepared
+    from kiln.eval.common import token_byte_lengths
+    from kiln.train.objectives import build_objective
 
     cfg = ctx.cfg
     n = ctx.options.get("windows") or cfg.eval.batches * cfg.global_batch  # default: the trainer's windows

@@ -22,9 +22,10 @@ import contextlib
 import importlib
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ class SuiteResult:
 @dataclass
 class Suite:
     name: str
-    fn: Callable[["EvalContext"], dict[str, Any] | SuiteResult]
+    fn: Callable[[EvalContext], dict[str, Any] | SuiteResult]
     options: dict[str, Any]  # defaults; `kiln eval --option name.key=value` overrides them
     generates: bool  # needs generation: skipped for encoder models
     help: str
@@ -91,8 +92,8 @@ class EvalContext:
     @property
     def data(self):
         if self.prepared is None:
-            from kiln.progress import console, quiet
             from kiln.data.dataset import prepare_data
+            from kiln.progress import console, quiet
 
             self.prepared = prepare_data(self.cfg, log=lambda s: None if quiet() else console.print(s))
         return self.prepared

@@ -21,8 +21,8 @@ from kiln.data.tokenizer import KilnTokenizer
 from kiln.errors import ConfigError
 from kiln.interop import hf_files
 from kiln.interop.hf import VOCAB_TENSORS, HFAdapter
-from kiln.model.registry import MODEL_SPECS, build_model, get_spec
 from kiln.model.init import assign_full_weights
+from kiln.model.registry import MODEL_SPECS, build_model, get_spec
 from kiln.runs.rundir import RunDir
 
 DEFAULT_MAX_SHARD = "5GB"

@@ -19,8 +19,9 @@ Verified against the `transformers` source (modeling_llama, modeling_qwen3, mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -58,10 +58,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if ctx.fused:
                 _triton().ce_grad_(g, lse[i : i + chunk], t[i : i + chunk], grad_ce, grad_z)
             else:
-                l = lse[i : i + chunk, None]
-                g.sub_(l).exp_()  # softmax
+                chunk_lse = lse[i : i + chunk, None]
+                g.sub_(chunk_lse).exp_()  # softmax
                 # d/dlogits of ce: softmax - onehot; of z = lse^2: 2 lse softmax
-                g.mul_(grad_ce + grad_z * 2 * l)
+                g.mul_(grad_ce + grad_z * 2 * chunk_lse)
                 g.scatter_add_(1, t[i : i + chunk, None], (-grad_ce).expand(hc.shape[0], 1).to(g.dtype))
             grad_h[i : i + chunk] = g @ w
             if grad_w is not None:

@@ -5,8 +5,9 @@ to float8 with dynamic scales (one per tensor, or one per row) for the three mat
 float32 master weights, so checkpoints keep their names and dtypes. The output head, MoE routers and layers
 whose sides are not multiples of 16 (what FP8 matrix kernels need) stay in the run's precision.
 With FSDP2 and the tensorwise recipe the parameters are all-gathered in float8 (half of bf16's
-traffic; the same numbers, as the scale is the whole tensor's either way). FP8 matrix units exist on sm89+ GPUs (Ada, Hopper, Blackwell); on a CPU torchao
-emulates them, which checks a run's numbers but is slower than float32 — never faster.
+traffic; the same numbers, as the scale is the whole tensor's either way). FP8 matrix units exist
+on sm89+ GPUs (Ada, Hopper, Blackwell); on a CPU torchao emulates them, which checks a run's
+numbers but is slower than float32 — never faster.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 import torch
 from torch.distributed.tensor import DTensor

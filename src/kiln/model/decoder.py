@@ -10,7 +10,8 @@ Stages of a pipeline keep only some blocks: `tok_emb`, `norm` and `head` may be 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -10,7 +10,7 @@ parallel package passes one that keeps only the local shard of a distributed ten
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

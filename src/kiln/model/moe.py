@@ -32,7 +32,7 @@ The block is single-device PyTorch, like every Kiln model part: expert paralleli
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +161,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def local_dispatch(x: torch.Tensor, counts: torch.Tensor, moe: "MoEFeedForward") -> torch.Tensor:
+def local_dispatch(x: torch.Tensor, counts: torch.Tensor, moe: MoEFeedForward) -> torch.Tensor:
     """Every expert on this device (no expert parallelism)."""
     return moe.experts(x, counts)
 

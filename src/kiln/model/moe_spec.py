@@ -17,12 +17,12 @@ from kiln.model.layers import swiglu_hidden
 from kiln.model.moe import MoEFeedForward, expert_hidden, is_moe_layer
 from kiln.model.spec import ModelSpec, normal_std_for_depth
 from kiln.model.specs import (
-    require,
     activation_bytes,
     attention_logits,
     matmul_params,
     model_params,
     pipeline_stage,
+    require,
     transformer_blocks,
     transformer_init_rule,
     validate_transformer,

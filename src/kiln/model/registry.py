@@ -6,7 +6,7 @@ its own with `register_model_family(ModelSpec(name, build, ...))`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,8 +14,8 @@ from torch import nn
 from kiln.config import Config, ModelConfig
 from kiln.errors import ConfigError
 from kiln.model.init import Writer, copy_full, init_parameters
-from kiln.model.spec import VOCAB_MULTIPLE, ModelSpec, padded_vocab
 from kiln.model.moe_spec import MOE
+from kiln.model.spec import VOCAB_MULTIPLE, ModelSpec, padded_vocab
 from kiln.model.specs import DECODER, ENCODER
 from kiln.model.vision_spec import VLM
 from kiln.plugins import load_plugins

@@ -10,8 +10,9 @@ taken from the built model), so it trains, checkpoints and resumes like the buil
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

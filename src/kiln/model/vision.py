@@ -13,7 +13,8 @@ With `model.image_encoder = "frozen"` the stem's weights come from `model.image_
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

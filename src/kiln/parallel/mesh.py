@@ -31,7 +31,7 @@ class ParallelDims:
     ep: int = 1  # expert parallel: a subdivision of dp_shard (dp_shard = edp x ep)
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
         fixed = cfg.dp_replicate * cfg.tp * cfg.pp
         dp_shard = cfg.dp_shard
         if dp_shard == -1:

@@ -9,7 +9,7 @@ and head only on the last.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -7,8 +7,9 @@ code path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ class Parallel:
     expert_mesh: DeviceMesh | None = None  # parallel.ep > 1: ("pp", "dp_replicate", "edp", "ep", "tp")
 
     @classmethod
-    def setup(cls, cfg: Config, device: torch.device) -> "Parallel":
+    def setup(cls, cfg: Config, device: torch.device) -> Parallel:
         info = process_info()
         dims = ParallelDims.from_config(cfg.parallel, info.world_size)  # on every rank, before any collective
         init_process_group(info, timeout_s=cfg.guard.collective_timeout_s)
@@ -81,7 +82,7 @@ class Parallel:
         for dim in ("dp_shard", "dp_replicate"):
             if getattr(self.dims, dim) > 1:
                 group = self.mesh.get_group(dim)
-                self._timed(lambda: dist.all_reduce(t, group=group))
+                self._timed(lambda group=group: dist.all_reduce(t, group=group))
         return t
 
     def data_sum(self, t: torch.Tensor) -> torch.Tensor:

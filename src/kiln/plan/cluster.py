@@ -121,8 +121,9 @@ def parse_cluster(text: str, origin: str) -> Cluster:
 def local_cluster(n: int) -> Cluster:
     """N processes on this machine: its measured float32 ceiling and memory shared N ways;
     gloo moves tensors through shared memory at a few GB/s (the profile measures it)."""
-    from kiln.scaling.flops import cpu_peak_tflops
     import torch
+
+    from kiln.scaling.flops import cpu_peak_tflops
 
     if n < 1:
         raise ConfigError(f"--cluster local:{n}: give a positive number of processes")

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kiln.errors import KilnError
 from kiln.runs.curves import Segment, lineage_series, number, pyplot, save_figure, series_keys, source_of, write_atomic

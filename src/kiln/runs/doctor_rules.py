@@ -18,8 +18,9 @@ import dataclasses
 import math
 import shlex
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kiln.errors import KilnError
 from kiln.runs.rundir import RunDir

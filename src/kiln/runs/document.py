@@ -11,9 +11,10 @@ import base64
 import html
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kiln.runs.curves import lineage_events, lineage_series, number, pyplot, save_figure, step_to_x, write_atomic
 from kiln.runs.rundir import RunDir

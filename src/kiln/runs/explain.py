@@ -14,8 +14,9 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RUN, PATH, REDACTED = "RUN", "<path>", "<redacted>"
 

@@ -25,9 +25,10 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kiln.changes import FORKABLE_KEYS, changed_keys, resumable
 from kiln.config import Config, load_config

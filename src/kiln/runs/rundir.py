@@ -27,16 +27,17 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from kiln.version import __version__
 from kiln.config import Config, file_dict, from_dict, to_toml
 from kiln.errors import CheckpointError, KilnError
 from kiln.train import checkpoint as ckpt
+from kiln.version import __version__
 
 
 @dataclass
@@ -77,7 +78,7 @@ class RunDir:
 
     # ------------------------------------------------------------------ creating, opening
     @classmethod
-    def create(cls, runs_dir: Path, name: str, cfg: Config, meta: dict[str, Any] | None = None) -> "RunDir":
+    def create(cls, runs_dir: Path, name: str, cfg: Config, meta: dict[str, Any] | None = None) -> RunDir:
         """A new run folder; an existing run is never overwritten."""
         path = Path(runs_dir) / name
         if path.exists():
@@ -103,14 +104,14 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, path: Path) -> "RunDir":
+    def open(cls, path: Path) -> RunDir:
         run = cls(path)
         if not run.config_path.is_file():
             raise KilnError(f"'{path}' is not a Kiln run folder (no config.toml)")
         return run
 
     @classmethod
-    def find(cls, runs_dir: Path, **meta: Any) -> "RunDir | None":
+    def find(cls, runs_dir: Path, **meta: Any) -> RunDir | None:
         """The run under `runs_dir` whose run.json holds all of `meta` (e.g. a launcher's job id)."""
         folder = Path(runs_dir)
         if not folder.is_dir():
@@ -195,7 +196,7 @@ class RunDir:
         except (OSError, ValueError):
             return None
 
-    def parent(self) -> "tuple[RunDir, int] | None":
+    def parent(self) -> tuple[RunDir, int] | None:
         """The run this one was forked from and the step it was forked at (0 for --from-scratch),
         found next to this run first (run folders move together), else where it was."""
         lineage = self.lineage()
@@ -207,7 +208,7 @@ class RunDir:
                 return RunDir(candidate), (0 if lineage.get("from_scratch") else int(parent["step"]))
         return None
 
-    def ancestry(self) -> "list[tuple[RunDir, int]]":
+    def ancestry(self) -> list[tuple[RunDir, int]]:
         """Every ancestor with the step up to which its records lead to this run, oldest first
         (a fork's curve is its parent's up to the fork step, then its own)."""
         chain: list[tuple[RunDir, int]] = []

@@ -12,7 +12,8 @@ two or more groups, otherwise the largest-compute quarter of the points.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kiln.errors import ConfigError
 from kiln.scaling.law import BOOTSTRAP, ISO_TOLERANCE, Point, check_points, fit, isoflop_groups

@@ -18,8 +18,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ class Law:
         return out
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Law":
+    def from_json(cls, d: dict[str, Any]) -> Law:
         try:
             return cls(
                 **{k: d[k] for k in ("E", "A", "B", "alpha", "beta")},

@@ -66,7 +66,8 @@ def recommend(law: Law, compute: float) -> str:
     sets = " ".join(f"--set model.{k}={v}" for k, v in shape.items()) + f" --set train.tokens={int(d)}"
     return (
         f"compute {compute:.4g} FLOPs: N* = {n:.4g} non-embedding parameters, D* = {d:.4g} tokens; predicted loss "
-        f"{law.loss(n, d):.4f} [{lo:.4f}, {hi:.4f}]\n  a shape for it ({12 * shape['n_layers'] * shape['d_model'] ** 2:.3g}"
+        f"{law.loss(n, d):.4f} [{lo:.4f}, {hi:.4f}]\n"
+        f"  a shape for it ({12 * shape['n_layers'] * shape['d_model'] ** 2:.3g}"
         f" parameters by 12 L d^2): kiln train {sets}"
     )
 

@@ -6,7 +6,8 @@ Reads as a recipe, top to bottom; each piece comes from the module that owns it.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 

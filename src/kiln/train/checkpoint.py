@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,10 +40,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from kiln.parallel.tensors import plain_name as _clean
 from kiln.errors import CheckpointError
 from kiln.fileio import fsync_path, sha256_file
 from kiln.parallel.runtime import Parallel
+from kiln.parallel.tensors import plain_name as _clean
 from kiln.train import lowbit
 
 FORMAT = "kiln-checkpoint-2"

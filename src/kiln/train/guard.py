@@ -92,7 +92,7 @@ class GuardState:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "GuardState":
+    def from_dict(cls, d: dict[str, Any] | None) -> GuardState:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (d or {}).items() if k in names})  # older states held "skipped" too
 

@@ -9,14 +9,15 @@ the objective and the pipeline schedule, and offers
     eval_step(inputs, targets) -> totals          (loss sum, correct, count) of one batch
 
 so a new objective or another schedule changes this module only; mixture-of-experts layers get
-their per-step balancing update here (kiln.model.moe.finish_step). The loop (kiln.train.trainer) never touches a model part directly.
+their per-step balancing update here (kiln.model.moe.finish_step). The loop (kiln.train.trainer)
+never touches a model part directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

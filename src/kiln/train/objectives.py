@@ -31,12 +31,12 @@ class Batch:
     targets: torch.Tensor  # (B, T) token ids, IGNORE where no loss is taken
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # more (B, T, ...) model inputs, by keyword
 
-    def rows(self, start: int, stop: int) -> "Batch":
+    def rows(self, start: int, stop: int) -> Batch:
         return Batch(
             self.inputs[start:stop], self.targets[start:stop], {k: v[start:stop] for k, v in self.extras.items()}
         )
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch(self.inputs.to(device), self.targets.to(device), {k: v.to(device) for k, v in self.extras.items()})
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

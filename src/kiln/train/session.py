@@ -7,8 +7,9 @@ folder while the others wait, and a user error on rank 0 is raised on every rank
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from kiln.changes import check_resume_changes
 from kiln.config import Config, from_dict, load_config

@@ -10,10 +10,11 @@ acts on what the guard saw (skip, roll back to a checkpoint, stop).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class StepResult:
     grad_norm: torch.Tensor | float  # before clipping
     lr: float
 
-    def on_host(self) -> "StepResult":
+    def on_host(self) -> StepResult:
         """The same result with numbers instead of device tensors (one host sync for both)."""
         if not isinstance(self.loss, torch.Tensor):
             return self

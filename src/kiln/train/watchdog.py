@@ -36,7 +36,7 @@ class Watchdog:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def start(cls, cfg: GuardConfig, run_dir: Path, rank: int) -> "Watchdog":
+    def start(cls, cfg: GuardConfig, run_dir: Path, rank: int) -> Watchdog:
         dog = cls(cfg, run_dir, rank)
         if cfg.hang_min_s > 0:
             dog._thread = threading.Thread(target=dog._watch, name="kiln-watchdog", daemon=True)

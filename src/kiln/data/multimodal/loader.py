@@ -63,7 +63,7 @@ class ImageLayout:
         return self.patch * self.patch * self.channels
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "ImageLayout":
+    def from_config(cls, cfg: Config) -> ImageLayout:
         m = cfg.model
         return cls(m.image_size, m.patch_size, m.image_channels, cfg.data.image_placement)
 
@@ -157,7 +157,7 @@ class SplitStream:
 
 
 class _StepBatches(torch.utils.data.Dataset):
-    def __init__(self, sampler: "MultimodalSampler"):
+    def __init__(self, sampler: MultimodalSampler):
         self.sampler = sampler
 
     def __getitem__(self, step: int) -> np.ndarray:

@@ -28,8 +28,8 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from kiln.config import DataConfig
 from kiln.errors import DataError

@@ -32,8 +32,9 @@ user callbacks (50), then writers (90 and up).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import torch
 

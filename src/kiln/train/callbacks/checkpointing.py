@@ -5,8 +5,9 @@ every rank has finished writing it, found at a logging step or at the next save.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kiln.errors import KilnError
 from kiln.train.callbacks.base import Callback

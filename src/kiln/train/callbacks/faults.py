@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from kiln.parallel.tensors import plain_name as _clean, local as _local
 from kiln.config import FaultsConfig
+from kiln.parallel.tensors import local as _local
+from kiln.parallel.tensors import plain_name as _clean
 from kiln.train.callbacks.base import Callback
 
 COLLAPSE_SCALE = 30.0

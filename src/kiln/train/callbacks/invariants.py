@@ -40,9 +40,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from kiln.parallel.tensors import plain_name as _clean, local as _local
 from kiln.errors import ConfigError, KilnError
 from kiln.parallel.mesh import DIM_NAMES
+from kiln.parallel.tensors import local as _local
+from kiln.parallel.tensors import plain_name as _clean
 from kiln.train.callbacks.base import Callback
 from kiln.train.objectives import IGNORE
 
@@ -350,7 +351,7 @@ class Invariants(Callback):
 
         # 1. replicas identical
         bad_params = []
-        for name, members in self.groups:
+        for _name, members in self.groups:
             (r0, i0), rest = members[0], members[1:]
             bits0, sq0 = ints[r0, HEADER_I + lb + i0], floats[r0, HEADER_F + P + i0]
             differ = [

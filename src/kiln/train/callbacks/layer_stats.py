@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from kiln.parallel.tensors import local as _local
 from kiln.errors import ConfigError
+from kiln.parallel.tensors import local as _local
 from kiln.train.callbacks.base import Callback
 
 FILE = "layer_stats.jsonl"

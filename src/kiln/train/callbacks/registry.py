@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 from kiln.config import CallbacksConfig, build_dataclass
 from kiln.errors import ConfigError

@@ -160,27 +160,65 @@ def test_shares_cover_every_window_once(n, world, multiple):
 # --------------------------------------------------------------------------- time budget
 
 
-def test_time_budget_decides_the_steps_and_records_them(tmp_path):
+def test_time_budget_estimates_from_the_budget_left_and_commits_late(tmp_path):
     from kiln.config import load_config, to_toml
     from kiln.runs.rundir import RunDir
-    from kiln.train.callbacks.budget import TimeBudget
+    from kiln.train.callbacks.budget import COMMIT_FRACTION, TimeBudget, estimate_steps, length_floor
 
-    cfg = load_config("tiny", overrides=["train.steps=1000", "train.time_budget_s=60", "schedule.warmup_steps=10"])
-    (tmp_path / "run").mkdir()
-    trainer = SimpleNamespace(cfg=cfg, step=7, total_steps=1000, is_main=True, run=RunDir(tmp_path / "run"), said=[])
-    trainer.say = trainer.said.append
-    TimeBudget().decide(trainer, per_step=0.25)
-    assert trainer.total_steps == 240 and cfg.train.steps == 240 and cfg.train.time_budget_s == 0
-    saved = load_config(config_file=tmp_path / "run" / "config.toml")
-    assert saved.train.steps == 240 and saved.train.time_budget_s == 0  # a resume trains exactly these
-    event = json.loads((tmp_path / "run" / "events.jsonl").read_text())
-    assert event["kind"] == "time_budget" and event["steps"] == 240 and event["ceiling"] == 1000
-    for per_step, expected in ((0.001, 1000), (100.0, 12)):  # capped by train.steps; at least the warmup + 2
-        cfg = load_config("tiny", overrides=["train.steps=1000", "train.time_budget_s=60", "schedule.warmup_steps=10"])
-        trainer.cfg, trainer.total_steps = cfg, 1000
-        TimeBudget().decide(trainer, per_step)
+    # the steps done plus what the budget left buys at the recent rate; never past the ceiling
+    assert estimate_steps(done=20, spent_s=10.0, per_step=0.25, budget_s=60.0, ceiling=1000) == 220
+    assert estimate_steps(done=20, spent_s=10.0, per_step=0.001, budget_s=60.0, ceiling=1000) == 1000
+    assert estimate_steps(done=20, spent_s=70.0, per_step=0.25, budget_s=60.0, ceiling=1000) == 20
+    cfg = load_config("tiny", overrides=["schedule.name=wsd", "schedule.warmup_steps=10"]).schedule
+    # a WSD length whose decay starts after the 100 steps trained: T - round(0.2 (T - 10)) >= 100
+    assert length_floor(100, 1000, cfg) == 122 and length_floor(5, 1000, cfg) == 12
+    assert length_floor(100, 1000, load_config("tiny").schedule) == 101
+
+    made = iter(range(100))
+
+    def trainer_at(step, schedule="wsd"):
+        cfg = load_config(
+            "tiny",
+            overrides=[
+                "train.steps=1000",
+                "train.time_budget_s=60",
+                "schedule.warmup_steps=10",
+                f"schedule.name={schedule}",
+            ],
+        )
+        run = tmp_path / f"run{next(made)}"
+        run.mkdir()
+        trainer = SimpleNamespace(cfg=cfg, step=step, total_steps=1000, is_main=True, run=RunDir(run), said=[])
+        trainer.say = trainer.said.append
+        return trainer
+
+    # early: a provisional length, nothing written
+    trainer = trainer_at(11)
+    TimeBudget().reestimate(trainer, spent=5.0, per_step=0.25)
+    assert trainer.total_steps == 11 + 220 and trainer.cfg.train.time_budget_s == 60
+    assert not (trainer.run.path / "events.jsonl").exists()
+    # once COMMIT_FRACTION of the budget is spent: committed, written to config.toml and events.jsonl
+    trainer = trainer_at(150)
+    TimeBudget().reestimate(trainer, spent=COMMIT_FRACTION * 60, per_step=0.25)
+    assert trainer.total_steps == 246 and trainer.cfg.train.steps == 246 and trainer.cfg.train.time_budget_s == 0
+    saved = load_config(config_file=trainer.run.path / "config.toml")
+    assert saved.train.steps == 246 and saved.train.time_budget_s == 0  # a resume trains exactly these
+    event = json.loads((trainer.run.path / "events.jsonl").read_text())
+    assert event["kind"] == "time_budget" and event["steps"] == 246 and event["ceiling"] == 1000
+    assert to_toml(trainer.cfg)  # still a valid config
+    # a WSD decay that would begin before the next estimate commits early, the decay after step 100
+    trainer = trainer_at(100)
+    TimeBudget().reestimate(trainer, spent=20.0, per_step=2.0)
+    assert trainer.cfg.train.time_budget_s == 0 and trainer.total_steps == 122
+    # a cosine run at the same point only follows the estimate (its LR depends on the length anyway)
+    trainer = trainer_at(100, "cosine")
+    TimeBudget().reestimate(trainer, spent=20.0, per_step=2.0)
+    assert trainer.cfg.train.time_budget_s == 60 and trainer.total_steps == 120
+    # at most train.steps; at least the warmup plus two
+    for per_step, expected in ((0.001, 1000), (100.0, 12)):
+        trainer = trainer_at(5)
+        TimeBudget().reestimate(trainer, spent=40.0, per_step=per_step)
         assert trainer.total_steps == expected
-    assert to_toml(cfg)  # still a valid config
 
 
 # --------------------------------------------------------------------------- plugins

@@ -1,64 +1,151 @@
 """`train.time_budget_s`: fit the run to a wall-clock budget on whatever machine runs it.
 
-After `WARMUP_STEPS` steps (allocator, kernel caches and the like make them slow) the next
-`CALIBRATION_STEPS` steps are timed, without evaluation
-or checkpoint time; the run then trains `floor(budget / seconds per step)` steps (never more than
-train.steps / train.tokens allow, never fewer than the LR warmup plus two). The decision is
-written to config.toml (train.steps = N, train.time_budget_s = 0) and to events.jsonl before any
-later checkpoint, so a resumed run trains exactly the steps the uninterrupted one would have.
-The learning-rate schedule follows the new length from then on; the steps before the decision
-lie inside the warmup when train.schedule.warmup_steps > the calibration, so they are unaffected.
+The budget is seconds of steps: evaluation and checkpoint time are not counted, the first steps
+of a process (allocator, kernel caches) are. After `WARMUP_STEPS` untimed steps and
+`CALIBRATION_STEPS` timed ones the run makes a first estimate of its length, then keeps measuring
+and re-estimates every `REESTIMATE_EVERY` steps: the steps done plus the budget left divided by
+the seconds per step over the recent half of the run. So a slow moment at the start (a busy
+neighbour, a cold cache) costs the seconds it took and no more; it does not decide the length.
+
+The length is committed late: once `COMMIT_FRACTION` of the budget is spent, or earlier when the
+schedule would start to depend on it (a WSD decay about to begin) or the run is about to end. The
+decision is written to config.toml (train.steps = N, train.time_budget_s = 0) and to events.jsonl
+before any later checkpoint, so a resumed run trains exactly those steps; a checkpoint before the
+commit saves the seconds spent, so a run resumed from it keeps the budget it had left.
+
+Schedules: with `wsd` and `constant` the learning rate before the commit does not depend on the
+length (the stable phase; the committed length never moves the decay before a step already
+trained), so the losses equal those of a run given `train.steps = N` from the start. With `cosine`
+the learning rate follows the current estimate until the commit.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Any
 
 import torch
 
+from kiln.config import ScheduleConfig
 from kiln.train.callbacks.base import Callback
 
 WARMUP_STEPS = 3  # untimed: the first steps of a process run slower than the rest
-CALIBRATION_STEPS = 8
+CALIBRATION_STEPS = 8  # timed before the first estimate
+REESTIMATE_EVERY = 10  # steps between estimates (each one a broadcast from rank 0 when distributed)
+COMMIT_FRACTION = 0.6  # of the budget spent when the length is committed at the latest
+MAX_SAMPLES = 2048  # clock samples kept for the rate (thinned by half beyond this: bounded memory)
+
+clock = time.perf_counter  # a module attribute so a test can drive the budget with its own clock
+
+
+def wsd_decay_start(total_steps: int, cfg: ScheduleConfig) -> int:
+    """First step of the WSD decay for a run of `total_steps` (as kiln.train.optim.lr_at has it)."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return total_steps - max(1, round(cfg.decay_fraction * (total_steps - warmup)))
+
+
+def length_floor(done: int, ceiling: int, cfg: ScheduleConfig) -> int:
+    """The shortest length that keeps the steps already trained on the schedule they had: at least
+    one more step and the LR warmup plus two; under WSD, a decay that starts after them."""
+    floor = max(done + 1, min(cfg.warmup_steps + 2, ceiling))
+    if cfg.name == "wsd":
+        while floor < ceiling and wsd_decay_start(floor, cfg) < done:
+            floor += 1
+    return min(floor, ceiling) if ceiling > done else done
+
+
+def estimate_steps(done: int, spent_s: float, per_step: float, budget_s: float, ceiling: int) -> int:
+    """The run's length if the remaining budget goes at `per_step` seconds a step."""
+    left = max(budget_s - spent_s, 0.0)
+    return max(done, min(ceiling, done + int(left / max(per_step, 1e-9))))
 
 
 class TimeBudget(Callback):
     order = 5
 
-    def on_run_start(self, trainer) -> None:
-        self.first = trainer.step
+    def __init__(self, options: Any = None):
+        super().__init__(options)
+        self.prior_s = 0.0  # seconds of steps spent before this process (a resumed run)
         self.t0: float | None = None
+        self.committed: dict[str, Any] | None = None
+        self.first_estimate: int | None = None
+        self.trained = 0  # steps this process trained (rollbacks included: each one took time)
+        self.samples: list[tuple[int, float]] = []  # (steps trained, seconds spent), thinned
+        self.last_spent = 0.0
 
-    def on_step_start(self, trainer, step: int, data_index: int) -> None:
-        if step == self.first + WARMUP_STEPS and self.t0 is None:
-            self.t0, self.p0 = time.perf_counter(), trainer.pause_seconds
+    # ---------------------------------------------------------------- clock
+    def spent(self, trainer) -> float:
+        """Seconds of steps spent so far, this run's earlier processes included."""
+        assert self.t0 is not None
+        return self.prior_s + (clock() - self.t0) - (trainer.pause_seconds - self.p0)
+
+    def rate(self) -> float:
+        """Seconds per step over the recent half of the timed steps (at least CALIBRATION_STEPS)."""
+        n, now = self.samples[-1]
+        back = min(n - CALIBRATION_STEPS, WARMUP_STEPS + (n - WARMUP_STEPS) // 2)
+        i = max(bisect.bisect_right(self.samples, (back, float("inf"))) - 1, 0)
+        n0, then = self.samples[i]
+        return (now - then) / max(n - n0, 1)
+
+    def _sample(self, trainer) -> None:
+        self.last_spent = self.spent(trainer)
+        self.samples.append((self.trained, self.last_spent))
+        if len(self.samples) > MAX_SAMPLES:  # every other one, the newest kept
+            self.samples = self.samples[-2::-2][::-1] + self.samples[-1:]
+
+    # ---------------------------------------------------------------- events
+    def on_run_start(self, trainer) -> None:
+        self.trained, self.samples = 0, []
+        self.t0, self.p0 = clock(), trainer.pause_seconds
+        self.last_spent = self.prior_s
 
     def on_step_end(self, trainer, result) -> None:
-        if (
-            self.t0 is None
-            or trainer.step != self.first + WARMUP_STEPS + CALIBRATION_STEPS
-            or not trainer.cfg.train.time_budget_s
-        ):
+        if self.committed is not None or self.t0 is None or not trainer.cfg.train.time_budget_s:
             return
-        if isinstance(result.loss, torch.Tensor):
+        self.trained += 1
+        if self.trained < WARMUP_STEPS:
+            return
+        due = self.trained - WARMUP_STEPS - CALIBRATION_STEPS
+        if due >= 0 and due % REESTIMATE_EVERY == 0 and isinstance(result.loss, torch.Tensor):
             float(result.loss)  # wait for the device, so the time is the steps' and not their dispatch
-        per_step = (time.perf_counter() - self.t0 - (trainer.pause_seconds - self.p0)) / CALIBRATION_STEPS
-        self.decide(trainer, trainer.par.broadcast(per_step))  # rank 0's clock decides for every rank
+        self._sample(trainer)
+        if due < 0 or due % REESTIMATE_EVERY:
+            return
+        # rank 0's clock decides for every rank, so all of them train the same number of steps
+        spent, per_step = trainer.par.broadcast((self.spent(trainer), self.rate()))
+        self.reestimate(trainer, spent, per_step)
 
-    def decide(self, trainer, per_step: float) -> None:
+    def reestimate(self, trainer, spent: float, per_step: float) -> None:
+        cfg = trainer.cfg
+        budget, ceiling, done = cfg.train.time_budget_s, cfg.total_steps, trainer.step
+        steps = estimate_steps(done, spent, per_step, budget, ceiling)
+        if self.first_estimate is None:
+            self.first_estimate = steps
+            trainer.say(
+                f"  time budget {budget:.0f}s at {per_step:.3f}s/step: about {steps} of the {ceiling} steps "
+                f"(re-measured every {REESTIMATE_EVERY} steps; fixed once {COMMIT_FRACTION:.0%} of the budget is spent)"
+            )
+        near_end = steps <= done + REESTIMATE_EVERY
+        decay_soon = cfg.schedule.name == "wsd" and wsd_decay_start(steps, cfg.schedule) <= done + REESTIMATE_EVERY
+        if spent >= COMMIT_FRACTION * budget or near_end or decay_soon:
+            self.commit(trainer, max(steps, length_floor(done, ceiling, cfg.schedule)), spent, per_step)
+        else:
+            trainer.total_steps = max(steps, done + 1)  # provisional: the loop and a cosine schedule follow it
+
+    def commit(self, trainer, steps: int, spent: float, per_step: float) -> None:
         cfg = trainer.cfg
         budget, ceiling = cfg.train.time_budget_s, cfg.total_steps
-        floor = max(trainer.step + 1, min(cfg.schedule.warmup_steps + 2, ceiling))
-        steps = max(floor, min(ceiling, int(budget / max(per_step, 1e-9))))
         trainer.total_steps = steps
         cfg.train.steps, cfg.train.tokens, cfg.train.time_budget_s = steps, 0, 0.0
         event = {
             "step": trainer.step,
             "kind": "time_budget",
             "budget_s": budget,
+            "spent_s": round(spent, 3),
             "seconds_per_step": per_step,
             "steps": steps,
+            "first_estimate": self.first_estimate,
             "ceiling": ceiling,
         }
         if trainer.is_main:
@@ -66,11 +153,25 @@ class TimeBudget(Callback):
             trainer.run.log_event(event)
         fits = "all" if steps == ceiling else f"{steps} of the {ceiling}"
         trainer.say(
-            f"  time budget {budget:.0f}s at {per_step:.3f}s/step: training {fits} steps "
-            f"(~{steps * per_step / 60:.1f} min of steps); recorded in config.toml"
+            f"  time budget {budget:.0f}s: {spent:.0f}s spent at step {trainer.step}, now {per_step:.3f}s/step: "
+            f"training {fits} steps; recorded in config.toml"
         )
-        self.budget_event: dict[str, Any] = event
+        self.committed = event
+        self.budget = budget
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
-        if getattr(self, "budget_event", None):
-            summary["time_budget"] = self.budget_event
+        if self.committed is not None:
+            used = self.spent(trainer) if self.t0 is not None else None
+            summary["time_budget"] = {**self.committed, "used_s": None if used is None else round(used, 3)}
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        if self.committed is not None or self.t0 is None:
+            return {}
+        return {"spent_s": self.last_spent}  # a checkpoint follows a step: the seconds spent by its end
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        # at a resume (before on_run_start): the seconds spent before the checkpoint; at a rollback
+        # during the run the clock keeps running, since the rolled-back steps took time too
+        if state and self.t0 is None:
+            self.prior_s = float(state.get("spent_s", 0.0))

@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-dist bench bench-faults scaling-demo install clean
+.PHONY: train test lint format test-dist bench bench-faults scaling-demo install clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run 'make PY=python3 ...'"; exit 1; }
@@ -19,10 +19,22 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/kiln train --preset tiny
 
+# Style and types: ruff (lint and format, configured in pyproject.toml) and mypy over src/kiln.
+LINT_PATHS := src tests bench examples
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
+
+# Rewrite the tree in the project's format and apply ruff's safe fixes.
+format: $(STAMP)
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+
 # Two workers: most tests wait on process start-up and one core, so two at once take ~70% of the
 # serial time on 2 cores (BENCHMARKS.md, "The test suite"). TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Every distributed test, including the 4-process layouts (dp x tp x pp, HSDP, interleaved, gpipe).

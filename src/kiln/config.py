@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kiln.config_rules import require as _require
 from kiln.config_rules import validate_sections
@@ -371,7 +371,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def _expects_text(section: str, name: str) -> bool:
-    cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}.get(section)  # type: ignore[misc]
+    cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}.get(section)
     return cls is not None and typing.get_type_hints(cls).get(name) is str
 
 
@@ -463,7 +463,7 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
 def _nested_section(section: str, values: dict[str, Any]) -> Any:
     """A section holding plain keys plus `[section.<name>]` option tables (kept raw here; their
     owners check them once the registries are loaded)."""
-    cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]  # type: ignore[misc]
+    cls = cast(type, {f.name: f.default_factory for f in dataclasses.fields(Config)}[section])  # a section dataclass
     slot = NESTED_SECTIONS[section]
     plain = {k: v for k, v in values.items() if not isinstance(v, dict)}
     tables = {k: dict(v) for k, v in values.items() if isinstance(v, dict)}
@@ -488,7 +488,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         for name, value in values.items():
             if isinstance(value, dict):
                 raise ConfigError(f"{section}.{name} must be a value, not a table")
-        built[section] = build_dataclass(sections[section].default_factory, values, section)  # type: ignore[misc]
+        built[section] = build_dataclass(cast(type, sections[section].default_factory), values, section)
     cfg = Config(**built)
     validate(cfg)
     return cfg

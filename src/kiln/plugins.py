@@ -37,6 +37,7 @@ def _load_file(path: Path) -> str:
     if name in sys.modules:
         return name
     spec = importlib.util.spec_from_file_location(name, resolved)
+    assert spec is not None and spec.loader is not None  # a .py file always gets a source loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

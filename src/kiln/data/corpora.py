@@ -60,7 +60,7 @@ def stdlib_corpus(cfg: DataConfig) -> list[CorpusFile]:
     """The Python standard library's source files (tests excluded): always present, ~11 MB of code."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3"}
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
         files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
@@ -133,11 +133,11 @@ def corpus_fingerprint(docs: list[CorpusFile]) -> str:
 def _open_binary(path: Path) -> io.BufferedIOBase:
     _, comp = _strip_compression(path.name)
     if comp == ".gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
+        return gzip.open(path, "rb")
     if comp == ".zst":
         import zstandard
 
-        return zstandard.open(path, "rb")  # type: ignore[return-value]
+        return zstandard.open(path, "rb")
     return open(path, "rb")
 
 

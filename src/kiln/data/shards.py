@@ -194,6 +194,8 @@ def _encode_split(
         shards.append({"file": name, "tokens": int(arr.size), "sha256": sha256_file(out / name)})
         buf, buf_tokens = [], 0
 
+    eos = tok.eos_id
+    assert eos is not None  # eos is a required role: KilnTokenizer refuses a tokenizer without it
     batches = [texts[i : i + ENCODE_BATCH] for i in range(0, len(texts), ENCODE_BATCH)]
     for batch in progress_bar(batches, f"tokenising {label}", unit="batches"):
         pieces = [(j, p) for j, text in enumerate(batch) for p in _pieces(text)]
@@ -202,7 +204,7 @@ def _encode_split(
         for (j, _), ids in zip(pieces, encoded):
             per_doc[j].extend(ids)
         for ids in per_doc:
-            ids.append(tok.eos_id)
+            ids.append(eos)
             arr = np.asarray(ids, dtype=np.int64)
             buf.append(arr)
             buf_tokens += arr.size

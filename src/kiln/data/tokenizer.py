@@ -117,7 +117,7 @@ class KilnTokenizer:
                 "train one with Kiln (leave data.tokenizer empty) or add them"
             )
         self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.unk_id = (
-            None if self.roles[r] is None else tok.token_to_id(self.roles[r]) for r in ROLES
+            None if (t := self.roles[r]) is None else tok.token_to_id(t) for r in ROLES
         )
         self.special_ids = frozenset(
             i for i in (self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.unk_id) if i is not None

@@ -51,7 +51,7 @@ def _reshape(obj: dict, path: Path | str, line: int) -> dict:
     {"goal", "sol1", "sol2", "label"} in the common shape."""
     q = obj.get("question")
     if isinstance(q, dict) and "stem" in q:
-        choices = q.get("choices") if isinstance(q.get("choices"), list) else []
+        choices = found if isinstance(found := q.get("choices"), list) else []
         labels = [str(c.get("label")) for c in choices if isinstance(c, dict)]
         key = str(obj.get("answerKey", ""))
         if key not in labels:
@@ -153,7 +153,7 @@ def build_cloze(
         if len(lines[i].strip()) >= 4 and "".join(lines[max(0, i - context_lines) : i]).strip()
     ]
     rng.shuffle(candidates)
-    out = []
+    out: list[Question] = []
     for d, i in candidates:
         if len(out) >= n_items:
             break

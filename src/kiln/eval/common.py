@@ -58,8 +58,10 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
                 continue
             try:
                 obj = json.loads(line)
-            except ValueError as e:
+            except json.JSONDecodeError as e:
                 raise task_error(path, i, f"not valid JSON ({e.msg} at column {e.colno})") from None
+            except ValueError as e:  # not a JSONDecodeError: e.g. an integer over Python's digit limit
+                raise task_error(path, i, f"not valid JSON ({e})") from None
             if not isinstance(obj, dict):
                 raise task_error(path, i, f"expected a JSON object, got {type(obj).__name__}")
             out.append((i, obj))

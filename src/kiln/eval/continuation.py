@@ -46,7 +46,7 @@ def line_break_cuts(docs: list[np.ndarray], tokenizer, prompt_tokens: int) -> li
     newline = np.zeros(int(vocab.max()) + 1 if len(vocab) else 1, dtype=bool)
     for i in vocab.tolist():
         newline[i] = "\n" in tokenizer.decode([i])
-    out = []
+    out: list[tuple[int, int]] = []
     for d, ids in enumerate(docs):
         where = np.flatnonzero(newline[ids[:-1]]) + 1  # the token after one holding a line break
         out.extend((d, int(j)) for j in where if j >= prompt_tokens)
@@ -66,7 +66,7 @@ def continuation_suite(ctx: EvalContext) -> SuiteResult:
         docs = [docs[i] for i in sorted(rng.sample(range(len(docs)), MAX_DOCS))]
     cuts = line_break_cuts(docs, tok, P)
     rng.shuffle(cuts)
-    chosen = []
+    chosen: list[tuple[int, int, str]] = []
     for d, j in cuts:
         if len(chosen) >= o["items"]:
             break

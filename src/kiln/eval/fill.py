@@ -80,7 +80,8 @@ def fill_prompt(
     if len(ids) > context:
         raise KilnError(f"the prompt is {len(ids)} tokens, longer than the model's context of {context}")
     predicted = _predict(model, torch.tensor([ids], device=device), tokenizer.vocab_size, autocast)[0].tolist()
-    parts, run = [], []
+    parts: list[str] = []
+    run: list[int] = []
     for tok, guess in zip(ids, predicted):
         if tok == tokenizer.mask_id:
             parts += [tokenizer.decode(run), f"[{tokenizer.decode([guess])}]"]

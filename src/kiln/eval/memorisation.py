@@ -14,7 +14,7 @@ stay in memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -74,25 +74,29 @@ class NgramIndex:
         order = np.argsort(h, kind="stable")
         self.hashes, self.positions = h[order], pos[order]
 
-    def _hash(self, tokens: Sequence[int]) -> int:
+    def _hash(self, tokens: Iterable[int]) -> int:
         h = 0
         for t in tokens:
             h = (h * int(_MULT) + int(t) + 1) & _MASK
         return h
 
-    def __contains__(self, span: Sequence[int]) -> bool:
-        span = np.asarray(span, dtype=np.int64)
-        if len(span) != self.n:
-            raise ValueError(f"the index answers spans of exactly {self.n} tokens, got {len(span)}")
+    def __contains__(self, span: Sequence[int] | np.ndarray) -> bool:
+        tokens = np.asarray(span, dtype=np.int64)
+        if len(tokens) != self.n:
+            raise ValueError(f"the index answers spans of exactly {self.n} tokens, got {len(tokens)}")
         for o in range(self.stride):
-            h = np.uint64(self._hash(span[o : o + self.k]))
+            h = np.uint64(self._hash(tokens[o : o + self.k]))
             lo = np.searchsorted(self.hashes, h, "left")
             hi = np.searchsorted(self.hashes, h, "right")
             for g in self.positions[lo:hi].tolist():
                 s = int(np.searchsorted(self.bases, g, "right")) - 1
                 start = g - int(self.bases[s]) - o
                 shard = self.shards[s]
-                if start >= 0 and start + self.n <= len(shard) and np.array_equal(shard[start : start + self.n], span):
+                if (
+                    start >= 0
+                    and start + self.n <= len(shard)
+                    and np.array_equal(shard[start : start + self.n], tokens)
+                ):
                     return True
         return False
 
@@ -122,7 +126,7 @@ def random_spans(shards: list[np.ndarray], length: int, count: int, rng: np.rand
     return out
 
 
-def memorised_share(spans: Sequence[Sequence[int]], index: NgramIndex) -> float:
+def memorised_share(spans: Sequence[Sequence[int] | np.ndarray], index: NgramIndex) -> float:
     return sum(span in index for span in spans) / len(spans) if len(spans) else float("nan")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,7 @@ def evaluate_run(
     path: Path,
     step: int | None = None,
     names: list[str] | None = None,
-    options: list[str] = (),
+    options: Sequence[str] = (),
     log=None,
     weights: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
@@ -198,7 +199,7 @@ def evaluate_run(
     ctx = EvalContext(
         loaded.cfg, loaded.model, loaded.tokenizer, loaded.device, loaded.autocast, run_dir=run.path, step=loaded.step
     )
-    base = None
+    base: dict[str, Any] | None = None
     if quantized is not None:
         from kiln.runs.quantize import load_quantized, weight_bytes
 
@@ -210,6 +211,7 @@ def evaluate_run(
     tag = ""
     if quantized is not None:
         tag = quantized[1]["kiln.quantize"]
+        assert base is not None  # measured above for the same quantised export
         lm = report["suites"].get("lm") or run_suites(ctx, ["lm"], parsed)["suites"]["lm"]
         p = "masked_" if ctx.is_encoder else ""
         report["suites"]["quantized"] = {

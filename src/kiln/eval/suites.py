@@ -22,7 +22,7 @@ import contextlib
 import importlib
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ BUILTIN_MODULES = ("lm", "continuation", "choice", "bias", "toxicity", "memorisa
 
 @dataclass
 class SuiteResult:
-    metrics: dict[str, float | int | None] = field(default_factory=dict)
+    metrics: Mapping[str, float | int | None] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)  # saved as eval/step-N/<suite>.json
     skipped: str | None = None  # why the suite did not run (e.g. it needs generation)
 
@@ -62,7 +62,9 @@ def register_suite(
     `generates=True` marks a suite that samples text (skipped for encoders)."""
 
     def wrap(obj: Callable) -> Callable:
-        fn = obj() if inspect.isclass(obj) else obj
+        fn: Callable[[EvalContext], dict[str, Any] | SuiteResult] = obj
+        if isinstance(obj, type):  # a class of suites: its instance is the suite (inspect.isclass's test)
+            fn = obj()
         doc = help or (inspect.getdoc(obj) or "").split("\n")[0]
         SUITES[name] = Suite(name, fn, dict(options or {}), generates, doc)
         return obj

@@ -67,6 +67,7 @@ def toxicity_suite(ctx: EvalContext) -> SuiteResult:
     pattern = lexicon_pattern(load_lexicon(lexicon_path))
     prompts = load_prompts(prompts_path)
     tok = ctx.tokenizer
+    assert ctx.seed is not None  # EvalContext fills it in (train.seed)
     gen = torch.Generator().manual_seed(ctx.seed)
     n_samples = max(1, o["samples"])
     flagged, hit_prompts, total = [], 0, 0

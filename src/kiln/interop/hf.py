@@ -261,8 +261,8 @@ def to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int) -> 
     if flavour in ("llama", "qwen3"):
         for name, value in state.items():
             if name.startswith("layers."):
-                index, rest = _split(name)
-                out[f"model.layers.{index}.{LLAMA_BLOCK[rest]}"] = value
+                layer, rest = _split(name)
+                out[f"model.layers.{layer}.{LLAMA_BLOCK[rest]}"] = value
         out["model.embed_tokens.weight"] = cut["tok_emb.weight"]
         out["model.norm.weight"] = state["norm.weight"]
         if "head.weight" in cut:

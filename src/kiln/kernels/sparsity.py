@@ -8,6 +8,8 @@ dense, as in torchao's recipe. No CPU kernel exists, so elsewhere it is refused.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -48,7 +50,9 @@ def apply_sparsity(model: nn.Module) -> int:
     """Swap the MLP linears for a 2:4 sparse linear (torchao); returns how many."""
     training = torchao("sparsity.training", "kernels.sparsity = '2:4'")
 
-    class SparseLinear(training.SemiSparseLinear):
+    base: Any = training.SemiSparseLinear  # torchao's class, from a module imported at run time
+
+    class SparseLinear(base):
         """torchao's SemiSparseLinear on the autocast dtype: the float32 master weight is cast
         before pruning, as cuSPARSELt multiplies only 16- and 8-bit values."""
 

@@ -62,6 +62,7 @@ class Transformer(nn.Module):
             self.rope_sin.copy_(sin)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self.tok_emb is not None  # only a pipeline's first stage (which keeps tok_emb) embeds
         x = self.tok_emb(tokens)  # (B, T, d)
         if self.pos_emb is not None:
             # positions shaped (1, T) so that, under sequence parallelism, the output shards like x
@@ -73,7 +74,10 @@ class Transformer(nn.Module):
         return self.drop(x)
 
     def output_weight(self) -> torch.Tensor:
-        return self.head.weight if self.head is not None else self.tok_emb.weight
+        if self.head is not None:
+            return self.head.weight
+        assert self.tok_emb is not None  # tied embeddings (no head): pipelines, which drop tok_emb, refuse ties
+        return self.tok_emb.weight
 
     def forward(
         self,
@@ -104,7 +108,7 @@ class Transformer(nn.Module):
             return head(x, self.output_weight())
         if self.head is not None:
             return self.head(x)
-        return nn.functional.linear(x, self.tok_emb.weight)  # tied: softmax over e(x)
+        return nn.functional.linear(x, self.output_weight())  # tied: softmax over e(x)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

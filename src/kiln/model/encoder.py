@@ -40,7 +40,7 @@ class Encoder(Transformer):
         super().__init__(cfg, vocab_size, causal=False)
         self.mlm_head = MLMHead(cfg, vocab_size)
 
-    def forward(
+    def forward(  # type: ignore[override]  # a masked LM's inputs differ from the decoder trunk's by design
         self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, predict: torch.Tensor | None = None
     ) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab); with `predict` (B, T) bool, the logits of
@@ -56,5 +56,6 @@ class Encoder(Transformer):
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.layers.values():
             x = block(x, rope, attn_mask)
+        assert self.norm is not None  # only pipeline stages drop the norm, and the encoder has no pipeline
         x = self.norm(x)
         return self.mlm_head(x if predict is None else x[predict], self.output_weight())

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +168,10 @@ def local_dispatch(x: torch.Tensor, counts: torch.Tensor, moe: MoEFeedForward) -
 
 
 class MoEFeedForward(nn.Module):
+    expert_bias: torch.Tensor  # buffers (register_buffer below)
+    load: torch.Tensor
+    tallies: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, E, h = cfg.d_model, cfg.moe_experts, expert_hidden(cfg)
@@ -259,7 +264,7 @@ class MoEFeedForward(nn.Module):
             terms.append(self.seq_aux_coef * E * (seq * probs.view(B, T, E).mean(1)).sum(-1).mean())
         if self.z_coef:
             terms.append(self.z_coef * logits.logsumexp(-1).pow(2).mean())
-        return sum(terms) if terms else None
+        return cast(torch.Tensor, sum(terms)) if terms else None  # a sum of tensors (never the start value 0)
 
     @torch.no_grad()
     def _tally(self, probs: torch.Tensor, demand: torch.Tensor, keep: torch.Tensor) -> None:

@@ -9,6 +9,8 @@ activation counts and the attention probe used by monitoring. The tensor-paralle
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -16,9 +18,9 @@ from kiln.config import Config, ModelConfig
 from kiln.config_rules import require
 from kiln.interop.hf import DECODER_HF
 from kiln.interop.hf_bert import ENCODER_HF
-from kiln.model.decoder import Decoder
+from kiln.model.decoder import Decoder, Transformer
 from kiln.model.encoder import Encoder
-from kiln.model.layers import swiglu_hidden
+from kiln.model.layers import Attention, swiglu_hidden
 from kiln.model.spec import ActivationBytes, ModelSpec, normal_std_for_depth, padded_vocab
 from kiln.parallel.plans import transformer_tensor_parallel
 
@@ -91,7 +93,7 @@ def validate_encoder(cfg: Config) -> None:
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(f"layers.{name}", block) for name, block in model.layers.items()]
+    return [(f"layers.{name}", block) for name, block in cast(Transformer, model).layers.items()]
 
 
 def transformer_init_rule(name: str, ndim: int, cfg: ModelConfig) -> tuple[str, float]:
@@ -112,25 +114,26 @@ def pipeline_stage(model: nn.Module, stage: int, n_stages: int, layers: list[int
     """Keep only stage `stage`'s blocks (names unchanged, so checkpoints stay layout-independent):
     `layers[s]` blocks for stage s, or an even split; the embeddings stay on the first stage, the
     final norm and head on the last."""
-    counts = layers or [len(model.layers) // n_stages] * n_stages
+    trunk = cast(Transformer, model)  # the decoder families' models
+    counts = layers or [len(trunk.layers) // n_stages] * n_stages
     first = sum(counts[:stage])
     keep = {str(i) for i in range(first, first + counts[stage])}
-    for name in list(model.layers.keys()):
+    for name in list(trunk.layers.keys()):
         if name not in keep:
-            del model.layers[name]
+            del trunk.layers[name]
     if stage > 0:
-        model.tok_emb = None
-        model.pos_emb = None
+        trunk.tok_emb = None
+        trunk.pos_emb = None
     if stage < n_stages - 1:
-        model.norm = None
-        model.head = None
+        trunk.norm = None
+        trunk.head = None
     return model
 
 
 def attention_logits(module: nn.Module, args: tuple) -> torch.Tensor:
     """Pre-softmax attention scores (B, heads, T, T) of an `Attention` module for its forward
     arguments (x, rope, mask); masked positions are -inf."""
-    return module.logits(*args)
+    return cast(Attention, module).logits(*args)
 
 
 # --------------------------------------------------------------------------- counts

@@ -50,7 +50,7 @@ class VisionDecoder(Decoder):
             for part in ENCODER_PARTS:
                 getattr(self, part).requires_grad_(False)
 
-    def forward(
+    def forward(  # type: ignore[override]  # images come in before `head`: not the text decoder's signature
         self,
         tokens: torch.Tensor,
         patches: torch.Tensor | None = None,
@@ -63,6 +63,7 @@ class VisionDecoder(Decoder):
         sample each position belongs to (attention stays inside it). Returns logits (B, T, vocab)."""
         x = self.embed(tokens)
         if patches is not None:
+            assert patch_index is not None  # the loader gives patches with their places
             is_image = patch_index >= 0
             pixels = patches[..., : self.stem.in_features].to(self.stem.weight.dtype) * (1 / 127.5) - 1.0
             image = self.stem(pixels) + self.patch_pos(patch_index.clamp(min=0))

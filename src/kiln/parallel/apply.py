@@ -10,6 +10,7 @@ repeated blocks); nothing here names a model's attributes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ def apply_fsdp(
     blocks: list[tuple[str, nn.Module]],
     dp_mesh: DeviceMesh,
     reshard_after_forward: bool = True,
-    experts: list[nn.Module] = (),
+    experts: Sequence[nn.Module] = (),
     expert_mesh: DeviceMesh | None = None,
 ) -> None:
     """FSDP2: shard each block, then the root (whatever is left: embeddings, final norm, head).
@@ -85,11 +86,13 @@ def parallelize(
         if spec.expert_modules is None or not spec.expert_modules(model):
             raise ConfigError(f"model.family = '{spec.name}' has no experts to spread; set parallel.ep = 1")
         pairs = spec.expert_modules(model)
+        assert expert_mesh is not None  # built whenever parallel.ep > 1 (Parallel.setup)
         shard_experts(pairs, expert_mesh)
         experts = [module for _, module in pairs]
     if dims.tp > 1:
         if spec.tensor_parallel is None:
             raise ConfigError(f"model.family = '{spec.name}' has no tensor-parallel plan; set parallel.tp = 1")
+        assert mesh is not None  # a distributed layout always has a mesh
         spec.tensor_parallel(model, mesh["tp"])
     if cfg.parallel.activation_checkpoint != "none":
         if not blocks:
@@ -101,9 +104,11 @@ def parallelize(
     if cfg.parallel.compile_blocks:
         apply_block_compile(blocks)
     if dims.dp_size > 1:
+        assert mesh is not None  # a distributed layout always has a mesh
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         edp_mesh = None
         if experts:
+            assert expert_mesh is not None
             edp_mesh = expert_mesh["dp_replicate", "edp"] if dims.dp_replicate > 1 else expert_mesh["edp"]
         apply_fsdp(model, blocks, dp_mesh, experts=experts, expert_mesh=edp_mesh)
     return model

@@ -22,11 +22,16 @@ lacks.)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
+
+if TYPE_CHECKING:
+    from kiln.model.moe import GroupedExperts, MoEFeedForward
 
 
 class _AllToAll(torch.autograd.Function):
@@ -55,7 +60,7 @@ class ExpertParallelDispatch:
         self.group = mesh.get_group("ep")
         self.ep = mesh["ep"].size()
 
-    def __call__(self, x: torch.Tensor, counts: torch.Tensor, moe: nn.Module) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, counts: torch.Tensor, moe: MoEFeedForward) -> torch.Tensor:
         per_rank = counts.numel() // self.ep
         send = counts.view(self.ep, per_rank).contiguous()
         recv = torch.empty_like(send)
@@ -76,7 +81,7 @@ def shard_experts(experts: list[tuple[nn.Module, nn.Module]], mesh: DeviceMesh) 
     over mesh["ep"], and the block's dispatch through the token exchange."""
     ep_mesh = mesh["ep"]
     dispatch = ExpertParallelDispatch(mesh)
-    for block, module in experts:
+    for block, module in cast("list[tuple[MoEFeedForward, GroupedExperts]]", experts):  # the spec's pairs
         for name, param in list(module.named_parameters(recurse=False)):
             if param.shape[0] % ep_mesh.size():
                 raise ValueError(f"{name}: {param.shape[0]} experts do not split over ep = {ep_mesh.size()}")

@@ -53,13 +53,14 @@ def build_schedule(
     # about 0.7 s to the start of every `kiln train`, and only pipeline runs use it.
     from torch.distributed import pipelining
 
+    assert par.mesh is not None  # pp > 1 is distributed
     group = par.mesh["pp"].get_group()
     stages = [pipelining.PipelineStage(part, i, n_stages, par.device, group=group) for part, i in zip(parts, ids)]
     cls = getattr(pipelining, SCHEDULES[cfg.parallel.pp_schedule])
     n_micro = cfg.parallel.pp_microbatches
     # The loss is already divided by the global token count: the schedule must not rescale it.
     if cls is pipelining.ScheduleInterleaved1F1B:
-        return cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+        return cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)  # type: ignore[arg-type]  # torch types it list[_PipelineStageBase] (invariant); each is one
     return cls(stages[0], n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
 
 

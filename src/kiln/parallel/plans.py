@@ -10,6 +10,8 @@ are replicated over the tp ranks and their gradients come out whole on each.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -22,6 +24,9 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+if TYPE_CHECKING:
+    from kiln.model.layers import Attention
 
 
 class HeadNorm(ParallelStyle):
@@ -40,7 +45,7 @@ class HeadNorm(ParallelStyle):
 
 
 def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    top: dict[str, object] = {}
+    top: dict[str, ParallelStyle] = {}
     if model.tok_emb is not None:
         top["tok_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
         if model.pos_emb is not None:
@@ -49,7 +54,7 @@ def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         top["norm"] = SequenceParallel()
         top["head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
     parallelize_module(model, tp_mesh, top)
-    for block in model.layers.values():
+    for block in cast(nn.ModuleDict, model.layers).values():
         plan = {
             "attn_norm": SequenceParallel(),
             "attn": PrepareModuleInput(
@@ -83,7 +88,7 @@ def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         if block.attn_post_norm is not None:  # the sub-layers' outputs are sequence-sharded (Shard(1))
             plan["attn_post_norm"] = SequenceParallel(use_local_output=True)  # the residual stream is local
             plan["mlp_post_norm"] = SequenceParallel(use_local_output=True)
-        if block.attn.q_norm is not None:
+        if cast("Attention", block.attn).q_norm is not None:
             plan["attn.q_norm"] = HeadNorm()
             plan["attn.k_norm"] = HeadNorm()
         parallelize_module(block, tp_mesh, plan)

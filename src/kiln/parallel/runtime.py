@@ -7,6 +7,7 @@ code path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -78,11 +79,12 @@ class Parallel:
         (for per-stage quantities such as a stage's MoE routing counts)."""
         if not self.distributed:
             return t
+        assert self.mesh is not None  # built for every distributed job
         t = t.clone()
         for dim in ("dp_shard", "dp_replicate"):
             if getattr(self.dims, dim) > 1:
                 group = self.mesh.get_group(dim)
-                self._timed(lambda group=group: dist.all_reduce(t, group=group))
+                self._timed(functools.partial(dist.all_reduce, t, group=group))
         return t
 
     def data_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -127,7 +129,7 @@ class Parallel:
             # inside get_total_norm already: the whole of it counts as communication.
             norms = []
             for group in groups.values():
-                norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
+                norm = torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None], foreach=True)
                 norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
             if len(norms) == 1:
                 return norms[0]
@@ -135,8 +137,9 @@ class Parallel:
 
         norm = self._timed(total) if self.distributed else total()
         if self.dims.pp > 1:
-            sq = norm.pow(2)
-            self._timed(lambda: dist.all_reduce(sq, group=self.mesh["pp"].get_group()))
+            assert self.mesh is not None  # pp > 1 is distributed
+            mesh, sq = self.mesh, norm.pow(2)
+            self._timed(lambda: dist.all_reduce(sq, group=mesh["pp"].get_group()))
             norm = sq.sqrt()
         if max_norm != float("inf"):
             for group in groups.values():

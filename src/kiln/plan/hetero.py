@@ -214,11 +214,12 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
     if len(groups) > 1 and len({g.devices for g in groups}) == 1 and f.n_layers >= len(groups):
         pp, dp = len(groups), groups[0].devices
         head = f.edge_flops_share * f.n_layers / max(1e-9, 1 - f.edge_flops_share)  # the last stage's head, in blocks
-        even = split_by_speed(f.n_layers, [1.0] * pp)
+        even_layers = split_by_speed(f.n_layers, [1.0] * pp)
+        assert even_layers is not None  # n_layers >= pp: a layer each at least
         if global_batch % dp == 0:
-            per_rank = global_batch // dp
-            for micro in (m for m in range(1, per_rank + 1) if per_rank % m == 0):
-                accum = per_rank // micro
+            seqs = global_batch // dp  # per data-parallel rank
+            for micro in (m for m in range(1, seqs + 1) if seqs % m == 0):
+                accum = seqs // micro
                 if accum < pp:
                     continue
                 for ac in AC_MODES:
@@ -234,17 +235,18 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
                         for g in groups
                     ]
                     layers = split_by_speed(f.n_layers, speeds, fixed=[0.0] * (pp - 1) + [head])
+                    assert layers is not None  # as even_layers
                     got = _pipeline(f, cluster, global_batch, micro, accum, ac, layers, budget)
                     if got is None:
                         continue
-                    uniform = _pipeline(f, cluster, global_batch, micro, accum, ac, even, budget)
+                    uniform = _pipeline(f, cluster, global_batch, micro, accum, ac, even_layers, budget)
                     layout = Layout(1, dp, 1, pp, micro, accum, ac, "1f1b")
                     plans.append(
                         HeteroPlan(
                             "pipeline",
                             layout,
                             layers,
-                            even,
+                            even_layers,
                             tokens / got[0],
                             tokens / uniform[0] if uniform else 0.0,
                             got[1],
@@ -255,9 +257,10 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
     return plans
 
 
-def local_shares(per_seq_s: list[float], fixed_s: list[float], global_batch: int, accum: int = 1) -> list[int]:
+def local_shares(per_seq_s: list[float], fixed_s: list[float], global_batch: int, accum: int = 1) -> list[int] | None:
     """Sequences per rank for processes of this machine whose step costs fixed_s[r] + n x
-    per_seq_s[r] (a throttled rank has both scaled): the split that minimises the slowest rank."""
+    per_seq_s[r] (a throttled rank has both scaled): the split that minimises the slowest rank;
+    None when no split gives every rank `accum` sequences or a multiple of it."""
     world = len(per_seq_s)
     if world == 1:
         return [global_batch]

@@ -55,7 +55,7 @@ class StepTime:
             "data-parallel all-reduce": self.dp,
             "pipeline sends": self.pp,
         }
-        return max(parts, key=parts.get)
+        return max(parts, key=parts.__getitem__)
 
 
 def rank_blocks(f: ModelFacts, layout: Layout) -> list[int]:

@@ -64,7 +64,7 @@ def measured_peak(cfg: Config, layout: Layout, vocab_size: int) -> dict[str, flo
         inputs, targets = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
         fsdp = layout.dp_shard > 1 or layout.dp_replicate > 1
         tracker = FSDPMemTracker(model, opt) if fsdp else MemTracker()
-        if fsdp:
+        if isinstance(tracker, FSDPMemTracker):  # fsdp
             tracker.track_inputs((inputs,))
         else:
             tracker.track_external(model, opt)

@@ -112,8 +112,8 @@ def series_keys(run: RunDir, source: Source) -> set[str]:
 def source_of(run: RunDir, key: str) -> Source | None:
     """Where `key` is recorded for this run: metrics.jsonl first, then eval.jsonl."""
     for source in ("metrics", "evals"):
-        if key in series_keys(run, source):  # type: ignore[arg-type]
-            return source  # type: ignore[return-value]
+        if key in series_keys(run, source):
+            return source
     return None
 
 
@@ -124,7 +124,7 @@ def step_to_x(run: RunDir, steps: list[int], axis: str) -> list[float]:
         return [float(s) for s in steps]
     known: dict[int, float] = {}
     for source in ("metrics", "evals"):
-        for _, recs, _ in lineage_records(run, source):  # type: ignore[arg-type]
+        for _, recs, _ in lineage_records(run, source):
             for r in recs:
                 if isinstance(r.get("step"), int) and number(r.get("tokens")) is not None:
                     known.setdefault(r["step"], float(r["tokens"]))

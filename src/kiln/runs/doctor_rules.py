@@ -18,14 +18,17 @@ import dataclasses
 import math
 import shlex
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.errors import KilnError
 from kiln.runs.rundir import RunDir
 from kiln.train import checkpoint as ckpt
 from kiln.train.guard import add_range, data_index
+
+if TYPE_CHECKING:
+    from kiln.config import Config
 
 # ----------------------------------------------------------------------------- thresholds
 SPIKE_WINDOW = 20  # trailing logged points that define the loss's recent level
@@ -154,6 +157,7 @@ class Context:
 
     def __init__(self, run: RunDir):
         self.run = run
+        self.cfg: Config | None
         try:
             self.cfg = run.config()
         except KilnError:
@@ -269,7 +273,7 @@ class Context:
         if faults is None or not dataclasses.is_dataclass(faults):
             return []
         defaults = {
-            f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
             for f in dataclasses.fields(faults)
         }
         return [
@@ -286,7 +290,7 @@ class Context:
         return name
 
     def fork_remedy(
-        self, kind: str, max_step: int, sets: list[str], why: str, skip: list[list[int]] = ()
+        self, kind: str, max_step: int, sets: list[str], why: str, skip: Sequence[Sequence[int]] = ()
     ) -> dict[str, Any]:
         """`kiln fork RUN --step C --name RUN-kind --set ... --skip-batches A:B` from the newest
         valid checkpoint C <= max_step (from scratch when there is none), checked as `kiln fork`
@@ -383,7 +387,8 @@ def _divergence(ctx: Context) -> dict[str, Any] | None:
         progress = first_loss - best if math.isfinite(first_loss) and math.isfinite(best) else 0.0
         gave_back = progress >= GIVE_BACK_MIN_PROGRESS and v - best >= GIVE_BACK * progress + GIVE_BACK_NOISE * noise
         high.append(math.isfinite(best) and v - best >= DIVERGE_MIN_GAP and (v > best * DIVERGE_RATIO or gave_back))
-    runs, i = [], 0  # (first, end) of each stretch of high points
+    runs: list[tuple[int, int]] = []  # (first, end) of each stretch of high points
+    i = 0
     while i < n:
         j = i
         while j < n and high[j]:
@@ -540,7 +545,7 @@ def spikes(ctx: Context) -> list[dict[str, Any]]:
     incidents: list[dict[str, Any]] = []
     for e in ctx.events:
         kind = {"loss_spike": "loss_spike", "persistent_spike": "loss_spike", "grad_spike": "grad_spike"}.get(
-            e.get("kind")
+            e.get("kind", "")
         )
         if kind and isinstance(e.get("step"), int) and e["step"] < end:
             incidents.append(
@@ -647,7 +652,7 @@ def spikes(ctx: Context) -> list[dict[str, Any]]:
                 )
             )
         else:
-            level = f" ({peak['loss']:.3f} vs a recent {peak['level']:.3f})" if peak.get("level") else ""
+            vs_level = f" ({peak['loss']:.3f} vs a recent {peak['level']:.3f})" if peak.get("level") else ""
             stop = "stop" in actions
             what = (
                 "the guard discarded the update"
@@ -662,7 +667,7 @@ def spikes(ctx: Context) -> list[dict[str, Any]]:
                     "critical" if stop else "warning",
                     (first, last),
                     evidence,
-                    f"loss spike at {at}{level}; {what}",
+                    f"loss spike at {at}{vs_level}; {what}",
                     ctx.fork_remedy(
                         kind,
                         first - 1,

@@ -183,7 +183,7 @@ def _config(config: dict[str, Any], sc: _Scrubber) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section, keys in _NUMBERS.items():
         if isinstance(table := config.get(section), dict):
-            picked = {
+            picked: dict[str, Any] = {
                 k: v
                 for k, v in table.items()
                 if (keys == "*" or k in keys)

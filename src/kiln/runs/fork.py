@@ -25,7 +25,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,12 +202,12 @@ def create_fork(
     parent_path: Path,
     name: str,
     step: int | None,
-    sets: list[str] = (),
-    skip: list[str] = (),
+    sets: Sequence[str] = (),
+    skip: Sequence[str] = (),
     from_scratch: bool = False,
     runs_dir: Path | None = None,
     check: Callable[[Config], Any] | None = None,
-    plugins: list[str] = (),
+    plugins: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> Fork:
     """Make the fork's run folder (not trained yet: `kiln train --resume` trains it)."""

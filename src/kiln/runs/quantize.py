@@ -34,7 +34,8 @@ def _config(scheme: str):
         return q.Int8WeightOnlyConfig()
     from torchao.quantization.granularity import PerGroup
 
-    return q.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))
+    int4 = torch.int4  # type: ignore[attr-defined]  # a torch dtype at run time; torch's stubs omit it
+    return q.IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(INT4_GROUP))
 
 
 def quantizable(module: nn.Module, fqn: str, scheme: str) -> bool:

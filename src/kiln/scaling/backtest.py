@@ -45,7 +45,7 @@ def backtest(
     except ConfigError as e:
         raise ConfigError(f"no backtest: without the {len(held)} largest-compute point(s), {e}") from None
     law = fit(rest, bootstrap=bootstrap, progress=progress)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for p in sorted(held, key=lambda p: p.params):
         predicted = law.loss(p.params, p.tokens)
         lo, hi = law.interval(p.params, p.tokens)

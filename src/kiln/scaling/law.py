@@ -144,7 +144,9 @@ def _objective(
     return _huber(torch.logsumexp(terms, dim=-1) - log_l, delta).sum(-1)
 
 
-def _refine(start: torch.Tensor, data: tuple[torch.Tensor, ...], delta: float) -> tuple[torch.Tensor, float]:
+def _refine(
+    start: torch.Tensor, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], delta: float
+) -> tuple[torch.Tensor, float]:
     theta = start.clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
         [theta],
@@ -171,10 +173,11 @@ def _refine(start: torch.Tensor, data: tuple[torch.Tensor, ...], delta: float) -
 def _fit_once(
     points: list[Point], starts: torch.Tensor, delta: float, refine: int = REFINE
 ) -> tuple[torch.Tensor, float]:
-    data = tuple(
+    log_n, log_d, log_l = (
         torch.tensor([math.log(getattr(p, k)) for p in points], dtype=torch.float64)
         for k in ("params", "tokens", "loss")
     )
+    data = (log_n, log_d, log_l)
     with torch.no_grad():
         scores = _objective(starts, *data, delta)
     chosen = set(torch.argsort(scores)[:refine].tolist())

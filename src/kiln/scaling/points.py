@@ -44,7 +44,8 @@ def points_from_csv(path: Path) -> list[Point]:
                 ) from None
             if not all(v > 0 for v in values) or flops < 0:
                 raise ConfigError(f"{path} line {line}: params, tokens and loss must be positive, got {values}")
-            points.append(Point(*values, flops=flops, name=f"line {line}"))
+            params, tokens, loss = values  # CSV_COLUMNS
+            points.append(Point(params, tokens, loss, flops=flops, name=f"line {line}"))
     return points
 
 
@@ -74,10 +75,11 @@ def points_from_runs(paths: list[Path]) -> list[Point]:
         raise ConfigError(
             f"unfinished run(s): {', '.join(unfinished)}; finish them (kiln train --resume) or leave them out"
         )
-    kinds = {"tokenizer": {}, "objective": {}, "corpus": {}}
+    kinds: dict[str, dict[str, list[str]]] = {"tokenizer": {}, "objective": {}, "corpus": {}}
     points = []
     for run in runs:
         cfg, summary = run.config(), run.summary()
+        assert summary is not None  # every run here is finished (checked above), with a summary
         kinds["tokenizer"].setdefault(run.tokenizer().sha256[:12], []).append(run.name)
         kinds["objective"].setdefault(cfg.train.objective, []).append(run.name)
         kinds["corpus"].setdefault(cfg.data.corpus, []).append(run.name)

@@ -13,7 +13,7 @@ import torch
 
 from kiln.config import Config
 from kiln.data.loader import BatchSampler, TokenWindows, eval_windows, share_windows
-from kiln.data.multimodal.loader import training_streams
+from kiln.data.multimodal.loader import MultimodalSampler, training_streams
 from kiln.data.multimodal.prepare import MultimodalPrepared
 from kiln.data.shards import Prepared
 from kiln.errors import ConfigError, DataError
@@ -43,7 +43,9 @@ def _precision(cfg: Config, par: Parallel, resume_state: dict[str, Any] | None) 
     if cfg.train.precision == "auto" and saved:
         return saved  # a resumed run keeps the precision "auto" chose for it
     # rank 0 decides (a CPU choice is timed), so every rank computes alike
-    return par.broadcast(resolve_precision(cfg, par.device) if par.is_main else None)
+    chosen = par.broadcast(resolve_precision(cfg, par.device) if par.is_main else None)
+    assert chosen is not None  # rank 0's choice, on every rank
+    return chosen
 
 
 def check_kernels(cfg: Config, par: Parallel) -> None:
@@ -97,7 +99,7 @@ def build_trainer(
     cfg: Config,
     spec: ModelSpec,
     run: RunDir,
-    data: Prepared,
+    data: Prepared | MultimodalPrepared,
     par: Parallel,
     resume_state: dict[str, Any] | None = None,
     callbacks: Iterable[Callback] = (),
@@ -112,6 +114,7 @@ def build_trainer(
     parts, stage_ids, n_stages = build_parts(cfg, spec, par, data.vocab_size)
     optimizers = [build_optimizer(p, cfg.optim, par.device) for p in parts]
     extra_windows: dict[str, torch.Tensor] = {}
+    sampler: MultimodalSampler | BatchSampler
     if isinstance(data, MultimodalPrepared):
         sampler, val_sets = training_streams(cfg, data, dp_rank, dp_size)
         windows, extra_windows = val_sets.pop(""), val_sets

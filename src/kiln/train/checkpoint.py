@@ -21,9 +21,10 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -76,6 +77,7 @@ def rng_tensors() -> dict[str, torch.Tensor]:
 
 def host_rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # legacy=True (the default): the Mersenne Twister's state tuple
     py_version, py_state, py_gauss = random.getstate()
     return {
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -100,7 +102,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for part in parts:
-        out.update(get_model_state_dict(part))
+        out.update(cast(dict[str, torch.Tensor], get_model_state_dict(part)))  # a model's: tensors only
     return out
 
 
@@ -108,7 +110,7 @@ def optimizer_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimiz
     """Optimizer state keyed by parameter name (hyper-parameters come from the config on resume)."""
     out: dict[str, dict[str, Any]] = {}
     for part, opt in zip(parts, optimizers):
-        out.update(get_optimizer_state_dict(part, opt)["state"])
+        out.update(cast(dict[str, dict[str, Any]], get_optimizer_state_dict(part, opt)["state"]))
     return out
 
 
@@ -146,7 +148,7 @@ def _apply(
     model_sd: dict[str, torch.Tensor],
     optim_sd: dict[str, dict[str, Any]] | None,
     full: bool,
-    new_tensors: set[str] = frozenset(),
+    new_tensors: AbstractSet[str] = frozenset(),
 ) -> None:
     """Load the state dicts into `parts`; parameters named in `new_tensors` may be missing from
     them (a fork added them) and keep their initial values."""
@@ -164,17 +166,18 @@ def _apply(
                     f"checkpoint tensor {name} has shape {tuple(model_sd[name].shape)} but the "
                     f"model expects {shape}; was the model shape changed?"
                 )
-    for part, opt in zip(parts, optimizers or [None] * len(parts)):
+    per_part: list[torch.optim.Optimizer | None] = [*optimizers] or [None] * len(parts)
+    for part, opt in zip(parts, per_part):
         names = list(get_model_state_dict(part))  # a fixed order: loading runs one collective per tensor
         missing = [n for n in names if n not in model_sd and n not in new_tensors]
         if missing:
             raise CheckpointError(f"the checkpoint lacks parameters {missing[:3]}; was the model shape changed?")
-        present = {k: model_sd[k] for k in names if k in model_sd}
+        present: dict[str, Any] = {k: model_sd[k] for k in names if k in model_sd}
         options = StateDictOptions(full_state_dict=full, strict=len(present) == len(names))
         set_model_state_dict(part, present, options=options)
         if opt is not None and optim_sd is not None:
             current = get_optimizer_state_dict(part, opt)
-            state = {k: optim_sd[k] for k in current["state"] if k in optim_sd}
+            state: dict[str, Any] = {k: optim_sd[k] for k in current["state"] if k in optim_sd}
             set_optimizer_state_dict(
                 part, opt, {"state": state, "param_groups": current["param_groups"]}, options=options
             )
@@ -266,6 +269,7 @@ class Checkpointer:
                     if self._group is None:  # the background writer's collectives get a group of their own
                         self._group = torch.distributed.new_group(backend="gloo")
                     future = dcp.async_save(payload, checkpoint_id=str(tmp / "dcp"), process_group=self._group)
+                    assert isinstance(future, Future)  # no async_stager given: a plain future, not AsyncSaveResponse
                     self._pending = (future, tmp, final)
                     return None
                 try:

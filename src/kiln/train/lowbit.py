@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
@@ -39,7 +39,15 @@ def build_low_bit(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer
     )
 
 
-def _is_subclass(t: torch.Tensor) -> bool:
+if TYPE_CHECKING:
+
+    class _Flattenable(torch.Tensor):
+        """A traceable tensor subclass (torchao's quantised tensors): its parts by name, and a context."""
+
+        def __tensor_flatten__(self) -> tuple[list[str], Any]: ...
+
+
+def _is_subclass(t: torch.Tensor) -> TypeGuard[_Flattenable]:
     return type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__")
 
 

@@ -246,7 +246,7 @@ class TrainModule:
         for opt in self.optimizers:
             set_lr(opt, lr)
             if discard is not None and self._fused:
-                opt.found_inf = discard  # the fused kernel skips a flagged update on the device
+                opt.found_inf = discard  # type: ignore[attr-defined]  # read by torch's fused step (getattr): skips the update
                 opt.step()
             elif discard is None or not discard.item():
                 opt.step()

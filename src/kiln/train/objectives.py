@@ -153,6 +153,8 @@ class Masked(Objective):
         to_random = selected & (action >= m.replace) & (action < m.replace + m.random)
         n = len(self.replacements)
         random_tokens = self.replacements[(pick * n).long().clamp(max=n - 1)]
+        if self.mask_id is None:  # a tokenizer imported without one (a mask token is not a required role)
+            raise ConfigError("train.objective = 'masked' needs a tokenizer with a mask token; this one has none")
         inputs = torch.where(to_mask, self.mask_id, torch.where(to_random, random_tokens, tokens))
         targets = torch.where(selected, tokens, IGNORE)
         return Batch(inputs, targets)

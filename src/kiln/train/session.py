@@ -37,7 +37,10 @@ def _log(text: str) -> None:
 
 def _prepare_everywhere(cfg: Config, par: Parallel) -> Prepared | MultimodalPrepared:
     data = par.main_first(lambda: prepare_data(cfg, log=_log))
-    return data if par.is_main else prepare_data(cfg, log=lambda _: None)
+    if par.is_main:
+        assert data is not None  # main_first returns fn's result on the main rank
+        return data
+    return prepare_data(cfg, log=lambda _: None)
 
 
 def _fit(trainer) -> dict[str, Any]:
@@ -84,7 +87,9 @@ def find_restarted_run(runs_dir: Path) -> Path | None:
     return found.path if found else None
 
 
-def resume_run(path: Path, overrides: list[str] = (), callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
+def resume_run(
+    path: Path, overrides: list[str] | tuple[str, ...] = (), callbacks: Iterable[Callback] = ()
+) -> dict[str, Any]:
     """Continue `path` from its newest valid checkpoint (or from scratch if it has none)."""
     run = RunDir.open(path)
     saved = run.config_dict()

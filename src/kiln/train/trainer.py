@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,10 @@ from kiln.train.module import TrainModule
 from kiln.train.optim import lr_at
 from kiln.train.seeding import dropout_seed
 
+if TYPE_CHECKING:
+    from kiln.data.multimodal.loader import MultimodalSampler
+    from kiln.data.multimodal.prepare import MultimodalPrepared
+
 
 @dataclass
 class StepResult:
@@ -47,6 +51,7 @@ class StepResult:
         """The same result with numbers instead of device tensors (one host sync for both)."""
         if not isinstance(self.loss, torch.Tensor):
             return self
+        assert isinstance(self.grad_norm, torch.Tensor)  # train_step gives both as device tensors
         loss, norm = torch.stack([self.loss.detach().double(), self.grad_norm.detach().double()]).tolist()
         return replace(self, loss=loss, grad_norm=norm)
 
@@ -56,10 +61,10 @@ class Trainer:
     cfg: Config
     spec: ModelSpec
     run: RunDir
-    data: Prepared
+    data: Prepared | MultimodalPrepared
     par: Parallel
     module: TrainModule
-    sampler: BatchSampler
+    sampler: BatchSampler | MultimodalSampler
     val: WindowShare  # this data-parallel rank's share of the validation windows
     eval_batch: int  # windows per evaluation forward
     callbacks: CallbackList
@@ -325,6 +330,7 @@ class Trainer:
         return self.par.broadcast(found)
 
     def _rollback(self, path: Path, event: dict[str, Any]) -> None:
+        assert self.guard is not None  # only the guard's events roll back
         cfg, spike_step = self.cfg.guard, event["step"] - 1
         spike_index = event["data_index"]
         interventions = self.guard.state.interventions

@@ -21,10 +21,10 @@ def decode(data: bytes, size: int, channels: int, where: str = "an image") -> np
 
     mode = "L" if channels == 1 else "RGB"
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format == "JPEG":
-                im.draft(mode, (size, size))  # decodes at 1/2, 1/4 or 1/8 scale while that stays >= size
-            im = im.convert(mode)
+        with Image.open(io.BytesIO(data)) as src:
+            if src.format == "JPEG":
+                src.draft(mode, (size, size))  # decodes at 1/2, 1/4 or 1/8 scale while that stays >= size
+            im = src.convert(mode)
             w, h = im.size
             side = min(w, h)
             box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)

@@ -22,6 +22,7 @@ restarts them at that step.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,9 +75,11 @@ class WindowBuilder:
     def __init__(self, data: MultimodalPrepared, layout: ImageLayout, window: int, with_images: bool = True):
         self.data, self.layout, self.window, self.with_images = data, layout, window, with_images
         tok = data.tokenizer
-        self.bos, self.eos, self.pad = tok.bos_id, tok.eos_id, tok.pad_id
+        bos, eos, pad = tok.bos_id, tok.eos_id, tok.pad_id
+        assert bos is not None and eos is not None and pad is not None  # required roles (KilnTokenizer checks)
+        self.bos, self.eos, self.pad = bos, eos, pad
 
-    def _sample(self, sample: int) -> list[tuple[int, object]]:
+    def _sample(self, sample: int) -> list[tuple[int, tuple[int, int]]]:
         segs = self.data.sample_segments(sample)
         if not self.with_images:
             segs = segs[segs[:, 0] == TEXT]
@@ -94,7 +97,7 @@ class WindowBuilder:
         pos = 0
         for slot, sample in enumerate(samples.tolist()):
             start = pos
-            pieces: list[tuple[int, object]] = [(TEXT, np.array([self.bos]))]
+            pieces: list[tuple[int, np.ndarray]] = [(TEXT, np.array([self.bos]))]
             for kind, (a, b) in self._sample(sample):
                 if kind == TEXT:
                     pieces.append((TEXT, self.data.text_tokens(a, b)))
@@ -180,7 +183,8 @@ class MultimodalSampler:
         self.local_batch, self.offset = rank_share(global_batch, rank, world_size, shares)
         self.stream, self.global_batch = stream, global_batch
         self.rank, self.workers, self.prefetch = rank, workers, prefetch
-        self._iter, self._next = None, None
+        self._iter: Iterator[torch.Tensor] | None = None
+        self._next: int | None = None
 
     def sample_indices(self, step: int) -> np.ndarray:
         """Global window indices of this rank's rows at `step`."""

@@ -114,7 +114,9 @@ def open_multimodal(path: Path, verify: bool = True) -> MultimodalPrepared:
 def _read(cfg: DataConfig, source, images_out) -> tuple[list[list[tuple[int, Any]]], list[str], int]:
     """Every sample as [(kind, text | image index)], the texts, and the number of images; image
     bytes are streamed to `images_out` (offsets appended to its `offsets` list)."""
-    samples, texts, n_images = [], [], 0
+    samples: list[list[tuple[int, Any]]] = []
+    texts: list[str] = []
+    n_images = 0
     for sample in progress_bar(source.samples(), "reading image-text samples", unit="samples"):
         entry = []
         for seg in sample:
@@ -194,11 +196,11 @@ def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
         for entry in samples:
             h = hashlib.sha256()
             for kind, ref in entry:
-                h.update(
-                    texts[ref].encode("utf-8", "surrogatepass")
-                    if kind == TEXT
-                    else image_file[writer.offsets[ref] : writer.offsets[ref + 1]].tobytes()
-                )
+                if kind == TEXT:
+                    h.update(texts[ref].encode("utf-8", "surrogatepass"))
+                else:
+                    assert image_file is not None  # an image segment means n_images > 0
+                    h.update(image_file[writer.offsets[ref] : writer.offsets[ref + 1]].tobytes())
             keys.append(h.hexdigest())
         is_val = np.array([_is_val(k, cfg.split_seed, cfg.val_fraction) for k in keys])
         if not is_val.any():

@@ -30,6 +30,7 @@ import os
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 from kiln.config import DataConfig
 from kiln.errors import DataError
@@ -174,7 +175,8 @@ def read_tar(path: Path) -> Iterator[Sample]:
     except (tarfile.TarError, OSError) as e:
         raise DataError(f"{path} is not a readable tar file ({e})") from None
     with archive:
-        key, members = None, {}
+        key = ""  # the sample being gathered; set before its first member is
+        members: dict[str, bytes] = {}
         for info in archive:
             if not info.isfile():
                 continue
@@ -183,7 +185,9 @@ def read_tar(path: Path) -> Iterator[Sample]:
                 yield _tar_sample(path, key, members)
                 members = {}
             key = k
-            members[suffix] = archive.extractfile(info).read()
+            data = archive.extractfile(info)
+            assert data is not None  # a regular file member (isfile() above) always has a file object
+            members[suffix] = data.read()
         if members:
             yield _tar_sample(path, key, members)
 
@@ -226,7 +230,7 @@ def read_parquet(path: Path, text_field: str, image_field: str) -> Iterator[Samp
                         raise DataError(f"{where}: each position holds a text or an image, not both or neither")
                     if t is not None and not isinstance(t, str):
                         raise DataError(f"{where}: '{text_field}' holds {type(t).__name__} values, not text")
-                    sample.append(t if t is not None else _image_bytes(im, where))
+                    sample.append(t if t is not None else cast(bytes, _image_bytes(im, where)))  # im is not None
                 yield sample
             else:
                 img = _image_bytes(image, where)

@@ -31,9 +31,10 @@ class Evaluation(Callback):
             self.evaluate(trainer)
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
-        if self.last is None or self.last["step"] != trainer.step:  # the loop ended elsewhere (a finished run)
-            self.evaluate(trainer)
-        summary.update({k: v for k, v in self.last.items() if k not in ("step", "tokens")})
+        last = self.last
+        if last is None or last["step"] != trainer.step:  # the loop ended elsewhere (a finished run)
+            last = self.evaluate(trainer)  # (which is self.last now)
+        summary.update({k: v for k, v in last.items() if k not in ("step", "tokens")})
 
     def evaluate(self, trainer) -> dict[str, Any]:
         module, par = trainer.module, trainer.par

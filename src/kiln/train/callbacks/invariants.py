@@ -380,15 +380,15 @@ class Invariants(Callback):
             index, epochs = self._data["index"], self._data["epochs"]
             samples = ints[:, HEADER_I : HEADER_I + lb]
             reps = {d: members[0] for d, members in sorted(self.dp_members.items())}
-            for d, members in sorted(self.dp_members.items()):
-                for r in members[1:]:
-                    if not np.array_equal(samples[r], samples[members[0]]):
+            for d, dp_ranks in sorted(self.dp_members.items()):
+                for r in dp_ranks[1:]:
+                    if not np.array_equal(samples[r], samples[dp_ranks[0]]):
                         out.append(
                             (
                                 DATA,
-                                f"ranks {members[0]} and {r} ({self._relation(members[0], r)} of "
+                                f"ranks {dp_ranks[0]} and {r} ({self._relation(dp_ranks[0], r)} of "
                                 f"data-parallel rank {d}) read different windows of data batch {index}",
-                                [members[0], r],
+                                [dp_ranks[0], r],
                             )
                         )
                         break

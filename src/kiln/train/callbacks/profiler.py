@@ -32,7 +32,7 @@ class Profiler(Callback):
 
     def __init__(self, options: ProfilerOptions | None = None):
         super().__init__(options or ProfilerOptions())
-        self.prof = None
+        self.prof: torch.profiler.profile | None = None
 
     def on_step_start(self, trainer, step: int, data_index: int) -> None:
         if step == self.options.start and self.prof is None:
@@ -60,6 +60,7 @@ class Profiler(Callback):
 
     def _finish(self, trainer) -> None:
         prof, self.prof = self.prof, None
+        assert prof is not None  # callers check that a profile is running
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         prof.__exit__(None, None, None)

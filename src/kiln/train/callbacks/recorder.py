@@ -37,8 +37,8 @@ class MetricRecorder:
     def __bool__(self) -> bool:
         return bool(self._values)
 
-    def _local(self) -> dict[str, tuple[str, float, float]]:
-        """name -> (reduce, combined value, count) over this rank's interval."""
+    def _local(self) -> dict[str, tuple[str, torch.Tensor, float]]:
+        """name -> (reduce, combined value (a 0-d float64 tensor on the device), count) over this rank's interval."""
         out = {}
         for name, (kind, values) in self._values.items():
             t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.device) for v in values])

@@ -8,15 +8,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from dataclasses import dataclass
-from numbers import Number
-from typing import Any
+from numbers import Real
+from typing import TYPE_CHECKING, Any
 
 from kiln.errors import ConfigError
 from kiln.train.callbacks.base import Callback
 
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+    from wandb.sdk.wandb_run import Run
+
 
 def _numbers(record: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items() if isinstance(v, Number) and not isinstance(v, bool) and k != "step"}
+    return {k: float(v) for k, v in record.items() if isinstance(v, Real) and not isinstance(v, bool) and k != "step"}
 
 
 def _require(module: str, extra: str) -> None:
@@ -39,7 +43,7 @@ class TensorBoardWriter(Callback):
 
     def __init__(self, options: TensorBoardOptions | None = None):
         super().__init__(options or TensorBoardOptions())
-        self.writer = None
+        self.writer: SummaryWriter | None = None
 
     def on_run_start(self, trainer) -> None:
         if not trainer.is_main:
@@ -89,7 +93,7 @@ class WandbWriter(Callback):
 
     def __init__(self, options: WandbOptions | None = None):
         super().__init__(options or WandbOptions())
-        self.wandb_run = None
+        self.wandb_run: Run | None = None
 
     def on_run_start(self, trainer) -> None:
         if not trainer.is_main:

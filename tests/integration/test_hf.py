@@ -143,6 +143,26 @@ def batch(tokenizer, rows: int = 3, length: int = 24) -> torch.Tensor:
     return torch.randint(0, tokenizer.vocab_size, (rows, length), generator=gen)
 
 
+def assert_greedy_agrees(model: LanguageModel, theirs, prompt: torch.Tensor, greedy: torch.Tensor, tol: float) -> None:
+    """Kiln's greedy continuation of `prompt` is transformers' (`greedy`) up to a near-tie. The two
+    implementations add in other orders, so their logits agree to `tol`, not bit for bit (which kernels
+    run depends on the CPU): where the token Kiln picked scores within 2 * tol of transformers' best,
+    either is a correct greedy choice and the continuations may part there. Anywhere else (a mapping,
+    context or padding-row bug) a different token fails."""
+    ours = model.generate(prompt, greedy.shape[1] - prompt.shape[1])
+    assert ours.shape == greedy.shape
+    parted = (ours[0] != greedy[0]).nonzero()
+    if len(parted) == 0:
+        return
+    i = int(parted[0])
+    with torch.no_grad():
+        mine, reference = model(greedy[:, :i])[0, -1], theirs(greedy[:, :i]).logits[0, -1]
+    assert (mine - reference).abs().max().item() <= tol  # the common prefix scores alike ...
+    for who, token in (("Kiln", ours[0, i]), ("transformers", greedy[0, i])):  # ... and both picks nearly tie
+        gap = (reference.max() - reference[token]).item()
+        assert gap <= 2 * tol, f"position {i}: {who} picked {int(token)}, {gap:.2e} below the best logit"
+
+
 @pytest.mark.parametrize("name", sorted(FLAVOURS))
 def test_exported_logits_match_transformers(tmp_path, tokenizer, name):
     cfg = FLAVOURS[name]
@@ -171,7 +191,9 @@ def test_exported_logits_match_transformers(tmp_path, tokenizer, name):
             pad_token_id=tokenizer.pad_id,
             eos_token_id=None,
         )
-    assert LanguageModel(model, tokenizer.vocab_size, cfg).generate(prompt, 20).tolist() == greedy.tolist()
+    assert_greedy_agrees(
+        LanguageModel(model, tokenizer.vocab_size, cfg), theirs, prompt, greedy, TOL[name.split("-")[0]]
+    )
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2", "gpt2-tied", "bert"])

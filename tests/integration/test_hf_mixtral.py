@@ -12,12 +12,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from test_hf import (  # noqa: E402  (after the importorskip, so a missing transformers skips)
+    assert_greedy_agrees,
     batch,
     export_folder,
     hf_model,
     random_model,
     save_causal_tokenizer,  # noqa: E402,F401
     saved_transformers_model,
+    tokenizer,  # noqa: F401  (a pytest fixture: the tests below take it by name)
 )
 
 from kiln.config import ModelConfig, load_config  # noqa: E402
@@ -68,7 +70,7 @@ def test_exported_mixtral_matches_transformers(tmp_path, tokenizer):
             pad_token_id=tokenizer.pad_id,
             eos_token_id=None,
         )
-    assert LanguageModel(model, tokenizer.vocab_size, MIXTRAL).generate(prompt, 20).tolist() == greedy.tolist()
+    assert_greedy_agrees(LanguageModel(model, tokenizer.vocab_size, MIXTRAL), theirs, prompt, greedy, 1e-5)
 
 
 def test_mixtral_import_then_export_is_bit_identical(tmp_path, tokenizer):

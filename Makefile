@@ -33,9 +33,12 @@ format: $(STAMP)
 
 # Two workers: most tests wait on process start-up and one core, so two at once take ~70% of the
 # serial time on 2 cores (BENCHMARKS.md, "The test suite"). TEST_WORKERS=0 runs them in one process.
+# One intra-op thread a worker: two workers of two threads each on two cores spin on each other
+# (12m31s against 11m21s for the same suite, BENCHMARKS.md). TEST_THREADS=2 for the other setting.
 TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=20
 
 # Every distributed test, including the 4-process layouts (dp x tp x pp, HSDP, interleaved, gpipe).
 test-dist: $(STAMP)

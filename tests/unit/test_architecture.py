@@ -1,5 +1,5 @@
 """The shape of the code: every module imports on its own, the import graph has no cycle, no
-file is over 600 lines, and the training loop stays short."""
+file is over 850 formatted lines, and the training loop stays short."""
 
 from __future__ import annotations
 
@@ -116,8 +116,11 @@ def test_layers_do_not_reach_up():
         assert not {d for d in graph[model_module] if d.startswith("kiln.parallel")}, model_module
 
 
-def test_no_file_over_600_lines():
-    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+def test_no_file_over_850_lines():
+    # 600 lines before `ruff format`, which puts one argument a line where a call does not fit and
+    # grew the same code by ~35% (cli.py 594 -> 800 lines); the four modules near the limit (cli,
+    # config, runs/doctor, runs/doctor_rules) are the next to split.
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 850}
     assert not long, long
 
 

@@ -54,7 +54,7 @@ PEAK = textwrap.dedent("""
     import resource, sys, torch, torch.nn.functional as F
     from kiln.kernels.cross_entropy import chunked_linear_cross_entropy
     torch.set_num_threads(2)
-    N, d, V = 1024, 64, 131072
+    N, d, V = 2048, 64, 131072
     h = torch.randn(N, d, requires_grad=True)
     w = (0.02 * torch.randn(V, d)).requires_grad_()
     t = torch.randint(0, V, (N,))
@@ -64,7 +64,7 @@ PEAK = textwrap.dedent("""
     if sys.argv[1] == "naive":
         F.cross_entropy(h @ w.T, t, reduction="sum").backward()
     else:
-        sum(chunked_linear_cross_entropy(h, w, t, chunk=64)).backward()
+        sum(chunked_linear_cross_entropy(h, w, t, chunk=128)).backward()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """)
 
@@ -74,5 +74,5 @@ def test_peak_memory_of_the_loss_head_is_a_tenth_of_the_naive_at_a_128k_vocabula
     for mode in ("naive", "chunked"):
         out = subprocess.run([sys.executable, "-c", PEAK, mode], capture_output=True, text=True, check=True)
         peaks[mode] = int(out.stdout.strip())  # KiB above the inputs and their gradients
-    assert peaks["naive"] > 500_000  # the float32 logits alone are 512 MiB
+    assert peaks["naive"] > 1_000_000  # >= 1 GiB: the float32 logits alone are 1 GiB
     assert peaks["chunked"] <= 0.10 * peaks["naive"], peaks

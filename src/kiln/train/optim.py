@@ -46,17 +46,27 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     )
 
 
+def _warmup(total_steps: int, cfg: ScheduleConfig) -> int:
+    return min(cfg.warmup_steps, max(total_steps - 1, 0))
+
+
+def wsd_decay_start(total_steps: int, cfg: ScheduleConfig) -> int:
+    """First step of the WSD decay in a run of `total_steps` (the time budget keeps its length
+    from moving the decay before a step already trained)."""
+    return total_steps - max(1, round(cfg.decay_fraction * (total_steps - _warmup(total_steps, cfg))))
+
+
 def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): warmup, then cosine, WSD or constant."""
     min_lr = peak_lr * cfg.min_lr_ratio
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    warmup = _warmup(total_steps, cfg)
     if step < warmup:
         return peak_lr * (step + 1) / (warmup + 1)
     if cfg.name == "constant":
         return peak_lr
     if cfg.name == "wsd":
-        decay_steps = max(1, round(cfg.decay_fraction * (total_steps - warmup)))
-        decay_start = total_steps - decay_steps
+        decay_start = wsd_decay_start(total_steps, cfg)
+        decay_steps = total_steps - decay_start
         if step < decay_start:
             return peak_lr
         frac = min(1.0, (step - decay_start + 1) / decay_steps)

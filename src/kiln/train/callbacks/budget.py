@@ -29,6 +29,7 @@ import torch
 
 from kiln.config import ScheduleConfig
 from kiln.train.callbacks.base import Callback
+from kiln.train.optim import wsd_decay_start
 
 WARMUP_STEPS = 3  # untimed: the first steps of a process run slower than the rest
 CALIBRATION_STEPS = 8  # timed before the first estimate
@@ -37,12 +38,6 @@ COMMIT_FRACTION = 0.6  # of the budget spent when the length is committed at the
 MAX_SAMPLES = 2048  # clock samples kept for the rate (thinned by half beyond this: bounded memory)
 
 clock = time.perf_counter  # a module attribute so a test can drive the budget with its own clock
-
-
-def wsd_decay_start(total_steps: int, cfg: ScheduleConfig) -> int:
-    """First step of the WSD decay for a run of `total_steps` (as kiln.train.optim.lr_at has it)."""
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    return total_steps - max(1, round(cfg.decay_fraction * (total_steps - warmup)))
 
 
 def length_floor(done: int, ceiling: int, cfg: ScheduleConfig) -> int:
@@ -101,7 +96,7 @@ class TimeBudget(Callback):
         self.last_spent = self.prior_s
 
     def on_step_end(self, trainer, result) -> None:
-        if self.committed is not None or self.t0 is None or not trainer.cfg.train.time_budget_s:
+        if self.committed is not None or self.t0 is None:
             return
         self.trained += 1
         if self.trained < WARMUP_STEPS:
@@ -113,7 +108,7 @@ class TimeBudget(Callback):
         if due < 0 or due % REESTIMATE_EVERY:
             return
         # rank 0's clock decides for every rank, so all of them train the same number of steps
-        spent, per_step = trainer.par.broadcast((self.spent(trainer), self.rate()))
+        spent, per_step = trainer.par.broadcast((self.last_spent, self.rate()))
         self.reestimate(trainer, spent, per_step)
 
     def reestimate(self, trainer, spent: float, per_step: float) -> None:
@@ -157,12 +152,10 @@ class TimeBudget(Callback):
             f"training {fits} steps; recorded in config.toml"
         )
         self.committed = event
-        self.budget = budget
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
-        if self.committed is not None:
-            used = self.spent(trainer) if self.t0 is not None else None
-            summary["time_budget"] = {**self.committed, "used_s": None if used is None else round(used, 3)}
+        if self.committed is not None:  # committed during a step, so the clock was started
+            summary["time_budget"] = {**self.committed, "used_s": round(self.spent(trainer), 3)}
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -193,6 +193,7 @@ def test_expert_init_is_depth_scaled_for_the_down_projection():
         (["model.moe_capacity_factor=0.2"], "would drop most tokens"),
         (["model.moe_bias_rate=-1"], "moe_bias_rate must be >= 0"),
         (["parallel.ep=3"], "parallel.ep = 3 must divide model.moe_experts = 8"),
+        (["model.family=decoder", "model.moe_experts=0", "parallel.ep=2"], r"has none \(set parallel.ep = 1\)"),
     ],
 )
 def test_bad_moe_settings_are_refused_with_the_key(sets, says):

@@ -11,6 +11,15 @@ from pathlib import Path
 from kiln.config import load_config, preset_names
 from kiln.errors import KilnError
 
+STEP_HELP = (
+    "checkpoint step (default: the newest valid one, or 0 for a run with none, such as an import; "
+    "0 without a step-0 checkpoint = the weights training starts from)"
+)
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
@@ -88,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = verbs.add_parser("export", help="a checkpoint as one safetensors file, or as a Hugging Face folder")
     export.add_argument("run", metavar="RUN_DIR")
     export.add_argument("--out", required=True, help="output .safetensors path (--format hf: a new folder)")
-    export.add_argument("--step", type=int, help="checkpoint step (default: the latest valid one)")
+    export.add_argument("--step", type=int, help=STEP_HELP)
     export.add_argument(
         "--format",
         choices=("safetensors", "hf"),
@@ -146,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int, default=50)
     sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--step", type=int, help="use this checkpoint step (default: the latest valid one)")
+    sample.add_argument("--step", type=int, help=STEP_HELP)
 
     ev = verbs.add_parser(
         "eval",
@@ -159,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--step",
         type=int,
-        help="checkpoint step (default: the latest valid one; 0 = the untrained "
-        "initialisation when no step-0 checkpoint exists)",
+        help=STEP_HELP,
     )
     ev.add_argument(
         "--suite",
@@ -400,12 +408,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "hf":
         from kiln.interop.convert import export_hf
 
-        out = export_hf(Path(args.run), Path(args.out), args.step, args.max_shard_size)
+        out, step = export_hf(Path(args.run), Path(args.out), args.step, args.max_shard_size, warn=_stderr)
     else:
         from kiln.runs.export import export_run
 
-        out = export_run(Path(args.run), Path(args.out), args.step)
-    print(f"wrote {out}")
+        out, step = export_run(Path(args.run), Path(args.out), args.step, warn=_stderr)
+    print(f"wrote {out} (step {step})")
     return 0
 
 
@@ -533,6 +541,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.top_p,
         args.seed,
         args.step,
+        say=_stderr,  # the samples alone on stdout
     ):
         print(text)
         print("-" * 40)

@@ -417,7 +417,7 @@ def test_shards_and_index_above_the_size_limit(tmp_path, tokenizer):
 def kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`kiln ARGS` in `cwd`: training in a process of its own, export and import in this one (they
     go through the same `main`, and a fresh interpreter would cost seconds of imports each)."""
-    if args[0] in ("export", "import"):
+    if args[0] in ("export", "import", "sample", "eval"):
         import contextlib
         import io
 
@@ -664,6 +664,36 @@ def test_imported_gpt2_continues_pretraining_and_its_loss_falls(tmp_path):
     imported, tok = load(tmp_path / "gpt2")
     ids = torch.tensor([tok.encode("def add(a, b):")])
     assert torch.equal(start(ids), imported(ids))
+
+
+def test_an_imported_model_is_used_before_any_training(tmp_path, tokenizer):
+    """After `kiln import`, sample, export (both formats), eval and `kiln.load` take step 0, the
+    imported weights, by default and say so; a run whose only checkpoints are corrupt stays an error."""
+    from safetensors.torch import load_file
+
+    folder = export_folder(random_model(LLAMA, tokenizer.vocab_size), LLAMA, tokenizer, tmp_path / "llama")
+    assert kiln("import", str(folder), "--name", "imp", cwd=tmp_path).returncode == 0
+    run = tmp_path / "runs" / "imp"
+    r = kiln("sample", str(run), "--prompt", "def ", "--max-tokens", "4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "no checkpoint yet: using step 0 (the imported weights)" in r.stderr and "at step 0" in r.stderr
+    assert r.stdout.startswith("def ")
+    r = kiln("export", str(run), "--out", str(tmp_path / "imp.safetensors"), cwd=tmp_path)
+    assert r.returncode == 0 and "(step 0)" in r.stdout, r.stderr
+    model, _ = load(folder)
+    exported = load_file(tmp_path / "imp.safetensors")
+    assert torch.equal(exported["layers.1.mlp.w2.weight"], model.model.state_dict()["layers.1.mlp.w2.weight"])
+    r = kiln("export", str(run), "--format", "hf", "--out", str(tmp_path / "imp-hf"), cwd=tmp_path)
+    assert r.returncode == 0 and "(step 0)" in r.stdout, r.stderr
+    ids = torch.tensor([tokenizer.encode("def add(a, b):")])
+    assert torch.equal(load(run)[0](ids), model(ids)) and torch.equal(load(tmp_path / "imp-hf")[0](ids), model(ids))
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"context": "def add(a, b):", "choices": [" return a + b", " pass"], "gold": 0}\n')
+    r = kiln("eval", str(run), "--suite", "choice", "-o", f"choice.tasks={task}", cwd=tmp_path)
+    assert r.returncode == 0 and "step 0" in r.stdout + r.stderr, r.stderr
+    (run / "checkpoints" / "step-00000005").mkdir(parents=True)  # a checkpoint without its manifest
+    r = kiln("sample", str(run), "--max-tokens", "2", cwd=tmp_path)
+    assert r.returncode == 2 and "no valid checkpoint" in r.stderr
 
 
 def test_a_refused_import_exits_2_and_makes_no_run(tmp_path, tokenizer):

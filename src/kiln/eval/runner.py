@@ -164,7 +164,8 @@ def evaluate_run(
     weights: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """`kiln eval`: run suites (default: all registered) on a run's checkpoint and save the report.
-    Step 0 without a checkpoint is the untrained model, rebuilt exactly as training initialised it.
+    The default step is the newest valid checkpoint's, or 0 for a run with none (an import); step 0
+    without a checkpoint is the model training starts from, rebuilt exactly as training initialises it.
     `weights`: a quantised export of this run (kiln.runs.quantize), evaluated instead, with the
     `lm` suite run on its source checkpoint too so the report says what quantising cost."""
     from kiln.resolve import check_suites
@@ -189,10 +190,6 @@ def evaluate_run(
         if step is not None and step != saved_step:
             raise KilnError(f"{weights} holds step {saved_step}, not --step {step}; drop --step")
         step = saved_step
-    if step is None and run.latest_checkpoint(_warn) is None:
-        raise KilnError(
-            f"{path} has no valid checkpoint to evaluate; train it first or pass --step 0 for the untrained model"
-        )
     loaded = run.load_model(step, warn=_warn)
     if loaded.cfg.train.threads:
         torch.set_num_threads(loaded.cfg.train.threads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,8 +21,10 @@ def sample_from_run(
     top_p: float,
     seed: int = 0,
     step: int | None = None,
+    say: Callable[[str], None] = print,
 ) -> list[str]:
-    loaded = RunDir.open(path).load_model(step)
+    loaded = RunDir.open(path).load_model(step, warn=say)
+    say(f"sampling {Path(path).name} at step {loaded.step}")
     cfg, model, tok = loaded.cfg, loaded.model, loaded.tokenizer
     if not get_spec(cfg.model.family).causal:  # an encoder fills the prompt's <|mask|> tokens instead
         from kiln.eval.fill import fill_prompt

@@ -8,6 +8,7 @@ folder is removed again if any step of making it fails.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,16 @@ def adapter_for_type(model_type: Any) -> HFAdapter:
     raise ConfigError(f"model_type = {model_type!r} is not a family Kiln imports; supported: {', '.join(known)}")
 
 
-def export_hf(path: Path, out: Path, step: int | None = None, max_shard_size: str = DEFAULT_MAX_SHARD) -> Path:
-    """The run's model at `step` (either checkpoint format) as a folder AutoModelForCausalLM and
-    AutoTokenizer load with no extra code."""
+def export_hf(
+    path: Path,
+    out: Path,
+    step: int | None = None,
+    max_shard_size: str = DEFAULT_MAX_SHARD,
+    warn: Callable[[str], None] = print,
+) -> tuple[Path, int]:
+    """The run's model at `step` (either checkpoint format; default the newest, or step 0 for a run
+    with none) as a folder AutoModelForCausalLM and AutoTokenizer load with no extra code; the folder
+    and the step it holds."""
     run = RunDir.open(path)
     cfg = run.config()
     adapter = adapter_for(cfg.model)
@@ -71,7 +79,7 @@ def export_hf(path: Path, out: Path, step: int | None = None, max_shard_size: st
     max_bytes = hf_files.parse_size(max_shard_size)
     if Path(out).exists():
         raise ConfigError(f"--out {out} already exists; choose a new folder (Kiln never overwrites an export)")
-    loaded = run.load_model(step, device=torch.device("cpu"), warn=lambda _: None)
+    loaded = run.load_model(step, device=torch.device("cpu"), warn=warn)
     tokenizer = loaded.tokenizer
     state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     tensors = adapter.to_hf(cfg.model, state, tokenizer.vocab_size)
@@ -79,9 +87,10 @@ def export_hf(path: Path, out: Path, step: int | None = None, max_shard_size: st
         "config.json": adapter.config(cfg.model, tokenizer.vocab_size, _special_ids(tokenizer)),
         "generation_config.json": generation_config(tokenizer),
     }
-    return hf_files.write_folder(
+    written = hf_files.write_folder(
         Path(out), files, tensors, tokenizer, cfg.model.max_seq_len or cfg.model.seq_len, max_bytes
     )
+    return written, loaded.step
 
 
 def read_hf(folder: Path) -> tuple[ModelConfig, KilnTokenizer, dict[str, torch.Tensor]]:

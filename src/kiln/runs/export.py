@@ -3,17 +3,26 @@ either checkpoint format (single process or sharded across ranks)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from kiln.model.registry import build_model
 from kiln.resolve import check_model
 from kiln.runs.rundir import RunDir
-from kiln.train.checkpoint import export_safetensors
+from kiln.train.checkpoint import checkpoint_step, export_safetensors, write_safetensors
 
 
-def export_run(path: Path, out: Path, step: int | None = None) -> Path:
+def export_run(path: Path, out: Path, step: int | None = None, warn: Callable[[str], None] = print) -> tuple[Path, int]:
+    """The file written and the step it holds (default: the newest valid checkpoint, or step 0 for
+    a run with none, such as an import)."""
     run = RunDir.open(path)
     cfg = run.config()
     run.check_family(cfg, check_model)  # only the model family: not the suites or callbacks it ran with
+    chosen = run.weights_at(step, warn)
+    if chosen is None:
+        loaded = run.load_model(step, device=torch.device("cpu"), warn=warn)  # says it uses step 0
+        return write_safetensors(loaded.model, out), 0
     model = build_model(cfg.model, run.tokenizer().vocab_size)
-    return export_safetensors(run.checkpoint(step), model, out)
+    return export_safetensors(chosen, model, out), checkpoint_step(chosen)

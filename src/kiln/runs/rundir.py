@@ -50,7 +50,7 @@ class LoadedModel:
     device: torch.device
     precision: str
     step: int
-    untrained: bool = False  # step 0 rebuilt from the seed (no step-0 checkpoint)
+    untrained: bool = False  # step 0 rebuilt as training starts it (no step-0 checkpoint)
 
     @property
     def autocast(self):
@@ -287,12 +287,30 @@ class RunDir:
             )
         return chosen
 
+    def weights_at(self, step: int | None = None, warn: Callable[[str], None] = print) -> Path | None:
+        """The checkpoint holding the model at `step` (default: the newest valid one), or None for the
+        weights a run starts from (`model.init_from`'s, or drawn from train.seed): step 0 without a
+        step-0 checkpoint, and the default of a run with no checkpoint at all (an import, say).
+        A run whose checkpoints are all corrupt is an error, not a silent step 0."""
+        if step == 0 and not (self.checkpoints / ckpt.step_dir_name(0)).is_dir():
+            return None
+        if step is None and not self.checkpoint_paths():
+            return None
+        return self.checkpoint(step, warn)
+
+    def starting_weights(self, cfg: Config) -> str:
+        """What the weights at step 0 without a checkpoint are, for messages."""
+        if self.meta().get("imported_from"):
+            return "the imported weights"
+        return "the weights of model.init_from" if cfg.model.init_from else "the initial weights, from train.seed"
+
     def load_model(
         self, step: int | None = None, device: torch.device | None = None, warn: Callable[[str], None] = print
     ) -> LoadedModel:
-        """The whole model at `step` (default: the newest valid checkpoint) in this process,
-        whatever layout saved it. Step 0 without a step-0 checkpoint is the untrained model,
-        rebuilt exactly as training initialised it (from train.seed)."""
+        """The whole model at `step` (default: the newest valid checkpoint, or step 0 for a run with
+        none) in this process, whatever layout saved it. Step 0 without a step-0 checkpoint is the
+        model training starts from, rebuilt exactly as training initialised it (from
+        `model.init_from` or train.seed)."""
         from kiln.kernels import registry as kernels
         from kiln.model.registry import build_model, initialise, resolve_family
         from kiln.train.precision import resolve_device, resolve_precision
@@ -304,10 +322,12 @@ class RunDir:
         tokenizer = self.tokenizer()
         device = device or resolve_device(cfg)
         model = build_model(cfg.model, tokenizer.vocab_size).to(device)
-        if step == 0 and not (self.checkpoints / ckpt.step_dir_name(0)).is_dir():
+        chosen = self.weights_at(step, warn)
+        if chosen is None:
+            if step is None:
+                warn(f"{self.path.name} has no checkpoint yet: using step 0 ({self.starting_weights(cfg)})")
             initialise(model, cfg.model, cfg.train.seed)
             return LoadedModel(cfg, model.eval(), tokenizer, device, resolve_precision(cfg, device), 0, untrained=True)
-        chosen = self.checkpoint(step, warn)
         ckpt.load_weights(chosen, [model])
         precision = ckpt.read_state(chosen)["trainer"].get("precision") or resolve_precision(cfg, device)
         return LoadedModel(cfg, model.eval(), tokenizer, device, precision, ckpt.checkpoint_step(chosen))

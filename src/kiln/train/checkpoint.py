@@ -486,6 +486,11 @@ def latest_valid_checkpoint(folder: Path, warn=print, max_step: int | None = Non
 def export_safetensors(path: Path, model: nn.Module, out: Path) -> Path:
     """Consolidate a checkpoint (either format) into one safetensors file of full weights."""
     load_weights(path, [model])
+    return write_safetensors(model, out)
+
+
+def write_safetensors(model: nn.Module, out: Path) -> Path:
+    """The model's full weights as one safetensors file, written atomically."""
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, out)

@@ -46,8 +46,9 @@ def sets(overrides: list[str]) -> list[str]:
 def run_kiln(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     """`kiln ARGS` on `nproc` ranks. One rank runs in this process (the single-process references
     and resumes: a new process would spend more time importing torch than training); a plugin's
-    run still gets a process of its own, since a plugin registers itself for the process's life."""
-    if nproc == 1 and "--plugin" not in args:
+    run (--plugin or KILN_PLUGINS) still gets a process of its own: a plugin registers itself for
+    the life of the process that loads it."""
+    if nproc == 1 and "--plugin" not in args and not os.environ.get("KILN_PLUGINS"):
         return _run_in_process(args, check)
     env = dict(os.environ, KILN_QUIET="1", OMP_NUM_THREADS="1")
     if nproc == 1:

@@ -165,6 +165,13 @@ def test_parallel_dims_validation():
         )
     with pytest.raises(ConfigError, match="multiply to 4"):
         ParallelDims.from_config(load_config("tiny", overrides=["parallel.dp_shard=3"]).parallel, 4)
+    # resuming an expert-parallel run on fewer ranks: the message names a degree that fits
+    ep2 = load_config("moe-tiny", overrides=["parallel.ep=2"]).parallel
+    with pytest.raises(ConfigError, match=r"at world size 1 .* add --set parallel\.ep=1 \("):
+        ParallelDims.from_config(ep2, 1)
+    ep4 = load_config("moe-tiny", overrides=["parallel.ep=4"]).parallel
+    with pytest.raises(ConfigError, match=r"parallel\.ep = 4 must divide parallel\.dp_shard = 2 .* parallel\.ep=2 \("):
+        ParallelDims.from_config(ep4, 2)
     from kiln.resolve import check_training
 
     with pytest.raises(ConfigError, match="tie_embeddings"):

@@ -7,6 +7,7 @@ Nothing else in Kiln reads WORLD_SIZE or RANK.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -50,10 +51,12 @@ class ParallelDims:
                 f"{world_size}; make them multiply to {world_size} (dp_shard = -1 fills the rest)"
             )
         if dims.dp_shard % dims.ep:
+            # gcd(ep, dp_shard) divides ep, so it divides the experts too: always a valid choice
+            fits = math.gcd(dims.ep, dims.dp_shard)
             raise ConfigError(
-                f"parallel.ep = {dims.ep} must divide parallel.dp_shard = {dims.dp_shard} (expert "
-                "parallelism splits each FSDP group's experts among its ranks); on another world "
-                "size, set it with --set parallel.ep=N"
+                f"parallel.ep = {dims.ep} must divide parallel.dp_shard = {dims.dp_shard} at world size "
+                f"{world_size} (expert parallelism splits each FSDP group's experts among its ranks); add "
+                f"--set parallel.ep={fits} (a distributed checkpoint reloads at any parallel.ep)"
             )
         return dims
 

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from pathlib import Path
@@ -414,7 +415,9 @@ def load_weights(
             raise CheckpointError(
                 f"the checkpoint lacks parameters {sorted(absent - allowed)[:3]}; was the model shape changed?"
             )
-        dcp.load(payload, checkpoint_id=str(path / "dcp"), planner=planner)
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(payload, checkpoint_id=str(path / "dcp"), planner=planner)
         _apply(parts, optimizers or [], payload["model"], payload.get("optim"), full=False, new_tensors=absent)
     else:
         model_sd = load_file(path / "model.safetensors")

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from reliability_helpers import read_jsonl, tiny, tiny_overrides, write_corpus  # noqa: F401
 
 from kiln.cli import main
@@ -132,6 +133,41 @@ def test_existing_run_name_is_refused(env, capsys):
     code, err = run_cli(args, capsys)
     assert_one_line_error(code, err, "already exists", "--resume")
     assert snapshot(runs / "same") == before
+
+
+def _weights_of_another_shape(root: Path) -> str:
+    from safetensors.torch import save_file
+
+    path = root / "other.safetensors"
+    save_file({"tok_emb.weight": torch.zeros(320, 48)}, path)
+    return str(path)
+
+
+REFUSED_WHILE_BUILDING = {  # each refused only once the trainer is built, after the data is prepared
+    "init_from missing": (lambda root: ["model.init_from=/nonexistent/w.safetensors"], "not a readable safetensors"),
+    "init_from of another shape": (
+        lambda root: [f"model.init_from={_weights_of_another_shape(root)}"],
+        "was it made from a model of another shape",
+    ),
+    "chunked loss without a head": (
+        lambda root: ["kernels.cross_entropy=chunked", "model.family=encoder", "train.objective=masked"],
+        "takes no loss head",
+    ),
+    "callback option": (
+        lambda root: ['callbacks.enabled=["layer_stats"]', "callbacks.layer_stats.every=0"],
+        "callbacks.layer_stats.every must be >= 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_WHILE_BUILDING))
+def test_a_configuration_refused_while_the_trainer_is_built_writes_no_run(env, capsys, case):
+    root, _, base = env
+    extra, says = REFUSED_WHILE_BUILDING[case]
+    runs = root / "runs"
+    code, err = run_cli(["train", "--runs-dir", str(runs), "--name", "refused", *sets(base + extra(root))], capsys)
+    assert_one_line_error(code, err, says)
+    assert not (runs / "refused").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")

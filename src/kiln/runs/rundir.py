@@ -77,12 +77,18 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
 
     # ------------------------------------------------------------------ creating, opening
+    @staticmethod
+    def check_new(runs_dir: Path, name: str) -> None:
+        """Refuse a run name that is taken, before any work towards creating it."""
+        path = Path(runs_dir) / name
+        if path.exists():
+            raise KilnError(f"run '{path}' already exists; resume it with --resume {path} or choose another --name")
+
     @classmethod
     def create(cls, runs_dir: Path, name: str, cfg: Config, meta: dict[str, Any] | None = None) -> RunDir:
         """A new run folder; an existing run is never overwritten."""
         path = Path(runs_dir) / name
-        if path.exists():
-            raise KilnError(f"run '{path}' already exists; resume it with --resume {path} or choose another --name")
+        RunDir.check_new(runs_dir, name)
         try:
             path.mkdir(parents=True)
         except OSError as e:

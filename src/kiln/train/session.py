@@ -61,19 +61,22 @@ def start_run(cfg: Config, runs_dir: Path, name: str, callbacks: Iterable[Callba
     par = Parallel.setup(cfg, resolve_device(cfg))
     check_kernels(cfg, par)  # before data and the run folder: a refused option leaves nothing behind
     name = par.broadcast(name)
+    par.main_first(lambda: RunDir.check_new(runs_dir, name))
     data = _prepare_everywhere(cfg, par)  # before creating the run: bad data leaves no empty run behind
+    run = RunDir(Path(runs_dir) / name)
+    # Built before the folder exists: every option the trainer refuses (layouts, batch splits, callback
+    # options, too little validation data) is refused with nothing written. Building writes no file.
+    trainer = build_trainer(cfg, spec, run, data, par, callbacks=callbacks)
 
     def create() -> RunDir:
         meta = {"plugins": loaded_plugins(), "world_size": par.info.world_size}
         if os.environ.get(LAUNCHER_ID):
             meta["launcher_id"] = os.environ[LAUNCHER_ID]
-        run = RunDir.create(runs_dir, name, cfg, meta)
-        data.tokenizer.save(run.tokenizer_path)
-        return run
+        created = RunDir.create(runs_dir, name, cfg, meta)
+        data.tokenizer.save(created.tokenizer_path)
+        return created
 
     par.main_first(create)
-    run = RunDir(Path(runs_dir) / name)
-    trainer = build_trainer(cfg, spec, run, data, par, callbacks=callbacks)
     _log(f"run folder: {run.path}")
     return _fit(trainer)
 

@@ -9,6 +9,8 @@ not the suites a run was evaluated with.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kiln.config import Config
 from kiln.errors import ConfigError
 from kiln.model.registry import resolve_family
@@ -58,9 +60,22 @@ def check_callbacks(cfg: Config) -> None:
     check_callback_config(cfg.callbacks)
 
 
-def check_training(cfg: Config) -> ModelSpec:
-    """Everything a training run names: family, objective, suites, callbacks."""
+def check_starting_weights(cfg: Config) -> None:
+    """Files only step 0 reads (`model.init_from`, a frozen image encoder's `model.image_encoder_from`):
+    a fresh start needs them; a resume, an evaluation or an export takes the weights from a checkpoint."""
+    m = cfg.model
+    for key, used in (("init_from", True), ("image_encoder_from", m.image_encoder == "frozen")):
+        path = getattr(m, key)
+        if used and path and not Path(path).is_file():
+            raise ConfigError(f"model.{key} = '{path}' does not exist")
+
+
+def check_training(cfg: Config, fresh: bool = True) -> ModelSpec:
+    """Everything a training run names: family, objective, suites, callbacks; for a `fresh` start
+    (no checkpoint to resume from) the files its initial weights come from."""
     spec = check_model(cfg)
+    if fresh:
+        check_starting_weights(cfg)
     check_objective(cfg, spec)
     if cfg.eval.suites:
         check_suites(cfg.eval.suites)

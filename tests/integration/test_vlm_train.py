@@ -75,3 +75,25 @@ def test_kiln_eval_reads_the_images_too(demo):
     assert "image-text" in report["skipped"]["memorisation"]
     assert abs(lm["loss"] - summary["val_loss"]) < 1e-4
     assert abs(lm["text_only_loss"] - summary["text_only_val_loss"]) < 1e-4
+
+
+def test_a_frozen_encoder_run_resumes_and_evaluates_once_its_source_file_is_gone(root, demo):
+    """The frozen stem's weights are in every checkpoint: once `model.image_encoder_from` is deleted,
+    resume continues exactly (losses as a run that never lost it) and `kiln eval` still works;
+    a fresh start from that config is refused in one line."""
+    from kiln.runs.export import export_run
+
+    source = root / "encoder.safetensors"
+    export_run(demo[0], source)
+    frozen = ("model.image_encoder=frozen", f"model.image_encoder_from={source}")
+    base = ("train.steps=8", "checkpoint.every=4", "checkpoint.keep=0", "eval.every=4", *frozen)
+    start_run(cfg(root, *base), root / "runs", "frozen-whole")
+    with pytest.raises(Crash):
+        start_run(cfg(root, *base), root / "runs", "frozen-cut", callbacks=[CrashAt(6)])
+    source.unlink()
+    resume_run(root / "runs" / "frozen-cut")
+    assert losses(root / "runs" / "frozen-cut") == losses(root / "runs" / "frozen-whole")
+    assert main(["eval", str(root / "runs" / "frozen-cut"), "--suite", "lm"]) == 0
+    with pytest.raises(Exception, match="image_encoder_from = .* does not exist"):
+        start_run(cfg(root, *base), root / "runs", "frozen-fresh")
+    assert not (root / "runs" / "frozen-fresh").exists()

@@ -143,8 +143,8 @@ def _weights_of_another_shape(root: Path) -> str:
     return str(path)
 
 
-REFUSED_WHILE_BUILDING = {  # each refused only once the trainer is built, after the data is prepared
-    "init_from missing": (lambda root: ["model.init_from=/nonexistent/w.safetensors"], "not a readable safetensors"),
+REFUSED_WHILE_BUILDING = {  # each refused once the data is prepared (the first when the config is checked)
+    "init_from missing": (lambda root: ["model.init_from=/nonexistent/w.safetensors"], "does not exist"),
     "init_from of another shape": (
         lambda root: [f"model.init_from={_weights_of_another_shape(root)}"],
         "was it made from a model of another shape",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,7 +32,17 @@ def param_generator(seed: int, name: str) -> torch.Generator:
 
 
 @torch.no_grad()
-def init_parameters(model: nn.Module, rule: InitRule, cfg: ModelConfig, seed: int, write: Writer = copy_full) -> None:
+def init_parameters(
+    model: nn.Module,
+    rule: InitRule,
+    cfg: ModelConfig,
+    seed: int,
+    write: Writer = copy_full,
+    from_checkpoint: bool = False,
+) -> None:
+    """Every parameter by the family's rule, then the files step 0 starts from (`cfg.init_from`, a
+    family's pretrained parts). With `from_checkpoint` (a checkpoint overwrites the weights next)
+    a file that is gone is skipped: a resumed run does not need what it started from."""
     for name, param in model.named_parameters():
         kind, std = rule(name, param.dim(), cfg)
         if kind == "normal":
@@ -45,11 +56,11 @@ def init_parameters(model: nn.Module, rule: InitRule, cfg: ModelConfig, seed: in
         else:
             raise ValueError(f"init rule gave {kind!r} for {name}; expected normal, zeros or ones")
         write(param, full.to(param.dtype))
-    if cfg.init_from:
+    if cfg.init_from and not (from_checkpoint and not Path(cfg.init_from).is_file()):
         load_initial_weights(model, cfg.init_from, write)
     init_pretrained = getattr(model, "init_pretrained", None)  # parts a family loads from elsewhere
     if init_pretrained is not None:
-        init_pretrained(write)
+        init_pretrained(write, optional=from_checkpoint)
     init_buffers = getattr(model, "init_buffers", None)
     if init_buffers is not None:
         init_buffers()

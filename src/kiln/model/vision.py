@@ -14,6 +14,7 @@ With `model.image_encoder = "frozen"` the stem's weights come from `model.image_
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,9 +73,10 @@ class VisionDecoder(Decoder):
         return self.body(x, mask, head)
 
     @torch.no_grad()
-    def init_pretrained(self, write: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-        """After initialisation: a frozen encoder's weights from `model.image_encoder_from`."""
-        if self.cfg.image_encoder != "frozen":
+    def init_pretrained(self, write: Callable[[torch.Tensor, torch.Tensor], None], optional: bool = False) -> None:
+        """After initialisation: a frozen encoder's weights from `model.image_encoder_from` (skipped when
+        `optional` and the file is gone: a resume takes them from its checkpoint)."""
+        if self.cfg.image_encoder != "frozen" or (optional and not Path(self.cfg.image_encoder_from).is_file()):
             return
         from kiln.model.init import load_named_weights
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from kiln.config import Config, ModelConfig
 from kiln.config_rules import require
@@ -40,9 +39,6 @@ def validate_vlm(cfg: Config) -> None:
             bool(m.image_encoder_from),
             "model.image_encoder = 'frozen' needs model.image_encoder_from: a "
             "safetensors file with the stem.* and patch_pos.* tensors (e.g. `kiln export` of a vlm run)",
-        )
-        require(
-            Path(m.image_encoder_from).is_file(), f"model.image_encoder_from = '{m.image_encoder_from}' does not exist"
         )
 
 

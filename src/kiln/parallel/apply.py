@@ -114,8 +114,13 @@ def parallelize(
     return model
 
 
-def materialise(model: nn.Module, spec: ModelSpec, cfg: Config, device: torch.device) -> nn.Module:
-    """Allocate a (meta) model's storage on `device` and initialise it, shard by shard."""
+def materialise(
+    model: nn.Module, spec: ModelSpec, cfg: Config, device: torch.device, from_checkpoint: bool = False
+) -> nn.Module:
+    """Allocate a (meta) model's storage on `device` and initialise it, shard by shard
+    (`from_checkpoint`: a checkpoint is loaded next; see `init_parameters`)."""
     model.to_empty(device=device)
-    init_parameters(model, spec.init_rule, cfg.model, cfg.train.seed, write=write_full_value)
+    init_parameters(
+        model, spec.init_rule, cfg.model, cfg.train.seed, write=write_full_value, from_checkpoint=from_checkpoint
+    )
     return model

@@ -58,7 +58,9 @@ def check_kernels(cfg: Config, par: Parallel) -> None:
         check_sparsity(k.sparsity, par.device, cfg.train.precision, k.float8)
 
 
-def build_parts(cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int) -> tuple[list, list[int], int]:
+def build_parts(
+    cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int, from_checkpoint: bool = False
+) -> tuple[list, list[int], int]:
     """This rank's model parts (the whole model, or its pipeline stages), laid out and initialised."""
     k = cfg.kernels
     check_kernels(cfg, par)
@@ -75,7 +77,7 @@ def build_parts(cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int) ->
         if k.sparsity != "none":
             apply_sparsity(model)
         parallelize(model, spec, cfg, par.dims, par.mesh, par.expert_mesh)
-        parts.append(materialise(model, spec, cfg, par.device))
+        parts.append(materialise(model, spec, cfg, par.device, from_checkpoint))
     return parts, ids, n_stages
 
 
@@ -111,7 +113,7 @@ def build_trainer(
     precision = _precision(cfg, par, resume_state)
     objective = build_objective(cfg, data.tokenizer, data.vocab_size)
 
-    parts, stage_ids, n_stages = build_parts(cfg, spec, par, data.vocab_size)
+    parts, stage_ids, n_stages = build_parts(cfg, spec, par, data.vocab_size, from_checkpoint=resume_state is not None)
     optimizers = [build_optimizer(p, cfg.optim, par.device) for p in parts]
     extra_windows: dict[str, torch.Tensor] = {}
     sampler: MultimodalSampler | BatchSampler

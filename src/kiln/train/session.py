@@ -99,7 +99,7 @@ def resume_run(
     cfg = load_config(overrides=overrides, base=saved)
     if run.checkpoint_paths():  # a run that never saved a step (e.g. one `kiln import` made) is not defined yet
         check_resume_changes(from_dict(saved), cfg)
-    spec = run.check_family(cfg, check_training)
+    spec = run.check_family(cfg, lambda c: check_training(c, fresh=not run.checkpoint_paths()))
     par = Parallel.setup(cfg, resolve_device(cfg))
     data = _prepare_everywhere(cfg, par)
     if par.is_main and not run.tokenizer_path.is_file():  # created but never trained (kiln fork --no-train)

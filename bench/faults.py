@@ -65,6 +65,9 @@ FAULTS: dict[str, tuple[list[str], set[str]]] = {
         {"divergence"},
     ),
     "lr_low": (["faults.lr_low=12", "faults.lr_low_factor=0.0001"], {"plateau"}),
+    # no injected fault: a configured LR 100x too high from the first step (the loss rises during
+    # warm-up, then the model learns token frequencies only); the others start healthy
+    "lr_wrecked": (["optim.lr=0.3"], {"no_learning"}),
     "repeat_batch": (["faults.repeat_batch=40"], {"overfitting"}),
     "entropy_collapse": (
         ["faults.entropy_collapse=60", "faults.layer=1"],
@@ -120,6 +123,8 @@ def remedy_ok(fault: str, finding: dict, run: Path) -> bool:
         return fork and step is not None and step < at and covered
     if fault == "lr_high":
         return fork and step is not None and step < 60 + 20 and float(sets.get("optim.lr", "inf")) < _lr(run)
+    if fault == "lr_wrecked":  # a fresh attempt: the wrecked weights are not worth forking
+        return fork and "--from-scratch" in argv and float(sets.get("optim.lr", "inf")) <= _lr(run) / 10
     if fault == "lr_low":
         return fork and float(sets.get("optim.lr", "0")) > _lr(run) * 0.0001 * 10
     if fault == "repeat_batch":

@@ -54,6 +54,9 @@ BASE = [
 
 RUNS = {  # name: (steps, extra overrides: mostly [faults], callbacks)
     "clean": (120, [], lambda: []),
+    "clean_seed1": (120, ["train.seed=1"], lambda: []),
+    "clean_seed2": (120, ["train.seed=2"], lambda: []),
+    "wrecked": (120, ["optim.lr=0.3"], lambda: []),  # 100x the preset's LR from the first step
     "nan": (80, ["faults.nonfinite_loss=[50]"], lambda: []),
     "spike": (100, ["guard.on_spike=ignore", "faults.corrupt_batch=[70, 71]"], lambda: []),
     "guarded_spike": (100, ["faults.corrupt_batch=[70]"], lambda: []),
@@ -124,10 +127,34 @@ def sets(args) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- clean
-def test_a_clean_run_has_nothing_to_warn_about(lab):
-    findings = diagnose(lab["runs"] / "clean")
+@pytest.mark.parametrize("name", ["clean", "clean_seed1", "clean_seed2"])
+def test_a_clean_run_has_nothing_to_warn_about(lab, name):
+    findings = diagnose(lab["runs"] / name)
     assert [f for f in findings if f["severity"] != "info"] == [], format_findings(findings, explain=True)
     assert "no problems found" in format_findings([]) and findings_json([]) == []
+
+
+def test_a_run_that_learned_nothing_is_critical_and_a_fresh_attempt_at_a_lower_lr_learns(lab):
+    """LR 0.3 from the first step: the loss rises during warm-up, then settles at the unigram
+    entropy (token frequencies only). Critical; the remedy starts afresh at a sane LR and, trained
+    as long, ends far below the baseline."""
+    run = lab["runs"] / "wrecked"
+    findings = diagnose(run)
+    f = only(findings, "no_learning")
+    assert f["severity"] == "critical" and findings[0] is f, format_findings(findings, explain=True)
+    ev = f["evidence"]
+    assert ev["of_entropy"] >= 0.92 and ev["warmup_peak_loss"] > ev["start_loss"] + 0.25
+    args = check_fork_remedy(run, f, 0)
+    assert args.from_scratch and float(sets(args)["optim.lr"]) <= 0.0034
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fork = create_fork(Path(args.run), args.name, None, args.overrides, args.skip_batches, True, log=lambda _: None)
+        summary = resume_run(fork.run.path)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["steps"] == 120 and summary["val_loss"] < 0.85 * summary["unigram_entropy"]
+    assert not [g for g in diagnose(fork.run.path) if g["severity"] == "critical"]
 
 
 # ----------------------------------------------------------------------------- the loss

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
-from kiln.runs import doctor_moe  # noqa: F401  (registers the router_collapse rule)
+from kiln.runs import doctor_moe, doctor_progress  # noqa: F401  (register router_collapse, no_learning)
 from kiln.runs.doctor_rules import RULES, Context, divergence_analysis, finding, finite, mad, median, num, rule
 from kiln.runs.rundir import RunDir
 from kiln.train import checkpoint as ckpt

@@ -666,6 +666,47 @@ def test_imported_gpt2_continues_pretraining_and_its_loss_falls(tmp_path):
     assert torch.equal(start(ids), imported(ids))
 
 
+def test_an_imported_model_has_transformers_loss_padding_rows_take_no_probability(tmp_path, tokenizer):
+    """Kiln pads the vocabulary to a multiple of 64 (301 -> 320 here); after an import the padding
+    rows are zeros, so their logits are 0. The loss (training's naive and chunked heads, the z-loss
+    and evaluation) is over the tokenizer's tokens only: the same as transformers' on the same text."""
+    from kiln.kernels.cross_entropy import chunked_linear_cross_entropy
+    from kiln.runs.rundir import RunDir
+    from kiln.train.objectives import Causal, z_loss_sum
+
+    folder = export_folder(random_model(GPT2, tokenizer.vocab_size), GPT2, tokenizer, tmp_path / "gpt2")
+    assert kiln("import", str(folder), "--name", "g", cwd=tmp_path).returncode == 0
+    model = RunDir.open(tmp_path / "runs" / "g").load_model(device=torch.device("cpu"), warn=lambda _: None).model
+    ids = batch(tokenizer)
+    with torch.no_grad():
+        logits = model(ids)
+        theirs = hf_model(folder)(ids, labels=ids).loss.item()
+        head = model.output_weight()
+    assert logits.shape[-1] == 320 and not logits[..., 301:].any()  # the padding rows' logits: zeros
+    objective = Causal(tokenizer, tokenizer.vocab_size)
+    n = ids[:, 1:].numel()
+    ours = objective.loss_sum(logits[:, :-1], ids[:, 1:]).item() / n
+    assert abs(ours - theirs) <= 1e-5 * theirs, (ours, theirs)
+    # the chunked head as training calls it (the head's rows up to the vocabulary) gives the same
+    hidden = model(ids, head=lambda h, w: h)[:, :-1].reshape(-1, GPT2.d_model)
+    chunked, z = chunked_linear_cross_entropy(hidden, head[: tokenizer.vocab_size], ids[:, 1:].reshape(-1), 16, False)
+    assert abs(chunked.item() / n - theirs) <= 1e-5 * theirs
+    assert torch.allclose(z, z_loss_sum(logits[:, :-1], ids[:, 1:], tokenizer.vocab_size), rtol=1e-5)
+    # and training's own loss, naive and chunked heads, on the imported run's config
+    from kiln.parallel.runtime import Parallel
+    from kiln.train.module import TrainModule
+
+    run = RunDir.open(tmp_path / "runs" / "g")
+    for head in ("naive", "chunked"):
+        cfg = load_config(base=run.config_dict(), overrides=[f"kernels.cross_entropy={head}", "train.precision=fp32"])
+        par = Parallel.setup(cfg, torch.device("cpu"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        module = TrainModule(cfg, par, [model], [opt], objective, "fp32", ids.shape[0])
+        with torch.no_grad():
+            ce, _ = module.forward_loss(ids[:, :-1], ids[:, 1:], {})
+        assert abs(ce.item() / n - theirs) <= 1e-5 * theirs, (head, ce.item() / n, theirs)
+
+
 def test_an_imported_model_is_used_before_any_training(tmp_path, tokenizer):
     """After `kiln import`, sample, export (both formats), eval and `kiln.load` take step 0, the
     imported weights, by default and say so; a run whose only checkpoints are corrupt stays an error."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from kiln.data.loader import WindowShare, share_windows
 from kiln.eval.suites import EvalContext, register_suite
-from kiln.train.objectives import EVAL_STEP, IGNORE, Objective
+from kiln.train.objectives import EVAL_STEP, IGNORE, Objective, true_vocab
 
 EvalStep = Callable[..., torch.Tensor]  # (inputs, targets, **extras) -> (loss sum, correct, count)
 
@@ -29,7 +29,7 @@ def tally_predictions(
     mask = targets != IGNORE
     loss = objective.loss_sum(logits, targets)
     totals[0] += loss.double()
-    totals[1] += ((logits.argmax(-1) == targets) & mask).sum()
+    totals[1] += ((true_vocab(logits, objective.vocab_size).argmax(-1) == targets) & mask).sum()
     totals[2] += mask.sum()
     return loss
 

@@ -56,16 +56,26 @@ class Objective:
         (`EVAL_STEP` when evaluating); the result must depend on nothing else."""
         raise NotImplementedError
 
-    @staticmethod
-    def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy over non-ignored targets, in float32; the caller divides by the
-        global count of predicted tokens so gradient accumulation and data parallelism agree."""
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy over non-ignored targets, in float32, over the tokenizer's vocabulary
+        (the embedding's padding rows take no probability); the caller divides by the global count
+        of predicted tokens so gradient accumulation and data parallelism agree."""
+        logits = true_vocab(logits, self.vocab_size)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def z_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def true_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The logits of the tokenizer's `vocab_size` tokens: the model's vocabulary is padded to a
+    multiple of 64, and the padding rows' logits (zeros after an import) must take no probability."""
+    return logits[..., :vocab_size] if logits.shape[-1] > vocab_size else logits
+
+
+def z_loss_sum(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
     """Summed log(Z)^2 over predicted positions (PaLM's z-loss): pulls the softmax normaliser
-    towards 1, so the output logits cannot drift to magnitudes where bf16 loses the loss."""
+    towards 1, so the output logits cannot drift to magnitudes where bf16 loses the loss. Z sums
+    over the first `vocab_size` logits (default: all)."""
+    if vocab_size is not None:
+        logits = true_vocab(logits, vocab_size)
     log_z = torch.logsumexp(logits.float(), dim=-1)
     return (log_z.square() * (targets != IGNORE)).sum()
 

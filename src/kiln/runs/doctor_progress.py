@@ -29,9 +29,8 @@ EARLY_RISE = 0.25  # the loss in warm-up this many nats above where it started .
 EARLY_RISE_SHARE = 0.03  # ... and this share above it
 
 
-def _outcome(ctx: Context) -> dict[str, Any] | None:
+def _outcome(ctx: Context, summary: dict[str, Any]) -> dict[str, Any] | None:
     """The run's end against its baseline, or None when it records no baseline or evaluation."""
-    summary = ctx.run.summary() or {}
     last = ctx.evals[-1] if ctx.evals else summary
     if finite(last.get("val_masked_acc")) and finite(last.get("majority_baseline")):
         acc, base = float(last["val_masked_acc"]), float(last["majority_baseline"])
@@ -59,15 +58,14 @@ def _outcome(ctx: Context) -> dict[str, Any] | None:
 def _early_rise(ctx: Context) -> dict[str, Any] | None:
     """The loss during warm-up above where it started: the first logged loss, or ln(vocabulary)
     (an initialised model predicts about uniformly) when the first record comes later."""
-    points = [(s, v) for s, v in ctx.losses()]
+    points = ctx.losses()
     if not points or ctx.cfg is None:
         return None
     window = max(ctx.warmup, points[0][0])
     early = [v for s, v in points if s <= window] or [points[0][1]]
     start = points[0][1] if points[0][0] <= 1 else min(points[0][1], math.log(ctx.cfg.data.vocab_size))
     # a running median of three: one noisy step is not a rise
-    smooth = [median(early[max(0, i - 1) : i + 2]) for i in range(len(early))] if len(early) >= 3 else early
-    peak = max(smooth)
+    peak = max(median(early[max(0, i - 1) : i + 2]) for i in range(len(early)))
     if peak - start < max(EARLY_RISE, EARLY_RISE_SHARE * start):
         return None
     return {"start_loss": start, "warmup_peak_loss": peak, "warmup_end_step": window}
@@ -77,12 +75,13 @@ def _early_rise(ctx: Context) -> dict[str, Any] | None:
 def no_learning(ctx: Context) -> list[dict[str, Any]]:
     if ctx.cfg is None or not ctx.metrics:
         return []
-    outcome = _outcome(ctx)
+    summary = ctx.run.summary() or {}
+    outcome = _outcome(ctx, summary)
     if outcome is None or not outcome["near"]:
         return []
     steps = ctx.metrics[-1]["step"]
     tokens = next((r["tokens"] for r in reversed(ctx.metrics) if finite(r.get("tokens"))), 0)
-    params = (ctx.run.summary() or {}).get("params")
+    params = summary.get("params")
     if not params:  # an unfinished run: count them from its config
         from kiln.scaling.flops import param_count
 
@@ -97,14 +96,14 @@ def no_learning(ctx: Context) -> list[dict[str, Any]]:
     evidence["optim_lr"] = ctx.cfg.optim.lr
     span = (ctx.metrics[0]["step"], steps)
     if rise is None:
-        summary = (
+        said = (
             f"after {steps} steps ({tokens / params:.0f} tokens per parameter) the model ends near its "
             f"context-free baseline ({outcome['text']}): it has learned little beyond token frequencies"
         )
-        return [finding("no_learning", "warning", span, evidence, summary)]
+        return [finding("no_learning", "warning", span, evidence, said)]
     evidence.update(rise)
     lr, how = ctx.lower_lr(rise["warmup_end_step"])
-    summary = (
+    said = (
         f"the loss rose from {rise['start_loss']:.2f} to {rise['warmup_peak_loss']:.2f} during warm-up and the "
         f"run ends at its context-free baseline ({outcome['text']}): a learning rate of "
         f"{fmt_lr(ctx.cfg.optim.lr)} wrecked the weights at the start and the model learned only token frequencies"
@@ -116,7 +115,7 @@ def no_learning(ctx: Context) -> list[dict[str, Any]]:
             "critical",
             span,
             evidence,
-            summary,
+            said,
             ctx.fork_remedy("no_learning", 0, [f"optim.lr={lr}"], why),
         )
     ]

@@ -4,6 +4,7 @@ callback; all of them work from `--plugin`, and a run trained with them resumes 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,20 @@ def env(tmp_path, monkeypatch):
     ]
     yield tmp_path, sets
     plugins._loaded.pop(PLUGIN, None)
+    # what the plugin registered goes with it: a later test in this worker (the evaluation suites
+    # run every registered suite) must not meet it
+    from kiln.data.corpora import CORPORA
+    from kiln.eval.suites import SUITES
+    from kiln.model.registry import MODEL_SPECS
+    from kiln.train.callbacks.registry import CALLBACKS
+
+    for name, module in list(sys.modules.items()):  # so that the next --plugin runs the file again
+        if name.startswith("kiln_plugin_") and getattr(module, "__file__", None) == str(Path(PLUGIN).resolve()):
+            del sys.modules[name]
+    CORPORA.pop("counting", None)
+    SUITES.pop("vocab-size", None)
+    MODEL_SPECS.pop("conv", None)
+    CALLBACKS.pop("count_steps", None)
 
 
 def test_a_plugin_family_trains_checkpoints_and_resumes(env, capsys):

@@ -33,6 +33,8 @@ RESUMABLE_KEYS = (
     "train.micro_batch_size",
     "train.precision",
     "train.device",
+    "train.tf32",
+    "train.deterministic",
     "data.cache_dir",
     "data.workers",
     "data.loader_workers",

@@ -120,6 +120,8 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
+    tf32: bool = True  # CUDA fp32 matrix products and convolutions on TF32 tensor cores (no effect on CPU)
+    deterministic: bool = False  # deterministic algorithms (and cuBLAS workspace): a resumed GPU run is bit-identical
 
 
 @dataclass
@@ -176,6 +178,9 @@ class ParallelConfig:
     activation_checkpoint: str = "none"  # none | selective (every other block) | full
     compile_blocks: bool = False  # torch.compile each block (instead of train.compile's whole step)
     async_checkpoint: bool = False  # distributed checkpoints: write in the background
+    # under gradient accumulation, FSDP's gradient reduce-scatter on every micro-batch, or only on a
+    # step's last (unsharded gradients kept meanwhile); "auto" decides from the memory model
+    grad_sync: str = "auto"  # auto | every_microbatch | last_microbatch
 
 
 @dataclass
@@ -213,6 +218,7 @@ class DebugConfig:
 
     invariants: bool = False  # check replicas, data disjointness, loss normaliser, optimizer steps
     invariants_every: int = 50  # ... every N steps (and at step 1)
+    count_syncs: bool = False  # count host syncs inside each step; metrics.jsonl gains `host_syncs`
 
 
 @dataclass
@@ -310,6 +316,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kernels.sparsity": ("none", "2:4"),
     "parallel.pp_schedule": ("1f1b", "interleaved-1f1b", "gpipe"),
     "parallel.activation_checkpoint": ("none", "selective", "full"),
+    "parallel.grad_sync": ("auto", "every_microbatch", "last_microbatch"),
     "guard.on_nonfinite": ("skip", "rollback", "stop"),
     "guard.on_spike": ("skip", "rollback", "stop", "ignore"),
     "guard.on_grad_spike": ("record", "skip", "ignore"),

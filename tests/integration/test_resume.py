@@ -92,6 +92,26 @@ def test_same_seed_same_losses(setup):
     assert [r["loss"] for r in again] == [r["loss"] for r in full]
 
 
+def test_deterministic_algorithms_train_on_the_cpu_with_the_same_losses(setup):
+    """train.deterministic = true: no op of a training step, evaluation or checkpoint refuses
+    torch.use_deterministic_algorithms on the CPU, and the losses are the same bits (CPU kernels
+    were deterministic already)."""
+    root, cfg, _ = setup
+    try:
+        with pytest.raises(Crash):  # past the evaluation at step 4 and the checkpoint at step N
+            start_run(cfg("train.deterministic=true"), root / "runs", "deterministic", callbacks=[CrashAt(N + 1)])
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    full = jsonl(root / "runs" / "full" / "metrics.jsonl")[: N + 1]
+    ours = jsonl(root / "runs" / "deterministic" / "metrics.jsonl")
+    assert [r["loss"] for r in ours] == [r["loss"] for r in full]
+    assert (
+        jsonl(root / "runs" / "deterministic" / "eval.jsonl")[0]["val_loss"]
+        == (jsonl(root / "runs" / "full" / "eval.jsonl")[0]["val_loss"])
+    )
+
+
 def test_hooks_are_called(setup):
     _, _, rec = setup
     assert rec.steps == list(range(1, 2 * N + 1))

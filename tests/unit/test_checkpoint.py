@@ -234,3 +234,15 @@ def test_loading_into_a_smaller_or_wider_model_is_refused(tmp_path, change):
     target = build_model(load_config(overrides=[f"{k}={value if k == key else v}" for k, v in base.items()]).model, 300)
     with pytest.raises(CheckpointError):
         load_checkpoint(path, target, None)
+
+
+def test_cuda_rng_states_are_restored_in_device_order(monkeypatch):
+    """cuda.N keys in numeric order: as strings, cuda.10 and cuda.11 sorted before cuda.2, and GPU 2
+    got GPU 10's generator state."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    tensors = {"torch": torch.get_rng_state(), **{f"cuda.{i}": torch.tensor([i], dtype=torch.uint8) for i in range(12)}}
+    ckpt.set_rng_state(tensors, ckpt.host_rng_state())  # the host generators: their current state
+    assert [int(s) for s in restored] == list(range(12))

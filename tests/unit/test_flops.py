@@ -74,6 +74,41 @@ def test_gpu_peak_tflops(name, peak):
     assert gpu_peak_tflops(name) == peak
 
 
+@pytest.mark.parametrize(
+    "name, bf16, tf32, fp32",
+    [  # the names torch.cuda.get_device_name reports
+        ("NVIDIA H100 80GB HBM3", 989.0, 494.5, 67.0),  # SXM
+        ("NVIDIA H100 PCIe", 756.0, 378.0, 51.0),
+        ("NVIDIA H100 NVL", 835.0, 417.5, 60.0),
+        ("NVIDIA H200", 989.0, 494.5, 67.0),
+        ("NVIDIA H200 NVL", 835.0, 417.5, 60.0),  # not the H200's
+        ("NVIDIA A100-SXM4-80GB", 312.0, 156.0, 19.5),
+        ("NVIDIA A100-PCIE-40GB", 312.0, 156.0, 19.5),
+        ("NVIDIA L40S", 362.0, 183.0, 91.6),  # not the L40's, nor the L4's
+        ("NVIDIA L40", 181.0, 90.5, 90.5),
+        ("NVIDIA B200", 2250.0, 1100.0, 75.0),
+        ("NVIDIA GB200", 2500.0, 1250.0, 80.0),  # not the B200's
+    ],
+)
+def test_gpu_peaks_by_precision_and_tf32(name, bf16, tf32, fp32):
+    assert flops_mod.gpu_peak(name, torch.bfloat16) == (bf16, "bf16 tensor cores")
+    assert flops_mod.gpu_peak(name, torch.float32, tf32=True) == (tf32, "TF32 tensor cores")
+    assert flops_mod.gpu_peak(name, torch.float32, tf32=False) == (fp32, "fp32 CUDA cores")
+
+
+def test_float32_without_tf32_hardware_is_on_the_cuda_cores():
+    assert flops_mod.gpu_peak("Tesla V100-SXM2-16GB", torch.float32, tf32=True) == (15.7, "fp32 CUDA cores")
+
+
+def test_peak_on_cuda_names_the_card_and_the_units(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    cuda = torch.device("cuda", 0)
+    assert peak_tflops(cuda, torch.bfloat16) == (756.0, "NVIDIA H100 PCIe, bf16 tensor cores")
+    assert peak_tflops(cuda, torch.float32, tf32=False) == (51.0, "NVIDIA H100 PCIe, fp32 CUDA cores")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Unknown Accelerator")
+    assert peak_tflops(cuda, torch.float32) == (None, "Some Unknown Accelerator (unknown peak: MFU not reported)")
+
+
 @pytest.mark.parametrize("name", ["Some Unknown Accelerator", "", "NVIDIA GeForce GTX 1080"])
 def test_unknown_gpu_has_no_peak(name):
     assert gpu_peak_tflops(name) is None

@@ -67,7 +67,7 @@ def test_rms_norm_of_a_strided_view(ops):
         torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("B, H, T, hs", [(2, 3, 7, 16), (1, 2, 5, 10)])
+@pytest.mark.parametrize("B, H, T, hs", [(2, 3, 7, 16), (1, 2, 5, 10), (1, 2, 300, 16)])  # 300: two tiles, one partial
 def test_rope_equals_reference(ops, B, H, T, hs):
     cos, sin = (t.to(DEVICE).contiguous() for t in torch.randn(2, T + 3, hs // 2).unbind(0))
     x = torch.randn(B, T, H, hs).transpose(1, 2)  # the layout attention hands it: not contiguous

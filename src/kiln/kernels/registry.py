@@ -4,7 +4,9 @@ Each op has a PyTorch reference (kiln.kernels.reference) and a Triton version
 (kiln.kernels.triton_ops, imported only when used). `kernels.backend` chooses, process-wide (as
 torch.backends flags do): "torch" always runs the reference; "triton" runs Triton wherever it can
 (CUDA, or the CPU under TRITON_INTERPRET=1, which is how the tests check the kernels); "auto" runs
-Triton on CUDA tensors when Triton is installed and the reference elsewhere. DTensor inputs (tensor
+Triton on CUDA tensors when Triton is installed and the reference elsewhere, and the reference
+under torch.compile, where Inductor fuses it with its neighbours (until a GPU measurement says
+otherwise: `make gpu-check` compares both). DTensor inputs (tensor
 parallelism) always take the reference: DTensor has sharding rules for PyTorch ops, not for our
 kernels.
 """
@@ -95,7 +97,9 @@ def runs_triton(*tensors: torch.Tensor) -> bool:
     on_cuda = tensors[0].is_cuda
     if _backend == "triton":
         return on_cuda or interpreting()
-    return on_cuda and triton_installed()
+    # "auto" under torch.compile: the reference ops, which Inductor fuses with their neighbours (a
+    # Triton kernel is opaque to it). Which is faster on a GPU is for `make gpu-check` to measure.
+    return on_cuda and triton_installed() and not torch.compiler.is_compiling()
 
 
 def _pick(name: str, *tensors: torch.Tensor) -> Callable:

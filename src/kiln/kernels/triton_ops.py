@@ -113,23 +113,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, Y, H, T, sxb, sxh, sxt, syb, syh, syt, HALF, sign, BLOCK: tl.constexpr):
-    # One program per (batch, head, position) row; sign = -1 rotates back (the backward pass).
+def _rope_kernel(
+    X, COS, SIN, Y, H, T, sxb, sxh, sxt, syb, syh, syt, HALF, sign, BLOCK: tl.constexpr, ROWS: tl.constexpr
+):
+    # One program per (batch, head, block of ROWS positions): a (ROWS x HALF) tile of each half, so
+    # a program moves a few KiB rather than one 32-value row. sign = -1 rotates back (backward).
     pid = tl.program_id(0).to(tl.int64)
-    t = pid % T
-    bh = pid // T
+    blocks = tl.cdiv(T, ROWS)
+    tb = pid % blocks
+    bh = pid // blocks
     h = bh % H
     b = bh // H
+    t = tb * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < HALF
-    xo = X + b * sxb + h * sxh + t * sxt
-    x1 = tl.load(xo + cols, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(xo + HALF + cols, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(COS + t * HALF + cols, mask=mask, other=0.0)
-    s = tl.load(SIN + t * HALF + cols, mask=mask, other=0.0) * sign
-    yo = Y + b * syb + h * syh + t * syt
-    tl.store(yo + cols, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
-    tl.store(yo + HALF + cols, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
+    mask = (t[:, None] < T) & (cols[None, :] < HALF)
+    xo = X + b * sxb + h * sxh + t[:, None] * sxt + cols[None, :]
+    x1 = tl.load(xo, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xo + HALF, mask=mask, other=0.0).to(tl.float32)
+    co = t[:, None] * HALF + cols[None, :]
+    c = tl.load(COS + co, mask=mask, other=0.0)
+    s = tl.load(SIN + co, mask=mask, other=0.0) * sign
+    yo = Y + b * syb + h * syh + t[:, None] * syt + cols[None, :]
+    tl.store(yo, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
+    tl.store(yo + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
+
+
+ROPE_TILE = 2048  # values of each half per program
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
@@ -138,7 +147,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     B, H, T, D = x.shape
     y = torch.empty(B, H, T, D, dtype=x.dtype, device=x.device)
     half = D // 2
-    _rope_kernel[(B * H * T,)](
+    block = triton.next_power_of_2(half)
+    rows = max(1, min(triton.next_power_of_2(T), ROPE_TILE // block))
+    _rope_kernel[(B * H * triton.cdiv(T, rows),)](
         x,
         cos,
         sin,
@@ -153,7 +164,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
         y.stride(2),
         half,
         sign,
-        BLOCK=triton.next_power_of_2(half),
+        BLOCK=block,
+        ROWS=rows,
     )
     return y
 

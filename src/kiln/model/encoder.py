@@ -43,9 +43,9 @@ class Encoder(Transformer):
     def forward(  # type: ignore[override]  # a masked LM's inputs differ from the decoder trunk's by design
         self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, predict: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, vocab); with `predict` (B, T) bool, the logits of
-        those positions only, (N, vocab): training predicts ~15% of the tokens, and the head over
-        the vocabulary is most of the model's work per position.
+        """tokens (B, T) int64 -> logits (B, T, vocab); with `predict` (N,) flat positions (into
+        B x T), the logits of those positions only, (N, vocab): training predicts ~15% of the
+        tokens, and the head over the vocabulary is most of the model's work per position.
 
         `padding_mask` (B, T) is True at real tokens and False at padding, which no position then
         attends to (the outputs at padded positions are meaningless). Kiln's training windows are
@@ -58,4 +58,6 @@ class Encoder(Transformer):
             x = block(x, rope, attn_mask)
         assert self.norm is not None  # only pipeline stages drop the norm, and the encoder has no pipeline
         x = self.norm(x)
-        return self.mlm_head(x if predict is None else x[predict], self.output_weight())
+        if predict is not None:  # integer positions, not a boolean mask: no count read back on the host
+            x = x.flatten(0, 1)[predict]
+        return self.mlm_head(x, self.output_weight())

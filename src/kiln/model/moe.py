@@ -40,8 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.kernels import grouped
 from kiln.kernels import registry as kernels
 from kiln.model.layers import SwiGLU, swiglu_hidden
+from kiln.syncs import note_host_read
 
 Dispatch = Callable[[torch.Tensor, torch.Tensor, "MoEFeedForward"], torch.Tensor]
 
@@ -98,6 +100,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and torch.compiler.is_compiling():  # PyTorch's shape function wants bf16 CUDA
+        return grouped.grouped_mm(x, w, offsets)
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return _ContiguousGrad.apply(fn(x, w, offs=offsets))
 
@@ -121,6 +125,7 @@ def run_experts(
         h = kernels.swiglu(_grouped(xs, w1c, offsets), _grouped(xs, w3c, offsets))
         return _grouped(h, w2c, offsets)
     outs, start = [], 0
+    note_host_read()  # the loop reads the counts on the host (fp32 on CUDA, GPUs before Hopper)
     for e, n in enumerate(counts.tolist()):
         rows = xs[start : start + n]
         outs.append(kernels.swiglu(rows @ w1c[e], rows @ w3c[e]) @ w2c[e])
@@ -224,18 +229,28 @@ class MoEFeedForward(nn.Module):
         N, k, E = flat.shape[0], self.top_k, self.n_experts
         expert_of = chosen.reshape(-1)  # (N k) assignments, token-major
         order = expert_of.argsort(stable=True)  # by expert, tokens in order within an expert
-        counts = demand = torch.bincount(expert_of, minlength=E)  # assignments per expert before capacity
-        keep = torch.ones_like(expert_of, dtype=torch.bool)
+        # assignments per expert before capacity: a scatter, not bincount (which reads its size on the host)
+        counts = demand = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
+            0, expert_of, torch.ones_like(expert_of)
+        )
+        weight = gates.reshape(-1)[order]
+        keep = None
         if self.capacity_factor > 0 and self.training:  # the first `capacity` tokens of each expert stay (GShard)
             starts = counts.cumsum(0) - counts
             position = torch.empty_like(expert_of)
             position[order] = torch.arange(N * k, device=x.device) - starts[expert_of[order]]
             keep = position < self.capacity(N)
-            order = order[keep[order]]
-            counts = torch.bincount(expert_of[keep], minlength=E)
-        token_of = order // k  # the token of each kept assignment, sorted by expert
-        y = self.dispatch(flat[token_of], counts, self)  # (kept, d)
-        weight = (gates.reshape(-1)[order]).to(y.dtype)[:, None]
+            if self.dispatch is local_dispatch:
+                # Dropped assignments stay in place with a zero gate: the shapes do not depend on the
+                # data (no host sync), and the experts compute no more rows than a dropless router.
+                weight = weight * keep[order]
+            else:  # expert parallelism sends only the kept rows (it exchanges their sizes anyway)
+                order = order[keep[order]]
+                counts = torch.zeros_like(demand).scatter_add_(0, expert_of[order], torch.ones_like(order))
+                weight = gates.reshape(-1)[order]
+        token_of = order // k  # the token of each assignment, sorted by expert
+        y = self.dispatch(flat[token_of], counts, self)  # (rows, d)
+        weight = weight.to(y.dtype)[:, None]
         out = torch.zeros_like(flat, dtype=y.dtype).index_add_(0, token_of, y * weight)
         out = out.to(x.dtype)
         if self.shared is not None:
@@ -267,10 +282,11 @@ class MoEFeedForward(nn.Module):
         return cast(torch.Tensor, sum(terms)) if terms else None  # a sum of tensors (never the start value 0)
 
     @torch.no_grad()
-    def _tally(self, probs: torch.Tensor, demand: torch.Tensor, keep: torch.Tensor) -> None:
+    def _tally(self, probs: torch.Tensor, demand: torch.Tensor, keep: torch.Tensor | None) -> None:
         entropy = -(probs * probs.clamp(min=1e-20).log()).sum(-1).sum()
         self.load += demand.float()
-        self.tallies += torch.stack([(~keep).sum().float(), entropy])
+        dropped = (~keep).sum().float() if keep is not None else entropy.new_zeros(())
+        self.tallies += torch.stack([dropped, entropy])
 
 
 def moe_layers(parts: list[nn.Module]) -> list[tuple[str, MoEFeedForward]]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -53,6 +53,15 @@ def apply_block_compile(blocks: list[tuple[str, nn.Module]]) -> None:
         block.compile()  # in place: names and state_dict keys stay as they are
 
 
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy: under bf16, parameters are gathered in bf16 (half the all-gather bytes; the
+    products run in bf16 under autocast anyway) and gradients reduced in fp32 (a sum over many
+    ranks in bf16 loses precision), as torchtitan and OLMo-core configure it. Under fp32, fp32."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
 def apply_fsdp(
     model: nn.Module,
     blocks: list[tuple[str, nn.Module]],
@@ -60,15 +69,31 @@ def apply_fsdp(
     reshard_after_forward: bool = True,
     experts: Sequence[nn.Module] = (),
     expert_mesh: DeviceMesh | None = None,
+    precision: str = "fp32",
 ) -> None:
     """FSDP2: shard each block, then the root (whatever is left: embeddings, final norm, head).
     Under expert parallelism the experts modules first, over the ranks holding the same experts."""
+    mp = mixed_precision(precision)
     for module in experts:
-        fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     for i, (_, block) in enumerate(blocks):
         # the last block is resharded by the root anyway; keeping it gathered saves one all-gather
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        last = i == len(blocks) - 1
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward and not last, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+
+
+def set_gradient_sync(parts: Sequence[nn.Module], last_micro_batch: bool, mode: str) -> None:
+    """Before a micro-batch's backward under gradient accumulation: HSDP's all-reduce across
+    replicas only on a step's last micro-batch; FSDP's reduce-scatter on every micro-batch
+    (`every_microbatch`: sharded gradients, more traffic) or only on the last
+    (`last_microbatch`: one reduction a step, unsharded gradients kept in between)."""
+    for part in parts:
+        if isinstance(part, FSDPModule):
+            if mode == "last_microbatch":
+                part.set_requires_gradient_sync(last_micro_batch)
+            else:
+                part.set_requires_all_reduce(last_micro_batch)
 
 
 def parallelize(
@@ -78,6 +103,7 @@ def parallelize(
     dims: ParallelDims,
     mesh: DeviceMesh | None,
     expert_mesh: DeviceMesh | None = None,
+    precision: str = "fp32",
 ) -> nn.Module:
     """Apply the configured layout to `model` (on the meta device), in the fixed order."""
     blocks = spec.block_list(model)
@@ -110,7 +136,7 @@ def parallelize(
         if experts:
             assert expert_mesh is not None
             edp_mesh = expert_mesh["dp_replicate", "edp"] if dims.dp_replicate > 1 else expert_mesh["edp"]
-        apply_fsdp(model, blocks, dp_mesh, experts=experts, expert_mesh=edp_mesh)
+        apply_fsdp(model, blocks, dp_mesh, experts=experts, expert_mesh=edp_mesh, precision=precision)
     return model
 
 

@@ -30,6 +30,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from kiln.syncs import note_host_read
+
 if TYPE_CHECKING:
     from kiln.model.moe import GroupedExperts, MoEFeedForward
 
@@ -65,10 +67,14 @@ class ExpertParallelDispatch:
         send = counts.view(self.ep, per_rank).contiguous()
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)  # recv[src, e]: rows from src for local expert e
-        send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()  # the one host sync
+        # The one host sync of a dropless exchange: all_to_all_single takes its split sizes as numbers.
+        send_splits, recv_splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()
+        note_host_read()
         rows = _AllToAll.apply(x, recv_splits, send_splits, self.group)
         # received source-major, expert-minor: regroup by local expert for the grouped products
-        local_expert = torch.repeat_interleave(torch.arange(per_rank, device=x.device).repeat(self.ep), recv.flatten())
+        local_expert = torch.repeat_interleave(
+            torch.arange(per_rank, device=x.device).repeat(self.ep), recv.flatten(), output_size=sum(recv_splits)
+        )
         order = local_expert.argsort(stable=True)
         y_sorted = moe.experts(rows[order], recv.sum(0))
         inverse = torch.empty_like(order)

@@ -10,7 +10,10 @@ keeps in flight; plus the fp32 logits for the loss.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+import torch
 
 from kiln.config import Config
 from kiln.model.spec import ModelSpec, padded_vocab
@@ -60,3 +63,31 @@ def estimate_memory(
         logits = micro * m.seq_len * vocab * (4 + act_bytes)
         activations = per_layer * m.n_layers / dims.pp * in_flight + logits
     return MemoryEstimate(params=4 * n, grads=4 * n, optimizer=8 * n, activations=activations)
+
+
+def device_memory_bytes(device: torch.device) -> float:
+    """Memory one rank may use: the GPU's, or on CPU the machine's shared by its local ranks."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+    return total / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def resolve_grad_sync(
+    cfg: Config, spec: ModelSpec, vocab_size: int, dims: ParallelDims, precision: str, device: torch.device
+) -> str:
+    """`parallel.grad_sync`, with "auto" decided by memory: reducing gradients only on a step's last
+    micro-batch saves (micro-batches - 1) reduce-scatters a step but keeps every gradient unsharded
+    until then, (dp_shard - 1) x the sharded gradients more; chosen when that still fits in 80% of
+    the device's memory by the estimate above."""
+    if cfg.parallel.grad_sync != "auto":
+        return cfg.parallel.grad_sync
+    if dims.dp_shard == 1:
+        return "every_microbatch"  # nothing is sharded: no reduce-scatter to skip
+    estimate = estimate_memory(cfg, spec, vocab_size, dims, precision)
+    unsharded = estimate.grads * (dims.dp_shard - 1)
+    fits = estimate.total + unsharded <= 0.8 * device_memory_bytes(device)
+    return "last_microbatch" if fits else "every_microbatch"

@@ -12,33 +12,57 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from kiln.config import ModelConfig
 from kiln.model.registry import get_spec, padded_vocab
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, without sparsity.
-GPU_PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 80GB HBM3": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 756.0,  # bare name: assume the slower PCIe card rather than overstate MFU
-    "GH200": 989.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "L40": 181.0,
-    "L4": 121.0,
-    "A10G": 70.0,
-    "A10": 125.0,
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
-    "V100": 125.0,  # fp16
+
+class GpuPeaks(NamedTuple):
+    """Peak TFLOP/s of one GPU, dense (without 2:4 sparsity, which the datasheets' starred figures
+    double): bf16 on tensor cores, float32 products as TF32 on tensor cores (None: no TF32), and
+    float32 on the CUDA cores (TF32 off)."""
+
+    bf16: float
+    tf32: float | None
+    fp32: float
+
+
+# Keyed by a part of `torch.cuda.get_device_name()` ("NVIDIA H100 80GB HBM3" is the SXM card,
+# "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB",
+# "NVIDIA L40S", "NVIDIA B200"); the longest key found in the name wins. Sources, NVIDIA's datasheets
+# (halving the "with sparsity" tensor figures): H100 Tensor Core GPU datasheet (SXM / NVL / PCIe:
+# BF16 1,979 / 1,671 / 1,513*, TF32 989 / 835 / 756*, FP32 67 / 60 / 51); H200 datasheet (SXM /
+# NVL: BF16 1,979 / 1,671*, TF32 989 / 835*, FP32 67 / 60); GH200 as the H100 SXM; A100 datasheet
+# (BF16 312, TF32 156, FP32 19.5, SXM and PCIe alike); L40S / L40 datasheets (BF16 362 / 181, TF32
+# 183 / 90.5, FP32 91.6 / 90.5); L4 (BF16 242*, TF32 120*, FP32 30.3); A10 (BF16 125, TF32 62.5,
+# FP32 31.2); HGX B200 / GB200 NVL72 per GPU (BF16 4.5 / 5 PF*, TF32 2.2 / 2.5 PF*, FP32 75 / 80).
+# GeForce: the Ada / Ampere whitepapers' figures with float32 accumulation.
+GPU_PEAKS: dict[str, GpuPeaks] = {
+    "H200 NVL": GpuPeaks(835.0, 417.5, 60.0),
+    "H200": GpuPeaks(989.0, 494.5, 67.0),
+    "H100 SXM": GpuPeaks(989.0, 494.5, 67.0),
+    "H100 80GB HBM3": GpuPeaks(989.0, 494.5, 67.0),  # the SXM card's name in torch
+    "H100 NVL": GpuPeaks(835.0, 417.5, 60.0),
+    "H100 PCIe": GpuPeaks(756.0, 378.0, 51.0),
+    "H100": GpuPeaks(756.0, 378.0, 51.0),  # bare name: assume the slower PCIe card rather than overstate MFU
+    "GH200": GpuPeaks(989.0, 494.5, 67.0),
+    "GB200": GpuPeaks(2500.0, 1250.0, 80.0),
+    "B200": GpuPeaks(2250.0, 1100.0, 75.0),
+    "A100": GpuPeaks(312.0, 156.0, 19.5),
+    "A800": GpuPeaks(312.0, 156.0, 19.5),
+    "L40S": GpuPeaks(362.0, 183.0, 91.6),
+    "L40": GpuPeaks(181.0, 90.5, 90.5),
+    "L4": GpuPeaks(121.0, 60.0, 30.3),
+    "A10G": GpuPeaks(70.0, 35.0, 31.2),  # AWS's variant: no NVIDIA datasheet; bf16 as before, TF32 its half
+    "A10": GpuPeaks(125.0, 62.5, 31.2),
+    "RTX 4090": GpuPeaks(165.0, 82.6, 82.6),
+    "RTX 3090": GpuPeaks(71.0, 35.6, 35.6),
+    "V100": GpuPeaks(125.0, None, 15.7),  # fp16 tensor cores (no bf16, no TF32 on Volta)
 }
+GPU_PEAK_TFLOPS = {name: peaks.bf16 for name, peaks in GPU_PEAKS.items()}  # the bf16 column
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
@@ -51,11 +75,31 @@ def param_count(cfg: ModelConfig, vocab_size: int) -> int:
     return get_spec(cfg.family).params(cfg, padded_vocab(vocab_size))
 
 
-def gpu_peak_tflops(name: str) -> float | None:
-    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):  # most specific name first
+def gpu_peaks(name: str) -> GpuPeaks | None:
+    """The peaks of the GPU `torch.cuda.get_device_name()` calls `name`, or None if unknown. The
+    most specific (longest) key found in the name wins: "NVIDIA H200 NVL" is the "H200 NVL", not
+    the "H200"."""
+    for key in sorted(GPU_PEAKS, key=len, reverse=True):
         if key.lower() in name.lower():
-            return GPU_PEAK_TFLOPS[key]
+            return GPU_PEAKS[key]
     return None
+
+
+def gpu_peak(name: str, dtype: torch.dtype = torch.bfloat16, tf32: bool = True) -> tuple[float | None, str]:
+    """(peak TFLOP/s of products in `dtype` on the GPU called `name`, or None if unknown; the units
+    it assumes). float32 products run on TF32 tensor cores when `tf32` (train.tf32) and the GPU has
+    them, else on the CUDA cores; bf16 and fp16 on the tensor cores."""
+    peaks = gpu_peaks(name)
+    if dtype == torch.float32:
+        if tf32 and (peaks is None or peaks.tf32 is not None):
+            return (peaks.tf32 if peaks else None), "TF32 tensor cores"
+        return (peaks.fp32 if peaks else None), "fp32 CUDA cores"
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
+    return (peaks.bf16 if peaks else None), f"{short} tensor cores"
+
+
+def gpu_peak_tflops(name: str, dtype: torch.dtype = torch.bfloat16, tf32: bool = True) -> float | None:
+    return gpu_peak(name, dtype, tf32)[0]
 
 
 def _cpu_cache_path() -> Path:
@@ -135,14 +179,13 @@ def raise_cpu_peak(dtype: torch.dtype, achieved: float) -> float:
     return cache[key]
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
-    """(peak TFLOP/s or None if unknown, a description of where it came from)."""
+def peak_tflops(device: torch.device, dtype: torch.dtype, tf32: bool = True) -> tuple[float | None, str]:
+    """(peak TFLOP/s or None if unknown, a description of where it came from and the units it
+    assumes). On CUDA `tf32` (train.tf32) says whether float32 products run on TF32 tensor cores."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_tflops(name)
-        if peak is not None and dtype == torch.float32:
-            peak /= 2  # TF32 tensor-core peak is half the bf16 one on Ampere and Hopper
-        return peak, name if peak is not None else f"{name} (unknown peak: MFU not reported)"
+        peak, units = gpu_peak(name, dtype, tf32)
+        return peak, f"{name}, {units}" if peak is not None else f"{name} (unknown peak: MFU not reported)"
     if device.type == "cpu":
         return cpu_peak_tflops(dtype), f"CPU measured {str(dtype).replace('torch.', '')} matmul ceiling"
     return None, f"{device.type} (unknown peak: MFU not reported)"

@@ -23,6 +23,7 @@ from kiln.kernels.sparsity import apply_sparsity, check_sparsity
 from kiln.model.spec import ModelSpec, padded_vocab
 from kiln.parallel import pipeline as pp
 from kiln.parallel.apply import materialise, parallelize
+from kiln.parallel.memory import resolve_grad_sync
 from kiln.parallel.runtime import Parallel
 from kiln.runs.rundir import RunDir
 from kiln.train.callbacks.base import Callback, CallbackList
@@ -59,7 +60,12 @@ def check_kernels(cfg: Config, par: Parallel) -> None:
 
 
 def build_parts(
-    cfg: Config, spec: ModelSpec, par: Parallel, vocab_size: int, from_checkpoint: bool = False
+    cfg: Config,
+    spec: ModelSpec,
+    par: Parallel,
+    vocab_size: int,
+    from_checkpoint: bool = False,
+    precision: str = "fp32",
 ) -> tuple[list, list[int], int]:
     """This rank's model parts (the whole model, or its pipeline stages), laid out and initialised."""
     k = cfg.kernels
@@ -76,7 +82,7 @@ def build_parts(
             apply_float8(model, k.float8, fsdp_all_gather=par.dims.dp_shard > 1)
         if k.sparsity != "none":
             apply_sparsity(model)
-        parallelize(model, spec, cfg, par.dims, par.mesh, par.expert_mesh)
+        parallelize(model, spec, cfg, par.dims, par.mesh, par.expert_mesh, precision)
         parts.append(materialise(model, spec, cfg, par.device, from_checkpoint))
     return parts, ids, n_stages
 
@@ -113,7 +119,9 @@ def build_trainer(
     precision = _precision(cfg, par, resume_state)
     objective = build_objective(cfg, data.tokenizer, data.vocab_size)
 
-    parts, stage_ids, n_stages = build_parts(cfg, spec, par, data.vocab_size, from_checkpoint=resume_state is not None)
+    parts, stage_ids, n_stages = build_parts(
+        cfg, spec, par, data.vocab_size, from_checkpoint=resume_state is not None, precision=precision
+    )
     optimizers = [build_optimizer(p, cfg.optim, par.device) for p in parts]
     extra_windows: dict[str, torch.Tensor] = {}
     sampler: MultimodalSampler | BatchSampler
@@ -133,7 +141,8 @@ def build_trainer(
             TokenWindows(data.split("val"), cfg.model.seq_len, "validation"), cfg.eval.batches * cfg.global_batch
         )
     micro_batch = rank_micro_batch(cfg, sampler.local_batch)
-    module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages)
+    grad_sync = resolve_grad_sync(cfg, spec, data.vocab_size, par.dims, precision, par.device)
+    module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages, grad_sync)
     # The same on every rank (uneven training shares too): evaluation forwards must pair up under
     # FSDP. With shares, the smallest rank's micro-batch: it fits the device with the least memory.
     shares = cfg.parallel.dp_batch_shares

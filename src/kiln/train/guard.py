@@ -196,9 +196,11 @@ class Guard:
         self.count = torch.where(moved, 0, self.count)
         self.streak = torch.where(moved, 0, self.streak)
         self.grad_streak = torch.where(moved, 0, self.grad_streak)
-        slot = self.count % cfg.window
-        self.losses[slot] = torch.where(good, log_loss, self.losses[slot])  # only healthy steps shape the baseline
-        self.norms[slot] = torch.where(good, log_norm, self.norms[slot])
+        # Only healthy steps shape the baseline. The slot is selected by comparison, not used as an
+        # index: a 0-d tensor index is read on the host (a sync every step).
+        write = good & (torch.arange(cfg.window, device=self.device) == self.count % cfg.window)
+        self.losses = torch.where(write, log_loss, self.losses)
+        self.norms = torch.where(write, log_norm, self.norms)
         self.count += good.long()
         self.pending.append((step, torch.stack([kind.double(), loss, norm])))
         return discard.float()

@@ -31,8 +31,9 @@ from kiln.kernels import registry as kernels
 from kiln.model import moe
 from kiln.model.spec import padded_vocab
 from kiln.parallel import pipeline as pp
+from kiln.parallel.apply import set_gradient_sync
 from kiln.parallel.runtime import Parallel
-from kiln.train.objectives import IGNORE, Batch, Objective, z_loss_sum
+from kiln.train.objectives import IGNORE, Batch, Objective, predicted_positions, z_loss_sum
 from kiln.train.optim import set_lr
 from kiln.train.precision import autocast_for
 
@@ -56,11 +57,13 @@ class TrainModule:
         micro_batch: int,
         stage_ids: list[int] | None = None,
         n_stages: int = 1,
+        grad_sync: str = "every_microbatch",
     ):
         self.cfg, self.par, self.parts, self.optimizers = cfg, par, parts, optimizers
         self.objective, self.precision, self.micro_batch = objective, precision, micro_batch
         self.stage_ids, self.n_stages = stage_ids or [0], n_stages
         self.schedule = None  # set by `attach_schedule` when parallel.pp > 1
+        self.grad_sync = grad_sync  # under accumulation: parallel.grad_sync, resolved (kiln.parallel.memory)
         # Compile forward and loss together: the loss's log-softmax then fuses with the output
         # projection's epilogue instead of materialising float32 logits (see BENCHMARKS.md).
         self.forward_loss = torch.compile(self._forward_loss) if cfg.train.compile else self._forward_loss
@@ -165,21 +168,24 @@ class TrainModule:
 
     # ---------------------------------------------------------------- one step
     def _forward_loss(
-        self, inputs: torch.Tensor, targets: torch.Tensor, extras: dict[str, torch.Tensor]
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        extras: dict[str, torch.Tensor],
+        predict: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(summed objective loss, summed z-loss term or None when train.z_loss is off)."""
+        """(summed objective loss, summed z-loss term or None when train.z_loss is off).
+        `predict`: flat positions for a masked head (`predicted_positions`), computed there only."""
         vocab = self.objective.vocab_size  # the head's rows past it are padding: no probability
         if self.chunk:
             ce, z = self.model(
                 inputs, **extras, head=lambda h, w: kernels.linear_cross_entropy(h, w[:vocab], targets, self.chunk)
             )
             return ce, (z if self.z_coef else None)
-        if self.predict_only:
-            # Boolean indexing costs one host sync per micro-batch (the count of predicted
-            # positions) for a head over ~15% of them: 2.1x on bert-tiny (CPU; not measured on GPU).
-            predict = targets != IGNORE
+        if predict is not None:
+            # the head over the predicted positions only (~15%): 2.1x on bert-tiny (CPU)
             logits = self.model(inputs, **extras, predict=predict)[None]  # (1, N, vocab)
-            targets = targets[predict][None]
+            targets = targets.flatten()[predict][None]
         else:
             logits = self.model(inputs, **extras, **self._vocab_head)
         return self.objective.loss_sum(logits, targets), (z_loss_sum(logits, targets, vocab) if self.z_coef else None)
@@ -205,6 +211,7 @@ class TrainModule:
         """Accumulate this rank's gradients for `batch`; returns the step's mean loss per predicted
         token over the global batch, on the device (no host sync)."""
         par = self.par
+        host_targets = batch.targets  # made on the host: the masked head's positions are read there
         batch = batch.to(self.device)
         inputs, targets = batch.inputs, batch.targets
         # Normalise by the tokens predicted in the whole global batch, so accumulation and data
@@ -231,10 +238,16 @@ class TrainModule:
             )
         else:
             total = torch.zeros((), device=self.device)
-            for i in range(0, inputs.shape[0], self.micro_batch):
+            starts = range(0, inputs.shape[0], self.micro_batch)
+            for i in starts:
+                if len(starts) > 1 and dp_scale > 1:  # gradient accumulation: reduce on the last one only
+                    set_gradient_sync(self.parts, i == starts[-1], self.grad_sync)
                 micro = batch.rows(i, i + self.micro_batch)
+                predict = None
+                if self.predict_only:
+                    predict = predicted_positions(host_targets[i : i + self.micro_batch]).to(self.device)
                 with self.autocast():
-                    loss, z = self.forward_loss(micro.inputs, micro.targets, micro.extras)
+                    loss, z = self.forward_loss(micro.inputs, micro.targets, micro.extras, predict)
                 loss = loss * self._loss_scale
                 if on_loss is not None:
                     loss = on_loss(loss)

@@ -14,6 +14,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,11 +34,31 @@ class Batch:
 
     def rows(self, start: int, stop: int) -> Batch:
         return Batch(
-            self.inputs[start:stop], self.targets[start:stop], {k: v[start:stop] for k, v in self.extras.items()}
+            self.inputs[start:stop],
+            self.targets[start:stop],
+            {k: v[start:stop] for k, v in self.extras.items()},
         )
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.inputs.to(device), self.targets.to(device), {k: v.to(device) for k, v in self.extras.items()})
+        """The batch on `device`. To a GPU each host tensor is first copied into page-locked memory
+        and then sent with non_blocking=True: the host goes on queueing the step's kernels while the
+        copy runs (a copy from pageable memory blocks it), and the order on the stream is unchanged.
+        PyTorch's pinned-memory allocator keeps the staging block until the copy has finished."""
+        return Batch(
+            _to_device(self.inputs, device),
+            _to_device(self.targets, device),
+            {k: _to_device(v, device) for k, v in self.extras.items()},
+        )
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)  # the CPU (pinning needs CUDA), or already on a device
+    if not (t.is_contiguous() and t.is_pinned()):
+        # one host copy, into a contiguous pinned buffer (a strided source would be made
+        # contiguous in pageable memory by the copy to the device, losing the pinning)
+        t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+    return t.to(device, non_blocking=True)
 
 
 class Objective:
@@ -168,6 +189,24 @@ class Masked(Objective):
         inputs = torch.where(to_mask, self.mask_id, torch.where(to_random, random_tokens, tokens))
         targets = torch.where(selected, tokens, IGNORE)
         return Batch(inputs, targets)
+
+
+PREDICT_MULTIPLE = 64  # the masked head's positions are padded to a multiple of this
+
+
+def predicted_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Flat positions (into `targets.flatten()`, a host tensor) of every target to predict, padded
+    to a multiple of PREDICT_MULTIPLE with positions that predict nothing (target IGNORE). Read
+    with numpy on the host, where the batch was made: a boolean index on the device would make
+    the host wait for the count (a sync every micro-batch), and a fixed bound per row would
+    compute the head over ~2.5x the positions it needs (bert-tiny). Under torch.compile the
+    padded count takes a few values: one recompile marks it dynamic."""
+    flat = targets.detach().cpu().numpy().reshape(-1)
+    chosen = np.flatnonzero(flat != IGNORE)
+    padded = min(flat.size, -(-max(len(chosen), 1) // PREDICT_MULTIPLE) * PREDICT_MULTIPLE)
+    if padded > len(chosen):
+        chosen = np.concatenate([chosen, np.flatnonzero(flat == IGNORE)[: padded - len(chosen)]])
+    return torch.from_numpy(chosen)
 
 
 @register_objective

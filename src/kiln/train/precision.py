@@ -3,12 +3,15 @@
 `train.precision = "auto"` picks bf16 autocast on CUDA GPUs that support it. On CPU it picks
 bf16 only where it was measured faster (see BENCHMARKS.md): the CPU's bf16 matrix-product
 ceiling must clearly beat fp32, and the model must be wide enough for matrix products, not
-per-op overhead, to dominate a step.
+per-op overhead, to dominate a step. `apply_matmul_settings` sets the process-wide rest:
+TF32 for float32 products on CUDA (`train.tf32`) and deterministic algorithms
+(`train.deterministic`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 from collections.abc import Callable
 
@@ -30,6 +33,31 @@ def resolve_device(cfg: Config) -> torch.device:
     if want == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's reproducible workspace setting (":16:8" also qualifies)
+
+
+def apply_matmul_settings(cfg: Config, device: torch.device) -> None:
+    """Process-wide numerics of a training run: TF32 (`train.tf32`) and determinism
+    (`train.deterministic`). Call before the first matrix product on the device: PyTorch reads
+    CUBLAS_WORKSPACE_CONFIG once, at its first cuBLAS call, and cuBLAS sizes its workspace then
+    (exporting it in the shell before starting Python is the surest way).
+
+    TF32: set through the legacy flags, which in torch 2.11-2.13 also write the per-backend
+    `fp32_precision` settings, so both views agree. Writing only the new API
+    (`torch.backends.cuda.matmul.fp32_precision = "tf32"`) leaves `torch.get_float32_matmul_precision()`
+    and `torch.backends.cuda.matmul.allow_tf32` raising "mix of the legacy and new APIs", and
+    inductor's autotuning cache and dynamo still read them (pytorch/pytorch#189955)."""
+    torch.use_deterministic_algorithms(cfg.train.deterministic)  # both ways: the config decides
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32  # cuDNN convolutions and RNNs
+    if cfg.train.deterministic:
+        if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (CUBLAS_DETERMINISTIC, ":16:8"):
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC
+        torch.backends.cudnn.benchmark = False  # autotuning may pick a different algorithm per run
 
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:

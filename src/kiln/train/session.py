@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kiln.changes import check_resume_changes
 from kiln.config import Config, from_dict, load_config
 from kiln.data.dataset import prepare_data
@@ -25,7 +27,7 @@ from kiln.runs.rundir import RunDir
 from kiln.train import checkpoint as ckpt
 from kiln.train.build import build_trainer, check_kernels
 from kiln.train.callbacks.base import Callback
-from kiln.train.precision import resolve_device
+from kiln.train.precision import apply_matmul_settings, resolve_device
 
 LAUNCHER_ID = "TORCHELASTIC_RUN_ID"  # torchrun's job id: the same for every restart of one job
 
@@ -33,6 +35,13 @@ LAUNCHER_ID = "TORCHELASTIC_RUN_ID"  # torchrun's job id: the same for every res
 def _log(text: str) -> None:
     if not quiet():
         console.print(text)
+
+
+def _device(cfg: Config) -> torch.device:
+    """The training device, with TF32 and determinism applied before anything runs on it."""
+    device = resolve_device(cfg)
+    apply_matmul_settings(cfg, device)
+    return device
 
 
 def _prepare_everywhere(cfg: Config, par: Parallel) -> Prepared | MultimodalPrepared:
@@ -58,7 +67,7 @@ def start_run(cfg: Config, runs_dir: Path, name: str, callbacks: Iterable[Callba
     """Prepare data, create `runs_dir/name`, train, and return the summary. `callbacks` are
     added to the configured ones (for Python callers)."""
     spec = check_training(cfg)
-    par = Parallel.setup(cfg, resolve_device(cfg))
+    par = Parallel.setup(cfg, _device(cfg))
     check_kernels(cfg, par)  # before data and the run folder: a refused option leaves nothing behind
     name = par.broadcast(name)
     par.main_first(lambda: RunDir.check_new(runs_dir, name))
@@ -100,7 +109,7 @@ def resume_run(
     if run.checkpoint_paths():  # a run that never saved a step (e.g. one `kiln import` made) is not defined yet
         check_resume_changes(from_dict(saved), cfg)
     spec = run.check_family(cfg, lambda c: check_training(c, fresh=not run.checkpoint_paths()))
-    par = Parallel.setup(cfg, resolve_device(cfg))
+    par = Parallel.setup(cfg, _device(cfg))
     data = _prepare_everywhere(cfg, par)
     if par.is_main and not run.tokenizer_path.is_file():  # created but never trained (kiln fork --no-train)
         data.tokenizer.save(run.tokenizer_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from kiln.model.spec import ModelSpec
 from kiln.parallel.runtime import Parallel
 from kiln.progress import console, quiet
 from kiln.runs.rundir import RunDir
+from kiln.syncs import SyncCounter
 from kiln.train.callbacks.base import CallbackList
 from kiln.train.callbacks.checkpointing import CheckpointPolicy
 from kiln.train.callbacks.recorder import MetricRecorder
@@ -37,6 +38,16 @@ from kiln.train.seeding import dropout_seed
 if TYPE_CHECKING:
     from kiln.data.multimodal.loader import MultimodalSampler
     from kiln.data.multimodal.prepare import MultimodalPrepared
+
+
+def graph_breaks() -> int | None:
+    """Graph breaks torch.compile met in this process so far (each one splits a compiled step);
+    None when nothing was compiled (no train.compile, or the step ran eagerly)."""
+    from torch._dynamo.utils import counters
+
+    if not counters["stats"]["unique_graphs"]:
+        return None
+    return sum(counters["graph_break"].values())
 
 
 @dataclass
@@ -86,6 +97,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.pauses: dict[str, float] = {}  # seconds between steps, by what they were spent on
         self._pause_depth = 0
+        self.syncs = SyncCounter(self.par.device, self.cfg.train.compile) if self.cfg.debug.count_syncs else None
 
     # ------------------------------------------------------------------ views for callbacks
     @property
@@ -176,21 +188,28 @@ class Trainer:
             self.sampler.batch(index), index, self.cfg.train.seed, first_index=self.sampler.offset
         )
         self._mark("data")
-        loss = self.module.forward_backward(batch, on_loss=lambda value: cbs.on_loss(self, step, value))
+        with self._counting_syncs():
+            loss = self.module.forward_backward(batch, on_loss=lambda value: cbs.on_loss(self, step, value))
         if self.module.z_mean is not None:
             self.record_metric("z_loss", self.module.z_mean)  # mean log(Z)^2: what train.z_loss pulls down
         self._mark("forward_backward")
         cbs.on_after_backward(self, step)
-        grad_norm = self.module.clip_grad_norm(self.cfg.optim.grad_clip)
+        with self._counting_syncs():
+            grad_norm = self.module.clip_grad_norm(self.cfg.optim.grad_clip)
         self._mark("grad_norm")
         lr = lr_at(step, self.total_steps, self.cfg.optim.lr, self.cfg.schedule)
         discard = None
-        if self.guard:
-            lr *= self.guard.lr_scale(step)
-            discard = self.guard.check(step, loss, grad_norm)
-        self.module.optimizer_step(lr, discard)
+        with self._counting_syncs():
+            if self.guard:
+                lr *= self.guard.lr_scale(step)
+                discard = self.guard.check(step, loss, grad_norm)
+            self.module.optimizer_step(lr, discard)
         self._mark("optimizer")
         return StepResult(step + 1, index, loss, grad_norm, lr)
+
+    def _counting_syncs(self) -> AbstractContextManager:
+        """Host syncs inside the step's own work (debug.count_syncs), else nothing."""
+        return self.syncs.counting() if self.syncs is not None else nullcontext()
 
     def _mark(self, phase: str) -> None:
         if self.phase_marker is not None:
@@ -206,7 +225,11 @@ class Trainer:
             "lr": result.lr,
             "grad_norm": result.grad_norm,
         }
+        if self.syncs is not None:  # this rank's syncs since the last record (the most of any rank)
+            self.recorder.record("host_syncs", self.syncs.take(), "max")
         record.update(self.recorder.collect())
+        if "host_syncs" in record:
+            record["host_syncs"] = int(record["host_syncs"])
         return record
 
     def base_summary(self) -> dict[str, Any]:
@@ -226,6 +249,7 @@ class Trainer:
             "layout": self.par.dims.describe(),
             "precision": self.precision,
             "compile": self.cfg.train.compile,
+            **({"graph_breaks": breaks} if (breaks := graph_breaks()) is not None else {}),
             "seconds": time.perf_counter() - self.started,
             "seconds_between_steps": {k: round(v, 3) for k, v in self.pauses.items()},
         }

@@ -29,7 +29,9 @@ class Throughput(Callback):
         from kiln.scaling.flops import peak_tflops
 
         self.fpt = trainer.spec.flops(trainer.cfg.model, trainer.data.vocab_size)
-        self.peak, self.peak_source = peak_tflops(trainer.device, compute_dtype(trainer.precision))
+        self.peak, self.peak_source = peak_tflops(
+            trainer.device, compute_dtype(trainer.precision), tf32=trainer.cfg.train.tf32
+        )
         if self.peak is not None:
             self.peak *= trainer.par.info.world_size  # MFU of the whole job
         self.start_step = trainer.step

@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint format test-dist bench bench-faults scaling-demo install clean
+.PHONY: train test lint format test-dist bench bench-faults gpu-check scaling-demo install clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run 'make PY=python3 ...'"; exit 1; }
@@ -49,6 +49,13 @@ bench: $(STAMP)
 
 bench-faults: $(STAMP)
 	$(BIN)/python bench/faults.py
+
+# Kiln on one H100 / H200 in about five minutes, each phase in its own process under a 90 s limit;
+# records appended to gpu-check.json (docs/gpu-check.md). GPU_CHECK_ARGS="--only gpt2" reruns a
+# phase, "--dry-run" rehearses them all on the CPU.
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 # An IsoFLOP sweep of tiny decoders, a fit, and a larger held-out run it predicts (BENCHMARKS.md);
 # 40-60 minutes on 2 cores (the sweep about 7 minutes, the 16M-token held-out run the rest).

@@ -3,6 +3,7 @@ tracker, the search and its command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -295,3 +296,27 @@ def test_profile_measures_this_machine(tmp_path, monkeypatch):
     cfg = load_config("tiny", overrides=overrides)
     result = search(cfg, cfg.data.vocab_size, load_cluster("local:2"), "fp32")
     assert result.plans and all(c.tokens_per_s > 0 for c in result.plans)
+
+
+def test_the_plan_weighs_reducing_gradients_once_a_step():
+    """Under accumulation with FSDP the space holds both `parallel.grad_sync` settings: reducing
+    once a step costs fewer reduce-scatters but keeps whole gradients until then; HSDP's replicas
+    all-reduce once a step either way. The plan's --set lines carry the setting."""
+    from kiln.plan.memory import model_facts, peak_memory
+    from kiln.plan.timing import step_time
+
+    cfg = load_config("llama-1b")
+    f = model_facts(cfg, cfg.data.vocab_size, "bf16")
+    every, last = (Layout(2, 8, 1, 1, 2, 2, grad_sync=mode) for mode in ("every_microbatch", "last_microbatch"))
+    h100 = BUILTIN["h100"]
+    slow_net = dataclasses.replace(h100, intra_gbps=5, inter_gbps=5)  # communication-bound
+    for kind in (h100, slow_net):
+        a, b = step_time(f, every, 64, kind, 8), step_time(f, last, 64, kind, 8)
+        assert b.fsdp <= a.fsdp and b.dp == a.dp
+    assert step_time(f, last, 64, slow_net, 8).fsdp < step_time(f, every, 64, slow_net, 8).fsdp
+    assert peak_memory(f, last).total > peak_memory(f, every).total
+    space = set(layouts(16, 64, n_layers=16, n_heads=32, n_kv_heads=8))
+    assert every in space and last in space
+    assert not any(x.grad_sync == "last_microbatch" and (x.accum == 1 or x.dp_shard == 1) for x in space)
+    assert "parallel.grad_sync=last_microbatch" in last.sets() and "once a step" in last.describe()
+    assert load_config("llama-1b", overrides=last.sets()).parallel.grad_sync == "last_microbatch"

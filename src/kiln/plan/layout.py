@@ -18,6 +18,7 @@ class Layout:
     schedule: str = "1f1b"  # pipeline schedule (pp > 1)
     stages_per_rank: int = 1  # interleaved-1f1b: virtual stages per rank
     stage_layers: tuple[int, ...] = ()  # layers per pipeline stage; () = an even split
+    grad_sync: str = "every_microbatch"  # FSDP's reduce-scatter under accumulation (parallel.grad_sync)
 
     @property
     def world(self) -> int:
@@ -50,7 +51,7 @@ class Layout:
             # `[]` for an even split too: a pp_layers already in the user's config must not survive
             out.append(f"parallel.pp_layers=[{','.join(map(str, self.stage_layers))}]")
         else:
-            out.append(f"train.micro_batch_size={self.micro_batch}")
+            out += [f"train.micro_batch_size={self.micro_batch}", f"parallel.grad_sync={self.grad_sync}"]
         return out
 
     def describe(self) -> str:
@@ -58,6 +59,8 @@ class Layout:
         parts.append(f"micro-batch {self.micro_batch} x {self.accum}")
         if self.ac != "none":
             parts.append(f"AC {self.ac}")
+        if self.grad_sync == "last_microbatch":
+            parts.append("gradients reduced once a step")
         if self.pp > 1:
             parts.append(self.schedule + (f" x{self.stages_per_rank}" if self.stages_per_rank > 1 else ""))
             if self.stage_layers:

@@ -184,6 +184,8 @@ def peak_memory(
     def static(params: float) -> tuple[float, float, float]:
         local = params / tp / shard_n
         grads = 4 * local if layout.accum > 1 else 0.0
+        if layout.accum > 1 and layout.grad_sync == "last_microbatch" and pp == 1:
+            grads = 4 * params / tp  # not reduce-scattered until the step's last micro-batch: whole
         return 4 * local, grads, optimizer_bytes * local
 
     candidates = []

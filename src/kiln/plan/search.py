@@ -95,6 +95,8 @@ def layouts(world: int, global_batch: int, n_layers: int, n_heads: int, n_kv_hea
                     for ac in AC_MODES:
                         if pp == 1:
                             yield Layout(replicate, shard, tp, 1, micro, accum, ac)
+                            if shard > 1 and accum > 1:  # or reduce-scatter once a step, gradients whole till then
+                                yield Layout(replicate, shard, tp, 1, micro, accum, ac, grad_sync="last_microbatch")
                             continue
                         if accum < pp:
                             continue  # fewer micro-batches than stages: the pipeline never fills

@@ -6,13 +6,13 @@
   the device's peak times an efficiency that falls for narrow work (small micro-batches, matrices
   split by tp): eff = peak_eff * w / (w + w_half), w = tokens per micro-batch x d_model / tp.
   Activation checkpointing adds a forward of the checkpointed blocks (a third of their FLOPs).
-- FSDP2 (as Kiln runs it: float32 gathers, no gradient-sync skipping under accumulation, except
-  that a pipeline schedule reduces once per step): per micro-batch two all-gathers of the stage's
-  parameters and one reduce-scatter of its gradients (pipelines: one per step),
-  ring cost (n-1)/n x bytes / bandwidth + alpha x (n-1); they overlap the blocks' compute, so only
-  what exceeds it, and the first block's gather, is exposed.
-- HSDP: an all-reduce of the sharded gradients across replicas, per micro-batch (pipelines: per
-  step), exposed.
+- FSDP2 (as Kiln runs it: gathers in the compute precision, bf16 or fp32, reductions in fp32):
+  per micro-batch two all-gathers of the stage's parameters and one reduce-scatter of its
+  gradients (`parallel.grad_sync = "last_microbatch"` and pipelines: one per step), ring cost
+  (n-1)/n x bytes / bandwidth + alpha x (n-1); they overlap the blocks' compute, so only what
+  exceeds it, and the first block's gather, is exposed.
+- HSDP: an all-reduce of the sharded gradients across replicas, once per step (the last
+  micro-batch's), exposed.
 - Tensor parallelism (sequence parallel): per block and micro-batch, two all-gathers and two
   reduce-scatters of the activations forward and as many backward, on the critical path.
 - Pipelines: the busiest rank's compute (its blocks, and the head on the last), the bubble
@@ -76,10 +76,10 @@ def busiest_stage_share(f: ModelFacts, layout: Layout) -> float:
 
 
 def gradient_syncs(layout: Layout) -> int:
-    """Gradient reductions per step: Kiln's own accumulation loop syncs every micro-batch (no
-    sync skipping); a pipeline schedule turns syncs off until the step's last micro-batch, then
-    reduces once."""
-    return 1 if layout.pp > 1 else layout.accum
+    """Reduce-scatters of the gradients per step: Kiln's own accumulation loop reduces every
+    micro-batch unless `grad_sync = "last_microbatch"`; a pipeline schedule turns syncs off until
+    the step's last micro-batch, then reduces once."""
+    return 1 if layout.pp > 1 or layout.grad_sync == "last_microbatch" else layout.accum
 
 
 def _ring(bytes_: float, n: int, gbps: float, latency_us: float, reduce: bool = False) -> float:
@@ -105,24 +105,26 @@ def step_time(f: ModelFacts, layout: Layout, global_batch: int, kind: DeviceKind
         return kind.intra_gbps if group * inner <= per_node else kind.inter_gbps
 
     blocks = max(rank_blocks(f, layout))
-    stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
+    stage_params = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp
+    stage_bytes = stage_params * 4  # gradients are reduced in fp32
     syncs = gradient_syncs(layout)
     fsdp = 0.0
     if layout.dp_shard > 1:
         bw = bandwidth(layout.dp_shard, layout.tp)
         ring = _ring(stage_bytes, layout.dp_shard, bw, kind.latency_us)
-        # two all-gathers per micro-batch (forward, backward); the reduce-scatters overlap each
-        # micro-batch's backward, except a pipeline's single one after the last, exposed
+        gather = _ring(stage_params * f.value_bytes, layout.dp_shard, bw, kind.latency_us)
+        # two all-gathers per micro-batch (forward, backward); the reduce-scatters overlap the
+        # backward of the micro-batches they follow, except a pipeline's single one after the last, exposed
         overlapped = layout.pp == 1
-        per_micro = (2 + overlapped) * ring
+        per_micro = 2 * gather + (syncs / n_micro) * ring * overlapped
         per_micro_compute = compute / n_micro
-        first_gather = _ring(stage_bytes / max(1, blocks), layout.dp_shard, bw, kind.latency_us)
+        first_gather = _ring(stage_params * f.value_bytes / max(1, blocks), layout.dp_shard, bw, kind.latency_us)
         fsdp = n_micro * (max(0.0, per_micro - per_micro_compute) + first_gather) + (
             0.0 if overlapped else syncs * ring
         )
     dp = 0.0
     if layout.dp_replicate > 1:
-        dp = syncs * _ring(
+        dp = _ring(
             stage_bytes / layout.dp_shard,
             layout.dp_replicate,
             bandwidth(layout.dp_replicate, layout.dp_shard * layout.tp),
@@ -164,13 +166,15 @@ def local_step_time(f: ModelFacts, layout: Layout, global_batch: int, compute_fi
     def collective(bytes_: float, n: int, reduce: bool = False) -> float:
         return _ring(bytes_, n, link.gbps, link.alpha_s * 1e6, reduce)
 
-    stage_bytes = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp * 4
+    stage_params = (blocks * f.block_params + f.edge_params / layout.pp) / layout.tp
+    stage_bytes = stage_params * 4  # gradients are reduced in fp32
     syncs = gradient_syncs(layout)
     fsdp = 0.0
     if layout.dp > 1:  # replicas too are FSDP2 units (HSDP), with its hooks
         ring = collective(stage_bytes, layout.dp_shard)
-        fsdp = n_micro * (2 * ring + link.fsdp_unit_s * (blocks + 1)) + syncs * ring  # gathers, reductions
-    dp = syncs * collective(stage_bytes / layout.dp_shard, layout.dp_replicate, reduce=True)
+        gather = collective(stage_params * f.value_bytes, layout.dp_shard)
+        fsdp = n_micro * (2 * gather + link.fsdp_unit_s * (blocks + 1)) + syncs * ring  # gathers, reductions
+    dp = collective(stage_bytes / layout.dp_shard, layout.dp_replicate, reduce=True)  # once a step
     act = mb * f.seq_len * f.d_model * f.value_bytes
     tp = 0.0
     if layout.tp > 1:

@@ -47,6 +47,7 @@ _ALWAYS = {
     aten.unique_dim.default,
     aten.unique_consecutive.default,
     aten.unique_dim_consecutive.default,
+    aten.equal.default,  # returns a Python bool
 }
 _BOOL_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 _REPEAT_INTERLEAVE = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
@@ -76,7 +77,12 @@ def forces_sync(func: Any, args: tuple, kwargs: dict) -> bool:
         return True
     if func in _BOOL_INDEXED:
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-        return any(t is not None and t.dtype == torch.bool for t in _tensors(indices))
+        masks = [t for t in _tensors(indices) if t is not None and t.dtype == torch.bool]
+        if func is not aten.index.Tensor and len(masks) == 1 and len(indices) == 1:
+            values = args[2] if len(args) > 2 else kwargs.get("values")
+            if isinstance(values, torch.Tensor) and values.numel() == 1:
+                return False  # `x[mask] = scalar` runs as masked_fill_: no count needed
+        return bool(masks)
     if func in _REPEAT_INTERLEAVE:
         return kwargs.get("output_size") is None and (len(args) < 4 or args[3] is None)
     if func in _COPIES:  # a device tensor copied to the host (.tolist(), .cpu())
@@ -144,7 +150,11 @@ class SyncCounter:
                 yield seen
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
-                seen.extend(w for w in caught if "synchronizing" in str(w.message))
+        for w in caught:  # the step's other warnings go on to where they were going
+            if "synchronizing" in str(w.message):
+                seen.append(w)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
     def take(self) -> int:
         n, self.count = self.count, 0

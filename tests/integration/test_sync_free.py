@@ -73,7 +73,10 @@ def test_the_counter_knows_each_kind_of_sync():
         torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)  # sized: no sync
         x[torch.tensor([0, 1])]  # an integer index tensor: no sync
         torch.where(x > 2, x, 0)  # no sync
-    assert counter.take() == 5
+        torch.equal(x, x)  # a Python bool
+        x[x > 4] = 0.0  # masked_fill_: no sync
+        x[x > 4] = torch.tensor([1.0])  # one value: masked_fill_ too
+    assert counter.take() == 6
     assert counter.take() == 0
 
 

@@ -96,8 +96,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     lse[i : i + chunk] = torch.logsumexp(logits, dim=-1)
                     picked[i : i + chunk] = logits.gather(1, t[:, None]).squeeze(1)
                 del logits
-            valid = (targets != IGNORE).float()
-            ce, z = ((lse - picked) * valid).sum(), (lse.square() * valid).sum()
+            valid = targets != IGNORE  # where, not a 0/1 multiply: a non-finite ignored row adds nothing
+            ce = torch.where(valid, lse - picked, 0.0).sum()
+            z = torch.where(valid, lse.square(), 0.0).sum()
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.fused, ctx.dtype = chunk, fused, dt
         return ce, z

@@ -85,9 +85,11 @@ def resolve_grad_sync(
     the device's memory by the estimate above."""
     if cfg.parallel.grad_sync != "auto":
         return cfg.parallel.grad_sync
-    if dims.dp_shard == 1:
-        return "every_microbatch"  # nothing is sharded: no reduce-scatter to skip
+    if dims.dp_shard == 1 or dims.pp > 1:  # nothing sharded; a pipeline schedule reduces once anyway
+        return "every_microbatch"
     estimate = estimate_memory(cfg, spec, vocab_size, dims, precision)
+    if estimate.activations is None:  # the family gives no activation estimate: do not gamble
+        return "every_microbatch"
     unsharded = estimate.grads * (dims.dp_shard - 1)
     fits = estimate.total + unsharded <= 0.8 * device_memory_bytes(device)
     return "last_microbatch" if fits else "every_microbatch"

@@ -141,7 +141,11 @@ def build_trainer(
             TokenWindows(data.split("val"), cfg.model.seq_len, "validation"), cfg.eval.batches * cfg.global_batch
         )
     micro_batch = rank_micro_batch(cfg, sampler.local_batch)
+    # every rank must reduce at the same micro-batches: "auto" is decided for the smallest device
     grad_sync = resolve_grad_sync(cfg, spec, data.vocab_size, par.dims, precision, par.device)
+    if par.distributed and cfg.parallel.grad_sync == "auto":
+        skips = torch.tensor(float(grad_sync == "last_microbatch"), device=par.device)
+        grad_sync = "last_microbatch" if par.sum(skips).item() == par.info.world_size else "every_microbatch"
     module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages, grad_sync)
     # The same on every rank (uneven training shares too): evaluation forwards must pair up under
     # FSDP. With shares, the smallest rank's micro-batch: it fits the device with the least memory.

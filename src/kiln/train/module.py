@@ -33,7 +33,7 @@ from kiln.model.spec import padded_vocab
 from kiln.parallel import pipeline as pp
 from kiln.parallel.apply import set_gradient_sync
 from kiln.parallel.runtime import Parallel
-from kiln.train.objectives import IGNORE, Batch, Objective, predicted_positions, z_loss_sum
+from kiln.train.objectives import IGNORE, Batch, Objective, predicted_positions, to_device, z_loss_sum
 from kiln.train.optim import set_lr
 from kiln.train.precision import autocast_for
 
@@ -245,7 +245,7 @@ class TrainModule:
                 micro = batch.rows(i, i + self.micro_batch)
                 predict = None
                 if self.predict_only:
-                    predict = predicted_positions(host_targets[i : i + self.micro_batch]).to(self.device)
+                    predict = to_device(predicted_positions(host_targets[i : i + self.micro_batch]), self.device)
                 with self.autocast():
                     loss, z = self.forward_loss(micro.inputs, micro.targets, micro.extras, predict)
                 loss = loss * self._loss_scale

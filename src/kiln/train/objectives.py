@@ -45,13 +45,14 @@ class Batch:
         copy runs (a copy from pageable memory blocks it), and the order on the stream is unchanged.
         PyTorch's pinned-memory allocator keeps the staging block until the copy has finished."""
         return Batch(
-            _to_device(self.inputs, device),
-            _to_device(self.targets, device),
-            {k: _to_device(v, device) for k, v in self.extras.items()},
+            to_device(self.inputs, device),
+            to_device(self.targets, device),
+            {k: to_device(v, device) for k, v in self.extras.items()},
         )
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: to a GPU through pinned memory, without blocking the host."""
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)  # the CPU (pinning needs CUDA), or already on a device
     if not (t.is_contiguous() and t.is_pinned()):

@@ -97,7 +97,9 @@ class Trainer:
         self.started = time.perf_counter()
         self.pauses: dict[str, float] = {}  # seconds between steps, by what they were spent on
         self._pause_depth = 0
-        self.syncs = SyncCounter(self.par.device, self.cfg.train.compile) if self.cfg.debug.count_syncs else None
+        compiled = self.cfg.train.compile or self.cfg.parallel.compile_blocks
+        self.syncs = SyncCounter(self.par.device, compiled) if self.cfg.debug.count_syncs else None
+        self._breaks_before = graph_breaks() or 0  # the process's count: this run reports its own
 
     # ------------------------------------------------------------------ views for callbacks
     @property
@@ -179,6 +181,10 @@ class Trainer:
         except BaseException as error:
             cbs.on_error(self, error)
             raise
+        finally:
+            if self.syncs is not None and self.syncs.device.type == "cpu" and self.syncs.compiled:
+                # code first called under the dispatch mode stays marked uncompilable for the process
+                torch._dynamo.reset()
 
     def train_step(self) -> StepResult:
         step, cbs = self.step, self.callbacks
@@ -249,7 +255,7 @@ class Trainer:
             "layout": self.par.dims.describe(),
             "precision": self.precision,
             "compile": self.cfg.train.compile,
-            **({"graph_breaks": breaks} if (breaks := graph_breaks()) is not None else {}),
+            **({"graph_breaks": breaks - self._breaks_before} if (breaks := graph_breaks()) is not None else {}),
             "seconds": time.perf_counter() - self.started,
             "seconds_between_steps": {k: round(v, 3) for k, v in self.pauses.items()},
         }

@@ -39,7 +39,7 @@ class ConsoleLog(Callback):
         )
         if trainer.par.distributed:
             trainer.say(f"layout: {trainer.par.dims.describe()} over {trainer.par.info.world_size} processes")
-            if accum > 1 and trainer.par.dims.dp_size > 1:
+            if accum > 1 and trainer.par.dims.dp_size > 1 and trainer.par.dims.pp == 1:
                 when = "on the last micro-batch" if module.grad_sync == "last_microbatch" else "every micro-batch"
                 trainer.say(f"gradients reduced {when} (parallel.grad_sync = '{cfg.parallel.grad_sync}')")
         trainer.say(

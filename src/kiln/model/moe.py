@@ -244,14 +244,53 @@ class MoEFeedForward(nn.Module):
                 # Dropped assignments stay in place with a zero gate: the shapes do not depend on the
                 # data (no host sync), and the experts compute no more rows than a dropless router.
                 weight = weight * keep[order]
-            else:  # expert parallelism sends only the kept rows (it exchanges their sizes anyway)
-                order = order[keep[order]]
-                counts = torch.zeros_like(demand).scatter_add_(0, expert_of[order], torch.ones_like(order))
-                weight = gates.reshape(-1)[order]
+            else:
+                return self._fixed_exchange(x, flat, logits, scores, gates, expert_of, position, keep, demand)
         token_of = order // k  # the token of each assignment, sorted by expert
         y = self.dispatch(flat[token_of], counts, self)  # (rows, d)
         weight = weight.to(y.dtype)[:, None]
         out = torch.zeros_like(flat, dtype=y.dtype).index_add_(0, token_of, y * weight)
+        return self._finish(out, x, flat, logits, scores, demand, expert_of, keep)
+
+    def _fixed_exchange(
+        self,
+        x: torch.Tensor,
+        flat: torch.Tensor,
+        logits: torch.Tensor,
+        scores: torch.Tensor,
+        gates: torch.Tensor,
+        expert_of: torch.Tensor,
+        position: torch.Tensor,
+        keep: torch.Tensor,
+        demand: torch.Tensor,
+    ) -> torch.Tensor:
+        """Expert parallelism with a capacity: every expert gets exactly `capacity` slots (GShard's
+        dispatch buffer; empty slots are zeros), so the exchange has fixed sizes and needs no count
+        from the device. Each assignment's slot is expert x capacity + its place in the expert's queue."""
+        N, k, E = flat.shape[0], self.top_k, self.n_experts
+        C = self.capacity(N)
+        slot = torch.where(keep, expert_of * C + position, E * C)  # dropped ones: a spare row, cut off
+        token = torch.arange(N * k, device=x.device) // k
+        buffer = flat.new_zeros(E * C + 1, flat.shape[1]).index_copy(0, slot, flat[token])[: E * C]
+        y = self.dispatch.fixed(buffer, C, self)  # type: ignore[attr-defined]  # (E * C, d)
+        weight = (gates.reshape(-1) * keep).to(y.dtype)[:, None]
+        picked = y[slot.clamp(max=E * C - 1)]
+        out = torch.zeros_like(flat, dtype=y.dtype).index_add_(0, token, picked * weight)
+        return self._finish(out, x, flat, logits, scores, demand, expert_of, keep)
+
+    def _finish(
+        self,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        flat: torch.Tensor,
+        logits: torch.Tensor,
+        scores: torch.Tensor,
+        demand: torch.Tensor,
+        expert_of: torch.Tensor,
+        keep: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Shared experts, routing statistics and the auxiliary losses around the routed output."""
+        B, T, d = x.shape
         out = out.to(x.dtype)
         if self.shared is not None:
             out = out + self.shared(flat)

@@ -7,8 +7,11 @@ them with FSDP2. Every rank still reads its own data, as a data-parallel rank do
     router (local) -> rows sorted by expert -> all_to_all_single: rows to the ranks of their experts
       -> local experts (grouped products) -> all_to_all_single back -> weighted sum (local)
 
-The exchange sizes are uneven and may be zero; they are exchanged first (one small all-to-all
-of counts), then the rows. Gradients flow back through the same exchange reversed.
+Dropless, the exchange sizes are uneven and may be zero; they are exchanged first (one small
+all-to-all of counts, read on the host: the one sync a step needs per MoE layer), then the rows.
+With a capacity factor every expert gets exactly `capacity` slots (zeros where empty), so the
+sizes are known and nothing is read on the host (`fixed`). Gradients flow back through the same
+exchange reversed.
 
 Expert weights become DTensors sharded on dimension 0 over the "ep" mesh dimension, so any
 checkpoint names them by their full shape and a distributed checkpoint reloads into another
@@ -80,6 +83,19 @@ class ExpertParallelDispatch:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return _AllToAll.apply(y_sorted[inverse], send_splits, recv_splits, self.group)
+
+    def fixed(self, x: torch.Tensor, capacity: int, moe: MoEFeedForward) -> torch.Tensor:
+        """Capacity slots (E x capacity rows, expert-major) to their experts' ranks and back: every
+        split is (E / ep) x capacity rows, known without asking the device."""
+        per_rank = x.shape[0] // (self.ep * capacity)  # local experts
+        splits = [per_rank * capacity] * self.ep
+        rows = _AllToAll.apply(x, splits, splits, self.group)  # (source, local expert, slot)
+        d = x.shape[1]
+        by_expert = rows.view(self.ep, per_rank, capacity, d).transpose(0, 1).reshape(-1, d)
+        counts = torch.full((per_rank,), self.ep * capacity, dtype=torch.long, device=x.device)
+        y = moe.experts(by_expert, counts)
+        back = y.view(per_rank, self.ep, capacity, d).transpose(0, 1).reshape(-1, d)
+        return _AllToAll.apply(back, splits, splits, self.group)
 
 
 def shard_experts(experts: list[tuple[nn.Module, nn.Module]], mesh: DeviceMesh) -> None:

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = verbs.add_parser("prepare", help="tokenise a corpus into token shards (cached)", epilog=_presets_epilog())
     _config_args(prep)
+    prep.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every shard against the manifest (a run's start checks sizes and ends)",
+    )
 
     export = verbs.add_parser("export", help="a checkpoint as one safetensors file, or as a Hugging Face folder")
     export.add_argument("run", metavar="RUN_DIR")
@@ -526,6 +531,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         f"validation {splits['val']['tokens']:,} tokens / {splits['val']['documents']} documents, "
         f"validation unigram entropy {data.manifest['val_unigram_entropy']:.4f} nats/token"
     )
+    if args.verify:
+        from kiln.data.shards import open_prepared
+
+        t0 = time.perf_counter()
+        open_prepared(data.path, verify="full")
+        shards = [sh for sp in splits.values() for sh in sp["shards"]]
+        print(f"verified {len(shards)} shard(s) against their sha256 in {time.perf_counter() - t0:.1f}s")
     return 0
 
 

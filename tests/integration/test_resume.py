@@ -220,3 +220,27 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
 
     with pytest.raises(KilnError, match="not a Kiln run folder"):
         resume_run(tmp_path)
+
+
+def test_a_run_resumes_in_the_window_order_it_was_made_with(tiny_config, shared_corpus, tmp_path):
+    """Checkpoints record the order's version; those made before it resume in the former order."""
+    from kiln.data.order import ORDER_VERSION
+    from kiln.data.shards import prepare
+    from kiln.parallel.runtime import Parallel
+    from kiln.runs.rundir import RunDir
+    from kiln.train.build import build_trainer
+    from kiln.train.precision import resolve_device
+    from kiln.train.session import check_training
+
+    cfg = tiny_config(shared_corpus)
+    spec, data = check_training(cfg), prepare(cfg.data, log=lambda *a: None)
+    par = Parallel.setup(cfg, resolve_device(cfg))
+
+    def order(resume_state):
+        return build_trainer(cfg, spec, RunDir(tmp_path / "r"), data, par, resume_state=resume_state).sampler.order
+
+    assert order(None) == ORDER_VERSION
+    assert order({"trainer": {"step": 4, "order": ORDER_VERSION}}) == ORDER_VERSION
+    assert order({"trainer": {"step": 4}}) == "legacy"
+    fresh = build_trainer(cfg, spec, RunDir(tmp_path / "r"), data, par)
+    assert fresh.state()["order"] == ORDER_VERSION

@@ -107,3 +107,44 @@ def test_eval_windows_are_fixed_distinct_windows_of_the_split(windows):
     all_of_them = eval_windows(windows, 10_000)
     assert all_of_them.shape[0] == len(windows)
     assert torch.equal(all_of_them, torch.from_numpy(everything))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
+def test_the_feistel_order_is_a_permutation_fixed_by_seed_and_epoch(n):
+    from kiln.data.order import FeistelOrder
+
+    order = FeistelOrder(n, seed=3, epoch=0)
+    everything = order[np.arange(n)]
+    assert sorted(everything.tolist()) == list(range(n))
+    assert (FeistelOrder(n, seed=3, epoch=0)[np.arange(n)] == everything).all()  # a pure function
+    if n >= 17:
+        assert (FeistelOrder(n, seed=3, epoch=1)[np.arange(n)] != everything).any()
+        assert (FeistelOrder(n, seed=4, epoch=0)[np.arange(n)] != everything).any()
+        assert (everything != np.arange(n)).mean() > 0.9  # shuffled, not near the identity
+
+
+def test_the_order_costs_the_same_at_a_trillion_windows():
+    """No array of the epoch's size: a few indices of 10^12 windows in well under a second, and
+    the order object holds only its keys."""
+    import sys
+    import time
+
+    from kiln.data.order import FeistelOrder
+
+    t0 = time.perf_counter()
+    order = FeistelOrder(10**12 + 7, seed=0, epoch=5)
+    picked = order[np.array([0, 1, 10**12, 10**12 + 6])]
+    assert time.perf_counter() - t0 < 0.5
+    assert len(set(picked.tolist())) == 4 and (picked < 10**12 + 7).all()
+    assert sum(sys.getsizeof(v) for v in vars(order).values()) < 4096
+
+
+def test_a_run_made_with_the_former_order_keeps_it(windows):
+    from kiln.data.order import legacy_order
+
+    old = BatchSampler(windows, global_batch=4, seed=0, order="legacy")
+    n = len(windows)
+    assert (old.sample_indices(0) == legacy_order(n, 0, 0)[:4]).all()
+    assert (BatchSampler(windows, global_batch=4, seed=0).sample_indices(0) != old.sample_indices(0)).any()
+    with pytest.raises(DataError, match="unknown window order"):
+        BatchSampler(windows, global_batch=4, seed=0, order="feistel-9")

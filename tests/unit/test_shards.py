@@ -260,3 +260,42 @@ def test_unigram_entropy_by_hand():
     p = np.array([0.5, 0.25, 0.25])
     tokens = np.array([1, 1, 2, 3], dtype=np.uint16)
     assert unigram_entropy([tokens], 4) == pytest.approx(float(-(p * np.log(p)).sum()))
+
+
+def test_a_start_checks_sizes_and_ends_and_verify_hashes_everything(make_corpus, tmp_path, monkeypatch):
+    """Opening a dataset reads a constant amount per shard (its size, a digest of its first and
+    last MiB); a flipped byte in the middle of a large shard passes that and is caught by the
+    full check (`kiln prepare --verify`), which hashes every shard."""
+    import kiln.fileio as fileio
+
+    monkeypatch.setattr(fileio, "QUICK_BYTES", 64)  # small shards: a "middle" exists
+    corpus = make_corpus(n_files=8)
+    prepared = prepare(data_cfg(corpus, tmp_path / "cache"), log=quiet)
+    shard = prepared.path / prepared.manifest["splits"]["train"]["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    assert len(raw) > 1000
+    middle = bytearray(raw)
+    middle[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(middle))
+    assert open_prepared(prepared.path).manifest == prepared.manifest  # quick: not read
+    with pytest.raises(DataError, match="checksum does not match"):
+        open_prepared(prepared.path, verify="full")
+    shard.write_bytes(bytes(raw[:-2]))  # truncated: the size says so
+    with pytest.raises(DataError, match="checksum does not match"):
+        open_prepared(prepared.path)
+    tail = bytearray(raw)
+    tail[-3] ^= 0xFF
+    shard.write_bytes(bytes(tail))
+    with pytest.raises(DataError, match="checksum does not match"):
+        open_prepared(prepared.path)
+    shard.write_bytes(bytes(raw))
+    assert open_prepared(prepared.path, verify="full").manifest == prepared.manifest
+
+
+def test_prepare_verify_on_the_command_line(make_corpus, tmp_path, capsys):
+    from kiln.cli import main
+
+    corpus = make_corpus(n_files=8)
+    sets = [f"data.corpus={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300"]
+    assert main(["prepare", "--preset", "tiny", *[a for s in sets for a in ("--set", s)], "--verify"]) == 0
+    assert "verified 2 shard(s)" in capsys.readouterr().out

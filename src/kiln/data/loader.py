@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kiln.data.order import ORDER_VERSION, FeistelOrder, legacy_order
 from kiln.errors import DataError
 
 
@@ -65,7 +66,8 @@ def rank_share(global_batch: int, rank: int, world_size: int, shares: list[int] 
 
 
 class BatchSampler:
-    """The training batches: `batch(step)` depends only on (seed, step, rank, world size)."""
+    """The training batches: `batch(step)` depends only on (seed, step, rank, world size).
+    `order`: "feistel-1" (kiln.data.order, O(1) memory) or "legacy" (runs made before it)."""
 
     def __init__(
         self,
@@ -75,29 +77,37 @@ class BatchSampler:
         rank: int = 0,
         world_size: int = 1,
         shares: list[int] | None = None,
+        order: str = ORDER_VERSION,
     ):
+        if order not in (ORDER_VERSION, "legacy"):
+            raise DataError(f"unknown window order {order!r}; this Kiln knows {ORDER_VERSION} and legacy")
         self.local_batch, self.offset = rank_share(global_batch, rank, world_size, shares)
         self.windows = windows
         self.global_batch = global_batch
         self.seed = seed
         self.rank = rank
+        self.order = order
         self._epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
+        self._order: FeistelOrder | np.ndarray = np.empty(0, dtype=np.int64)
 
-    def _order_for(self, epoch: int) -> np.ndarray:
+    def _order_for(self, epoch: int) -> FeistelOrder | np.ndarray:
         if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._order = rng.permutation(len(self.windows))
+            n = len(self.windows)
+            self._order = (
+                FeistelOrder(n, self.seed, epoch) if self.order == ORDER_VERSION else legacy_order(n, self.seed, epoch)
+            )
             self._epoch = epoch
         return self._order
 
     def sample_indices(self, step: int) -> np.ndarray:
         first = step * self.global_batch + self.offset
         n = len(self.windows)
+        positions = np.arange(first, first + self.local_batch, dtype=np.int64)
+        epochs, within = np.divmod(positions, n)
         out = np.empty(self.local_batch, dtype=np.int64)
-        for i, g in enumerate(range(first, first + self.local_batch)):
-            epoch, pos = divmod(g, n)
-            out[i] = self._order_for(epoch)[pos]
+        for epoch in np.unique(epochs):  # a batch spans at most two epochs (unless it exceeds one)
+            sel = epochs == epoch
+            out[sel] = self._order_for(int(epoch))[within[sel]]
         return out
 
     def batch(self, step: int) -> torch.Tensor:

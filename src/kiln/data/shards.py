@@ -4,7 +4,8 @@ Layout of one prepared dataset (a folder under `data.cache_dir`, named by a hash
 that determines its contents, so unchanged inputs reuse it):
 
     tokenizer.json
-    manifest.json          documents, tokens, dtype, tokenizer hash, sha256 of every shard
+    manifest.json          documents, tokens, dtype, tokenizer hash, sha256 of every shard and
+                           a quick digest (size, head, tail) checked at every start
     train-00000.bin ...    token ids, documents separated by EOS
     val-00000.bin ...
 
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from kiln.config import DataConfig
 from kiln.data.corpora import CorpusFile, SkippedFile, corpus_fingerprint, resolve_corpus
 from kiln.data.tokenizer import KilnTokenizer, load_tokenizer, train_tokenizer
 from kiln.errors import DataError
-from kiln.fileio import sha256_file
+from kiln.fileio import quick_digest, sha256_file, sha256_files
 from kiln.progress import progress_bar
 
 FORMAT_VERSION = 2  # 2: content-keyed split with long documents cut into pieces
@@ -78,8 +79,10 @@ def dataset_key(cfg: DataConfig, files: list[CorpusFile]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
-def open_prepared(path: Path, verify: bool = True) -> Prepared:
-    """Open a prepared dataset, checking every shard's sha256 against the manifest."""
+def open_prepared(path: Path, verify: str | bool = "quick") -> Prepared:
+    """Open a prepared dataset, checked against its manifest: `quick` (each run's start: every
+    shard's size and a digest of its head and tail, constant time per shard), `full` (`kiln
+    prepare --verify`: every byte's sha256, shards hashed in parallel) or False."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise DataError(f"{path} is not a prepared dataset (no manifest.json); run `kiln prepare`")
@@ -90,16 +93,30 @@ def open_prepared(path: Path, verify: bool = True) -> Prepared:
             f"{path}/tokenizer.json does not match the tokenizer the shards were made with; "
             f"delete {path} and run `kiln prepare` again"
         )
+    if verify is True:
+        verify = "quick"
     if verify:
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                file = path / shard["file"]
-                if not file.is_file() or sha256_file(file) != shard["sha256"]:
-                    raise DataError(
-                        f"shard {file} is missing or its checksum does not match the manifest "
-                        f"(corrupt cache); delete {path} and run `kiln prepare` again"
-                    )
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        shards = [shard for split in manifest["splits"].values() for shard in split["shards"]]
+        files = [path / shard["file"] for shard in shards]
+        for shard, file in zip(shards, files):
+            intact = file.is_file() and file.stat().st_size == shard["tokens"] * itemsize
+            if intact and verify == "quick" and "quick" in shard:  # datasets before it: the size only
+                intact = quick_digest(file) == shard["quick"]
+            if not intact:
+                _corrupt(file, path)
+        if verify == "full":
+            for shard, file, digest in zip(shards, files, sha256_files(files)):
+                if digest != shard["sha256"]:
+                    _corrupt(file, path)
     return Prepared(path, manifest, tokenizer)
+
+
+def _corrupt(file: Path, dataset: Path) -> NoReturn:
+    raise DataError(
+        f"shard {file} is missing or its checksum does not match the manifest "
+        f"(corrupt cache); delete {dataset} and run `kiln prepare` again"
+    )
 
 
 def _is_val(key: str, seed: int, fraction: float) -> bool:
@@ -191,7 +208,8 @@ def _encode_split(
         name = f"{prefix}-{len(shards):05d}.bin"
         arr = np.concatenate(buf).astype(dtype, copy=False)
         arr.tofile(out / name)
-        shards.append({"file": name, "tokens": int(arr.size), "sha256": sha256_file(out / name)})
+        file = out / name
+        shards.append({"file": name, "tokens": int(arr.size), "sha256": sha256_file(file), "quick": quick_digest(file)})
         buf, buf_tokens = [], 0
 
     eos = tok.eos_id

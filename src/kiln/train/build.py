@@ -15,6 +15,7 @@ from kiln.config import Config
 from kiln.data.loader import BatchSampler, TokenWindows, eval_windows, share_windows
 from kiln.data.multimodal.loader import MultimodalSampler, training_streams
 from kiln.data.multimodal.prepare import MultimodalPrepared
+from kiln.data.order import ORDER_VERSION
 from kiln.data.shards import Prepared
 from kiln.errors import ConfigError, DataError
 from kiln.kernels import registry as kernels
@@ -136,6 +137,8 @@ def build_trainer(
             dp_rank,
             dp_size,
             cfg.parallel.dp_batch_shares,
+            # a run resumes in the order it was made with (checkpoints before the order was recorded: legacy)
+            order=(resume_state or {}).get("trainer", {}).get("order", "legacy") if resume_state else ORDER_VERSION,
         )
         windows = eval_windows(
             TokenWindows(data.split("val"), cfg.model.seq_len, "validation"), cfg.eval.batches * cfg.global_batch

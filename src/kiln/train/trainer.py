@@ -269,6 +269,7 @@ class Trainer:
             "tokens": self.tokens_seen,
             "precision": self.precision,
             "skipped": self.skipped,
+            **({"order": order} if (order := getattr(self.sampler, "order", None)) else {}),  # the window order
             "data_key": self.data.manifest.get("content_key", self.data.manifest["key"]),
             "guard": self.guard.state_dict() if self.guard else None,
             "callbacks": self.callbacks.state_dict(),

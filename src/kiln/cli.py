@@ -22,9 +22,10 @@ def _stderr(text: str) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="a shipped preset (see `kiln train --help`)")
-    src.add_argument("--config", help="a TOML config file of your own")
+    p.add_argument("--preset", help="a shipped preset (see `kiln train --help`)")
+    p.add_argument(
+        "--config", help="a TOML config file of your own (over --preset when both are given; --set goes over both)"
+    )
     p.add_argument(
         "--set",
         dest="overrides",

@@ -299,3 +299,16 @@ def test_prepare_verify_on_the_command_line(make_corpus, tmp_path, capsys):
     sets = [f"data.corpus={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300"]
     assert main(["prepare", "--preset", "tiny", *[a for s in sets for a in ("--set", s)], "--verify"]) == 0
     assert "verified 2 shard(s)" in capsys.readouterr().out
+
+
+def test_a_config_file_layers_over_a_preset_on_the_command_line(make_corpus, tmp_path, capsys):
+    """`--preset tiny --config mix.toml --set ...`: preset < file < --set, as load_config merges."""
+    from kiln.cli import main
+
+    corpus = make_corpus(n_files=8)
+    mix = tmp_path / "mix.toml"
+    mix.write_text(f'[data]\ncorpus = "{corpus}"\nvocab_size = 280\ncache_dir = "{tmp_path / "cache"}"\n')
+    assert main(["prepare", "--preset", "tiny", "--config", str(mix)]) == 0
+    assert "vocabulary 280" in capsys.readouterr().out
+    assert main(["prepare", "--preset", "tiny", "--config", str(mix), "--set", "data.vocab_size=300"]) == 0
+    assert "vocabulary 300" in capsys.readouterr().out

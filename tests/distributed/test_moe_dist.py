@@ -110,9 +110,11 @@ def test_moe_pipeline_matches_single_process(setup):
     # initialisation), a wrong 1/N scale, or a stage's missing gradient (its share of the norm).
     for key in ("loss", "grad_norm"):
         assert first[0][key] == pytest.approx(first[1][key], rel=1e-6, abs=0), key
-    # The first stage's step-1 routing is one process's computation and the loads are integer counts:
-    # the same on every CPU. (The metadata-inference pass counts micro-batch 0 twice here; its busiest
-    # expert holds 54 of its 128 assignments, as the step's holds 216 of 512, so the ratio is unmoved.)
-    assert first[0]["moe/layers.1/load_max_mean"] == first[1]["moe/layers.1/load_max_mean"]
-    assert first[0]["moe/layers.1/entropy"] == pytest.approx(first[1]["moe/layers.1/entropy"], rel=1e-5)
+    # The first stage's step-1 routing is one process's computation and the loads are integer counts,
+    # but the metadata-inference pass counts micro-batch 0 twice (the known gap above): the ratio moves
+    # by what one micro-batch's loads differ from the step's. (It was unmoved under the former window
+    # order by a coincidence of that batch: 54 of 128 against 216 of 512; 0.19% under the Feistel
+    # order.) A dropped or doubled stage's counts move it by far more.
+    assert first[0]["moe/layers.1/load_max_mean"] == pytest.approx(first[1]["moe/layers.1/load_max_mean"], rel=1e-2)
+    assert first[0]["moe/layers.1/entropy"] == pytest.approx(first[1]["moe/layers.1/entropy"], rel=1e-3)  # likewise
     assert all(abs(a - b) <= 1e-3 * b for a, b in zip(piped, single)), (piped, single)

@@ -79,6 +79,7 @@ class DataConfig:
     cache_dir: str = ".kiln-cache"
     max_docs: int = 0  # 0 = all documents
     workers: int = 0  # tokeniser threads; 0 = all cores
+    tokenizer_sample_mb: float = 64.0  # MB of training text the tokenizer learns from (a content-hashed sample)
     image_field: str = "image"  # image-text data (model.family = "vlm"): the image column of .parquet files
     image_placement: str = "prefix"  # prefix: a sample's images before its text | inline: where they occur
     with_images: bool = True  # image-text data: false trains on the texts alone (the baseline images must beat)
@@ -595,6 +596,10 @@ def validate(cfg: Config) -> None:
         f"data.vocab_size = {d.vocab_size} is too small for a byte-level BPE; use at least 260",
     )
     _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _require(
+        d.tokenizer_sample_mb > 0,
+        f"data.tokenizer_sample_mb must be > 0 (MB of training text for the tokenizer), got {d.tokenizer_sample_mb}",
+    )
     _require(bool(d.corpus.strip()), "data.corpus is empty; name a corpus (e.g. stdlib) or a path")
     _require(
         d.piece_chars == 0 or d.piece_chars >= 256,

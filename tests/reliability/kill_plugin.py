@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-import kiln.data.shards as shards
+import kiln.data.stream as stream
 import kiln.runs.rundir as rundir
 import kiln.train.checkpoint as checkpoint
 from kiln.train.callbacks import Callback, register_callback
@@ -71,14 +71,14 @@ if ARMED and MODE == "save_file":
 elif ARMED and MODE == "fsync":
     checkpoint.fsync_path = counting(checkpoint.fsync_path)
 elif ARMED and MODE == "prepare":
-    original = shards._encode_split
+    original = stream.encode_stream  # every shard written, the manifest not yet
 
     def encode_then_die(*args, **kwargs):
         result = original(*args, **kwargs)
         die()
         return result
 
-    shards._encode_split = encode_then_die
+    stream.encode_stream = encode_then_die
 elif ARMED and MODE == "metrics":
     original_log = rundir.RunDir.log_metrics
 

@@ -9,6 +9,7 @@ from kiln.config import DataConfig
 from kiln.data import shards as shards_mod
 from kiln.data.shards import open_prepared, prepare, unigram_entropy
 from kiln.errors import DataError
+from kiln.fileio import sha256_file
 
 
 def data_cfg(corpus, cache, **kw) -> DataConfig:
@@ -56,7 +57,7 @@ def test_manifest_fields(shared_prepared, shared_corpus):
         for s in split["shards"]:
             path = p.path / s["file"]
             assert path.stat().st_size == 2 * s["tokens"]
-            assert shards_mod.sha256_file(path) == s["sha256"]
+            assert sha256_file(path) == s["sha256"]
     for name in ("train", "val"):
         arrays = p.split(name)
         assert all(a.dtype == np.uint16 for a in arrays)
@@ -312,3 +313,40 @@ def test_a_config_file_layers_over_a_preset_on_the_command_line(make_corpus, tmp
     assert "vocabulary 280" in capsys.readouterr().out
     assert main(["prepare", "--preset", "tiny", "--config", str(mix), "--set", "data.vocab_size=300"]) == 0
     assert "vocabulary 300" in capsys.readouterr().out
+
+
+def _stream(prepared) -> dict[str, list[int]]:
+    return {name: [int(t) for a in prepared.split(name) for t in a] for name in ("train", "val")}
+
+
+def test_streaming_in_a_tiny_buffer_gives_the_same_tokens(make_corpus, tmp_path, monkeypatch):
+    """Encoding 100 characters at a time into shards of 500 tokens gives the token streams of a
+    build with the default buffers, and those of the in-memory split the streaming one replaces."""
+    from kiln.data import stream
+
+    corpus = make_corpus(n_files=12)
+    whole = prepare(data_cfg(corpus, tmp_path / "a"), log=quiet)
+    monkeypatch.setattr(stream, "ENCODE_BYTES", 100)
+    monkeypatch.setattr(shards_mod, "SHARD_TOKENS", 500)
+    small = prepare(data_cfg(corpus, tmp_path / "b"), log=quiet)
+    assert len(small.manifest["splits"]["train"]["shards"]) > 1
+    assert _stream(small) == _stream(whole)
+    assert small.manifest["tokenizer_sha256"] == whole.manifest["tokenizer_sha256"]
+    docs = [f.read_text() for f in sorted(corpus.iterdir())]
+    train, val = shards_mod.split_documents(docs, 1234, 0.15, 8192)
+    eos = whole.tokenizer.eos_id
+    expected = [t for text in train for t in whole.tokenizer.encode_batch([text])[0] + [eos]]
+    assert _stream(whole)["train"] == expected
+    assert whole.manifest["splits"]["val"]["documents"] == len(val)
+
+
+def test_the_tokenizer_learns_from_a_bounded_sample(make_corpus, tmp_path):
+    """Below data.tokenizer_sample_mb the tokenizer sees all the training text; above it, a sample
+    chosen by content: the same tokenizer from the same corpus, another from more text."""
+    corpus = make_corpus(n_files=12)
+    full = prepare(data_cfg(corpus, tmp_path / "a"), log=quiet)
+    sampled = prepare(data_cfg(corpus, tmp_path / "b", tokenizer_sample_mb=0.002), log=quiet)
+    again = prepare(data_cfg(corpus, tmp_path / "c", tokenizer_sample_mb=0.002), log=quiet)
+    assert sampled.manifest["tokenizer_sha256"] != full.manifest["tokenizer_sha256"]
+    assert sampled.manifest["tokenizer_sha256"] == again.manifest["tokenizer_sha256"]
+    assert sampled.manifest["splits"]["train"]["documents"] == full.manifest["splits"]["train"]["documents"]

@@ -7,6 +7,7 @@ read lazily so a large corpus is never held in memory at once.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -160,6 +161,9 @@ def read_texts(path: Path, text_field: str = "text") -> Iterator[str]:
     if base.endswith(".parquet"):
         yield from _read_parquet(path, text_field)
         return
+    if base.endswith(".jsonl"):
+        yield from _read_jsonl(path, text_field)
+        return
     try:
         with _open_binary(path) as f:
             raw = f.read()
@@ -168,23 +172,64 @@ def read_texts(path: Path, text_field: str = "text") -> Iterator[str]:
     text = _decode(raw, path)
     if text is None:
         raise SkippedFile(f"{path}: not UTF-8 text")
-    if base.endswith(".jsonl"):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{lineno}: not valid JSON") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise DataError(f"{path}:{lineno}: no field '{text_field}'; set data.text_field")
-            value = record[text_field]
-            if not isinstance(value, str):
-                raise DataError(f"{path}:{lineno}: field '{text_field}' is not a string")
-            if value:
-                yield value
-    elif text:
+    if text:
         yield text
+
+
+def _utf8_text(path: Path) -> bool:
+    """The whole file decodes as UTF-8 and does not start like a binary file, checked a chunk at a
+    time (a file is taken or skipped whole, whatever its size)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with _open_binary(path) as f:
+            first = True
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                if first and b"\x00" in chunk[:8192]:
+                    return False
+                first = False
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    except (OSError, EOFError) as e:
+        raise SkippedFile(f"{path}: {e}") from None
+    return True
+
+
+def _lines(f: io.BufferedIOBase) -> Iterator[bytes]:
+    """A binary stream's lines, read in chunks (compressed readers need not iterate by line)."""
+    rest = b""
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    """The records' texts a line at a time: memory is one record, not the file."""
+    if not _utf8_text(path):
+        raise SkippedFile(f"{path}: not UTF-8 text")
+    try:
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(_lines(f), 1):
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}:{lineno}: not valid JSON") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DataError(f"{path}:{lineno}: no field '{text_field}'; set data.text_field")
+                value = record[text_field]
+                if not isinstance(value, str):
+                    raise DataError(f"{path}:{lineno}: field '{text_field}' is not a string")
+                if value:
+                    yield value
+    except (OSError, EOFError) as e:
+        raise SkippedFile(f"{path}: {e}") from None
 
 
 def _read_parquet(path: Path, column: str) -> Iterator[str]:

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +29,15 @@ from typing import Any, NoReturn
 import numpy as np
 
 from kiln.config import DataConfig
-from kiln.data.corpora import CorpusFile, SkippedFile, corpus_fingerprint, resolve_corpus
+from kiln.data import stream
+from kiln.data.corpora import CorpusFile, corpus_fingerprint, resolve_corpus
 from kiln.data.tokenizer import KilnTokenizer, load_tokenizer, train_tokenizer
 from kiln.errors import DataError
-from kiln.fileio import quick_digest, sha256_file, sha256_files
-from kiln.progress import progress_bar
+from kiln.fileio import quick_digest, sha256_files
 
-FORMAT_VERSION = 2  # 2: content-keyed split with long documents cut into pieces
+FORMAT_VERSION = 3  # 2: content-keyed split with long documents cut into pieces; 3: streamed, sampled tokenizer
 SHARD_TOKENS = 1 << 27  # 128M tokens per shard file
 MAX_PIECE_CHARS = 1 << 20  # a huge single-line document is tokenised in pieces of this size
-ENCODE_BATCH = 64
 
 
 @dataclass
@@ -75,6 +74,7 @@ def dataset_key(cfg: DataConfig, files: list[CorpusFile]) -> str:
         str(cfg.max_docs),
         cfg.text_field,
         str(cfg.piece_chars),
+        str(cfg.tokenizer_sample_mb),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
@@ -125,21 +125,6 @@ def _is_val(key: str, seed: int, fraction: float) -> bool:
 
 def _split_hash(key: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
-
-
-def _read_documents(files: list[CorpusFile], max_docs: int) -> tuple[list[str], int]:
-    """The text of every document, and the number of files skipped as non-text."""
-    docs: list[str] = []
-    skipped = 0
-    for f in progress_bar(files, "reading corpus", unit="files"):
-        try:
-            for text in f.read():
-                docs.append(text)
-                if max_docs and len(docs) >= max_docs:
-                    return docs, skipped
-        except SkippedFile:
-            skipped += 1
-    return docs, skipped
 
 
 def split_pieces(text: str, piece_chars: int) -> list[str]:
@@ -193,51 +178,12 @@ def _pieces(text: str) -> list[str]:
     return [text[i : i + MAX_PIECE_CHARS] for i in range(0, len(text), MAX_PIECE_CHARS)]
 
 
-def _encode_split(
-    texts: list[str], tok: KilnTokenizer, dtype: np.dtype, out: Path, prefix: str, label: str
-) -> dict[str, Any]:
-    shards: list[dict[str, Any]] = []
-    buf: list[np.ndarray] = []
-    buf_tokens = 0
-    total = 0
-
-    def flush() -> None:
-        nonlocal buf, buf_tokens
-        if not buf_tokens:
-            return
-        name = f"{prefix}-{len(shards):05d}.bin"
-        arr = np.concatenate(buf).astype(dtype, copy=False)
-        arr.tofile(out / name)
-        file = out / name
-        shards.append({"file": name, "tokens": int(arr.size), "sha256": sha256_file(file), "quick": quick_digest(file)})
-        buf, buf_tokens = [], 0
-
-    eos = tok.eos_id
-    assert eos is not None  # eos is a required role: KilnTokenizer refuses a tokenizer without it
-    batches = [texts[i : i + ENCODE_BATCH] for i in range(0, len(texts), ENCODE_BATCH)]
-    for batch in progress_bar(batches, f"tokenising {label}", unit="batches"):
-        pieces = [(j, p) for j, text in enumerate(batch) for p in _pieces(text)]
-        encoded = tok.encode_batch([p for _, p in pieces])
-        per_doc: list[list[int]] = [[] for _ in batch]
-        for (j, _), ids in zip(pieces, encoded):
-            per_doc[j].extend(ids)
-        for ids in per_doc:
-            ids.append(eos)
-            arr = np.asarray(ids, dtype=np.int64)
-            buf.append(arr)
-            buf_tokens += arr.size
-            total += arr.size
-        if buf_tokens >= SHARD_TOKENS:
-            flush()
-    flush()
-    return {"documents": len(texts), "tokens": total, "shards": shards}
-
-
-def unigram_entropy(shards: list[np.ndarray], vocab_size: int) -> float:
+def unigram_entropy(shards: Sequence[np.ndarray], vocab_size: int) -> float:
     """Entropy of the token distribution in nats per token (the loss of a model that ignores context)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for s in shards:
-        counts += np.bincount(np.asarray(s), minlength=vocab_size)[:vocab_size]
+        for i in range(0, len(s), 1 << 26):  # a chunk at a time: shards are memory maps
+            counts += np.bincount(np.asarray(s[i : i + (1 << 26)]), minlength=vocab_size)[:vocab_size]
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -276,7 +222,9 @@ def staged(final: Path) -> Iterator[Path]:
 
 
 def prepare(cfg: DataConfig, log=print) -> Prepared:
-    """Make (or reuse) the token shards for `cfg` and return them, verified."""
+    """Make (or reuse) the token shards for `cfg` and return them, checked. Streams the corpus in
+    bounded memory (kiln.data.stream); a corpus too small for the streaming split's rule (no
+    piece in one of the splits) is split in memory by `split_documents`'s fallbacks."""
     if cfg.workers:
         os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
     files = resolve_corpus(cfg)
@@ -287,43 +235,76 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
     writable_cache(cfg)
 
     start = time.perf_counter()
-    docs, skipped = _read_documents(files, cfg.max_docs)
-    if skipped:
-        log(f"skipped {skipped} file(s) that are not UTF-8 text")
-    docs = [t for t in docs if t.strip()]
-    if not docs:
+    seed, fraction, piece_chars = cfg.split_seed, cfg.val_fraction, cfg.piece_chars
+
+    def items(label: str, counts: stream.SplitCounts) -> Iterator[tuple[bool, str]]:
+        docs = stream.read_documents(files, cfg.max_docs, counts, label)
+        return stream.split_stream(
+            docs, lambda k: _is_val(k, seed, fraction), lambda t: split_pieces(t, piece_chars), counts
+        )
+
+    counts = stream.SplitCounts()
+    for _ in items("reading corpus", counts):
+        pass
+    if counts.skipped:
+        log(f"skipped {counts.skipped} file(s) that are not UTF-8 text")
+    if not counts.documents:
         raise DataError(
             f"data.corpus = '{cfg.corpus}' holds no text"
-            + (f" ({skipped} binary or non-UTF-8 file(s) skipped)" if skipped else "")
+            + (f" ({counts.skipped} binary or non-UTF-8 file(s) skipped)" if counts.skipped else "")
         )
-    train_texts, val_texts = split_documents(docs, cfg.split_seed, cfg.val_fraction, cfg.piece_chars)
-    if not train_texts or not val_texts:
-        raise DataError(
-            f"data.corpus = '{cfg.corpus}' is one short document ({len(docs[0])} characters); a "
-            "train/validation split needs at least two pieces: add text, or lower data.piece_chars "
-            f"(now {cfg.piece_chars}) so the document is cut into pieces"
-        )
+    in_memory: tuple[list[str], list[str]] | None = None
+    if not counts.train_texts or not counts.val_texts:  # a few pieces: split_documents' fallbacks decide
+        docs = [
+            t for t in stream.read_documents(files, cfg.max_docs, stream.SplitCounts(), "reading corpus") if t.strip()
+        ]
+        in_memory = split_documents(docs, seed, fraction, piece_chars)
+        if not in_memory[0] or not in_memory[1]:
+            raise DataError(
+                f"data.corpus = '{cfg.corpus}' is one short document ({len(docs[0])} characters); a "
+                "train/validation split needs at least two pieces: add text, or lower data.piece_chars "
+                f"(now {piece_chars}) so the document is cut into pieces"
+            )
+
+    def train_texts() -> Iterator[str]:
+        if in_memory is not None:
+            yield from in_memory[0]
+            return
+        yield from (text for v, text in items("training tokenizer", stream.SplitCounts()) if not v)
 
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     else:
-        log(f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {len(train_texts)} documents")
-        tok = train_tokenizer((p for t in train_texts for p in _pieces(t)), cfg.vocab_size)
+        sample = min(1.0, cfg.tokenizer_sample_mb * 2**20 / max(1, counts.train_chars))
+        what = "all" if sample >= 1.0 else f"a {sample:.1%} sample"
+        log(
+            f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {what} of "
+            f"{counts.train_texts} training documents ({counts.train_chars / 2**20:.1f}M characters)"
+        )
+        tok = train_tokenizer(
+            (p for t in stream.sampled(train_texts(), sample, seed) for p in _pieces(t)), cfg.vocab_size
+        )
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
 
     with staged(final) as tmp:
         tok.save(tmp / "tokenizer.json")
-        splits = {
-            "train": _encode_split(train_texts, tok, dtype, tmp, "train", "train split"),
-            "val": _encode_split(val_texts, tok, dtype, tmp, "val", "validation split"),
+        writers = {
+            False: stream.ShardWriter(tmp, "train", dtype, SHARD_TOKENS),
+            True: stream.ShardWriter(tmp, "val", dtype, SHARD_TOKENS),
         }
-        val_maps = [np.fromfile(tmp / s["file"], dtype=dtype) for s in splits["val"]["shards"]]
+        if in_memory is None:
+            encoded = items("tokenising", stream.SplitCounts())
+        else:
+            encoded = ((v, t) for v, texts in ((False, in_memory[0]), (True, in_memory[1])) for t in texts)
+        stream.encode_stream(encoded, tok, writers, _pieces)
+        splits = {"train": writers[False].close(), "val": writers[True].close()}
+        val_maps = [np.memmap(tmp / s["file"], dtype=dtype, mode="r") for s in splits["val"]["shards"]]
         manifest = {
             "format": FORMAT_VERSION,
             "key": key,
             "corpus": cfg.corpus,
             "corpus_files": len(files),
-            "skipped_files": skipped,
+            "skipped_files": counts.skipped,
             "tokenizer_sha256": tok.sha256,
             "vocab_size": tok.vocab_size,
             "dtype": dtype.name,

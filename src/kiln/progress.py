@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 T = TypeVar("T")
 console = Console(highlight=False, soft_wrap=True)
@@ -25,18 +26,41 @@ def quiet() -> bool:
     return os.environ.get("RANK", "0") != "0" or os.environ.get("KILN_QUIET") == "1"
 
 
-def progress_bar(items: Iterable[T], description: str, unit: str = "items", every_s: float = 10.0) -> Iterator[T]:
-    """Yield `items`, showing a bar on a terminal or a line every `every_s` seconds elsewhere."""
-    total = len(items) if isinstance(items, Sized) else None
+class _Rate(ProgressColumn):
+    """The task's speed in its unit per second (rich's own speed columns assume bytes)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.1f} {self.unit}/s" if task.speed else "")
+
+
+def progress_bar(
+    items: Iterable[T],
+    description: str,
+    unit: str = "items",
+    every_s: float = 10.0,
+    weight: Callable[[T], float] | None = None,
+    total: float | None = None,
+) -> Iterator[T]:
+    """Yield `items`, showing a bar on a terminal or a line every `every_s` seconds elsewhere, with
+    the rate and an ETA. `weight(item)`: how much of `total` an item is (e.g. megabytes of text);
+    by default each item counts 1 and the total is `len(items)`."""
+    if total is None and weight is None and isinstance(items, Sized):
+        total = len(items)
     if quiet():
         yield from items
         return
+    size = weight or (lambda _: 1.0)
     if sys.stderr.isatty() or console.is_terminal:
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            MofNCompleteColumn() if weight is None else TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
             TextColumn(unit),
+            _Rate(unit),
             TimeRemainingColumn(),
             console=console,
             transient=True,
@@ -44,18 +68,23 @@ def progress_bar(items: Iterable[T], description: str, unit: str = "items", ever
             task = bar.add_task(description, total=total)
             for item in items:
                 yield item
-                bar.advance(task)
+                bar.advance(task, size(item))
         return
     last = time.perf_counter()
     start = last
-    for i, item in enumerate(items, 1):
+    done = 0.0
+    for item in items:
         yield item
+        done += size(item)
         now = time.perf_counter()
         if now - last >= every_s:
             last = now
-            rate = i / (now - start)
-            eta = f", ETA {format_seconds((total - i) / rate)}" if total else ""
-            print(f"{description}: {i}/{total or '?'} {unit}{eta}", flush=True)
+            rate = done / (now - start)
+            eta = f", ETA {format_seconds((total - done) / rate)}" if total and rate else ""
+            print(
+                f"{description}: {done:,.0f}/{f'{total:,.0f}' if total else '?'} {unit} ({rate:,.1f} {unit}/s){eta}",
+                flush=True,
+            )
 
 
 def format_seconds(seconds: float) -> str:

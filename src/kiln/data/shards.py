@@ -237,7 +237,7 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
     start = time.perf_counter()
     seed, fraction, piece_chars = cfg.split_seed, cfg.val_fraction, cfg.piece_chars
 
-    def items(label: str, counts: stream.SplitCounts) -> Iterator[tuple[bool, str]]:
+    def items(label: str | None, counts: stream.SplitCounts) -> Iterator[tuple[bool, str]]:
         docs = stream.read_documents(files, cfg.max_docs, counts, label)
         return stream.split_stream(
             docs, lambda k: _is_val(k, seed, fraction), lambda t: split_pieces(t, piece_chars), counts
@@ -270,7 +270,8 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
         if in_memory is not None:
             yield from in_memory[0]
             return
-        yield from (text for v, text in items("training tokenizer", stream.SplitCounts()) if not v)
+        passed = stream.progress_mb(items(None, stream.SplitCounts()), "training tokenizer", counts)
+        yield from (text for v, text in passed if not v)
 
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
@@ -293,7 +294,7 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             True: stream.ShardWriter(tmp, "val", dtype, SHARD_TOKENS),
         }
         if in_memory is None:
-            encoded = items("tokenising", stream.SplitCounts())
+            encoded = stream.progress_mb(items(None, stream.SplitCounts()), "tokenising", counts)
         else:
             encoded = ((v, t) for v, texts in ((False, in_memory[0]), (True, in_memory[1])) for t in texts)
         stream.encode_stream(encoded, tok, writers, _pieces)

@@ -42,10 +42,11 @@ class SplitCounts:
     skipped: int = 0
 
 
-def read_documents(files: list[CorpusFile], max_docs: int, counts: SplitCounts, label: str) -> Iterator[str]:
-    """Every document's text in corpus order (at most `max_docs`), counting unreadable files."""
+def read_documents(files: list[CorpusFile], max_docs: int, counts: SplitCounts, label: str | None) -> Iterator[str]:
+    """Every document's text in corpus order (at most `max_docs`), counting unreadable files;
+    progress by files under `label` (None: the caller shows its own)."""
     n = 0
-    for f in progress_bar(files, label, unit="files"):
+    for f in progress_bar(files, label, unit="files") if label else files:
         try:
             for text in f.read():
                 yield text
@@ -54,6 +55,13 @@ def read_documents(files: list[CorpusFile], max_docs: int, counts: SplitCounts, 
                     return
         except SkippedFile:
             counts.skipped += 1
+
+
+def progress_mb(items: Iterable[tuple[bool, str]], label: str, counts: SplitCounts) -> Iterator[tuple[bool, str]]:
+    """A pass after the counting one: progress in megabytes of text (characters), its rate and
+    ETA, against the total the counting pass found (one big JSONL file shows progress too)."""
+    total = (counts.train_chars + counts.val_chars) / 2**20
+    return progress_bar(items, label, unit="MB", weight=lambda item: len(item[1]) / 2**20, total=total)
 
 
 def piece_key(piece: str) -> str:

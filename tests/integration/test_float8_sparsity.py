@@ -42,11 +42,10 @@ def baseline(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
     corpus = write_corpus(root / "corpus")
 
-    def cfg(*extra):
-        return load_config(preset="tiny", overrides=tiny_overrides(corpus, root / "cache", "train.steps=12", *extra))
-
     # 12 steps: float8 against fp32 differs by ~1.7e-4 of the validation loss (tolerance 1e-2); the
     # CPU's float8 products are emulated, slowly under AVX-512 kernels (BENCHMARKS.md, the suite)
+    def cfg(*extra):
+        return load_config(preset="tiny", overrides=tiny_overrides(corpus, root / "cache", "train.steps=12", *extra))
 
     start_run(cfg(), root / "runs", "fp32")
     return root, cfg

@@ -106,6 +106,20 @@ def test_save_two_ranks_resume_one(setup, fsdp):
     assert (run / "checkpoints" / "step-00000010" / "model.safetensors").is_file()  # saved single-process now
 
 
+def test_two_ranks_share_the_checksums_of_a_checkpoint(setup, fsdp):
+    """Each rank hashed a share of the files; rank 0's manifest lists every file, each checksum right."""
+    from kiln.fileio import sha256_file
+    from kiln.train.checkpoint import verify_checkpoint
+
+    root, _ = setup
+    for ckpt in sorted((root / "runs" / "fsdp2" / "checkpoints").glob("step-*")):
+        files = json.loads((ckpt / "manifest.json").read_text())["files"]
+        on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"}
+        assert set(files) == on_disk and {"rng-0.safetensors", "rng-1.safetensors"} <= on_disk
+        assert all(sha256_file(ckpt / name) == meta["sha256"] for name, meta in files.items())
+        assert verify_checkpoint(ckpt) is None
+
+
 def test_save_one_rank_resume_two(setup, single):
     root, _ = setup
     run = _cut_after(root / "runs" / "single", root / "runs" / "single-to-2", 5)

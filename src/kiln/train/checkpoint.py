@@ -12,7 +12,9 @@ State dicts are keyed by parameter name in both formats (through
 `torch.distributed.checkpoint.state_dict`), so either format loads into any layout: a run saved
 by 2 FSDP ranks resumes in one process and vice versa. A checkpoint is built in
 `step-XXXXXXXX.tmp`, flushed, described by its manifest, then renamed: it exists complete or not
-at all. Nothing is unpickled from a file Kiln did not write.
+at all. The manifest's checksums are computed by every rank for a share of the files (rank 0
+gathers them), and a load verifies several files at once. Nothing is unpickled from a file Kiln
+did not write.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from kiln.errors import CheckpointError
-from kiln.fileio import fsync_path, sha256_file
+from kiln.fileio import fsync_path, sha256_files
 from kiln.parallel.runtime import Parallel
 from kiln.parallel.tensors import plain_name as _clean
 from kiln.train import lowbit
@@ -323,20 +325,35 @@ class Checkpointer:
         self._commit(tmp, final, checkpoint_step(final))
         return final
 
+    def _describe_share(self, tmp: Path) -> dict[str, dict[str, Any]]:
+        """Flush and hash this rank's share of the checkpoint's files (every rank sees them all:
+        a shared filesystem; file i goes to rank i mod world), several files at once."""
+        world = self.par.info.world_size if self._distributed and self.par is not None else 1
+        mine = _files(tmp)[self._rank :: world]
+        for f in mine:
+            fsync_path(f)
+        digests = sha256_files(mine)
+        return {str(f.relative_to(tmp)): {"sha256": d, "bytes": f.stat().st_size} for f, d in zip(mine, digests)}
+
     def _commit(self, tmp: Path, final: Path, step: int) -> None:
         self._barrier()  # every rank's files are on disk
         error: BaseException | None = None
+        # Every rank hashes a share of the files (a checkpoint of a large model is terabytes: one
+        # rank reading back what all ranks wrote took as long as the write many times over).
+        entries: dict[str, dict[str, Any]] = {}
+        try:
+            entries = self._describe_share(tmp)
+        except OSError as e:
+            error = e
+        self._agree(error)
+        if self._distributed:
+            shares: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.gather_object(entries, shares if self._rank == 0 else None, dst=0)
+            if self._rank == 0:
+                entries = {name: meta for share in shares for name, meta in share.items()}
         if self._rank == 0:
             try:
-                files = _files(tmp)
-                for f in files:
-                    fsync_path(f)
-                manifest = {
-                    "format": FORMAT,
-                    "files": {
-                        str(f.relative_to(tmp)): {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files
-                    },
-                }
+                manifest = {"format": FORMAT, "files": dict(sorted(entries.items()))}
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
                 fsync_path(tmp / "manifest.json")
                 old = None
@@ -465,11 +482,16 @@ def verify_checkpoint(path: Path) -> str | None:
         return "unreadable manifest"
     if manifest.get("format") != FORMAT:
         return f"unknown format {manifest.get('format')!r}"
-    for name, meta in manifest["files"].items():
+    files = manifest["files"]
+    for name, meta in files.items():  # the cheap checks first
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != meta["bytes"] or sha256_file(file) != meta["sha256"]:
+        if file.stat().st_size != meta["bytes"]:
+            return f"{name} does not match its checksum"
+    digests = sha256_files([path / name for name in files])  # several files at once
+    for (name, meta), digest in zip(files.items(), digests):
+        if digest != meta["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

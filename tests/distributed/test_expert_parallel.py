@@ -124,8 +124,10 @@ def _cut(run: Path, keep_steps: int) -> None:
 def test_four_process_expert_parallel_gradients_match_one_process(setup, single, name, layout):
     root, base = setup
     assert_close(train(root, name, base + layout, nproc=4), single)
-    # tensor parallelism sums attention in another order: its noise reaches 1.04e-6 after 3 steps
-    assert_same_gradients(root, name, "single", rel=2e-6 if "tp" in name else GRAD_REL)
+    # tensor parallelism sums attention in another order: its noise after 3 steps depends on the
+    # batches (1.04e-6 under the former window order, 2.9e-6 under the Feistel one); a wrong scale
+    # or a missing shard is off by 1e-2 or more
+    assert_same_gradients(root, name, "single", rel=1e-5 if "tp" in name else GRAD_REL)
 
 
 @pytest.mark.slow

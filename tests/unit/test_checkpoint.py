@@ -246,3 +246,13 @@ def test_cuda_rng_states_are_restored_in_device_order(monkeypatch):
     tensors = {"torch": torch.get_rng_state(), **{f"cuda.{i}": torch.tensor([i], dtype=torch.uint8) for i in range(12)}}
     ckpt.set_rng_state(tensors, ckpt.host_rng_state())  # the host generators: their current state
     assert [int(s) for s in restored] == list(range(12))
+
+
+def test_each_checkpoint_file_is_hashed_by_the_rank_that_wrote_it():
+    from kiln.train.checkpoint import file_owner
+
+    assert file_owner("dcp/__1_0.distcp", 2) == 1 and file_owner("dcp/__0_3.distcp", 2) == 0
+    assert file_owner("rng-1.safetensors", 2) == 1 and file_owner("rng-12.safetensors", 16) == 12
+    assert file_owner("dcp/.metadata", 2) == 0 and file_owner("state.json", 2) == 0
+    assert file_owner("model.safetensors", 1) == 0
+    assert file_owner("rng-3.safetensors", 2) == 0  # written at another world size: rank 0 takes it

@@ -12,8 +12,8 @@ State dicts are keyed by parameter name in both formats (through
 `torch.distributed.checkpoint.state_dict`), so either format loads into any layout: a run saved
 by 2 FSDP ranks resumes in one process and vice versa. A checkpoint is built in
 `step-XXXXXXXX.tmp`, flushed, described by its manifest, then renamed: it exists complete or not
-at all. The manifest's checksums are computed by every rank for a share of the files (rank 0
-gathers them), and a load verifies several files at once. Nothing is unpickled from a file Kiln
+at all. Each rank computes the checksums of the files it wrote (rank 0 gathers them into the
+manifest), and a load verifies several files at once. Nothing is unpickled from a file Kiln
 did not write.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from collections.abc import Set as AbstractSet
@@ -65,6 +66,17 @@ def checkpoint_step(path: Path) -> int:
 
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+_RANK_FILE = re.compile(r"(?:^|/)(?:__(\d+)_\d+\.distcp|rng-(\d+)\.safetensors)$")
+
+
+def file_owner(name: str, world: int) -> int:
+    """The rank that wrote checkpoint file `name` (a path relative to the checkpoint): a DCP
+    shard's or an RNG file's rank; rank 0 for the rest (state, DCP metadata, single-process files)."""
+    m = _RANK_FILE.search(name)
+    rank = int(m.group(1) or m.group(2)) if m else 0
+    return rank if rank < world else 0
 
 
 # --------------------------------------------------------------------------- RNG
@@ -326,10 +338,11 @@ class Checkpointer:
         return final
 
     def _describe_share(self, tmp: Path) -> dict[str, dict[str, Any]]:
-        """Flush and hash this rank's share of the checkpoint's files (every rank sees them all:
-        a shared filesystem; file i goes to rank i mod world), several files at once."""
+        """Flush and hash the files this rank wrote (its DCP shards `__<rank>_N.distcp`, its
+        `rng-<rank>.safetensors`; rank 0 also the shared ones), several files at once: no rank
+        reads back another's files."""
         world = self.par.info.world_size if self._distributed and self.par is not None else 1
-        mine = _files(tmp)[self._rank :: world]
+        mine = [f for f in _files(tmp) if file_owner(str(f.relative_to(tmp)), world) == self._rank]
         for f in mine:
             fsync_path(f)
         digests = sha256_files(mine)

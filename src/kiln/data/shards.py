@@ -244,8 +244,7 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
         )
 
     counts = stream.SplitCounts()
-    for _ in items("reading corpus", counts):
-        pass
+    stream.drain(items("reading corpus", counts))  # the counting pass: fills `counts`
     if counts.skipped:
         log(f"skipped {counts.skipped} file(s) that are not UTF-8 text")
     if not counts.documents:

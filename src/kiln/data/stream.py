@@ -13,6 +13,7 @@ training) can only matter for a few pieces and are left to the in-memory path.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,11 @@ def read_documents(files: list[CorpusFile], max_docs: int, counts: SplitCounts, 
                     return
         except SkippedFile:
             counts.skipped += 1
+
+
+def drain(items: Iterable[object]) -> None:
+    """Run a pass for what it counts, keeping nothing."""
+    deque(items, maxlen=0)
 
 
 def progress_mb(items: Iterable[tuple[bool, str]], label: str, counts: SplitCounts) -> Iterator[tuple[bool, str]]:

@@ -57,6 +57,20 @@ FORKABLE_KEYS = (
 )
 
 
+MIX_KEYS = ("data.sources", "data.stages")  # a fork may change the mix (weights, limits, stages), not its corpora
+
+
+def mix_change_only(key: str, old: Any, new: Any) -> bool:
+    """True if `key` is part of the mix and the change keeps every source's name, corpus and text
+    field (in order): only weights, max_epochs and stages differ."""
+    if key == "data.stages":
+        return True
+    if key != "data.sources" or not isinstance(old, list) or not isinstance(new, list) or len(old) != len(new):
+        return False
+    fixed = ("name", "corpus", "text_field")
+    return all(all(a.get(f) == b.get(f) for f in fixed) for a, b in zip(old, new))
+
+
 def changed_keys(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """Every flattened key whose value differs: {key: (old, new)}."""
     old_flat, new_flat = flatten(saved), flatten(new)
@@ -71,6 +85,12 @@ def check_resume_changes(saved: Config, new: Config) -> None:
     """Refuse a resume whose config changes what the run is, naming the key and what may change."""
     for key, (old, value) in changed_keys(saved, new).items():
         if not resumable(key):
+            if mix_change_only(key, old, value):
+                raise ConfigError(
+                    f"{key} cannot change on --resume: the mix (weights, max_epochs, stages) is part of the run; "
+                    "fork it to change the mix from a checkpoint on: kiln fork RUN --step N --name NEW "
+                    "--set data.sources.<name>.weight=W"
+                )
             hint = (
                 "; fork the run to change it (kiln fork RUN --step N --name NEW --set ...)"
                 if key in FORKABLE_KEYS

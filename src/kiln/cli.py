@@ -525,6 +525,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             f"(train + validation), {m['images']} images, {m['text_tokens']:,} text tokens"
         )
         return 0
+    if m.get("mixture"):
+        for name, src in m["sources"].items():
+            print(
+                f"source {name} (weight {src['weight']:g}): {src['path']}, train {src['train_tokens']:,} tokens, "
+                f"validation {src['val_tokens']:,} tokens, unigram entropy {src['val_unigram_entropy']:.4f}"
+            )
+        print(
+            f"mixture of {len(m['sources'])} sources: vocabulary {data.vocab_size}, weighted validation unigram "
+            f"entropy {m['val_unigram_entropy']:.4f} nats/token"
+        )
+        if args.verify:
+            from kiln.data.shards import open_prepared
+
+            for src in m["sources"].values():
+                open_prepared(Path(src["path"]), verify="full")
+            print(f"verified the shards of {len(m['sources'])} sources against their sha256")
+        return 0
     splits = data.manifest["splits"]
     print(
         f"dataset {data.path}: vocabulary {data.vocab_size}, dtype {data.manifest['dtype']}, "

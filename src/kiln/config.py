@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from kiln.config_rules import require as _require
-from kiln.config_rules import validate_sections
+from kiln.config_rules import validate_mixture, validate_sections
 from kiln.errors import ConfigError
 
 
@@ -68,6 +68,27 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One `[[data.sources]]` table: a corpus of a weighted mixture (kiln.data.mixture)."""
+
+    name: str = ""  # letters, digits, - and _: it names metrics (val_loss/<name>) and --set data.sources.<name>.*
+    corpus: str = ""  # any corpus data.corpus accepts
+    weight: float = 1.0  # share of the training batches (relative to the other sources)
+    max_epochs: float = 0.0  # the source stops after this many passes over it (0 = repeats as often as drawn)
+    text_field: str = ""  # .jsonl / .parquet field of its text; "" = data.text_field
+
+
+@dataclass
+class StageConfig:
+    """One `[[data.stages]]` table: from `start` (a step) or `start_fraction` of the run's steps
+    on, the sources are drawn by `weights` (sources it does not name: weight 0)."""
+
+    start: int = -1
+    start_fraction: float = -1.0
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     corpus: str = "stdlib"  # registered corpus name, or a file / directory / glob (comma-separated)
     text_field: str = "text"  # field of .jsonl records / column of .parquet files
@@ -84,6 +105,9 @@ class DataConfig:
     image_placement: str = "prefix"  # prefix: a sample's images before its text | inline: where they occur
     with_images: bool = True  # image-text data: false trains on the texts alone (the baseline images must beat)
     loader_workers: int = 2  # image-text data: processes decoding and packing batches ahead of the step
+    # a weighted mixture: given, these replace `corpus` (and `text_field` unless a source names its own)
+    sources: list[SourceConfig] = field(default_factory=list)
+    stages: list[StageConfig] = field(default_factory=list)  # a curriculum: the mixture's weights by step
 
 
 @dataclass
@@ -364,16 +388,18 @@ def parse_value(raw: str) -> Any:
 
 def parse_override(item: str) -> tuple[str, Any]:
     """`section.key=value` (or `section.name.key=value` for option tables such as
-    `callbacks.layer_stats.every=10`); the value is read by `parse_value`."""
+    `callbacks.layer_stats.every=10`, or `data.sources.<name>.key=value` for a mixture's
+    source); the value is read by `parse_value`."""
     if "=" not in item:
         raise ConfigError(f"--set '{item}': expected section.key=value, e.g. --set train.steps=200")
     key, raw = item.split("=", 1)
     key = key.strip()
     parts = key.split(".")
-    if len(parts) not in (2, 3) or not all(parts):
+    named_table = len(parts) == 4 and parts[:2] == ["data", "sources"]
+    if not (len(parts) in (2, 3) or named_table) or not all(parts):
         raise ConfigError(
             f"--set '{item}': the key must be section.key (or section.name.key for option "
-            "tables), e.g. optim.lr or callbacks.layer_stats.every"
+            "tables, data.sources.<name>.key for a source), e.g. optim.lr or callbacks.layer_stats.every"
         )
     return key, parse_value(raw)
 
@@ -383,14 +409,34 @@ def _expects_text(section: str, name: str) -> bool:
     return cls is not None and typing.get_type_hints(cls).get(name) is str
 
 
-def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], top: dict[str, Any], path: str = "") -> dict[str, Any]:
     """`top` over `base`, table by table (nested option tables merge too)."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, f"{path}{key}.")
+        elif isinstance(value, dict) and _named_tables(out.get(key)):
+            out[key] = _merge_named(f"{path}{key}", out[key], value)
         else:
             out[key] = value
+    return out
+
+
+def _named_tables(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, dict) and "name" in t for t in value)
+
+
+def _merge_named(key: str, tables: list[dict[str, Any]], top: dict[str, Any]) -> list[dict[str, Any]]:
+    """`--set data.sources.<name>.weight=W`: a change to the table of that name in an array."""
+    out = [dict(t) for t in tables]
+    names = [t["name"] for t in out]
+    for name, change in top.items():
+        if name not in names:
+            raise ConfigError(f"--set {key}.{name}: no table of {key} is named {name!r} (names: {', '.join(names)})")
+        if not isinstance(change, dict):
+            raise ConfigError(f"--set {key}.{name}=... must name a key of it, e.g. {key}.{name}.weight=0.5")
+        i = names.index(name)
+        out[i] = merge(out[i], change)
     return out
 
 
@@ -427,6 +473,13 @@ def load_config(
 def coerce(key: str, value: Any, kind: Any) -> Any:
     """`value` as type `kind` (bool, int, float, str, list[...]), or a ConfigError naming `key`."""
     origin = typing.get_origin(kind)
+    if origin is list and dataclasses.is_dataclass(typing.get_args(kind)[0]):
+        return _table_list(key, value, typing.get_args(kind)[0])
+    if origin is dict:
+        _, inner = typing.get_args(kind)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table of name = value, got {value!r}")
+        return {str(k): coerce(f"{key}.{k}", v, inner) for k, v in value.items()}
     if origin is list:
         (inner,) = typing.get_args(kind)
         if isinstance(value, str):
@@ -453,6 +506,28 @@ def coerce(key: str, value: Any, kind: Any) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {kind} for {key}")
+
+
+def _table_list(key: str, value: Any, cls: type) -> list[Any]:
+    """An array of tables (`[[data.sources]]`), each built as `cls` and named in errors by its
+    `name` key where it has one."""
+    if isinstance(value, dict):
+        raise ConfigError(
+            f"{key} is a list of [[{key}]] tables; `--set {key}.<name>.<key>=...` changes one the config defines"
+        )
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{key} must be a list of [[{key}]] tables, got {value!r}")
+    out = []
+    for i, table in enumerate(value):
+        label = f"{key}.{table['name']}" if isinstance(table.get("name"), str) and table["name"] else f"{key}[{i}]"
+        shared = sorted(set(table) & {"tokenizer", "vocab_size"}) if cls is SourceConfig else []
+        if shared:
+            raise ConfigError(
+                f"{label}.{shared[0]}: the sources of a mixture share one tokenizer; set data.{shared[0]} "
+                "(or leave data.tokenizer empty: one is trained on a weighted sample of every source)"
+            )
+        out.append(build_dataclass(cls, table, label))
+    return out
 
 
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
@@ -601,6 +676,7 @@ def validate(cfg: Config) -> None:
         f"data.tokenizer_sample_mb must be > 0 (MB of training text for the tokenizer), got {d.tokenizer_sample_mb}",
     )
     _require(bool(d.corpus.strip()), "data.corpus is empty; name a corpus (e.g. stdlib) or a path")
+    validate_mixture(cfg)
     _require(
         d.piece_chars == 0 or d.piece_chars >= 256,
         f"data.piece_chars must be 0 (never split documents) or at least 256, got {d.piece_chars}",

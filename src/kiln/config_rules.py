@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from kiln.errors import ConfigError
@@ -91,3 +92,58 @@ def validate_sections(cfg: Any) -> None:
         len(set(cfg.callbacks.enabled)) == len(cfg.callbacks.enabled),
         f"callbacks.enabled names a callback twice: {cfg.callbacks.enabled}",
     )
+
+
+def validate_mixture(cfg: Any) -> None:
+    """`[[data.sources]]` and `[[data.stages]]`: names, weights and stage starts (the corpora
+    themselves are read, and refused when empty, by `kiln prepare`)."""
+    d = cfg.data
+    if not d.sources:
+        require(not d.stages, "data.stages schedules the weights of [[data.sources]]; the config defines none")
+        return
+    require(
+        cfg.train.objective != "multimodal",
+        "[[data.sources]] mixes text corpora; image-text data (train.objective = 'multimodal') takes data.corpus",
+    )
+    names: list[str] = []
+    for i, s in enumerate(d.sources):
+        label = f"data.sources.{s.name}" if s.name else f"data.sources[{i}]"
+        require(
+            bool(s.name) and all(c.isalnum() or c in "-_" for c in s.name),
+            f"{label}.name must be letters, digits, '-' or '_' (it names metrics such as val_loss/<name>), "
+            f"got {s.name!r}",
+        )
+        require(s.name not in names, f"data.sources names {s.name!r} twice; give each source its own name")
+        names.append(s.name)
+        require(bool(s.corpus.strip()), f"{label}.corpus is empty; name a corpus (e.g. stdlib) or a path")
+        require(math.isfinite(s.weight) and s.weight >= 0, f"{label}.weight must be >= 0, got {s.weight}")
+        require(
+            math.isfinite(s.max_epochs) and s.max_epochs >= 0,
+            f"{label}.max_epochs must be >= 0 (0 = no limit), got {s.max_epochs}",
+        )
+    total = sum(s.weight for s in d.sources)
+    require(total > 0, "the weights of data.sources sum to 0; give at least one source a positive weight")
+    starts: list[tuple[float, str]] = []
+    for i, st in enumerate(d.stages):
+        label = f"data.stages[{i}]"
+        by_step, by_fraction = st.start >= 0, st.start_fraction >= 0
+        require(
+            by_step != by_fraction,
+            f"{label} needs exactly one of start (a step) or start_fraction (of the run's steps, in [0, 1))",
+        )
+        require(by_step or st.start_fraction < 1, f"{label}.start_fraction must be in [0, 1), got {st.start_fraction}")
+        unknown = sorted(set(st.weights) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{label}.weights names {unknown[0]!r}, which is not a source (sources: {', '.join(names)})"
+            )
+        for name, w in st.weights.items():
+            require(math.isfinite(w) and w >= 0, f"{label}.weights.{name} must be >= 0, got {w}")
+        require(sum(st.weights.values()) > 0, f"{label}.weights sum to 0; give at least one source a positive weight")
+        start = float(st.start) if by_step else st.start_fraction * cfg.total_steps
+        if starts and start <= starts[-1][0]:
+            raise ConfigError(
+                f"{label} starts at step {start:g}, not after the stage before it ({starts[-1][1]}); "
+                "list stages in order"
+            )
+        starts.append((start, f"step {start:g}"))

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +221,34 @@ def staged(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def corpus_items(cfg: DataConfig, files: list[CorpusFile]) -> Callable[[str | None, stream.SplitCounts], Iterator]:
+    """A pass over the corpus: `items(label, counts)` yields (in validation, text) in corpus order,
+    split by content (`split_documents`' rule, document by document)."""
+    seed, fraction, piece_chars = cfg.split_seed, cfg.val_fraction, cfg.piece_chars
+
+    def items(label: str | None, counts: stream.SplitCounts) -> Iterator[tuple[bool, str]]:
+        docs = stream.read_documents(files, cfg.max_docs, counts, label)
+        return stream.split_stream(
+            docs, lambda k: _is_val(k, seed, fraction), lambda t: split_pieces(t, piece_chars), counts
+        )
+
+    return items
+
+
+def count_corpus(cfg: DataConfig, items: Callable, log: Callable[[str], None] = print) -> stream.SplitCounts:
+    """The counting pass: texts and characters per split; a corpus with no text is refused."""
+    counts = stream.SplitCounts()
+    stream.drain(items("reading corpus", counts))
+    if counts.skipped:
+        log(f"skipped {counts.skipped} file(s) that are not UTF-8 text")
+    if not counts.documents:
+        raise DataError(
+            f"data.corpus = '{cfg.corpus}' holds no text"
+            + (f" ({counts.skipped} binary or non-UTF-8 file(s) skipped)" if counts.skipped else "")
+        )
+    return counts
+
+
 def prepare(cfg: DataConfig, log=print) -> Prepared:
     """Make (or reuse) the token shards for `cfg` and return them, checked. Streams the corpus in
     bounded memory (kiln.data.stream); a corpus too small for the streaming split's rule (no
@@ -236,22 +264,8 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
 
     start = time.perf_counter()
     seed, fraction, piece_chars = cfg.split_seed, cfg.val_fraction, cfg.piece_chars
-
-    def items(label: str | None, counts: stream.SplitCounts) -> Iterator[tuple[bool, str]]:
-        docs = stream.read_documents(files, cfg.max_docs, counts, label)
-        return stream.split_stream(
-            docs, lambda k: _is_val(k, seed, fraction), lambda t: split_pieces(t, piece_chars), counts
-        )
-
-    counts = stream.SplitCounts()
-    stream.drain(items("reading corpus", counts))  # the counting pass: fills `counts`
-    if counts.skipped:
-        log(f"skipped {counts.skipped} file(s) that are not UTF-8 text")
-    if not counts.documents:
-        raise DataError(
-            f"data.corpus = '{cfg.corpus}' holds no text"
-            + (f" ({counts.skipped} binary or non-UTF-8 file(s) skipped)" if counts.skipped else "")
-        )
+    items = corpus_items(cfg, files)
+    counts = count_corpus(cfg, items, log)
     in_memory: tuple[list[str], list[str]] | None = None
     if not counts.train_texts or not counts.val_texts:  # a few pieces: split_documents' fallbacks decide
         docs = [

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.changes import FORKABLE_KEYS, changed_keys, resumable
+from kiln.changes import FORKABLE_KEYS, MIX_KEYS, changed_keys, mix_change_only, resumable
 from kiln.config import Config, load_config
 from kiln.errors import CheckpointError, ConfigError, KilnError
 from kiln.runs.rundir import RunDir
@@ -69,7 +69,7 @@ def _refuse_changes(changes: dict[str, tuple[Any, Any]]) -> None:
                 f"{key} cannot be switched off in a fork of a checkpoint (its trained weights would be "
                 "dropped); use --from-scratch to start a fresh attempt without it"
             )
-        if not (resumable(key) or key in FORKABLE_KEYS):
+        if not (resumable(key) or key in FORKABLE_KEYS or mix_change_only(key, old, new)):
             raise ConfigError(
                 f"{key} cannot change in a fork of a checkpoint ({old!r} -> {new!r}): the checkpoint's "
                 "model, data or objective would not fit; use --from-scratch to start a fresh attempt "
@@ -195,7 +195,21 @@ def plan_fork(
         }
     )
     lineage["new_tensors"] = new_tensors(parent_cfg, cfg, vocab, ckpt.tensor_names(chosen))
+    if any(k in changes for k in MIX_KEYS):
+        lineage["mixture"] = forked_mix(cfg, state, next_batch)
     return cfg, lineage, chosen, target
+
+
+def forked_mix(cfg: Config, state: dict[str, Any], next_batch: int) -> dict[str, Any]:
+    """The fork's mix: its parent's eras up to the fork point, then the changed one."""
+    from kiln.data.mixture_order import Era, era_from_config, mixture_fingerprint
+
+    saved = state.get("mixture")
+    if not saved:
+        raise ConfigError("the parent's checkpoint records no mixture; use --from-scratch to train one")
+    eras = [Era.from_json(e) for e in saved["eras"] if e["start"] < next_batch]
+    eras.append(era_from_config(cfg.data, cfg.total_steps, start=next_batch))
+    return {"fingerprint": mixture_fingerprint(cfg.data), "eras": [e.to_json() for e in eras]}
 
 
 def create_fork(

@@ -13,6 +13,8 @@ import torch
 
 from kiln.config import Config
 from kiln.data.loader import BatchSampler, TokenWindows, eval_windows, share_windows
+from kiln.data.mixture import MixturePrepared
+from kiln.data.mixture_sampler import MixtureSampler
 from kiln.data.multimodal.loader import MultimodalSampler, training_streams
 from kiln.data.multimodal.prepare import MultimodalPrepared
 from kiln.data.order import ORDER_VERSION
@@ -32,6 +34,7 @@ from kiln.train.callbacks.builtin import builtin_callbacks
 from kiln.train.callbacks.registry import build_callbacks
 from kiln.train.checkpoint import Checkpointer
 from kiln.train.guard import Guard
+from kiln.train.mixture import build_mixture
 from kiln.train.module import TrainModule
 from kiln.train.objectives import build_objective
 from kiln.train.optim import build_optimizer
@@ -108,7 +111,7 @@ def build_trainer(
     cfg: Config,
     spec: ModelSpec,
     run: RunDir,
-    data: Prepared | MultimodalPrepared,
+    data: Prepared | MixturePrepared | MultimodalPrepared,
     par: Parallel,
     resume_state: dict[str, Any] | None = None,
     callbacks: Iterable[Callback] = (),
@@ -125,10 +128,15 @@ def build_trainer(
     )
     optimizers = [build_optimizer(p, cfg.optim, par.device) for p in parts]
     extra_windows: dict[str, torch.Tensor] = {}
-    sampler: MultimodalSampler | BatchSampler
+    source_windows: dict[str, tuple[torch.Tensor, float]] = {}
+    lineage = run.lineage() or {}  # a fork: batch ranges to skip, parameters its parent's checkpoint lacks, its mix
+    sampler: MultimodalSampler | BatchSampler | MixtureSampler
     if isinstance(data, MultimodalPrepared):
         sampler, val_sets = training_streams(cfg, data, dp_rank, dp_size)
         windows, extra_windows = val_sets.pop(""), val_sets
+    elif isinstance(data, MixturePrepared):
+        sampler, source_windows = build_mixture(cfg, data, dp_rank, dp_size, resume_state, lineage)
+        windows = next(iter(source_windows.values()))[0]  # (the encoder's fill-mask demo reads the first)
     else:
         sampler = BatchSampler(
             TokenWindows(data.split("train"), cfg.model.seq_len, "train"),
@@ -171,6 +179,10 @@ def build_trainer(
         )
     val = share_windows(windows, dp_rank, dp_size, multiple=eval_batch)
     extra_val = {name: share_windows(w, dp_rank, dp_size, multiple=eval_batch) for name, w in extra_windows.items()}
+    source_val = {
+        name: (share_windows(w, dp_rank, dp_size, multiple=eval_batch), weight)
+        for name, (w, weight) in source_windows.items()
+    }
 
     guard = Guard(cfg.guard, par.device, judge_from=cfg.schedule.warmup_steps) if cfg.guard.enabled else None
     checkpointer = Checkpointer(
@@ -181,7 +193,6 @@ def build_trainer(
         async_save=cfg.parallel.async_checkpoint,
     )
     listed = CallbackList([*builtin_callbacks(cfg), *build_callbacks(cfg.callbacks), *callbacks])
-    lineage = run.lineage() or {}  # a fork: batch ranges to skip, parameters its parent's checkpoint lacks
     return Trainer(
         cfg,
         spec,
@@ -198,4 +209,5 @@ def build_trainer(
         skipped=[list(r) for r in lineage.get("skip_batches", [])],
         new_tensors=tuple(lineage.get("new_tensors", [])),
         extra_val=extra_val,
+        source_val=source_val,
     )

@@ -16,6 +16,7 @@ import torch
 from kiln.changes import check_resume_changes
 from kiln.config import Config, from_dict, load_config
 from kiln.data.dataset import prepare_data
+from kiln.data.mixture import MixturePrepared
 from kiln.data.multimodal.prepare import MultimodalPrepared
 from kiln.data.shards import Prepared
 from kiln.errors import CheckpointError
@@ -44,7 +45,7 @@ def _device(cfg: Config) -> torch.device:
     return device
 
 
-def _prepare_everywhere(cfg: Config, par: Parallel) -> Prepared | MultimodalPrepared:
+def _prepare_everywhere(cfg: Config, par: Parallel) -> Prepared | MixturePrepared | MultimodalPrepared:
     data = par.main_first(lambda: prepare_data(cfg, log=_log))
     if par.is_main:
         assert data is not None  # main_first returns fn's result on the main rank

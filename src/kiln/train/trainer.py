@@ -20,6 +20,8 @@ import torch
 
 from kiln.config import Config
 from kiln.data.loader import BatchSampler, WindowShare
+from kiln.data.mixture import MixturePrepared
+from kiln.data.mixture_sampler import MixtureSampler
 from kiln.data.shards import Prepared
 from kiln.model.spec import ModelSpec
 from kiln.parallel.runtime import Parallel
@@ -72,10 +74,10 @@ class Trainer:
     cfg: Config
     spec: ModelSpec
     run: RunDir
-    data: Prepared | MultimodalPrepared
+    data: Prepared | MixturePrepared | MultimodalPrepared
     par: Parallel
     module: TrainModule
-    sampler: BatchSampler | MultimodalSampler
+    sampler: BatchSampler | MixtureSampler | MultimodalSampler
     val: WindowShare  # this data-parallel rank's share of the validation windows
     eval_batch: int  # windows per evaluation forward
     callbacks: CallbackList
@@ -90,6 +92,8 @@ class Trainer:
     skipped: list[list[int]] = field(default_factory=list)  # data batch ranges never trained on (inclusive)
     new_tensors: tuple[str, ...] = ()  # a fork's added parameters, absent from its parent's checkpoint
     extra_val: dict[str, WindowShare] = field(default_factory=dict)  # more validation sets: name -> share
+    # a mixture's sources: name -> (validation share, weight); val_loss is their weighted mean
+    source_val: dict[str, tuple[WindowShare, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.total_steps = self.total_steps or self.cfg.total_steps
@@ -231,6 +235,9 @@ class Trainer:
             "lr": result.lr,
             "grad_norm": result.grad_norm,
         }
+        if isinstance(self.sampler, MixtureSampler):  # drawn from each source so far (skipped batches included)
+            drawn = self.sampler.tokens_by_source(data_index(self.step, self.skipped), self.cfg.model.seq_len)
+            record.update({f"tokens/{name}": n for name, n in drawn.items()})
         if self.syncs is not None:  # this rank's syncs since the last record (the most of any rank)
             self.recorder.record("host_syncs", self.syncs.take(), "max")
         record.update(self.recorder.collect())
@@ -270,6 +277,7 @@ class Trainer:
             "precision": self.precision,
             "skipped": self.skipped,
             **({"order": order} if (order := getattr(self.sampler, "order", None)) else {}),  # the window order
+            **({"mixture": self.sampler.state} if isinstance(self.sampler, MixtureSampler) else {}),  # its eras
             "data_key": self.data.manifest.get("content_key", self.data.manifest["key"]),
             "guard": self.guard.state_dict() if self.guard else None,
             "callbacks": self.callbacks.state_dict(),

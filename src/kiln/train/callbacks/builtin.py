@@ -11,6 +11,7 @@ from kiln.train.callbacks.evaluation import Evaluation, Samples
 from kiln.train.callbacks.faults import Faults, any_fault
 from kiln.train.callbacks.invariants import Invariants
 from kiln.train.callbacks.logging import ConsoleLog, MetricsLog
+from kiln.train.callbacks.mixture import MixtureEvents
 from kiln.train.callbacks.plot import LossPlot
 from kiln.train.callbacks.routing import RoutingStats
 from kiln.train.callbacks.status import RunStatus
@@ -38,6 +39,8 @@ def builtin_callbacks(cfg: Config) -> list[Callback]:
         callbacks.append(Invariants())  # every debug.invariants_every steps
     if cfg.model.moe_experts:
         callbacks.append(RoutingStats())
+    if cfg.data.sources:
+        callbacks.append(MixtureEvents())
     if any_fault(cfg.faults):
         callbacks.append(Faults(cfg.faults))
     return callbacks

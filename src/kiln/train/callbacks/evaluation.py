@@ -4,6 +4,7 @@ eval/step-N.json), and the samples of the end of a run (samples.txt)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ class Evaluation(Callback):
                         holds_loss=module.holds_loss,
                     )
 
-                metrics = run(trainer.val)
+                metrics = run(trainer.val) if not trainer.source_val else mixture_metrics(trainer, run)
                 for name, share in trainer.extra_val.items():  # e.g. text_only_val_loss: the images withheld
                     metrics.update({f"{name}_{k}": v for k, v in run(share).items() if k in ("val_loss", "val_ppl")})
                 record = {
@@ -70,6 +71,23 @@ class Evaluation(Callback):
         self.last = record
         trainer.callbacks.on_eval(trainer, record)
         return record
+
+
+def mixture_metrics(trainer, run) -> dict[str, Any]:
+    """A mixture's validation: each source's metrics as `<metric>/<source>`, and the overall
+    ones their mean weighted by the sources' `weight` (the configured mix, not a stage's, so the
+    figure is comparable along the run): val_ppl is exp of the weighted val_loss."""
+    per = {name: run(share) for name, (share, _) in trainer.source_val.items()}
+    total = sum(weight for _, weight in trainer.source_val.values())
+    out: dict[str, Any] = {}
+    for key in ("val_loss", "val_acc", "val_masked_acc", "majority_baseline"):
+        if all(key in m for m in per.values()):
+            out[key] = sum(weight * per[name][key] for name, (_, weight) in trainer.source_val.items()) / total
+    out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    out["val_tokens"] = sum(int(m["val_tokens"]) for m in per.values())
+    for name, m in per.items():
+        out.update({f"{k}/{name}": v for k, v in m.items() if k in ("val_loss", "val_ppl", "val_acc", "val_tokens")})
+    return out
 
 
 def run_training_suites(trainer) -> dict[str, Any]:

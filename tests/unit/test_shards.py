@@ -350,3 +350,46 @@ def test_the_tokenizer_learns_from_a_bounded_sample(make_corpus, tmp_path):
     assert sampled.manifest["tokenizer_sha256"] != full.manifest["tokenizer_sha256"]
     assert sampled.manifest["tokenizer_sha256"] == again.manifest["tokenizer_sha256"]
     assert sampled.manifest["splits"]["train"]["documents"] == full.manifest["splits"]["train"]["documents"]
+
+
+def test_an_interrupted_prepare_resumes_from_its_finished_shards(make_corpus, tmp_path, monkeypatch):
+    """Killed after its third finished shard, `prepare` keeps `<key>.partial`; the next one
+    continues from there (no new tokenizer, the finished shards untouched) and gives the shards
+    and manifest of a build that was never interrupted."""
+    from kiln.data import stream
+
+    corpus = make_corpus(n_files=16)
+    monkeypatch.setattr(stream, "ENCODE_BYTES", 200)
+    monkeypatch.setattr(shards_mod, "SHARD_TOKENS", 400)
+    whole = prepare(data_cfg(corpus, tmp_path / "whole"), log=quiet)
+    assert len(whole.manifest["splits"]["train"]["shards"]) > 4
+
+    closes, real_close = [], stream.ShardWriter._close_shard
+
+    def close_then_die(self):
+        real_close(self)
+        closes.append(self.prefix)
+        if len(closes) == 3:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(stream.ShardWriter, "_close_shard", close_then_die)
+    cfg = data_cfg(corpus, tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, log=quiet)
+    (partial,) = (tmp_path / "cut").glob("*.partial")
+    progress = json.loads((partial / "progress.json").read_text())
+    assert len(progress["train"]["shards"]) + len(progress["val"]["shards"]) == 2  # the third died before its record
+    finished = {s["file"]: (partial / s["file"]).stat().st_mtime_ns for s in progress["train"]["shards"]}
+
+    monkeypatch.setattr(stream.ShardWriter, "_close_shard", real_close)
+    monkeypatch.setattr(shards_mod, "train_tokenizer", lambda *a, **k: pytest.fail("the tokenizer was trained again"))
+    said: list[str] = []
+    resumed = prepare(cfg, log=said.append)
+    assert any("resuming an interrupted prepare" in line for line in said)
+    assert not partial.exists() and not list((tmp_path / "cut").glob("*.lock"))
+    assert {f: (resumed.path / f).stat().st_mtime_ns for f in finished} == finished  # kept, not rewritten
+    assert _stream(resumed) == _stream(whole)
+    strip = ("seconds",)
+    assert {k: v for k, v in resumed.manifest.items() if k not in strip} == {
+        k: v for k, v in whole.manifest.items() if k not in strip
+    }

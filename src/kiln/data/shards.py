@@ -15,6 +15,7 @@ The folder is built under a temporary name and renamed into place, so an interru
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -249,6 +250,56 @@ def count_corpus(cfg: DataConfig, items: Callable, log: Callable[[str], None] = 
     return counts
 
 
+PROGRESS = "progress.json"  # an unfinished build's record of its finished shards
+
+
+@contextmanager
+def resumable(final: Path) -> Iterator[tuple[Path, dict[str, Any] | None]]:
+    """A build folder beside `final` that outlives an interruption: `<name>.partial`, whose
+    progress.json (written at each finished shard) lets the next build continue it; renamed to
+    `final` when the block ends normally. Yields (folder, progress or None). One process builds a
+    dataset there at a time (a file lock); another that starts meanwhile builds in a private
+    folder, as `staged` does."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = final.parent / f"{final.name}.lock"
+    lock = open(lock_path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        with staged(final) as tmp:
+            yield tmp, None
+        return
+    try:
+        partial = final.parent / f"{final.name}.partial"
+        progress = None
+        try:
+            progress = json.loads((partial / PROGRESS).read_text())
+            if load_tokenizer(partial / "tokenizer.json").sha256 != progress["tokenizer_sha256"]:
+                progress = None
+        except (OSError, ValueError, KeyError, DataError):
+            progress = None
+        if progress is None:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+        yield partial, progress
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():  # not a twin that finished first: a real failure
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
+    finally:
+        lock.close()  # (releases the lock)
+
+
+def save_progress(folder: Path, progress: dict[str, Any]) -> None:
+    tmp = folder / f"{PROGRESS}.tmp"
+    tmp.write_text(json.dumps(progress))
+    os.replace(tmp, folder / PROGRESS)
+
+
 def prepare(cfg: DataConfig, log=print) -> Prepared:
     """Make (or reuse) the token shards for `cfg` and return them, checked. Streams the corpus in
     bounded memory (kiln.data.stream); a corpus too small for the streaming split's rule (no
@@ -286,31 +337,50 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
         passed = stream.progress_mb(items(None, stream.SplitCounts()), "training tokenizer", counts)
         yield from (text for v, text in passed if not v)
 
-    if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-    else:
+    def new_tokenizer() -> KilnTokenizer:
+        if cfg.tokenizer:
+            return load_tokenizer(cfg.tokenizer)
         sample = min(1.0, cfg.tokenizer_sample_mb * 2**20 / max(1, counts.train_chars))
         what = "all" if sample >= 1.0 else f"a {sample:.1%} sample"
         log(
             f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {what} of "
             f"{counts.train_texts} training documents ({counts.train_chars / 2**20:.1f}M characters)"
         )
-        tok = train_tokenizer(
+        return train_tokenizer(
             (p for t in stream.sampled(train_texts(), sample, seed) for p in _pieces(t)), cfg.vocab_size
         )
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
 
-    with staged(final) as tmp:
-        tok.save(tmp / "tokenizer.json")
+    with resumable(final) as (tmp, progress):
+        if progress is not None:
+            tok = load_tokenizer(tmp / "tokenizer.json")
+            done = len(progress["train"]["shards"]) + len(progress["val"]["shards"])
+            log(f"resuming an interrupted prepare: {done} finished shard(s), {progress['items']} texts written")
+        else:
+            tok = new_tokenizer()
+            tok.save(tmp / "tokenizer.json")
+        dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
         writers = {
-            False: stream.ShardWriter(tmp, "train", dtype, SHARD_TOKENS),
-            True: stream.ShardWriter(tmp, "val", dtype, SHARD_TOKENS),
+            False: stream.ShardWriter(tmp, "train", dtype, SHARD_TOKENS, (progress or {}).get("train")),
+            True: stream.ShardWriter(tmp, "val", dtype, SHARD_TOKENS, (progress or {}).get("val")),
         }
+
+        def checkpoint(written: int) -> None:
+            state = {"items": written, "train": writers[False].state(), "val": writers[True].state()}
+            save_progress(tmp, {**state, "tokenizer_sha256": tok.sha256})
+
         if in_memory is None:
             encoded = stream.progress_mb(items(None, stream.SplitCounts()), "tokenising", counts)
+            checkpoint((progress or {}).get("items", 0))  # the tokenizer is kept from here on
         else:
             encoded = ((v, t) for v, texts in ((False, in_memory[0]), (True, in_memory[1])) for t in texts)
-        stream.encode_stream(encoded, tok, writers, _pieces)
+        stream.encode_stream(
+            encoded,
+            tok,
+            writers,
+            _pieces,
+            skip=(progress or {}).get("items", 0),
+            on_shard=checkpoint if in_memory is None else None,
+        )
         splits = {"train": writers[False].close(), "val": writers[True].close()}
         val_maps = [np.memmap(tmp / s["file"], dtype=dtype, mode="r") for s in splits["val"]["shards"]]
         manifest = {
@@ -335,6 +405,7 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             "seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (tmp / PROGRESS).unlink(missing_ok=True)
     tr, va = splits["train"], splits["val"]
     log(
         f"prepared {tr['documents']} + {va['documents']} documents, {tr['tokens']:,} + {va['tokens']:,} tokens "

@@ -13,6 +13,7 @@ training) can only matter for a few pieces and are left to the in-memory path.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -129,18 +130,25 @@ def sampled(texts: Iterable[str], fraction: float, seed: int) -> Iterator[str]:
 
 class ShardWriter:
     """Token ids appended to `prefix-NNNNN.bin` files of at most `shard_tokens` each, written as
-    they come (nothing buffered beyond the caller's batch)."""
+    they come (nothing buffered beyond the caller's batch). `state` (from `state()` of an
+    interrupted build) continues one: its finished shards kept, its open shard cut back to what
+    was recorded."""
 
-    def __init__(self, out: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, out: Path, prefix: str, dtype: np.dtype, shard_tokens: int, state: dict | None = None):
         self.out, self.prefix, self.dtype, self.shard_tokens = out, prefix, dtype, shard_tokens
-        self.shards: list[dict[str, Any]] = []
-        self.documents = 0
-        self.tokens = 0
+        self.shards: list[dict[str, Any]] = list((state or {}).get("shards", []))
+        self.documents = int((state or {}).get("documents", 0))
+        self.tokens = int((state or {}).get("tokens", 0))
         self._file: IO[bytes] | None = None
-        self._in_shard = 0
+        self._in_shard = int((state or {}).get("open_tokens", 0))
+        if self._in_shard:
+            self._file = open(self.out / self._name(), "r+b")
+            self._file.truncate(self._in_shard * self.dtype.itemsize)
+            self._file.seek(0, 2)
 
-    def add(self, ids: np.ndarray) -> None:
-        """One document's ids (its EOS included); a shard closes once it holds `shard_tokens`."""
+    def add(self, ids: np.ndarray) -> bool:
+        """One document's ids (its EOS included); a shard closes once it holds `shard_tokens`
+        (True then)."""
         if self._file is None:
             self._file = open(self.out / self._name(), "wb")
         self._file.write(np.asarray(ids).astype(self.dtype, copy=False).tobytes())
@@ -149,6 +157,20 @@ class ShardWriter:
         self.documents += 1
         if self._in_shard >= self.shard_tokens:
             self._close_shard()
+            return True
+        return False
+
+    def state(self) -> dict[str, Any]:
+        """What continues this writer after an interruption (its open shard flushed to disk)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return {
+            "shards": self.shards,
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "open_tokens": self._in_shard,
+        }
 
     def _name(self) -> str:
         return f"{self.prefix}-{len(self.shards):05d}.bin"
@@ -156,6 +178,8 @@ class ShardWriter:
     def _close_shard(self) -> None:
         if self._file is None:
             return
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
         file = self.out / self._name()
@@ -174,26 +198,35 @@ def encode_stream(
     tok: KilnTokenizer,
     writers: dict[bool, ShardWriter],
     pieces: Callable[[str], list[str]],
+    skip: int = 0,
+    on_shard: Callable[[int], None] | None = None,
 ) -> None:
     """Tokenise (split, text) items a batch at a time into the writers, in order; each document
-    ends with EOS."""
+    ends with EOS. The first `skip` items are passed over (an interrupted build resumed);
+    `on_shard(n)` is called whenever a shard closes, `n` the items written so far."""
     eos = tok.eos_id
     assert eos is not None  # eos is a required role: KilnTokenizer refuses a tokenizer without it
     batch: list[tuple[bool, str]] = []
     size = 0
+    done = skip  # items written (or passed over) before the batch
 
     def flush() -> None:
+        nonlocal done
         parts = [(j, p) for j, (_, text) in enumerate(batch) for p in pieces(text)]
         encoded = tok.encode_batch([p for _, p in parts])
         per_doc: list[list[int]] = [[] for _ in batch]
         for (j, _), ids in zip(parts, encoded):
             per_doc[j].extend(ids)
-        for (v, _), ids in zip(batch, per_doc):
+        for j, ((v, _), ids) in enumerate(zip(batch, per_doc)):
             ids.append(eos)
-            writers[v].add(np.asarray(ids, dtype=np.int64))
+            if writers[v].add(np.asarray(ids, dtype=np.int64)) and on_shard is not None:
+                on_shard(done + j + 1)
+        done += len(batch)
         batch.clear()
 
-    for v, text in items:
+    for n, (v, text) in enumerate(items):
+        if n < skip:
+            continue
         batch.append((v, text))
         size += len(text)
         if size >= ENCODE_BYTES or len(batch) >= ENCODE_DOCS:

@@ -524,6 +524,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             f"dataset {data.path}: vocabulary {data.vocab_size}, {m['train_samples']} + {m['val_samples']} samples "
             f"(train + validation), {m['images']} images, {m['text_tokens']:,} text tokens"
         )
+        if args.verify:
+            from kiln.data.multimodal.prepare import open_multimodal
+
+            open_multimodal(data.path, verify="full")
+            print(f"verified the dataset's {len(m['sha256'])} files against their sha256")
         return 0
     if m.get("mixture"):
         for name, src in m["sources"].items():

@@ -181,6 +181,33 @@ def test_a_corrupt_cache_is_refused(digits, tmp_path):
         open_multimodal(copy)
 
 
+def test_opening_checks_ends_and_verify_hashes_every_byte(digits, tmp_path, monkeypatch):
+    """Each start checks each file's size and ends (constant time); a flipped byte in the middle
+    is found by the full check (`kiln prepare --verify`), and the quick one never reads it all."""
+    import shutil
+
+    from kiln import fileio
+    from kiln.data.multimodal import prepare as mm
+
+    _, data = digits
+    copy = tmp_path / "copy"
+    shutil.copytree(data.path, copy)
+    monkeypatch.setattr(fileio, "QUICK_BYTES", 64)  # small files: a "middle" exists
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["quick"] = {name: fileio.quick_digest(copy / name) for name in mm.FILES}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    images = copy / "images.bin"
+    raw = bytearray(images.read_bytes())
+    assert len(raw) > 4 * 64
+    raw[len(raw) // 2] ^= 0x01
+    images.write_bytes(bytes(raw))
+    monkeypatch.setattr(mm, "sha256_files", lambda *_: pytest.fail("a quick open hashed whole files"))
+    mm.open_multimodal(copy)  # sizes and ends unchanged: opens
+    monkeypatch.setattr(mm, "sha256_files", fileio.sha256_files)
+    with pytest.raises(DataError, match="checksum"):
+        mm.open_multimodal(copy, verify="full")
+
+
 def test_window_records_hold_whole_samples(digits):
     cfg, data = digits
     stream = SplitStream(data, "train", ImageLayout.from_config(cfg), cfg.model.seq_len, seed=0)

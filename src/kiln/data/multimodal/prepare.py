@@ -32,7 +32,7 @@ from kiln.data.multimodal.sources import resolve_source
 from kiln.data.shards import _is_val, _split_hash, staged, unigram_entropy, writable_cache
 from kiln.data.tokenizer import KilnTokenizer, load_tokenizer, train_tokenizer
 from kiln.errors import DataError, NotApplicable
-from kiln.fileio import sha256_file
+from kiln.fileio import quick_digest, sha256_file, sha256_files
 from kiln.progress import progress_bar
 
 FORMAT = "kiln-image-text-1"
@@ -95,19 +95,28 @@ def dataset_key(cfg: DataConfig, fingerprint: str) -> str:
     return "mm-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
-def open_multimodal(path: Path, verify: bool = True) -> MultimodalPrepared:
+def open_multimodal(path: Path, verify: str | bool = "quick") -> MultimodalPrepared:
+    """Open a prepared image-text dataset, checked against its manifest: `quick` (each start:
+    each file's size and a digest of its head and tail, constant time), `full` (every byte's
+    sha256, files hashed in parallel: `kiln prepare --verify`) or False. Datasets made before
+    the quick digests were recorded are hashed in full."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise DataError(f"{path} is not a prepared image-text dataset (no manifest.json); delete it and train again")
     manifest = json.loads(manifest_path.read_text())
     tokenizer = load_tokenizer(path / "tokenizer.json")
     if verify:
-        for name in FILES:
-            if not (path / name).is_file() or sha256_file(path / name) != manifest["sha256"][name]:
-                raise DataError(
-                    f"{path / name} is missing or does not match its checksum (corrupt cache); delete "
-                    f"{path} and train again"
-                )
+        files = [path / name for name in FILES]
+        missing = [f for f in files if not f.is_file()]
+        quick = manifest.get("quick") if verify != "full" else None
+        if quick:
+            bad = missing or [f for f in files if quick_digest(f) != quick[f.name]]
+        else:
+            bad = missing or [f for f, d in zip(files, sha256_files(files)) if d != manifest["sha256"][f.name]]
+        if bad:
+            raise DataError(
+                f"{bad[0]} is missing or does not match its checksum (corrupt cache); delete {path} and train again"
+            )
     return MultimodalPrepared(path, manifest, tokenizer)
 
 
@@ -219,6 +228,7 @@ def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
             if kind == TEXT
         ] + [np.full(int(is_val.sum()), tok.eos_id)]
         sha = {name: sha256_file(tmp / name) for name in FILES}
+        quick = {name: quick_digest(tmp / name) for name in FILES}
         manifest = {
             "format": FORMAT,
             "key": key,
@@ -237,6 +247,7 @@ def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
             "val_fraction": cfg.val_fraction,
             "val_unigram_entropy": unigram_entropy(val_tokens, tok.vocab_size),
             "sha256": sha,
+            "quick": quick,
             "content_key": hashlib.sha256("\n".join([tok.sha256] + [sha[n] for n in FILES]).encode()).hexdigest()[:20],
             "seconds": round(time.perf_counter() - start, 2),
         }

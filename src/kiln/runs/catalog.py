@@ -19,10 +19,10 @@ def _created(run: RunDir) -> float | None:
 
 
 def run_row(run: RunDir) -> dict[str, Any]:
-    """What `kiln runs` shows of one run (every value JSON-serialisable)."""
+    """What `kiln runs` shows of one run (every value JSON-serialisable). It reads the run's
+    small files and only the end of metrics.jsonl: a folder of long runs lists in a blink."""
     status, summary = run.status(), run.summary() or {}
-    metrics, evals = run.metrics(), run.evals()
-    last_metrics = metrics[-1] if metrics else {}
+    last_metrics, evals = run.last_metrics(), run.evals()
     steps = max(last_metrics.get("step", 0), summary.get("steps", 0), status.get("step") or 0)
     losses = [e["val_loss"] for e in evals if isinstance(e.get("val_loss"), (int, float))]
     last_eval = evals[-1] if evals else {}

@@ -10,8 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kiln.errors import KilnError
-from kiln.runs.curves import Segment, lineage_series, number, pyplot, save_figure, series_keys, source_of, write_atomic
+from kiln.runs.curves import Curve, lineage_curves, number, pyplot, save_figure, series_keys, source_of, write_atomic
+from kiln.runs.downsample import minmax
 from kiln.runs.rundir import RunDir
 
 FIG_WIDTH, SUBPLOT_HEIGHT, DPI = 8.0, 3.5, 100  # compare.png is 800 x 350·(subplots) pixels
@@ -94,8 +97,8 @@ COUNTS = ("tokens", "bytes", "count", "n", "loss")  # sizes of an evaluation (an
 def headline(run: RunDir, label: str) -> dict[str, Any]:
     """One run's row: final and best validation loss (and bits per byte), progress, speed,
     status, lineage and the suites' numbers of its last evaluation."""
-    summary, evals, metrics = run.summary() or {}, run.evals(), run.metrics()
-    last_eval, last_metrics = (evals[-1] if evals else {}), (metrics[-1] if metrics else {})
+    summary, evals, metrics = run.summary() or {}, run.evals(), run.metrics_table()
+    last_eval, last_metrics = (evals[-1] if evals else {}), (metrics.record(-1) if metrics.rows else {})
 
     def final_best(key: str) -> tuple[float | None, float | None]:
         values = [v for v in (number(e.get(key)) for e in evals) if v is not None]
@@ -244,17 +247,17 @@ def plot_compare(
             if source is None:
                 continue
             color = colors[i % len(colors)]
-            segments = lineage_series(run, source, plot["key"])
+            segments = lineage_curves(run, source, plot["key"])
             drawn[label] = []
-            previous: Segment | None = None
+            previous: Curve | None = None
             for seg in segments:
                 axis_names.add(seg.x)
                 if seg.inherited and seg.path is not None and seg.path.resolve() in compared:
                     previous = seg  # the ancestor's own curve is drawn already
                     continue
-                xs, ys = seg.xs, seg.ys
-                if previous is not None and previous.xs and xs:  # join the curve at the fork point
-                    xs, ys = [previous.xs[-1], *xs], [previous.ys[-1], *ys]
+                xs, ys = minmax(seg.xs, seg.ys, int(FIG_WIDTH * DPI))  # a long run: spikes kept, pixels not wasted
+                if previous is not None and len(previous.xs) and len(xs):  # join the curve at the fork point
+                    xs, ys = np.concatenate([previous.xs[-1:], xs]), np.concatenate([previous.ys[-1:], ys])
                 style = dict(lw=0.9, ls="--", alpha=0.7) if seg.inherited else dict(lw=1.4)
                 marker = "o" if source == "evals" else None
                 name = f"{label} (from {seg.run})" if seg.inherited else label

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
+from kiln.runs.columns import BIGINT, BOOL, FLOAT, INT, Table
 from kiln.runs.rundir import RunDir
 
 Source = Literal["metrics", "evals"]
@@ -29,11 +32,31 @@ class Segment:
     x: str = "tokens"  # what xs hold: "tokens", or "step" where some record lacks tokens
 
 
+@dataclass
+class Curve:
+    """A Segment as arrays (a long run's curve has a million points)."""
+
+    run: str
+    xs: np.ndarray
+    ys: np.ndarray
+    inherited: bool
+    path: Path | None
+    steps: np.ndarray
+    x: str
+
+
 def number(value: Any) -> float | None:
     """A finite number from a record, else None (NaN/inf, strings, booleans, missing)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def table(run: RunDir, source: Source) -> Table:
+    """The run's records of `source` by column (kiln.runs.columns)."""
+    if source not in ("metrics", "evals"):
+        raise ValueError(f"source must be 'metrics' or 'evals', not {source!r}")
+    return run.metrics_table() if source == "metrics" else run.evals_table()
 
 
 def records(run: RunDir, source: Source) -> list[dict[str, Any]]:
@@ -42,16 +65,30 @@ def records(run: RunDir, source: Source) -> list[dict[str, Any]]:
     return run.metrics() if source == "metrics" else run.evals()
 
 
-def lineage_records(run: RunDir, source: Source) -> list[tuple[RunDir, list[dict[str, Any]], bool]]:
+def _int_steps(t: Table) -> tuple[np.ndarray, np.ndarray]:
+    """(rows whose step is an int, those steps): what `isinstance(r.get("step"), int)` keeps."""
+    values, kinds = t.column("step")
+    rows = np.flatnonzero((kinds == INT) | (kinds == BOOL) | (kinds == BIGINT))
+    return rows, values[rows].astype(np.int64)
+
+
+def lineage_tables(run: RunDir, source: Source) -> list[tuple[RunDir, Table, bool]]:
     """(run, its records that lead to `run`, inherited) for every ancestor (records with step
     at most the step the next generation forked at), oldest first, then `run` itself with all
-    of its records."""
+    of its records; the records as Tables."""
     out = []
     for ancestor, upto in run.ancestry():
-        kept = [r for r in records(ancestor, source) if isinstance(r.get("step"), int) and r["step"] <= upto]
-        out.append((ancestor, kept, True))
-    out.append((run, records(run, source), False))
+        t = table(ancestor, source)
+        rows, steps = _int_steps(t)
+        kept = rows[steps <= upto]
+        out.append((ancestor, t if len(kept) == t.rows else t.take(kept), True))
+    out.append((run, table(run, source), False))
     return out
+
+
+def lineage_records(run: RunDir, source: Source) -> list[tuple[RunDir, list[dict[str, Any]], bool]]:
+    """lineage_tables with the records as dicts (for code that wants them; a long run's are many)."""
+    return [(owner, t.records(), inherited) for owner, t, inherited in lineage_tables(run, source)]
 
 
 def lineage_events(run: RunDir) -> list[tuple[str, dict[str, Any], bool]]:
@@ -66,8 +103,37 @@ def lineage_events(run: RunDir) -> list[tuple[str, dict[str, Any], bool]]:
     return out + [(run.name, e, False) for e in run.events()]
 
 
-def _has_tokens(chain: list[tuple[RunDir, list[dict[str, Any]], bool]], key: str) -> bool:
-    return all(number(r.get("tokens")) is not None for _, recs, _ in chain for r in recs if key in r)
+def _has_tokens(chain: list[tuple[RunDir, Table, bool]], key: str) -> bool:
+    """Every record holding `key` has a finite number of tokens."""
+    return not any(bool((t.present(key) & ~t.finite("tokens")).any()) for _, t, _ in chain)
+
+
+def _steps_of(t: Table, rows: np.ndarray) -> np.ndarray:
+    """int(r.get("step", 0)) of the rows (0 where it is missing or not a number)."""
+    values, kinds = t.column("step")
+    values, kinds = values[rows], kinds[rows]
+    usable = ((kinds == INT) | (kinds == BOOL) | (kinds == FLOAT) | (kinds == BIGINT)) & np.isfinite(values)
+    return np.where(usable, np.trunc(np.where(usable, values, 0.0)), 0.0).astype(np.int64)
+
+
+def lineage_curves(
+    run: RunDir, source: Source = "metrics", key: str = "loss", x: Literal["auto", "tokens", "step"] = "auto"
+) -> list[Curve]:
+    """lineage_series as arrays: what plots of a long run draw from."""
+    chain = lineage_tables(run, source)
+    axis = x if x != "auto" else ("tokens" if _has_tokens(chain, key) else "step")
+    curves = []
+    for owner, t, inherited in chain:
+        rows = np.flatnonzero(t.is_number(key) & t.finite(axis))
+        if inherited and not len(rows):
+            continue
+        # NaN stays in ys: matplotlib draws it as a gap where the guard saw one
+        curves.append(
+            Curve(
+                owner.name, t.numbers(axis)[rows], t.numbers(key)[rows], inherited, owner.path, _steps_of(t, rows), axis
+            )
+        )
+    return curves
 
 
 def lineage_series(
@@ -76,36 +142,17 @@ def lineage_series(
     """The curve of `key` along the run's lineage, one Segment per generation, oldest first.
     Inherited segments with no points (a from-scratch fork) are left out; the run's own segment
     is always last, maybe empty. x "auto" is tokens when every record holding `key` has them."""
-    chain = lineage_records(run, source)
-    axis = x if x != "auto" else ("tokens" if _has_tokens(chain, key) else "step")
-    segments = []
-    for owner, recs, inherited in chain:
-        xs, ys, steps = [], [], []
-        for r in recs:
-            if key not in r or number(r.get(axis)) is None:
-                continue
-            y = r[key]
-            if isinstance(y, bool) or not isinstance(y, (int, float)):
-                continue
-            xs.append(float(r[axis]))
-            ys.append(float(y))  # NaN stays: matplotlib draws it as a gap where the guard saw one
-            steps.append(int(r.get("step", 0)))
-        if inherited and not xs:
-            continue
-        segments.append(Segment(owner.name, xs, ys, inherited, owner.path, steps, axis))
-    return segments
+    return [
+        Segment(c.run, c.xs.tolist(), c.ys.tolist(), c.inherited, c.path, c.steps.tolist(), c.x)
+        for c in lineage_curves(run, source, key, x)
+    ]
 
 
 def series_keys(run: RunDir, source: Source) -> set[str]:
     """Numeric keys of the run's (and its lineage's) records of `source`."""
     keys: set[str] = set()
-    for _, recs, _ in lineage_records(run, source):
-        for r in recs:
-            keys.update(
-                k
-                for k, v in r.items()
-                if k not in NOT_SERIES and isinstance(v, (int, float)) and not isinstance(v, bool)
-            )
+    for _, t, _ in lineage_tables(run, source):
+        keys.update(k for k in t.numeric_keys() if k not in NOT_SERIES)
     return keys
 
 
@@ -122,27 +169,30 @@ def step_to_x(run: RunDir, steps: list[int], axis: str) -> list[float]:
     carry steps only. Steps without a record are interpolated between known ones."""
     if axis == "step":
         return [float(s) for s in steps]
-    known: dict[int, float] = {}
+    all_steps, all_tokens = [], []
     for source in ("metrics", "evals"):
-        for _, recs, _ in lineage_records(run, source):
-            for r in recs:
-                if isinstance(r.get("step"), int) and number(r.get("tokens")) is not None:
-                    known.setdefault(r["step"], float(r["tokens"]))
-    if not known:
+        for _, t, _ in lineage_tables(run, source):
+            rows, at = _int_steps(t)
+            counted = t.finite("tokens")[rows]
+            all_steps.append(at[counted])
+            all_tokens.append(t.numbers("tokens")[rows[counted]])
+    known_steps, first = np.unique(np.concatenate(all_steps), return_index=True)  # the first record of a step
+    if not len(known_steps):
         return [float(s) for s in steps]
-    pts = sorted(known.items())
+    known_tokens = np.concatenate(all_tokens)[first]
     out = []
     for s in steps:
-        if s in known:
-            out.append(known[s])
+        i = int(np.searchsorted(known_steps, s, side="right"))  # known_steps[:i] <= s
+        below = (int(known_steps[i - 1]), float(known_tokens[i - 1])) if i else None
+        if below is not None and below[0] == s:
+            out.append(below[1])
             continue
-        below = [p for p in pts if p[0] <= s]
-        above = [p for p in pts if p[0] >= s]
-        if below and above:
-            (s0, t0), (s1, t1) = below[-1], above[0]
+        above = (int(known_steps[i]), float(known_tokens[i])) if i < len(known_steps) else None
+        if below is not None and above is not None:
+            (s0, t0), (s1, t1) = below, above
             out.append(t0 + (t1 - t0) * (s - s0) / (s1 - s0))
         else:  # beyond the records: tokens per step of the nearest one
-            s0, t0 = (below or above)[-1 if below else 0]
+            s0, t0 = below or above  # type: ignore[misc]
             out.append(t0 / s0 * s if s0 else float(s))
     return out
 

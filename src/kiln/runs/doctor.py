@@ -14,8 +14,9 @@ then by step:
 Remedies are `kiln fork` commands from the newest checkpoint that verifies at or before the
 trouble (a fresh attempt, `--from-scratch`, when there is none), `kiln train --resume RUN` for
 infrastructure faults, and for a swapped tokenizer a shell `cp` (marked "kiln": False).
-kiln.runs.doctor_rules holds the run's context and the rules that read the loss curve; the
-rules below read layer statistics, evaluations, step times and the run's files. Nothing here
+kiln.runs.doctor_rules holds the run's context and the rules that read the loss curve,
+kiln.runs.doctor_layers those of layer statistics; the rules below read evaluations, step times
+and the run's files. Nothing here
 imports the trainer.
 """
 
@@ -28,21 +29,17 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kiln.errors import KilnError
-from kiln.runs import doctor_moe, doctor_progress  # noqa: F401  (register router_collapse, no_learning)
-from kiln.runs.doctor_rules import RULES, Context, divergence_analysis, finding, finite, mad, median, num, rule
+from kiln.runs import doctor_layers, doctor_moe, doctor_progress  # noqa: F401  (register their rules)
+from kiln.runs import doctor_series as series
+from kiln.runs.columns import MISSING
+from kiln.runs.doctor_rules import RULES, Context, divergence_analysis, finding, finite, rule
 from kiln.runs.rundir import RunDir
 from kiln.train import checkpoint as ckpt
 
 # thresholds of the rules below (those of the loss curve are in kiln.runs.doctor_rules)
-PEER_RATIO = 10.0  # a module's activations >= 10 x its peers' median ...
-OWN_GROWTH = 10.0  # ... and >= 10 x its own first sample
-LOGIT_FLOOR = 30.0  # attention logits below this are harmless whatever their ratio
-LOGIT_RATIO = 5.0
-ENTROPY_FLOOR = 0.5  # nats: a collapsed layer attends to ~one key
-ENTROPY_FRACTION = 0.25  # ... and has < 25% of its peers' (and its own earlier) entropy
-DEAD_FRAC = 0.3  # dead_units: > 30% of a layer's hidden units never fire ...
-DEAD_PEERS = 0.1  # ... while the other layers' median is below 10%
 VAL_MARGIN_ABS, VAL_MARGIN_REL = 0.05, 0.03  # eval_regression: val loss up by > 0.05 nats and > 3%
 OVERFIT_GAP_RATIO, OVERFIT_GAP_ABS = 0.6, 0.5  # train loss < 0.6 x val loss and > 0.5 nats below it
 OVERFIT_HEALTHY = 0.95  # ... where train >= 0.95 x val, the gap had not opened yet
@@ -140,184 +137,6 @@ def remedy_argv(findings: list[dict[str, Any]], k: int) -> list[str]:
             f"yourself: {remedy['command']}"
         )
     return list(remedy["argv"])
-
-
-# ----------------------------------------------------------------------------- layer statistics
-def _layers(ctx: Context) -> tuple[dict[str, list[dict[str, Any]]], Any]:
-    """Records per module (by step), and `peers(module, step, stat)`: that statistic of the other
-    modules of the same type (attention / MLP) at the step."""
-    by_module: dict[str, list[dict[str, Any]]] = {}
-    by_step: dict[int, dict[str, dict[str, Any]]] = {}
-    for r in ctx.layer_stats:
-        if isinstance(r.get("step"), int) and isinstance(r.get("module"), str):
-            by_module.setdefault(r["module"], []).append(r)
-            by_step.setdefault(r["step"], {})[r["module"]] = r
-    kind = {
-        m: "attn" if "attn" in m or "attn_entropy" in recs[0] else "mlp" if "mlp" in m else "other"
-        for m, recs in by_module.items()
-    }
-
-    def peers(module: str, step: int, stat: str) -> list[float]:
-        return [
-            r[stat]
-            for m, r in by_step.get(step, {}).items()
-            if m != module and kind[m] == kind[module] and finite(r.get(stat))
-        ]
-
-    return {m: sorted(recs, key=lambda r: r["step"]) for m, recs in sorted(by_module.items())}, peers
-
-
-def _series(recs: list[dict[str, Any]], stat: str) -> list[tuple[int, float]]:
-    return [(r["step"], r[stat]) for r in recs if finite(r.get(stat))]
-
-
-@rule
-def layer_blowups(ctx: Context) -> list[dict[str, Any]]:
-    """One module's activations or attention logits far above its peers' and grown since the LR
-    warmup ended. Growth is measured from there, not from initialisation: residual branches start
-    near zero and grow tenfold in any healthy warmup (bench/faults.py: lr_low at LR 6e-3)."""
-    modules, peers = _layers(ctx)
-    warmup = ctx.cfg.schedule.warmup_steps if ctx.cfg is not None else 0
-    out: list[dict[str, Any]] = []
-    for module, recs in modules.items():
-        for stat in ("act_rms", "act_max_abs", "attn_logit_max"):
-            series = _series(recs, stat)
-            after = [p for p in series if p[0] >= warmup]
-            series = after if len(after) >= 2 else series
-            if len(series) < 2:
-                continue
-            (_, first), (step, last) = series[0], series[-1]
-            others = peers(module, step, stat)
-            ratio = last / median(others) if others and median(others) > 0 else None
-            growth = last / first if first > 0 else math.inf
-            logits = stat == "attn_logit_max"
-            if ratio is None:
-                hit = growth >= (OWN_GROWTH if logits else 10 * OWN_GROWTH) and (not logits or last >= LOGIT_FLOOR)
-            elif logits:
-                hit = last >= LOGIT_FLOOR and ratio >= LOGIT_RATIO and growth >= 3
-            else:
-                hit = ratio >= PEER_RATIO and growth >= OWN_GROWTH
-            if not hit:
-                continue
-            onset = step  # from where it stays >= 3x its peers (or first reached 3x its start)
-            for s, v in reversed(series):
-                o = peers(module, s, stat)
-                if (ratio is not None and (not o or v < 3 * median(o))) or (ratio is None and v < 3 * first):
-                    break
-                onset = s
-            kind = "attention_logit_blowup" if logits else "activation_blowup"
-            evidence = {
-                "module": module,
-                "stat": stat,
-                "value": last,
-                "first_value": first,
-                "growth": growth,
-                "onset_step": onset,
-                **({"peer_median": median(others), "ratio_to_peers": ratio} if ratio is not None else {}),
-            }
-            lr, how = ctx.lower_lr(onset)
-            if logits and not (ctx.cfg and ctx.cfg.model.qk_norm):
-                sets, why = ["model.qk_norm=true"], "QK-norm bounds the attention logits (its gains start at 1)"
-            elif not (ctx.cfg and ctx.cfg.train.z_loss):
-                sets, why = ["train.z_loss=0.0001", f"optim.lr={lr}"], f"z-loss and peak optim.lr = {lr} ({how})"
-            else:
-                sets, why = [f"optim.lr={lr}"], f"peak optim.lr = {lr} ({how})"
-            what = "attention logits" if logits else f"activations ({stat})"
-            peer_text = f", {ratio:.0f}x the other layers'" if ratio is not None else ""
-            out.append(
-                finding(
-                    kind,
-                    "warning",
-                    (onset, step),
-                    evidence,
-                    f"{module}: {what} grew {growth:.0f}x to {last:.3g}{peer_text}",
-                    ctx.fork_remedy(kind, onset - 1, sets, "retrains from before the growth: " + why),
-                )
-            )
-            if not logits:
-                break  # one activation finding per module
-    return out
-
-
-@rule
-def collapsed_layers(ctx: Context) -> list[dict[str, Any]]:
-    """entropy_collapse: one layer's attention entropy near 0 while the others keep theirs;
-    dead_units: a large share of one MLP's hidden units never fire while the others' do."""
-    modules, peers = _layers(ctx)
-    out = []
-    qk_on = bool(ctx.cfg and ctx.cfg.model.qk_norm)
-    for module, recs in modules.items():
-        series = _series(recs, "attn_entropy")
-        if len(series) >= 2:
-            step, last = series[-1]
-            own_max, others = max(v for _, v in series[:-1]), peers(module, step, "attn_entropy")
-            if (
-                last < ENTROPY_FLOOR
-                and last <= ENTROPY_FRACTION * own_max
-                and (not others or last <= ENTROPY_FRACTION * median(others))
-            ):
-                onset = next((s for s, v in series if v <= 0.5 * own_max), step)
-                lr, how = ctx.lower_lr(onset)
-                sets, why = (
-                    ([f"optim.lr={lr}"], f"peak optim.lr = {lr} ({how}); QK-norm is already on")
-                    if qk_on
-                    else (
-                        ["model.qk_norm=true"],
-                        "QK-norm keeps the attention logits from growing until softmax saturates",
-                    )
-                )
-                out.append(
-                    finding(
-                        "entropy_collapse",
-                        "warning",
-                        (onset, step),
-                        {
-                            "module": module,
-                            "attn_entropy": last,
-                            "earlier_max": own_max,
-                            "onset_step": onset,
-                            **({"peer_median": median(others)} if others else {}),
-                        },
-                        f"{module}: attention entropy fell to {last:.3f} nats (from {own_max:.2f})"
-                        + (f" while the other layers keep {median(others):.2f}" if others else ""),
-                        ctx.fork_remedy("entropy_collapse", onset - 1, sets, "retrains from before the fall: " + why),
-                    )
-                )
-        series = _series(recs, "dead_frac")
-        if series:
-            step, last = series[-1]
-            others = peers(module, step, "dead_frac")
-            normal = (
-                (median(others) < DEAD_PEERS and last - median(others) >= 0.25)
-                if others
-                else series[0][1] <= DEAD_PEERS
-            )
-            if last > DEAD_FRAC and normal:
-                onset = next((s for s, v in series if v > DEAD_FRAC), step)
-                lr, how = ctx.lower_lr(onset)
-                out.append(
-                    finding(
-                        "dead_units",
-                        "warning",
-                        (onset, step),
-                        {
-                            "module": module,
-                            "dead_frac": last,
-                            "onset_step": onset,
-                            **({"peer_median": median(others)} if others else {}),
-                        },
-                        f"{module}: {100 * last:.0f}% of the hidden units never activate"
-                        + (f" (other layers {100 * median(others):.0f}%)" if others else ""),
-                        ctx.fork_remedy(
-                            "dead_units",
-                            onset - 1,
-                            [f"optim.lr={lr}"],
-                            f"retrains from before the units died with peak optim.lr = {lr} "
-                            f"({how}); dead units rarely recover by themselves",
-                        ),
-                    )
-                )
-    return out
 
 
 # ----------------------------------------------------------------------------- evaluations
@@ -461,47 +280,89 @@ def eval_regression(ctx: Context) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- time
-def _interval_times(ctx: Context) -> list[tuple[int, int, float]]:
-    """(step, steps in the logged interval, mean seconds per step) from tokens_per_s."""
-    out = []
-    for prev, r in zip(ctx.metrics, ctx.metrics[1:]):
-        k = r["step"] - prev["step"]
-        if (
-            finite(r.get("tokens_per_s"))
-            and r["tokens_per_s"] > 0
-            and num(r.get("tokens")) is not None
-            and num(prev.get("tokens")) is not None
-            and k > 0
-            and r["tokens"] > prev["tokens"]
-        ):
-            out.append((r["step"], k, (r["tokens"] - prev["tokens"]) / k / r["tokens_per_s"]))
-    return out
+def _interval_times(ctx: Context) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row, step, steps in the logged interval, mean seconds per step) of each logged interval,
+    from tokens_per_s: arrays, one entry an interval."""
+    t, steps = ctx.table, ctx.steps
+    if len(steps) < 2:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, np.zeros(0)
+    tokens, rate, counted = t.numbers("tokens"), t.numbers("tokens_per_s"), t.is_number("tokens")
+    k = np.diff(steps)
+    with np.errstate(invalid="ignore"):
+        keep = t.finite("tokens_per_s")[1:] & (rate[1:] > 0) & counted[1:] & counted[:-1] & (k > 0)
+        keep &= tokens[1:] > tokens[:-1]
+    rows = np.flatnonzero(keep) + 1
+    ks = k[keep]
+    del k, keep
+    seconds = tokens[rows]  # (tokens - previous tokens) / k / tokens_per_s, in place
+    seconds -= tokens[rows - 1]
+    seconds /= ks
+    seconds /= rate[rows]
+    return rows, steps[rows], ks, seconds
+
+
+def _groups(steps: np.ndarray, ks: np.ndarray, every: Any) -> np.ndarray:
+    """How many of the steps of each interval (step - k, step] layer_stats sampled (every `every`)."""
+    if not every:
+        return np.zeros(len(steps), np.int8)
+    if isinstance(every, int) and not isinstance(every, bool):
+        e = abs(every)
+        return steps // e - (steps - ks) // e
+    pairs = zip(steps.tolist(), ks.tolist())
+    return np.array([sum(1 for s in range(step - k + 1, step + 1) if s % every == 0) for step, k in pairs], np.int64)
 
 
 @rule
 def slow_steps(ctx: Context) -> list[dict[str, Any]]:
     """Steps far slower than comparable ones: per phase when the step_time callback was on (a
     stall in the data phase is a loader stall), else from tokens_per_s. Warm-up intervals are
-    left out, and the steps layer_stats samples (slower by design) are judged among themselves."""
-    times = _interval_times(ctx)[WARMUP_INTERVALS:]
-    if len(times) < 5:
+    left out, and the steps layer_stats samples (slower by design) are judged among themselves.
+    Every interval is judged at once on arrays; the few slow ones are described one by one."""
+    rows, steps, ks, secs = (a[WARMUP_INTERVALS:] for a in _interval_times(ctx))
+    if len(secs) < 5:
         return []
     every = 0
     if ctx.cfg is not None and "layer_stats" in ctx.cfg.callbacks.enabled:
         every = (ctx.cfg.callbacks.options.get("layer_stats") or {}).get("every", 10)
-    group = lambda step, k: sum(1 for s in range(step - k + 1, step + 1) if every and s % every == 0)  # noqa: E731
-    by_step = {r["step"]: r for r in ctx.metrics}
-    typical = median([t for _, _, t in times])
+    groups = _groups(steps, ks, every)
+    typical = series.median(secs)
     floor = max(SLOW_MIN_S, SLOW_FACTOR * typical)
     phase_keys = [f"step_time/{p}_s" for p in ("data", "forward_backward", "grad_norm", "optimizer")]
-    samples: dict[tuple[int, str], list[float]] = {}
-    for step, k, t in times:
-        for p in ["total"] + [p for p in phase_keys if finite(by_step[step].get(p))]:
-            samples.setdefault((group(step, k), p), []).append(t if p == "total" else by_step[step][p])
-    level = {key: (median(v), 1.4826 * mad(v, median(v))) for key, v in samples.items() if len(v) >= 3}
+    logged = [p for p in phase_keys if p in ctx.table.keys]  # the others have no samples, and no hits
+    values = {p: ctx.table.numbers(p)[rows] for p in logged}
+    known = {p: ctx.table.finite(p)[rows] for p in logged}
+    level: dict[tuple[int, str], tuple[float, float]] = {}  # (median, robust deviation) by (group, phase)
+    for g in np.unique(groups).tolist():
+        mine = groups == g
+        for p in ["total", *logged]:
+            v = secs[mine] if p == "total" else values[p][mine & known[p]]  # a copy: worked on in place
+            if len(v) >= 3:
+                level[(g, p)] = series.median_and_deviation(v)
+
+    def slow(v: np.ndarray, med: float, sigma: float) -> np.ndarray:
+        """(v - med) * k >= floor and v - med >= SLOW_Z * sigma, with one temporary array."""
+        excess = v - med
+        out = excess >= SLOW_Z * sigma
+        excess *= ks
+        out &= excess >= floor
+        return out
+
+    hit = np.zeros(len(secs), bool)
+    with np.errstate(invalid="ignore"):
+        for g in np.unique(groups).tolist():  # a phase is judged where it was logged and has a level
+            mine = groups == g
+            judged = np.zeros(len(secs), bool)
+            for p in logged:
+                if (g, p) in level:
+                    rows_p = mine & known[p]
+                    judged |= rows_p
+                    hit |= rows_p & slow(values[p], *level[(g, p)])
+            hit |= mine & ~judged & slow(secs, *level.get((g, "total"), (typical, 0.0)))
     found: dict[str, list[dict[str, Any]]] = {"slow_steps": [], "loader_stall": []}
-    for step, k, t in times:
-        rec, g = by_step[step], group(step, k)
+    for i in np.flatnonzero(hit).tolist():
+        step, k, t, row, g = int(steps[i]), int(ks[i]), float(secs[i]), int(rows[i]), int(groups[i])
+        rec = {p: v for p in phase_keys if (v := ctx.table.value(p, row)) is not MISSING}
         hits = []
         for p in [p for p in phase_keys if finite(rec.get(p)) and (g, p) in level] or ["total"]:
             value = t if p == "total" else rec[p]
@@ -519,14 +380,14 @@ def slow_steps(ctx: Context) -> list[dict[str, Any]]:
             }
             found["loader_stall" if p == "step_time/data_s" else "slow_steps"].append(item)
     out = []
-    total = sum(t * k for _, k, t in times)
+    total = sum(series.blockwise(secs * ks))  # summed in order by Python, as a list of records was
     for kind, items in found.items():
         if not items:
             continue
-        steps, lost = [i["step"] for i in items], sum(i["excess_s"] for i in items)
+        hit_steps, lost = [i["step"] for i in items], sum(i["excess_s"] for i in items)
         evidence = {
             "count": len(items),
-            "at_steps": steps[:20],
+            "at_steps": hit_steps[:20],
             "seconds": [i["seconds"] for i in items][:20],
             "median_step_s": typical,
             "lost_s": lost,
@@ -546,7 +407,7 @@ def slow_steps(ctx: Context) -> list[dict[str, Any]]:
             finding(
                 kind,
                 severity,
-                (steps[0], steps[-1]),
+                (hit_steps[0], hit_steps[-1]),
                 evidence,
                 f"{len(items)} {text} ({typical * 1000:.3g} ms a step): {lost:.1f}s lost{hint}",
             )
@@ -560,30 +421,45 @@ RANK_KEY = re.compile(r"^step_time/rank(\d+)_busy_s$")
 @rule
 def slow_rank(ctx: Context) -> list[dict[str, Any]]:
     """step_time's per-rank busy time: one rank consistently far above the others."""
-    rows = [
-        busy
-        for r in ctx.metrics
-        if len(busy := {int(m.group(1)): r[k] for k in r if (m := RANK_KEY.match(k)) and finite(r[k])}) >= 2
-    ]
-    steps = [r["step"] for r in ctx.metrics if any(RANK_KEY.match(k) for k in r)]
+    t = ctx.table
+    rank_keys = [(int(m.group(1)), k) for k in t.keys if (m := RANK_KEY.match(k))]
+    if not rank_keys:
+        return []
+    ranks = sorted({r for r, _ in rank_keys})
+    busy = np.full((t.rows, len(ranks)), np.nan)  # a record's finite busy times by rank
+    logged = np.zeros(t.rows, bool)
+    for rank, key in rank_keys:
+        ok = t.finite(key)
+        busy[ok, ranks.index(rank)] = t.numbers(key)[ok]
+        logged |= t.present(key)
+    steps = ctx.steps[logged].tolist()
+    busy = busy[(~np.isnan(busy)).sum(axis=1) >= 2]
     out = []
-    for rank in sorted({rank for b in rows for rank in b}):
-        ratios = [
-            b[rank] / median(others)
-            for b in rows
-            if rank in b and (others := [v for k, v in b.items() if k != rank]) and median(others) > 0
-        ]
-        share = sum(1 for x in ratios if x >= SLOW_RANK_RATIO) / len(ratios) if ratios else 0.0
-        if len(ratios) < 5 or share < SLOW_RANK_SHARE or median(ratios) < SLOW_RANK_RATIO:
+    for c, rank in enumerate(ranks):
+        mine = ~np.isnan(busy[:, c])
+        if not mine.any():
             continue
-        per_rank = {f"rank{k}_busy_s": median([b[k] for b in rows if k in b]) for k in sorted({*rows[0]})}
+        others = busy[mine].copy()
+        others[:, c] = np.nan
+        level = series.row_medians(others)
+        ok = level > 0
+        ratios = busy[mine, c][ok] / level[ok]
+        share = float((ratios >= SLOW_RANK_RATIO).sum()) / len(ratios) if len(ratios) else 0.0
+        if len(ratios) < 5 or share < SLOW_RANK_SHARE or series.median(ratios) < SLOW_RANK_RATIO:
+            continue
+        per_rank = {
+            f"rank{k}_busy_s": series.median(busy[~np.isnan(busy[:, j]), j])
+            for j, k in enumerate(ranks)
+            if not np.isnan(busy[0, j])
+        }
+        ratio = series.median(ratios)
         out.append(
             finding(
                 "slow_rank",
                 "warning",
                 (steps[0], steps[-1]),
-                {"rank": rank, "ratio_to_others": median(ratios), "share_of_records": share, **per_rank},
-                f"rank {rank} is busy {median(ratios):.2f}x as long as the other ranks in "
+                {"rank": rank, "ratio_to_others": ratio, "share_of_records": share, **per_rank},
+                f"rank {rank} is busy {ratio:.2f}x as long as the other ranks in "
                 f"{100 * share:.0f}% of the steps: every rank waits for it (check its GPU, node and "
                 "data path)",
             )
@@ -616,7 +492,7 @@ def hang(ctx: Context) -> list[dict[str, Any]]:
             frames += _stuck_frame(text)
     if not ranks:
         return []
-    step = max([ctx.status.get("step") or 0] + [r["step"] for r in ctx.metrics[-1:]])
+    step = max([ctx.status.get("step") or 0] + ([ctx.last_step] if ctx.last_step is not None else []))
     evidence: dict[str, Any] = {
         "ranks": ranks,
         "last_step": step,
@@ -747,7 +623,7 @@ def tokenizer_mismatch(ctx: Context) -> list[dict[str, Any]]:
         finding(
             "tokenizer_mismatch",
             "critical",
-            (0, ctx.metrics[-1]["step"] if ctx.metrics else 0),
+            (0, ctx.last_step or 0),
             {"run_tokenizer_sha256": actual[:16], "dataset_tokenizer_sha256": expected[:16], "dataset": str(folder)},
             f"{ctx.run.tokenizer_path.name} is not the tokenizer of the run's prepared data ({folder.name}): "
             "token ids mean other tokens, so sampling, evaluation and resuming read the model wrongly",
@@ -760,7 +636,7 @@ def tokenizer_mismatch(ctx: Context) -> list[dict[str, Any]]:
 def run_state(ctx: Context) -> list[dict[str, Any]]:
     """A failed or interrupted run (a hang says more), failed checkpoint writes, broken invariants."""
     out, status = [], ctx.status
-    step = status.get("step") or (ctx.metrics[-1]["step"] if ctx.metrics else 0)
+    step = status.get("step") or (ctx.last_step or 0)
     reason = f" ({status['reason']})" if status.get("reason") else ""
     if not any(ctx.run.path.glob("hang-rank*.txt")):
         if status.get("state") == "failed":

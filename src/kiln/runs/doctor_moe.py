@@ -14,7 +14,7 @@ import re
 from statistics import median
 from typing import Any
 
-from kiln.runs.doctor_rules import Context, finding, finite, rule
+from kiln.runs.doctor_rules import Context, finding, rule
 
 LOAD_KEY = re.compile(r"^moe/(.+)/load_max_mean$")
 COLLAPSE_SHARE = 0.5  # the busiest expert at >= 50% of its possible excess ...
@@ -28,11 +28,13 @@ def router_collapse(ctx: Context) -> list[dict[str, Any]]:
         return []
     m = ctx.cfg.model
     threshold = max(COLLAPSE_MIN_RATIO, COLLAPSE_SHARE * m.moe_experts / m.moe_top_k)
-    layers = sorted({match.group(1) for r in ctx.metrics for k in r if (match := LOAD_KEY.match(k))})
+    t = ctx.table
+    layers = sorted({match.group(1) for k in t.keys if (match := LOAD_KEY.match(k)) and t.present(k).any()})
     out = []
     for layer in layers:
         key = f"moe/{layer}/load_max_mean"
-        pts = [(r["step"], float(r[key])) for r in ctx.metrics if r["step"] > ctx.warmup and finite(r.get(key))]
+        keep = (ctx.steps > ctx.warmup) & t.finite(key)
+        pts = list(zip(ctx.steps[keep].tolist(), t.numbers(key)[keep].tolist()))
         if len(pts) < MIN_RECORDS:
             continue
         tail = pts[-max(MIN_RECORDS // 2, len(pts) // 4) :]

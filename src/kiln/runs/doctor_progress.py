@@ -19,6 +19,8 @@ import math
 from statistics import median
 from typing import Any
 
+import numpy as np
+
 from kiln.runs.doctor_rules import Context, finding, finite, fmt_lr, rule
 
 NEAR_ENTROPY = 0.92  # a causal run ends "near the baseline" at >= 92% of the unigram entropy
@@ -58,12 +60,13 @@ def _outcome(ctx: Context, summary: dict[str, Any]) -> dict[str, Any] | None:
 def _early_rise(ctx: Context) -> dict[str, Any] | None:
     """The loss during warm-up above where it started: the first logged loss, or ln(vocabulary)
     (an initialised model predicts about uniformly) when the first record comes later."""
-    points = ctx.losses()
-    if not points or ctx.cfg is None:
+    steps, losses = ctx.loss_points()
+    if not len(steps) or ctx.cfg is None:
         return None
-    window = max(ctx.warmup, points[0][0])
-    early = [v for s, v in points if s <= window] or [points[0][1]]
-    start = points[0][1] if points[0][0] <= 1 else min(points[0][1], math.log(ctx.cfg.data.vocab_size))
+    first_step, first_loss = int(steps[0]), float(losses[0])
+    window = max(ctx.warmup, first_step)
+    early = losses[: int(np.searchsorted(steps, window, side="right"))].tolist() or [first_loss]
+    start = first_loss if first_step <= 1 else min(first_loss, math.log(ctx.cfg.data.vocab_size))
     # a running median of three: one noisy step is not a rise
     peak = max(median(early[max(0, i - 1) : i + 2]) for i in range(len(early)))
     if peak - start < max(EARLY_RISE, EARLY_RISE_SHARE * start):
@@ -73,14 +76,15 @@ def _early_rise(ctx: Context) -> dict[str, Any] | None:
 
 @rule
 def no_learning(ctx: Context) -> list[dict[str, Any]]:
-    if ctx.cfg is None or not ctx.metrics:
+    if ctx.cfg is None or ctx.last_step is None:
         return []
     summary = ctx.run.summary() or {}
     outcome = _outcome(ctx, summary)
     if outcome is None or not outcome["near"]:
         return []
-    steps = ctx.metrics[-1]["step"]
-    tokens = next((r["tokens"] for r in reversed(ctx.metrics) if finite(r.get("tokens"))), 0)
+    steps = ctx.last_step
+    counted = np.flatnonzero(ctx.table.finite("tokens"))
+    tokens = ctx.table.value("tokens", int(counted[-1])) if len(counted) else 0
     params = summary.get("params")
     if not params:  # an unfinished run: count them from its config
         from kiln.scaling.flops import param_count
@@ -94,7 +98,7 @@ def no_learning(ctx: Context) -> list[dict[str, Any]]:
     evidence = {k: v for k, v in outcome.items() if k not in ("near", "text")}
     evidence.update(steps=steps, tokens=tokens, tokens_per_param=tokens / params)
     evidence["optim_lr"] = ctx.cfg.optim.lr
-    span = (ctx.metrics[0]["step"], steps)
+    span = (int(ctx.steps[0]), steps)
     if rise is None:
         said = (
             f"after {steps} steps ({tokens / params:.0f} tokens per parameter) the model ends near its "

@@ -15,6 +15,7 @@ valid one at or before the trouble, with the change the finding calls for (and t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import shlex
 import statistics
@@ -22,7 +23,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from kiln.errors import KilnError
+from kiln.runs import doctor_series as series
+from kiln.runs.columns import INT, Table
 from kiln.runs.rundir import RunDir
 from kiln.train import checkpoint as ckpt
 from kiln.train.guard import add_range, data_index
@@ -99,7 +104,10 @@ def mad(xs: list[float], center: float) -> float:
     return statistics.median([abs(x - center) for x in xs])
 
 
-def theil_sen(xs: list[float], ys: list[float], max_points: int = 150) -> float:
+THEIL_SEN_POINTS = 150
+
+
+def theil_sen(xs: list[float], ys: list[float], max_points: int = THEIL_SEN_POINTS) -> float:
     """The median of pairwise slopes (robust to outliers); subsampled to keep it O(max_points^2)."""
     if len(xs) > max_points:
         idx = [round(i * (len(xs) - 1) / (max_points - 1)) for i in range(max_points)]
@@ -152,8 +160,24 @@ def finding(
 
 
 # ----------------------------------------------------------------------------- what the run wrote
+def one_row_per_step(table: Table) -> Table:
+    """The rows with an int step, the last of each step, in step order."""
+    steps, kinds = table.column("step")
+    rows = np.flatnonzero(kinds == INT)
+    s = steps[rows]
+    if len(rows) == table.rows and bool(np.all(s[1:] > s[:-1])):
+        return table  # the usual log: nothing to drop or reorder
+    _, first_from_end = np.unique(s[::-1], return_index=True)
+    return table.take(rows[len(rows) - 1 - first_from_end])
+
+
 class Context:
-    """A run folder's files, read once; checkpoints verified on demand (each at most once)."""
+    """A run folder's files, read once; checkpoints verified on demand (each at most once).
+
+    The metrics are a Table (kiln.runs.columns) with one row per step, the last one logged
+    (after a rollback the file holds a step twice), in step order: rules read its columns as
+    arrays. `metrics`, the same rows as dicts, is built only for a rule that asks for it (a
+    plugin's, say): a long run's million dicts cost seconds and gigabytes."""
 
     def __init__(self, run: RunDir):
         self.run = run
@@ -162,11 +186,8 @@ class Context:
             self.cfg = run.config()
         except KilnError:
             self.cfg = None
-        by_step: dict[int, dict[str, Any]] = {}
-        for r in run.metrics():
-            if isinstance(r.get("step"), int):
-                by_step[r["step"]] = r  # after a rollback the file holds one record per step; keep the last
-        self.metrics = [by_step[s] for s in sorted(by_step)]
+        self.table = one_row_per_step(run.metrics_table())
+        self.steps = self.table.column("step")[0].astype(np.int64)
         self.events = run.events()
         self.evals = sorted((e for e in run.evals() if isinstance(e.get("step"), int)), key=lambda e: e["step"])
         self.layer_stats = run.read_jsonl(run.path / "layer_stats.jsonl")
@@ -175,16 +196,33 @@ class Context:
         self._verified: dict[Path, str | None] = {}
         self.cache: dict[str, Any] = {}  # rules share analyses through this (e.g. the divergence)
 
+    @functools.cached_property
+    def metrics(self) -> list[dict[str, Any]]:
+        return self.table.records()
+
+    @property
+    def last_step(self) -> int | None:
+        return int(self.steps[-1]) if len(self.steps) else None
+
     # ---------------------------------------------------------------- series
+    def loss_points(self, finite_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, losses) of the records whose loss is a number (a finite one)."""
+        if not finite_only:  # the divergence's, read once (it is cached)
+            keep = self.table.is_number("loss")
+            return self.steps[keep], self.table.numbers("loss")[keep]
+        if "loss_points" not in self.cache:
+            keep = self.table.finite("loss")
+            self.cache["loss_points"] = (self.steps[keep], self.table.numbers("loss")[keep])
+        return self.cache["loss_points"]
+
     def losses(self, finite_only: bool = True) -> list[tuple[int, float]]:
-        return [
-            (r["step"], float(r["loss"]))
-            for r in self.metrics
-            if num(r.get("loss")) is not None and (finite(r["loss"]) or not finite_only)
-        ]
+        steps, values = self.loss_points(finite_only)
+        return list(zip(steps.tolist(), values.tolist()))
 
     def train_loss_near(self, step: int, points: int = 5) -> float | None:
-        near = [v for s, v in self.losses() if s <= step][-points:]
+        steps, values = self.loss_points()
+        end = int(np.searchsorted(steps, step, side="right"))
+        near = values[max(0, end - points) : end].tolist()
         return median(near) if near else None
 
     warmup = property(lambda self: self.cfg.schedule.warmup_steps if self.cfg else 0)
@@ -246,11 +284,12 @@ class Context:
     def effective_peak(self, step: int) -> float | None:
         """The peak LR the run was effectively using at `step` (the logged LR over the schedule's
         shape there): differs from optim.lr when something changed the LR while running."""
-        for r in reversed(self.metrics):
-            if r["step"] <= step and finite(r.get("lr")):
-                f = self.schedule_factor(r["step"])
-                return r["lr"] / f if f else None
-        return None
+        rows = np.flatnonzero(self.table.finite("lr") & (self.steps <= step))
+        if not len(rows):
+            return None
+        row = int(rows[-1])
+        f = self.schedule_factor(int(self.steps[row]))
+        return self.table.value("lr", row) / f if f else None
 
     def lower_lr(self, step: int) -> tuple[float, str]:
         """A lower peak LR for a fork before `step`: a third of what it ran with, or (far above a
@@ -366,34 +405,42 @@ def _divergence(ctx: Context) -> dict[str, Any] | None:
             "interventions": len(guard_events),
             "reason": ctx.status.get("reason"),
         }
-    points = ctx.losses(finite_only=False)
-    if len(points) < 8:
+    steps, raw = ctx.loss_points(finite_only=False)
+    n = len(raw)
+    if n < 8:
         return None
-    steps = [s for s, _ in points]
-    vals = [v if math.isfinite(v) else math.inf for _, v in points]
-    n = len(vals)
-    smooth = [median(vals[max(0, i - 2) : i + 3]) for i in range(n)]  # a centred running median of 5
-    nan_tail = 0
-    while nan_tail < n and not math.isfinite(vals[n - 1 - nan_tail]):
-        nan_tail += 1
-    best, high = math.inf, []  # high: far above the best smoothed loss so far
-    first_loss = next((v for v in smooth if math.isfinite(v)), math.inf)
-    finite_vals = [v for v in vals if math.isfinite(v)]
-    diffs = [b - a for a, b in zip(finite_vals, finite_vals[1:])]
+    finite_at = np.isfinite(raw)
+    vals = np.where(finite_at, raw, np.inf)
+    smooth = series.running_median(vals, 2)  # a centred running median of 5
+    nan_tail = int(np.argmax(finite_at[::-1])) if finite_at.any() else n
+    smooth_known = np.isfinite(smooth)
+    first_loss = float(smooth[np.argmax(smooth_known)]) if smooth_known.any() else math.inf
+    diffs = np.diff(vals[finite_at])
+    del finite_at, smooth_known
     # the deviation of one loss (MAD of step changes / sqrt 2), and of a median of 5 (x 1.25 / sqrt 5)
-    noise = (mad(diffs, median(diffs)) * 1.4826 / math.sqrt(2) * 1.25 / math.sqrt(5)) if len(diffs) >= 2 else 0.0
-    for v in smooth:
-        best = min(best, v)
-        progress = first_loss - best if math.isfinite(first_loss) and math.isfinite(best) else 0.0
-        gave_back = progress >= GIVE_BACK_MIN_PROGRESS and v - best >= GIVE_BACK * progress + GIVE_BACK_NOISE * noise
-        high.append(math.isfinite(best) and v - best >= DIVERGE_MIN_GAP and (v > best * DIVERGE_RATIO or gave_back))
-    runs: list[tuple[int, int]] = []  # (first, end) of each stretch of high points
-    i = 0
-    while i < n:
-        j = i
-        while j < n and high[j]:
-            j += 1
-        runs, i = runs + [(i, j)] * (j > i), max(j, i + 1)
+    noise = 0.0
+    if len(diffs) >= 2:
+        centre = series.median(diffs)
+        diffs -= centre
+        noise = series.median(np.abs(diffs, out=diffs)) * 1.4826 / math.sqrt(2) * 1.25 / math.sqrt(5)
+    del diffs
+    best = np.minimum.accumulate(smooth)  # high: far above the best smoothed loss so far
+    with np.errstate(invalid="ignore"):  # in place where it can be: a long run's arrays are large
+        known = np.isfinite(best)
+        gap = smooth - best
+        high = known & (gap >= DIVERGE_MIN_GAP)
+        gave_back = np.zeros(n, bool)
+        if math.isfinite(first_loss):
+            progress = np.where(known, first_loss - best, 0.0)
+            limit = GIVE_BACK * progress
+            limit += GIVE_BACK_NOISE * noise
+            gave_back = (progress >= GIVE_BACK_MIN_PROGRESS) & (gap >= limit)
+            del progress, limit
+        del gap
+        high &= (smooth > best * DIVERGE_RATIO) | gave_back
+    edges = np.diff(np.concatenate([[0], high.astype(np.int8), [0]]))
+    # (first, end) of each stretch of high points
+    runs = zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist())
     found = [(i, j) for i, j in runs if (j == n and j - i >= 3) or j - i >= EXCURSION_MIN]
     if not found and 2 <= nan_tail < n:
         found = [(n - nan_tail, n)]
@@ -401,23 +448,24 @@ def _divergence(ctx: Context) -> dict[str, Any] | None:
         return None
     i, j = found[0]
     start = max(i, 1)
-    before = [k for k in range(start) if math.isfinite(smooth[k])]
-    b = min(before, key=lambda k: smooth[k]) if before else 0
-    tail = median(vals[-max(3, math.ceil(0.1 * n)) :])
-    peak = max((v for v in vals[i:j] if math.isfinite(v)), default=math.inf)
+    before = np.where(np.isfinite(smooth[:start]), smooth[:start], np.inf)
+    b = int(np.argmin(before)) if np.isfinite(before).any() else 0
+    tail = series.median(vals[-max(3, math.ceil(0.1 * n)) :])
+    excursion = vals[i:j][np.isfinite(vals[i:j])]
+    peak = float(excursion.max()) if len(excursion) else math.inf
     return {
-        "rise": steps[start - 1],
-        "onset": steps[start],
-        "last": steps[j - 1],
+        "rise": int(steps[start - 1]),
+        "onset": int(steps[start]),
+        "last": int(steps[j - 1]),
         "via": "loss",
-        "best_loss": smooth[b],
-        "best_step": steps[b],
+        "best_loss": float(smooth[b]),
+        "best_step": int(steps[b]),
         "peak_loss": peak,
         "final_loss": tail,
         "recovered": j < n,
         "excursion_points": j - i,
         "nonfinite": nan_tail >= 2,
-        "nonfinite_from": steps[n - nan_tail] if nan_tail >= 2 else None,
+        "nonfinite_from": int(steps[n - nan_tail]) if nan_tail >= 2 else None,
     }
 
 
@@ -477,10 +525,10 @@ def nonfinite(ctx: Context) -> list[dict[str, Any]]:
     for e in ctx.events:
         if e.get("kind") == "nonfinite" and isinstance(e.get("step"), int) and e["step"] < cutoff:
             bad[e["step"]] = {"data_index": e.get("data_index", ctx.batch_of(e["step"])), "action": e.get("action")}
-    for r in ctx.metrics:
-        bad_value = any(num(r.get(k)) is not None and not finite(r.get(k)) for k in ("loss", "grad_norm"))
-        if r["step"] < cutoff and bad_value:
-            bad.setdefault(r["step"], {"data_index": ctx.batch_of(r["step"]), "action": None})
+    t = ctx.table
+    bad_value = (t.is_number("loss") & ~t.finite("loss")) | (t.is_number("grad_norm") & ~t.finite("grad_norm"))
+    for step in ctx.steps[bad_value & (ctx.steps < cutoff)].tolist():
+        bad.setdefault(step, {"data_index": ctx.batch_of(step), "action": None})
     if not bad:
         return []
     steps = sorted(bad)
@@ -517,21 +565,15 @@ def nonfinite(ctx: Context) -> list[dict[str, Any]]:
 def metric_spikes(points: list[tuple[int, float]]) -> list[tuple[int, float, float]]:
     """(step, loss, recent level) of every logged loss far above its recent robust level that
     comes back down; spikes never enter the baseline, a level that does not come back does."""
-    logs = [math.log(max(v, 1e-6)) for _, v in points]
-    history: list[float] = []
-    out = []
-    for i, (step, loss) in enumerate(points):
-        x, window = logs[i], history[-SPIKE_WINDOW:]
-        if len(window) >= SPIKE_MIN_HISTORY:
-            med = median(window)
-            jump = x - med
-            if jump >= SPIKE_MIN_JUMP and jump >= SPIKE_Z * 1.4826 * mad(window, med):
-                later = logs[i + 1 : i + 1 + SPIKE_RECOVERY]
-                if len(later) < 2 or any(v <= med + 0.5 * jump for v in later):
-                    out.append((step, loss, math.exp(med)))
-                    continue
-        history.append(x)
-    return out
+    return series.spikes_of(
+        np.array([p[0] for p in points], np.int64),
+        np.array([p[1] for p in points], np.float64),
+        SPIKE_WINDOW,
+        SPIKE_MIN_HISTORY,
+        SPIKE_Z,
+        SPIKE_MIN_JUMP,
+        SPIKE_RECOVERY,
+    )
 
 
 @rule
@@ -559,7 +601,17 @@ def spikes(ctx: Context) -> list[dict[str, Any]]:
                 }
             )
     seen = {i["step"] for i in incidents if i["kind"] == "loss_spike"}
-    for step, loss, level in metric_spikes(ctx.losses()):
+    loss_steps, loss_values = ctx.loss_points()
+    found = series.spikes_of(
+        loss_steps,
+        loss_values,
+        SPIKE_WINDOW,
+        SPIKE_MIN_HISTORY,
+        SPIKE_Z,
+        SPIKE_MIN_JUMP,
+        SPIKE_RECOVERY,
+    )
+    for step, loss, level in found:
         if step < end and not any(abs(step - s) <= 1 for s in seen):
             incidents.append(
                 {
@@ -687,32 +739,32 @@ def plateau(ctx: Context) -> list[dict[str, Any]]:
     if ctx.cfg is None:
         return []
     cfg_lr = ctx.cfg.optim.lr
-    points = [
-        (r["step"], r["loss"], r["lr"])
-        for r in ctx.metrics
-        if r["step"] > ctx.warmup and finite(r.get("loss")) and finite(r.get("lr"))
-    ]
-    if len(points) < 10:
+    t = ctx.table
+    keep = (ctx.steps > ctx.warmup) & t.finite("loss") & t.finite("lr")
+    steps, losses, lrs = ctx.steps[keep], t.numbers("loss")[keep], t.numbers("lr")[keep]
+    if len(steps) < 10:
         return []
 
     def tiny(step: int, lr: float) -> bool:
         f = ctx.schedule_factor(step)
         return cfg_lr <= TINY_LR or (f is not None and lr < LR_CUT * cfg_lr * f)
 
-    start = len(points)
-    while start > 0 and tiny(points[start - 1][0], points[start - 1][2]):
+    start = len(steps)
+    if cfg_lr <= TINY_LR:
+        start = 0  # every point is tiny
+    while start > 0 and tiny(int(steps[start - 1]), float(lrs[start - 1])):
         start -= 1
-    segment = points[start:]
-    if len(segment) < max(10, len(points) // 4):
+    if len(steps) - start < max(10, len(steps) // 4):
         return []
-    k = max(3, len(segment) // 5)
-    early, late = median([p[1] for p in segment[:k]]), median([p[1] for p in segment[-k:]])
+    losses, lrs = losses[start:], lrs[start:]
+    k = max(3, len(losses) // 5)
+    early, late = series.median(losses[:k]), series.median(losses[-k:])
     drop = (early - late) / early if early > 0 else 0.0
     if drop >= PLATEAU_DROP:
         return []
-    first, last = segment[0][0], segment[-1][0]
+    first, last = int(steps[start]), int(steps[-1])
     evals = [e["val_loss"] for e in ctx.evals if first <= e["step"] <= last and finite(e.get("val_loss"))]
-    lr_median = median([p[2] for p in segment])
+    lr_median = series.median(lrs)
     eff = ctx.effective_peak(first) or cfg_lr
     if cfg_lr > TINY_LR and eff < LR_CUT * cfg_lr:  # cut while running: back to the configured LR
         new, how = cfg_lr, f"the configured optim.lr; it ran at {eff:.2g}"
@@ -750,21 +802,24 @@ def plateau(ctx: Context) -> list[dict[str, Any]]:
 def grad_growth(ctx: Context) -> list[dict[str, Any]]:
     if divergence_analysis(ctx):
         return []  # the divergence explains it
-    pts = [
-        (r["step"], math.log(r["grad_norm"]))
-        for r in ctx.metrics
-        if r["step"] > ctx.warmup and finite(r.get("grad_norm")) and r["grad_norm"] > 0
-    ]
-    if len(pts) < 20:
+    norms = ctx.table.numbers("grad_norm")
+    with np.errstate(invalid="ignore"):
+        keep = (ctx.steps > ctx.warmup) & ctx.table.finite("grad_norm") & (norms > 0)
+    if int(keep.sum()) < 20:
         return []
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    slope = theil_sen(xs, ys)
-    growth = math.exp(slope * (xs[-1] - xs[0]))
-    q = len(pts) // 4
-    early, late = math.exp(median(ys[:q])), math.exp(median(ys[-q:]))
+    steps, ys = ctx.steps[keep], series.logs(norms[keep])
+    n, first, last = len(steps), int(steps[0]), int(steps[-1])
+    picked: Sequence[int] = range(n)
+    if n > THEIL_SEN_POINTS:  # theil_sen's own subsample, taken here rather than from a million-item list
+        picked = [round(i * (n - 1) / (THEIL_SEN_POINTS - 1)) for i in range(THEIL_SEN_POINTS)]
+    slope = theil_sen([int(steps[i]) for i in picked], [float(ys[i]) for i in picked])
+    growth = math.exp(slope * (last - first))
+    q = n // 4
+    early, late = math.exp(series.median(ys[:q])), math.exp(series.median(ys[-q:]))
     if growth < GRAD_GROWTH or late / early < GRAD_GROWTH_QUARTERS:
         return []
-    onset = next((x for x, y in zip(xs, ys) if math.exp(y) >= 2 * early), xs[0])
+    doubled = series.first_where(ys, lambda y: math.exp(y) >= 2 * early)
+    onset = int(steps[doubled]) if doubled is not None else first
     lr, how = ctx.lower_lr(onset)
     evidence = {
         "trend_growth": growth,
@@ -774,14 +829,14 @@ def grad_growth(ctx: Context) -> list[dict[str, Any]]:
         "doubled_at_step": onset,
     }
     summary = (
-        f"the gradient norm grew ~{growth:.1f}x over steps {xs[0]}-{xs[-1]} (median {early:.3g} -> "
+        f"the gradient norm grew ~{growth:.1f}x over steps {first}-{last} (median {early:.3g} -> "
         f"{late:.3g}): an early sign of instability"
     )
     return [
         finding(
             "grad_growth",
             "warning",
-            (xs[0], xs[-1]),
+            (first, last),
             evidence,
             summary,
             ctx.fork_remedy(

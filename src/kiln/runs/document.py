@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.runs.curves import lineage_events, lineage_series, number, pyplot, save_figure, step_to_x, write_atomic
+import numpy as np
+
+from kiln.runs.curves import lineage_curves, lineage_events, number, pyplot, save_figure, step_to_x, write_atomic
+from kiln.runs.downsample import minmax
 from kiln.runs.rundir import RunDir
 
 FIGSIZE, DPI = (7.0, 3.5), 100  # every figure of the report is 700 x 350 pixels
@@ -86,13 +89,13 @@ def _figure(
     plotted, axes_seen = False, set()
     for i, (source, key, label) in enumerate(curves):
         previous = None
-        for seg in lineage_series(run, source, key):  # type: ignore[arg-type]
-            if not seg.xs:
+        for seg in lineage_curves(run, source, key):  # type: ignore[arg-type]
+            if not len(seg.xs):
                 continue
             axes_seen.add(seg.x)
-            xs, ys = seg.xs, seg.ys
+            xs, ys = minmax(seg.xs, seg.ys, int(FIGSIZE[0] * DPI))  # a long run: spikes kept, pixels not wasted
             if previous is not None:  # joined at the fork point
-                xs, ys = [previous.xs[-1], *xs], [previous.ys[-1], *ys]
+                xs, ys = np.concatenate([previous.xs[-1:], xs]), np.concatenate([previous.ys[-1:], ys])
             style = dict(lw=0.9, ls="--", alpha=0.7) if seg.inherited else dict(lw=1.3)
             ax.plot(
                 xs,

@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
+from kiln.runs.downsample import minmax
 from kiln.runs.rundir import RunDir
 
 
@@ -61,9 +62,11 @@ def plot_losses(run: RunDir, unigram_entropy: float | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics, evals = run.metrics(), run.evals()
+    metrics, evals = run.metrics_table(), run.evals()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train", lw=1)
+    rows = metrics.is_number("step") & metrics.is_number("loss")
+    steps, losses = minmax(metrics.numbers("step")[rows], metrics.numbers("loss")[rows], 700)  # a long run's too
+    ax.plot(steps, losses, label="train", lw=1)
     if evals:
         ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
     if unigram_entropy is not None:

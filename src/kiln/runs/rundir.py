@@ -5,6 +5,7 @@
         config.toml         the resolved configuration
         tokenizer.json      the tokenizer the run's data was made with
         metrics.jsonl       one JSON object per logged training step
+        .metrics-cache/     a columnar copy of a long metrics.jsonl, rebuilt at will (kiln.runs.column_cache)
         eval.jsonl          one JSON object per evaluation
         events.jsonl        what the guard saw and did, failed checkpoint writes, budget decisions
         *.jsonl             other step-keyed logs written by callbacks (layer_stats.jsonl, ...)
@@ -30,14 +31,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kiln.config import Config, file_dict, from_dict, to_toml
 from kiln.errors import CheckpointError, KilnError
-from kiln.train import checkpoint as ckpt
 from kiln.version import __version__
+
+if TYPE_CHECKING:  # torch and the checkpoint code load on first use: `kiln runs` needs neither
+    import torch
+
+    from kiln.runs.columns import Table
 
 
 @dataclass
@@ -186,6 +189,24 @@ class RunDir:
     def evals(self) -> list[dict[str, Any]]:
         return self.read_jsonl(self.eval_path)
 
+    def metrics_table(self) -> Table:
+        """metrics.jsonl by column (kiln.runs.columns), through its columnar copy when long: what
+        reads every logged step of a long run."""
+        from kiln.runs.column_cache import read_table
+
+        return read_table(self.metrics_path)
+
+    def evals_table(self) -> Table:
+        from kiln.runs.column_cache import read_table
+
+        return read_table(self.eval_path)
+
+    def last_metrics(self) -> dict[str, Any]:
+        """The last record of metrics.jsonl ({} without one), read from the file's end."""
+        from kiln.runs.jsonl_tail import last_record
+
+        return last_record(self.metrics_path) or {}
+
     def events(self) -> list[dict[str, Any]]:
         return self.read_jsonl(self.events_path)
 
@@ -271,14 +292,20 @@ class RunDir:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_paths(self) -> list[Path]:
         """Committed checkpoint folders, oldest first."""
+        from kiln.train import checkpoint as ckpt
+
         return ckpt.list_checkpoints(self.checkpoints)
 
     def latest_checkpoint(self, warn: Callable[[str], None] = print, max_step: int | None = None) -> Path | None:
         """The newest checkpoint (at most `max_step`) that verifies; corrupt ones are reported."""
+        from kiln.train import checkpoint as ckpt
+
         return ckpt.latest_valid_checkpoint(self.checkpoints, warn=warn, max_step=max_step)
 
     def checkpoint(self, step: int | None = None, warn: Callable[[str], None] = print) -> Path:
         """Checkpoint `step` (verified), or the newest valid one; a CheckpointError otherwise."""
+        from kiln.train import checkpoint as ckpt
+
         if step is None:
             chosen = self.latest_checkpoint(warn)
             if chosen is None:
@@ -298,6 +325,8 @@ class RunDir:
         weights a run starts from (`model.init_from`'s, or drawn from train.seed): step 0 without a
         step-0 checkpoint, and the default of a run with no checkpoint at all (an import, say).
         A run whose checkpoints are all corrupt is an error, not a silent step 0."""
+        from kiln.train import checkpoint as ckpt
+
         if step == 0 and not (self.checkpoints / ckpt.step_dir_name(0)).is_dir():
             return None
         if step is None and not self.checkpoint_paths():
@@ -319,6 +348,7 @@ class RunDir:
         `model.init_from` or train.seed)."""
         from kiln.kernels import registry as kernels
         from kiln.model.registry import build_model, initialise, resolve_family
+        from kiln.train import checkpoint as ckpt
         from kiln.train.precision import resolve_device, resolve_precision
 
         cfg = self.config()

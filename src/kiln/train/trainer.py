@@ -250,7 +250,7 @@ class Trainer:
 
         train_loss = self.last_record.get("loss")
         if train_loss is None:  # nothing logged by this process (a finished run resumed)
-            train_loss = next((r.get("loss") for r in reversed(self.run.metrics())), None)
+            train_loss = self.run.last_metrics().get("loss")  # read from the file's end, not all of it
         return {
             "steps": self.step,
             "tokens": self.tokens_seen,

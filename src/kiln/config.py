@@ -277,6 +277,38 @@ class FaultsConfig:
     tokenizer_mismatch: bool = False  # the run's tokenizer.json is replaced by one that does not fit the shards
 
 
+# The one list of fault switches (the fault callback, `any_fault` and the doctor's remedies read it);
+# every other [faults] key sizes one of them. A test checks that each key is one or the other.
+FAULT_TRIGGERS = (
+    "nonfinite_loss",
+    "nonfinite_grad",
+    "corrupt_batch",
+    "lr_high",
+    "lr_low",
+    "repeat_batch",
+    "entropy_collapse",
+    "dead_units",
+    "slow_steps",
+    "slow_rank",
+    "throttle_rank",
+    "hang",
+    "loader_stall",
+    "corrupt_checkpoint",
+    "tokenizer_mismatch",
+)
+FAULT_PARAMETERS = (
+    "lr_high_factor",
+    "lr_low_factor",
+    "dead_fraction",
+    "layer",
+    "slow_s",
+    "slow_rank_s",
+    "throttle_factor",
+    "hang_s",
+    "stall_s",
+)
+
+
 @dataclass
 class CallbacksConfig:
     """Optional callbacks by registered name; each one's options in a `[callbacks.<name>]` table

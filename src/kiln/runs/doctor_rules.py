@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kiln.config import FAULT_TRIGGERS
 from kiln.errors import KilnError
 from kiln.runs import doctor_series as series
 from kiln.runs.columns import INT, Table
@@ -58,22 +59,6 @@ PLATEAU_DROP = 0.03  # plateau: the loss fell by less than 3% over the segment
 GRAD_GROWTH = 4.0  # grad_growth: the Theil-Sen trend multiplies the norm by >= 4 ...
 GRAD_GROWTH_QUARTERS = 3.0  # ... and the last quarter's median is >= 3 x the first quarter's
 
-FAULT_TRIGGERS = (
-    "nonfinite_loss",
-    "nonfinite_grad",
-    "corrupt_batch",
-    "lr_high",
-    "lr_low",
-    "repeat_batch",
-    "entropy_collapse",
-    "dead_units",
-    "slow_steps",
-    "slow_rank",
-    "hang",
-    "loader_stall",
-    "corrupt_checkpoint",
-    "tokenizer_mismatch",
-)
 INTERVENTION_KINDS = ("nonfinite", "loss_spike", "persistent_spike", "grad_spike")
 
 

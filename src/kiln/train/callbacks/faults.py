@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from kiln.config import FaultsConfig
+from kiln.config import FAULT_TRIGGERS, FaultsConfig
 from kiln.parallel.tensors import local as _local
 from kiln.parallel.tensors import plain_name as _clean
 from kiln.train.callbacks.base import Callback
@@ -43,26 +43,7 @@ DEAD_BIAS = -30.0
 
 
 def any_fault(cfg: FaultsConfig) -> bool:
-    return any(
-        getattr(cfg, name) not in (0, [], False, -1)
-        for name in (
-            "nonfinite_loss",
-            "nonfinite_grad",
-            "corrupt_batch",
-            "lr_high",
-            "lr_low",
-            "repeat_batch",
-            "entropy_collapse",
-            "dead_units",
-            "slow_steps",
-            "slow_rank",
-            "throttle_rank",
-            "hang",
-            "loader_stall",
-            "corrupt_checkpoint",
-            "tokenizer_mismatch",
-        )
-    )
+    return any(getattr(cfg, name) not in (0, [], False, -1) for name in FAULT_TRIGGERS)
 
 
 class Faults(Callback):

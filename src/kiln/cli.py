@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from kiln.config import load_config, preset_names
+from kiln.config import Config, load_config, preset_names
 from kiln.errors import KilnError
 
 STEP_HELP = (
@@ -370,6 +370,12 @@ def default_run_name(args: argparse.Namespace) -> str:
     return args.name or f"{args.preset or Path(args.config or 'tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config a command's --preset / --config / --set give: the tiny preset when neither a
+    preset nor a file is named; a file layers over a named preset; --set over both."""
+    return load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from kiln.progress import console, quiet
     from kiln.runs.report import summary_table
@@ -387,7 +393,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         summary = resume_run(Path(args.resume), args.overrides)
     else:
-        cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
+        cfg = config_from_args(args)
         # torchrun restarted the job after a failure: continue the run its first attempt started
         restarted = find_restarted_run(Path(args.runs_dir))
         if restarted is not None and (not args.name or restarted.name == args.name):
@@ -429,7 +435,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from kiln.plan.cluster import load_cluster
     from kiln.plan.search import GiB, explain, search
 
-    cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
+    cfg = config_from_args(args)
     cluster = load_cluster(args.cluster)
     if args.action == "profile":
         from kiln.plan.profile import run_profile
@@ -516,7 +522,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from kiln.data.dataset import prepare_data
 
-    cfg = load_config(args.preset or ("tiny" if not args.config else None), args.config, args.overrides)
+    cfg = config_from_args(args)
     data = prepare_data(cfg, log=print)
     m = data.manifest
     if m.get("modality") == "image-text":

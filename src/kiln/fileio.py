@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import TracebackType
 
 
 def sha256_file(path: Path) -> str:
@@ -34,8 +38,6 @@ def quick_digest(path: Path) -> str:
 
 def sha256_files(paths: list[Path], workers: int = 0) -> list[str]:
     """sha256 of each file, several at a time (hashlib releases the GIL on large reads)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=workers or min(32, os.cpu_count() or 1)) as pool:
         return list(pool.map(sha256_file, paths))
 
@@ -47,3 +49,58 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _timed(fn: Callable[[Path], object], path: Path) -> tuple[object, float]:
+    out = fn(path)
+    return out, time.perf_counter()
+
+
+class FlushAndHash:
+    """Flush (fsync) and sha256 files as soon as each is written, on threads: a file is hashed
+    from the page cache while the disk is still taking it, so its checksum costs time only
+    where hashing outlasts the flushing, and no file waits for the last one to be written.
+
+        with FlushAndHash(fsync_path) as files:
+            files.add(a); ...; files.add(b)
+            digests, extra_seconds = files.finish()
+    """
+
+    def __init__(self, fsync: Callable[[Path], None] = fsync_path, hash_workers: int = 0):
+        self._fsync = fsync
+        self._flushers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kiln-fsync")  # waits on the disk
+        cores = os.cpu_count() or 1
+        self._hashers = ThreadPoolExecutor(max_workers=hash_workers or min(4, cores), thread_name_prefix="kiln-sha")
+        self._jobs: list[tuple[Path, Future, Future]] = []
+
+    def __contains__(self, path: object) -> bool:
+        return any(path == added for added, _, _ in self._jobs)
+
+    def add(self, path: Path) -> None:
+        """Start flushing and hashing `path` (written and closed)."""
+        flushed = self._flushers.submit(_timed, self._fsync, path)
+        hashed = self._hashers.submit(_timed, sha256_file, path)
+        self._jobs.append((path, flushed, hashed))
+
+    def finish(self) -> tuple[dict[Path, str], float]:
+        """Wait for every file: ({path: sha256}, seconds the hashing went on after the last
+        flush ended, i.e. what the checksums added to the write)."""
+        flushed_at, hashed_at, digests = time.perf_counter(), 0.0, {}
+        for _, flushed, _ in self._jobs:
+            flushed_at = max(flushed_at, flushed.result()[1])
+        for path, _, hashed in self._jobs:
+            digest, at = hashed.result()
+            digests[path] = str(digest)
+            hashed_at = max(hashed_at, at)
+        return digests, max(0.0, hashed_at - flushed_at)
+
+    def close(self) -> None:
+        """Stop (a failed write's files are not worth finishing)."""
+        self._flushers.shutdown(wait=True, cancel_futures=True)
+        self._hashers.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> FlushAndHash:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

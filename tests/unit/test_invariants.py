@@ -74,7 +74,7 @@ def test_guard_skipped_updates_pass(make, impl):
     cfg = build(*ON, "train.steps=6", "guard.on_nonfinite=skip", f"optim.implementation={impl}")
     summary = start_run(cfg, runs, f"skip-{impl}", callbacks=[NanAt(0, 3)])  # the first update is discarded too
     assert summary["invariant_checks"] == 6
-    assert [e["kind"] for e in events(runs / f"skip-{impl}")] == ["nonfinite", "nonfinite"]
+    assert [e["kind"] for e in events(runs / f"skip-{impl}") if e["kind"] != "checkpoint"] == ["nonfinite", "nonfinite"]
 
 
 def test_rollback_and_resume_pass(make):

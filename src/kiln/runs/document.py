@@ -64,10 +64,17 @@ def fmt(value: Any) -> str:
 # --------------------------------------------------------------------------- figures
 
 
+BOOKKEEPING = {"checkpoint"}  # events.jsonl records of routine work (each committed save's cost), not incidents
+
+
 def _event_xs(run: RunDir, axis: str) -> list[tuple[float, dict[str, Any], bool]]:
     """(x, event, inherited) of the lineage's events: a parent's events before the fork point
-    belong to this run's history too."""
-    events = [(e, inherited) for _, e, inherited in lineage_events(run) if isinstance(e.get("step"), int)]
+    belong to this run's history too. Bookkeeping records (checkpoint costs) are not marked."""
+    events = [
+        (e, inherited)
+        for _, e, inherited in lineage_events(run)
+        if isinstance(e.get("step"), int) and e.get("kind") not in BOOKKEEPING
+    ]
     xs = step_to_x(run, [e["step"] for e, _ in events], axis)
     return [(x, e, inherited) for x, (e, inherited) in zip(xs, events)]
 
@@ -317,7 +324,7 @@ def evaluation_section(run: RunDir) -> list[Block]:
 
 def events_section(run: RunDir) -> list[Block]:
     blocks = [Block("h2", "Guard and run events")]
-    events = lineage_events(run)
+    events = [(owner, e, inherited) for owner, e, inherited in lineage_events(run) if e.get("kind") not in BOOKKEEPING]
     if not events:
         return blocks + [Block("p", "none")]
     rows = []

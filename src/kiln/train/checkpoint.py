@@ -12,21 +12,28 @@ State dicts are keyed by parameter name in both formats (through
 `torch.distributed.checkpoint.state_dict`), so either format loads into any layout: a run saved
 by 2 FSDP ranks resumes in one process and vice versa. A checkpoint is built in
 `step-XXXXXXXX.tmp`, flushed, described by its manifest, then renamed: it exists complete or not
-at all. Each rank computes the checksums of the files it wrote (rank 0 gathers them into the
-manifest), and a load verifies several files at once. Nothing is unpickled from a file Kiln
-did not write.
+at all. Each rank flushes and hashes the files it wrote, each file as soon as it is written and
+while the disk is still taking it (rank 0 gathers the checksums into the manifest); an
+asynchronous save does all of it in the background. A load by one process verifies every file;
+under several, each rank verifies the files it will read (and those no rank reads are shared
+out), and all ranks agree before anything is loaded. Nothing is unpickled from a file Kiln did
+not write or that failed its checksum.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import re
 import shutil
+import time
 import warnings
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,6 +44,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -44,9 +53,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future as TorchFuture
+from torch.utils.serialization import config as serialization_config
 
 from kiln.errors import CheckpointError
-from kiln.fileio import fsync_path, sha256_files
+from kiln.fileio import FlushAndHash, fsync_path, sha256_files
 from kiln.parallel.runtime import Parallel
 from kiln.parallel.tensors import plain_name as _clean
 from kiln.train import lowbit
@@ -71,12 +83,27 @@ def _files(root: Path) -> list[Path]:
 _RANK_FILE = re.compile(r"(?:^|/)(?:__(\d+)_\d+\.distcp|rng-(\d+)\.safetensors)$")
 
 
+def _writer(name: str) -> int:
+    """The rank a checkpoint file's name says wrote it (0 for the shared files)."""
+    m = _RANK_FILE.search(name)
+    return int(m.group(1) or m.group(2)) if m else 0
+
+
 def file_owner(name: str, world: int) -> int:
     """The rank that wrote checkpoint file `name` (a path relative to the checkpoint): a DCP
     shard's or an RNG file's rank; rank 0 for the rest (state, DCP metadata, single-process files)."""
-    m = _RANK_FILE.search(name)
-    rank = int(m.group(1) or m.group(2)) if m else 0
+    rank = _writer(name)
     return rank if rank < world else 0
+
+
+def verification_share(names: Iterable[str], reads: list[set[str]], rank: int) -> set[str]:
+    """What `rank` verifies at a load of `world = len(reads)` ranks: the files it reads, plus its
+    share of the files no rank reads (by their writer's rank, modulo the world size), so every
+    file is verified by some rank."""
+    world = len(reads)
+    read_by_some = set().union(*reads)
+    unread = {n for n in names if n not in read_by_some}
+    return set(reads[rank]) | {n for n in unread if _writer(n) % world == rank}
 
 
 # --------------------------------------------------------------------------- RNG
@@ -202,6 +229,82 @@ def _apply(
 # --------------------------------------------------------------------------- save
 
 
+def _whole(item: WriteItem) -> bool:
+    """A whole tensor or an object (the same on every rank that has it; DCP picks one rank to
+    write it), not a piece of a sharded tensor."""
+    data = item.tensor_data
+    return item.type == WriteItemType.BYTE_IO or data is None or tuple(data.chunk.sizes) == tuple(data.size)
+
+
+class _SplitWriter(dcp.FileSystemWriter):
+    """DCP's file writer with each rank's items in two files: its pieces of sharded tensors
+    (`__<rank>_0.distcp`) and the whole tensors it was picked to write (`__<rank>_1.distcp`:
+    replicated ones such as the optimizer's step counts, which DCP spreads over the ranks). A rank
+    loading the layout it saved then reads, and verifies, its own large file and only others'
+    small ones, instead of every rank's file for a few bytes of each."""
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
+        write = getattr(self, "_write_data", None)  # torch's writer of a queue of files
+        if write is None:  # a torch without it: one file per rank (loads verify more, nothing else changes)
+            return super().write_data(plan, planner)
+        pieces = [item for item in plan.items if not _whole(item)]
+        whole = [item for item in plan.items if _whole(item)]
+        files: queue.Queue = queue.Queue()
+        for n, items in enumerate(part for part in (pieces, whole) if part):
+            name = f"{plan.storage_data.prefix}{n}.distcp"
+            files.put((self.fs.concat_path(self.path, name), name, items))
+        # torch.save's CRC32 of every record took two thirds of its time and no load checks it;
+        # the manifest's sha256, which every load verifies, covers these files. (A process-wide
+        # setting, held only while this rank writes; Kiln runs one save at a time.)
+        crc = serialization_config.save.compute_crc32
+        serialization_config.save.compute_crc32 = False
+        try:
+            return write(planner, files)
+        finally:
+            serialization_config.save.compute_crc32 = crc
+
+
+@dataclass
+class SaveStats:
+    """What one committed save cost: rank 0's clock; hashing is the slowest rank's."""
+
+    step: int
+    started: float = field(default_factory=time.perf_counter)
+    bytes: int = 0  # every file of the checkpoint, every rank's
+    seconds: float = 0.0  # from the save call to the commit
+    gather_seconds: float = 0.0  # collecting the state dicts
+    write_seconds: float = 0.0  # serialising and writing the files (asynchronous: in the background, staging included)
+    hash_seconds: float = 0.0  # hashing that outlasted writing and flushing: what checksums added to the save
+    blocking_seconds: float = 0.0  # the training loop held (asynchronous: staging, and any wait for the rest)
+
+    def event(self) -> dict[str, Any]:
+        """The `events.jsonl` record of the committed save."""
+        return {
+            "kind": "checkpoint",
+            "step": self.step,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "hash_seconds": round(self.hash_seconds, 3),
+            "blocking_seconds": round(self.blocking_seconds, 3),
+        }
+
+
+@dataclass
+class _Share:
+    """One rank's files of a checkpoint, described: {name: {"sha256", "bytes"}}."""
+
+    files: dict[str, dict[str, Any]]
+    hash_seconds: float
+
+
+class UnusableCheckpoint(CheckpointError):
+    """A file some rank was to read failed its check; raised on every rank, before anything is loaded."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"checkpoint {path} is unusable ({problem})")
+        self.path, self.problem = path, problem
+
+
 class Checkpointer:
     """Saves and loads checkpoints under one folder for one job (one process or many)."""
 
@@ -213,8 +316,11 @@ class Checkpointer:
         self.keep = keep
         self.keep_every = keep_every
         self.async_save = async_save and par is not None and par.distributed
-        self._pending: tuple[Future, Path, Path] | None = None
+        self._pending: tuple[Future[None], Path, Path, SaveStats] | None = None
         self._group = None
+        self._background: ThreadPoolExecutor | None = None  # flushes, hashes, commits asynchronous saves
+        self._stager: DefaultStager | None = None  # an asynchronous save's host copy, kept for the next one
+        self.last_save: SaveStats | None = None  # the newest committed save's costs
 
     @property
     def _distributed(self) -> bool:
@@ -224,17 +330,17 @@ class Checkpointer:
     def _rank(self) -> int:
         return self.par.info.rank if self.par is not None else 0
 
-    def _barrier(self) -> None:
-        if self.par is not None:
-            self.par.barrier()
+    @property
+    def _world(self) -> int:
+        return self.par.info.world_size if self._distributed and self.par is not None else 1
 
-    def _agree(self, error: BaseException | None) -> None:
+    def _agree(self, error: BaseException | None, group: Any = None) -> None:
         """Every rank learns whether any rank failed, and all raise together (no rank is left
         waiting in a collective the others have abandoned)."""
         failed = error is not None
         if self._distributed:
             flag = torch.tensor([1 if failed else 0])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
             failed = bool(flag.item())
         if failed:
             if isinstance(error, OSError):
@@ -252,6 +358,7 @@ class Checkpointer:
         save is still being written (`poll` / `wait` commit it). A write failure on any rank
         raises OSError on every rank and leaves earlier checkpoints untouched."""
         self.wait()
+        stats = SaveStats(step)
         final = self.folder / step_dir_name(step)
         tmp = self.folder / (final.name + ".tmp")
         error: BaseException | None = None
@@ -263,9 +370,13 @@ class Checkpointer:
         except OSError as e:
             error = e
         self._agree(error)
+        # Each file is flushed and hashed as soon as it is written (fsync_path looked up now: a test wraps it).
+        files: FlushAndHash | None = FlushAndHash(fsync_path)
+        assert files is not None
         try:
             model_sd = model_state(parts)
             optim_sd = optimizer_state(parts, optimizers)
+            stats.gather_seconds = time.perf_counter() - stats.started
             try:
                 save_file(rng_tensors(), tmp / f"rng-{self._rank}.safetensors")
                 if self._rank == 0:
@@ -273,38 +384,87 @@ class Checkpointer:
                         "step": step,
                         "trainer": trainer_state,
                         "rng": host_rng_state(),
-                        "world_size": self.par.info.world_size if self.par else 1,
+                        "world_size": self._world,
                     }
                     (tmp / "state.json").write_text(json.dumps(state))
             except OSError as e:
                 error = e
             self._agree(error)
+            written = time.perf_counter()
             if self._distributed:
                 payload = {"model": model_sd, "optim": optim_sd}
+                writer = _SplitWriter(str(tmp / "dcp"), sync_files=False)  # flushed with the checksums
                 if self.async_save:
                     if self._group is None:  # the background writer's collectives get a group of their own
                         self._group = torch.distributed.new_group(backend="gloo")
-                    future = dcp.async_save(payload, checkpoint_id=str(tmp / "dcp"), process_group=self._group)
-                    assert isinstance(future, Future)  # no async_stager given: a plain future, not AsyncSaveResponse
-                    self._pending = (future, tmp, final)
+                    if self._stager is None:
+                        # The host copy the background writes from is kept: allocating gigabytes anew
+                        # each save (page faults on every byte) held the step for seconds, copying into
+                        # kept buffers (pinned, on a GPU machine) for a fraction of that.
+                        pinned = torch.cuda.is_available()
+                        self._stager = DefaultStager(StagingOptions(pinned, False, False, False))
+                    future = dcp.async_save(
+                        payload, storage_writer=writer, process_group=self._group, async_stager=self._stager
+                    )
+                    assert isinstance(future, Future)  # synchronous staging: a plain future, not AsyncSaveResponse
+                    if self._background is None:
+                        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-ckpt")
+                    ready = files
+                    done = self._background.submit(self._finish_async, future, ready, tmp, final, stats, written)
+                    files = None  # the background owns it now
+                    stats.blocking_seconds = time.perf_counter() - stats.started
+                    self._pending = (done, tmp, final, stats)
                     return None
                 try:
-                    dcp.save(payload, checkpoint_id=str(tmp / "dcp"))
+                    dcp.save(payload, storage_writer=writer)
                 except CheckpointException as e:  # raised on every rank when any rank's write failed
                     raise OSError(f"distributed checkpoint write failed: {e}") from None
             else:
-                save_file({k: v.detach().contiguous().cpu() for k, v in model_sd.items()}, tmp / "model.safetensors")
+                # the larger file first: its checksum is taken while the other is written
                 _save_optimizer(optim_sd, tmp / "optimizer.safetensors")
-            self._commit(tmp, final, step)
+                files.add(tmp / "optimizer.safetensors")
+                save_file({k: v.detach().contiguous().cpu() for k, v in model_sd.items()}, tmp / "model.safetensors")
+            stats.write_seconds = time.perf_counter() - written
+            ready = files
+            self._commit(tmp, final, stats, lambda: self._describe(tmp, ready))
+            stats.blocking_seconds = stats.seconds
+            self.last_save = stats
         except BaseException:
             if self._rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if files is not None:
+                files.close()
         return final
 
+    def _finish_async(
+        self, future: Future, files: FlushAndHash, tmp: Path, final: Path, stats: SaveStats, written: float
+    ) -> None:
+        """In the background, over the save's own process group: wait for this rank's write,
+        flush and hash its files, and commit the checkpoint with the other ranks (a failure
+        raises the same OSError in every rank's future)."""
+
+        def describe() -> _Share:
+            try:
+                future.result()
+                stats.write_seconds = time.perf_counter() - written
+                return self._describe(tmp, files)
+            except CheckpointException as e:  # raised on every rank when any rank's write failed
+                raise OSError(f"distributed checkpoint write failed: {e}") from None
+            finally:
+                files.close()
+
+        try:
+            self._commit(tmp, final, stats, describe, self._group)
+        except BaseException:
+            if self._rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
     def poll(self) -> Path | None:
-        """Commit a pending asynchronous save if every rank has finished writing it (no waiting);
-        returns the committed path, else None. Every rank must call it at the same steps."""
+        """The path of a pending asynchronous save once every rank's background has committed it
+        (no waiting), else None. Every rank must call it at the same steps."""
         if self._pending is None:
             return None
         done = self._pending[0].done()
@@ -315,60 +475,68 @@ class Checkpointer:
         return self.wait() if done else None
 
     def wait(self) -> Path | None:
-        """Finish a pending asynchronous save and commit it; returns its path (None if there was
-        none). A failed write raises OSError on every rank."""
+        """Wait for a pending asynchronous save to be committed; returns its path (None if there
+        was none). A failed write raises OSError on every rank."""
         if self._pending is None:
             return None
-        future, tmp, final = self._pending
+        done, tmp, final, stats = self._pending
         self._pending = None
-        error: BaseException | None = None
+        held = time.perf_counter()
         try:
-            future.result()
-        except CheckpointException as e:
-            error = OSError(f"distributed checkpoint write failed: {e}")
-        except OSError as e:
-            error = e
-        try:
-            self._agree(error)
-        except BaseException:
-            if self._rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self._commit(tmp, final, checkpoint_step(final))
+            done.result()  # committed in the background, or the OSError every rank's raises
+        finally:
+            stats.blocking_seconds += time.perf_counter() - held  # the loop waited for the background
+        # (a wait that outlasted the commit by the moment it took to return held nothing more)
+        stats.blocking_seconds = min(stats.blocking_seconds, stats.seconds)
+        self.last_save = stats
         return final
 
-    def _describe_share(self, tmp: Path) -> dict[str, dict[str, Any]]:
+    def _describe(self, tmp: Path, files: FlushAndHash) -> _Share:
         """Flush and hash the files this rank wrote (its DCP shards `__<rank>_N.distcp`, its
-        `rng-<rank>.safetensors`; rank 0 also the shared ones), several files at once: no rank
-        reads back another's files."""
-        world = self.par.info.world_size if self._distributed and self.par is not None else 1
-        mine = [f for f in _files(tmp) if file_owner(str(f.relative_to(tmp)), world) == self._rank]
+        `rng-<rank>.safetensors`; rank 0 also the shared ones), those not started yet included:
+        no rank reads back another's files. Each is hashed from the page cache while the disk
+        takes it (measured against hashing as the bytes are written, which made the writes wait
+        for the hash: slower wherever flushing takes time)."""
+        mine = [f for f in _files(tmp) if file_owner(str(f.relative_to(tmp)), self._world) == self._rank]
         for f in mine:
-            fsync_path(f)
-        digests = sha256_files(mine)
-        return {str(f.relative_to(tmp)): {"sha256": d, "bytes": f.stat().st_size} for f, d in zip(mine, digests)}
+            if f not in files:
+                files.add(f)
+        digests, hash_seconds = files.finish()
+        described = {
+            str(f.relative_to(tmp)): {"sha256": digests[f], "bytes": f.stat().st_size} for f in mine if f in digests
+        }
+        return _Share(described, hash_seconds)
 
-    def _commit(self, tmp: Path, final: Path, step: int) -> None:
-        self._barrier()  # every rank's files are on disk
+    def _commit(
+        self, tmp: Path, final: Path, stats: SaveStats, describe: Callable[[], _Share], group: Any = None
+    ) -> None:
+        """Gather every rank's described files into the manifest (rank 0), write it last and
+        rename the folder into place; collectives over `group` (None: the default one)."""
         error: BaseException | None = None
-        # Every rank hashes a share of the files (a checkpoint of a large model is terabytes: one
-        # rank reading back what all ranks wrote took as long as the write many times over).
-        entries: dict[str, dict[str, Any]] = {}
+        # Every rank describes its own files (a checkpoint of a large model is terabytes: one rank
+        # reading back what all ranks wrote took as long as the write many times over).
+        share = _Share({}, 0.0)
         try:
-            entries = self._describe_share(tmp)
+            share = describe()
         except OSError as e:
             error = e
-        self._agree(error)
+        self._agree(error, group)
+        entries, stats.hash_seconds = share.files, share.hash_seconds
         if self._distributed:
             shares: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.gather_object(entries, shares if self._rank == 0 else None, dst=0)
+            torch.distributed.gather_object(
+                (share.files, share.hash_seconds), shares if self._rank == 0 else None, dst=0, group=group
+            )
             if self._rank == 0:
-                entries = {name: meta for share in shares for name, meta in share.items()}
+                entries = {name: meta for files, _ in shares for name, meta in files.items()}
+                stats.hash_seconds = max(seconds for _, seconds in shares)
         if self._rank == 0:
             try:
                 manifest = {"format": FORMAT, "files": dict(sorted(entries.items()))}
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
                 fsync_path(tmp / "manifest.json")
+                for folder in sorted({f.parent for f in _files(tmp)}):  # the new files' directory entries
+                    fsync_path(folder)
                 old = None
                 if final.exists():  # re-saving a step (e.g. after a rollback): keep the old copy until the new is in
                     old = final.with_name(final.name + ".old")
@@ -378,10 +546,12 @@ class Checkpointer:
                 fsync_path(self.folder)
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True)
-                self._retain(step)
+                self._retain(stats.step)
+                stats.bytes = sum(meta["bytes"] for meta in entries.values())
             except OSError as e:
                 error = e
-        self._agree(error)
+        self._agree(error, group)
+        stats.seconds = time.perf_counter() - stats.started
 
     def _retain(self, current: int) -> None:
         """Keep the newest `keep` checkpoints up to `current` plus every `keep_every`-th step;
@@ -409,17 +579,77 @@ class Checkpointer:
         A rank whose RNG state the checkpoint lacks (saved at a smaller world size) is seeded
         with `rng_seed` instead of copying another rank's (which would share its dropout masks).
         Parameters in `new_tensors` that the checkpoint lacks keep their initial values and
-        start with no optimizer state."""
-        load_weights(path, parts, optimizers, new_tensors)
-        state = read_state(path)
+        start with no optimizer state. Under several ranks each verifies the files it reads
+        first; a damaged one raises UnusableCheckpoint on every rank, with nothing loaded."""
         rng_file = path / f"rng-{self._rank}.safetensors"
-        if rng_file.is_file():
-            set_rng_state(load_file(rng_file), state["rng"])
-        else:
-            set_rng_state(load_file(path / "rng-0.safetensors"), state["rng"])  # host RNGs, CUDA layout
-            if rng_seed is not None:
-                torch.manual_seed(rng_seed)
+        if not rng_file.is_file():
+            rng_file = path / "rng-0.safetensors"  # host RNGs, CUDA layout
+        check = None
+        if self._distributed:
+            # first what the plan is made from (the DCP metadata is a pickle), then the data files
+            small = {"state.json", rng_file.name} | ({"dcp/.metadata"} if (path / "dcp").is_dir() else set())
+            self._verify_reads(path, small, share_unread=False)
+            check = lambda reads: self._verify_reads(path, reads | small, verified=small)  # noqa: E731
+        load_weights(path, parts, optimizers, new_tensors, before_reading=check)
+        state = read_state(path)
+        set_rng_state(load_file(rng_file), state["rng"])
+        if rng_file.name != f"rng-{self._rank}.safetensors" and rng_seed is not None:
+            torch.manual_seed(rng_seed)
         return state
+
+    def _verify_reads(
+        self, path: Path, reads: set[str], verified: AbstractSet[str] = frozenset(), share_unread: bool = True
+    ) -> None:
+        """Each rank verifies `reads` (the checkpoint files it will read; those in `verified`
+        are done already) and, with `share_unread`, its share of the files no rank reads; every
+        rank then raises the same UnusableCheckpoint if any rank found a problem. Collective."""
+        files, problem = _manifest_files(path)
+        world = torch.distributed.get_world_size()
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, (sorted(reads), problem))
+        problem = next((p for _, p in gathered if p), None)
+        if problem is None:
+            mine = reads
+            if share_unread:
+                mine = verification_share(files, [set(r) for r, _ in gathered], self._rank)
+            problem = check_files(path, files, sorted(mine - verified))
+            problems: list[Any] = [None] * world
+            torch.distributed.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p), None)
+        if problem is not None:
+            raise UnusableCheckpoint(path, problem)
+
+    def fallback(self, unusable: UnusableCheckpoint, warn: Callable[[str], None] = print) -> Path:
+        """The checkpoint to load instead of one a rank found damaged at load: the newest valid
+        one before it (rank 0 chooses for every rank), provided it was saved by the same kind of
+        run (the trainer was built for the damaged one's precision and data order)."""
+        path, problem = unusable.path, unusable.problem
+        warn(f"warning: checkpoint {path} is unusable ({problem}); trying the previous one")
+        assert self.par is not None  # only a distributed load verifies at load
+        previous = newest_checkpoint(path.parent, self.par, warn, max_step=checkpoint_step(path) - 1)
+        if previous is None:
+            raise CheckpointError(
+                f"checkpoint {path} is unusable ({problem}) and no earlier checkpoint is valid; "
+                "move it aside to start the run again from step 0"
+            )
+        was, now = read_state(path)["trainer"], read_state(previous)["trainer"]
+        for key in ("precision", "order", "data_key"):
+            if was.get(key) != now.get(key):
+                raise CheckpointError(
+                    f"checkpoint {path} is unusable ({problem}) and the previous one, {previous.name}, was saved "
+                    f"with another {key}; move {path.name} aside and resume again"
+                )
+        return previous
+
+
+def _dcp_reads(folder: Path, payload: dict[str, Any], metadata: Any, partial: bool) -> set[str]:
+    """The DCP files this rank's load of `payload` will read (relative to the checkpoint): its
+    load plan's items and where the metadata stores them (under resharding, pieces of several
+    ranks' files; the same layout, its own)."""
+    planner = dcp.DefaultLoadPlanner(allow_partial_load=partial)
+    planner.set_up_planner(dict(payload), metadata, is_coordinator=False)  # a copy: planning rebinds its keys
+    storage = metadata.storage_data
+    return {f"{folder.name}/{storage[item.storage_index].relative_path}" for item in planner.create_local_plan().items}
 
 
 def load_weights(
@@ -427,9 +657,12 @@ def load_weights(
     parts: list[nn.Module],
     optimizers: list[torch.optim.Optimizer] | None = None,
     new_tensors: tuple[str, ...] | set[str] = (),
+    before_reading: Callable[[set[str]], None] | None = None,
 ) -> None:
     """Load model (and optimizer) state from either format into `parts`, whatever their layout.
-    Parameters in `new_tensors` may be absent from the checkpoint (see `Checkpointer.load`)."""
+    Parameters in `new_tensors` may be absent from the checkpoint (see `Checkpointer.load`).
+    `before_reading(names)` is called with the checkpoint files this load will read (relative
+    to `path`) before any of their data is read (the DCP metadata is read to plan it)."""
     allowed = set(new_tensors)
     if (path / "dcp").is_dir():
         model_sd = model_state(parts)
@@ -438,19 +671,26 @@ def load_weights(
             payload["optim"] = optimizer_state(parts, optimizers)
         absent: set[str] = set()
         planner = None
+        metadata = None
+        if allowed or before_reading is not None:
+            metadata = dcp.FileSystemReader(str(path / "dcp")).read_metadata()
         if allowed:
-            saved = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
-            absent = {k for k in model_sd if f"model.{k}" not in saved}
+            assert metadata is not None
+            absent = {k for k in model_sd if f"model.{k}" not in metadata.state_dict_metadata}
             planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
         if absent - allowed:
             raise CheckpointError(
                 f"the checkpoint lacks parameters {sorted(absent - allowed)[:3]}; was the model shape changed?"
             )
+        if before_reading is not None:
+            before_reading(_dcp_reads(path / "dcp", payload, metadata, partial=bool(allowed)))
         with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(payload, checkpoint_id=str(path / "dcp"), planner=planner)
         _apply(parts, optimizers or [], payload["model"], payload.get("optim"), full=False, new_tensors=absent)
     else:
+        if before_reading is not None:
+            before_reading({"model.safetensors", *(["optimizer.safetensors"] if optimizers else [])})
         model_sd = load_file(path / "model.safetensors")
         optim_sd = _load_optimizer(path / "optimizer.safetensors") if optimizers else None
         absent = {_clean(n) for part in parts for n, _ in part.named_parameters()} - set(model_sd)
@@ -484,42 +724,71 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """None if `path` is complete and every checksum matches, else what is wrong."""
+def _manifest_files(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The manifest's {name: {"sha256", "bytes"}}, or what is wrong with the manifest."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
-        return "no manifest (incomplete write)"
+        return {}, "no manifest (incomplete write)"
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:
-        return "unreadable manifest"
+        return {}, "unreadable manifest"
     if manifest.get("format") != FORMAT:
-        return f"unknown format {manifest.get('format')!r}"
-    files = manifest["files"]
-    for name, meta in files.items():  # the cheap checks first
+        return {}, f"unknown format {manifest.get('format')!r}"
+    return manifest["files"], None
+
+
+def check_files(path: Path, files: dict[str, dict[str, Any]], names: list[str], hashed: bool = True) -> str | None:
+    """None if each of `names` is on disk as the manifest `files` describes it, else the first
+    problem: every size first (cheap), then (`hashed`) every sha256, several files at once."""
+    for name in names:
+        if name not in files:
+            return f"{name} is not in the manifest"
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != meta["bytes"]:
+        if file.stat().st_size != files[name]["bytes"]:
             return f"{name} does not match its checksum"
-    digests = sha256_files([path / name for name in files])  # several files at once
-    for (name, meta), digest in zip(files.items(), digests):
-        if digest != meta["sha256"]:
-            return f"{name} does not match its checksum"
+    if hashed:
+        for name, digest in zip(names, sha256_files([path / name for name in names])):
+            if digest != files[name]["sha256"]:
+                return f"{name} does not match its checksum"
     return None
 
 
-def latest_valid_checkpoint(folder: Path, warn=print, max_step: int | None = None) -> Path | None:
-    """The newest checkpoint (at most `max_step`) that verifies; corrupt newer ones are
-    reported and skipped."""
+def verify_checkpoint(path: Path, deep: bool = True) -> str | None:
+    """None if `path` is complete and every checksum matches, else what is wrong. Not `deep`:
+    the manifest, every file's presence and size, and the checksum of state.json only (what
+    choosing a checkpoint reads; the loading ranks verify the rest)."""
+    files, problem = _manifest_files(path)
+    if problem is not None:
+        return problem
+    names = list(files)
+    problem = check_files(path, files, names, hashed=deep)
+    if problem is None and not deep and "state.json" in files:
+        problem = check_files(path, files, ["state.json"])
+    return problem
+
+
+def latest_valid_checkpoint(folder: Path, warn=print, max_step: int | None = None, deep: bool = True) -> Path | None:
+    """The newest checkpoint (at most `max_step`) that verifies (`deep`: see verify_checkpoint);
+    corrupt newer ones are reported and skipped."""
     for path in reversed(list_checkpoints(folder)):
         if max_step is not None and checkpoint_step(path) > max_step:
             continue
-        problem = verify_checkpoint(path)
+        problem = verify_checkpoint(path, deep)
         if problem is None:
             return path
         warn(f"warning: checkpoint {path} is unusable ({problem}); trying the previous one")
     return None
+
+
+def newest_checkpoint(folder: Path, par: Parallel, warn=print, max_step: int | None = None) -> Path | None:
+    """The newest valid checkpoint (at most `max_step`), chosen by rank 0 for every rank. One
+    process verifies every file here; under several, rank 0 checks the manifest, the sizes and
+    state.json, and each rank verifies the files it reads when it loads (`Checkpointer.load`)."""
+    deep = not par.distributed
+    return par.broadcast(par.main_first(lambda: latest_valid_checkpoint(folder, warn, max_step, deep=deep)))
 
 
 def export_safetensors(path: Path, model: nn.Module, out: Path) -> Path:

@@ -114,7 +114,7 @@ def resume_run(
     data = _prepare_everywhere(cfg, par)
     if par.is_main and not run.tokenizer_path.is_file():  # created but never trained (kiln fork --no-train)
         data.tokenizer.save(run.tokenizer_path)
-    latest = par.broadcast(par.main_first(lambda: run.latest_checkpoint(warn=_log)))
+    latest = ckpt.newest_checkpoint(run.checkpoints, par, warn=_log)  # ranks verify what they read at load
     state = None
     if latest is not None:
         state = ckpt.read_state(latest)
@@ -128,7 +128,7 @@ def resume_run(
     trainer = build_trainer(cfg, spec, run, data, par, resume_state=state, callbacks=callbacks)
     if latest is not None:
         trainer.restore(latest)
-        _log(f"resumed {path} from {latest.name}")
+        _log(f"resumed {path} from {ckpt.step_dir_name(trainer.step)}")  # an earlier one if a rank found it damaged
     elif par.is_main:
         run.truncate_after(0)
         _log(f"{path} has no valid checkpoint; starting it from step 0")

@@ -31,7 +31,7 @@ from kiln.syncs import SyncCounter
 from kiln.train.callbacks.base import CallbackList
 from kiln.train.callbacks.checkpointing import CheckpointPolicy
 from kiln.train.callbacks.recorder import MetricRecorder
-from kiln.train.checkpoint import Checkpointer, checkpoint_step
+from kiln.train.checkpoint import Checkpointer, UnusableCheckpoint, checkpoint_step, newest_checkpoint
 from kiln.train.guard import Guard, GuardStop, add_range, data_index
 from kiln.train.module import TrainModule
 from kiln.train.optim import lr_at
@@ -286,13 +286,16 @@ class Trainer:
     def restore(self, path: Path, keep_events: bool = False) -> None:
         """Model, optimizer, RNG, step, guard and callback states as checkpoint `path` saved them;
         the run folder forgets what was written after it."""
-        saved = self.checkpointer.load(
-            path,
-            self.module.parts,
-            self.module.optimizers,
-            rng_seed=self.rng_seed_for(path),
-            new_tensors=self.new_tensors,
-        )
+        try:
+            saved = self.checkpointer.load(
+                path,
+                self.module.parts,
+                self.module.optimizers,
+                rng_seed=self.rng_seed_for(path),
+                new_tensors=self.new_tensors,
+            )
+        except UnusableCheckpoint as unusable:  # a rank found a file it reads damaged; nothing was loaded
+            return self.restore(self.checkpointer.fallback(unusable, self.say), keep_events)
         self.step = saved["step"]
         trainer_state = saved["trainer"]
         lineage = self.run.lineage() or {}
@@ -365,8 +368,7 @@ class Trainer:
         policy = self.callbacks.find(CheckpointPolicy)
         if policy is not None:
             policy.flush(self)  # an asynchronous save in flight is committed (or its failure handled) first
-        found = self.par.main_first(lambda: self.run.latest_checkpoint(self.say, max_step=spike_step))
-        return self.par.broadcast(found)
+        return newest_checkpoint(self.run.checkpoints, self.par, self.say, max_step=spike_step)
 
     def _rollback(self, path: Path, event: dict[str, Any]) -> None:
         assert self.guard is not None  # only the guard's events roll back

@@ -1,7 +1,9 @@
 """Checkpoint policy: when to save (every `checkpoint.every` steps and at the end), what a failed
 write does (`checkpoint.on_error`: stop with a message, or continue without it), and the
 `on_checkpoint` event once a checkpoint is committed — for an asynchronous save that is when
-every rank has finished writing it, found at a logging step or at the next save."""
+every rank has finished writing it, found at a logging step or at the next save. Each committed
+save is recorded in events.jsonl: {"kind": "checkpoint", "step", "bytes", "seconds",
+"hash_seconds", "blocking_seconds"} (see kiln.train.checkpoint.SaveStats)."""
 
 from __future__ import annotations
 
@@ -69,8 +71,12 @@ class CheckpointPolicy(Callback):
                 self._committed(trainer, self._guarded(trainer, trainer.checkpointer.wait))
 
     def _committed(self, trainer, path: Path | None) -> None:
-        if path is not None:
-            trainer.callbacks.on_checkpoint(trainer, checkpoint_step(path), path)
+        if path is None:
+            return
+        stats = getattr(trainer.checkpointer, "last_save", None)  # a stand-in checkpointer may keep none
+        if trainer.is_main and stats is not None and stats.step == checkpoint_step(path):
+            trainer.run.log_event(stats.event())  # what it cost: bytes, seconds, hashing, the loop held
+        trainer.callbacks.on_checkpoint(trainer, checkpoint_step(path), path)
 
     def _guarded(self, trainer, write: Callable[[], Path | None]) -> Path | None:
         try:

@@ -23,7 +23,7 @@ class Throughput(Callback):
         super().__init__(options)
         self.peak: float | None = None
         self.peak_source = ""
-        self.rates: list[float] = []
+        self.rate_sum, self.rate_count = 0.0, 0  # a running mean: nothing kept per interval
 
     def on_run_start(self, trainer) -> None:
         from kiln.scaling.flops import peak_tflops
@@ -51,7 +51,8 @@ class Throughput(Callback):
         seconds = now - self.t_last - (trainer.pause_seconds - self.pause_last)
         rate = (trainer.step - self.step_last) * trainer.tokens_per_step / max(seconds, 1e-9)
         if self.step_last > self.start_step or trainer.step - self.start_step > 1:
-            self.rates.append(rate)  # the first interval carries warm-up and compilation
+            self.rate_sum += rate  # the first interval carries warm-up and compilation
+            self.rate_count += 1
         self._mark(trainer)
         tflops = rate * self.fpt / 1e12
         trainer.record_metric("tokens_per_s", rate, reduce="min")  # the slowest rank sets the pace
@@ -61,7 +62,7 @@ class Throughput(Callback):
         trainer.record_metric("peak_mem_gb", peak_memory_gb(trainer.device), reduce="max")
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
-        tok_s = sum(self.rates) / len(self.rates) if self.rates else trainer.last_record.get("tokens_per_s", 0.0)
+        tok_s = self.rate_sum / self.rate_count if self.rate_count else trainer.last_record.get("tokens_per_s", 0.0)
         tflops = tok_s * self.fpt / 1e12
         if self.peak and tflops > self.peak and trainer.device.type == "cpu":
             from kiln.scaling.flops import raise_cpu_peak

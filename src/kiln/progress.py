@@ -37,6 +37,19 @@ class _Rate(ProgressColumn):
         return Text(f"{task.speed:,.1f} {self.unit}/s" if task.speed else "")
 
 
+class _ExtraRate(ProgressColumn):
+    """A second count's rate (e.g. tokens written while megabytes are read), from the task's fields."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        count = task.fields.get("extra", 0.0)
+        return Text(f"{count / elapsed:,.0f} {self.unit}/s" if elapsed > 0 and count else "")
+
+
 def progress_bar(
     items: Iterable[T],
     description: str,
@@ -44,10 +57,12 @@ def progress_bar(
     every_s: float = 10.0,
     weight: Callable[[T], float] | None = None,
     total: float | None = None,
+    extra: tuple[Callable[[], float], str] | None = None,
 ) -> Iterator[T]:
     """Yield `items`, showing a bar on a terminal or a line every `every_s` seconds elsewhere, with
     the rate and an ETA. `weight(item)`: how much of `total` an item is (e.g. megabytes of text);
-    by default each item counts 1 and the total is `len(items)`."""
+    by default each item counts 1 and the total is `len(items)`. `extra` = (count, unit): a second
+    running count whose rate is shown too (tokens written while text is read)."""
     if total is None and weight is None and isinstance(items, Sized):
         total = len(items)
     if quiet():
@@ -61,6 +76,7 @@ def progress_bar(
             MofNCompleteColumn() if weight is None else TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
             TextColumn(unit),
             _Rate(unit),
+            *([_ExtraRate(extra[1])] if extra else []),
             TimeRemainingColumn(),
             console=console,
             transient=True,
@@ -68,7 +84,10 @@ def progress_bar(
             task = bar.add_task(description, total=total)
             for item in items:
                 yield item
-                bar.advance(task, size(item))
+                if extra:
+                    bar.update(task, advance=size(item), extra=extra[0]())
+                else:
+                    bar.advance(task, size(item))
         return
     last = time.perf_counter()
     start = last
@@ -81,10 +100,9 @@ def progress_bar(
             last = now
             rate = done / (now - start)
             eta = f", ETA {format_seconds((total - done) / rate)}" if total and rate else ""
-            print(
-                f"{description}: {done:,.0f}/{f'{total:,.0f}' if total else '?'} {unit} ({rate:,.1f} {unit}/s){eta}",
-                flush=True,
-            )
+            also = f", {extra[0]() / (now - start):,.0f} {extra[1]}/s" if extra else ""
+            of = f"{total:,.0f}" if total else "?"
+            print(f"{description}: {done:,.0f}/{of} {unit} ({rate:,.1f} {unit}/s{also}){eta}", flush=True)
 
 
 def format_seconds(seconds: float) -> str:

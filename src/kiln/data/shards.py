@@ -370,7 +370,8 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             save_progress(tmp, {**state, "tokenizer_sha256": tok.sha256})
 
         if in_memory is None:
-            encoded = stream.progress_mb(items(None, stream.SplitCounts()), "tokenising", counts)
+            written = lambda: float(writers[False].tokens + writers[True].tokens)  # noqa: E731
+            encoded = stream.progress_mb(items(None, stream.SplitCounts()), "tokenising", counts, written)
             checkpoint((progress or {}).get("items", 0))  # the tokenizer is kept from here on
         else:
             encoded = ((v, t) for v, texts in ((False, in_memory[0]), (True, in_memory[1])) for t in texts)

@@ -64,11 +64,18 @@ def drain(items: Iterable[object]) -> None:
     deque(items, maxlen=0)
 
 
-def progress_mb(items: Iterable[tuple[bool, str]], label: str, counts: SplitCounts) -> Iterator[tuple[bool, str]]:
+def progress_mb(
+    items: Iterable[tuple[bool, str]],
+    label: str,
+    counts: SplitCounts,
+    tokens: Callable[[], float] | None = None,
+) -> Iterator[tuple[bool, str]]:
     """A pass after the counting one: progress in megabytes of text (characters), its rate and
-    ETA, against the total the counting pass found (one big JSONL file shows progress too)."""
+    ETA, against the total the counting pass found (one big JSONL file shows progress too);
+    `tokens()`, when given, counts the tokens written, shown as tokens/s."""
     total = (counts.train_chars + counts.val_chars) / 2**20
-    return progress_bar(items, label, unit="MB", weight=lambda item: len(item[1]) / 2**20, total=total)
+    extra = (tokens, "tokens") if tokens is not None else None
+    return progress_bar(items, label, unit="MB", weight=lambda item: len(item[1]) / 2**20, total=total, extra=extra)
 
 
 def piece_key(piece: str) -> str:

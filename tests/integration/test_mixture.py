@@ -227,3 +227,16 @@ def test_weights_that_sum_to_zero_are_refused(setup):
     _, cfg, _ = setup
     with pytest.raises(KilnError, match="sum to 0"):
         cfg("data.sources.alpha.weight=0", "data.sources.beta.weight=0")
+
+
+def test_the_report_shows_the_mix_and_what_each_source_gave(setup, tmp_path):
+    from kiln.runs.document import write_report
+
+    root, _, _ = setup
+    write_report(root / "runs" / "full", tmp_path / "report", log=lambda _: None)
+    text = (tmp_path / "report" / "report.md").read_text()
+    section = text[text.index("## Data mixture") : text.index("## Guard and run events")]
+    records = jsonl(root / "runs" / "full" / "metrics.jsonl")
+    assert "| alpha |" in section and "| 75.0% |" in section and f"| {records[-1]['tokens/alpha']:,}" in section
+    assert "| beta |" in section and "| 25.0% |" in section
+    assert f"| {STAGE} | alpha 1, beta 1 |" in section

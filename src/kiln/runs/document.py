@@ -345,6 +345,45 @@ def events_section(run: RunDir) -> list[Block]:
     return blocks + [Block("table", columns=columns, rows=rows)]
 
 
+def mixture_section(run: RunDir) -> list[Block]:
+    """A mixture's sources (weights, limits, what was drawn from each, each one's last validation
+    loss) and its stages; nothing for a single corpus."""
+    data = run.config_dict().get("data") or {}
+    sources, stages = data.get("sources") or [], data.get("stages") or []
+    if not sources:
+        return []
+    last, summary = run.last_metrics(), run.summary() or {}
+    weights = sum(float(s.get("weight", 0)) for s in sources) or 1.0
+    drawn = {s["name"]: last.get(f"tokens/{s['name']}") for s in sources}
+    counted = {k: float(v) for k, v in drawn.items() if isinstance(v, (int, float))}
+    total = sum(counted.values())
+    rows = [
+        [
+            fmt(s.get("name")),
+            fmt(s.get("corpus")),
+            f"{float(s.get('weight', 0)) / weights:.1%}",
+            fmt(s.get("max_epochs") or "no limit"),
+            fmt(drawn[s["name"]]),
+            f"{counted[s['name']] / total:.1%}" if total and s["name"] in counted else DASH,
+            fmt(summary.get(f"val_loss/{s['name']}")),
+        ]
+        for s in sources
+    ]
+    columns = ["source", "corpus", "weight", "max epochs", "tokens drawn", "share drawn", "final val loss"]
+    blocks = [Block("h2", "Data mixture"), Block("table", columns=columns, rows=rows)]
+    if stages:
+        stage_rows = [
+            [
+                fmt(st.get("start")) if st.get("start", -1) >= 0 else f"{st.get('start_fraction', 0):.0%} of the steps",
+                ", ".join(f"{k} {v:g}" for k, v in (st.get("weights") or {}).items()),
+            ]
+            for st in stages
+        ]
+        blocks += [Block("p", "Stages (the weights from each start on):")]
+        blocks += [Block("table", columns=["from step", "weights"], rows=stage_rows)]
+    return blocks
+
+
 def summary_section(run: RunDir) -> list[Block]:
     blocks = [Block("h2", "Summary")]
     summary = run.summary()
@@ -381,7 +420,7 @@ def build_blocks(run: RunDir, figures: list[tuple[str, Path]]) -> list[Block]:
         blocks += [Block("img", caption, image=path) for caption, path in figures]
     else:
         blocks.append(Block("p", "none: no training steps were logged"))
-    blocks += evaluation_section(run) + events_section(run) + lineage_section(run)
+    blocks += evaluation_section(run) + mixture_section(run) + events_section(run) + lineage_section(run)
     blocks += summary_section(run) + config_section(run)
     return blocks
 

@@ -137,3 +137,20 @@ def test_choosing_a_checkpoint_without_reading_it_all(tmp_path, damage):
     chosen = latest_valid_checkpoint(tmp_path, warn=warned.append, deep=False)
     assert chosen == (newest if damage == "flip" else older)
     assert len(warned) == (damage != "flip")
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    """kiln.fileio's one mechanism for atomic files (runs, plots, caches, exports): a block that
+    fails leaves the old content and no temporary file; one that ends replaces it whole."""
+    import pytest as _pytest
+
+    from kiln.fileio import atomic_path, write_atomic
+
+    target = tmp_path / "deep" / "file.json"
+    write_atomic(target, "old")
+    with _pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["file.json"]
+    write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in target.parent.iterdir()) == ["file.json"]

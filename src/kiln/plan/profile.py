@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import Config
+from kiln.fileio import write_atomic
 
 
 @dataclass(frozen=True)
@@ -320,8 +321,5 @@ def run_profile(
         f"FSDP {link.fsdp_unit_s * 1e3:.1f} ms per unit and TP {link.tp_block_s * 1e3:.1f} ms + "
         f"{link.tp_block_per_seq_s * 1e3:.1f} ms per sequence per block, per micro-batch"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1))
     return path

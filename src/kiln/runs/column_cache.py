@@ -32,6 +32,7 @@ from typing import IO, Any
 import numpy as np
 
 from kiln.errors import DataError
+from kiln.fileio import write_atomic
 from kiln.runs.columns import ABSENT, Chunk, Table, columns_of, merge, parse_lines, parse_tail
 
 VERSION = 1
@@ -141,9 +142,7 @@ class Store:
         return meta if isinstance(meta, dict) and meta.get("version") == VERSION else None
 
     def _commit(self) -> None:
-        tmp = self.folder / f"meta.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(self.meta))
-        os.replace(tmp, self.folder / "meta.json")
+        write_atomic(self.folder / "meta.json", json.dumps(self.meta))
 
     def _fresh(self, st: os.stat_result) -> dict[str, Any]:
         return {

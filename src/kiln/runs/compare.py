@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
-from kiln.runs.curves import Curve, lineage_curves, number, pyplot, save_figure, series_keys, source_of, write_atomic
+from kiln.fileio import write_atomic
+from kiln.runs.curves import Curve, lineage_curves, number, pyplot, save_figure, series_keys, source_of
 from kiln.runs.downsample import minmax
 from kiln.runs.rundir import RunDir
 

@@ -5,13 +5,13 @@ for what those commands produce."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from kiln.fileio import atomic_path
 from kiln.runs.columns import BIGINT, BOOL, FLOAT, INT, Table
 from kiln.runs.rundir import RunDir
 
@@ -200,26 +200,11 @@ def step_to_x(run: RunDir, steps: list[int], axis: str) -> list[float]:
 # --------------------------------------------------------------------------- writing files
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Readers see the old file or the new one, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_figure(fig: Any, path: Path, dpi: int) -> None:
     """A matplotlib figure as PNG, atomically, at exactly figsize × dpi pixels (no tight bbox)
     and without the Software metadata (which names a web address)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, dpi=dpi, format="png", metadata={"Software": None})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", metadata={"Software": None})
 
 
 def pyplot():

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from kiln.runs.curves import lineage_curves, lineage_events, number, pyplot, save_figure, step_to_x, write_atomic
+from kiln.fileio import write_atomic
+from kiln.runs.curves import lineage_curves, lineage_events, number, pyplot, save_figure, step_to_x
 from kiln.runs.downsample import minmax
 from kiln.runs.rundir import RunDir
 

@@ -13,7 +13,6 @@ is unpickled on load), plus `kiln.*` metadata naming the run, step and scheme.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kiln.errors import CheckpointError, KilnError
+from kiln.fileio import atomic_path
 from kiln.kernels.ao import stored_bytes, torchao
 
 SCHEMES = ("int8", "int4")
@@ -78,12 +78,8 @@ def export_quantized(path: Path, out: Path, step: int | None, scheme: str) -> tu
     support = torchao("prototype.safetensors.safetensors_support", f"--quantize {scheme}")
     tensors, meta = support.flatten_tensor_state_dict(model.state_dict())
     meta = {**meta, "kiln.quantize": scheme, "kiln.step": str(loaded.step), "kiln.run": run.path.name}
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:  # whole or not at all: a failed export never leaves half a file
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, out)  # whole or not at all: a failed export never leaves half a file
-    finally:
-        tmp.unlink(missing_ok=True)
     return out, {"layers": n, "weight_bytes": weight_bytes(model), "full_weight_bytes": before}
 
 

@@ -25,7 +25,6 @@ whatever layout saved it, without the trainer.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.config import Config, file_dict, from_dict, to_toml
 from kiln.errors import CheckpointError, KilnError
+from kiln.fileio import write_atomic
 from kiln.version import __version__
 
 if TYPE_CHECKING:  # torch and the checkpoint code load on first use: `kiln runs` needs neither
@@ -145,11 +145,7 @@ class RunDir:
     # ------------------------------------------------------------------ writing
     def write_text(self, name: str, text: str) -> None:
         """Write a file atomically: readers see the old or the new content, never a mix."""
-        target = self.path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        write_atomic(self.path / name, text)
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_text(name, json.dumps(obj, indent=2) + "\n")

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from kiln.config import ModelConfig
+from kiln.fileio import write_atomic
 from kiln.model.registry import get_spec, padded_vocab
 
 
@@ -149,10 +150,7 @@ def _read_cache(path: Path) -> dict[str, float]:
 
 def _write_cache(path: Path, cache: dict[str, float]) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(cache, indent=1))
     except OSError:
         pass  # an unwritable cache only costs a re-measurement next time
 

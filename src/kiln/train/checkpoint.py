@@ -58,7 +58,7 @@ from torch.futures import Future as TorchFuture
 from torch.utils.serialization import config as serialization_config
 
 from kiln.errors import CheckpointError
-from kiln.fileio import FlushAndHash, fsync_path, sha256_files
+from kiln.fileio import FlushAndHash, atomic_path, fsync_path, sha256_files
 from kiln.parallel.runtime import Parallel
 from kiln.parallel.tensors import plain_name as _clean
 from kiln.train import lowbit
@@ -799,7 +799,6 @@ def export_safetensors(path: Path, model: nn.Module, out: Path) -> Path:
 
 def write_safetensors(model: nn.Module, out: Path) -> Path:
     """The model's full weights as one safetensors file, written atomically."""
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
     return out

@@ -8,9 +8,9 @@ import pytest
 import torch
 from reliability_helpers import read_jsonl, tiny  # noqa: F401  (tiny is a fixture)
 
+from kiln.data.skips import add_range, data_index
 from kiln.errors import KilnError
 from kiln.train.callbacks import Callback
-from kiln.train.guard import add_range, data_index
 from kiln.train.session import resume_run, start_run
 
 

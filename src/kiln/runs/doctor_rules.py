@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln.config import FAULT_TRIGGERS
+from kiln.data.skips import add_range, data_index, skipped_ranges
 from kiln.errors import KilnError
 from kiln.runs import doctor_series as series
 from kiln.runs.columns import INT, Table
 from kiln.runs.rundir import RunDir
 from kiln.train import checkpoint as ckpt
-from kiln.train.guard import add_range, data_index
 
 if TYPE_CHECKING:
     from kiln.config import Config
@@ -239,7 +239,7 @@ class Context:
                 state = ckpt.read_state(path)["trainer"]
             except (OSError, ValueError, KeyError):
                 continue
-            ranges = [list(r) for r in state.get("skipped", (state.get("guard") or {}).get("skipped", []))]
+            ranges = skipped_ranges(state)
             break
         extra = list(self.lineage.get("skip_batches", []))
         extra += [e["batches_skipped"] for e in self.events if e.get("kind") == "rollback" and e.get("batches_skipped")]
@@ -254,7 +254,7 @@ class Context:
 
     def next_batch(self, path: Path) -> int:
         state = ckpt.read_state(path)["trainer"]
-        skipped = state.get("skipped", (state.get("guard") or {}).get("skipped", []))
+        skipped = skipped_ranges(state)
         return data_index(ckpt.checkpoint_step(path), skipped)
 
     # ---------------------------------------------------------------- learning rate

@@ -48,7 +48,7 @@ class Fork:
 
 def parse_skip_ranges(values: list[str]) -> list[list[int]]:
     """`A:B` strings -> sorted, merged [A, B] ranges (inclusive)."""
-    from kiln.train.guard import add_range
+    from kiln.data.skips import add_range
 
     ranges: list[list[int]] = []
     for text in values:
@@ -134,7 +134,7 @@ def plan_fork(
 ) -> tuple[Config, dict[str, Any], Path | None, Path]:
     """Check everything a fork needs and return (config, lineage, parent checkpoint, new run
     folder) without writing anything."""
-    from kiln.train.guard import data_index
+    from kiln.data.skips import data_index, skipped_ranges
 
     parent = RunDir.open(parent_path)
     if not name or "/" in name or name.startswith("."):
@@ -176,7 +176,7 @@ def plan_fork(
         )
     state = _trained_state(chosen)
     at = ckpt.checkpoint_step(chosen)
-    skipped = state.get("skipped", (state.get("guard") or {}).get("skipped", []))
+    skipped = skipped_ranges(state)
     next_batch = data_index(at, skipped)
     for lo, hi in ranges:
         if lo < next_batch:

@@ -55,27 +55,6 @@ class GuardStop(KilnError):
     """The guard stopped the run (configured `stop`, or too many interventions)."""
 
 
-def data_index(step: int, skipped: list[list[int]]) -> int:
-    """The data batch used by optimizer step `step`: the step-th batch index outside the
-    (sorted, disjoint, inclusive) skipped ranges."""
-    idx = step
-    for lo, hi in skipped:
-        if idx >= lo:
-            idx += hi - lo + 1
-    return idx
-
-
-def add_range(skipped: list[list[int]], lo: int, hi: int) -> list[list[int]]:
-    """Merge [lo, hi] into the skipped ranges."""
-    merged: list[list[int]] = []
-    for a, b in sorted(skipped + [[lo, hi]]):
-        if merged and a <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return merged
-
-
 @dataclass
 class GuardState:
     """What the guard must remember across checkpoints."""

@@ -23,6 +23,7 @@ from kiln.data.loader import BatchSampler, WindowShare
 from kiln.data.mixture import MixturePrepared
 from kiln.data.mixture_sampler import MixtureSampler
 from kiln.data.shards import Prepared
+from kiln.data.skips import add_range, data_index, skipped_ranges
 from kiln.model.spec import ModelSpec
 from kiln.parallel.runtime import Parallel
 from kiln.progress import console, quiet
@@ -32,7 +33,7 @@ from kiln.train.callbacks.base import CallbackList
 from kiln.train.callbacks.checkpointing import CheckpointPolicy
 from kiln.train.callbacks.recorder import MetricRecorder
 from kiln.train.checkpoint import Checkpointer, UnusableCheckpoint, checkpoint_step, newest_checkpoint
-from kiln.train.guard import Guard, GuardStop, add_range, data_index
+from kiln.train.guard import Guard, GuardStop
 from kiln.train.module import TrainModule
 from kiln.train.optim import lr_at
 from kiln.train.seeding import dropout_seed
@@ -299,7 +300,7 @@ class Trainer:
         self.step = saved["step"]
         trainer_state = saved["trainer"]
         lineage = self.run.lineage() or {}
-        skipped = trainer_state.get("skipped", (trainer_state.get("guard") or {}).get("skipped", []))
+        skipped = skipped_ranges(trainer_state)
         for lo, hi in lineage.get("skip_batches", []):  # a fork's ranges (all after its fork point)
             skipped = add_range(skipped, lo, hi)
         self.skipped = skipped

@@ -67,7 +67,7 @@ class Faults(Callback):
             if self.current in cfg.loader_stall:
                 time.sleep(cfg.stall_s)
             if cfg.repeat_batch and self.current >= cfg.repeat_batch:
-                from kiln.train.guard import data_index
+                from kiln.data.skips import data_index
 
                 index = data_index(cfg.repeat_batch - 1, trainer.skipped)
             windows = read(index)

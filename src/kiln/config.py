@@ -314,7 +314,10 @@ class CallbacksConfig:
     """Optional callbacks by registered name; each one's options in a `[callbacks.<name>]` table
     (checked against the callback's own option types once the registries are loaded)."""
 
-    enabled: list[str] = field(default_factory=list)
+    enabled: list[str] = field(default_factory=list)  # extras, on top of the core set
+    # core callbacks to leave out (evaluation, checkpoints, samples, throughput, console, plot); listing
+    # extras never drops one
+    disabled: list[str] = field(default_factory=list)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 

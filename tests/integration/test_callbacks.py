@@ -361,3 +361,34 @@ def test_an_unknown_callback_or_option_is_one_line(tiny_config, make_corpus, tmp
     assert main(args + ["--set", 'callbacks.enabled=["layer_stats"]', "--set", "callbacks.layer_stats.every=0"]) == 2
     assert "callbacks.layer_stats.every must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing was created
+
+
+def test_core_callbacks_are_left_out_only_by_name(tiny_config, shared_corpus, tmp_path):
+    """`callbacks.disabled` leaves out a core callback (here checkpoints and samples); listing extras
+    never drops one; the run's records and status cannot be disabled (one line, nothing written)."""
+    from kiln.errors import ConfigError
+    from kiln.train.callbacks.base import Callback, CallbackList
+    from kiln.train.session import start_run
+
+    cfg = tiny_config(shared_corpus, "checkpoint.every=2", 'callbacks.disabled=["checkpoints", "samples"]')
+    start_run(cfg, tmp_path / "runs", "lean")
+    run = tmp_path / "runs" / "lean"
+    assert not (run / "checkpoints").exists() and not (run / "samples.txt").exists()
+    assert (run / "metrics.jsonl").is_file() and (run / "summary.json").is_file()
+    full = tiny_config(shared_corpus, 'callbacks.enabled=["step_time"]')
+    start_run(full, tmp_path / "runs", "extras")
+    assert (tmp_path / "runs" / "extras" / "samples.txt").is_file()  # an extra added, nothing dropped
+    for bad, needle in ((["metrics"], "not a core callback"), (["plot", "nope"], "'nope'")):
+        with pytest.raises(ConfigError, match=needle):
+            start_run(tiny_config(shared_corpus, f"callbacks.disabled={bad!r}".replace("'", '"')), tmp_path / "r2", "x")
+    assert not (tmp_path / "r2").exists()
+
+    class Budget(Callback):  # a core callback's state saved before core callbacks had names
+        name = "time_budget"
+
+        def load_state_dict(self, state):
+            self.loaded = state
+
+    cb = Budget()
+    CallbackList([cb]).load_state_dict({"Budget": {"steps": 7}})
+    assert cb.loaded == {"steps": 7}

@@ -187,5 +187,6 @@ class CallbackList:
 
     def load_state_dict(self, states: dict[str, Any] | None) -> None:
         for cb in self.items:
-            if states and cb.key in states:
-                cb.load_state_dict(states[cb.key])
+            key = cb.key if states and cb.key in states else type(cb).__name__  # checkpoints before core names
+            if states and key in states:
+                cb.load_state_dict(states[key])

@@ -57,6 +57,7 @@ def estimate_steps(done: int, spent_s: float, per_step: float, budget_s: float, 
 
 
 class TimeBudget(Callback):
+    name = "time_budget"
     order = 5
 
     def __init__(self, options: Any = None):

@@ -17,6 +17,7 @@ from kiln.train.checkpoint import checkpoint_step, step_dir_name
 
 
 class CheckpointPolicy(Callback):
+    name = "checkpoints"
     order = 30
 
     def __init__(self, options: Any = None):

@@ -14,6 +14,7 @@ from kiln.train.callbacks.base import Callback
 
 
 class Evaluation(Callback):
+    name = "evaluation"
     order = 20
 
     def __init__(self, options: Any = None):
@@ -121,6 +122,7 @@ class Samples(Callback):
     window instead); every rank generates in lockstep (a sharded forward needs them all) and
     rank 0 writes samples.txt."""
 
+    name = "samples"
     order = 35
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ def any_fault(cfg: FaultsConfig) -> bool:
 
 
 class Faults(Callback):
+    name = "faults"
     order = 5  # before every other callback: they should see the faulty step as it is
 
     def __init__(self, cfg: FaultsConfig):

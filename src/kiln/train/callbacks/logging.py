@@ -15,6 +15,7 @@ class ConsoleLog(Callback):
     """The banner at the start, one line per logging interval (loss, LR, gradient norm, tokens/s,
     MFU, ETA) and one per evaluation."""
 
+    name = "console"
     order = 90
 
     def on_run_start(self, trainer) -> None:
@@ -77,6 +78,7 @@ class ConsoleLog(Callback):
 class MetricsLog(Callback):
     """One `metrics.jsonl` record per logging step (rank 0 writes)."""
 
+    name = "metrics"
     order = 91
 
     def on_log(self, trainer, record: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from kiln.train.callbacks.base import Callback
 
 
 class MixtureEvents(Callback):
+    name = "mixture"
     order = 10
 
     def __init__(self, options: object = None):

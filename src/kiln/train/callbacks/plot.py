@@ -9,6 +9,7 @@ from kiln.train.callbacks.base import Callback
 
 
 class LossPlot(Callback):
+    name = "plot"
     order = 92
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:

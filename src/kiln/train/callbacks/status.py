@@ -14,6 +14,7 @@ HEARTBEAT_S = 5.0  # at most one status write per this many seconds of logging s
 
 
 class RunStatus(Callback):
+    name = "status"
     order = 99  # after everything else has ended the run
 
     def __init__(self, options: Any = None):

@@ -17,6 +17,7 @@ from kiln.train.precision import compute_dtype, peak_memory_gb
 
 
 class Throughput(Callback):
+    name = "throughput"
     order = 40
 
     def __init__(self, options: Any = None):

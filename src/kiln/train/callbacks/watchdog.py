@@ -10,6 +10,7 @@ from kiln.train.watchdog import Watchdog
 
 
 class HangWatchdog(Callback):
+    name = "hang_watchdog"
     order = 6
 
     def on_run_start(self, trainer) -> None:

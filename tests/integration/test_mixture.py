@@ -240,3 +240,23 @@ def test_the_report_shows_the_mix_and_what_each_source_gave(setup, tmp_path):
     assert "| alpha |" in section and "| 75.0% |" in section and f"| {records[-1]['tokens/alpha']:,}" in section
     assert "| beta |" in section and "| 25.0% |" in section
     assert f"| {STAGE} | alpha 1, beta 1 |" in section
+
+
+def test_each_source_is_counted_once_when_the_tokenizer_is_trained(setup, tmp_path, monkeypatch):
+    """The tokenizer's counting pass over each source is the one its preparation uses: the corpus
+    is not read again for it."""
+    from kiln.data import mixture, shards
+    from kiln.data.dataset import prepare_data
+
+    root, cfg, _ = setup
+    calls: list[str] = []
+    real = shards.count_corpus
+
+    def counting(c, items, log=print):
+        calls.append(c.corpus)
+        return real(c, items, log)
+
+    monkeypatch.setattr(shards, "count_corpus", counting)
+    monkeypatch.setattr(mixture, "count_corpus", counting)
+    prepare_data(cfg(f"data.cache_dir={tmp_path / 'cache'}"), log=lambda _: None)
+    assert sorted(calls) == sorted([str(root / "a"), str(root / "b")])

@@ -95,11 +95,13 @@ def _source_log(log: Callable[[str], None], name: str, text: str) -> None:
 
 def prepare_mixture(cfg: DataConfig, log: Callable[[str], None] = print) -> MixturePrepared:
     files = {s.name: _in_source(s.name, resolve_corpus, source_config(cfg, s)) for s in cfg.sources}
-    tokenizer_path = Path(cfg.tokenizer) if cfg.tokenizer else _mixture_tokenizer(cfg, files, log)
+    counted: dict[str, stream.SplitCounts] = {}  # the tokenizer's counting passes, reused by prepare
+    tokenizer_path = Path(cfg.tokenizer) if cfg.tokenizer else _mixture_tokenizer(cfg, files, log, counted)
     sources = []
     for s in cfg.sources:
         scfg = replace(source_config(cfg, s), tokenizer=str(tokenizer_path))
-        prepared = _in_source(s.name, prepare, scfg, log=functools.partial(_source_log, log, s.name))
+        say = functools.partial(_source_log, log, s.name)
+        prepared = _in_source(s.name, prepare, scfg, say, files[s.name], counted.get(s.name))
         sources.append(SourceData(s.name, s.weight, s.max_epochs, prepared))
     tok = sources[0].prepared.tokenizer
     return MixturePrepared(sources, tok, mixture_manifest(sources, tok), sources[0].prepared.path)
@@ -147,8 +149,14 @@ def _tokenizer_key(cfg: DataConfig, files: dict[str, list[CorpusFile]]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
-def _mixture_tokenizer(cfg: DataConfig, files: dict[str, list[CorpusFile]], log: Callable[[str], None]) -> Path:
-    """The shared tokenizer trained on a weighted sample of every source's training text (cached)."""
+def _mixture_tokenizer(
+    cfg: DataConfig,
+    files: dict[str, list[CorpusFile]],
+    log: Callable[[str], None],
+    counted: dict[str, stream.SplitCounts],
+) -> Path:
+    """The shared tokenizer trained on a weighted sample of every source's training text (cached);
+    each source's counting pass is left in `counted`."""
     final = Path(cfg.cache_dir).expanduser() / f"tokenizer-{_tokenizer_key(cfg, files)}"
     if (final / "manifest.json").is_file():
         return final / "tokenizer.json"
@@ -164,7 +172,7 @@ def _mixture_tokenizer(cfg: DataConfig, files: dict[str, list[CorpusFile]], log:
     for s in cfg.sources:
         scfg = source_config(cfg, s)
         items = corpus_items(scfg, files[s.name])
-        counts = _in_source(s.name, count_corpus, scfg, items, log)
+        counts = counted[s.name] = _in_source(s.name, count_corpus, scfg, items, log)
         own_split = counts.train_texts > 0  # a source of a piece or two: its text is all validation
         chars = counts.train_chars if own_split else counts.val_chars
         fraction = min(1.0, budget * s.weight / total / max(1, chars)) if s.weight > 0 else 0.0

@@ -301,13 +301,20 @@ def save_progress(folder: Path, progress: dict[str, Any]) -> None:
     os.replace(tmp, folder / PROGRESS)
 
 
-def prepare(cfg: DataConfig, log=print) -> Prepared:
+def prepare(
+    cfg: DataConfig,
+    log=print,
+    files: list[CorpusFile] | None = None,
+    counts: stream.SplitCounts | None = None,
+) -> Prepared:
     """Make (or reuse) the token shards for `cfg` and return them, checked. Streams the corpus in
     bounded memory (kiln.data.stream); a corpus too small for the streaming split's rule (no
-    piece in one of the splits) is split in memory by `split_documents`'s fallbacks."""
+    piece in one of the splits) is split in memory by `split_documents`'s fallbacks. `files` and
+    `counts`: the corpus's files and counting pass when the caller already has them (a mixture's
+    tokenizer counted each source), so the corpus is not read for them again."""
     if cfg.workers:
         os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.workers))
-    files = resolve_corpus(cfg)
+    files = files if files is not None else resolve_corpus(cfg)
     key = dataset_key(cfg, files)
     final = Path(cfg.cache_dir).expanduser() / key
     if (final / "manifest.json").is_file():
@@ -317,7 +324,7 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
     start = time.perf_counter()
     seed, fraction, piece_chars = cfg.split_seed, cfg.val_fraction, cfg.piece_chars
     items = corpus_items(cfg, files)
-    counts = count_corpus(cfg, items, log)
+    counts = counts if counts is not None else count_corpus(cfg, items, log)
     in_memory: tuple[list[str], list[str]] | None = None
     if not counts.train_texts or not counts.val_texts:  # a few pieces: split_documents' fallbacks decide
         docs = [
@@ -370,7 +377,10 @@ def prepare(cfg: DataConfig, log=print) -> Prepared:
             save_progress(tmp, {**state, "tokenizer_sha256": tok.sha256})
 
         if in_memory is None:
-            written = lambda: float(writers[False].tokens + writers[True].tokens)  # noqa: E731
+
+            def written() -> float:
+                return float(writers[False].tokens + writers[True].tokens)
+
             encoded = stream.progress_mb(items(None, stream.SplitCounts()), "tokenising", counts, written)
             checkpoint((progress or {}).get("items", 0))  # the tokenizer is kept from here on
         else:

@@ -404,3 +404,51 @@ def test_core_callbacks_are_left_out_only_by_name(tiny_config, shared_corpus, tm
     cb = Budget()
     CallbackList([cb]).load_state_dict({"Budget": {"steps": 7}})
     assert cb.loaded == {"steps": 7}
+
+
+class Steering(Callback):
+    """Acts only through the step interface: vetoes step 3's update, halves the LR from step 4."""
+
+    def __init__(self, stop_at: int = 0):
+        super().__init__()
+        self.stop_at = stop_at
+        self.before: dict[str, torch.Tensor] = {}
+        self.vetoed: list[tuple[int, bool, bool]] = []  # (step, discard flag, parameters unchanged)
+
+    def on_step_start(self, trainer, step, data_index):
+        if step + 1 == 4:
+            trainer.scale_lr(0.5)
+
+    def before_optimizer_step(self, trainer, step):
+        if step + 1 != 3:
+            return None
+        self.before = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+        return torch.ones((), dtype=torch.bool, device=trainer.device)  # a device flag: no host sync
+
+    def on_optimizer_step(self, trainer, step, discard):
+        if step + 1 == 3:
+            same = all(torch.equal(p, self.before[n]) for n, p in trainer.module.named_parameters())
+            self.vetoed.append((step + 1, bool(discard), same))
+
+    def on_step_complete(self, trainer):
+        if trainer.step == self.stop_at:
+            raise KeyboardInterrupt
+
+
+def test_a_callback_vetoes_an_update_and_scales_the_lr_through_the_interface(tiny_config, shared_corpus, tmp_path):
+    base = ("train.steps=6", "log.every=1", "checkpoint.every=4", "schedule.name=constant", "schedule.warmup_steps=0")
+    start_run(tiny_config(shared_corpus, *base), tmp_path / "runs", "plain")
+    steering = Steering()
+    start_run(tiny_config(shared_corpus, *base), tmp_path / "runs", "steered", callbacks=[steering])
+    assert steering.vetoed == [(3, True, True)]  # the update was not applied, flagged on the device
+    plain = jsonl(tmp_path / "runs" / "plain" / "metrics.jsonl")
+    steered = jsonl(tmp_path / "runs" / "steered" / "metrics.jsonl")
+    assert [s["lr"] / p["lr"] for p, s in zip(plain, steered)] == [1, 1, 1, 0.5, 0.5, 0.5]
+    assert [s["loss"] for s in steered[:3]] == [p["loss"] for p in plain[:3]]
+    # the multiplier is the trainer's checkpointed state: resumed from step 4 without the callback,
+    # the run goes on at the halved LR and trains exactly as the uninterrupted one
+    with pytest.raises(KeyboardInterrupt):
+        start_run(tiny_config(shared_corpus, *base), tmp_path / "runs", "cut", callbacks=[Steering(stop_at=5)])
+    resume_run(tmp_path / "runs" / "cut")
+    cut = jsonl(tmp_path / "runs" / "cut" / "metrics.jsonl")
+    assert [(r["step"], r["lr"], r["loss"]) for r in cut] == [(r["step"], r["lr"], r["loss"]) for r in steered]

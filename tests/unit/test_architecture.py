@@ -128,3 +128,61 @@ def test_fit_reads_in_about_forty_lines():
     from kiln.train.trainer import Trainer
 
     assert len(inspect.getsource(Trainer.fit).splitlines()) <= 40
+
+
+LOOP_OBJECTS = ("trainer", "module", "sampler", "cfg", "config")
+
+
+def _root(node: ast.expr) -> str | None:
+    """The name an attribute or subscript chain starts from (`trainer` in trainer.cfg.optim.lr)."""
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def loop_assignments(source: str) -> list[str]:
+    """Assignments in `source` to attributes of the trainer, or of its module, sampler or config
+    (through a name bound from them in the same function), and setattr calls on them."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        bound = {a.arg for a in fn.args.args if a.arg in LOOP_OBJECTS}
+        for node in ast.walk(fn):  # names bound from the trainer: cfg = trainer.cfg, module = ...
+            if isinstance(node, ast.Assign) and _root(node.value) in bound | {"trainer"}:
+                for target in node.targets:
+                    names = target.elts if isinstance(target, ast.Tuple) else [target]
+                    bound |= {n.id for n in names if isinstance(n, ast.Name)}
+        for node in ast.walk(fn):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = [
+                    t for target in node.targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+                ]
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
+                targets = [node.args[0]] if node.args and _root(node.args[0]) in bound else []
+                found += [f"{fn.name}: setattr({ast.unparse(t)}, ...)" for t in targets]
+                continue
+            for t in targets:
+                if isinstance(t, ast.Attribute | ast.Subscript) and _root(t) in bound:
+                    found.append(f"{fn.name}: {ast.unparse(t)} = ...")
+    return found
+
+
+def test_callbacks_never_assign_the_loops_state():
+    """Callbacks act through the step interface (kiln.train.step_api), never by rebinding what the
+    loop owns; the check itself catches a planted patch."""
+    planted = "def on_run_start(self, trainer):\n    cfg = trainer.cfg\n    cfg.optim.lr *= 2\n"
+    planted += "    trainer.sampler.batch = f\n"
+    assert loop_assignments(planted) == [
+        "on_run_start: cfg.optim.lr = ...",
+        "on_run_start: trainer.sampler.batch = ...",
+    ]
+    offenders = {
+        path.name: found
+        for path in sorted((SRC / "train" / "callbacks").glob("*.py"))
+        if (found := loop_assignments(path.read_text()))
+    }
+    assert not offenders, offenders

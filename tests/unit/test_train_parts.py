@@ -73,7 +73,7 @@ def full_disk():
 
 
 def test_a_failed_async_commit_follows_checkpoint_on_error(tmp_path):
-    from kiln.train.callbacks.checkpointing import CheckpointPolicy
+    from kiln.train.checkpoint_policy import CheckpointPolicy
 
     trainer, events = stub_trainer(tmp_path, "stop", full_disk)
     with pytest.raises(KilnError, match="No space left on device.*earlier checkpoints are intact.*--resume"):
@@ -85,11 +85,12 @@ def test_a_failed_async_commit_follows_checkpoint_on_error(tmp_path):
 
 
 def test_the_checkpoint_event_comes_with_the_commit(tmp_path):
-    from kiln.train.callbacks.checkpointing import CheckpointPolicy
+    from kiln.train.checkpoint_policy import CheckpointPolicy
 
     path = tmp_path / "step-00000007"
     trainer, events = stub_trainer(tmp_path, "stop", lambda: path)
-    CheckpointPolicy().flush(trainer)
+    # the loop wires a commit to its callbacks' on_checkpoint (Trainer.__post_init__)
+    CheckpointPolicy(committed=lambda step, p: trainer.callbacks.on_checkpoint(trainer, step, p)).flush(trainer)
     assert events == [(trainer, 7, path)]
 
 
@@ -164,6 +165,7 @@ def test_time_budget_estimates_from_the_budget_left_and_commits_late(tmp_path):
     from kiln.config import load_config, to_toml
     from kiln.runs.rundir import RunDir
     from kiln.train.callbacks.budget import COMMIT_FRACTION, TimeBudget, estimate_steps, length_floor
+    from kiln.train.trainer import Trainer
 
     # the steps done plus what the budget left buys at the recent rate; never past the ceiling
     assert estimate_steps(done=20, spent_s=10.0, per_step=0.25, budget_s=60.0, ceiling=1000) == 220
@@ -188,8 +190,19 @@ def test_time_budget_estimates_from_the_budget_left_and_commits_late(tmp_path):
         )
         run = tmp_path / f"run{next(made)}"
         run.mkdir()
-        trainer = SimpleNamespace(cfg=cfg, step=step, total_steps=1000, is_main=True, run=RunDir(run), said=[])
+        trainer = SimpleNamespace(
+            cfg=cfg,
+            step=step,
+            total_steps=1000,
+            is_main=True,
+            run=RunDir(run),
+            said=[],
+            par=SimpleNamespace(is_main=True),
+        )
         trainer.say = trainer.said.append
+        # the loop's actions the budget takes, as the trainer implements them
+        trainer.set_total_steps = lambda steps, final=False: Trainer.set_total_steps(trainer, steps, final)
+        trainer.log_event = lambda event: Trainer.log_event(trainer, event)
         return trainer
 
     # early: a provisional length, nothing written

@@ -30,7 +30,7 @@ from kiln.parallel.memory import resolve_grad_sync
 from kiln.parallel.runtime import Parallel
 from kiln.runs.rundir import RunDir
 from kiln.train.callbacks.base import Callback, CallbackList
-from kiln.train.callbacks.builtin import builtin_callbacks
+from kiln.train.callbacks.builtin import builtin_callbacks, loop_parts
 from kiln.train.callbacks.registry import build_callbacks
 from kiln.train.checkpoint import Checkpointer
 from kiln.train.guard import Guard
@@ -192,6 +192,7 @@ def build_trainer(
         keep_every=cfg.checkpoint.keep_every,
         async_save=cfg.parallel.async_checkpoint,
     )
+    evaluation, checkpoints = loop_parts(cfg)
     listed = CallbackList([*builtin_callbacks(cfg), *build_callbacks(cfg.callbacks), *callbacks])
     return Trainer(
         cfg,
@@ -206,6 +207,8 @@ def build_trainer(
         listed,
         checkpointer,
         guard,
+        evaluation,
+        checkpoints,
         skipped=[list(r) for r in lineage.get("skip_batches", [])],
         new_tensors=tuple(lineage.get("new_tensors", [])),
         extra_val=extra_val,

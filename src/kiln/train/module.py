@@ -128,6 +128,11 @@ class TrainModule:
 
     # ---------------------------------------------------------------- views
     @property
+    def loss_scale(self) -> torch.Tensor | float:
+        """What the last step's summed losses were multiplied by: 1 / its global predicted tokens."""
+        return self._loss_scale
+
+    @property
     def model(self) -> nn.Module:
         """The whole model (not available when pipeline stages are spread over ranks)."""
         if len(self.parts) != 1 or self.par.dims.pp > 1:

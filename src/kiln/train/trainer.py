@@ -1,6 +1,7 @@
-"""The training loop: batch -> forward/backward -> clip -> guard -> optimizer step, with every
-other behaviour (logging, throughput, evaluation, checkpoints, samples, the watchdog, plots,
-monitoring) in callbacks (kiln.train.callbacks).
+"""The training loop: batch -> forward/backward -> clip -> guard -> optimizer step, then the
+step's record, evaluation and checkpoint, in the order `fit` and `train_step` read top to bottom;
+every other behaviour (logging, throughput, samples, the watchdog, plots, monitoring, faults)
+is in callbacks (kiln.train.callbacks), which see the loop through kiln.train.step_api.
 
 `kiln.train.build.build_trainer` assembles a `Trainer` from a config; `Trainer.fit` runs it.
 The trainer keeps the state that must survive a checkpoint (step, guard, callback states) and
@@ -10,9 +11,9 @@ acts on what the guard saw (skip, roll back to a checkpoint, stop).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,13 +31,15 @@ from kiln.progress import console, quiet
 from kiln.runs.rundir import RunDir
 from kiln.syncs import SyncCounter
 from kiln.train.callbacks.base import CallbackList
-from kiln.train.callbacks.checkpointing import CheckpointPolicy
 from kiln.train.callbacks.recorder import MetricRecorder
 from kiln.train.checkpoint import Checkpointer, UnusableCheckpoint, checkpoint_step, newest_checkpoint
+from kiln.train.checkpoint_policy import CheckpointPolicy
+from kiln.train.evaluation import Evaluation
 from kiln.train.guard import Guard, GuardStop
 from kiln.train.module import TrainModule
 from kiln.train.optim import lr_at
 from kiln.train.seeding import dropout_seed
+from kiln.train.step_api import StepResult
 
 if TYPE_CHECKING:
     from kiln.data.multimodal.loader import MultimodalSampler
@@ -54,23 +57,6 @@ def graph_breaks() -> int | None:
 
 
 @dataclass
-class StepResult:
-    step: int  # optimizer steps completed, this one included (the numbering of metrics.jsonl)
-    data_index: int  # the data batch it trained on
-    loss: torch.Tensor | float  # mean loss per predicted token over the global batch
-    grad_norm: torch.Tensor | float  # before clipping
-    lr: float
-
-    def on_host(self) -> StepResult:
-        """The same result with numbers instead of device tensors (one host sync for both)."""
-        if not isinstance(self.loss, torch.Tensor):
-            return self
-        assert isinstance(self.grad_norm, torch.Tensor)  # train_step gives both as device tensors
-        loss, norm = torch.stack([self.loss.detach().double(), self.grad_norm.detach().double()]).tolist()
-        return replace(self, loss=loss, grad_norm=norm)
-
-
-@dataclass
 class Trainer:
     cfg: Config
     spec: ModelSpec
@@ -84,12 +70,14 @@ class Trainer:
     callbacks: CallbackList
     checkpointer: Checkpointer
     guard: Guard | None = None
+    evaluation: Evaluation | None = None  # None: callbacks.disabled names it
+    checkpoints: CheckpointPolicy | None = None
     step: int = 0  # optimizer steps completed
     total_steps: int = 0
     pause_seconds: float = 0.0  # time spent evaluating and checkpointing (not step time)
     last_record: dict[str, Any] = field(default_factory=dict)
     recorder: MetricRecorder = field(init=False)  # what callbacks record for the next metrics record
-    phase_marker: Callable[[str], None] | None = None  # step_time's clock; None = no timing
+    lr_multiplier: float = 1.0  # what callbacks' scale_lr made of optim.lr (checkpointed)
     skipped: list[list[int]] = field(default_factory=list)  # data batch ranges never trained on (inclusive)
     new_tensors: tuple[str, ...] = ()  # a fork's added parameters, absent from its parent's checkpoint
     extra_val: dict[str, WindowShare] = field(default_factory=dict)  # more validation sets: name -> share
@@ -105,6 +93,9 @@ class Trainer:
         compiled = self.cfg.train.compile or self.cfg.parallel.compile_blocks
         self.syncs = SyncCounter(self.par.device, compiled) if self.cfg.debug.count_syncs else None
         self._breaks_before = graph_breaks() or 0  # the process's count: this run reports its own
+        self.length_decided: int | None = None  # set_total_steps(final=True): checkpointed
+        if self.checkpoints is not None:
+            self.checkpoints.committed = lambda step, path: self.callbacks.on_checkpoint(self, step, path)
 
     # ------------------------------------------------------------------ views for callbacks
     @property
@@ -118,6 +109,10 @@ class Trainer:
     @property
     def precision(self) -> str:
         return self.module.precision
+
+    @property
+    def vocab_size(self) -> int:
+        return self.data.vocab_size
 
     @property
     def tokens_per_step(self) -> int:
@@ -143,6 +138,26 @@ class Trainer:
         if not quiet() and self.par.is_main:
             console.print(text)
 
+    def log_event(self, event: dict[str, Any]) -> None:
+        """An events.jsonl record (rank 0 writes it)."""
+        if self.par.is_main:
+            self.run.log_event(event)
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the peak learning rate from now on (kept in checkpoints)."""
+        self.lr_multiplier *= factor
+
+    def set_total_steps(self, steps: int, final: bool = False) -> None:
+        """The run's length: provisional (the loop and the LR schedule follow it) or final, which
+        a resumed run keeps (through the checkpoint) and the run folder's config.toml records."""
+        self.total_steps = steps
+        if final:
+            self.length_decided = steps
+            cfg = self.cfg
+            cfg.train.steps, cfg.train.tokens, cfg.train.time_budget_s = steps, 0, 0.0
+            if self.par.is_main:
+                self.run.write_config(cfg)
+
     @contextmanager
     def paused(self, what: str) -> Iterator[None]:
         """Work between steps (evaluation, checkpoints): kept out of step time and throughput."""
@@ -161,15 +176,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
+        """The run, in order. Each step: train it; read the guard's events where the step syncs
+        anyway; its metrics record; the callbacks' checks of the state a checkpoint would keep;
+        evaluation; checkpoint; then the callbacks' work between steps."""
         cbs = self.callbacks
         try:
             cbs.on_run_start(self)
+            if cbs.wants("around_collective"):  # e.g. step_time timing Kiln's own collectives
+                self.par.collective_timer = lambda fn: cbs.around_collective(self, fn)
             while self.step < self.total_steps:
                 result = self.train_step()
                 self.step += 1
                 # Guard events are read at syncs that happen anyway, and always before a checkpoint,
                 # so no checkpoint is written after an unhandled spike.
-                if (self.log_due or cbs.syncs_at(self, self.step)) and self.handle_guard_events():
+                if (self.log_due or self.syncs_at(self.step)) and self.handle_guard_events():
                     continue  # rolled back: the steps since the checkpoint are trained again
                 if self.log_due:
                     result = result.on_host()  # the one host sync per logging interval
@@ -177,54 +197,75 @@ class Trainer:
                 if self.log_due:
                     self.last_record = self.log_record(result)
                     cbs.on_log(self, self.last_record)
-                cbs.on_step_complete(self)  # evaluation, checkpoints: after the step's record is written
-            summary = self.base_summary()
-            cbs.on_run_end(self, summary)
-            if self.par.is_main:
-                self.run.write_json("summary.json", summary)
-            return summary
+                cbs.on_step_verify(self)  # e.g. invariants: before anything is evaluated or saved
+                if self.evaluation is not None and self.evaluation.due(self, self.step):
+                    cbs.on_eval(self, self.evaluation.evaluate(self))
+                if self.checkpoints is not None:
+                    self.checkpoints.after_step(self)  # -> on_checkpoint once a save is committed
+                cbs.on_step_complete(self)
+            return self.finish()
         except BaseException as error:
+            if self.checkpoints is not None:
+                self.checkpoints.on_error(self, error)
             cbs.on_error(self, error)
             raise
         finally:
+            self.par.collective_timer = None
             if self.syncs is not None and self.syncs.device.type == "cpu" and self.syncs.compiled:
                 # code first called under the dispatch mode stays marked uncompilable for the process
                 torch._dynamo.reset()
+
+    def finish(self) -> dict[str, Any]:
+        """The run's end: its last evaluation and checkpoint, the callbacks' figures, summary.json."""
+        summary = self.base_summary()
+        if self.evaluation is not None and (record := self.evaluation.finish(self, summary)) is not None:
+            self.callbacks.on_eval(self, record)
+        if self.checkpoints is not None:
+            self.checkpoints.finish(self)
+        self.callbacks.on_run_end(self, summary)
+        if self.par.is_main:
+            self.run.write_json("summary.json", summary)
+        return summary
+
+    def syncs_at(self, step: int) -> bool:
+        """Whether the loop synchronises after `step` (evaluates, saves, or a callback does)."""
+        return (
+            (self.evaluation is not None and self.evaluation.due(self, step))
+            or (self.checkpoints is not None and self.checkpoints.due(self, step))
+            or self.callbacks.syncs_at(self, step)
+        )
 
     def train_step(self) -> StepResult:
         step, cbs = self.step, self.callbacks
         index = data_index(step, self.skipped)  # the data batch this step trains on
         cbs.on_step_start(self, step, index)
-        batch = self.module.objective.make_batch(
-            self.sampler.batch(index), index, self.cfg.train.seed, first_index=self.sampler.offset
-        )
-        self._mark("data")
+        windows = cbs.on_batch(self, step, index, self.sampler.batch(index))
+        batch = self.module.objective.make_batch(windows, index, self.cfg.train.seed, first_index=self.sampler.offset)
+        cbs.on_phase(self, "data")
         with self._counting_syncs():
             loss = self.module.forward_backward(batch, on_loss=lambda value: cbs.on_loss(self, step, value))
         if self.module.z_mean is not None:
             self.record_metric("z_loss", self.module.z_mean)  # mean log(Z)^2: what train.z_loss pulls down
-        self._mark("forward_backward")
+        cbs.on_phase(self, "forward_backward")
         cbs.on_after_backward(self, step)
         with self._counting_syncs():
             grad_norm = self.module.clip_grad_norm(self.cfg.optim.grad_clip)
-        self._mark("grad_norm")
-        lr = lr_at(step, self.total_steps, self.cfg.optim.lr, self.cfg.schedule)
-        discard = None
+        cbs.on_phase(self, "grad_norm")
+        lr = lr_at(step, self.total_steps, self.cfg.optim.lr * self.lr_multiplier, self.cfg.schedule)
         with self._counting_syncs():
+            discard = cbs.before_optimizer_step(self, step)  # a device flag, never a host bool
             if self.guard:
                 lr *= self.guard.lr_scale(step)
-                discard = self.guard.check(step, loss, grad_norm)
+                flagged = self.guard.check(step, loss, grad_norm)
+                discard = flagged if discard is None else torch.maximum(discard, flagged)
             self.module.optimizer_step(lr, discard)
-        self._mark("optimizer")
+            cbs.on_optimizer_step(self, step, discard)
+        cbs.on_phase(self, "optimizer")
         return StepResult(step + 1, index, loss, grad_norm, lr)
 
     def _counting_syncs(self) -> AbstractContextManager:
         """Host syncs inside the step's own work (debug.count_syncs), else nothing."""
         return self.syncs.counting() if self.syncs is not None else nullcontext()
-
-    def _mark(self, phase: str) -> None:
-        if self.phase_marker is not None:
-            self.phase_marker(phase)
 
     def log_record(self, result: StepResult) -> dict[str, Any]:
         """The metrics.jsonl record of a logging step: the step's numbers plus what callbacks
@@ -282,6 +323,8 @@ class Trainer:
             "data_key": self.data.manifest.get("content_key", self.data.manifest["key"]),
             "guard": self.guard.state_dict() if self.guard else None,
             "callbacks": self.callbacks.state_dict(),
+            **({"lr_multiplier": self.lr_multiplier} if self.lr_multiplier != 1.0 else {}),
+            **({"total_steps": self.length_decided} if self.length_decided is not None else {}),
         }
 
     def restore(self, path: Path, keep_events: bool = False) -> None:
@@ -306,6 +349,9 @@ class Trainer:
         self.skipped = skipped
         if self.guard:
             self.guard.load_state_dict(trainer_state.get("guard"))
+        self.lr_multiplier = float(trainer_state.get("lr_multiplier", 1.0))
+        if "total_steps" in trainer_state:  # a length decided during the run (the time budget)
+            self.total_steps = self.length_decided = int(trainer_state["total_steps"])
         self.callbacks.load_state_dict(trainer_state.get("callbacks"))
         if self.par.is_main:
             self.run.truncate_after(self.step, keep=("events.jsonl",) if keep_events else ())
@@ -366,9 +412,8 @@ class Trainer:
 
     def _rollback_target(self, spike_step: int) -> Path | None:
         """The newest valid checkpoint taken before the spiking step."""
-        policy = self.callbacks.find(CheckpointPolicy)
-        if policy is not None:
-            policy.flush(self)  # an asynchronous save in flight is committed (or its failure handled) first
+        if self.checkpoints is not None:
+            self.checkpoints.flush(self)  # an asynchronous save in flight is committed (or its failure handled) first
         return newest_checkpoint(self.run.checkpoints, self.par, self.say, max_step=spike_step)
 
     def _rollback(self, path: Path, event: dict[str, Any]) -> None:

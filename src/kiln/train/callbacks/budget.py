@@ -30,6 +30,7 @@ import torch
 from kiln.config import ScheduleConfig
 from kiln.train.callbacks.base import Callback
 from kiln.train.optim import wsd_decay_start
+from kiln.train.step_api import RunView
 
 WARMUP_STEPS = 3  # untimed: the first steps of a process run slower than the rest
 CALIBRATION_STEPS = 8  # timed before the first estimate
@@ -58,7 +59,6 @@ def estimate_steps(done: int, spent_s: float, per_step: float, budget_s: float, 
 
 class TimeBudget(Callback):
     name = "time_budget"
-    order = 5
 
     def __init__(self, options: Any = None):
         super().__init__(options)
@@ -71,7 +71,7 @@ class TimeBudget(Callback):
         self.last_spent = 0.0
 
     # ---------------------------------------------------------------- clock
-    def spent(self, trainer) -> float:
+    def spent(self, trainer: RunView) -> float:
         """Seconds of steps spent so far, this run's earlier processes included."""
         assert self.t0 is not None
         return self.prior_s + (clock() - self.t0) - (trainer.pause_seconds - self.p0)
@@ -84,19 +84,19 @@ class TimeBudget(Callback):
         n0, then = self.samples[i]
         return (now - then) / max(n - n0, 1)
 
-    def _sample(self, trainer) -> None:
+    def _sample(self, trainer: RunView) -> None:
         self.last_spent = self.spent(trainer)
         self.samples.append((self.trained, self.last_spent))
         if len(self.samples) > MAX_SAMPLES:  # every other one, the newest kept
             self.samples = self.samples[-2::-2][::-1] + self.samples[-1:]
 
     # ---------------------------------------------------------------- events
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         self.trained, self.samples = 0, []
         self.t0, self.p0 = clock(), trainer.pause_seconds
         self.last_spent = self.prior_s
 
-    def on_step_end(self, trainer, result) -> None:
+    def on_step_end(self, trainer: RunView, result) -> None:
         if self.committed is not None or self.t0 is None:
             return
         self.trained += 1
@@ -112,7 +112,7 @@ class TimeBudget(Callback):
         spent, per_step = trainer.par.broadcast((self.last_spent, self.rate()))
         self.reestimate(trainer, spent, per_step)
 
-    def reestimate(self, trainer, spent: float, per_step: float) -> None:
+    def reestimate(self, trainer: RunView, spent: float, per_step: float) -> None:
         cfg = trainer.cfg
         budget, ceiling, done = cfg.train.time_budget_s, cfg.total_steps, trainer.step
         steps = estimate_steps(done, spent, per_step, budget, ceiling)
@@ -127,13 +127,11 @@ class TimeBudget(Callback):
         if spent >= COMMIT_FRACTION * budget or near_end or decay_soon:
             self.commit(trainer, max(steps, length_floor(done, ceiling, cfg.schedule)), spent, per_step)
         else:
-            trainer.total_steps = max(steps, done + 1)  # provisional: the loop and a cosine schedule follow it
+            trainer.set_total_steps(max(steps, done + 1))  # provisional: the loop and a cosine schedule follow it
 
-    def commit(self, trainer, steps: int, spent: float, per_step: float) -> None:
+    def commit(self, trainer: RunView, steps: int, spent: float, per_step: float) -> None:
         cfg = trainer.cfg
         budget, ceiling = cfg.train.time_budget_s, cfg.total_steps
-        trainer.total_steps = steps
-        cfg.train.steps, cfg.train.tokens, cfg.train.time_budget_s = steps, 0, 0.0
         event = {
             "step": trainer.step,
             "kind": "time_budget",
@@ -144,9 +142,8 @@ class TimeBudget(Callback):
             "first_estimate": self.first_estimate,
             "ceiling": ceiling,
         }
-        if trainer.is_main:
-            trainer.run.write_config(cfg)
-            trainer.run.log_event(event)
+        trainer.set_total_steps(steps, final=True)  # kept in checkpoints and recorded in config.toml
+        trainer.log_event(event)
         fits = "all" if steps == ceiling else f"{steps} of the {ceiling}"
         trainer.say(
             f"  time budget {budget:.0f}s: {spent:.0f}s spent at step {trainer.step}, now {per_step:.3f}s/step: "
@@ -154,7 +151,7 @@ class TimeBudget(Callback):
         )
         self.committed = event
 
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         if self.committed is not None:  # committed during a step, so the clock was started
             summary["time_budget"] = {**self.committed, "used_s": round(self.spent(trainer), 3)}
 

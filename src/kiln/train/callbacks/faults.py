@@ -7,7 +7,7 @@ resumed run meets the same faults at the same steps. What each does:
     nonfinite_loss      the step's loss is multiplied by NaN (so are its gradients)
     nonfinite_grad      one gradient element of the step is set to inf after backward
     corrupt_batch       the step trains on uniformly random tokens (a loss spike)
-    lr_high / lr_low    from that step on, optim.lr is multiplied by the factor (logged LR too)
+    lr_high / lr_low    from that step on, the peak LR is multiplied by the factor (logged LR too)
     repeat_batch        from that step on, every step trains on that step's data batch
     entropy_collapse    from that step on, `layer`'s query and key projections are scaled up 30x,
                         so its attention puts all weight on one key
@@ -37,6 +37,7 @@ from kiln.config import FAULT_TRIGGERS, FaultsConfig
 from kiln.parallel.tensors import local as _local
 from kiln.parallel.tensors import plain_name as _clean
 from kiln.train.callbacks.base import Callback
+from kiln.train.step_api import RunView
 
 COLLAPSE_SCALE = 30.0
 DEAD_BIAS = -30.0
@@ -48,36 +49,18 @@ def any_fault(cfg: FaultsConfig) -> bool:
 
 class Faults(Callback):
     name = "faults"
-    order = 5  # before every other callback: they should see the faulty step as it is
 
     def __init__(self, cfg: FaultsConfig):
         super().__init__(cfg)
         self.cfg = cfg
         self.current = 0  # the step being trained (completed-step numbering)
-        self.lr_applied: set[str] = set()  # per process: a resumed run starts from the config's LR again
+        self.lr_applied: set[str] = set()  # kept in checkpoints, like the trainer's LR multiplier
         self.hooks: list[Any] = []
         self._started: dict[torch.nn.Module, float] = {}  # throttle: when each leaf began its pass
 
     # ---------------------------------------------------------------- setup
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         cfg = self.cfg
-        sampler = trainer.sampler
-        read = sampler.batch
-
-        def batch(index: int) -> torch.Tensor:
-            if self.current in cfg.loader_stall:
-                time.sleep(cfg.stall_s)
-            if cfg.repeat_batch and self.current >= cfg.repeat_batch:
-                from kiln.data.skips import data_index
-
-                index = data_index(cfg.repeat_batch - 1, trainer.skipped)
-            windows = read(index)
-            if self.current in cfg.corrupt_batch:
-                g = torch.Generator().manual_seed(trainer.cfg.train.seed * 1009 + self.current)
-                windows = torch.randint(0, trainer.data.vocab_size, windows.shape, generator=g)
-            return windows
-
-        sampler.batch = batch  # an instance attribute: only this run's sampler is faulty
         modules = {_clean(n): m for n, m in trainer.module.named_modules()}
         layer = f"layers.{cfg.layer}"
         if cfg.entropy_collapse:
@@ -143,20 +126,33 @@ class Faults(Callback):
         path.write_text(json.dumps(data))
 
     # ---------------------------------------------------------------- per step
-    def on_step_start(self, trainer, step: int, data_index: int) -> None:
+    def on_step_start(self, trainer: RunView, step: int, data_index: int) -> None:
         cfg = self.cfg
         self.current = step + 1
         for start, factor, key in ((cfg.lr_high, cfg.lr_high_factor, "high"), (cfg.lr_low, cfg.lr_low_factor, "low")):
             if start and self.current >= start and key not in self.lr_applied:
-                trainer.cfg.optim.lr *= factor
+                trainer.scale_lr(factor)
                 self.lr_applied.add(key)
 
-    def on_loss(self, trainer, step: int, loss: torch.Tensor) -> torch.Tensor:
+    def on_batch(self, trainer: RunView, step: int, data_index: int, windows: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if self.current in cfg.loader_stall:
+            time.sleep(cfg.stall_s)
+        if cfg.repeat_batch and self.current >= cfg.repeat_batch:
+            from kiln.data.skips import data_index as index_of
+
+            windows = trainer.sampler.batch(index_of(cfg.repeat_batch - 1, trainer.skipped))
+        if self.current in cfg.corrupt_batch:
+            g = torch.Generator().manual_seed(trainer.cfg.train.seed * 1009 + self.current)
+            windows = torch.randint(0, trainer.vocab_size, windows.shape, generator=g)
+        return windows
+
+    def on_loss(self, trainer: RunView, step: int, loss: torch.Tensor) -> torch.Tensor:
         if step + 1 in self.cfg.nonfinite_loss:
             return loss * float("nan")
         return loss
 
-    def on_after_backward(self, trainer, step: int) -> None:
+    def on_after_backward(self, trainer: RunView, step: int) -> None:
         cfg = self.cfg
         if step + 1 in cfg.nonfinite_grad:
             for p in trainer.module.parameters():
@@ -171,7 +167,7 @@ class Faults(Callback):
         if cfg.hang and step + 1 == cfg.hang:
             time.sleep(cfg.hang_s)
 
-    def on_checkpoint(self, trainer, step: int, path: Path) -> None:
+    def on_checkpoint(self, trainer: RunView, step: int, path: Path) -> None:
         if step != self.cfg.corrupt_checkpoint or not trainer.is_main:
             return
         files = sorted(
@@ -185,11 +181,17 @@ class Faults(Callback):
                 f.seek(target.stat().st_size // 2)
                 f.write(bytes(b ^ 0xFF for b in chunk))
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr_applied": sorted(self.lr_applied)}  # (never empty: a rollback resets it too)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr_applied = set(state.get("lr_applied", []))
+
     # ---------------------------------------------------------------- the end
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         self._remove()
 
-    def on_error(self, trainer, error: BaseException) -> None:
+    def on_error(self, trainer: RunView, error: BaseException) -> None:
         self._remove()
 
     def _remove(self) -> None:

@@ -46,6 +46,7 @@ from kiln.parallel.tensors import local as _local
 from kiln.parallel.tensors import plain_name as _clean
 from kiln.train.callbacks.base import Callback
 from kiln.train.objectives import IGNORE
+from kiln.train.step_api import RunView
 
 REPLICAS, DATA, NORMALISER, OPT_STEPS = "replicas identical", "disjoint data", "loss normaliser", "optimizer steps"
 SUMSQ_RTOL = 1e-10  # float64 sums of squares of identical tensors differ only by reduction order
@@ -107,7 +108,6 @@ class Invariants(Callback):
 
     name = "invariants"
     Options = InvariantsOptions
-    order = 15  # on_step_complete: after evaluation's producers, before the checkpoint policy (30)
 
     def __init__(self, options: InvariantsOptions | None = None):
         super().__init__(options or InvariantsOptions())
@@ -120,7 +120,6 @@ class Invariants(Callback):
         self.first_check = 1
         self._capture = -1  # the step (0-based) whose batch and normaliser are captured
         self._data: dict[str, Any] = {}
-        self._wrapped: list[tuple[Any, str]] = []
 
     # ---------------------------------------------------------------- schedule
     def due(self, step: int) -> bool:
@@ -128,7 +127,7 @@ class Invariants(Callback):
         return step == 1 or step == self.first_check or step % self.every == 0
 
     # ---------------------------------------------------------------- setup
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         if not self.options.every:
             debug = getattr(trainer.cfg, "debug", None)
             self.every = getattr(debug, "invariants_every", 50) or 50
@@ -139,7 +138,6 @@ class Invariants(Callback):
             self.calibrate = True  # resumed from a checkpoint written without this callback
         self._loaded = False
         self.first_check = trainer.step + 1
-        self._wrap(trainer)
 
         # this rank's parameters: (stage, name) in a fixed order, with the optimizer that steps each
         self.params: list[tuple[str, torch.Tensor, torch.optim.Optimizer | None]] = []
@@ -185,33 +183,24 @@ class Invariants(Callback):
         for r, m in enumerate(metas):
             self.dp_members.setdefault(m["dp"], []).append(r)
 
-    def _wrap(self, trainer) -> None:
-        """See what the optimizer is told to discard and which batch the module trains on."""
-        module = trainer.module
-        step_fn, fb_fn = module.optimizer_step, module.forward_backward
+    def on_batch(self, trainer: RunView, step: int, data_index: int, windows: torch.Tensor) -> torch.Tensor:
+        if step == self._capture:  # the targets the step counts (the objective's batch is a pure function)
+            batch = trainer.module.objective.make_batch(
+                windows, data_index, trainer.cfg.train.seed, first_index=trainer.sampler.offset
+            )
+            self._data["count"] = (batch.targets != IGNORE).sum()
+        return windows
 
-        def optimizer_step(lr, discard=None):
-            if discard is not None:
-                self.discarded = self.discarded + discard.detach().to(self.device, torch.float64).reshape(())
-            return step_fn(lr, discard)
+    def on_after_backward(self, trainer: RunView, step: int) -> None:
+        if step == self._capture:
+            self._data["normaliser"] = trainer.module.loss_scale  # what the step's losses were divided by
 
-        def forward_backward(batch, on_loss=None):
-            total = fb_fn(batch, on_loss)
-            if trainer.step == self._capture:
-                self._data["count"] = (batch.targets != IGNORE).sum()
-                self._data["normaliser"] = getattr(module, "_loss_scale", None)
-            return total
-
-        module.optimizer_step, module.forward_backward = optimizer_step, forward_backward
-        self._wrapped = [(module, "optimizer_step"), (module, "forward_backward")]
-
-    def _unwrap(self) -> None:
-        for obj, attr in self._wrapped:
-            obj.__dict__.pop(attr, None)
-        self._wrapped = []
+    def on_optimizer_step(self, trainer: RunView, step: int, discard: torch.Tensor | None) -> None:
+        if discard is not None:  # summed on the device: no host sync
+            self.discarded = self.discarded + discard.detach().to(self.device, torch.float64).reshape(())
 
     # ---------------------------------------------------------------- events
-    def on_step_start(self, trainer, step: int, data_index: int) -> None:
+    def on_step_start(self, trainer: RunView, step: int, data_index: int) -> None:
         if not self.due(step + 1):
             return
         sampler = trainer.sampler
@@ -227,25 +216,21 @@ class Invariants(Callback):
             "epochs": (first + B - 1) // n - first // n + 1 if n else 1,
         }
 
-    def on_step_complete(self, trainer) -> None:
+    def on_step_verify(self, trainer: RunView) -> None:
         if not self.due(trainer.step):
             return
         with trainer.paused("invariants"):
             self.check(trainer)
 
-    def on_guard_event(self, trainer, event: dict[str, Any]) -> None:
+    def on_guard_event(self, trainer: RunView, event: dict[str, Any]) -> None:
         if event.get("kind") == "rollback":
             if not self._loaded:  # the checkpoint rolled back to has no state of this callback
                 self.calibrate = True
             self._loaded = False
             self.first_check = trainer.step + 1
 
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
-        self._unwrap()
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         summary["invariant_checks"] = self.checks
-
-    def on_error(self, trainer, error: BaseException) -> None:
-        self._unwrap()
 
     def state_dict(self) -> dict[str, Any]:
         return {"discarded": int(round(float(self.discarded))), "late": dict(self.late)}
@@ -259,7 +244,7 @@ class Invariants(Callback):
         self._loaded = True
 
     # ---------------------------------------------------------------- the check
-    def _local_vector(self, trainer) -> torch.Tensor:
+    def _local_vector(self, trainer: RunView) -> torch.Tensor:
         dev, P = self.device, self.n_params
         data = self._data if self._capture == trainer.step - 1 else {}
         has_data = "count" in data
@@ -287,7 +272,7 @@ class Invariants(Callback):
             ints[HEADER_I + self.local_batch : HEADER_I + self.local_batch + n] = torch.stack(bitsums)
         return torch.cat([floats.view(torch.int64), ints])
 
-    def check(self, trainer) -> None:
+    def check(self, trainer: RunView) -> None:
         par = trainer.par
         error: BaseException | None = None
         try:
@@ -344,7 +329,7 @@ class Invariants(Callback):
         ca, cb = self.metas[a]["coords"], self.metas[b]["coords"]
         return " and ".join(RELATION[d] for d, x, y in zip(DIM_NAMES, ca, cb) if x != y) or "the same coordinates"
 
-    def _evaluate(self, trainer, floats: np.ndarray, ints: np.ndarray) -> list[tuple[str, str, list[int]]]:
+    def _evaluate(self, trainer: RunView, floats: np.ndarray, ints: np.ndarray) -> list[tuple[str, str, list[int]]]:
         out: list[tuple[str, str, list[int]]] = []
         P, lb = self.n_params, self.local_batch
         name_of = lambda r, i: self.metas[r]["names"][i].split(":", 1)[1]  # noqa: E731
@@ -439,7 +424,7 @@ class Invariants(Callback):
         out.extend(self._optimizer_steps(trainer, floats))
         return out
 
-    def _optimizer_steps(self, trainer, floats: np.ndarray) -> list[tuple[str, str, list[int]]]:
+    def _optimizer_steps(self, trainer: RunView, floats: np.ndarray) -> list[tuple[str, str, list[int]]]:
         step = trainer.step
         discarded = floats[:, 2]
         if not np.all(discarded == discarded[0]):

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from kiln.errors import ConfigError
 from kiln.parallel.tensors import local as _local
 from kiln.train.callbacks.base import Callback
+from kiln.train.step_api import RunView
 
 FILE = "layer_stats.jsonl"
 HEATMAP_STATS = ("act_rms", "grad_norm", "update_ratio", "attn_entropy")
@@ -75,7 +76,7 @@ class LayerStats(Callback):
         self.handles: list[Any] = []
 
     # ---------------------------------------------------------------- setup
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         spec = trainer.spec
         patterns = self.options.modules or list(spec.monitor_modules)
         if not patterns:
@@ -135,7 +136,7 @@ class LayerStats(Callback):
                 self.sums[index, 0] += out.pow(2).sum()
                 self.sums[index, 1] += out.numel()
                 self.maxes[index, 0] = torch.maximum(self.maxes[index, 0], out.abs().max())
-                if name in self.attention:
+                if name in self.attention and self.spec.attention_logits is not None:
                     logits = self.spec.attention_logits(
                         module, tuple(_local(a) if isinstance(a, torch.Tensor) else a for a in args)
                     )
@@ -160,10 +161,10 @@ class LayerStats(Callback):
         return hook
 
     # ---------------------------------------------------------------- sampled steps
-    def on_step_start(self, trainer, step: int, data_index: int) -> None:
+    def on_step_start(self, trainer: RunView, step: int, data_index: int) -> None:
         self.active = (step + 1) % self.options.every == 0
 
-    def on_after_backward(self, trainer, step: int) -> None:
+    def on_after_backward(self, trainer: RunView, step: int) -> None:
         if not self.active:
             return
         for i, name in enumerate(self.names):
@@ -177,7 +178,7 @@ class LayerStats(Callback):
             )
             self.weights[name] = [_local(p).detach().clone() for p in params]
 
-    def on_step_end(self, trainer, result) -> None:
+    def on_step_end(self, trainer: RunView, result) -> None:
         if not self.active:
             return
         self.active = False
@@ -223,12 +224,12 @@ class LayerStats(Callback):
         self._reset(trainer.device)
 
     # ---------------------------------------------------------------- the end
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         self._remove()
         if trainer.is_main and self.options.heatmap:
             plot_heatmap(trainer.run)
 
-    def on_error(self, trainer, error: BaseException) -> None:
+    def on_error(self, trainer: RunView, error: BaseException) -> None:
         self._remove()
 
     def _remove(self) -> None:

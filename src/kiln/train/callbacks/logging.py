@@ -8,7 +8,8 @@ from typing import Any
 
 from kiln.progress import format_seconds
 from kiln.train.callbacks.base import Callback
-from kiln.train.callbacks.throughput import Throughput
+from kiln.train.precision import compute_dtype
+from kiln.train.step_api import RunView
 
 
 class ConsoleLog(Callback):
@@ -16,22 +17,24 @@ class ConsoleLog(Callback):
     MFU, ETA) and one per evaluation."""
 
     name = "console"
-    order = 90
 
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         from kiln.parallel.memory import estimate_memory
         from kiln.scaling.flops import param_count
 
-        cfg, module = trainer.cfg, trainer.module
+        cfg, module, vocab = trainer.cfg, trainer.module, trainer.vocab_size
         self._since(trainer)
         accum = -(-trainer.sampler.local_batch // module.micro_batch)
-        throughput = trainer.callbacks.find(Throughput)
-        peak = f"; peak: {throughput.peak_source}" if throughput is not None else ""
-        fpt = trainer.spec.flops(cfg.model, trainer.data.vocab_size) / 1e6
+        peak = ""
+        if "throughput" not in cfg.callbacks.disabled:  # the figure throughput's MFU is measured against
+            from kiln.scaling.flops import peak_tflops
+
+            peak = f"; peak: {peak_tflops(trainer.device, compute_dtype(trainer.precision), cfg.train.tf32)[1]}"
+        fpt = trainer.spec.flops(cfg.model, vocab) / 1e6
         trainer.say(
-            f"model {cfg.model.family}: {param_count(cfg.model, trainer.data.vocab_size) / 1e6:.2f}M parameters, "
+            f"model {cfg.model.family}: {param_count(cfg.model, vocab) / 1e6:.2f}M parameters, "
             f"{cfg.model.n_layers} layers, width {cfg.model.d_model}, context {cfg.model.seq_len}, "
-            f"vocabulary {trainer.data.vocab_size}"
+            f"vocabulary {vocab}"
         )
         trainer.say(
             f"training {trainer.total_steps} steps x {cfg.global_batch} sequences ({trainer.tokens_per_step:,} "
@@ -43,20 +46,18 @@ class ConsoleLog(Callback):
             if accum > 1 and trainer.par.dims.dp_size > 1 and trainer.par.dims.pp == 1:
                 when = "on the last micro-batch" if module.grad_sync == "last_microbatch" else "every micro-batch"
                 trainer.say(f"gradients reduced {when} (parallel.grad_sync = '{cfg.parallel.grad_sync}')")
-        trainer.say(
-            estimate_memory(cfg, trainer.spec, trainer.data.vocab_size, trainer.par.dims, trainer.precision).describe()
-        )
+        trainer.say(estimate_memory(cfg, trainer.spec, vocab, trainer.par.dims, trainer.precision).describe())
         if trainer.step:
             trainer.say(f"resuming from step {trainer.step}")
 
-    def _since(self, trainer) -> None:
+    def _since(self, trainer: RunView) -> None:
         self.t0, self.step0 = time.perf_counter(), trainer.step
 
-    def on_guard_event(self, trainer, event: dict[str, Any]) -> None:
+    def on_guard_event(self, trainer: RunView, event: dict[str, Any]) -> None:
         if event["kind"] == "rollback":
             self._since(trainer)
 
-    def on_log(self, trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: RunView, record: dict[str, Any]) -> None:
         total = trainer.total_steps
         done = max(trainer.step - self.step0, 1)
         eta = (total - trainer.step) * (time.perf_counter() - self.t0) / done
@@ -68,7 +69,7 @@ class ConsoleLog(Callback):
             f"ETA {format_seconds(eta)}"
         )
 
-    def on_eval(self, trainer, record: dict[str, Any]) -> None:
+    def on_eval(self, trainer: RunView, record: dict[str, Any]) -> None:
         trainer.say(
             f"  eval @ {record['step']}: val_loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.2f}  "
             f"acc {record['val_acc']:.3f}"
@@ -79,8 +80,7 @@ class MetricsLog(Callback):
     """One `metrics.jsonl` record per logging step (rank 0 writes)."""
 
     name = "metrics"
-    order = 91
 
-    def on_log(self, trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: RunView, record: dict[str, Any]) -> None:
         if trainer.is_main:
             trainer.run.log_metrics(record)

@@ -14,6 +14,7 @@ import torch
 
 from kiln.errors import ConfigError
 from kiln.train.callbacks.base import Callback
+from kiln.train.step_api import RunView
 
 FILE = "memory.jsonl"
 
@@ -47,13 +48,13 @@ class MemoryMonitor(Callback):
         super().__init__(options or MemoryOptions())
         self.recording = False
 
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         self.cuda = trainer.device.type == "cuda"
         if self.cuda:
             torch.cuda.memory._record_memory_history(max_entries=self.options.max_entries)
             self.recording = True
 
-    def on_step_end(self, trainer, result) -> None:
+    def on_step_end(self, trainer: RunView, result) -> None:
         if self.cuda:
             if self.recording and self.options.snapshot_step and trainer.step >= self.options.snapshot_step:
                 self._snapshot(trainer)
@@ -64,20 +65,20 @@ class MemoryMonitor(Callback):
             if trainer.is_main:
                 trainer.run.append(FILE, {"step": trainer.step, "rss_gb": rss})
 
-    def _snapshot(self, trainer) -> None:
+    def _snapshot(self, trainer: RunView) -> None:
         path = trainer.run.path / f"memory_snapshot-rank{trainer.par.info.rank}.pickle"
         torch.cuda.memory._dump_snapshot(str(path))
         torch.cuda.memory._record_memory_history(enabled=None)
         self.recording = False
         trainer.say(f"  memory: CUDA snapshot after step {trainer.step} -> {path} (open at pytorch.org/memory_viz)")
 
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         if self.recording:
             self._snapshot(trainer)
         if not self.cuda and trainer.is_main:
             plot_rss(trainer.run)
 
-    def on_error(self, trainer, error: BaseException) -> None:
+    def on_error(self, trainer: RunView, error: BaseException) -> None:
         if self.recording:
             torch.cuda.memory._record_memory_history(enabled=None)
             self.recording = False

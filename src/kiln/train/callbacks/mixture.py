@@ -4,26 +4,29 @@ events.jsonl (`kind: mixture`) and one console line each."""
 
 from __future__ import annotations
 
+from kiln.data.mixture_sampler import MixtureSampler
 from kiln.train.callbacks.base import Callback
+from kiln.train.step_api import RunView
 
 
 class MixtureEvents(Callback):
     name = "mixture"
-    order = 10
 
     def __init__(self, options: object = None):
         super().__init__(options)
         self.changes: dict[int, list[str]] = {}
 
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         schedule = getattr(trainer.sampler, "schedule", None)
         self.changes = schedule.changes() if schedule is not None else {}
 
-    def on_step_start(self, trainer, step: int, data_index: int) -> None:
+    def on_step_start(self, trainer: RunView, step: int, data_index: int) -> None:
         what = self.changes.get(data_index)
         if not what:
             return
-        schedule = trainer.sampler.schedule
+        sampler = trainer.sampler
+        assert isinstance(sampler, MixtureSampler)  # built for mixtures only (callbacks.builtin)
+        schedule = sampler.schedule
         total = sum(schedule.weights_at(data_index)) or 1.0
         weights = {n: round(w / total, 6) for n, w in zip(schedule.names, schedule.weights_at(data_index))}
         if trainer.is_main:

@@ -11,6 +11,7 @@ import torch
 
 from kiln.errors import ConfigError
 from kiln.train.callbacks.base import Callback
+from kiln.train.step_api import RunView
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Profiler(Callback):
         super().__init__(options or ProfilerOptions())
         self.prof: torch.profiler.profile | None = None
 
-    def on_step_start(self, trainer, step: int, data_index: int) -> None:
+    def on_step_start(self, trainer: RunView, step: int, data_index: int) -> None:
         if step == self.options.start and self.prof is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if trainer.device.type == "cuda":
@@ -45,20 +46,20 @@ class Profiler(Callback):
             self.prof.__enter__()
             self.first = step + 1
 
-    def on_step_end(self, trainer, result) -> None:
+    def on_step_end(self, trainer: RunView, result) -> None:
         if self.prof is not None and trainer.step >= self.options.start + self.options.steps:
             self._finish(trainer)
 
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         if self.prof is not None:
             self._finish(trainer)
 
-    def on_error(self, trainer, error: BaseException) -> None:
+    def on_error(self, trainer: RunView, error: BaseException) -> None:
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
             self.prof = None
 
-    def _finish(self, trainer) -> None:
+    def _finish(self, trainer: RunView) -> None:
         prof, self.prof = self.prof, None
         assert prof is not None  # callers check that a profile is running
         if trainer.device.type == "cuda":

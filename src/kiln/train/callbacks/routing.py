@@ -14,12 +14,12 @@ holds their mean over the logging interval. `kiln doctor` reads them (a collapse
 from __future__ import annotations
 
 from kiln.train.callbacks.base import Callback
+from kiln.train.step_api import RunView
 
 
 class RoutingStats(Callback):
     name = "routing"
-    order = 10
 
-    def on_step_end(self, trainer, result) -> None:
+    def on_step_end(self, trainer: RunView, result) -> None:
         for name, value in trainer.module.routing.items():
             trainer.record_metric(name, value, "mean")

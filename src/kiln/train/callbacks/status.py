@@ -9,13 +9,13 @@ from typing import Any
 
 from kiln.runs.status import running_record
 from kiln.train.callbacks.base import Callback
+from kiln.train.step_api import RunView
 
 HEARTBEAT_S = 5.0  # at most one status write per this many seconds of logging steps
 
 
 class RunStatus(Callback):
     name = "status"
-    order = 99  # after everything else has ended the run
 
     def __init__(self, options: Any = None):
         super().__init__(options)
@@ -23,11 +23,11 @@ class RunStatus(Callback):
         self.earlier_s = 0.0
         self.last_beat = 0.0
 
-    def _write(self, trainer, record: dict[str, Any]) -> None:
+    def _write(self, trainer: RunView, record: dict[str, Any]) -> None:
         if trainer.is_main:
             trainer.run.write_json("status.json", record)
 
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         self.started = time.time()
         before = trainer.run.status() if trainer.is_main else {}
         self.earlier_s = float(before.get("active_s") or 0.0)  # time earlier processes spent on this run
@@ -36,15 +36,15 @@ class RunStatus(Callback):
     def _active(self) -> float:
         return round(self.earlier_s + time.time() - self.started, 1)
 
-    def _beat(self, trainer) -> None:
+    def _beat(self, trainer: RunView) -> None:
         self.last_beat = time.monotonic()
         self._write(trainer, {**running_record(trainer.step, self.started), "active_s": self._active()})
 
-    def on_log(self, trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: RunView, record: dict[str, Any]) -> None:
         if time.monotonic() - self.last_beat >= HEARTBEAT_S:
             self._beat(trainer)
 
-    def _ended(self, trainer, state: str, **extra: Any) -> None:
+    def _ended(self, trainer: RunView, state: str, **extra: Any) -> None:
         self._write(
             trainer,
             {
@@ -57,10 +57,10 @@ class RunStatus(Callback):
             },
         )
 
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         self._ended(trainer, "finished")
 
-    def on_error(self, trainer, error: BaseException) -> None:
+    def on_error(self, trainer: RunView, error: BaseException) -> None:
         from kiln.train.guard import GuardStop
 
         if isinstance(error, GuardStop):

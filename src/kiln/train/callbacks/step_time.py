@@ -26,6 +26,7 @@ import torch
 
 from kiln.errors import ConfigError
 from kiln.train.callbacks.base import Callback
+from kiln.train.step_api import RunView
 
 PHASES = ("data", "forward_backward", "grad_norm", "optimizer")
 
@@ -42,7 +43,6 @@ class StepTimeOptions:
 class StepTime(Callback):
     name = "step_time"
     Options = StepTimeOptions
-    order = 4  # its clock starts before every other callback's step start
 
     def __init__(self, options: StepTimeOptions | None = None):
         super().__init__(options or StepTimeOptions())
@@ -52,12 +52,10 @@ class StepTime(Callback):
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         self.device, self.cuda = trainer.device, trainer.device.type == "cuda"
-        trainer.phase_marker = self.mark
-        trainer.par.collective_timer = self.collective
 
-    def on_step_start(self, trainer, step: int, data_index: int) -> None:
+    def on_step_start(self, trainer: RunView, step: int, data_index: int) -> None:
         self.timing = (step + 1) % self.options.every == 0
         if self.timing:
             self._sync()
@@ -65,7 +63,7 @@ class StepTime(Callback):
             self.spent = dict.fromkeys(PHASES, 0.0)
             self.comm = 0.0
 
-    def mark(self, phase: str) -> None:
+    def on_phase(self, trainer: RunView, phase: str) -> None:
         """The loop finished `phase` of the current step."""
         if self.timing:
             self._sync()
@@ -73,7 +71,7 @@ class StepTime(Callback):
             self.spent[phase] += now - self.t
             self.t = now
 
-    def collective(self, fn):
+    def around_collective(self, trainer: RunView, fn):
         """Run one of Kiln's collectives, timing it on timed steps."""
         if not self.timing:
             return fn()
@@ -86,7 +84,7 @@ class StepTime(Callback):
         self.comm += time.perf_counter() - t0
         return out
 
-    def on_step_end(self, trainer, result) -> None:
+    def on_step_end(self, trainer: RunView, result) -> None:
         if not self.timing:
             return
         self.timing = False
@@ -98,7 +96,3 @@ class StepTime(Callback):
             # shows here, while the others only wait for it in their collectives.
             busy = sum(self.spent.values()) - self.comm
             trainer.record_metric(f"step_time/rank{trainer.par.info.rank}_busy_s", busy, reduce="max")
-
-    def on_run_end(self, trainer, summary) -> None:
-        trainer.phase_marker = None
-        trainer.par.collective_timer = None

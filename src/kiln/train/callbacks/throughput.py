@@ -14,11 +14,11 @@ from typing import Any
 
 from kiln.train.callbacks.base import Callback
 from kiln.train.precision import compute_dtype, peak_memory_gb
+from kiln.train.step_api import RunView
 
 
 class Throughput(Callback):
     name = "throughput"
-    order = 40
 
     def __init__(self, options: Any = None):
         super().__init__(options)
@@ -26,10 +26,10 @@ class Throughput(Callback):
         self.peak_source = ""
         self.rate_sum, self.rate_count = 0.0, 0  # a running mean: nothing kept per interval
 
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         from kiln.scaling.flops import peak_tflops
 
-        self.fpt = trainer.spec.flops(trainer.cfg.model, trainer.data.vocab_size)
+        self.fpt = trainer.spec.flops(trainer.cfg.model, trainer.vocab_size)
         self.peak, self.peak_source = peak_tflops(
             trainer.device, compute_dtype(trainer.precision), tf32=trainer.cfg.train.tf32
         )
@@ -38,14 +38,14 @@ class Throughput(Callback):
         self.start_step = trainer.step
         self._mark(trainer)
 
-    def _mark(self, trainer) -> None:
+    def _mark(self, trainer: RunView) -> None:
         self.t_last, self.step_last, self.pause_last = time.perf_counter(), trainer.step, trainer.pause_seconds
 
-    def on_guard_event(self, trainer, event: dict[str, Any]) -> None:
+    def on_guard_event(self, trainer: RunView, event: dict[str, Any]) -> None:
         if event["kind"] == "rollback":
             self._mark(trainer)
 
-    def on_step_end(self, trainer, result) -> None:
+    def on_step_end(self, trainer: RunView, result) -> None:
         if not trainer.log_due:
             return
         now = time.perf_counter()
@@ -62,7 +62,7 @@ class Throughput(Callback):
             trainer.record_metric("mfu", tflops / self.peak, reduce="min")
         trainer.record_metric("peak_mem_gb", peak_memory_gb(trainer.device), reduce="max")
 
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         tok_s = self.rate_sum / self.rate_count if self.rate_count else trainer.last_record.get("tokens_per_s", 0.0)
         tflops = tok_s * self.fpt / 1e12
         if self.peak and tflops > self.peak and trainer.device.type == "cpu":

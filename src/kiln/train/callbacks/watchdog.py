@@ -6,28 +6,28 @@ from __future__ import annotations
 from typing import Any
 
 from kiln.train.callbacks.base import Callback
+from kiln.train.step_api import RunView
 from kiln.train.watchdog import Watchdog
 
 
 class HangWatchdog(Callback):
     name = "hang_watchdog"
-    order = 6
 
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         self.dog = Watchdog.start(trainer.cfg.guard, trainer.run.path, trainer.par.info.rank)
 
-    def on_step_start(self, trainer, step: int, data_index: int) -> None:
+    def on_step_start(self, trainer: RunView, step: int, data_index: int) -> None:
         self.dog.step_started()
 
-    def on_step_end(self, trainer, result) -> None:
+    def on_step_end(self, trainer: RunView, result) -> None:
         self.dog.step_ended()
 
-    def on_guard_event(self, trainer, event: dict[str, Any]) -> None:
+    def on_guard_event(self, trainer: RunView, event: dict[str, Any]) -> None:
         self.dog.step_ended()  # a rollback restores a checkpoint between steps
 
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         self.dog.stop()
 
-    def on_error(self, trainer, error: BaseException) -> None:
+    def on_error(self, trainer: RunView, error: BaseException) -> None:
         if hasattr(self, "dog"):
             self.dog.stop()

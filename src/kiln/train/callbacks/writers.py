@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.errors import ConfigError
 from kiln.train.callbacks.base import Callback
+from kiln.train.step_api import RunView
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -39,13 +40,12 @@ class TensorBoardOptions:
 class TensorBoardWriter(Callback):
     name = "tensorboard"
     Options = TensorBoardOptions
-    order = 95
 
     def __init__(self, options: TensorBoardOptions | None = None):
         super().__init__(options or TensorBoardOptions())
         self.writer: SummaryWriter | None = None
 
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         if not trainer.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -55,20 +55,20 @@ class TensorBoardWriter(Callback):
             purge_step=trainer.step + 1 if trainer.step else None,
         )
 
-    def on_log(self, trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: RunView, record: dict[str, Any]) -> None:
         if self.writer is not None:
             for k, v in _numbers(record).items():
                 self.writer.add_scalar(f"train/{k}", v, record["step"])
 
-    def on_eval(self, trainer, record: dict[str, Any]) -> None:
+    def on_eval(self, trainer: RunView, record: dict[str, Any]) -> None:
         if self.writer is not None:
             for k, v in _numbers(record).items():
                 self.writer.add_scalar(f"eval/{k}", v, record["step"])
 
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         self.on_error(trainer, None)
 
-    def on_error(self, trainer, error: BaseException | None) -> None:
+    def on_error(self, trainer: RunView, error: BaseException | None) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -89,13 +89,12 @@ class WandbOptions:
 class WandbWriter(Callback):
     name = "wandb"
     Options = WandbOptions
-    order = 95
 
     def __init__(self, options: WandbOptions | None = None):
         super().__init__(options or WandbOptions())
         self.wandb_run: Run | None = None
 
-    def on_run_start(self, trainer) -> None:
+    def on_run_start(self, trainer: RunView) -> None:
         if not trainer.is_main:
             return
         import wandb
@@ -115,21 +114,21 @@ class WandbWriter(Callback):
             config=to_dict(trainer.cfg),
         )
 
-    def on_log(self, trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: RunView, record: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             self.wandb_run.log({f"train/{k}": v for k, v in _numbers(record).items()}, step=record["step"])
 
-    def on_eval(self, trainer, record: dict[str, Any]) -> None:
+    def on_eval(self, trainer: RunView, record: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             self.wandb_run.log({f"eval/{k}": v for k, v in _numbers(record).items()}, step=record["step"])
 
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def on_run_end(self, trainer: RunView, summary: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(_numbers(summary))
             self.wandb_run.finish()
             self.wandb_run = None
 
-    def on_error(self, trainer, error: BaseException) -> None:
+    def on_error(self, trainer: RunView, error: BaseException) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)
             self.wandb_run = None

@@ -1,57 +1,55 @@
-"""Checkpoint policy: when to save (every `checkpoint.every` steps and at the end), what a failed
-write does (`checkpoint.on_error`: stop with a message, or continue without it), and the
-`on_checkpoint` event once a checkpoint is committed — for an asynchronous save that is when
-every rank has finished writing it, found at a logging step or at the next save. Each committed
-save is recorded in events.jsonl: {"kind": "checkpoint", "step", "bytes", "seconds",
-"hash_seconds", "blocking_seconds"} (see kiln.train.checkpoint.SaveStats)."""
+"""The loop's checkpoint policy: when to save (every `checkpoint.every` steps and at the end),
+what a failed write does (`checkpoint.on_error`: stop with a message, or continue without it),
+and when a checkpoint counts as committed — for an asynchronous save, when every rank has
+finished writing it, found at a logging step or at the next save. Each committed save is
+recorded in events.jsonl: {"kind": "checkpoint", "step", "bytes", "seconds", "hash_seconds",
+"blocking_seconds"} (see kiln.train.checkpoint.SaveStats), and `committed(step, path)` is called
+(the loop passes the callbacks' `on_checkpoint`). A part of the loop, not a callback."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from kiln.errors import KilnError
-from kiln.train.callbacks.base import Callback
 from kiln.train.checkpoint import checkpoint_step, step_dir_name
+from kiln.train.step_api import LoopView
 
 
-class CheckpointPolicy(Callback):
-    name = "checkpoints"
-    order = 30
+class CheckpointPolicy:
+    name = "checkpoints"  # `callbacks.disabled = ["checkpoints"]` leaves it out
 
-    def __init__(self, options: Any = None):
-        super().__init__(options)
+    def __init__(self, committed: Callable[[int, Path], None] | None = None):
         self.last_saved = -1
+        self.committed = committed  # told of each committed checkpoint: (step, path)
 
-    def due(self, trainer, step: int) -> bool:
+    def due(self, trainer: LoopView, step: int) -> bool:
         every = trainer.cfg.checkpoint.every
         return step >= trainer.total_steps or (bool(every) and step % every == 0)
 
-    def syncs_at(self, trainer, step: int) -> bool:
-        return self.due(trainer, step)
-
-    def on_step_complete(self, trainer) -> None:
+    def after_step(self, trainer: LoopView) -> None:
+        """Between steps: note an asynchronous save that finished; save if one is due."""
         if trainer.checkpointer.pending and trainer.log_due:
             self._committed(trainer, self._guarded(trainer, trainer.checkpointer.poll))
         if self.due(trainer, trainer.step):
             self.save(trainer)
 
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+    def finish(self, trainer: LoopView) -> None:
+        """At the run's end: its last step saved and every save committed."""
         # rank 0's view decides for all (a save is collective; other nodes may not share the folder)
         exists = trainer.par.broadcast((trainer.run.checkpoints / step_dir_name(trainer.step)).is_dir())
         if self.last_saved != trainer.step and not exists:  # e.g. the loop never ran in this process
             self.save(trainer)
         self.flush(trainer)
 
-    def on_error(self, trainer, error: BaseException) -> None:
+    def on_error(self, trainer: LoopView, error: BaseException) -> None:
         if trainer.checkpointer.pending and isinstance(error, KilnError):
             try:  # a user-facing stop (guard, budget): keep the checkpoint that is being written
                 self.flush(trainer)
             except BaseException:
                 pass
 
-    def save(self, trainer) -> Path | None:
+    def save(self, trainer: LoopView) -> Path | None:
         """Checkpoint now. A failed write (disk full, ...) leaves every earlier checkpoint intact."""
         self.last_saved = trainer.step
         with trainer.paused("checkpoint"):
@@ -65,21 +63,22 @@ class CheckpointPolicy(Callback):
                 self.flush(trainer)
         return path
 
-    def flush(self, trainer) -> None:
+    def flush(self, trainer: LoopView) -> None:
         """Commit an asynchronous save in flight (waiting for it)."""
         if trainer.checkpointer.pending:
             with trainer.paused("checkpoint"):
                 self._committed(trainer, self._guarded(trainer, trainer.checkpointer.wait))
 
-    def _committed(self, trainer, path: Path | None) -> None:
+    def _committed(self, trainer: LoopView, path: Path | None) -> None:
         if path is None:
             return
         stats = getattr(trainer.checkpointer, "last_save", None)  # a stand-in checkpointer may keep none
         if trainer.is_main and stats is not None and stats.step == checkpoint_step(path):
             trainer.run.log_event(stats.event())  # what it cost: bytes, seconds, hashing, the loop held
-        trainer.callbacks.on_checkpoint(trainer, checkpoint_step(path), path)
+        if self.committed is not None:
+            self.committed(checkpoint_step(path), path)
 
-    def _guarded(self, trainer, write: Callable[[], Path | None]) -> Path | None:
+    def _guarded(self, trainer: LoopView, write: Callable[[], Path | None]) -> Path | None:
         try:
             return write()
         except OSError as e:

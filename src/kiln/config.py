@@ -4,22 +4,81 @@ This layer checks types and values only; names of registered components (family,
 suites, callbacks and their options) are resolved by `kiln.resolve` once plugins have loaded, so
 whether a config parses never depends on which user modules are importable. A mistake ends in a
 `ConfigError` whose one-line message names the key and what is allowed. Family-specific checks
-(e.g. the `moe_*` keys) live in the family's spec."""
+(e.g. the `[model.moe]` table's) live in the family's spec."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from kiln.config_rules import require as _require
-from kiln.config_rules import validate_mixture, validate_sections
+from kiln.config_rules import validate_ranges, validate_relations, validate_sections
 from kiln.errors import ConfigError
+
+# ---- the [model] section: common transformer fields plus one table per family that needs more.
+# Declared vs resolved: a field whose 0 means "the default" (n_kv_heads, d_ff, max_seq_len,
+# moe.d_ff) keeps the declared 0, in memory and in a run's config.toml; code reads the one
+# property that resolves it (kv_heads, ff_hidden, positions, expert_hidden). Persisting the
+# declared value keeps forks right: `kiln fork --set model.n_heads=8` of a run that left
+# n_kv_heads at 0 gets 8 KV heads, where a persisted resolved 4 would silently make it GQA.
+# Flat keys: the tables' keys were flat `model.moe_*` / image keys before; those stay the dotted
+# names that messages, `--set`, `kiln fork --set` and `flatten` use (every run folder, doctor fix
+# and script so far spells them so). `nest_aliases` is the one place a flat key becomes its
+# table's key (files, presets, run folders, --set alike); `ModelConfig(moe_experts=8)` and
+# `cfg.model.moe_experts` keep working in Python.
+
+
+def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
+    """Llama's choice: 2/3 of 4*d (same parameters as a GELU MLP), rounded up."""
+    hidden = int(2 * 4 * d_model / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+@dataclass
+class MoEConfig:
+    """`[model.moe]` (model.family = "moe": kiln.model.moe, moe_spec); flat keys `model.moe_<key>`."""
+
+    experts: int = 0  # routed experts per MoE layer
+    top_k: int = 2  # experts each token goes to
+    every: int = 1  # every k-th layer is MoE ...
+    first_dense: int = 0  # ... after this many dense layers
+    d_ff: int = 0  # each expert's SwiGLU hidden size; 0 = the SwiGLU default for model.d_model
+    shared_experts: int = 0  # experts every token goes through as well (DeepSeek)
+    capacity_factor: float = 0.0  # > 0: an expert takes at most factor * tokens * k / experts; 0 = dropless
+    score: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+    norm_topk: bool = True  # renormalise the k chosen gates to sum to 1
+    aux_loss: float = 0.0  # Switch / GShard load-balancing loss coefficient (Switch used 1e-2)
+    seq_aux_loss: float = 0.0  # per-sequence balancing loss (DeepSeek-V2/V3)
+    z_loss: float = 0.0  # router z-loss (ST-MoE used 1e-3)
+    bias_rate: float = 1e-3  # auxiliary-loss-free balancing bias step (DeepSeek-V3's); 0 = off
+
+
+@dataclass
+class VisionConfig:
+    """`[model.vision]` (model.family = "vlm": kiln.model.vision); flat keys in VISION_ALIASES."""
+
+    image_size: int = 8  # images are resized and centre-cropped to this square (pixels) ...
+    patch_size: int = 2  # ... and cut into patches of this side: (image_size / patch_size)^2 positions an image
+    channels: int = 1  # 1 = grey, 3 = RGB
+    encoder: str = "patch"  # patch: a ViT-style patch stem trained jointly | frozen: loaded and kept fixed
+    encoder_from: str = ""  # encoder = "frozen": safetensors file with stem.* and patch_pos.* tensors
+
+    @property
+    def n_patches(self) -> int:
+        """Sequence positions one image takes."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_values(self) -> int:
+        """Pixel values in one patch."""
+        return self.patch_size * self.patch_size * self.channels
 
 
 @dataclass
@@ -42,29 +101,113 @@ class ModelConfig:
     dropout: float = 0.0
     qk_norm: bool = False  # RMS-normalise queries and keys per head (bounds the attention logits)
     post_norm: bool = False  # also normalise each sub-layer's output before the residual add (sandwich norm)
+    # The BERT-style options below are options of the shared blocks and embeddings (any family's
+    # spec may allow them), so they stay common fields rather than a `[model.bert]` table.
     norm_position: str = "pre"  # pre: x + f(norm(x)) and a final norm; post: norm(x + f(x)) as BERT (encoder only)
     embed_norm: bool = False  # normalise the summed embeddings (BERT)
     type_vocab_size: int = 0  # token-type (segment) embeddings; Kiln feeds type 0 (BERT has 2)
     init_std: float = 0.02
     init_from: str = ""  # a safetensors file of full Kiln-named weights (kiln import / kiln export) to start from
-    moe_experts: int = 0  # routed experts per MoE layer (model.family = "moe": kiln.model.moe, moe_spec)
-    moe_top_k: int = 2  # experts each token goes to
-    moe_every: int = 1  # every k-th layer is MoE ...
-    moe_first_dense: int = 0  # ... after this many dense layers
-    moe_d_ff: int = 0  # each expert's SwiGLU hidden size; 0 = the dense MLP's
-    moe_shared_experts: int = 0  # experts every token goes through as well (DeepSeek)
-    moe_capacity_factor: float = 0.0  # > 0: an expert takes at most factor * tokens * k / experts; 0 = dropless
-    moe_score: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
-    moe_norm_topk: bool = True  # renormalise the k chosen gates to sum to 1
-    moe_aux_loss: float = 0.0  # Switch / GShard load-balancing loss coefficient (Switch used 1e-2)
-    moe_seq_aux_loss: float = 0.0  # per-sequence balancing loss (DeepSeek-V2/V3)
-    moe_z_loss: float = 0.0  # router z-loss (ST-MoE used 1e-3)
-    moe_bias_rate: float = 1e-3  # auxiliary-loss-free balancing bias step (DeepSeek-V3's); 0 = off
-    image_size: int = 8  # model.family = "vlm": images are resized and centre-cropped to this square (pixels)
-    patch_size: int = 2  # ... and cut into patches of this side: (image_size / patch_size)^2 positions an image
-    image_channels: int = 1  # 1 = grey, 3 = RGB
-    image_encoder: str = "patch"  # patch: a ViT-style patch stem trained jointly | frozen: loaded and kept fixed
-    image_encoder_from: str = ""  # image_encoder = "frozen": safetensors file with stem.* and patch_pos.* tensors
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    # ---- resolved values: the one place each "0 = default" is decided (see the module docstring)
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_hidden(self) -> int:
+        """The dense MLP's hidden size."""
+        return self.d_ff or (swiglu_hidden(self.d_model) if self.mlp == "swiglu" else 4 * self.d_model)
+
+    @property
+    def positions(self) -> int:
+        """Length of the position tables (learned embedding, RoPE)."""
+        return self.max_seq_len or self.seq_len
+
+    @property
+    def expert_hidden(self) -> int:
+        """Each routed (and shared) expert's SwiGLU hidden size."""
+        return self.moe.d_ff or swiglu_hidden(self.d_model)
+
+    if not TYPE_CHECKING:  # hidden from mypy, so code reading a flat name fails the type check
+
+        def __getattr__(self, name: str) -> Any:
+            """Flat legacy names read through to their table (`cfg.model.moe_experts`), for plugins
+            and scripts written before the tables; only called for names that are no attribute."""
+            alias = MODEL_ALIASES.get(name)
+            table = self.__dict__.get(alias[0]) if alias else None
+            if alias is None or table is None:
+                raise AttributeError(f"'ModelConfig' object has no attribute {name!r}")
+            return getattr(table, alias[1])
+
+
+FAMILY_TABLES: dict[str, type] = {"moe": MoEConfig, "vision": VisionConfig}
+VISION_ALIASES = {
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "image_channels": "channels",
+    "image_encoder": "encoder",
+    "image_encoder_from": "encoder_from",
+}
+# flat `model.<alias>` key -> (table, key in the table)
+MODEL_ALIASES: dict[str, tuple[str, str]] = {
+    **{f"moe_{f.name}": ("moe", f.name) for f in dataclasses.fields(MoEConfig)},
+    **{alias: ("vision", key) for alias, key in VISION_ALIASES.items()},
+}
+_FLAT_NAME = {target: alias for alias, target in MODEL_ALIASES.items()}
+
+_generated_init = ModelConfig.__init__
+
+
+def _init_accepting_aliases(self: ModelConfig, *args: Any, **kwargs: Any) -> None:
+    """`ModelConfig(moe_experts=8)` and `dataclasses.replace(m, moe_top_k=1)` as before the
+    tables; the table is copied, never changed in place (`replace` hands over the same object)."""
+    flat = {k: kwargs.pop(k) for k in [k for k in kwargs if k in MODEL_ALIASES]}
+    _generated_init(self, *args, **kwargs)
+    for alias, value in flat.items():
+        table, key = MODEL_ALIASES[alias]
+        setattr(self, table, dataclasses.replace(getattr(self, table), **{key: value}))
+
+
+ModelConfig.__init__ = _init_accepting_aliases  # type: ignore[method-assign]
+
+
+def nest_aliases(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw config dict (a file, a preset, `--set` items, a run's config.toml) with every flat
+    `model.<alias>` key moved into its family table; the input is not changed."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or not any(k in MODEL_ALIASES for k in model):
+        return raw
+    model = dict(model)
+    for alias in [k for k in model if k in MODEL_ALIASES]:
+        name, key = MODEL_ALIASES[alias]
+        value, table = model.pop(alias), model.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"model.{name} is a table ([model.{name}]), got {table!r}")
+        if key in table and table[key] != value:
+            raise ConfigError(
+                f"model.{alias} = {value!r} and model.{name}.{key} = {table[key]!r} set the same key; keep one"
+            )
+        model[name] = {**table, key: value}
+    return {**raw, "model": model}
+
+
+def flat_model_keys(model: dict[str, Any]) -> dict[str, Any]:
+    """`to_dict`'s model section as `model.<key>` -> value, the family tables' keys under their
+    flat names (the dotted names messages and `kiln.changes` use)."""
+    out: dict[str, Any] = {}
+    for k, v in model.items():
+        if k in FAMILY_TABLES:
+            out.update({f"model.{_FLAT_NAME[(k, key)]}": value for key, value in v.items()})
+        else:
+            out[f"model.{k}"] = v
+    return out
 
 
 @dataclass
@@ -206,6 +349,16 @@ class ParallelConfig:
     # under gradient accumulation, FSDP's gradient reduce-scatter on every micro-batch, or only on a
     # step's last (unsharded gradients kept meanwhile); "auto" decides from the memory model
     grad_sync: str = "auto"  # auto | every_microbatch | last_microbatch
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each pipeline rank holds: pp_stages_per_rank under interleaved-1f1b, else 1."""
+        return self.pp_stages_per_rank if self.pp_schedule == "interleaved-1f1b" else 1
+
+    @property
+    def pipeline_stages(self) -> int:
+        """Pipeline stages in all (pp x stages per rank)."""
+        return self.pp * self.stages_per_rank
 
 
 @dataclass
@@ -439,9 +592,16 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, parse_value(raw)
 
 
-def _expects_text(section: str, name: str) -> bool:
-    cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}.get(section)
-    return cls is not None and typing.get_type_hints(cls).get(name) is str
+def _expects_text(parts: list[str]) -> bool:
+    """The key names a string field (a flat model alias, or a key of a family table)."""
+    if len(parts) == 2 and parts[0] == "model" and parts[1] in MODEL_ALIASES:
+        parts = ["model", *MODEL_ALIASES[parts[1]]]
+    kind: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(kind):
+            return False
+        kind = typing.get_type_hints(kind).get(part)
+    return kind is str
 
 
 def merge(base: dict[str, Any], top: dict[str, Any], path: str = "") -> dict[str, Any]:
@@ -481,7 +641,7 @@ def override_dict(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     for item in items:
         key, value = parse_override(item)
         parts = key.split(".")
-        if len(parts) == 2 and _expects_text(*parts) and not isinstance(value, str):
+        if _expects_text(parts) and not isinstance(value, str):
             value = item.split("=", 1)[1].strip()  # e.g. data.corpus=2024 is a path, not a number
         nested: Any = value
         for part in reversed(parts):
@@ -496,18 +656,24 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> Config:
-    """Build a type- and value-checked `Config`: defaults < base < preset < file < `--set` overrides."""
-    raw: dict[str, Any] = dict(base or {})
+    """Build a type- and value-checked `Config`: defaults < base < preset < file < `--set` overrides.
+    Each layer's flat model keys are nested before the layers merge, so a later layer's flat key
+    overrides an earlier one's table key and the other way round."""
+    raw: dict[str, Any] = nest_aliases(dict(base or {}))
     if preset:
-        raw = merge(raw, preset_dict(preset))
+        raw = merge(raw, nest_aliases(preset_dict(preset)))
     if config_file:
-        raw = merge(raw, file_dict(config_file))
-    return from_dict(merge(raw, override_dict(overrides)))
+        raw = merge(raw, nest_aliases(file_dict(config_file)))
+    return from_dict(merge(raw, nest_aliases(override_dict(overrides))))
 
 
 def coerce(key: str, value: Any, kind: Any) -> Any:
     """`value` as type `kind` (bool, int, float, str, list[...]), or a ConfigError naming `key`."""
     origin = typing.get_origin(kind)
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):  # a table inside a section: [model.moe]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} is a table ([{key}]) of keys, got {value!r}")
+        return build_dataclass(kind, value, key)
     if origin is list and dataclasses.is_dataclass(typing.get_args(kind)[0]):
         return _table_list(key, value, typing.get_args(kind)[0])
     if origin is dict:
@@ -573,7 +739,8 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for name, value in values.items():
         key = f"{prefix}.{name}"
         if name not in hints:
-            raise ConfigError(_unknown(key, "key", [f"{prefix}.{k}" for k in hints]))
+            allowed = [*hints, *(MODEL_ALIASES if cls is ModelConfig else ())]
+            raise ConfigError(_unknown(key, "key", [f"{prefix}.{k}" for k in allowed]))
         kwargs[name] = coerce(key, value, hints[name])
     return cls(**kwargs)
 
@@ -593,9 +760,10 @@ def _nested_section(section: str, values: dict[str, Any]) -> Any:
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
+    """A checked `Config` from nested plain data (a TOML file's shape, flat model keys allowed)."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
     built: dict[str, Any] = {}
-    for section, values in raw.items():
+    for section, values in nest_aliases(raw).items():
         if section not in sections:
             raise ConfigError(_unknown(section, "section", list(sections)))
         if not isinstance(values, dict):
@@ -603,10 +771,12 @@ def from_dict(raw: dict[str, Any]) -> Config:
         if section in NESTED_SECTIONS:
             built[section] = _nested_section(section, values)
             continue
+        cls = cast(type, sections[section].default_factory)
+        hints = typing.get_type_hints(cls)
         for name, value in values.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and not dataclasses.is_dataclass(hints.get(name)):
                 raise ConfigError(f"{section}.{name} must be a value, not a table")
-        built[section] = build_dataclass(cast(type, sections[section].default_factory), values, section)
+        built[section] = build_dataclass(cls, values, section)
     cfg = Config(**built)
     validate(cfg)
     return cfg
@@ -629,8 +799,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
-    """`section.key` (and `section.name` for option tables) -> value."""
-    return {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
+    """`section.key` (and `section.name` for option tables) -> value; the model's family tables
+    by their flat names (`model.moe_top_k`), as messages and `--set` spell them."""
+    out: dict[str, Any] = {}
+    for s, sec in to_dict(cfg).items():
+        out.update(flat_model_keys(sec) if s == "model" else {f"{s}.{k}": v for k, v in sec.items()})
+    return out
 
 
 def validate(cfg: Config) -> None:
@@ -639,114 +813,8 @@ def validate(cfg: Config) -> None:
     flat = flatten(cfg)
     for key, allowed in CHOICES.items():
         _require(flat[key] in allowed, f"{key} = {flat[key]!r} is not allowed; choose one of {', '.join(allowed)}")
-
-    m, t, d = cfg.model, cfg.train, cfg.data
-    positive = [
-        "model.n_layers",
-        "model.n_heads",
-        "model.d_model",
-        "model.seq_len",
-        "data.vocab_size",
-        "train.batch_size",
-        "eval.batches",
-        "log.every",
-        "kernels.chunk_size",
-        "model.image_size",
-        "model.patch_size",
-        "model.image_channels",
-    ]
-    for key in positive:
-        _require(flat[key] > 0, f"{key} must be positive, got {flat[key]}")
-    non_negative = [
-        "model.n_kv_heads",
-        "model.d_ff",
-        "model.max_seq_len",
-        "model.type_vocab_size",
-        "train.steps",
-        "train.tokens",
-        "train.batch_tokens",
-        "train.micro_batch_size",
-        "train.threads",
-        "eval.every",
-        "eval.sample_tokens",
-        "checkpoint.every",
-        "schedule.warmup_steps",
-        "data.max_docs",
-        "data.workers",
-        "optim.grad_clip",
-        "optim.weight_decay",
-        "eval.top_k",
-        "train.seed",
-        "data.split_seed",
-        "data.piece_chars",
-        "train.time_budget_s",
-        "data.loader_workers",
-    ]
-    for key in non_negative:
-        _require(flat[key] >= 0, f"{key} must be >= 0, got {flat[key]}")
-    _require(bool(m.family.strip()), "model.family is empty; name a model family (e.g. decoder)")
-    _require(bool(t.objective.strip()), "train.objective is empty; name an objective (e.g. causal)")
-    if m.max_seq_len:
-        _require(
-            m.seq_len <= m.max_seq_len,
-            f"model.seq_len = {m.seq_len} is longer than the position table model.max_seq_len = "
-            f"{m.max_seq_len}; raise model.max_seq_len (or set it to 0 = seq_len)",
-        )
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
-    _require(cfg.train.z_loss >= 0.0, f"train.z_loss must be >= 0 (PaLM used 1e-4), got {cfg.train.z_loss}")
-    _require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
-    _require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
-    _require(
-        not (m.norm_position == "post" and m.post_norm),
-        "model.norm_position = 'post' already normalises after each residual add; set model.post_norm = false",
-    )
-
-    _require(
-        d.vocab_size >= 260 or bool(d.tokenizer),
-        f"data.vocab_size = {d.vocab_size} is too small for a byte-level BPE; use at least 260",
-    )
-    _require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-    _require(
-        d.tokenizer_sample_mb > 0,
-        f"data.tokenizer_sample_mb must be > 0 (MB of training text for the tokenizer), got {d.tokenizer_sample_mb}",
-    )
-    _require(bool(d.corpus.strip()), "data.corpus is empty; name a corpus (e.g. stdlib) or a path")
-    validate_mixture(cfg)
-    _require(
-        d.piece_chars == 0 or d.piece_chars >= 256,
-        f"data.piece_chars must be 0 (never split documents) or at least 256, got {d.piece_chars}",
-    )
-
-    o = cfg.optim
-    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
-    _require(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
-    s = cfg.schedule
-    _require(0.0 <= s.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
-    _require(0.0 < s.decay_fraction <= 1.0, f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}")
-
-    if t.batch_tokens:
-        _require(
-            t.batch_tokens % m.seq_len == 0,
-            f"train.batch_tokens = {t.batch_tokens} must be a multiple of model.seq_len = {m.seq_len}",
-        )
-    _require(cfg.total_steps > 0, "train.steps (or train.tokens) must be positive")
-    if t.micro_batch_size and not cfg.parallel.dp_batch_shares:  # uneven shares: checked per share when built
-        _require(
-            cfg.global_batch % t.micro_batch_size == 0,
-            f"train.micro_batch_size = {t.micro_batch_size} must divide the global batch of "
-            f"{cfg.global_batch} sequences",
-        )
-    _require(cfg.eval.temperature >= 0, "eval.temperature must be >= 0")
-
-    par = cfg.parallel
-    for key in ("dp_replicate", "tp", "ep", "pp", "pp_microbatches", "pp_stages_per_rank"):
-        _require(getattr(par, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(par, key)}")
-    _require(
-        par.dp_shard == -1 or par.dp_shard >= 1,
-        f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {par.dp_shard}",
-    )
-
+    validate_ranges(flat)
+    validate_relations(cfg)
     validate_sections(cfg)
 
 

@@ -1,5 +1,6 @@
-"""Value checks of the run-policy sections (guard, mask, faults, callbacks): part of
-`kiln.config.validate`, kept apart so the config module stays one screenful of dataclasses."""
+"""Value checks of the sections (ranges, how sections fit together, the run-policy sections:
+guard, mask, faults, callbacks): part of `kiln.config.validate`, kept apart so the config module
+stays its dataclasses and their loading."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def validate_sections(cfg: Any) -> None:
             "debug.invariants compares equal-sized data shares; it does not support parallel.dp_batch_shares yet",
         )
     if par.pp_layers:
-        stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
+        stages = par.pipeline_stages
         require(
             len(par.pp_layers) == stages,
             f"parallel.pp_layers names {len(par.pp_layers)} stages; the pipeline has {stages}",
@@ -147,3 +148,118 @@ def validate_mixture(cfg: Any) -> None:
                 "list stages in order"
             )
         starts.append((start, f"step {start:g}"))
+
+
+def validate_ranges(flat: dict[str, Any]) -> None:
+    """Keys that must be positive or non-negative, by their flattened names."""
+    positive = [
+        "model.n_layers",
+        "model.n_heads",
+        "model.d_model",
+        "model.seq_len",
+        "data.vocab_size",
+        "train.batch_size",
+        "eval.batches",
+        "log.every",
+        "kernels.chunk_size",
+        "model.image_size",
+        "model.patch_size",
+        "model.image_channels",
+    ]
+    for key in positive:
+        require(flat[key] > 0, f"{key} must be positive, got {flat[key]}")
+    non_negative = [
+        "model.n_kv_heads",
+        "model.d_ff",
+        "model.max_seq_len",
+        "model.type_vocab_size",
+        "train.steps",
+        "train.tokens",
+        "train.batch_tokens",
+        "train.micro_batch_size",
+        "train.threads",
+        "eval.every",
+        "eval.sample_tokens",
+        "checkpoint.every",
+        "schedule.warmup_steps",
+        "data.max_docs",
+        "data.workers",
+        "optim.grad_clip",
+        "optim.weight_decay",
+        "eval.top_k",
+        "train.seed",
+        "data.split_seed",
+        "data.piece_chars",
+        "train.time_budget_s",
+        "data.loader_workers",
+    ]
+    for key in non_negative:
+        require(flat[key] >= 0, f"{key} must be >= 0, got {flat[key]}")
+
+
+def validate_relations(cfg: Any) -> None:
+    """Single values with bounds of their own, and how the model, data, optimizer, batch and
+    parallel sections fit together."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    require(bool(m.family.strip()), "model.family is empty; name a model family (e.g. decoder)")
+    require(bool(t.objective.strip()), "train.objective is empty; name an objective (e.g. causal)")
+    if m.max_seq_len:
+        require(
+            m.seq_len <= m.max_seq_len,
+            f"model.seq_len = {m.seq_len} is longer than the position table model.max_seq_len = "
+            f"{m.max_seq_len}; raise model.max_seq_len (or set it to 0 = seq_len)",
+        )
+    require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    require(cfg.train.z_loss >= 0.0, f"train.z_loss must be >= 0 (PaLM used 1e-4), got {cfg.train.z_loss}")
+    require(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
+    require(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
+    require(
+        not (m.norm_position == "post" and m.post_norm),
+        "model.norm_position = 'post' already normalises after each residual add; set model.post_norm = false",
+    )
+
+    require(
+        d.vocab_size >= 260 or bool(d.tokenizer),
+        f"data.vocab_size = {d.vocab_size} is too small for a byte-level BPE; use at least 260",
+    )
+    require(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    require(
+        d.tokenizer_sample_mb > 0,
+        f"data.tokenizer_sample_mb must be > 0 (MB of training text for the tokenizer), got {d.tokenizer_sample_mb}",
+    )
+    require(bool(d.corpus.strip()), "data.corpus is empty; name a corpus (e.g. stdlib) or a path")
+    validate_mixture(cfg)
+    require(
+        d.piece_chars == 0 or d.piece_chars >= 256,
+        f"data.piece_chars must be 0 (never split documents) or at least 256, got {d.piece_chars}",
+    )
+
+    o = cfg.optim
+    require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+    require(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
+    s = cfg.schedule
+    require(0.0 <= s.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+    require(0.0 < s.decay_fraction <= 1.0, f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}")
+
+    if t.batch_tokens:
+        require(
+            t.batch_tokens % m.seq_len == 0,
+            f"train.batch_tokens = {t.batch_tokens} must be a multiple of model.seq_len = {m.seq_len}",
+        )
+    require(cfg.total_steps > 0, "train.steps (or train.tokens) must be positive")
+    if t.micro_batch_size and not cfg.parallel.dp_batch_shares:  # uneven shares: checked per share when built
+        require(
+            cfg.global_batch % t.micro_batch_size == 0,
+            f"train.micro_batch_size = {t.micro_batch_size} must divide the global batch of "
+            f"{cfg.global_batch} sequences",
+        )
+    require(cfg.eval.temperature >= 0, "eval.temperature must be >= 0")
+
+    par = cfg.parallel
+    for key in ("dp_replicate", "tp", "ep", "pp", "pp_microbatches", "pp_stages_per_rank"):
+        require(getattr(par, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(par, key)}")
+    require(
+        par.dp_shard == -1 or par.dp_shard >= 1,
+        f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {par.dp_shard}",
+    )

@@ -60,14 +60,14 @@ def check_callbacks(cfg: Config) -> None:
     check_callback_config(cfg.callbacks)
 
 
-def check_starting_weights(cfg: Config) -> None:
-    """Files only step 0 reads (`model.init_from`, a frozen image encoder's `model.image_encoder_from`):
-    a fresh start needs them; a resume, an evaluation or an export takes the weights from a checkpoint."""
-    m = cfg.model
-    for key, used in (("init_from", True), ("image_encoder_from", m.image_encoder == "frozen")):
-        path = getattr(m, key)
-        if used and path and not Path(path).is_file():
-            raise ConfigError(f"model.{key} = '{path}' does not exist")
+def check_starting_weights(cfg: Config, spec: ModelSpec) -> None:
+    """Files only step 0 reads (`model.init_from`, and the family's own: a frozen image encoder's
+    `model.image_encoder_from`): a fresh start needs them; a resume, an evaluation or an export
+    takes the weights from a checkpoint."""
+    files = {"model.init_from": cfg.model.init_from, **spec.start_files(cfg.model)}
+    for key, path in files.items():
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{key} = '{path}' does not exist")
 
 
 def check_training(cfg: Config, fresh: bool = True) -> ModelSpec:
@@ -75,7 +75,7 @@ def check_training(cfg: Config, fresh: bool = True) -> ModelSpec:
     (no checkpoint to resume from) the files its initial weights come from."""
     spec = check_model(cfg)
     if fresh:
-        check_starting_weights(cfg)
+        check_starting_weights(cfg, spec)
     check_objective(cfg, spec)
     if cfg.eval.suites:
         check_suites(cfg.eval.suites)

@@ -117,7 +117,10 @@ class EvalContext:
 
     @property
     def is_encoder(self) -> bool:
-        return self.cfg.model.family == "encoder" or self.cfg.train.objective == "masked"
+        """A bidirectional family (its spec says so), or one trained to fill masks."""
+        from kiln.model.registry import get_spec
+
+        return not get_spec(self.cfg.model.family).causal or self.cfg.train.objective == "masked"
 
 
 # --------------------------------------------------------------------------- the registry

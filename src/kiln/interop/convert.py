@@ -87,9 +87,7 @@ def export_hf(
         "config.json": adapter.config(cfg.model, tokenizer.vocab_size, _special_ids(tokenizer)),
         "generation_config.json": generation_config(tokenizer),
     }
-    written = hf_files.write_folder(
-        Path(out), files, tensors, tokenizer, cfg.model.max_seq_len or cfg.model.seq_len, max_bytes
-    )
+    written = hf_files.write_folder(Path(out), files, tensors, tokenizer, cfg.model.positions, max_bytes)
     return written, loaded.step
 
 
@@ -148,7 +146,7 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation of `ids` (B, T): full-sequence forwards, no KV cache."""
-        context = self.cfg.max_seq_len or self.cfg.seq_len
+        context = self.cfg.positions
         for _ in range(max_new_tokens):
             nxt = self(ids[:, -context:])[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)

@@ -27,7 +27,6 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.errors import ConfigError
-from kiln.model.layers import swiglu_hidden
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new")  # the same function; gelu_new spells the formula out
@@ -35,10 +34,6 @@ TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new")  # the same function; gelu_new sp
 
 def refuse(message: str) -> None:
     raise ConfigError(message)
-
-
-def _hidden(cfg: ModelConfig) -> int:
-    return cfg.d_ff or (swiglu_hidden(cfg.d_model) if cfg.mlp == "swiglu" else 4 * cfg.d_model)
 
 
 # ----------------------------------------------------------------------------- which class
@@ -71,7 +66,7 @@ def hf_flavour(cfg: ModelConfig) -> str:
         (cfg.bias, "model.bias = false", "model.bias = true"),
         (not cfg.qk_norm, "model.qk_norm = true", "no QK-norm"),
         (
-            (cfg.n_kv_heads or cfg.n_heads) == cfg.n_heads,
+            cfg.kv_heads == cfg.n_heads,
             f"model.n_kv_heads = {cfg.n_kv_heads} (grouped-query attention)",
             "one KV head per head",
         ),
@@ -86,7 +81,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None])
     """config.json for the flavour of `cfg`, with the true vocabulary size."""
     flavour = hf_flavour(cfg)
     ids = {f"{r}_token_id": special.get(r) for r in ("bos", "eos", "pad")}
-    context = cfg.max_seq_len or cfg.seq_len
+    context = cfg.positions
     if flavour == "gpt2":
         return {
             "architectures": [HF_CLASSES["gpt2"]],
@@ -95,7 +90,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None])
             "n_embd": cfg.d_model,
             "n_layer": cfg.n_layers,
             "n_head": cfg.n_heads,
-            "n_inner": _hidden(cfg),
+            "n_inner": cfg.ff_hidden,
             "n_positions": context,
             "n_ctx": context,
             "activation_function": "gelu" if cfg.mlp == "gelu_exact" else "gelu_pytorch_tanh",
@@ -112,16 +107,16 @@ def hf_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None])
             "torch_dtype": "float32",
             **ids,
         }
-    head_dim = cfg.d_model // cfg.n_heads
+    head_dim = cfg.head_dim
     config = {
         "architectures": [HF_CLASSES[flavour]],
         "model_type": flavour,
         "vocab_size": vocab_size,
         "hidden_size": cfg.d_model,
-        "intermediate_size": _hidden(cfg),
+        "intermediate_size": cfg.ff_hidden,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": context,

@@ -40,7 +40,7 @@ def bert_flavour(cfg: ModelConfig) -> str:
         (cfg.tie_embeddings, "model.tie_embeddings = false"),
         (not cfg.qk_norm, "model.qk_norm = true"),
         (not cfg.post_norm, "model.post_norm = true"),
-        ((cfg.n_kv_heads or cfg.n_heads) == cfg.n_heads, f"model.n_kv_heads = {cfg.n_kv_heads}"),
+        (cfg.kv_heads == cfg.n_heads, f"model.n_kv_heads = {cfg.n_kv_heads}"),
     )
     for ok, option in checks:
         if not ok:
@@ -60,11 +60,11 @@ def bert_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "intermediate_size": cfg.d_ff or 4 * cfg.d_model,
+        "intermediate_size": cfg.ff_hidden,
         "hidden_act": "gelu",
         "hidden_dropout_prob": cfg.dropout,
         "attention_probs_dropout_prob": cfg.dropout,
-        "max_position_embeddings": cfg.max_seq_len or cfg.seq_len,
+        "max_position_embeddings": cfg.positions,
         "type_vocab_size": cfg.type_vocab_size,
         "layer_norm_eps": cfg.norm_eps,
         "position_embedding_type": "absolute",

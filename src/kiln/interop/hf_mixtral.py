@@ -16,13 +16,13 @@ expert, `block_sparse_moe.experts.<e>.w1 / w2 / w3.weight` ((h, d), (d, h), (h, 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from kiln.config import ModelConfig
+from kiln.config import ModelConfig, MoEConfig
 from kiln.interop.hf import LLAMA_BLOCK, HFAdapter, _split, hf_config, kiln_model_config, refuse, refuse_unplaced
-from kiln.model.moe import expert_hidden
 
 ATTENTION = {k: v for k, v in LLAMA_BLOCK.items() if not k.startswith("mlp.")}
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
@@ -30,23 +30,23 @@ EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(
 
 def mixtral_flavour(cfg: ModelConfig) -> str:
     """'mixtral', or a ConfigError naming the first option MixtralForCausalLM cannot hold."""
-    name = "MixtralForCausalLM"
+    name, e = "MixtralForCausalLM", cfg.moe
     checks = (
         (cfg.pos == "rope", f"model.pos = '{cfg.pos}'", "model.pos = 'rope'"),
         (cfg.norm == "rmsnorm", f"model.norm = '{cfg.norm}'", "model.norm = 'rmsnorm'"),
         (not cfg.bias, "model.bias = true", "model.bias = false"),
         (not cfg.qk_norm and not cfg.post_norm, "model.qk_norm / model.post_norm", "neither"),
-        (cfg.moe_score == "softmax", f"model.moe_score = '{cfg.moe_score}'", "model.moe_score = 'softmax'"),
-        (cfg.moe_norm_topk, "model.moe_norm_topk = false", "renormalised top-k gates"),
-        (cfg.moe_shared_experts == 0, f"model.moe_shared_experts = {cfg.moe_shared_experts}", "no shared experts"),
+        (e.score == "softmax", f"model.moe_score = '{e.score}'", "model.moe_score = 'softmax'"),
+        (e.norm_topk, "model.moe_norm_topk = false", "renormalised top-k gates"),
+        (e.shared_experts == 0, f"model.moe_shared_experts = {e.shared_experts}", "no shared experts"),
         (
-            cfg.moe_every == 1 and cfg.moe_first_dense == 0,
-            f"model.moe_every = {cfg.moe_every}, model.moe_first_dense = {cfg.moe_first_dense}",
+            e.every == 1 and e.first_dense == 0,
+            f"model.moe_every = {e.every}, model.moe_first_dense = {e.first_dense}",
             "every layer sparse (moe_every = 1, moe_first_dense = 0)",
         ),
         (
-            cfg.moe_bias_rate == 0,
-            f"model.moe_bias_rate = {cfg.moe_bias_rate:g}",
+            e.bias_rate == 0,
+            f"model.moe_bias_rate = {e.bias_rate:g}",
             "no expert-selection bias (model.moe_bias_rate = 0)",
         ),
     )
@@ -58,15 +58,15 @@ def mixtral_flavour(cfg: ModelConfig) -> str:
 
 def mixtral_config(cfg: ModelConfig, vocab_size: int, special: dict[str, int | None]) -> dict[str, Any]:
     mixtral_flavour(cfg)
-    dense = ModelConfig(**{**cfg.__dict__, "family": "decoder", "moe_experts": 0, "d_ff": expert_hidden(cfg)})
+    dense = replace(cfg, family="decoder", moe=MoEConfig(), d_ff=cfg.expert_hidden)
     config = hf_config(dense, vocab_size, special)  # Llama's attention, norms and RoPE keys
     config.pop("mlp_bias", None)
     config.update(
         architectures=["MixtralForCausalLM"],
         model_type="mixtral",
-        num_local_experts=cfg.moe_experts,
-        num_experts_per_tok=cfg.moe_top_k,
-        router_aux_loss_coef=cfg.moe_aux_loss,
+        num_local_experts=cfg.moe.experts,
+        num_experts_per_tok=cfg.moe.top_k,
+        router_aux_loss_coef=cfg.moe.aux_loss,
         output_router_logits=False,
         router_jitter_noise=0.0,
         sliding_window=None,
@@ -82,18 +82,14 @@ def mixtral_model_config(config: dict[str, Any]) -> ModelConfig:
     if config.get("router_jitter_noise"):
         refuse(f"router_jitter_noise = {config['router_jitter_noise']}: Kiln's router adds no noise")
     llama = kiln_model_config({**config, "model_type": "llama", "attention_bias": False, "mlp_bias": False})
-    return ModelConfig(
-        **{
-            **llama.__dict__,
-            "family": "moe",
-            "d_ff": 0,
-            "moe_experts": config["num_local_experts"],
-            "moe_top_k": config["num_experts_per_tok"],
-            "moe_d_ff": config["intermediate_size"],
-            "moe_aux_loss": float(config.get("router_aux_loss_coef", 0.0)),
-            "moe_bias_rate": 0.0,
-        }
+    experts = MoEConfig(
+        experts=config["num_local_experts"],
+        top_k=config["num_experts_per_tok"],
+        d_ff=config["intermediate_size"],
+        aux_loss=float(config.get("router_aux_loss_coef", 0.0)),
+        bias_rate=0.0,
     )
+    return replace(llama, family="moe", d_ff=0, moe=experts)
 
 
 def mixtral_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
@@ -136,7 +132,7 @@ def mixtral_from_hf(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
         return hf[name]
 
     out: dict[str, torch.Tensor] = {}
-    E, h = cfg.moe_experts, expert_hidden(cfg)
+    E, h = cfg.moe.experts, cfg.expert_hidden
     reverse = {v: k for k, v in ATTENTION.items()}
     for index in range(cfg.n_layers):
         block = f"model.layers.{index}."

@@ -29,9 +29,7 @@ class Transformer(nn.Module):
         self.vocab_size = vocab_size
         self.causal = causal
         self.tok_emb: nn.Embedding | None = nn.Embedding(vocab_size, cfg.d_model)
-        self.pos_emb: nn.Embedding | None = (
-            nn.Embedding(cfg.max_seq_len or cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None
-        )
+        self.pos_emb: nn.Embedding | None = nn.Embedding(cfg.positions, cfg.d_model) if cfg.pos == "learned" else None
         self.type_emb: nn.Embedding | None = (
             nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         )
@@ -42,7 +40,7 @@ class Transformer(nn.Module):
         self.norm: nn.Module | None = nn.Identity() if cfg.norm_position == "post" else make_norm(cfg)
         self.head: nn.Linear | None = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len or cfg.seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.positions, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
@@ -53,7 +51,7 @@ class Transformer(nn.Module):
         """Recompute non-persistent buffers (RoPE tables); needed after `to_empty()` from meta."""
         if self.rope_cos is not None:
             cos, sin = rope_tables(
-                self.cfg.d_model // self.cfg.n_heads,
+                self.cfg.head_dim,
                 self.rope_cos.shape[0],
                 self.cfg.rope_theta,
                 device=self.rope_cos.device,

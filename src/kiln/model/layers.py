@@ -7,13 +7,12 @@ by name.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.config import swiglu_hidden as swiglu_hidden  # the formula lives with the config that resolves d_ff
 from kiln.kernels import registry as kernels
 
 
@@ -82,8 +81,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.head_dim
         self.causal = causal
         self.dropout = cfg.dropout
         self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.bias)
@@ -153,7 +152,7 @@ class Attention(nn.Module):
 class GeluMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = cfg.d_ff or 4 * cfg.d_model
+        hidden = cfg.ff_hidden
         self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.approximate = "none" if cfg.mlp == "gelu_exact" else "tanh"
@@ -162,19 +161,15 @@ class GeluMLP(nn.Module):
         return self.w2(F.gelu(self.w1(x), approximate=self.approximate))
 
 
-def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
-    """Llama's choice: 2/3 of 4*d (same parameters as a GELU MLP), rounded up."""
-    hidden = int(2 * 4 * d_model / 3)
-    return multiple_of * math.ceil(hidden / multiple_of)
-
-
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int = 0):
+        """The dense MLP of `cfg`, or (`hidden` given) one of that width without biases: an expert."""
         super().__init__()
-        hidden = cfg.d_ff or swiglu_hidden(cfg.d_model)
-        self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # gate
-        self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # up
-        self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)  # down
+        bias = cfg.bias and not hidden
+        hidden = hidden or cfg.ff_hidden
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=bias)  # gate
+        self.w3 = nn.Linear(cfg.d_model, hidden, bias=bias)  # up
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=bias)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))

@@ -4,12 +4,12 @@ optional shared experts, capacity with token dropping (or dropless), and load ba
     x (N, d) ─ router (fp32) ─ scores (N, E) ─ top-k (+ balancing bias) ─ experts ─ weighted sum
                                                                           + shared experts (every token)
 
-Load balancing, each switchable from `model.moe_*`:
-- `moe_aux_loss`: the Switch/GShard auxiliary loss E · Σᵢ fᵢ Pᵢ over the micro-batch's tokens
+Load balancing, each switchable from `[model.moe]` (flat: `model.moe_*`):
+- `aux_loss`: the Switch/GShard auxiliary loss E · Σᵢ fᵢ Pᵢ over the micro-batch's tokens
   (fᵢ: share of the top-k assignments that went to expert i; Pᵢ: its mean router probability);
-- `moe_seq_aux_loss`: the same per sequence, averaged over sequences (DeepSeek-V2/V3);
-- `moe_z_loss`: the router z-loss, mean logsumexp(logits)² (ST-MoE);
-- `moe_bias_rate`: the auxiliary-loss-free bias of DeepSeek-V3. A per-expert bias (a persistent
+- `seq_aux_loss`: the same per sequence, averaged over sequences (DeepSeek-V2/V3);
+- `z_loss`: the router z-loss, mean logsumexp(logits)² (ST-MoE);
+- `bias_rate`: the auxiliary-loss-free bias of DeepSeek-V3. A per-expert bias (a persistent
   buffer, so it is checkpointed) is added to the scores for choosing experts only, never to the
   gates; after every optimizer step it moves by `rate · sign(mean load − load)` using the loads
   of the whole step on every data-parallel rank (`update_balancing_bias`).
@@ -42,20 +42,17 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.kernels import grouped
 from kiln.kernels import registry as kernels
-from kiln.model.layers import SwiGLU, swiglu_hidden
+from kiln.model.layers import SwiGLU
 from kiln.syncs import note_host_read
 
 Dispatch = Callable[[torch.Tensor, torch.Tensor, "MoEFeedForward"], torch.Tensor]
 
 
 def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
-    """Layer `index` has an MoE feed-forward block: after the first `moe_first_dense` layers, every
-    `moe_every`-th one (counting from the first MoE layer)."""
-    return cfg.moe_experts > 0 and index >= cfg.moe_first_dense and (index - cfg.moe_first_dense) % cfg.moe_every == 0
-
-
-def expert_hidden(cfg: ModelConfig) -> int:
-    return cfg.moe_d_ff or swiglu_hidden(cfg.d_model)
+    """Layer `index` has an MoE feed-forward block: after the first `moe.first_dense` layers, every
+    `moe.every`-th one (counting from the first MoE layer)."""
+    m = cfg.moe
+    return m.experts > 0 and index >= m.first_dense and (index - m.first_dense) % m.every == 0
 
 
 class AttachAux(torch.autograd.Function):
@@ -179,19 +176,17 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, E, h = cfg.d_model, cfg.moe_experts, expert_hidden(cfg)
-        self.n_experts, self.top_k = E, cfg.moe_top_k
-        self.score = cfg.moe_score
-        self.norm_topk = cfg.moe_norm_topk
-        self.capacity_factor = cfg.moe_capacity_factor
-        self.aux_coef, self.seq_aux_coef, self.z_coef = cfg.moe_aux_loss, cfg.moe_seq_aux_loss, cfg.moe_z_loss
-        self.bias_rate = cfg.moe_bias_rate
+        m = cfg.moe
+        d, E, h = cfg.d_model, m.experts, cfg.expert_hidden
+        self.n_experts, self.top_k = E, m.top_k
+        self.score = m.score
+        self.norm_topk = m.norm_topk
+        self.capacity_factor = m.capacity_factor
+        self.aux_coef, self.seq_aux_coef, self.z_coef = m.aux_loss, m.seq_aux_loss, m.z_loss
+        self.bias_rate = m.bias_rate
         self.router = nn.Linear(d, E, bias=False)
         self.experts = GroupedExperts(E, d, h)
-        self.shared = None
-        if cfg.moe_shared_experts:
-            shared_cfg = ModelConfig(d_model=d, d_ff=h * cfg.moe_shared_experts, bias=False)
-            self.shared = SwiGLU(shared_cfg)
+        self.shared = SwiGLU(cfg, hidden=h * m.shared_experts) if m.shared_experts else None
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)  # aux-loss-free balancing
         # routing statistics of the current step (training only): assignments per expert (so tokens
         # = their sum / k), dropped assignments and summed router entropy
@@ -346,7 +341,7 @@ def finish_step(
 ) -> dict[str, torch.Tensor]:
     """After an optimizer step: this step's routing counts of every MoE layer, summed over the
     data-parallel ranks by `reduce` (one collective for all layers), then
-    - DeepSeek-V3's auxiliary-loss-free update: each expert's bias moves by `moe_bias_rate`
+    - DeepSeek-V3's auxiliary-loss-free update: each expert's bias moves by `moe.bias_rate`
       towards the mean load (a step the guard discarded moves nothing);
     - the routing statistics per layer, as device tensors (no host sync): expert load max / mean,
       mean router entropy (nats), share of assignments dropped by the capacity limit.

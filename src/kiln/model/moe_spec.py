@@ -1,5 +1,5 @@
 """The `moe` family: the GPT-style decoder with mixture-of-experts feed-forward blocks on the
-layers `model.moe_every` / `model.moe_first_dense` pick (kiln.model.moe), the rest dense.
+layers `[model.moe]` every / first_dense pick (kiln.model.moe), the rest dense.
 
 Counts follow the sparsity: `flops_per_token` (and so MFU and the scaling accounting) counts the
 *active* parameters — the router, the k chosen experts and the shared experts of each MoE layer —
@@ -13,8 +13,7 @@ from torch import nn
 from kiln.config import Config, ModelConfig
 from kiln.interop.hf_mixtral import MIXTRAL_HF
 from kiln.model.decoder import Transformer
-from kiln.model.layers import swiglu_hidden
-from kiln.model.moe import MoEFeedForward, expert_hidden, is_moe_layer
+from kiln.model.moe import MoEFeedForward, is_moe_layer
 from kiln.model.spec import ModelSpec, normal_std_for_depth
 from kiln.model.specs import (
     activation_bytes,
@@ -33,36 +32,32 @@ SCORES = ("softmax", "sigmoid")
 
 
 def validate_moe(cfg: Config) -> None:
-    validate_transformer(cfg)
-    m = cfg.model
-    require(m.moe_experts >= 2, f"model.family = 'moe' needs model.moe_experts >= 2, got {m.moe_experts}")
+    """The `[model.moe]` table's checks; messages name its keys by their flat names (`model.moe_top_k`)."""
+    validate_transformer(cfg, experts=True)
+    m, e = cfg.model, cfg.model.moe
+    require(e.experts >= 2, f"model.family = 'moe' needs model.moe_experts >= 2, got {e.experts}")
     require(
-        1 <= m.moe_top_k <= m.moe_experts,
-        f"model.moe_top_k = {m.moe_top_k} must be between 1 and model.moe_experts = {m.moe_experts}",
+        1 <= e.top_k <= e.experts,
+        f"model.moe_top_k = {e.top_k} must be between 1 and model.moe_experts = {e.experts}",
     )
-    require(m.moe_every >= 1, f"model.moe_every must be >= 1, got {m.moe_every}")
+    require(e.every >= 1, f"model.moe_every must be >= 1, got {e.every}")
     require(
-        0 <= m.moe_first_dense < m.n_layers,
-        f"model.moe_first_dense = {m.moe_first_dense} leaves no MoE layer "
-        f"among model.n_layers = {m.n_layers}; lower it",
+        0 <= e.first_dense < m.n_layers,
+        f"model.moe_first_dense = {e.first_dense} leaves no MoE layer among model.n_layers = {m.n_layers}; lower it",
     )
     require(m.mlp == "swiglu", f"model.family = 'moe' has SwiGLU experts; set model.mlp = 'swiglu' (got {m.mlp!r})")
     require(not m.bias, "model.family = 'moe' has no biases in its experts; set model.bias = false")
+    require(e.score in SCORES, f"model.moe_score = {e.score!r} is not allowed; choose one of {', '.join(SCORES)}")
+    for key in ("d_ff", "shared_experts", "capacity_factor", "aux_loss", "seq_aux_loss", "z_loss", "bias_rate"):
+        require(getattr(e, key) >= 0, f"model.moe_{key} must be >= 0, got {getattr(e, key)}")
     require(
-        m.moe_score in SCORES, f"model.moe_score = {m.moe_score!r} is not allowed; choose one of {', '.join(SCORES)}"
-    )
-    for key in ("moe_d_ff", "moe_shared_experts"):
-        require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
-    for key in ("moe_capacity_factor", "moe_aux_loss", "moe_seq_aux_loss", "moe_z_loss", "moe_bias_rate"):
-        require(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
-    require(
-        m.moe_experts % cfg.parallel.ep == 0,
+        e.experts % cfg.parallel.ep == 0,
         f"parallel.ep = {cfg.parallel.ep} must divide model.moe_experts = "
-        f"{m.moe_experts} (each expert-parallel rank holds the same number of experts)",
+        f"{e.experts} (each expert-parallel rank holds the same number of experts)",
     )
     require(
-        m.moe_capacity_factor == 0 or m.moe_capacity_factor >= 1 / m.moe_top_k,
-        f"model.moe_capacity_factor = {m.moe_capacity_factor} would drop most tokens; use 0 (dropless) or >= 1",
+        e.capacity_factor == 0 or e.capacity_factor >= 1 / e.top_k,
+        f"model.moe_capacity_factor = {e.capacity_factor} would drop most tokens; use 0 (dropless) or >= 1",
     )
 
 
@@ -98,23 +93,25 @@ def _moe_layer_count(cfg: ModelConfig) -> int:
 
 
 def _dense_mlp(cfg: ModelConfig) -> int:
-    return 3 * cfg.d_model * (cfg.d_ff or swiglu_hidden(cfg.d_model))
+    return 3 * cfg.d_model * cfg.ff_hidden
 
 
 def _expert(cfg: ModelConfig) -> int:
-    return 3 * cfg.d_model * expert_hidden(cfg)
+    return 3 * cfg.d_model * cfg.expert_hidden
 
 
 def active_matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
     """Weights one token multiplies with: the dense count, with each MoE layer's MLP replaced by
     its router, k routed experts and the shared experts."""
-    per_layer = cfg.d_model * cfg.moe_experts + _expert(cfg) * (cfg.moe_top_k + cfg.moe_shared_experts)
+    e = cfg.moe
+    per_layer = cfg.d_model * e.experts + _expert(cfg) * (e.top_k + e.shared_experts)
     return matmul_params(cfg, vocab_size) + _moe_layer_count(cfg) * (per_layer - _dense_mlp(cfg))
 
 
 def moe_params(cfg: ModelConfig, vocab_size: int) -> int:
     """Every parameter: all experts, routers and shared experts."""
-    per_layer = cfg.d_model * cfg.moe_experts + _expert(cfg) * (cfg.moe_experts + cfg.moe_shared_experts)
+    e = cfg.moe
+    per_layer = cfg.d_model * e.experts + _expert(cfg) * (e.experts + e.shared_experts)
     return model_params(cfg, vocab_size) + _moe_layer_count(cfg) * (per_layer - _dense_mlp(cfg))
 
 

@@ -69,6 +69,11 @@ class ModelSpec:
     causal: bool = True  # predicts each token from its left context (generates text); False: bidirectional
     hf_adapter: Any = None  # Hugging Face state-dict adapter (kiln.interop), when the family has one
     expert_modules: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]] | None = None  # (MoE block, experts)
+    # files a fresh start reads besides model.init_from: {dotted key: path} (a frozen image encoder)
+    start_weights: Callable[[ModelConfig], dict[str, str]] | None = None
+
+    def start_files(self, cfg: ModelConfig) -> dict[str, str]:
+        return self.start_weights(cfg) if self.start_weights is not None else {}
 
     # ------------------------------------------------------------- generic defaults
     def params(self, cfg: ModelConfig, vocab_size: int) -> int:

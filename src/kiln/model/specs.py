@@ -9,6 +9,7 @@ activation counts and the attention probe used by monitoring. The tensor-paralle
 
 from __future__ import annotations
 
+import dataclasses
 from typing import cast
 
 import torch
@@ -20,7 +21,7 @@ from kiln.interop.hf import DECODER_HF
 from kiln.interop.hf_bert import ENCODER_HF
 from kiln.model.decoder import Decoder, Transformer
 from kiln.model.encoder import Encoder
-from kiln.model.layers import Attention, swiglu_hidden
+from kiln.model.layers import Attention
 from kiln.model.spec import ActivationBytes, ModelSpec, normal_std_for_depth, padded_vocab
 from kiln.parallel.plans import transformer_tensor_parallel
 
@@ -30,25 +31,27 @@ RESIDUAL_OUTPUTS = ("attn.wo", "mlp.w2")  # projections into the residual stream
 # --------------------------------------------------------------------------- validation
 
 
-def validate_transformer(cfg: Config) -> None:
+def validate_transformer(cfg: Config, *, experts: bool = False, post_norm_blocks: bool = False) -> None:
+    """The shared transformer checks; a family's own validation says what it adds: `experts`
+    (a `[model.moe]` table and parallel.ep), `post_norm_blocks` (model.norm_position = 'post')."""
     m, par = cfg.model, cfg.parallel
     require(
-        m.moe_experts == 0 or m.family == "moe",
-        f"model.moe_experts = {m.moe_experts} needs model.family = 'moe' (model.family = '{m.family}' has no experts)",
+        m.moe.experts == 0 or experts,
+        f"model.moe_experts = {m.moe.experts} needs model.family = 'moe' (model.family = '{m.family}' has no experts)",
     )
     require(
-        par.ep == 1 or m.family == "moe",
+        par.ep == 1 or experts,
         f"parallel.ep = {par.ep} spreads experts; model.family = '{m.family}' has none (set parallel.ep = 1)",
     )
     require(
-        m.norm_position == "pre" or m.family == "encoder",
+        m.norm_position == "pre" or post_norm_blocks,
         "model.norm_position = 'post' (BERT's blocks) is "
         "for model.family = 'encoder'; decoders are pre-norm (model.post_norm adds a sandwich norm)",
     )
     require(m.d_model % m.n_heads == 0, f"model.n_heads = {m.n_heads} must divide model.d_model = {m.d_model}")
-    kv = m.n_kv_heads or m.n_heads
+    kv = m.kv_heads
     require(kv <= m.n_heads and m.n_heads % kv == 0, f"model.n_kv_heads = {kv} must divide model.n_heads = {m.n_heads}")
-    head_dim = m.d_model // m.n_heads
+    head_dim = m.head_dim
     require(
         m.pos != "rope" or head_dim % 2 == 0,
         f"model.pos = 'rope' needs an even head size, got d_model/n_heads = {head_dim}",
@@ -62,7 +65,7 @@ def validate_transformer(cfg: Config) -> None:
         f"parallel.tp = {par.tp} must divide model.seq_len = {m.seq_len} (sequence parallelism splits the sequence)",
     )
     if par.pp > 1:
-        stages = par.pp * (par.pp_stages_per_rank if par.pp_schedule == "interleaved-1f1b" else 1)
+        stages = par.pipeline_stages
         require(
             m.n_layers % stages == 0 or bool(par.pp_layers),
             f"model.n_layers = {m.n_layers} must be divisible "
@@ -81,7 +84,7 @@ def validate_transformer(cfg: Config) -> None:
 
 
 def validate_encoder(cfg: Config) -> None:
-    validate_transformer(cfg)
+    validate_transformer(cfg, post_norm_blocks=True)
     require(
         cfg.parallel.tp == 1 and cfg.parallel.pp == 1,
         "model.family = 'encoder' trains with data "
@@ -143,13 +146,8 @@ def matmul_params(cfg: ModelConfig, vocab_size: int) -> int:
     """Weights that take part in a matrix product per token: every projection and the output
     layer (counted even when tied to the embedding, since its product is done)."""
     d, L = cfg.d_model, cfg.n_layers
-    head_dim = d // cfg.n_heads
-    kv = cfg.n_kv_heads or cfg.n_heads
-    attn = d * d * 2 + 2 * d * kv * head_dim  # wq, wo, wk, wv
-    if cfg.mlp == "swiglu":
-        mlp = 3 * d * (cfg.d_ff or swiglu_hidden(d))
-    else:
-        mlp = 2 * d * (cfg.d_ff or 4 * d)
+    attn = d * d * 2 + 2 * d * cfg.kv_heads * cfg.head_dim  # wq, wo, wk, wv
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.ff_hidden
     head = d * d if cfg.family == "encoder" else 0  # the masked-LM head's dense layer
     return L * (attn + mlp) + head + d * vocab_size
 
@@ -161,7 +159,7 @@ def model_params(cfg: ModelConfig, vocab_size: int) -> int:
     n = matmul_params(cfg, vocab) - d * vocab  # blocks
     n += d * vocab * (1 if cfg.tie_embeddings else 2)
     if cfg.pos == "learned":
-        n += (cfg.max_seq_len or cfg.seq_len) * d
+        n += cfg.positions * d
     norm = d * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     final_norm = 0 if cfg.norm_position == "post" else 1
     n += (2 * L * (2 if cfg.post_norm else 1) + final_norm + (1 if cfg.embed_norm else 0)) * norm
@@ -169,10 +167,8 @@ def model_params(cfg: ModelConfig, vocab_size: int) -> int:
     if cfg.qk_norm:
         n += 2 * L * (d // cfg.n_heads)
     if cfg.bias:
-        head_dim = d // cfg.n_heads
-        kv = cfg.n_kv_heads or cfg.n_heads
-        hidden = cfg.d_ff or (swiglu_hidden(d) if cfg.mlp == "swiglu" else 4 * d)
-        n += L * (2 * d + 2 * kv * head_dim + hidden * (2 if cfg.mlp == "swiglu" else 1) + d)
+        hidden = cfg.ff_hidden * (2 if cfg.mlp == "swiglu" else 1)
+        n += L * (2 * d + 2 * cfg.kv_heads * cfg.head_dim + hidden + d)
     if cfg.family == "encoder":  # the masked-LM head's norm, dense bias and output bias
         n += norm + ((d + vocab) if cfg.bias else 0)
     return n
@@ -194,25 +190,31 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, value_bytes: int) -> Ac
 # --------------------------------------------------------------------------- the specs
 
 
-def _spec(name: str, build, validate, causal: bool) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        build=build,
-        validate=validate,
-        blocks=transformer_blocks,
-        init_rule=transformer_init_rule,
-        tensor_parallel=transformer_tensor_parallel if name == "decoder" else None,
-        pipeline_stage=pipeline_stage if name == "decoder" else None,
-        count_params=model_params,
-        flops_per_token=flops_per_token,
-        activation_bytes=activation_bytes,
-        monitor_modules=("layers.*.attn", "layers.*.mlp"),
-        attention_logits=attention_logits,
-        attention_modules=("layers.*.attn",),
-        causal=causal,
-        hf_adapter=DECODER_HF if name == "decoder" else ENCODER_HF,
-    )
-
-
-DECODER = _spec("decoder", Decoder, validate_transformer, causal=True)
-ENCODER = _spec("encoder", Encoder, validate_encoder, causal=False)
+DECODER = ModelSpec(
+    name="decoder",
+    build=Decoder,
+    validate=validate_transformer,
+    blocks=transformer_blocks,
+    init_rule=transformer_init_rule,
+    tensor_parallel=transformer_tensor_parallel,
+    pipeline_stage=pipeline_stage,
+    count_params=model_params,
+    flops_per_token=flops_per_token,
+    activation_bytes=activation_bytes,
+    monitor_modules=("layers.*.attn", "layers.*.mlp"),
+    attention_logits=attention_logits,
+    attention_modules=("layers.*.attn",),
+    causal=True,
+    hf_adapter=DECODER_HF,
+)
+# BERT's: the decoder's structure and counts, bidirectional, data parallelism only (for now)
+ENCODER = dataclasses.replace(
+    DECODER,
+    name="encoder",
+    build=Encoder,
+    validate=validate_encoder,
+    tensor_parallel=None,
+    pipeline_stage=None,
+    causal=False,
+    hf_adapter=ENCODER_HF,
+)

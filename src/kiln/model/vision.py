@@ -7,7 +7,7 @@ model's width, which replaces the token embedding at that position. Text and ima
 every block. Attention stays within a document (the samples packed into one window never see
 each other): a boolean mask through `scaled_dot_product_attention`.
 
-With `model.image_encoder = "frozen"` the stem's weights come from `model.image_encoder_from`
+With `[model.vision] encoder = "frozen"` the stem's weights come from `encoder_from`
 (for instance a checkpoint of an earlier run, written by `kiln export`) and are not trained.
 """
 
@@ -26,14 +26,6 @@ from kiln.model.decoder import Decoder
 ENCODER_PARTS = ("stem", "patch_pos")  # the image encoder's modules (loaded and frozen together)
 
 
-def n_patches(cfg: ModelConfig) -> int:
-    return (cfg.image_size // cfg.patch_size) ** 2
-
-
-def patch_values(cfg: ModelConfig) -> int:
-    return cfg.patch_size * cfg.patch_size * cfg.image_channels
-
-
 def document_mask(documents: torch.Tensor) -> torch.Tensor:
     """(B, T) document ids -> (B, 1, T, T) bool: query i may attend key j when j <= i in the same document."""
     T = documents.shape[1]
@@ -45,9 +37,9 @@ def document_mask(documents: torch.Tensor) -> torch.Tensor:
 class VisionDecoder(Decoder):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
-        self.stem = nn.Linear(patch_values(cfg), cfg.d_model)
-        self.patch_pos = nn.Embedding(n_patches(cfg), cfg.d_model)
-        if cfg.image_encoder == "frozen":
+        self.stem = nn.Linear(cfg.vision.patch_values, cfg.d_model)
+        self.patch_pos = nn.Embedding(cfg.vision.n_patches, cfg.d_model)
+        if cfg.vision.encoder == "frozen":
             for part in ENCODER_PARTS:
                 getattr(self, part).requires_grad_(False)
 
@@ -76,8 +68,9 @@ class VisionDecoder(Decoder):
     def init_pretrained(self, write: Callable[[torch.Tensor, torch.Tensor], None], optional: bool = False) -> None:
         """After initialisation: a frozen encoder's weights from `model.image_encoder_from` (skipped when
         `optional` and the file is gone: a resume takes them from its checkpoint)."""
-        if self.cfg.image_encoder != "frozen" or (optional and not Path(self.cfg.image_encoder_from).is_file()):
+        vision = self.cfg.vision
+        if vision.encoder != "frozen" or (optional and not Path(vision.encoder_from).is_file()):
             return
         from kiln.model.init import load_named_weights
 
-        load_named_weights(self, self.cfg.image_encoder_from, ENCODER_PARTS, "model.image_encoder_from", write)
+        load_named_weights(self, vision.encoder_from, ENCODER_PARTS, "model.image_encoder_from", write)

@@ -7,21 +7,22 @@ import dataclasses
 from kiln.config import Config, ModelConfig
 from kiln.config_rules import require
 from kiln.model.specs import DECODER, flops_per_token, validate_transformer
-from kiln.model.vision import VisionDecoder, n_patches, patch_values
+from kiln.model.vision import VisionDecoder
 
 
 def validate_vlm(cfg: Config) -> None:
+    """The `[model.vision]` table's checks; messages name its keys by their flat names (`model.image_size`)."""
     validate_transformer(cfg)
-    m = cfg.model
-    require(m.image_channels in (1, 3), f"model.image_channels must be 1 (grey) or 3 (RGB), got {m.image_channels}")
+    m, v = cfg.model, cfg.model.vision
+    require(v.channels in (1, 3), f"model.image_channels must be 1 (grey) or 3 (RGB), got {v.channels}")
     require(
-        m.image_size % m.patch_size == 0,
-        f"model.patch_size = {m.patch_size} must divide model.image_size = {m.image_size}",
+        v.image_size % v.patch_size == 0,
+        f"model.patch_size = {v.patch_size} must divide model.image_size = {v.image_size}",
     )
-    need = n_patches(m) + 2  # BOS, the image, and at least EOS
+    need = v.n_patches + 2  # BOS, the image, and at least EOS
     require(
         need <= m.seq_len,
-        f"an image takes {n_patches(m)} positions ((model.image_size / model.patch_size)^2), "
+        f"an image takes {v.n_patches} positions ((model.image_size / model.patch_size)^2), "
         f"too many for model.seq_len = {m.seq_len}; raise model.patch_size or model.seq_len",
     )
     require(
@@ -34,9 +35,9 @@ def validate_vlm(cfg: Config) -> None:
         f"model.family = 'vlm' trains with train.objective = 'multimodal' "
         f"(captions and documents with images), not '{cfg.train.objective}'",
     )
-    if m.image_encoder == "frozen":
+    if v.encoder == "frozen":
         require(
-            bool(m.image_encoder_from),
+            bool(v.encoder_from),
             "model.image_encoder = 'frozen' needs model.image_encoder_from: a "
             "safetensors file with the stem.* and patch_pos.* tensors (e.g. `kiln export` of a vlm run)",
         )
@@ -44,7 +45,12 @@ def validate_vlm(cfg: Config) -> None:
 
 def vlm_flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
     """The decoder's count plus the patch stem (counted at every position, as it is computed)."""
-    return flops_per_token(cfg, vocab_size) + 6.0 * patch_values(cfg) * cfg.d_model
+    return flops_per_token(cfg, vocab_size) + 6.0 * cfg.vision.patch_values * cfg.d_model
+
+
+def frozen_encoder_file(cfg: ModelConfig) -> dict[str, str]:
+    frozen = cfg.vision.encoder == "frozen"
+    return {"model.image_encoder_from": cfg.vision.encoder_from} if frozen else {}
 
 
 VLM = dataclasses.replace(
@@ -57,4 +63,5 @@ VLM = dataclasses.replace(
     count_params=None,
     flops_per_token=vlm_flops_per_token,
     hf_adapter=None,
+    start_weights=frozen_encoder_file,
 )

@@ -25,7 +25,7 @@ SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved-1f1b
 def stage_ids(cfg: Config, pp: int, pp_rank: int) -> tuple[list[int], int]:
     """(stage indices held by this rank, total number of stages); interleaved ranks hold stages
     pp_rank, pp_rank + pp, ... (the looped assignment the interleaved schedule expects)."""
-    per_rank = cfg.parallel.pp_stages_per_rank if cfg.parallel.pp_schedule == "interleaved-1f1b" else 1
+    per_rank = cfg.parallel.stages_per_rank
     return [pp_rank + k * pp for k in range(per_rank)], pp * per_rank
 
 

@@ -247,9 +247,7 @@ def parallel_overheads(cfg: Config, one_thread: ComputeFit, link: LinkFit, micro
     m = cfg.model
     params = param_count(m, cfg.data.vocab_size)
     ring = lambda n_bytes: _ring(n_bytes, 2, link.gbps, link.alpha_s * 1e6)  # noqa: E731 - two ranks
-    tp_micros = (
-        (max(1, micro // 2), micro, micro * 2) if m.n_heads % 2 == 0 and (m.n_kv_heads or m.n_heads) % 2 == 0 else ()
-    )
+    tp_micros = (max(1, micro // 2), micro, micro * 2) if m.n_heads % 2 == 0 and m.kv_heads % 2 == 0 else ()
     fsdp_pairs, *tp_pairs = measure_parallel(cfg, [("fsdp", micro)] + [("tp", mb) for mb in tp_micros])
     extra = [fsdp - plain - 3 * ring(params * 4) for fsdp, plain in fsdp_pairs]
     fsdp_unit = max(0.0, statistics.median(extra)) / (m.n_layers + 1)

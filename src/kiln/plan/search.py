@@ -148,7 +148,7 @@ def search(
     fitting: list[Candidate] = []
     smallest: dict[str, Candidate] = {}
     examined = 0
-    for layout in layouts(cluster.world_size, cfg.global_batch, m.n_layers, m.n_heads, m.n_kv_heads or m.n_heads):
+    for layout in layouts(cluster.world_size, cfg.global_batch, m.n_layers, m.n_heads, m.kv_heads):
         examined += 1
         memory = peak_memory(f, layout)
         fits = memory.total <= budget

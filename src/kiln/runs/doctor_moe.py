@@ -24,10 +24,10 @@ MIN_RECORDS = 8
 
 @rule
 def router_collapse(ctx: Context) -> list[dict[str, Any]]:
-    if ctx.cfg is None or ctx.cfg.model.moe_experts < 2:
+    if ctx.cfg is None or ctx.cfg.model.moe.experts < 2:
         return []
     m = ctx.cfg.model
-    threshold = max(COLLAPSE_MIN_RATIO, COLLAPSE_SHARE * m.moe_experts / m.moe_top_k)
+    threshold = max(COLLAPSE_MIN_RATIO, COLLAPSE_SHARE * m.moe.experts / m.moe.top_k)
     t = ctx.table
     layers = sorted({match.group(1) for k in t.keys if (match := LOAD_KEY.match(k)) and t.present(k).any()})
     out = []
@@ -46,8 +46,8 @@ def router_collapse(ctx: Context) -> list[dict[str, Any]]:
             if value < threshold:
                 break
             onset = step
-        sets = [f"model.moe_bias_rate={max(1e-3, 2 * m.moe_bias_rate):g}"]
-        if m.moe_aux_loss == 0:
+        sets = [f"model.moe_bias_rate={max(1e-3, 2 * m.moe.bias_rate):g}"]
+        if m.moe.aux_loss == 0:
             sets.append("model.moe_aux_loss=0.01")
         why = f"balances the experts again: {sets[0].split('=')[0]} = {sets[0].split('=')[1]}" + (
             ", plus a Switch auxiliary loss of 0.01" if len(sets) > 1 else ""
@@ -56,13 +56,13 @@ def router_collapse(ctx: Context) -> list[dict[str, Any]]:
             "layer": layer,
             "load_max_mean": level,
             "threshold": threshold,
-            "experts": m.moe_experts,
-            "top_k": m.moe_top_k,
+            "experts": m.moe.experts,
+            "top_k": m.moe.top_k,
             "since_step": onset,
         }
         summary = (
             f"{layer}: the router collapsed — its busiest expert gets {level:.2f}x the mean load "
-            f"(at most {m.moe_experts / m.moe_top_k:g}x with {m.moe_experts} experts, top-{m.moe_top_k}) "
+            f"(at most {m.moe.experts / m.moe.top_k:g}x with {m.moe.experts} experts, top-{m.moe.top_k}) "
             f"since step {onset}"
         )
         out.append(

@@ -128,11 +128,6 @@ class TrainModule:
 
     # ---------------------------------------------------------------- views
     @property
-    def loss_scale(self) -> torch.Tensor | float:
-        """What the last step's summed losses were multiplied by: 1 / its global predicted tokens."""
-        return self._loss_scale
-
-    @property
     def model(self) -> nn.Module:
         """The whole model (not available when pipeline stages are spread over ranks)."""
         if len(self.parts) != 1 or self.par.dims.pp > 1:
@@ -150,6 +145,12 @@ class TrainModule:
     @property
     def autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
         return autocast_for(self.device, self.precision)
+
+    @property
+    def loss_scale(self) -> torch.Tensor:
+        """1 / the predicted tokens of the last step's global batch (a device scalar): what that
+        step's losses were divided by (read by the invariants callback)."""
+        return self._loss_scale
 
     @property
     def holds_loss(self) -> bool:
@@ -198,19 +199,31 @@ class TrainModule:
     def _pipeline_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self._eval_totals is not None:  # a forward-only evaluation pass
             return tally_predictions(self._eval_totals, output, targets, self.objective)
-        loss = self.objective.loss_sum(output, targets) * self._loss_scale
         # The schedule also calls this function once to infer gradient shapes when it (re)builds its
         # stages, on a detached copy of the first target chunk; callbacks see only the micro-batches,
         # whose targets are chunks (views) of the step's targets.
         real = _root(targets) is _root(self._step_targets)
-        if self._on_loss is not None and real:
-            loss = self._on_loss(loss)
-        if self.z_coef:
-            z = z_loss_sum(output, targets, self.objective.vocab_size) * self._loss_scale
-            if real:
+        z = z_loss_sum(output, targets, self.objective.vocab_size) if self.z_coef else None
+        loss, _ = self._scaled_loss(self.objective.loss_sum(output, targets), z, self._on_loss if real else None, real)
+        return loss
+
+    def _scaled_loss(
+        self, loss_sum: torch.Tensor, z_sum: torch.Tensor | None, on_loss: LossHook | None, record: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what backward takes, the reported loss) of one micro-batch's summed loss and z-loss: both
+        scaled by 1 / the step's predicted tokens; the z-loss trains but is not reported (its scaled
+        sum goes to `z_mean` when `record`); x data-parallel size, as FSDP averages gradients."""
+        loss = loss_sum * self._loss_scale
+        if on_loss is not None:
+            loss = on_loss(loss)
+        reported = loss.detach()
+        if z_sum is not None:
+            z = z_sum * self._loss_scale
+            if record:
                 self._z_total = self._z_total + z.detach()
             loss = loss + self.z_coef * z
-        return loss * self.par.dims.dp_size  # FSDP averages gradients over data-parallel ranks
+        dp = self.par.dims.dp_size
+        return (loss * dp if dp != 1 else loss), reported
 
     def forward_backward(self, batch: Batch, on_loss: LossHook | None = None) -> torch.Tensor:
         """Accumulate this rank's gradients for `batch`; returns the step's mean loss per predicted
@@ -253,15 +266,9 @@ class TrainModule:
                     predict = to_device(predicted_positions(host_targets[i : i + self.micro_batch]), self.device)
                 with self.autocast():
                     loss, z = self.forward_loss(micro.inputs, micro.targets, micro.extras, predict)
-                loss = loss * self._loss_scale
-                if on_loss is not None:
-                    loss = on_loss(loss)
-                total += loss.detach()
-                if z is not None:  # the z-loss trains but is not part of the reported loss
-                    z = z * self._loss_scale
-                    self._z_total += z.detach()
-                    loss = loss + self.z_coef * z
-                (loss * dp_scale).backward() if dp_scale != 1 else loss.backward()
+                loss, reported = self._scaled_loss(loss, z, on_loss, record=True)
+                total += reported
+                loss.backward()
         if not par.distributed:
             self.z_mean = self._z_total if self.z_coef else None
             return total

@@ -65,8 +65,8 @@ class ImageLayout:
 
     @classmethod
     def from_config(cls, cfg: Config) -> ImageLayout:
-        m = cfg.model
-        return cls(m.image_size, m.patch_size, m.image_channels, cfg.data.image_placement)
+        v = cfg.model.vision
+        return cls(v.image_size, v.patch_size, v.channels, cfg.data.image_placement)
 
 
 class WindowBuilder:

@@ -69,7 +69,7 @@ def _core(cfg: Config) -> list[Callback]:
         callbacks.append(LossPlot())
     if cfg.debug.invariants and "invariants" not in cfg.callbacks.enabled:
         callbacks.append(Invariants())  # every debug.invariants_every steps
-    if cfg.model.moe_experts:
+    if cfg.model.moe.experts:
         callbacks.append(RoutingStats())
     if cfg.data.sources:
         callbacks.append(MixtureEvents())

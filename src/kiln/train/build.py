@@ -26,8 +26,8 @@ from kiln.kernels.sparsity import apply_sparsity, check_sparsity
 from kiln.model.spec import ModelSpec, padded_vocab
 from kiln.parallel import pipeline as pp
 from kiln.parallel.apply import materialise, parallelize
-from kiln.parallel.memory import resolve_grad_sync
 from kiln.parallel.runtime import Parallel
+from kiln.plan.memory import resolve_grad_sync
 from kiln.runs.rundir import RunDir
 from kiln.train.callbacks.base import Callback, CallbackList
 from kiln.train.callbacks.builtin import builtin_callbacks, loop_parts

@@ -63,7 +63,7 @@ class TrainModule:
         self.objective, self.precision, self.micro_batch = objective, precision, micro_batch
         self.stage_ids, self.n_stages = stage_ids or [0], n_stages
         self.schedule = None  # set by `attach_schedule` when parallel.pp > 1
-        self.grad_sync = grad_sync  # under accumulation: parallel.grad_sync, resolved (kiln.parallel.memory)
+        self.grad_sync = grad_sync  # under accumulation: parallel.grad_sync, resolved (kiln.plan.memory)
         # Compile forward and loss together: the loss's log-softmax then fuses with the output
         # projection's epilogue instead of materialising float32 logits (see BENCHMARKS.md).
         self.forward_loss = torch.compile(self._forward_loss) if cfg.train.compile else self._forward_loss

@@ -19,7 +19,7 @@ class ConsoleLog(Callback):
     name = "console"
 
     def on_run_start(self, trainer: RunView) -> None:
-        from kiln.parallel.memory import estimate_memory
+        from kiln.plan.memory import estimate_memory
         from kiln.scaling.flops import param_count
 
         cfg, module, vocab = trainer.cfg, trainer.module, trainer.vocab_size
@@ -46,7 +46,9 @@ class ConsoleLog(Callback):
             if accum > 1 and trainer.par.dims.dp_size > 1 and trainer.par.dims.pp == 1:
                 when = "on the last micro-batch" if module.grad_sync == "last_microbatch" else "every micro-batch"
                 trainer.say(f"gradients reduced {when} (parallel.grad_sync = '{cfg.parallel.grad_sync}')")
-        trainer.say(estimate_memory(cfg, trainer.spec, vocab, trainer.par.dims, trainer.precision).describe())
+        trainer.say(
+            estimate_memory(cfg, trainer.spec, vocab, trainer.par.dims, trainer.precision, module.grad_sync).describe()
+        )
         if trainer.step:
             trainer.say(f"resuming from step {trainer.step}")
 

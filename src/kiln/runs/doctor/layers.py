@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from kiln.runs.doctor_rules import Context, finding, finite, median, rule
+from kiln.runs.doctor.context import Context
+from kiln.runs.doctor.findings import finding, finite, median
 
 PEER_RATIO = 10.0  # a module's activations >= 10 x its peers' median ...
 OWN_GROWTH = 10.0  # ... and >= 10 x its own first sample
@@ -46,7 +47,6 @@ def _series(recs: list[dict[str, Any]], stat: str) -> list[tuple[int, float]]:
     return [(r["step"], r[stat]) for r in recs if finite(r.get(stat))]
 
 
-@rule
 def layer_blowups(ctx: Context) -> list[dict[str, Any]]:
     """One module's activations or attention logits far above its peers' and grown since the LR
     warmup ended. Growth is measured from there, not from initialisation: residual branches start
@@ -114,7 +114,6 @@ def layer_blowups(ctx: Context) -> list[dict[str, Any]]:
     return out
 
 
-@rule
 def collapsed_layers(ctx: Context) -> list[dict[str, Any]]:
     """entropy_collapse: one layer's attention entropy near 0 while the others keep theirs;
     dead_units: a large share of one MLP's hidden units never fire while the others' do."""

@@ -124,6 +124,19 @@ def test_no_file_over_850_lines():
     assert not long, long
 
 
+def test_no_function_over_80_lines():
+    # From `def` to the function's last line (decorators excluded), nested functions and methods
+    # too: a longer one is split into helpers that each do one job a reader can name.
+    long = [
+        f"{p.relative_to(SRC)}:{node.lineno} {node.name} ({n} lines)"
+        for p in sorted(SRC.rglob("*.py"))
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and (n := (node.end_lineno or node.lineno) - node.lineno + 1) > 80
+    ]
+    assert not long, "\n".join(long)
+
+
 def test_fit_reads_in_about_forty_lines():
     from kiln.train.trainer import Trainer
 

@@ -322,41 +322,11 @@ def prepare(
     writable_cache(cfg)
 
     start = time.perf_counter()
-    seed, fraction, piece_chars = cfg.split_seed, cfg.val_fraction, cfg.piece_chars
     items = corpus_items(cfg, files)
     counts = counts if counts is not None else count_corpus(cfg, items, log)
     in_memory: tuple[list[str], list[str]] | None = None
     if not counts.train_texts or not counts.val_texts:  # a few pieces: split_documents' fallbacks decide
-        docs = [
-            t for t in stream.read_documents(files, cfg.max_docs, stream.SplitCounts(), "reading corpus") if t.strip()
-        ]
-        in_memory = split_documents(docs, seed, fraction, piece_chars)
-        if not in_memory[0] or not in_memory[1]:
-            raise DataError(
-                f"data.corpus = '{cfg.corpus}' is one short document ({len(docs[0])} characters); a "
-                "train/validation split needs at least two pieces: add text, or lower data.piece_chars "
-                f"(now {piece_chars}) so the document is cut into pieces"
-            )
-
-    def train_texts() -> Iterator[str]:
-        if in_memory is not None:
-            yield from in_memory[0]
-            return
-        passed = stream.progress_mb(items(None, stream.SplitCounts()), "training tokenizer", counts)
-        yield from (text for v, text in passed if not v)
-
-    def new_tokenizer() -> KilnTokenizer:
-        if cfg.tokenizer:
-            return load_tokenizer(cfg.tokenizer)
-        sample = min(1.0, cfg.tokenizer_sample_mb * 2**20 / max(1, counts.train_chars))
-        what = "all" if sample >= 1.0 else f"a {sample:.1%} sample"
-        log(
-            f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {what} of "
-            f"{counts.train_texts} training documents ({counts.train_chars / 2**20:.1f}M characters)"
-        )
-        return train_tokenizer(
-            (p for t in stream.sampled(train_texts(), sample, seed) for p in _pieces(t)), cfg.vocab_size
-        )
+        in_memory = _split_in_memory(cfg, files)
 
     with resumable(final) as (tmp, progress):
         if progress is not None:
@@ -364,59 +334,12 @@ def prepare(
             done = len(progress["train"]["shards"]) + len(progress["val"]["shards"])
             log(f"resuming an interrupted prepare: {done} finished shard(s), {progress['items']} texts written")
         else:
-            tok = new_tokenizer()
+            tok = _new_tokenizer(cfg, items, counts, in_memory, log)
             tok.save(tmp / "tokenizer.json")
         dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
-        writers = {
-            False: stream.ShardWriter(tmp, "train", dtype, SHARD_TOKENS, (progress or {}).get("train")),
-            True: stream.ShardWriter(tmp, "val", dtype, SHARD_TOKENS, (progress or {}).get("val")),
-        }
-
-        def checkpoint(written: int) -> None:
-            state = {"items": written, "train": writers[False].state(), "val": writers[True].state()}
-            save_progress(tmp, {**state, "tokenizer_sha256": tok.sha256})
-
-        if in_memory is None:
-
-            def written() -> float:
-                return float(writers[False].tokens + writers[True].tokens)
-
-            encoded = stream.progress_mb(items(None, stream.SplitCounts()), "tokenising", counts, written)
-            checkpoint((progress or {}).get("items", 0))  # the tokenizer is kept from here on
-        else:
-            encoded = ((v, t) for v, texts in ((False, in_memory[0]), (True, in_memory[1])) for t in texts)
-        stream.encode_stream(
-            encoded,
-            tok,
-            writers,
-            _pieces,
-            skip=(progress or {}).get("items", 0),
-            on_shard=checkpoint if in_memory is None else None,
-        )
-        splits = {"train": writers[False].close(), "val": writers[True].close()}
-        val_maps = [np.memmap(tmp / s["file"], dtype=dtype, mode="r") for s in splits["val"]["shards"]]
+        splits = _write_shards(tmp, tok, dtype, progress, items, counts, in_memory)
         seconds = time.perf_counter() - start
-        manifest = {
-            "format": FORMAT_VERSION,
-            "key": key,
-            "corpus": cfg.corpus,
-            "corpus_files": len(files),
-            "skipped_files": counts.skipped,
-            "tokenizer_sha256": tok.sha256,
-            "vocab_size": tok.vocab_size,
-            "dtype": dtype.name,
-            "eos_id": tok.eos_id,
-            "split_seed": cfg.split_seed,
-            "val_fraction": cfg.val_fraction,
-            "val_unigram_entropy": unigram_entropy(val_maps, tok.vocab_size),
-            "splits": splits,
-            # what the data is, wherever it came from: resume and comparisons check this
-            "content_key": hashlib.sha256(
-                "\n".join([tok.sha256] + [sh["sha256"] for sp in splits.values() for sh in sp["shards"]]).encode()
-            ).hexdigest()[:20],
-            "piece_chars": cfg.piece_chars,
-            "seconds": round(seconds, 2),
-        }
+        manifest = _manifest(cfg, key, files, counts, tok, dtype, splits, tmp, seconds)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         (tmp / PROGRESS).unlink(missing_ok=True)
     tr, va = splits["train"], splits["val"]
@@ -426,3 +349,124 @@ def prepare(
         f"-> {final}"
     )
     return open_prepared(final)
+
+
+def _split_in_memory(cfg: DataConfig, files: list[CorpusFile]) -> tuple[list[str], list[str]]:
+    """A corpus too small for the streaming split's rule, read and split by `split_documents`
+    (whose fallbacks put a piece in each split); one short document is refused."""
+    docs = [t for t in stream.read_documents(files, cfg.max_docs, stream.SplitCounts(), "reading corpus") if t.strip()]
+    in_memory = split_documents(docs, cfg.split_seed, cfg.val_fraction, cfg.piece_chars)
+    if not in_memory[0] or not in_memory[1]:
+        raise DataError(
+            f"data.corpus = '{cfg.corpus}' is one short document ({len(docs[0])} characters); a "
+            "train/validation split needs at least two pieces: add text, or lower data.piece_chars "
+            f"(now {cfg.piece_chars}) so the document is cut into pieces"
+        )
+    return in_memory
+
+
+def _new_tokenizer(
+    cfg: DataConfig,
+    items: Callable,
+    counts: stream.SplitCounts,
+    in_memory: tuple[list[str], list[str]] | None,
+    log: Callable[[str], None],
+) -> KilnTokenizer:
+    """`data.tokenizer` when one is given, else a BPE tokenizer trained on (a sample of) the
+    training texts."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+
+    def train_texts() -> Iterator[str]:
+        if in_memory is not None:
+            yield from in_memory[0]
+            return
+        passed = stream.progress_mb(items(None, stream.SplitCounts()), "training tokenizer", counts)
+        yield from (text for v, text in passed if not v)
+
+    sample = min(1.0, cfg.tokenizer_sample_mb * 2**20 / max(1, counts.train_chars))
+    what = "all" if sample >= 1.0 else f"a {sample:.1%} sample"
+    log(
+        f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {what} of "
+        f"{counts.train_texts} training documents ({counts.train_chars / 2**20:.1f}M characters)"
+    )
+    return train_tokenizer(
+        (p for t in stream.sampled(train_texts(), sample, cfg.split_seed) for p in _pieces(t)), cfg.vocab_size
+    )
+
+
+def _write_shards(
+    tmp: Path,
+    tok: KilnTokenizer,
+    dtype: np.dtype,
+    progress: dict[str, Any] | None,
+    items: Callable,
+    counts: stream.SplitCounts,
+    in_memory: tuple[list[str], list[str]] | None,
+) -> dict[str, Any]:
+    """Tokenise the corpus into train and validation shards in `tmp`, continuing an interrupted
+    build's `progress` (a streamed build records its progress at every finished shard); returns
+    the splits' manifest entries."""
+    writers = {
+        False: stream.ShardWriter(tmp, "train", dtype, SHARD_TOKENS, (progress or {}).get("train")),
+        True: stream.ShardWriter(tmp, "val", dtype, SHARD_TOKENS, (progress or {}).get("val")),
+    }
+
+    def checkpoint(written: int) -> None:
+        state = {"items": written, "train": writers[False].state(), "val": writers[True].state()}
+        save_progress(tmp, {**state, "tokenizer_sha256": tok.sha256})
+
+    if in_memory is None:
+
+        def written() -> float:
+            return float(writers[False].tokens + writers[True].tokens)
+
+        encoded = stream.progress_mb(items(None, stream.SplitCounts()), "tokenising", counts, written)
+        checkpoint((progress or {}).get("items", 0))  # the tokenizer is kept from here on
+    else:
+        encoded = ((v, t) for v, texts in ((False, in_memory[0]), (True, in_memory[1])) for t in texts)
+    stream.encode_stream(
+        encoded,
+        tok,
+        writers,
+        _pieces,
+        skip=(progress or {}).get("items", 0),
+        on_shard=checkpoint if in_memory is None else None,
+    )
+    return {"train": writers[False].close(), "val": writers[True].close()}
+
+
+def _manifest(
+    cfg: DataConfig,
+    key: str,
+    files: list[CorpusFile],
+    counts: stream.SplitCounts,
+    tok: KilnTokenizer,
+    dtype: np.dtype,
+    splits: dict[str, Any],
+    tmp: Path,
+    seconds: float,
+) -> dict[str, Any]:
+    """The manifest.json of a dataset built in `tmp`."""
+    val_maps = [np.memmap(tmp / s["file"], dtype=dtype, mode="r") for s in splits["val"]["shards"]]
+    return {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "corpus": cfg.corpus,
+        "corpus_files": len(files),
+        "skipped_files": counts.skipped,
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype.name,
+        "eos_id": tok.eos_id,
+        "split_seed": cfg.split_seed,
+        "val_fraction": cfg.val_fraction,
+        "val_unigram_entropy": unigram_entropy(val_maps, tok.vocab_size),
+        "splits": splits,
+        # what the data is, wherever it came from: resume and comparisons check this
+        "content_key": hashlib.sha256(
+            "\n".join([tok.sha256] + [sh["sha256"] for sp in splits.values() for sh in sp["shards"]]).encode()
+        ).hexdigest()[:20],
+        "piece_chars": cfg.piece_chars,
+        "seconds": round(seconds, 2),
+    }

@@ -174,6 +174,13 @@ def _speeds_per_sequence(f: ModelFacts, cluster: Cluster, layout_of) -> list[flo
 
 def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: float) -> list[HeteroPlan]:
     """Every data-parallel and pipeline plan of a mixed cluster that fits, fastest first."""
+    plans = _data_parallel_plans(f, cluster, global_batch, budget) + _pipeline_plans(f, cluster, global_batch, budget)
+    plans.sort(key=lambda p: -p.tokens_per_s)
+    return plans
+
+
+def _data_parallel_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: float) -> list[HeteroPlan]:
+    """The data-parallel plans that fit, in the order of their accumulation and checkpointing."""
     world, tokens = cluster.world_size, global_batch * f.seq_len
     plans: list[HeteroPlan] = []
     groups: list[Group] = list(cluster.groups)
@@ -210,6 +217,15 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
                     got[2],
                 )
             )
+    return plans
+
+
+def _pipeline_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: float) -> list[HeteroPlan]:
+    """The pipeline plans that fit (none unless the groups are of equal size), in the order of
+    their micro-batch size and checkpointing."""
+    tokens = global_batch * f.seq_len
+    plans: list[HeteroPlan] = []
+    groups: list[Group] = list(cluster.groups)
     # pipeline: one stage per group (groups of equal size), layers by speed
     if len(groups) > 1 and len({g.devices for g in groups}) == 1 and f.n_layers >= len(groups):
         pp, dp = len(groups), groups[0].devices
@@ -253,7 +269,6 @@ def hetero_plans(f: ModelFacts, cluster: Cluster, global_batch: int, budget: flo
                             got[2],
                         )
                     )
-    plans.sort(key=lambda p: -p.tokens_per_s)
     return plans
 
 

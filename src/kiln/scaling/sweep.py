@@ -61,6 +61,31 @@ def _number_list(spec: dict[str, Any], key: str) -> list[float]:
 def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
     """The sweep's name and its points, each with the `--set` overrides of its run."""
     path = Path(path)
+    spec = _read_spec(path)
+    name = spec.get("name") or path.stem
+    preset, common = spec.get("preset", "tiny"), list(spec.get("set", []))
+    base = load_config(preset, overrides=common)  # fails early, with the config layer's own message
+    if ("params" in spec) == ("shapes" in spec):
+        raise ConfigError(f"{path}: give the sizes as params = [...] or as shapes = [...], one of them")
+    if ("tokens" in spec) == ("flops" in spec):
+        raise ConfigError(f"{path}: give tokens = [...] (a grid) or flops = [...] (IsoFLOP), one of them")
+    shapes = _shapes(path, spec)
+    lr_rule = spec.get("lr_rule", "constant")
+    if lr_rule not in ("constant", "width"):
+        raise ConfigError(f"{path}: lr_rule = {lr_rule!r}; choose constant or width")
+    seeds = _seeds(path, spec, base)
+    warmup_fraction = float(spec.get("warmup_fraction", 0.0))
+    if not 0 <= warmup_fraction < 1:
+        raise ConfigError(f"{path}: warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    pairs = _shape_tokens(spec, shapes, preset, common, base)
+    points = _points(pairs, base, common, lr_rule, warmup_fraction, seeds)
+    if len({p.name for p in points}) != len(points):
+        raise ConfigError(f"{path}: two points have the same shape and tokens; remove the duplicate")
+    return name, points
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
+    """The sweep file's table, refused when missing, not TOML or holding an unknown key."""
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; write a sweep file (see `kiln sweep --help`)")
     try:
@@ -70,30 +95,29 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
     unknown = sorted(set(spec) - KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a sweep has {', '.join(sorted(KEYS))}")
-    name = spec.get("name") or path.stem
-    preset, common = spec.get("preset", "tiny"), list(spec.get("set", []))
-    base = load_config(preset, overrides=common)  # fails early, with the config layer's own message
-    if ("params" in spec) == ("shapes" in spec):
-        raise ConfigError(f"{path}: give the sizes as params = [...] or as shapes = [...], one of them")
-    if ("tokens" in spec) == ("flops" in spec):
-        raise ConfigError(f"{path}: give tokens = [...] (a grid) or flops = [...] (IsoFLOP), one of them")
+    return spec
+
+
+def _shapes(path: Path, spec: dict[str, Any]) -> list[dict[str, int]]:
+    """The sweep's model shapes, from its params (by `shape_for`) or its explicit shapes."""
     if "params" in spec:
-        shapes = [shape_for(n) for n in _number_list(spec, "params")]
-    else:
-        shapes = []
-        for s in spec["shapes"]:
-            if not isinstance(s, dict) or not {"n_layers", "d_model"} <= set(s):
-                raise ConfigError(f"{path}: each shape needs n_layers and d_model, got {s!r}")
-            shapes.append(
-                {
-                    "n_layers": int(s["n_layers"]),
-                    "d_model": int(s["d_model"]),
-                    "n_heads": int(s.get("n_heads", max(1, int(s["d_model"]) // HEAD_DIM))),
-                }
-            )
-    lr_rule = spec.get("lr_rule", "constant")
-    if lr_rule not in ("constant", "width"):
-        raise ConfigError(f"{path}: lr_rule = {lr_rule!r}; choose constant or width")
+        return [shape_for(n) for n in _number_list(spec, "params")]
+    shapes = []
+    for s in spec["shapes"]:
+        if not isinstance(s, dict) or not {"n_layers", "d_model"} <= set(s):
+            raise ConfigError(f"{path}: each shape needs n_layers and d_model, got {s!r}")
+        shapes.append(
+            {
+                "n_layers": int(s["n_layers"]),
+                "d_model": int(s["d_model"]),
+                "n_heads": int(s.get("n_heads", max(1, int(s["d_model"]) // HEAD_DIM))),
+            }
+        )
+    return shapes
+
+
+def _seeds(path: Path, spec: dict[str, Any], base) -> list[int]:
+    """The sweep's seeds (the preset's seed when none are given)."""
     seeds = spec.get("seeds", [base.train.seed])
     if not (
         isinstance(seeds, list)
@@ -102,9 +126,14 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
         and len(set(seeds)) == len(seeds)
     ):
         raise ConfigError(f"{path}: seeds must be a list of distinct non-negative integers, got {seeds!r}")
-    warmup_fraction = float(spec.get("warmup_fraction", 0.0))
-    if not 0 <= warmup_fraction < 1:
-        raise ConfigError(f"{path}: warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    return seeds
+
+
+def _shape_tokens(
+    spec: dict[str, Any], shapes: list[dict[str, int]], preset: str, common: list[str], base
+) -> list[tuple[dict[str, int], float]]:
+    """(shape, tokens) of every point: every shape x every token budget (a grid), or for each
+    FLOP budget every shape with the tokens that budget buys (IsoFLOP)."""
     from kiln.scaling.flops import flops_per_token
 
     pairs: list[tuple[dict[str, int], float]] = []
@@ -116,6 +145,19 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
             for shape in shapes:
                 model = load_config(preset, overrides=common + _shape_sets(shape)).model
                 pairs.append((shape, budget / flops_per_token(model, base.data.vocab_size)))
+    return pairs
+
+
+def _points(
+    pairs: list[tuple[dict[str, int], float]],
+    base,
+    common: list[str],
+    lr_rule: str,
+    warmup_fraction: float,
+    seeds: list[int],
+) -> list[SweepPoint]:
+    """The sweep's points: each (shape, tokens) rounded to whole steps, once per seed, with the
+    `--set` overrides of its run."""
     points = []
     per_step = base.global_batch * base.model.seq_len
     for shape, tokens in pairs:
@@ -137,9 +179,7 @@ def load_sweep(path: Path) -> tuple[str, list[SweepPoint]]:
                     steps=tokens // per_step,
                 )
             )
-    if len({p.name for p in points}) != len(points):
-        raise ConfigError(f"{path}: two points have the same shape and tokens; remove the duplicate")
-    return name, points
+    return points
 
 
 def width_lr(base, d_model: int) -> float:

@@ -107,29 +107,23 @@ def rank_micro_batch(cfg: Config, local_batch: int) -> int:
     return local_batch // passes
 
 
-def build_trainer(
+def _data_streams(
     cfg: Config,
-    spec: ModelSpec,
-    run: RunDir,
     data: Prepared | MixturePrepared | MultimodalPrepared,
-    par: Parallel,
-    resume_state: dict[str, Any] | None = None,
-    callbacks: Iterable[Callback] = (),
-) -> Trainer:
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    dp_rank, dp_size = par.dp
-    torch.manual_seed(dropout_seed(cfg.train.seed, dp_rank))  # weights have generators of their own
-    precision = _precision(cfg, par, resume_state)
-    objective = build_objective(cfg, data.tokenizer, data.vocab_size)
-
-    parts, stage_ids, n_stages = build_parts(
-        cfg, spec, par, data.vocab_size, from_checkpoint=resume_state is not None, precision=precision
-    )
-    optimizers = [build_optimizer(p, cfg.optim, par.device) for p in parts]
+    dp_rank: int,
+    dp_size: int,
+    resume_state: dict[str, Any] | None,
+    lineage: dict[str, Any],
+) -> tuple[
+    MultimodalSampler | BatchSampler | MixtureSampler,
+    Any,
+    dict[str, torch.Tensor],
+    dict[str, tuple[torch.Tensor, float]],
+]:
+    """This rank's training sampler and the validation windows: (sampler, windows, the extra
+    validation sets of image-text data by name, a mixture's windows and weight per source)."""
     extra_windows: dict[str, torch.Tensor] = {}
     source_windows: dict[str, tuple[torch.Tensor, float]] = {}
-    lineage = run.lineage() or {}  # a fork: batch ranges to skip, parameters its parent's checkpoint lacks, its mix
     sampler: MultimodalSampler | BatchSampler | MixtureSampler
     if isinstance(data, MultimodalPrepared):
         sampler, val_sets = training_streams(cfg, data, dp_rank, dp_size)
@@ -151,27 +145,29 @@ def build_trainer(
         windows = eval_windows(
             TokenWindows(data.split("val"), cfg.model.seq_len, "validation"), cfg.eval.batches * cfg.global_batch
         )
-    micro_batch = rank_micro_batch(cfg, sampler.local_batch)
+    return sampler, windows, extra_windows, source_windows
+
+
+def _grad_sync(cfg: Config, spec: ModelSpec, vocab_size: int, par: Parallel, precision: str) -> str:
+    """When gradients are reduced across data-parallel ranks: at every micro-batch or the last."""
     # every rank must reduce at the same micro-batches: "auto" is decided for the smallest device
-    grad_sync = resolve_grad_sync(cfg, spec, data.vocab_size, par.dims, precision, par.device)
+    grad_sync = resolve_grad_sync(cfg, spec, vocab_size, par.dims, precision, par.device)
     if par.distributed and cfg.parallel.grad_sync == "auto":
         skips = torch.tensor(float(grad_sync == "last_microbatch"), device=par.device)
         grad_sync = "last_microbatch" if par.sum(skips).item() == par.info.world_size else "every_microbatch"
-    module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages, grad_sync)
-    # The same on every rank (uneven training shares too): evaluation forwards must pair up under
-    # FSDP. With shares, the smallest rank's micro-batch: it fits the device with the least memory.
-    shares = cfg.parallel.dp_batch_shares
-    eval_batch = rank_micro_batch(cfg, min(shares)) if shares else micro_batch
-    if par.dims.pp > 1:
-        n_micro = cfg.parallel.pp_microbatches
-        if sampler.local_batch % n_micro:
-            raise ConfigError(
-                f"parallel.pp_microbatches = {n_micro} must divide the per-rank batch of "
-                f"{sampler.local_batch} sequences (train.batch_size / data-parallel ranks)"
-            )
-        module.attach_schedule()
-        eval_batch = sampler.local_batch  # the schedule's shapes are the training step's
+    return grad_sync
 
+
+def _validation_shares(
+    windows: torch.Tensor,
+    extra_windows: dict[str, torch.Tensor],
+    source_windows: dict[str, tuple[torch.Tensor, float]],
+    dp_rank: int,
+    dp_size: int,
+    eval_batch: int,
+) -> tuple[Any, dict[str, Any], dict[str, tuple[Any, float]]]:
+    """This rank's share of the validation windows (and of the extra and per-source sets), in
+    multiples of the evaluation batch."""
     if len(windows) < dp_size:
         raise DataError(
             f"the validation split has {len(windows)} window(s) of model.seq_len + 1 tokens, too few "
@@ -183,15 +179,70 @@ def build_trainer(
         name: (share_windows(w, dp_rank, dp_size, multiple=eval_batch), weight)
         for name, (w, weight) in source_windows.items()
     }
+    return val, extra_val, source_val
 
-    guard = Guard(cfg.guard, par.device, judge_from=cfg.schedule.warmup_steps) if cfg.guard.enabled else None
-    checkpointer = Checkpointer(
+
+def _checkpointer(cfg: Config, run: RunDir, par: Parallel) -> Checkpointer:
+    """The run's checkpointer, with `[checkpoint]`'s retention and `parallel.async_checkpoint`."""
+    return Checkpointer(
         run.checkpoints,
         par,
         keep=cfg.checkpoint.keep,
         keep_every=cfg.checkpoint.keep_every,
         async_save=cfg.parallel.async_checkpoint,
     )
+
+
+def _attach_schedule(cfg: Config, module: TrainModule, local_batch: int) -> None:
+    """Give the train module its pipeline schedule, once the per-rank batch is known to split into
+    `parallel.pp_microbatches`."""
+    n_micro = cfg.parallel.pp_microbatches
+    if local_batch % n_micro:
+        raise ConfigError(
+            f"parallel.pp_microbatches = {n_micro} must divide the per-rank batch of "
+            f"{local_batch} sequences (train.batch_size / data-parallel ranks)"
+        )
+    module.attach_schedule()
+
+
+def build_trainer(
+    cfg: Config,
+    spec: ModelSpec,
+    run: RunDir,
+    data: Prepared | MixturePrepared | MultimodalPrepared,
+    par: Parallel,
+    resume_state: dict[str, Any] | None = None,
+    callbacks: Iterable[Callback] = (),
+) -> Trainer:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    dp_rank, dp_size = par.dp
+    torch.manual_seed(dropout_seed(cfg.train.seed, dp_rank))  # weights have generators of their own
+    precision = _precision(cfg, par, resume_state)
+    objective = build_objective(cfg, data.tokenizer, data.vocab_size)
+
+    parts, stage_ids, n_stages = build_parts(
+        cfg, spec, par, data.vocab_size, from_checkpoint=resume_state is not None, precision=precision
+    )
+    optimizers = [build_optimizer(p, cfg.optim, par.device) for p in parts]
+    lineage = run.lineage() or {}  # a fork: batch ranges to skip, parameters its parent's checkpoint lacks, its mix
+    sampler, windows, extra_windows, source_windows = _data_streams(cfg, data, dp_rank, dp_size, resume_state, lineage)
+    micro_batch = rank_micro_batch(cfg, sampler.local_batch)
+    grad_sync = _grad_sync(cfg, spec, data.vocab_size, par, precision)
+    module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages, grad_sync)
+    # The same on every rank (uneven training shares too): evaluation forwards must pair up under
+    # FSDP. With shares, the smallest rank's micro-batch: it fits the device with the least memory.
+    shares = cfg.parallel.dp_batch_shares
+    eval_batch = rank_micro_batch(cfg, min(shares)) if shares else micro_batch
+    if par.dims.pp > 1:
+        _attach_schedule(cfg, module, sampler.local_batch)
+        eval_batch = sampler.local_batch  # the schedule's shapes are the training step's
+    val, extra_val, source_val = _validation_shares(
+        windows, extra_windows, source_windows, dp_rank, dp_size, eval_batch
+    )
+
+    guard = Guard(cfg.guard, par.device, judge_from=cfg.schedule.warmup_steps) if cfg.guard.enabled else None
+    checkpointer = _checkpointer(cfg, run, par)
     evaluation, checkpoints = loop_parts(cfg)
     listed = CallbackList([*builtin_callbacks(cfg), *build_callbacks(cfg.callbacks), *callbacks])
     return Trainer(

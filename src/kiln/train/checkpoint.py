@@ -361,15 +361,7 @@ class Checkpointer:
         stats = SaveStats(step)
         final = self.folder / step_dir_name(step)
         tmp = self.folder / (final.name + ".tmp")
-        error: BaseException | None = None
-        try:
-            if self._rank == 0:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-        except OSError as e:
-            error = e
-        self._agree(error)
+        self._make_folder(tmp)
         # Each file is flushed and hashed as soon as it is written (fsync_path looked up now: a test wraps it).
         files: FlushAndHash | None = FlushAndHash(fsync_path)
         assert files is not None
@@ -377,43 +369,14 @@ class Checkpointer:
             model_sd = model_state(parts)
             optim_sd = optimizer_state(parts, optimizers)
             stats.gather_seconds = time.perf_counter() - stats.started
-            try:
-                save_file(rng_tensors(), tmp / f"rng-{self._rank}.safetensors")
-                if self._rank == 0:
-                    state = {
-                        "step": step,
-                        "trainer": trainer_state,
-                        "rng": host_rng_state(),
-                        "world_size": self._world,
-                    }
-                    (tmp / "state.json").write_text(json.dumps(state))
-            except OSError as e:
-                error = e
-            self._agree(error)
+            self._write_rng_and_state(tmp, step, trainer_state)
             written = time.perf_counter()
             if self._distributed:
                 payload = {"model": model_sd, "optim": optim_sd}
                 writer = _SplitWriter(str(tmp / "dcp"), sync_files=False)  # flushed with the checksums
                 if self.async_save:
-                    if self._group is None:  # the background writer's collectives get a group of their own
-                        self._group = torch.distributed.new_group(backend="gloo")
-                    if self._stager is None:
-                        # The host copy the background writes from is kept: allocating gigabytes anew
-                        # each save (page faults on every byte) held the step for seconds, copying into
-                        # kept buffers (pinned, on a GPU machine) for a fraction of that.
-                        pinned = torch.cuda.is_available()
-                        self._stager = DefaultStager(StagingOptions(pinned, False, False, False))
-                    future = dcp.async_save(
-                        payload, storage_writer=writer, process_group=self._group, async_stager=self._stager
-                    )
-                    assert isinstance(future, Future)  # synchronous staging: a plain future, not AsyncSaveResponse
-                    if self._background is None:
-                        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-ckpt")
-                    ready = files
-                    done = self._background.submit(self._finish_async, future, ready, tmp, final, stats, written)
+                    self._start_async(payload, writer, files, tmp, final, stats, written)
                     files = None  # the background owns it now
-                    stats.blocking_seconds = time.perf_counter() - stats.started
-                    self._pending = (done, tmp, final, stats)
                     return None
                 try:
                     dcp.save(payload, storage_writer=writer)
@@ -437,6 +400,64 @@ class Checkpointer:
             if files is not None:
                 files.close()
         return final
+
+    def _make_folder(self, tmp: Path) -> None:
+        """Rank 0 makes the checkpoint's build folder `tmp` afresh; every rank learns if it failed."""
+        error: BaseException | None = None
+        try:
+            if self._rank == 0:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+        except OSError as e:
+            error = e
+        self._agree(error)
+
+    def _write_rng_and_state(self, tmp: Path, step: int, trainer_state: dict[str, Any]) -> None:
+        """This rank's generator states, and (rank 0) state.json; a write failure on any rank
+        raises on every rank."""
+        error: BaseException | None = None
+        try:
+            save_file(rng_tensors(), tmp / f"rng-{self._rank}.safetensors")
+            if self._rank == 0:
+                state = {
+                    "step": step,
+                    "trainer": trainer_state,
+                    "rng": host_rng_state(),
+                    "world_size": self._world,
+                }
+                (tmp / "state.json").write_text(json.dumps(state))
+        except OSError as e:
+            error = e
+        self._agree(error)
+
+    def _start_async(
+        self,
+        payload: dict[str, Any],
+        writer: _SplitWriter,
+        files: FlushAndHash,
+        tmp: Path,
+        final: Path,
+        stats: SaveStats,
+        written: float,
+    ) -> None:
+        """Start an asynchronous distributed save: stage the state to the host, hand the write,
+        flush, hashing and commit (and `files`) to the background, and leave it pending."""
+        if self._group is None:  # the background writer's collectives get a group of their own
+            self._group = torch.distributed.new_group(backend="gloo")
+        if self._stager is None:
+            # The host copy the background writes from is kept: allocating gigabytes anew
+            # each save (page faults on every byte) held the step for seconds, copying into
+            # kept buffers (pinned, on a GPU machine) for a fraction of that.
+            pinned = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(pinned, False, False, False))
+        future = dcp.async_save(payload, storage_writer=writer, process_group=self._group, async_stager=self._stager)
+        assert isinstance(future, Future)  # synchronous staging: a plain future, not AsyncSaveResponse
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-ckpt")
+        done = self._background.submit(self._finish_async, future, files, tmp, final, stats, written)
+        stats.blocking_seconds = time.perf_counter() - stats.started
+        self._pending = (done, tmp, final, stats)
 
     def _finish_async(
         self, future: Future, files: FlushAndHash, tmp: Path, final: Path, stats: SaveStats, written: float

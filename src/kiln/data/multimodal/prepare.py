@@ -160,6 +160,119 @@ class _ImageWriter:
         self.file.write(data)
 
 
+def _tokenizer(cfg: DataConfig, texts: list[str], log) -> KilnTokenizer:
+    """`data.tokenizer` when one is given, else a BPE tokenizer trained on the texts."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    log(f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {len(texts)} texts")
+    return train_tokenizer(iter(texts), cfg.vocab_size)
+
+
+def _write_index(
+    tmp: Path,
+    tok: KilnTokenizer,
+    dtype: np.dtype,
+    samples: list[list[tuple[int, Any]]],
+    texts: list[str],
+    image_offsets: list[int],
+) -> tuple[list, np.ndarray]:
+    """Write text.bin (the texts' tokens) and the index (images.npy, segments.npy, samples.npy);
+    returns each text's tokens and the offsets of the texts in text.bin."""
+    encoded = tok.encode_batch(texts) if texts else []
+    text_starts = np.concatenate([[0], np.cumsum([len(e) for e in encoded], dtype=np.int64)])
+    (np.concatenate(encoded).astype(dtype) if encoded else np.zeros(0, dtype)).tofile(tmp / "text.bin")
+
+    segments, offsets = [], [0]
+    for entry in samples:
+        for kind, ref in entry:
+            segments.append((TEXT, int(text_starts[ref]), len(encoded[ref])) if kind == TEXT else (IMAGE, ref, 0))
+        offsets.append(len(segments))
+    np.save(tmp / "images.npy", np.asarray(image_offsets, dtype=np.int64))
+    np.save(tmp / "segments.npy", np.asarray(segments, dtype=np.int64).reshape(-1, 3))
+    np.save(tmp / "samples.npy", np.asarray(offsets, dtype=np.int64))
+    return encoded, text_starts
+
+
+def _write_split(
+    tmp: Path,
+    cfg: DataConfig,
+    samples: list[list[tuple[int, Any]]],
+    texts: list[str],
+    image_offsets: list[int],
+    n_images: int,
+) -> np.ndarray:
+    """Write train.npy and val.npy; returns which samples are in validation."""
+    # the split follows each sample's content (its texts and image bytes), not its position
+    image_file = np.memmap(tmp / "images.bin", dtype=np.uint8, mode="r") if n_images else None
+    keys = []
+    for entry in samples:
+        h = hashlib.sha256()
+        for kind, ref in entry:
+            if kind == TEXT:
+                h.update(texts[ref].encode("utf-8", "surrogatepass"))
+            else:
+                assert image_file is not None  # an image segment means n_images > 0
+                h.update(image_file[image_offsets[ref] : image_offsets[ref + 1]].tobytes())
+        keys.append(h.hexdigest())
+    is_val = np.array([_is_val(k, cfg.split_seed, cfg.val_fraction) for k in keys])
+    if not is_val.any():
+        is_val[min(range(len(keys)), key=lambda i: _split_hash(keys[i], cfg.split_seed))] = True
+    if is_val.all():
+        is_val[0] = False
+    np.save(tmp / "train.npy", np.flatnonzero(~is_val).astype(np.int64))
+    np.save(tmp / "val.npy", np.flatnonzero(is_val).astype(np.int64))
+    del image_file
+    return is_val
+
+
+def _val_tokens(
+    encoded: list, samples: list[list[tuple[int, Any]]], is_val: np.ndarray, tok: KilnTokenizer
+) -> list[np.ndarray]:
+    """The validation samples' text tokens, and one EOS per validation sample."""
+    return [
+        np.asarray(encoded[ref], dtype=np.int64)
+        for i in np.flatnonzero(is_val)
+        for kind, ref in samples[i]
+        if kind == TEXT
+    ] + [np.full(int(is_val.sum()), tok.eos_id)]
+
+
+def _manifest(
+    cfg: DataConfig,
+    key: str,
+    tmp: Path,
+    tok: KilnTokenizer,
+    dtype: np.dtype,
+    counts: dict[str, int],
+    val_tokens: list[np.ndarray],
+    is_val: np.ndarray,
+    start: float,
+) -> dict[str, Any]:
+    """The manifest.json of a dataset built in `tmp`; `counts`: its samples, images, texts and
+    text tokens."""
+    sha = {name: sha256_file(tmp / name) for name in FILES}
+    quick = {name: quick_digest(tmp / name) for name in FILES}
+    return {
+        "format": FORMAT,
+        "key": key,
+        "corpus": cfg.corpus,
+        "modality": "image-text",
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype.name,
+        **counts,
+        "train_samples": int((~is_val).sum()),
+        "val_samples": int(is_val.sum()),
+        "split_seed": cfg.split_seed,
+        "val_fraction": cfg.val_fraction,
+        "val_unigram_entropy": unigram_entropy(val_tokens, tok.vocab_size),
+        "sha256": sha,
+        "quick": quick,
+        "content_key": hashlib.sha256("\n".join([tok.sha256] + [sha[n] for n in FILES]).encode()).hexdigest()[:20],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
 def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
     """Make (or reuse) the prepared image-text dataset for `cfg` and return it, verified."""
     source = resolve_source(cfg)
@@ -180,77 +293,20 @@ def prepare_multimodal(cfg: DataConfig, log=print) -> MultimodalPrepared:
                 f"data.corpus = '{cfg.corpus}' holds {len(samples)} image-text sample(s); a train / "
                 "validation split needs at least two"
             )
-        if cfg.tokenizer:
-            tok = load_tokenizer(cfg.tokenizer)
-        else:
-            log(f"training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {len(texts)} texts")
-            tok = train_tokenizer(iter(texts), cfg.vocab_size)
+        tok = _tokenizer(cfg, texts, log)
         dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
-        encoded = tok.encode_batch(texts) if texts else []
-        text_starts = np.concatenate([[0], np.cumsum([len(e) for e in encoded], dtype=np.int64)])
-        (np.concatenate(encoded).astype(dtype) if encoded else np.zeros(0, dtype)).tofile(tmp / "text.bin")
-
-        segments, offsets = [], [0]
-        for entry in samples:
-            for kind, ref in entry:
-                segments.append((TEXT, int(text_starts[ref]), len(encoded[ref])) if kind == TEXT else (IMAGE, ref, 0))
-            offsets.append(len(segments))
-        np.save(tmp / "images.npy", np.asarray(writer.offsets, dtype=np.int64))
-        np.save(tmp / "segments.npy", np.asarray(segments, dtype=np.int64).reshape(-1, 3))
-        np.save(tmp / "samples.npy", np.asarray(offsets, dtype=np.int64))
-
-        # the split follows each sample's content (its texts and image bytes), not its position
-        image_file = np.memmap(tmp / "images.bin", dtype=np.uint8, mode="r") if n_images else None
-        keys = []
-        for entry in samples:
-            h = hashlib.sha256()
-            for kind, ref in entry:
-                if kind == TEXT:
-                    h.update(texts[ref].encode("utf-8", "surrogatepass"))
-                else:
-                    assert image_file is not None  # an image segment means n_images > 0
-                    h.update(image_file[writer.offsets[ref] : writer.offsets[ref + 1]].tobytes())
-            keys.append(h.hexdigest())
-        is_val = np.array([_is_val(k, cfg.split_seed, cfg.val_fraction) for k in keys])
-        if not is_val.any():
-            is_val[min(range(len(keys)), key=lambda i: _split_hash(keys[i], cfg.split_seed))] = True
-        if is_val.all():
-            is_val[0] = False
-        np.save(tmp / "train.npy", np.flatnonzero(~is_val).astype(np.int64))
-        np.save(tmp / "val.npy", np.flatnonzero(is_val).astype(np.int64))
-        del image_file
-
+        encoded, text_starts = _write_index(tmp, tok, dtype, samples, texts, writer.offsets)
+        is_val = _write_split(tmp, cfg, samples, texts, writer.offsets, n_images)
         tok.save(tmp / "tokenizer.json")
-        val_tokens = [
-            np.asarray(encoded[ref], dtype=np.int64)
-            for i in np.flatnonzero(is_val)
-            for kind, ref in samples[i]
-            if kind == TEXT
-        ] + [np.full(int(is_val.sum()), tok.eos_id)]
-        sha = {name: sha256_file(tmp / name) for name in FILES}
-        quick = {name: quick_digest(tmp / name) for name in FILES}
-        manifest = {
-            "format": FORMAT,
-            "key": key,
-            "corpus": cfg.corpus,
-            "modality": "image-text",
-            "tokenizer_sha256": tok.sha256,
-            "vocab_size": tok.vocab_size,
-            "dtype": dtype.name,
+        counts = {
             "samples": len(samples),
             "images": n_images,
             "texts": len(texts),
             "text_tokens": int(text_starts[-1]),
-            "train_samples": int((~is_val).sum()),
-            "val_samples": int(is_val.sum()),
-            "split_seed": cfg.split_seed,
-            "val_fraction": cfg.val_fraction,
-            "val_unigram_entropy": unigram_entropy(val_tokens, tok.vocab_size),
-            "sha256": sha,
-            "quick": quick,
-            "content_key": hashlib.sha256("\n".join([tok.sha256] + [sha[n] for n in FILES]).encode()).hexdigest()[:20],
-            "seconds": round(time.perf_counter() - start, 2),
         }
+        manifest = _manifest(
+            cfg, key, tmp, tok, dtype, counts, _val_tokens(encoded, samples, is_val, tok), is_val, start
+        )
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log(
         f"prepared {manifest['train_samples']} + {manifest['val_samples']} image-text samples ({n_images} images, "

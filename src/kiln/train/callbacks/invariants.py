@@ -330,11 +330,27 @@ class Invariants(Callback):
         return " and ".join(RELATION[d] for d, x, y in zip(DIM_NAMES, ca, cb) if x != y) or "the same coordinates"
 
     def _evaluate(self, trainer: RunView, floats: np.ndarray, ints: np.ndarray) -> list[tuple[str, str, list[int]]]:
-        out: list[tuple[str, str, list[int]]] = []
+        # 1. replicas identical
+        out = self._replicas(floats, ints)
+
+        # 2. disjoint data, 3. loss normaliser (only where this process saw the step's batch)
+        has_data = bool(ints[:, 1].all())
+        if has_data:
+            samples = ints[:, HEADER_I : HEADER_I + self.local_batch]
+            reps = {d: members[0] for d, members in sorted(self.dp_members.items())}
+            out.extend(self._same_windows(samples))
+            out.extend(self._disjoint_windows(samples, reps))
+            out.extend(self._normaliser(floats, reps))
+
+        # 4. optimizer steps
+        out.extend(self._optimizer_steps(trainer, floats))
+        return out
+
+    def _replicas(self, floats: np.ndarray, ints: np.ndarray) -> list[tuple[str, str, list[int]]]:
+        """Replicas identical: the first parameter whose fingerprint differs between ranks that
+        must hold the same values."""
         P, lb = self.n_params, self.local_batch
         name_of = lambda r, i: self.metas[r]["names"][i].split(":", 1)[1]  # noqa: E731
-
-        # 1. replicas identical
         bad_params = []
         for _name, members in self.groups:
             (r0, i0), rest = members[0], members[1:]
@@ -347,82 +363,86 @@ class Invariants(Callback):
             ]
             if differ:
                 bad_params.append((name_of(r0, i0), r0, differ))
-        if bad_params:
-            name, r0, differ = bad_params[0]
-            more = f" (and {len(bad_params) - 1} more parameters)" if len(bad_params) > 1 else ""
-            ranks = [r0, *differ]
-            out.append(
-                (
-                    REPLICAS,
-                    f"{name} differs between ranks {r0} and {_list(differ)} ({self._relation(r0, differ[0])}){more}",
-                    ranks,
-                )
+        if not bad_params:
+            return []
+        name, r0, differ = bad_params[0]
+        more = f" (and {len(bad_params) - 1} more parameters)" if len(bad_params) > 1 else ""
+        ranks = [r0, *differ]
+        return [
+            (
+                REPLICAS,
+                f"{name} differs between ranks {r0} and {_list(differ)} ({self._relation(r0, differ[0])}){more}",
+                ranks,
             )
+        ]
 
-        # 2. disjoint data, 3. loss normaliser (only where this process saw the step's batch)
-        has_data = bool(ints[:, 1].all())
-        if has_data:
-            index, epochs = self._data["index"], self._data["epochs"]
-            samples = ints[:, HEADER_I : HEADER_I + lb]
-            reps = {d: members[0] for d, members in sorted(self.dp_members.items())}
-            for d, dp_ranks in sorted(self.dp_members.items()):
-                for r in dp_ranks[1:]:
-                    if not np.array_equal(samples[r], samples[dp_ranks[0]]):
-                        out.append(
-                            (
-                                DATA,
-                                f"ranks {dp_ranks[0]} and {r} ({self._relation(dp_ranks[0], r)} of "
-                                f"data-parallel rank {d}) read different windows of data batch {index}",
-                                [dp_ranks[0], r],
-                            )
-                        )
-                        break
-            counts = Counter(int(w) for r in reps.values() for w in samples[r])
-            over = sorted(w for w, c in counts.items() if c > epochs)
-            if over:
-                owners = [r for r in reps.values() if over[0] in samples[r]]
-                if len(owners) >= 2:
-                    a, b = owners[0], owners[1]
-                    shared = sorted(set(samples[a].tolist()) & set(samples[b].tolist()))
-                    da, db = self.metas[a]["dp"], self.metas[b]["dp"]
+    def _same_windows(self, samples: np.ndarray) -> list[tuple[str, str, list[int]]]:
+        """Disjoint data, within a data-parallel rank: its tp / pp ranks read the same windows."""
+        index = self._data["index"]
+        out: list[tuple[str, str, list[int]]] = []
+        for d, dp_ranks in sorted(self.dp_members.items()):
+            for r in dp_ranks[1:]:
+                if not np.array_equal(samples[r], samples[dp_ranks[0]]):
                     out.append(
                         (
                             DATA,
-                            f"ranks {a} and {b} (data-parallel ranks {da} and {db}) both read "
-                            f"window{'s' if len(shared) > 1 else ''} {_list(shared)} of data batch {index}",
-                            owners,
+                            f"ranks {dp_ranks[0]} and {r} ({self._relation(dp_ranks[0], r)} of "
+                            f"data-parallel rank {d}) read different windows of data batch {index}",
+                            [dp_ranks[0], r],
                         )
                     )
-                else:
-                    a = owners[0]
-                    out.append(
-                        (
-                            DATA,
-                            f"rank {a} (data-parallel rank {self.metas[a]['dp']}) reads window {over[0]} "
-                            f"{counts[over[0]]} times in data batch {index}",
-                            [a],
-                        )
-                    )
-            expected = max(1.0, sum(float(floats[r, 0]) for r in reps.values()))
-            tol = 0.5 + 2.5e-7 * expected  # the normaliser is float32: exact below 2M tokens
-            wrong = [
-                r for r in range(self.world) if not np.isnan(floats[r, 1]) and not abs(floats[r, 1] - expected) <= tol
-            ]
-            if wrong:
-                r = wrong[0]
-                out.append(
-                    (
-                        NORMALISER,
-                        f"rank {r} normalises the loss by 1/{floats[r, 1]:.6g}, but the step's "
-                        f"{len(reps)} data-parallel rank(s) predict {expected:.0f} tokens"
-                        + (f" (also wrong on ranks {_list(wrong[1:])})" if len(wrong) > 1 else ""),
-                        wrong,
-                    )
-                )
-
-        # 4. optimizer steps
-        out.extend(self._optimizer_steps(trainer, floats))
+                    break
         return out
+
+    def _disjoint_windows(self, samples: np.ndarray, reps: dict[int, int]) -> list[tuple[str, str, list[int]]]:
+        """Disjoint data, between data-parallel ranks (`reps`: one rank of each): no window read
+        more often than the global batch spans epochs."""
+        index, epochs = self._data["index"], self._data["epochs"]
+        counts = Counter(int(w) for r in reps.values() for w in samples[r])
+        over = sorted(w for w, c in counts.items() if c > epochs)
+        if not over:
+            return []
+        owners = [r for r in reps.values() if over[0] in samples[r]]
+        if len(owners) >= 2:
+            a, b = owners[0], owners[1]
+            shared = sorted(set(samples[a].tolist()) & set(samples[b].tolist()))
+            da, db = self.metas[a]["dp"], self.metas[b]["dp"]
+            return [
+                (
+                    DATA,
+                    f"ranks {a} and {b} (data-parallel ranks {da} and {db}) both read "
+                    f"window{'s' if len(shared) > 1 else ''} {_list(shared)} of data batch {index}",
+                    owners,
+                )
+            ]
+        a = owners[0]
+        return [
+            (
+                DATA,
+                f"rank {a} (data-parallel rank {self.metas[a]['dp']}) reads window {over[0]} "
+                f"{counts[over[0]]} times in data batch {index}",
+                [a],
+            )
+        ]
+
+    def _normaliser(self, floats: np.ndarray, reps: dict[int, int]) -> list[tuple[str, str, list[int]]]:
+        """Loss normaliser: every rank's equals the tokens predicted by the data-parallel ranks
+        (`reps`: one rank of each)."""
+        expected = max(1.0, sum(float(floats[r, 0]) for r in reps.values()))
+        tol = 0.5 + 2.5e-7 * expected  # the normaliser is float32: exact below 2M tokens
+        wrong = [r for r in range(self.world) if not np.isnan(floats[r, 1]) and not abs(floats[r, 1] - expected) <= tol]
+        if not wrong:
+            return []
+        r = wrong[0]
+        return [
+            (
+                NORMALISER,
+                f"rank {r} normalises the loss by 1/{floats[r, 1]:.6g}, but the step's "
+                f"{len(reps)} data-parallel rank(s) predict {expected:.0f} tokens"
+                + (f" (also wrong on ranks {_list(wrong[1:])})" if len(wrong) > 1 else ""),
+                wrong,
+            )
+        ]
 
     def _optimizer_steps(self, trainer: RunView, floats: np.ndarray) -> list[tuple[str, str, list[int]]]:
         step = trainer.step

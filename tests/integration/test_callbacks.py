@@ -445,6 +445,8 @@ def test_a_callback_vetoes_an_update_and_scales_the_lr_through_the_interface(tin
     steered = jsonl(tmp_path / "runs" / "steered" / "metrics.jsonl")
     assert [s["lr"] / p["lr"] for p, s in zip(plain, steered)] == [1, 1, 1, 0.5, 0.5, 0.5]
     assert [s["loss"] for s in steered[:3]] == [p["loss"] for p in plain[:3]]
+    scaled = [e for e in jsonl(tmp_path / "runs" / "steered" / "events.jsonl") if e["kind"] == "lr_scale"]
+    assert scaled == [{"step": 3, "kind": "lr_scale", "factor": 0.5, "lr_multiplier": 0.5}]  # on record
     # the multiplier is the trainer's checkpointed state: resumed from step 4 without the callback,
     # the run goes on at the halved LR and trains exactly as the uninterrupted one
     with pytest.raises(KeyboardInterrupt):

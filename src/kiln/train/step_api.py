@@ -8,7 +8,8 @@ fails if one does). What changes during a run lives in the trainer's checkpointe
 
     record_metric(name, value, reduce)   a number for the next metrics record
     say(text) / log_event(event)          a console line (rank 0) / an events.jsonl record (rank 0)
-    scale_lr(factor)                      multiply the peak learning rate from now on (checkpointed)
+    scale_lr(factor)                      multiply the peak learning rate from now on (checkpointed,
+                                          and an `lr_scale` record in events.jsonl)
     set_total_steps(steps, final)         the run's length; final=True is recorded in events.jsonl
                                           and reaches a resumed run through the checkpoint
     paused(what)                          work between steps, kept out of step time and throughput

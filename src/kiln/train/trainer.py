@@ -144,8 +144,10 @@ class Trainer:
             self.run.log_event(event)
 
     def scale_lr(self, factor: float) -> None:
-        """Multiply the peak learning rate from now on (kept in checkpoints)."""
+        """Multiply the peak learning rate from now on (kept in checkpoints, and recorded in
+        events.jsonl: what changed a run's LR is on record beside what the guard did)."""
         self.lr_multiplier *= factor
+        self.log_event({"step": self.step, "kind": "lr_scale", "factor": factor, "lr_multiplier": self.lr_multiplier})
 
     def set_total_steps(self, steps: int, final: bool = False) -> None:
         """The run's length: provisional (the loop and the LR schedule follow it) or final, which

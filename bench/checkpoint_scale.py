@@ -36,9 +36,9 @@ def _setup(layers: int, async_save: bool):
 
     from kiln.config import load_config
     from kiln.parallel.runtime import Parallel
-    from kiln.resolve import check_model
     from kiln.train.build import build_parts
     from kiln.train.optim import build_optimizer
+    from kiln.train.resolve import check_model
 
     torch.set_num_threads(1)
     overrides = [f"model.n_layers={layers}", "model.d_model=1024", "model.n_heads=16", "data.vocab_size=32000"]

@@ -26,7 +26,7 @@ from pathlib import Path
 from kiln.config import load_config
 from kiln.plan.cluster import BUILTIN, Cluster, Group
 from kiln.plan.hetero import hetero_plans, local_shares
-from kiln.plan.memory import model_facts
+from kiln.plan.peak_memory import model_facts
 from kiln.plan.search import HEADROOM, search
 
 MIXES = [

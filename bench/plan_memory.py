@@ -61,7 +61,7 @@ def one(case: list) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     from kiln.config import load_config
     from kiln.plan.layout import Layout
-    from kiln.plan.memory import model_facts, peak_memory
+    from kiln.plan.peak_memory import model_facts, peak_memory
     from kiln.plan.tracker import measured_peak
 
     preset, shard, tp, ac, mb, accum, precision, tied = case

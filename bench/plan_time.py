@@ -98,7 +98,7 @@ def kendall(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     from kiln.config import load_config
-    from kiln.plan.memory import model_facts
+    from kiln.plan.peak_memory import model_facts
     from kiln.plan.profile import load_profile, run_profile
     from kiln.plan.timing import local_step_time
 

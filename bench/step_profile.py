@@ -17,10 +17,10 @@ from torch.profiler import profile
 from kiln.config import load_config
 from kiln.data.shards import prepare
 from kiln.parallel.runtime import Parallel
-from kiln.resolve import check_training
 from kiln.runs.rundir import RunDir
 from kiln.train.build import build_trainer
 from kiln.train.precision import resolve_device
+from kiln.train.resolve import check_training
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Typed configuration: one dataclass per section, TOML presets, `--set a.b=c` overrides.
 
 This layer checks types and values only; names of registered components (family, objective,
-suites, callbacks and their options) are resolved by `kiln.resolve` once plugins have loaded, so
+suites, callbacks and their options) are resolved by `kiln.train.resolve` once plugins have loaded, so
 whether a config parses never depends on which user modules are importable. A mistake ends in a
 `ConfigError` whose one-line message names the key and what is allowed. Family-specific checks
 (e.g. the `[model.moe]` table's) live in the family's spec."""
@@ -809,7 +809,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 def validate(cfg: Config) -> None:
     """Types are checked on construction; this checks values and how sections fit together.
-    What depends on the model family lives in its ModelSpec (`kiln.resolve`)."""
+    What depends on the model family lives in its ModelSpec (`kiln.train.resolve`)."""
     flat = flatten(cfg)
     for key, allowed in CHOICES.items():
         _require(flat[key] in allowed, f"{key} = {flat[key]!r} is not allowed; choose one of {', '.join(allowed)}")

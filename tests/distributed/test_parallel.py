@@ -186,7 +186,7 @@ def test_parallel_dims_validation():
     ep4 = load_config("moe-tiny", overrides=["parallel.ep=4"]).parallel
     with pytest.raises(ConfigError, match=r"parallel\.ep = 4 must divide parallel\.dp_shard = 2 .* parallel\.ep=2 \("):
         ParallelDims.from_config(ep4, 2)
-    from kiln.resolve import check_training
+    from kiln.train.resolve import check_training
 
     with pytest.raises(ConfigError, match="tie_embeddings"):
         check_training(load_config("tiny", overrides=["parallel.pp=2"]))

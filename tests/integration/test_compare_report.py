@@ -18,10 +18,10 @@ from PIL import Image
 
 from kiln.errors import KilnError
 from kiln.runs import compare as cmp
-from kiln.runs import document
+from kiln.runs import report as document
 from kiln.runs.compare import compare_runs, compare_tables
 from kiln.runs.curves import lineage_series
-from kiln.runs.document import write_report
+from kiln.runs.report import write_report
 from kiln.runs.rundir import RunDir
 from kiln.train.callbacks import Callback
 from kiln.train.session import start_run

@@ -249,7 +249,7 @@ def test_runs_lists_status_lineage_and_tree(family, capsys):
             "active_s": 3.0,
         },
     )
-    from kiln.runs.status import running_record
+    from kiln.runfolder.status import running_record
 
     alive = create_fork(family["parent"], "alive", 8, log=lambda _: None)
     alive.run.write_json("status.json", {**running_record(8, time.time()), "active_s": 1.0})

@@ -671,8 +671,8 @@ def test_an_imported_model_has_transformers_loss_padding_rows_take_no_probabilit
     rows are zeros, so their logits are 0. The loss (training's naive and chunked heads, the z-loss
     and evaluation) is over the tokenizer's tokens only: the same as transformers' on the same text."""
     from kiln.kernels.cross_entropy import chunked_linear_cross_entropy
+    from kiln.objectives import Causal, z_loss_sum
     from kiln.runs.rundir import RunDir
-    from kiln.train.objectives import Causal, z_loss_sum
 
     folder = export_folder(random_model(GPT2, tokenizer.vocab_size), GPT2, tokenizer, tmp_path / "gpt2")
     assert kiln("import", str(folder), "--name", "g", cwd=tmp_path).returncode == 0

@@ -230,7 +230,7 @@ def test_weights_that_sum_to_zero_are_refused(setup):
 
 
 def test_the_report_shows_the_mix_and_what_each_source_gave(setup, tmp_path):
-    from kiln.runs.document import write_report
+    from kiln.runs.report import write_report
 
     root, _, _ = setup
     write_report(root / "runs" / "full", tmp_path / "report", log=lambda _: None)

@@ -1,5 +1,5 @@
-"""The run tools on long runs read metrics by column (kiln.runs.columns, through the columnar
-copy of kiln.runs.column_cache): fabricated run folders of thousands of logged steps, with what
+"""The run tools on long runs read metrics by column (kiln.runfolder.columns, through the columnar
+copy of kiln.runfolder.column_cache): fabricated run folders of thousands of logged steps, with what
 long runs hold (a NaN loss, spikes, slow steps, a rollback's repeated steps, keys that first
 appear late, values that are not numbers, a line still being written), give the same doctor
 findings, curves, headline numbers and `kiln runs` rows as the record-by-record code they
@@ -17,11 +17,12 @@ import run_tools_reference as ref
 from PIL import Image
 
 from kiln.config import load_config, to_toml
-from kiln.runs import column_cache, curves
+from kiln.runfolder import column_cache
+from kiln.runs import curves
 from kiln.runs.catalog import run_row
 from kiln.runs.compare import compare_runs, headline
 from kiln.runs.doctor import diagnose
-from kiln.runs.document import write_report
+from kiln.runs.report import write_report
 from kiln.runs.rundir import RunDir
 
 TOKENS = 4096  # per step

@@ -16,12 +16,12 @@ from conftest import tiny_overrides
 from kiln.config import load_config
 from kiln.data.shards import prepare
 from kiln.model.registry import fresh_model
+from kiln.objectives import predicted_positions
 from kiln.parallel.runtime import Parallel
 from kiln.runs.rundir import RunDir
 from kiln.syncs import SyncCounter
 from kiln.train.build import build_trainer
 from kiln.train.callbacks import Callback
-from kiln.train.objectives import predicted_positions
 from kiln.train.precision import resolve_device
 from kiln.train.session import check_training, start_run
 

@@ -19,7 +19,7 @@ import sys
 import time
 
 import kiln.data.stream as stream
-import kiln.runs.rundir as rundir
+import kiln.runfolder.folder as runfolder
 import kiln.train.checkpoint as checkpoint
 from kiln.train.callbacks import Callback, register_callback
 
@@ -80,7 +80,7 @@ elif ARMED and MODE == "prepare":
 
     stream.encode_stream = encode_then_die
 elif ARMED and MODE == "metrics":
-    original_log = rundir.RunDir.log_metrics
+    original_log = runfolder.RunFolder.log_metrics
 
     def log_then_die(self, record):
         if record["step"] == N:
@@ -89,4 +89,4 @@ elif ARMED and MODE == "metrics":
             die()
         original_log(self, record)
 
-    rundir.RunDir.log_metrics = log_then_die
+    runfolder.RunFolder.log_metrics = log_then_die

@@ -12,7 +12,7 @@ KEYS = {"kind", "step", "bytes", "seconds", "hash_seconds", "blocking_seconds"}
 
 def test_each_committed_save_is_an_event_the_doctor_and_report_take_in_stride(tiny, tmp_path):  # noqa: F811
     from kiln.runs.doctor import diagnose
-    from kiln.runs.document import write_report
+    from kiln.runs.report import write_report
     from kiln.train.session import start_run
 
     make, runs = tiny

@@ -79,11 +79,34 @@ def test_the_import_graph_has_no_cycle():
     assert not cycles, "\n".join(cycles)
 
 
+def package(module: str) -> str:
+    """The package a module belongs to: `kiln.<pkg>` for a module in a subpackage; a top-level
+    module (kiln.config, kiln.errors, ...) is its own."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_two_packages_import_each_other():
+    """Collapsed to packages, the import graph has no pair that imports both ways: each package
+    sits above or below another, never beside it (the run folder below training, training below
+    the run tools, the model below parallel and interop, objectives below eval and train)."""
+    graph = import_graph()
+    edges: dict[tuple[str, str], str] = {}
+    for module in sorted(graph):
+        for dep in sorted(graph[module]):
+            pair = (package(module), package(dep))
+            if pair[0] != pair[1]:
+                edges.setdefault(pair, f"{module} -> {dep}")
+    both_ways = [f"{a} <-> {b}: {edges[a, b]}; {edges[b, a]}" for a, b in sorted(edges) if a < b and (b, a) in edges]
+    assert not both_ways, "\n".join(both_ways)
+
+
 def test_layers_do_not_reach_up():
     """Reading runs, evaluating and exporting never import the trainer; the config layer imports
-    no registry; model code knows nothing of parallelism but the spec that points at a plan."""
+    no registry; model code knows nothing of parallelism (a spec names its plan, kiln.parallel.plans
+    holds it)."""
     graph = import_graph()
     for reader in (
+        "kiln.runfolder.folder",
         "kiln.runs.rundir",
         "kiln.runs.export",
         "kiln.eval.runner",
@@ -91,7 +114,7 @@ def test_layers_do_not_reach_up():
         "kiln.runs.fork",
         "kiln.runs.catalog",
         "kiln.runs.compare",
-        "kiln.runs.document",
+        "kiln.runs.report",
         "kiln.runs.doctor",
         "kiln.runs.doctor_rules",
         "kiln.runs.explain",

@@ -1,11 +1,11 @@
-"""`Batch.to` (kiln.train.objectives): to a GPU through pinned memory without blocking the host;
+"""`Batch.to` (kiln.objectives): to a GPU through pinned memory without blocking the host;
 on the CPU unchanged. The CUDA branch is checked without a GPU by recording what it asks of torch."""
 
 from __future__ import annotations
 
 import torch
 
-from kiln.train.objectives import Batch
+from kiln.objectives import Batch
 
 
 def batch() -> Batch:

@@ -1,5 +1,5 @@
-"""The columnar reader of JSONL logs (kiln.runs.columns) and its copy beside a long log
-(kiln.runs.column_cache): the records read back as RunDir.read_jsonl reads them, whatever they
+"""The columnar reader of JSONL logs (kiln.runfolder.columns) and its copy beside a long log
+(kiln.runfolder.column_cache): the records read back as RunDir.read_jsonl reads them, whatever they
 hold; the copy extended with only what was appended (never a line still being written),
 started again when the log was replaced or rewritten, and kept in the user's cache folder when
 the run folder is read-only. Plus the tail reader of `kiln runs` and the plots' thinning."""
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kiln.runs import column_cache, columns, jsonl_tail
-from kiln.runs.column_cache import read_in_memory, read_table
-from kiln.runs.downsample import minmax
+from kiln.runfolder import column_cache, columns, jsonl_tail
+from kiln.runfolder.column_cache import read_in_memory, read_table
+from kiln.runfolder.downsample import minmax
 from kiln.runs.rundir import RunDir
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from kiln.config import Config, from_dict, load_config, parse_override, preset_names, to_dict, to_toml
 from kiln.errors import ConfigError
-from kiln.resolve import check_training
+from kiln.train.resolve import check_training
 
 
 def checked(overrides):
@@ -200,7 +200,7 @@ def test_objective_family_mismatch():
 
 
 def test_names_are_resolved_after_plugins_not_by_the_config_layer():
-    """The config layer accepts any family, objective, suite or callback name; `kiln.resolve`
+    """The config layer accepts any family, objective, suite or callback name; `kiln.train.resolve`
     checks them against the registries (which plugins fill)."""
     cfg = load_config(
         overrides=["model.family=not-yet-registered", 'eval.suites=["mine"]', 'callbacks.enabled=["my_monitor"]']
@@ -296,7 +296,7 @@ def test_rope_position_table_shorter_than_seq_len_is_rejected_or_works():
 def test_every_registered_family_and_objective_can_be_built():
     """The choices come from the registries: every registered family builds, every objective resolves."""
     from kiln.model.registry import MODEL_SPECS, build_model
-    from kiln.train.objectives import OBJECTIVES
+    from kiln.objectives import OBJECTIVES
 
     assert {"decoder", "encoder"} <= set(MODEL_SPECS) and {"causal", "masked"} <= set(OBJECTIVES)
     for family, spec in MODEL_SPECS.items():

@@ -10,7 +10,7 @@ from kiln.errors import KilnError
 from kiln.eval.fill import fill_prompt
 from kiln.model.encoder import Encoder
 from kiln.model.registry import build_model, padded_vocab
-from kiln.model.specs import matmul_params, model_params
+from kiln.model.transformer_spec import matmul_params, model_params
 from kiln.scaling.flops import flops_per_token
 
 VOCAB = 300

@@ -13,7 +13,7 @@ from kiln.data.loader import TokenWindows, eval_windows
 from kiln.eval.common import token_byte_lengths, token_logprobs
 from kiln.eval.lm import evaluate_lm
 from kiln.eval.runner import run_suites
-from kiln.train.objectives import build_objective
+from kiln.objectives import build_objective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

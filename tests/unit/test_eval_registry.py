@@ -13,7 +13,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.eval import suites as registry
 from kiln.eval.runner import report_table, run_suites, save_report
 from kiln.eval.suites import available_suites, load_suite_file, parse_options, register_suite
-from kiln.resolve import check_training
+from kiln.train.resolve import check_training
 
 USER_SUITE = '''
 from kiln.eval.suites import register_suite, SuiteResult

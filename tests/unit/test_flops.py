@@ -4,11 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+from kiln import hardware as flops_mod
 from kiln.config import load_config
+from kiln.hardware import gpu_peak_tflops, peak_tflops
 from kiln.model.registry import build_model, padded_vocab
-from kiln.model.specs import matmul_params, model_params
-from kiln.scaling import flops as flops_mod
-from kiln.scaling.flops import flops_per_token, gpu_peak_tflops, param_count, peak_tflops
+from kiln.model.transformer_spec import matmul_params, model_params
+from kiln.scaling.flops import flops_per_token, param_count
 
 BASE = ["model.n_layers=3", "model.d_model=64", "model.n_heads=4", "model.seq_len=32"]
 

@@ -123,7 +123,7 @@ def test_evaluate_lm_on_a_uniform_model():
     """A model that outputs constant logits has loss log(V), perplexity V."""
     from kiln.data.tokenizer import train_tokenizer
     from kiln.eval.lm import evaluate_lm
-    from kiln.train.objectives import Causal
+    from kiln.objectives import Causal
 
     class Uniform(torch.nn.Module):
         def forward(self, tokens):

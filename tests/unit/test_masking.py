@@ -10,7 +10,7 @@ from kiln.config import load_config
 from kiln.data.tokenizer import train_tokenizer
 from kiln.errors import ConfigError
 from kiln.eval.lm import evaluate_lm
-from kiln.train.objectives import EVAL_STEP, IGNORE, OBJECTIVES, Masked, build_objective
+from kiln.objectives import EVAL_STEP, IGNORE, OBJECTIVES, Masked, build_objective
 
 TEXTS = [
     "def add(first, second):\n    return first + second  # the sum\n",
@@ -278,7 +278,7 @@ def test_causal_evaluation_has_no_masked_metrics(tok):
     ],
 )
 def test_config_mistakes_are_one_line_errors(overrides, message):
-    from kiln.resolve import check_training
+    from kiln.train.resolve import check_training
 
     with pytest.raises(ConfigError) as err:
         check_training(load_config(overrides=overrides))  # as training checks a config

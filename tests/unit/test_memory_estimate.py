@@ -1,13 +1,13 @@
 """The start-up memory estimate divides states by the shards that hold them, and is `kiln plan`'s
-memory model (kiln.plan.memory) at the run's own layout."""
+memory model (kiln.plan.peak_memory) at the run's own layout."""
 
 import pytest
 
 from kiln.config import load_config
 from kiln.model.registry import get_spec
-from kiln.model.specs import model_params
+from kiln.model.transformer_spec import model_params
 from kiln.parallel.mesh import ParallelDims
-from kiln.plan.memory import estimate_memory
+from kiln.plan.peak_memory import estimate_memory
 
 
 def dims(world, **kw):
@@ -54,7 +54,7 @@ def test_activation_checkpointing_shrinks_activations():
 
 
 def plan_peak(cfg, layout, precision="bf16"):
-    from kiln.plan.memory import model_facts, peak_memory
+    from kiln.plan.peak_memory import model_facts, peak_memory
 
     return peak_memory(model_facts(cfg, cfg.data.vocab_size, precision), layout)
 
@@ -90,7 +90,7 @@ def test_the_printout_counts_low_bit_optimizer_states():
     """adamw8bit / adamw4bit: torchao's codes and block scales, not 8 bytes a parameter, in the
     printout and in the planner alike."""
     from kiln.plan.layout import Layout
-    from kiln.plan.memory import optimizer_state_bytes
+    from kiln.plan.peak_memory import optimizer_state_bytes
 
     base = load_config("gpt2-124m", overrides=["model.tie_embeddings=false"])
     n = model_params(base.model, base.data.vocab_size)
@@ -112,7 +112,7 @@ def test_low_bit_state_bytes_match_torchao():
     from torchao.optim import AdamW4bit, AdamW8bit
 
     from kiln.kernels.ao import stored_bytes
-    from kiln.plan.memory import optimizer_state_bytes
+    from kiln.plan.peak_memory import optimizer_state_bytes
 
     for name, cls in (("adamw8bit", AdamW8bit), ("adamw4bit", AdamW4bit)):
         for shape in ((4096,), (384, 128), (100, 50), (4096, 3)):

@@ -130,7 +130,7 @@ def test_post_norm_adds_a_gain_per_sub_layer_and_changes_the_function():
 
 
 def test_z_loss_is_log_z_squared_over_predicted_positions():
-    from kiln.train.objectives import IGNORE, z_loss_sum
+    from kiln.objectives import IGNORE, z_loss_sum
 
     logits = torch.randn(2, 3, 5)
     targets = torch.tensor([[1, IGNORE, 2], [0, 4, IGNORE]])

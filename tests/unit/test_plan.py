@@ -196,7 +196,7 @@ def test_pipeline_time_charges_the_head_to_the_last_stage():
     pipeline waits for the stage that holds it, not for half the model."""
     from kiln.model.registry import get_spec
     from kiln.model.spec import padded_vocab
-    from kiln.plan.memory import model_facts
+    from kiln.plan.peak_memory import model_facts
     from kiln.plan.profile import ComputeFit, LinkFit
     from kiln.plan.timing import busiest_stage_share, local_step_time
 
@@ -219,7 +219,7 @@ def test_search_tries_lighter_last_stages():
     """Pipelines also get layer splits that unload the stage holding the head; with the tiny
     model's heavy head (about half its FLOPs) on 4 layers, 3 + 1 beats 2 + 2, and the plan says
     how to run it."""
-    from kiln.plan.memory import model_facts
+    from kiln.plan.peak_memory import model_facts
     from kiln.plan.search import stage_splits
     from kiln.plan.timing import busiest_stage_share, step_time
 
@@ -302,7 +302,7 @@ def test_the_plan_weighs_reducing_gradients_once_a_step():
     """Under accumulation with FSDP the space holds both `parallel.grad_sync` settings: reducing
     once a step costs fewer reduce-scatters but keeps whole gradients until then; HSDP's replicas
     all-reduce once a step either way. The plan's --set lines carry the setting."""
-    from kiln.plan.memory import model_facts, peak_memory
+    from kiln.plan.peak_memory import model_facts, peak_memory
     from kiln.plan.timing import step_time
 
     cfg = load_config("llama-1b")

@@ -14,7 +14,7 @@ from kiln.data.loader import rank_share
 from kiln.errors import ConfigError, DataError
 from kiln.plan.cluster import BUILTIN, Cluster, Group
 from kiln.plan.hetero import group_shares, hetero_plans, local_shares, split_by_speed
-from kiln.plan.memory import model_facts
+from kiln.plan.peak_memory import model_facts
 from kiln.plan.search import HEADROOM
 from kiln.train.build import rank_micro_batch
 

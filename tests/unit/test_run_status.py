@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from kiln.runs.status import STALE_S, process_start, resolve_status, running_record
+from kiln.runfolder.status import STALE_S, process_start, resolve_status, running_record
 
 
 def test_this_process_is_running():

@@ -99,7 +99,7 @@ def test_the_checkpoint_event_comes_with_the_commit(tmp_path):
 
 def test_watchdog_limits(tmp_path):
     from kiln.config import GuardConfig
-    from kiln.train.watchdog import SLACK, Watchdog
+    from kiln.train.hang_timer import SLACK, Watchdog
 
     dog = Watchdog(GuardConfig(hang_min_s=2.0, hang_factor=5.0), tmp_path, 0)
     assert dog.limit() == SLACK * 2.0  # between steps: the floor, stretched

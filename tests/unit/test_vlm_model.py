@@ -8,8 +8,8 @@ from kiln.config import load_config
 from kiln.data.multimodal.loader import DOC, PATCH, PIXELS
 from kiln.errors import ConfigError
 from kiln.model.registry import fresh_model
-from kiln.resolve import check_training
-from kiln.train.objectives import IGNORE, get_objective
+from kiln.objectives import IGNORE, get_objective
+from kiln.train.resolve import check_training
 
 SMALL = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32"]
 

@@ -86,7 +86,7 @@ def add_report(verbs: Verbs) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from kiln.runs.document import write_report
+    from kiln.runs.report import write_report
     from kiln.runs.rundir import RunDir
 
     run = RunDir.open(Path(args.run))

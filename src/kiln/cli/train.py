@@ -55,7 +55,7 @@ def default_run_name(args: argparse.Namespace) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from kiln.progress import console, quiet
-    from kiln.runs.report import summary_table
+    from kiln.runs.summary_table import summary_table
     from kiln.train.session import find_restarted_run, resume_run, start_run
 
     if args.list_callbacks:
@@ -121,7 +121,7 @@ def add_fork(verbs: Verbs) -> None:
 
 def cmd_fork(args: argparse.Namespace) -> int:
     from kiln.plugins import loaded_plugins
-    from kiln.resolve import check_training
+    from kiln.train.resolve import check_training
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise KilnError(

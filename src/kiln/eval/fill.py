@@ -15,7 +15,7 @@ from torch import nn
 
 from kiln.data.tokenizer import MASK, KilnTokenizer
 from kiln.errors import KilnError
-from kiln.train.objectives import EVAL_STEP, IGNORE, Objective
+from kiln.objectives import EVAL_STEP, IGNORE, Objective
 
 
 @torch.no_grad()

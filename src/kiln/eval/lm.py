@@ -17,7 +17,7 @@ from torch import nn
 
 from kiln.data.loader import WindowShare, share_windows
 from kiln.eval.suites import EvalContext, register_suite
-from kiln.train.objectives import EVAL_STEP, IGNORE, Objective, true_vocab
+from kiln.objectives import EVAL_STEP, IGNORE, Objective, true_vocab
 
 EvalStep = Callable[..., torch.Tensor]  # (inputs, targets, **extras) -> (loss sum, correct, count)
 
@@ -144,7 +144,7 @@ def lm_suite(ctx: EvalContext) -> dict[str, float]:
     from kiln.data.multimodal.loader import validation_windows
     from kiln.data.multimodal.prepare import MultimodalPrepared
     from kiln.eval.common import token_byte_lengths
-    from kiln.train.objectives import build_objective
+    from kiln.objectives import build_objective
 
     cfg = ctx.cfg
     n = ctx.options.get("windows") or cfg.eval.batches * cfg.global_batch  # default: the trainer's windows

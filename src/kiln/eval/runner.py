@@ -23,7 +23,7 @@ import torch
 from rich.table import Table
 
 from kiln.errors import KilnError, NotApplicable
-from kiln.eval.suites import EvalContext, SuiteResult, available_suites, parse_options
+from kiln.eval.suites import EvalContext, SuiteResult, available_suites, check_suites, parse_options
 
 
 def run_suites(
@@ -168,7 +168,6 @@ def evaluate_run(
     without a checkpoint is the model training starts from, rebuilt exactly as training initialises it.
     `weights`: a quantised export of this run (kiln.runs.quantize), evaluated instead, with the
     `lm` suite run on its source checkpoint too so the report says what quantising cost."""
-    from kiln.resolve import check_suites
     from kiln.runs.rundir import RunDir
 
     run = RunDir.open(path)

@@ -159,6 +159,15 @@ def check_suite_names(names: list[str], where: str = "eval.suites") -> None:
             )
 
 
+def check_suites(names: list[str], where: str = "eval.suites") -> None:
+    """`check_suite_names` once the user's plugins (--plugin, KILN_PLUGINS, KILN_SUITES) have
+    registered theirs."""
+    from kiln.plugins import load_plugins
+
+    load_plugins()
+    check_suite_names(names, where)
+
+
 def parse_options(items: list[str], suites: dict[str, Suite]) -> dict[str, dict[str, Any]]:
     """`suite.key=value` strings (values read as TOML, else as plain strings) -> per-suite options,
     checked against each suite's declared options and their types."""

@@ -21,6 +21,7 @@ from kiln.config import ModelConfig, load_config
 from kiln.data.tokenizer import KilnTokenizer
 from kiln.errors import ConfigError
 from kiln.interop import hf_files
+from kiln.interop.adapters import spec_adapter
 from kiln.interop.hf import VOCAB_TENSORS, HFAdapter
 from kiln.model.init import assign_full_weights
 from kiln.model.registry import MODEL_SPECS, build_model, get_spec
@@ -45,7 +46,7 @@ def generation_config(tokenizer: KilnTokenizer) -> dict[str, Any]:
 
 def adapter_for(cfg: ModelConfig) -> HFAdapter:
     """The Hugging Face adapter of the config's model family (its `ModelSpec.hf_adapter`)."""
-    adapter = get_spec(cfg.family).hf_adapter
+    adapter = spec_adapter(get_spec(cfg.family))
     if adapter is None:
         raise ConfigError(
             f"model.family = '{cfg.family}' has no Hugging Face mapping yet; export it with --format safetensors"
@@ -55,10 +56,11 @@ def adapter_for(cfg: ModelConfig) -> HFAdapter:
 
 def adapter_for_type(model_type: Any) -> HFAdapter:
     """The adapter of the family that imports config.json's `model_type`."""
-    for spec in MODEL_SPECS.values():
-        if spec.hf_adapter is not None and model_type in spec.hf_adapter.model_types:
-            return spec.hf_adapter
-    known = sorted(t for s in MODEL_SPECS.values() if s.hf_adapter for t in s.hf_adapter.model_types)
+    adapters = [adapter for spec in MODEL_SPECS.values() if (adapter := spec_adapter(spec)) is not None]
+    for adapter in adapters:
+        if model_type in adapter.model_types:
+            return adapter
+    known = sorted(t for adapter in adapters for t in adapter.model_types)
     raise ConfigError(f"model_type = {model_type!r} is not a family Kiln imports; supported: {', '.join(known)}")
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 from torch import nn
 
 from kiln.config import Config, ModelConfig
-from kiln.interop.hf_mixtral import MIXTRAL_HF
 from kiln.model.decoder import Transformer
 from kiln.model.moe import MoEFeedForward, is_moe_layer
 from kiln.model.spec import ModelSpec, normal_std_for_depth
-from kiln.model.specs import (
+from kiln.model.transformer_spec import (
     activation_bytes,
     attention_logits,
     matmul_params,
@@ -26,7 +25,6 @@ from kiln.model.specs import (
     transformer_init_rule,
     validate_transformer,
 )
-from kiln.parallel.plans import transformer_tensor_parallel
 
 SCORES = ("softmax", "sigmoid")
 
@@ -131,7 +129,7 @@ MOE = ModelSpec(
     validate=validate_moe,
     blocks=transformer_blocks,
     init_rule=moe_init_rule,
-    tensor_parallel=transformer_tensor_parallel,
+    tensor_parallel="transformer",
     pipeline_stage=pipeline_stage,
     count_params=moe_params,
     flops_per_token=moe_flops_per_token,
@@ -141,5 +139,5 @@ MOE = ModelSpec(
     attention_modules=("layers.*.attn",),
     causal=True,
     expert_modules=expert_modules,
-    hf_adapter=MIXTRAL_HF,
+    hf_adapter="mixtral",
 )

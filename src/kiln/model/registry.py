@@ -1,7 +1,7 @@
 """Model families by name: `model.family` selects a `ModelSpec` (builder, validation, parallel
-plans, init rule, counts). Built in: `decoder` and `encoder` (kiln.model.specs), `moe` (kiln.model.moe_spec) and `vlm`
-(kiln.model.vision_spec); a plugin adds
-its own with `register_model_family(ModelSpec(name, build, ...))`.
+plans, init rule, counts). Built in: `decoder` and `encoder` (kiln.model.transformer_spec), `moe`
+(kiln.model.moe_spec) and `vlm` (kiln.model.vision_spec); a plugin adds its own with
+`register_model_family(ModelSpec(name, build, ...))`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kiln.errors import ConfigError
 from kiln.model.init import Writer, copy_full, init_parameters
 from kiln.model.moe_spec import MOE
 from kiln.model.spec import VOCAB_MULTIPLE, ModelSpec, padded_vocab
-from kiln.model.specs import DECODER, ENCODER
+from kiln.model.transformer_spec import DECODER, ENCODER
 from kiln.model.vision_spec import VLM
 from kiln.plugins import load_plugins
 

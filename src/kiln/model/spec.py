@@ -58,7 +58,8 @@ class ModelSpec:
     validate: Callable[[Config], None] = no_checks  # family-specific config checks; raise ConfigError
     blocks: Blocks | None = None  # the repeated blocks: FSDP units, activation checkpointing, per-block compile
     init_rule: InitRule = default_init_rule
-    tensor_parallel: Callable[[nn.Module, Any], None] | None = None  # (model, tp DeviceMesh) -> None
+    # the tensor-parallel plan: (model, tp DeviceMesh) -> None, or a plan's name in kiln.parallel.plans
+    tensor_parallel: Callable[[nn.Module, Any], None] | str | None = None
     pipeline_stage: Callable[..., nn.Module] | None = None  # (model, stage, stages[, layers per stage]) -> stage
     count_params: Callable[[ModelConfig, int], int] | None = None  # all parameters (vocab as given)
     flops_per_token: Callable[[ModelConfig, int], float] | None = None  # training FLOPs per token
@@ -67,7 +68,8 @@ class ModelSpec:
     attention_logits: Callable[[nn.Module, tuple], torch.Tensor] | None = None  # (module, forward args) -> logits
     attention_modules: tuple[str, ...] = ()  # globs of the modules `attention_logits` understands
     causal: bool = True  # predicts each token from its left context (generates text); False: bidirectional
-    hf_adapter: Any = None  # Hugging Face state-dict adapter (kiln.interop), when the family has one
+    # its Hugging Face adapter (kiln.interop.hf.HFAdapter) or a built-in one's name in kiln.interop.adapters
+    hf_adapter: Any = None
     expert_modules: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]] | None = None  # (MoE block, experts)
     # files a fresh start reads besides model.init_from: {dotted key: path} (a frozen image encoder)
     start_weights: Callable[[ModelConfig], dict[str, str]] | None = None

@@ -6,7 +6,7 @@ import dataclasses
 
 from kiln.config import Config, ModelConfig
 from kiln.config_rules import require
-from kiln.model.specs import DECODER, flops_per_token, validate_transformer
+from kiln.model.transformer_spec import DECODER, flops_per_token, validate_transformer
 from kiln.model.vision import VisionDecoder
 
 

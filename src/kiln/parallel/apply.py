@@ -25,6 +25,7 @@ from kiln.model.init import init_parameters
 from kiln.model.spec import ModelSpec
 from kiln.parallel.experts import shard_experts
 from kiln.parallel.mesh import ParallelDims
+from kiln.parallel.plans import tensor_parallel_plan
 
 
 def write_full_value(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -116,10 +117,11 @@ def parallelize(
         shard_experts(pairs, expert_mesh)
         experts = [module for _, module in pairs]
     if dims.tp > 1:
-        if spec.tensor_parallel is None:
+        plan = tensor_parallel_plan(spec)
+        if plan is None:
             raise ConfigError(f"model.family = '{spec.name}' has no tensor-parallel plan; set parallel.tp = 1")
         assert mesh is not None  # a distributed layout always has a mesh
-        spec.tensor_parallel(model, mesh["tp"])
+        plan(model, mesh["tp"])
     if cfg.parallel.activation_checkpoint != "none":
         if not blocks:
             raise ConfigError(

@@ -1,5 +1,6 @@
-"""Tensor-parallel plans, one per model family that supports tensor parallelism; a family's
-`ModelSpec.tensor_parallel` points at its plan, and `kiln.parallel.apply` calls it.
+"""Tensor-parallel plans by name: a family's `ModelSpec.tensor_parallel` names one of `PLANS`
+(the model imports nothing from here) or is a plan itself (a plugin's), and `kiln.parallel.apply`
+calls it.
 
 The transformer plan is Megatron-style with sequence parallelism: norms and dropout see 1/tp of
 the sequence, attention and MLP projections are split column-wise then row-wise. A feed-forward
@@ -10,6 +11,7 @@ are replicated over the tp ranks and their gradients come out whole on each.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from torch import nn
@@ -25,8 +27,11 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from kiln.errors import ConfigError
+
 if TYPE_CHECKING:
     from kiln.model.layers import Attention
+    from kiln.model.spec import ModelSpec
 
 
 class HeadNorm(ParallelStyle):
@@ -92,3 +97,18 @@ def transformer_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             plan["attn.q_norm"] = HeadNorm()
             plan["attn.k_norm"] = HeadNorm()
         parallelize_module(block, tp_mesh, plan)
+
+
+PLANS: dict[str, Callable[[nn.Module, DeviceMesh], None]] = {"transformer": transformer_tensor_parallel}
+
+
+def tensor_parallel_plan(spec: ModelSpec) -> Callable[[nn.Module, DeviceMesh], None] | None:
+    """The plan `spec.tensor_parallel` gives or names (None: the family has no tensor parallelism)."""
+    plan = spec.tensor_parallel
+    if not isinstance(plan, str):
+        return plan
+    if plan not in PLANS:
+        raise ConfigError(
+            f"model.family = '{spec.name}' names tensor-parallel plan {plan!r}; known plans: {', '.join(PLANS)}"
+        )
+    return PLANS[plan]

@@ -123,7 +123,7 @@ def local_cluster(n: int) -> Cluster:
     gloo moves tensors through shared memory at a few GB/s (the profile measures it)."""
     import torch
 
-    from kiln.scaling.flops import cpu_peak_tflops
+    from kiln.hardware import cpu_peak_tflops
 
     if n < 1:
         raise ConfigError(f"--cluster local:{n}: give a positive number of processes")

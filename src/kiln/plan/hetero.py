@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from kiln.plan.cluster import Cluster, DeviceKind, Group
 from kiln.plan.layout import Layout
-from kiln.plan.memory import MemoryBreakdown, ModelFacts, peak_memory
+from kiln.plan.peak_memory import MemoryBreakdown, ModelFacts, peak_memory
 from kiln.plan.timing import StepTime, step_time
 
 AC_MODES = ("none", "selective", "full")
@@ -294,7 +294,7 @@ def local_shares(per_seq_s: list[float], fixed_s: list[float], global_batch: int
 def plan_mixed(cfg, cluster: Cluster, precision: str = "bf16") -> list[HeteroPlan]:
     """`kiln plan` for a mixed cluster: every data-parallel and pipeline plan that fits, fastest first."""
     from kiln.errors import ConfigError
-    from kiln.plan.memory import model_facts
+    from kiln.plan.peak_memory import model_facts
     from kiln.plan.search import HEADROOM
 
     if cluster.local:

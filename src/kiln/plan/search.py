@@ -5,7 +5,7 @@ The space: every factorisation of the world size into dp_replicate x dp_shard x 
 dividing the heads, pp at most the layers), every micro-batch that divides a rank's share of the
 global batch, three activation-checkpointing modes, and on pipelines the three schedules (and two
 or four virtual stages per rank for the interleaved one) and, for 1F1B and GPipe, layer splits
-that lighten the first and last stages (see `stage_splits`). Memory (kiln.plan.memory) prunes;
+that lighten the first and last stages (see `stage_splits`). Memory (kiln.plan.peak_memory) prunes;
 time (kiln.plan.timing) ranks.
 """
 
@@ -18,7 +18,7 @@ from kiln.config import Config
 from kiln.errors import ConfigError
 from kiln.plan.cluster import Cluster
 from kiln.plan.layout import Layout
-from kiln.plan.memory import MemoryBreakdown, ModelFacts, model_facts, peak_memory
+from kiln.plan.peak_memory import MemoryBreakdown, ModelFacts, model_facts, peak_memory
 from kiln.plan.timing import StepTime, local_step_time, step_time
 
 GiB = 2**30

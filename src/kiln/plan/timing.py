@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from kiln.plan.cluster import DeviceKind
 from kiln.plan.layout import Layout
-from kiln.plan.memory import ModelFacts
+from kiln.plan.peak_memory import ModelFacts
 
 PEAK_EFFICIENCY = 0.55  # of the datasheet peak, reached by wide matrix products
 HALF_WIDTH = 2**21  # tokens x width per rank at which half of it is reached

@@ -14,8 +14,8 @@ import numpy as np
 
 from kiln.errors import KilnError
 from kiln.fileio import write_atomic
+from kiln.runfolder.downsample import minmax
 from kiln.runs.curves import Curve, lineage_curves, number, pyplot, save_figure, series_keys, source_of
-from kiln.runs.downsample import minmax
 from kiln.runs.rundir import RunDir
 
 FIG_WIDTH, SUBPLOT_HEIGHT, DPI = 8.0, 3.5, 100  # compare.png is 800 x 350·(subplots) pixels

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kiln.fileio import atomic_path
-from kiln.runs.columns import BIGINT, BOOL, FLOAT, INT, Table
+from kiln.runfolder.columns import BIGINT, BOOL, FLOAT, INT, Table
 from kiln.runs.rundir import RunDir
 
 Source = Literal["metrics", "evals"]
@@ -53,7 +53,7 @@ def number(value: Any) -> float | None:
 
 
 def table(run: RunDir, source: Source) -> Table:
-    """The run's records of `source` by column (kiln.runs.columns)."""
+    """The run's records of `source` by column (kiln.runfolder.columns)."""
     if source not in ("metrics", "evals"):
         raise ValueError(f"source must be 'metrics' or 'evals', not {source!r}")
     return run.metrics_table() if source == "metrics" else run.evals_table()

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.model.registry import build_model
-from kiln.resolve import check_model
+from kiln.model.registry import build_model, resolve_family
 from kiln.runs.rundir import RunDir
 from kiln.train.checkpoint import checkpoint_step, export_safetensors, write_safetensors
 
@@ -19,7 +18,7 @@ def export_run(path: Path, out: Path, step: int | None = None, warn: Callable[[s
     a run with none, such as an import)."""
     run = RunDir.open(path)
     cfg = run.config()
-    run.check_family(cfg, check_model)  # only the model family: not the suites or callbacks it ran with
+    run.check_family(cfg, resolve_family)  # only the model family: not the suites or callbacks it ran with
     chosen = run.weights_at(step, warn)
     if chosen is None:
         loaded = run.load_model(step, device=torch.device("cpu"), warn=warn)  # says it uses step 0

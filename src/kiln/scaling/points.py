@@ -58,7 +58,7 @@ def non_embedding_params(cfg, vocab_size: int) -> int:
 
 
 def points_from_runs(paths: list[Path]) -> list[Point]:
-    from kiln.runs.rundir import RunDir
+    from kiln.runfolder.folder import RunFolder
     from kiln.scaling.flops import flops_per_token
 
     expanded: list[Path] = []
@@ -69,7 +69,7 @@ def points_from_runs(paths: list[Path]) -> list[Point]:
             else []
         )
         expanded += children or [p]
-    runs = [RunDir.open(p) for p in expanded]
+    runs = [RunFolder.open(p) for p in expanded]
     unfinished = [r.name for r in runs if r.status().get("state") != "finished" or not (r.summary() or {})]
     if unfinished:
         raise ConfigError(

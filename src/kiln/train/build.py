@@ -24,11 +24,12 @@ from kiln.kernels import registry as kernels
 from kiln.kernels.float8 import apply_float8, check_float8
 from kiln.kernels.sparsity import apply_sparsity, check_sparsity
 from kiln.model.spec import ModelSpec, padded_vocab
+from kiln.objectives import build_objective
 from kiln.parallel import pipeline as pp
 from kiln.parallel.apply import materialise, parallelize
 from kiln.parallel.runtime import Parallel
-from kiln.plan.memory import resolve_grad_sync
-from kiln.runs.rundir import RunDir
+from kiln.plan.peak_memory import resolve_grad_sync
+from kiln.runfolder.folder import RunFolder
 from kiln.train.callbacks.base import Callback, CallbackList
 from kiln.train.callbacks.builtin import builtin_callbacks, loop_parts
 from kiln.train.callbacks.registry import build_callbacks
@@ -36,7 +37,6 @@ from kiln.train.checkpoint import Checkpointer
 from kiln.train.guard import Guard
 from kiln.train.mixture import build_mixture
 from kiln.train.module import TrainModule
-from kiln.train.objectives import build_objective
 from kiln.train.optim import build_optimizer
 from kiln.train.precision import resolve_precision
 from kiln.train.seeding import dropout_seed
@@ -182,7 +182,7 @@ def _validation_shares(
     return val, extra_val, source_val
 
 
-def _checkpointer(cfg: Config, run: RunDir, par: Parallel) -> Checkpointer:
+def _checkpointer(cfg: Config, run: RunFolder, par: Parallel) -> Checkpointer:
     """The run's checkpointer, with `[checkpoint]`'s retention and `parallel.async_checkpoint`."""
     return Checkpointer(
         run.checkpoints,
@@ -208,7 +208,7 @@ def _attach_schedule(cfg: Config, module: TrainModule, local_batch: int) -> None
 def build_trainer(
     cfg: Config,
     spec: ModelSpec,
-    run: RunDir,
+    run: RunFolder,
     data: Prepared | MixturePrepared | MultimodalPrepared,
     par: Parallel,
     resume_state: dict[str, Any] | None = None,

@@ -30,10 +30,10 @@ from kiln.eval.lm import tally_predictions
 from kiln.kernels import registry as kernels
 from kiln.model import moe
 from kiln.model.spec import padded_vocab
+from kiln.objectives import IGNORE, Batch, Objective, predicted_positions, to_device, z_loss_sum
 from kiln.parallel import pipeline as pp
 from kiln.parallel.apply import set_gradient_sync
 from kiln.parallel.runtime import Parallel
-from kiln.train.objectives import IGNORE, Batch, Objective, predicted_positions, to_device, z_loss_sum
 from kiln.train.optim import set_lr
 from kiln.train.precision import autocast_for
 
@@ -63,7 +63,7 @@ class TrainModule:
         self.objective, self.precision, self.micro_batch = objective, precision, micro_batch
         self.stage_ids, self.n_stages = stage_ids or [0], n_stages
         self.schedule = None  # set by `attach_schedule` when parallel.pp > 1
-        self.grad_sync = grad_sync  # under accumulation: parallel.grad_sync, resolved (kiln.plan.memory)
+        self.grad_sync = grad_sync  # under accumulation: parallel.grad_sync, resolved (kiln.plan.peak_memory)
         # Compile forward and loss together: the loss's log-softmax then fuses with the output
         # projection's epilogue instead of materialising float32 logits (see BENCHMARKS.md).
         self.forward_loss = torch.compile(self._forward_loss) if cfg.train.compile else self._forward_loss

@@ -71,7 +71,7 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if cfg.model.d_model < CPU_BF16_MIN_WIDTH:
         return "fp32"
-    from kiln.scaling.flops import cpu_peak_tflops
+    from kiln.hardware import cpu_peak_tflops
 
     fast = cpu_peak_tflops(torch.bfloat16) >= CPU_BF16_MIN_SPEEDUP * cpu_peak_tflops(torch.float32)
     return "bf16" if fast else "fp32"

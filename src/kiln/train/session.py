@@ -23,12 +23,12 @@ from kiln.errors import CheckpointError
 from kiln.parallel.runtime import Parallel
 from kiln.plugins import loaded_plugins
 from kiln.progress import console, quiet
-from kiln.resolve import check_training
-from kiln.runs.rundir import RunDir
+from kiln.runfolder.folder import RunFolder
 from kiln.train import checkpoint as ckpt
 from kiln.train.build import build_trainer, check_kernels
 from kiln.train.callbacks.base import Callback
 from kiln.train.precision import apply_matmul_settings, resolve_device
+from kiln.train.resolve import check_training
 
 LAUNCHER_ID = "TORCHELASTIC_RUN_ID"  # torchrun's job id: the same for every restart of one job
 
@@ -71,18 +71,18 @@ def start_run(cfg: Config, runs_dir: Path, name: str, callbacks: Iterable[Callba
     par = Parallel.setup(cfg, _device(cfg))
     check_kernels(cfg, par)  # before data and the run folder: a refused option leaves nothing behind
     name = par.broadcast(name)
-    par.main_first(lambda: RunDir.check_new(runs_dir, name))
+    par.main_first(lambda: RunFolder.check_new(runs_dir, name))
     data = _prepare_everywhere(cfg, par)  # before creating the run: bad data leaves no empty run behind
-    run = RunDir(Path(runs_dir) / name)
+    run = RunFolder(Path(runs_dir) / name)
     # Built before the folder exists: every option the trainer refuses (layouts, batch splits, callback
     # options, too little validation data) is refused with nothing written. Building writes no file.
     trainer = build_trainer(cfg, spec, run, data, par, callbacks=callbacks)
 
-    def create() -> RunDir:
+    def create() -> RunFolder:
         meta = {"plugins": loaded_plugins(), "world_size": par.info.world_size}
         if os.environ.get(LAUNCHER_ID):
             meta["launcher_id"] = os.environ[LAUNCHER_ID]
-        created = RunDir.create(runs_dir, name, cfg, meta)
+        created = RunFolder.create(runs_dir, name, cfg, meta)
         data.tokenizer.save(created.tokenizer_path)
         return created
 
@@ -96,7 +96,7 @@ def find_restarted_run(runs_dir: Path) -> Path | None:
     job = os.environ.get(LAUNCHER_ID)
     if not job or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
         return None
-    found = RunDir.find(runs_dir, launcher_id=job)
+    found = RunFolder.find(runs_dir, launcher_id=job)
     return found.path if found else None
 
 
@@ -104,12 +104,13 @@ def resume_run(
     path: Path, overrides: list[str] | tuple[str, ...] = (), callbacks: Iterable[Callback] = ()
 ) -> dict[str, Any]:
     """Continue `path` from its newest valid checkpoint (or from scratch if it has none)."""
-    run = RunDir.open(path)
+    run = RunFolder.open(path)
     saved = run.config_dict()
     cfg = load_config(overrides=overrides, base=saved)
-    if run.checkpoint_paths():  # a run that never saved a step (e.g. one `kiln import` made) is not defined yet
+    saved_steps = ckpt.list_checkpoints(run.checkpoints)
+    if saved_steps:  # a run that never saved a step (e.g. one `kiln import` made) is not defined yet
         check_resume_changes(from_dict(saved), cfg)
-    spec = run.check_family(cfg, lambda c: check_training(c, fresh=not run.checkpoint_paths()))
+    spec = run.check_family(cfg, lambda c: check_training(c, fresh=not saved_steps))
     par = Parallel.setup(cfg, _device(cfg))
     data = _prepare_everywhere(cfg, par)
     if par.is_main and not run.tokenizer_path.is_file():  # created but never trained (kiln fork --no-train)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from kiln.data.shards import Prepared
     from kiln.model.spec import ModelSpec
     from kiln.parallel.runtime import Parallel
-    from kiln.runs.rundir import RunDir
+    from kiln.runfolder.folder import RunFolder
     from kiln.train.checkpoint import Checkpointer
     from kiln.train.module import TrainModule
 
@@ -73,7 +73,7 @@ class RunView(Protocol):
     def spec(self) -> ModelSpec: ...
 
     @property
-    def run(self) -> RunDir: ...  # the run folder (its files are written by rank 0)
+    def run(self) -> RunFolder: ...  # the run folder (its files are written by rank 0)
 
     @property
     def par(self) -> Parallel: ...  # ranks, layout, mesh, device, collectives

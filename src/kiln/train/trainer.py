@@ -28,7 +28,7 @@ from kiln.data.skips import add_range, data_index, skipped_ranges
 from kiln.model.spec import ModelSpec
 from kiln.parallel.runtime import Parallel
 from kiln.progress import console, quiet
-from kiln.runs.rundir import RunDir
+from kiln.runfolder.folder import RunFolder
 from kiln.syncs import SyncCounter
 from kiln.train.callbacks.base import CallbackList
 from kiln.train.callbacks.recorder import MetricRecorder
@@ -60,7 +60,7 @@ def graph_breaks() -> int | None:
 class Trainer:
     cfg: Config
     spec: ModelSpec
-    run: RunDir
+    run: RunFolder
     data: Prepared | MixturePrepared | MultimodalPrepared
     par: Parallel
     module: TrainModule

@@ -21,7 +21,7 @@ import numpy as np
 from kiln.config import FAULT_TRIGGERS
 from kiln.data.skips import add_range, data_index, skipped_ranges
 from kiln.errors import KilnError
-from kiln.runs.columns import INT, Table
+from kiln.runfolder.columns import INT, Table
 from kiln.runs.doctor.findings import fmt_lr, median, toml_value
 from kiln.runs.rundir import RunDir
 from kiln.train import checkpoint as ckpt
@@ -46,7 +46,7 @@ def one_row_per_step(table: Table) -> Table:
 class Context:
     """A run folder's files, read once; checkpoints verified on demand (each at most once).
 
-    The metrics are a Table (kiln.runs.columns) with one row per step, the last one logged
+    The metrics are a Table (kiln.runfolder.columns) with one row per step, the last one logged
     (after a rollback the file holds a step twice), in step order: rules read its columns as
     arrays. `metrics`, the same rows as dicts, is built only for a rule that asks for it (a
     plugin's, say): a long run's million dicts cost seconds and gigabytes."""

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 import kiln.runs.doctor.series as series
-from kiln.runs.columns import MISSING
+from kiln.runfolder.columns import MISSING
 from kiln.runs.doctor.context import Context
 from kiln.runs.doctor.findings import finding, finite
 

@@ -8,6 +8,7 @@ from kiln.errors import ConfigError
 from kiln.train.callbacks.base import Callback
 from kiln.train.callbacks.budget import TimeBudget
 from kiln.train.callbacks.faults import Faults, any_fault
+from kiln.train.callbacks.hang_watchdog import HangWatchdog
 from kiln.train.callbacks.invariants import Invariants
 from kiln.train.callbacks.logging import ConsoleLog, MetricsLog
 from kiln.train.callbacks.mixture import MixtureEvents
@@ -16,7 +17,6 @@ from kiln.train.callbacks.routing import RoutingStats
 from kiln.train.callbacks.samples import Samples
 from kiln.train.callbacks.status import RunStatus
 from kiln.train.callbacks.throughput import Throughput
-from kiln.train.callbacks.watchdog import HangWatchdog
 from kiln.train.checkpoint_policy import CheckpointPolicy
 from kiln.train.evaluation import Evaluation
 

@@ -41,11 +41,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from kiln.errors import ConfigError, KilnError
+from kiln.objectives import IGNORE
 from kiln.parallel.mesh import DIM_NAMES
 from kiln.parallel.tensors import local as _local
 from kiln.parallel.tensors import plain_name as _clean
 from kiln.train.callbacks.base import Callback
-from kiln.train.objectives import IGNORE
 from kiln.train.step_api import RunView
 
 REPLICAS, DATA, NORMALISER, OPT_STEPS = "replicas identical", "disjoint data", "loss normaliser", "optimizer steps"

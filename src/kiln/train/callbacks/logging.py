@@ -19,7 +19,7 @@ class ConsoleLog(Callback):
     name = "console"
 
     def on_run_start(self, trainer: RunView) -> None:
-        from kiln.plan.memory import estimate_memory
+        from kiln.plan.peak_memory import estimate_memory
         from kiln.scaling.flops import param_count
 
         cfg, module, vocab = trainer.cfg, trainer.module, trainer.vocab_size
@@ -27,7 +27,7 @@ class ConsoleLog(Callback):
         accum = -(-trainer.sampler.local_batch // module.micro_batch)
         peak = ""
         if "throughput" not in cfg.callbacks.disabled:  # the figure throughput's MFU is measured against
-            from kiln.scaling.flops import peak_tflops
+            from kiln.hardware import peak_tflops
 
             peak = f"; peak: {peak_tflops(trainer.device, compute_dtype(trainer.precision), cfg.train.tf32)[1]}"
         fpt = trainer.spec.flops(cfg.model, vocab) / 1e6

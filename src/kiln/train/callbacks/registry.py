@@ -15,7 +15,7 @@ from kiln.errors import ConfigError
 from kiln.train.callbacks.base import Callback
 from kiln.train.callbacks.invariants import Invariants
 from kiln.train.callbacks.layer_stats import LayerStats
-from kiln.train.callbacks.memory import MemoryMonitor
+from kiln.train.callbacks.memory_timeline import MemoryMonitor
 from kiln.train.callbacks.profiler import Profiler
 from kiln.train.callbacks.step_time import StepTime
 from kiln.train.callbacks.writers import TensorBoardWriter, WandbWriter

@@ -1,13 +1,13 @@
 """status.json: whether the run is running (with a heartbeat and its pid), finished, failed,
 stopped by the guard or interrupted, so `kiln runs` can tell a live run from a killed one
-(see kiln.runs.status)."""
+(see kiln.runfolder.status)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from kiln.runs.status import running_record
+from kiln.runfolder.status import running_record
 from kiln.train.callbacks.base import Callback
 from kiln.train.step_api import RunView
 

@@ -1,9 +1,9 @@
 """Throughput and model FLOP utilisation: tokens/s, achieved TFLOP/s, MFU and peak memory in
 every metrics record, and their run averages in the summary.
 
-FLOPs per token come from the model family's spec; the peak is the GPU's datasheet bf16 figure
-or, on CPU, the measured matrix-product ceiling of the precision the run computes in
-(kiln.scaling.flops). Time spent evaluating and checkpointing is not counted, and the first
+FLOPs per token come from the model family's spec (kiln.scaling.flops); the peak is the GPU's
+datasheet bf16 figure or, on CPU, the measured matrix-product ceiling of the precision the run
+computes in (kiln.hardware). Time spent evaluating and checkpointing is not counted, and the first
 interval of a process (warm-up, compilation) is kept out of the averages.
 """
 
@@ -27,7 +27,7 @@ class Throughput(Callback):
         self.rate_sum, self.rate_count = 0.0, 0  # a running mean: nothing kept per interval
 
     def on_run_start(self, trainer: RunView) -> None:
-        from kiln.scaling.flops import peak_tflops
+        from kiln.hardware import peak_tflops
 
         self.fpt = trainer.spec.flops(trainer.cfg.model, trainer.vocab_size)
         self.peak, self.peak_source = peak_tflops(
@@ -66,7 +66,7 @@ class Throughput(Callback):
         tok_s = self.rate_sum / self.rate_count if self.rate_count else trainer.last_record.get("tokens_per_s", 0.0)
         tflops = tok_s * self.fpt / 1e12
         if self.peak and tflops > self.peak and trainer.device.type == "cpu":
-            from kiln.scaling.flops import raise_cpu_peak
+            from kiln.hardware import raise_cpu_peak
 
             world = trainer.par.info.world_size
             self.peak = raise_cpu_peak(compute_dtype(trainer.precision), tflops / world) * world

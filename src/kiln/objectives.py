@@ -1,7 +1,7 @@
 """Training objectives: how a window of tokens becomes (inputs, targets, loss) for a model family.
 
 An objective is a registered class; `train.objective` selects it, and its `causal` flag says which
-kind of model family it trains (checked by `kiln.resolve` against the family's `ModelSpec.causal`).
+kind of model family it trains (checked by `kiln.train.resolve` against the family's `ModelSpec.causal`).
 
 Objectives that draw random numbers (masking) draw them per window from (seed, step, the window's
 index in the global batch): a batch is then the same whether one process makes it or each

@@ -13,7 +13,7 @@ BLOCK = 1 << 16
 
 def last_record(path: Path) -> dict[str, Any] | None:
     """The last line of the log that is a JSON object (a line still being written, or cut
-    short by a kill, is skipped as RunDir.read_jsonl skips it), or None. Unlike read_jsonl it
+    short by a kill, is skipped as RunFolder.read_jsonl skips it), or None. Unlike read_jsonl it
     does not see a damaged line earlier in the file: it reads only the end."""
     try:
         f = open(path, "rb")

@@ -3,8 +3,9 @@
 Everything here that names the model's attributes (`layers`, `tok_emb`, `attn.wo`, ...) is the
 family's own knowledge, handed to the rest of Kiln through `ModelSpec` slots: validation of the
 shape, the repeated blocks, the initialisation rule, the pipeline cut, parameter / FLOP /
-activation counts and the attention probe used by monitoring. The tensor-parallel plan lives in
-`kiln.parallel.plans` and is referenced from the specs below.
+activation counts and the attention probe used by monitoring. The specs name their
+tensor-parallel plan and Hugging Face adapter; those live in the layers that apply them
+(`kiln.parallel.plans`, `kiln.interop.adapters`), so the model imports neither.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ from torch import nn
 
 from kiln.config import Config, ModelConfig
 from kiln.config_rules import require
-from kiln.interop.hf import DECODER_HF
-from kiln.interop.hf_bert import ENCODER_HF
 from kiln.model.decoder import Decoder, Transformer
 from kiln.model.encoder import Encoder
 from kiln.model.layers import Attention
 from kiln.model.spec import ActivationBytes, ModelSpec, normal_std_for_depth, padded_vocab
-from kiln.parallel.plans import transformer_tensor_parallel
 
 RESIDUAL_OUTPUTS = ("attn.wo", "mlp.w2")  # projections into the residual stream get depth-scaled init
 
@@ -196,7 +194,7 @@ DECODER = ModelSpec(
     validate=validate_transformer,
     blocks=transformer_blocks,
     init_rule=transformer_init_rule,
-    tensor_parallel=transformer_tensor_parallel,
+    tensor_parallel="transformer",
     pipeline_stage=pipeline_stage,
     count_params=model_params,
     flops_per_token=flops_per_token,
@@ -205,7 +203,7 @@ DECODER = ModelSpec(
     attention_logits=attention_logits,
     attention_modules=("layers.*.attn",),
     causal=True,
-    hf_adapter=DECODER_HF,
+    hf_adapter="llama",
 )
 # BERT's: the decoder's structure and counts, bidirectional, data parallelism only (for now)
 ENCODER = dataclasses.replace(
@@ -216,5 +214,5 @@ ENCODER = dataclasses.replace(
     tensor_parallel=None,
     pipeline_stage=None,
     causal=False,
-    hf_adapter=ENCODER_HF,
+    hf_adapter="bert",
 )

@@ -5,7 +5,7 @@ Every value keeps what a reader of the records would see: its kind (int, float, 
 or anything else: strings, lists, objects, null, which stay out of the numeric array and are
 kept sparsely by row), and NaN and the infinities as they were written. An int too large for a
 float64 is a number at float precision in the array and kept exactly beside it. A key that first appears
-late reads as absent in the rows before it. `parse_lines` reads like RunDir.read_jsonl: a line
+late reads as absent in the rows before it. `parse_lines` reads like RunFolder.read_jsonl: a line
 that is not a JSON object ends the log, and nothing after it counts.
 """
 
@@ -318,7 +318,7 @@ class Table:
         return out
 
     def records(self) -> list[dict[str, Any]]:
-        """Every row as a dict: what RunDir.read_jsonl returns, for code that wants records."""
+        """Every row as a dict: what RunFolder.read_jsonl returns, for code that wants records."""
         cols = [(k, *self.column(k), self._others.get(k, {})) for k in self.keys]
         out: list[dict[str, Any]] = [{} for _ in range(self.rows)]
         for key, values, kinds, others in cols:

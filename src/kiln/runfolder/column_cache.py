@@ -3,12 +3,12 @@ reads a million logged steps in the time it takes to load a few arrays.
 
     RUN/.metrics-cache/            for RUN/metrics.jsonl (".<stem>-cache" for any log)
         meta.json                  rows, keys, the byte offset of the log already read, checks
-        <gen>-<i>.f8, <gen>-<i>.k1 key i's float64 values and kind codes, one per row (kiln.runs.columns)
+        <gen>-<i>.f8, <gen>-<i>.k1 key i's float64 values and kind codes, one per row (kiln.runfolder.columns)
         others.txt                 [row, key, value] of values that are not numbers, one a line
         lock                       held while the copy is checked and extended
 
 Only complete lines are read (a run still appending has a line half written), and a line that
-is not a JSON object ends the log for good, as in RunDir.read_jsonl. A log that was replaced
+is not a JSON object ends the log for good, as in RunFolder.read_jsonl. A log that was replaced
 (another inode), shortened or rewritten (its first or last bytes read so far differ) is read
 again from the start. Where the run folder is read-only the copy lives in the user's cache
 folder ($XDG_CACHE_HOME/kiln/columns, keyed by the log's path and inode); where no folder is
@@ -33,7 +33,7 @@ import numpy as np
 
 from kiln.errors import DataError
 from kiln.fileio import write_atomic
-from kiln.runs.columns import ABSENT, Chunk, Table, columns_of, merge, parse_lines, parse_tail
+from kiln.runfolder.columns import ABSENT, Chunk, Table, columns_of, merge, parse_lines, parse_tail
 
 VERSION = 1
 MIN_BYTES = 1 << 20  # smaller logs are parsed on every read

@@ -1,4 +1,4 @@
-"""The hang watchdog (kiln.train.watchdog) as a callback: it times each step from its start to
+"""The hang watchdog (kiln.train.hang_timer) as a callback: it times each step from its start to
 its end, so evaluation and checkpoint time never enter the step statistics."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from kiln.train.callbacks.base import Callback
+from kiln.train.hang_timer import Watchdog
 from kiln.train.step_api import RunView
-from kiln.train.watchdog import Watchdog
 
 
 class HangWatchdog(Callback):

@@ -1,10 +1,11 @@
-"""Resolve the names a config gives against the registries, after plugins have loaded.
+"""Resolve the names a training config gives against the registries, after plugins have loaded.
 
 `kiln.config` checks types and values only. What a name refers to (the model family and its
 own shape rules, the objective and the model it trains, evaluation suites, callbacks and their
 options) is checked here, once the user's plugins (`--plugin`, `KILN_PLUGINS`, `KILN_SUITES`)
 have registered theirs. Verbs check only what they use: `kiln export` needs the model family,
-not the suites a run was evaluated with.
+not the suites a run was evaluated with: `kiln export` calls `kiln.model.registry.resolve_family`
+and `kiln eval` `kiln.eval.suites.check_suites` directly.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from kiln.config import Config
 from kiln.errors import ConfigError
+from kiln.eval.suites import check_suites
 from kiln.model.registry import resolve_family
 from kiln.model.spec import ModelSpec
 from kiln.plugins import load_plugins
@@ -24,7 +26,7 @@ def check_model(cfg: Config) -> ModelSpec:
 
 
 def check_objective(cfg: Config, spec: ModelSpec) -> None:
-    from kiln.train.objectives import get_objective
+    from kiln.objectives import get_objective
 
     objective = get_objective(cfg.train.objective)
     if objective.family is not None and spec.name != objective.family:
@@ -44,13 +46,6 @@ def check_objective(cfg: Config, spec: ModelSpec) -> None:
             f"bidirectional family (a causal model such as '{spec.name}' cannot see the tokens right "
             "of a mask); set model.family = 'encoder'"
         )
-
-
-def check_suites(names: list[str], where: str = "eval.suites") -> None:
-    from kiln.eval.suites import check_suite_names
-
-    load_plugins()
-    check_suite_names(names, where)
 
 
 def check_callbacks(cfg: Config) -> None:

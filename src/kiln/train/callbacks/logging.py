@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kiln.progress import format_seconds
+from kiln.progress import format_seconds, quiet
 from kiln.train.callbacks.base import Callback
 from kiln.train.precision import compute_dtype
 from kiln.train.step_api import RunView
@@ -46,9 +46,9 @@ class ConsoleLog(Callback):
             if accum > 1 and trainer.par.dims.dp_size > 1 and trainer.par.dims.pp == 1:
                 when = "on the last micro-batch" if module.grad_sync == "last_microbatch" else "every micro-batch"
                 trainer.say(f"gradients reduced {when} (parallel.grad_sync = '{cfg.parallel.grad_sync}')")
-        trainer.say(
-            estimate_memory(cfg, trainer.spec, vocab, trainer.par.dims, trainer.precision, module.grad_sync).describe()
-        )
+        if trainer.is_main and not quiet():  # the estimate traces the model (~1 s in a fresh process): only where shown
+            memory = estimate_memory(cfg, trainer.spec, vocab, trainer.par.dims, trainer.precision, module.grad_sync)
+            trainer.say(memory.describe())
         if trainer.step:
             trainer.say(f"resuming from step {trainer.step}")
 

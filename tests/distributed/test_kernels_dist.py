@@ -6,7 +6,8 @@ bit-exactly, at another within the parity tolerance."""
 from __future__ import annotations
 
 import pytest
-from dist_helpers import assert_close, avx2_on_avx512, base_overrides, losses, run_kiln, train, write_corpus
+from conftest import avx2_on_avx512
+from dist_helpers import assert_close, base_overrides, losses, run_kiln, train, write_corpus
 from test_parallel import _cut_after
 
 pytest.importorskip("torchao")

@@ -30,7 +30,7 @@ class Parallel:
     dims: ParallelDims
     mesh: DeviceMesh | None
     device: torch.device
-    collective_timer: Callable[[Callable[[], T]], T] | None = None  # set by the step_time callback
+    collective_timer: Callable[[Callable[[], T]], T] | None = None  # set by the loop for callbacks' around_collective
     expert_mesh: DeviceMesh | None = None  # parallel.ep > 1: ("pp", "dp_replicate", "edp", "ep", "tp")
 
     @classmethod

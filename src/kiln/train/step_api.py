@@ -10,8 +10,8 @@ fails if one does). What changes during a run lives in the trainer's checkpointe
     say(text) / log_event(event)          a console line (rank 0) / an events.jsonl record (rank 0)
     scale_lr(factor)                      multiply the peak learning rate from now on (checkpointed,
                                           and an `lr_scale` record in events.jsonl)
-    set_total_steps(steps, final)         the run's length; final=True is recorded in events.jsonl
-                                          and reaches a resumed run through the checkpoint
+    set_total_steps(steps, final)         the run's length; a final one is kept in checkpoints (a
+                                          resume restores it) and in the run's config.toml
     paused(what)                          work between steps, kept out of step time and throughput
 
 What used to be patched is a hook of `Callback` (kiln.train.callbacks.base): `on_batch` (change
@@ -19,8 +19,9 @@ the batch a step trains on), `before_optimizer_step` (veto an update with a devi
 step stays free of host syncs), `on_optimizer_step` (see what was vetoed), `on_phase` and
 `around_collective` (time the step's phases and Kiln's own collectives).
 
-`LoopView` adds what the loop's own parts (evaluation, checkpoints, the console's banner, the
-invariant checks) need beyond that: the data, the validation shares and the checkpointer.
+`LoopView` adds what the loop's own parts (evaluation, checkpoints) and the core callbacks that
+show the data (samples, the loss plot; `loop_view` narrows to it) need beyond that: the data, the
+validation shares and the checkpointer.
 """
 
 from __future__ import annotations

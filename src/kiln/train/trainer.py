@@ -404,8 +404,7 @@ class Trainer:
 
     def _record(self, event: dict[str, Any], action: str) -> None:
         event["action"] = action
-        if self.par.is_main:
-            self.run.log_event(event)
+        self.log_event(event)
         self.say(
             f"  guard: {event['kind']} at step {event['step']} (loss {event['loss']:.4g}, grad norm "
             f"{event['grad_norm']:.4g}) -> {action}"
@@ -439,7 +438,6 @@ class Trainer:
             "checkpoint": path.name,
             "batches_skipped": skipped,
         }
-        if self.par.is_main:
-            self.run.log_event(rollback)
+        self.log_event(rollback)
         self.say(f"  guard: rolled back to {path.name}; data batches {skipped[0]}..{skipped[1]} will be skipped")
         self.callbacks.on_guard_event(self, rollback)

@@ -311,17 +311,16 @@ class Invariants(Callback):
             others = sorted({v[0] for v in violations[1:]} - {invariant})
             if others:
                 error.args = (f"{error.args[0]}; also violated: {', '.join(repr(o) for o in others)}",)
-        if par.is_main:
-            trainer.run.log_event(
-                {
-                    "step": trainer.step,
-                    "kind": "invariant",
-                    "invariant": invariant,
-                    "ranks": ranks,
-                    "message": str(error),
-                    "violations": [{"invariant": i, "detail": d, "ranks": r} for i, d, r in violations],
-                }
-            )
+        trainer.log_event(
+            {
+                "step": trainer.step,
+                "kind": "invariant",
+                "invariant": invariant,
+                "ranks": ranks,
+                "message": str(error),
+                "violations": [{"invariant": i, "detail": d, "ranks": r} for i, d, r in violations],
+            }
+        )
         raise error
 
     # ---------------------------------------------------------------- verdicts (the same on every rank)

@@ -29,9 +29,7 @@ class MixtureEvents(Callback):
         schedule = sampler.schedule
         total = sum(schedule.weights_at(data_index)) or 1.0
         weights = {n: round(w / total, 6) for n, w in zip(schedule.names, schedule.weights_at(data_index))}
-        if trainer.is_main:
-            trainer.run.log_event(
-                {"kind": "mixture", "step": step, "data_index": data_index, "changes": what, "weights": weights}
-            )
+        event = {"kind": "mixture", "step": step, "data_index": data_index, "changes": what, "weights": weights}
+        trainer.log_event(event)
         shown = ", ".join(f"{n} {w:.3g}" for n, w in weights.items())
         trainer.say(f"  mixture at step {step}: {'; '.join(what)} -> weights {shown}")

@@ -151,7 +151,9 @@ def test_a_mixture_resumes_exactly(setup):
         assert (x["loss"], x["tokens/alpha"], x["tokens/beta"]) == (y["loss"], y["tokens/alpha"], y["tokens/beta"])
 
 
-def test_resuming_with_another_mix_is_refused_and_a_fork_changes_it(setup):
+def test_resuming_with_another_mix_is_refused_and_a_fork_changes_it(setup, tmp_path):
+    from kiln.runs.compare import compare_runs, headline_rows
+
     root, _, _ = setup
     parent = root / "runs" / "full"
     with pytest.raises(KilnError, match="kiln fork"):
@@ -171,6 +173,14 @@ def test_resuming_with_another_mix_is_refused_and_a_fork_changes_it(setup):
         at_fork["tokens/beta"],
     ]
     assert abs(gained[1] / gained.sum() - 0.75) <= 0.02  # beta now weighs 3 of 4
+    # kiln compare shows each source's validation loss beside the overall one, and the changed mix
+    result = compare_runs([parent, fork], tmp_path, log=lambda _: None)
+    columns, rows = headline_rows(result)
+    finals = [jsonl(run / "eval.jsonl")[-1] for run in (parent, fork)]
+    for name in ("alpha", "beta"):
+        cells = [row[columns.index(f"val_loss/{name}")] for row in rows]
+        assert cells == [f"{final[f'val_loss/{name}']:.4f}" for final in finals]
+    assert "data.sources" in result["differences"] or any(k.startswith("data.sources") for k in result["differences"])
 
 
 def test_a_pinned_tokenizer_prepares_only_a_new_source(setup, tmp_path, capsys):

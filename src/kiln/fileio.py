@@ -10,6 +10,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+from kiln.errors import CheckpointError
+
+try:  # xxh3: ~10x sha256's speed, so a checkpoint's checksums cost a fraction of its write
+    import xxhash
+except ImportError:  # an install without it writes sha256 (the manifest names the algorithm)
+    xxhash = None  # type: ignore[assignment]  # the dependency may be missing where wheels are carried by hand
 
 
 @contextmanager
@@ -36,11 +44,49 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    return checksum_file(path, "sha256")
+
+
+# Checkpoint manifests name their checksum per file ({"xxh3_128": ..., "bytes": ...}); data shards
+# keep sha256. xxh3 is not cryptographic: it guards against corruption (torn writes, flipped bits,
+# a truncated or swapped file), which is what a checkpoint's checksum is for.
+CHECKSUMS = ("xxh3_128", "sha256")  # what a manifest entry may carry, preferred first
+CHECKSUM = "xxh3_128" if xxhash is not None else "sha256"  # what new manifests record
+
+
+def _hasher(algorithm: str) -> Any:
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "xxh3_128":
+        if xxhash is None:
+            raise CheckpointError("this checkpoint's checksums are xxh3_128, and xxhash is missing: pip install xxhash")
+        return xxhash.xxh3_128()
+    raise ValueError(f"unknown checksum {algorithm!r} (known: {', '.join(CHECKSUMS)})")
+
+
+def checksum_file(path: Path, algorithm: str = "") -> str:
+    """The hex digest of a file by `algorithm` (default CHECKSUM), read 4 MiB at a time (both
+    hashes release the GIL on large buffers, so threads hash files side by side)."""
+    h = _hasher(algorithm or CHECKSUM)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def recorded_checksum(entry: dict[str, Any]) -> tuple[str, str]:
+    """(algorithm, digest) of a manifest entry, whichever known checksum it carries."""
+    for algorithm in CHECKSUMS:
+        if algorithm in entry:
+            return algorithm, str(entry[algorithm])
+    raise ValueError(f"no known checksum in {sorted(entry)}")
+
+
+def checksum_files(paths: list[Path], algorithms: list[str] | None = None, workers: int = 0) -> list[str]:
+    """Each file's digest (by its entry of `algorithms`, default CHECKSUM), several at a time."""
+    algorithms = algorithms or [""] * len(paths)
+    with ThreadPoolExecutor(max_workers=workers or min(32, os.cpu_count() or 1)) as pool:
+        return list(pool.map(checksum_file, paths, algorithms))
 
 
 QUICK_BYTES = 1 << 20  # the head and the tail a quick check reads
@@ -62,8 +108,7 @@ def quick_digest(path: Path) -> str:
 
 def sha256_files(paths: list[Path], workers: int = 0) -> list[str]:
     """sha256 of each file, several at a time (hashlib releases the GIL on large reads)."""
-    with ThreadPoolExecutor(max_workers=workers or min(32, os.cpu_count() or 1)) as pool:
-        return list(pool.map(sha256_file, paths))
+    return checksum_files(paths, ["sha256"] * len(paths), workers)
 
 
 def fsync_path(path: Path) -> None:
@@ -81,17 +126,19 @@ def _timed(fn: Callable[[Path], object], path: Path) -> tuple[object, float]:
 
 
 class FlushAndHash:
-    """Flush (fsync) and sha256 files as soon as each is written, on threads: a file is hashed
-    from the page cache while the disk is still taking it, so its checksum costs time only
-    where hashing outlasts the flushing, and no file waits for the last one to be written.
+    """Flush (fsync) and checksum (`algorithm`, default CHECKSUM) files as soon as each is
+    written, on threads: a file is hashed from the page cache while the disk is still taking it,
+    so its checksum costs time only where hashing outlasts the flushing, and no file waits for
+    the last one to be written.
 
         with FlushAndHash(fsync_path) as files:
             files.add(a); ...; files.add(b)
             digests, extra_seconds = files.finish()
     """
 
-    def __init__(self, fsync: Callable[[Path], None] = fsync_path, hash_workers: int = 0):
+    def __init__(self, fsync: Callable[[Path], None] = fsync_path, hash_workers: int = 0, algorithm: str = ""):
         self._fsync = fsync
+        self.algorithm = algorithm or CHECKSUM
         self._flushers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kiln-fsync")  # waits on the disk
         cores = os.cpu_count() or 1
         self._hashers = ThreadPoolExecutor(max_workers=hash_workers or min(4, cores), thread_name_prefix="kiln-sha")
@@ -103,11 +150,11 @@ class FlushAndHash:
     def add(self, path: Path) -> None:
         """Start flushing and hashing `path` (written and closed)."""
         flushed = self._flushers.submit(_timed, self._fsync, path)
-        hashed = self._hashers.submit(_timed, sha256_file, path)
+        hashed = self._hashers.submit(_timed, lambda p: checksum_file(p, self.algorithm), path)
         self._jobs.append((path, flushed, hashed))
 
     def finish(self) -> tuple[dict[Path, str], float]:
-        """Wait for every file: ({path: sha256}, seconds the hashing went on after the last
+        """Wait for every file: ({path: digest}, seconds the hashing went on after the last
         flush ended, i.e. what the checksums added to the write)."""
         flushed_at, hashed_at, digests = time.perf_counter(), 0.0, {}
         for _, flushed, _ in self._jobs:

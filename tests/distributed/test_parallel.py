@@ -108,7 +108,7 @@ def test_save_two_ranks_resume_one(setup, fsdp):
 
 def test_two_ranks_share_the_checksums_of_a_checkpoint(setup, fsdp):
     """Each rank hashed a share of the files; rank 0's manifest lists every file, each checksum right."""
-    from kiln.fileio import sha256_file
+    from kiln.fileio import checksum_file, recorded_checksum
     from kiln.train.checkpoint import verify_checkpoint
 
     root, _ = setup
@@ -116,7 +116,9 @@ def test_two_ranks_share_the_checksums_of_a_checkpoint(setup, fsdp):
         files = json.loads((ckpt / "manifest.json").read_text())["files"]
         on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"}
         assert set(files) == on_disk and {"rng-0.safetensors", "rng-1.safetensors"} <= on_disk
-        assert all(sha256_file(ckpt / name) == meta["sha256"] for name, meta in files.items())
+        for name, meta in files.items():
+            algorithm, digest = recorded_checksum(meta)
+            assert checksum_file(ckpt / name, algorithm) == digest
         assert verify_checkpoint(ckpt) is None
 
 

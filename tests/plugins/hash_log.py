@@ -12,7 +12,7 @@ from kiln.train.checkpoint import Checkpointer
 
 RANK = os.environ.get("RANK", "0")
 phase = {"now": "save"}
-_hash, _load = fileio.sha256_file, Checkpointer.load
+_hash, _load = fileio.checksum_file, Checkpointer.load
 
 
 def _log(path: Path) -> None:
@@ -22,9 +22,9 @@ def _log(path: Path) -> None:
         f.write(f"{phase['now']} {RANK} {path}\n")
 
 
-def logged_hash(path: Path) -> str:
+def logged_hash(path: Path, algorithm: str = "") -> str:
     _log(Path(path))
-    return _hash(path)
+    return _hash(path, algorithm)
 
 
 def logged_load(self, *args, **kwargs):
@@ -35,5 +35,5 @@ def logged_load(self, *args, **kwargs):
         phase["now"] = "save"
 
 
-fileio.sha256_file = logged_hash
+fileio.checksum_file = logged_hash
 Checkpointer.load = logged_load

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from kiln.config import OptimConfig, load_config
 from kiln.fileio import FlushAndHash
@@ -44,18 +45,21 @@ def flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_flush_and_hash_gives_each_files_sha256(tmp_path):
+@pytest.mark.parametrize("algorithm", ["", "xxh3_128", "sha256"])
+def test_flush_and_hash_gives_each_files_checksum(tmp_path, algorithm):
     paths = []
     for i, size in enumerate((0, 10, 5_000_000)):
         paths.append(tmp_path / f"f{i}")
         paths[-1].write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
     flushed = []
-    with FlushAndHash(fsync=flushed.append) as files:
+    with FlushAndHash(fsync=flushed.append, algorithm=algorithm) as files:
         for p in paths:
             files.add(p)
         assert paths[1] in files and tmp_path / "other" not in files
         digests, extra = files.finish()
-    assert digests == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    digest = hashlib.sha256 if algorithm == "sha256" else xxhash.xxh3_128  # xxh3 by default
+    assert files.algorithm == (algorithm or "xxh3_128")
+    assert digests == {p: digest(p.read_bytes()).hexdigest() for p in paths}
     assert sorted(flushed) == sorted(paths) and extra >= 0
 
 
@@ -116,6 +120,27 @@ def test_check_files_sizes_then_checksums(tmp_path):
     assert check_files(path, files, ["model.safetensors"], hashed=False) == (
         "model.safetensors does not match its checksum"
     )
+
+
+def test_a_checkpoint_with_sha256_checksums_still_verifies_and_loads(tmp_path):
+    """Checkpoints made before xxh3 (format 2, every entry a sha256) are still read: verified by
+    sha256, a flipped byte still found; an entry with no known checksum is an unreadable manifest."""
+    path = saved(tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == "kiln-checkpoint-3"
+    old = {
+        name: {"sha256": hashlib.sha256((path / name).read_bytes()).hexdigest(), "bytes": meta["bytes"]}
+        for name, meta in manifest["files"].items()
+    }
+    (path / "manifest.json").write_text(json.dumps({"format": "kiln-checkpoint-2", "files": old}))
+    assert verify_checkpoint(path) is None
+    model = build_model(CFG, 300)
+    opt = build_optimizer(model, OptimConfig(lr=1e-2), torch.device("cpu"))
+    assert Checkpointer(tmp_path).load(path, [model], [opt])["trainer"] == {"x": 1}
+    flip_byte(path / "model.safetensors")
+    assert verify_checkpoint(path) == "model.safetensors does not match its checksum"
+    files = {name: {"crc": "0", "bytes": meta["bytes"]} for name, meta in old.items()}
+    assert check_files(path, files, ["state.json"]).startswith("unreadable manifest: no known checksum")
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "remove", "state"])

@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, verified by sha256, loadable at any world size.
+"""Checkpoints: written atomically, verified by checksums, loadable at any world size.
 
     checkpoints/step-00000100/
         model.safetensors       single process: full weights, keyed by parameter name
@@ -6,7 +6,7 @@
         dcp/                    distributed: torch.distributed.checkpoint shards (model + optimizer)
         rng-<rank>.safetensors  torch (and CUDA) generator states of each rank
         state.json              step, trainer state, python/numpy RNG
-        manifest.json           sha256 and size of every file above; written last (the commit marker)
+        manifest.json           checksum (xxh3_128) and size of every file above; written last (the commit marker)
 
 State dicts are keyed by parameter name in both formats (through
 `torch.distributed.checkpoint.state_dict`), so either format loads into any layout: a run saved
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import random
 import re
 import shutil
@@ -44,7 +43,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -53,17 +51,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.checkpoint.storage import WriteResult
-from torch.futures import Future as TorchFuture
-from torch.utils.serialization import config as serialization_config
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from kiln.errors import CheckpointError
-from kiln.fileio import FlushAndHash, atomic_path, fsync_path, sha256_files
+from kiln.fileio import FlushAndHash, atomic_path, checksum_files, fsync_path, recorded_checksum
 from kiln.parallel.runtime import Parallel
 from kiln.parallel.tensors import plain_name as _clean
 from kiln.train import lowbit
+from kiln.train.checkpoint_writer import SplitWriter
 
-FORMAT = "kiln-checkpoint-2"
+FORMAT = "kiln-checkpoint-3"  # entries name their checksum ({"xxh3_128": ...})
+READABLE = (FORMAT, "kiln-checkpoint-2")  # 2: every entry a sha256
 PREFIX = "step-"
 
 
@@ -229,41 +227,6 @@ def _apply(
 # --------------------------------------------------------------------------- save
 
 
-def _whole(item: WriteItem) -> bool:
-    """A whole tensor or an object (the same on every rank that has it; DCP picks one rank to
-    write it), not a piece of a sharded tensor."""
-    data = item.tensor_data
-    return item.type == WriteItemType.BYTE_IO or data is None or tuple(data.chunk.sizes) == tuple(data.size)
-
-
-class _SplitWriter(dcp.FileSystemWriter):
-    """DCP's file writer with each rank's items in two files: its pieces of sharded tensors
-    (`__<rank>_0.distcp`) and the whole tensors it was picked to write (`__<rank>_1.distcp`:
-    replicated ones such as the optimizer's step counts, which DCP spreads over the ranks). A rank
-    loading the layout it saved then reads, and verifies, its own large file and only others'
-    small ones, instead of every rank's file for a few bytes of each."""
-
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
-        write = getattr(self, "_write_data", None)  # torch's writer of a queue of files
-        if write is None:  # a torch without it: one file per rank (loads verify more, nothing else changes)
-            return super().write_data(plan, planner)
-        pieces = [item for item in plan.items if not _whole(item)]
-        whole = [item for item in plan.items if _whole(item)]
-        files: queue.Queue = queue.Queue()
-        for n, items in enumerate(part for part in (pieces, whole) if part):
-            name = f"{plan.storage_data.prefix}{n}.distcp"
-            files.put((self.fs.concat_path(self.path, name), name, items))
-        # torch.save's CRC32 of every record took two thirds of its time and no load checks it;
-        # the manifest's sha256, which every load verifies, covers these files. (A process-wide
-        # setting, held only while this rank writes; Kiln runs one save at a time.)
-        crc = serialization_config.save.compute_crc32
-        serialization_config.save.compute_crc32 = False
-        try:
-            return write(planner, files)
-        finally:
-            serialization_config.save.compute_crc32 = crc
-
-
 @dataclass
 class SaveStats:
     """What one committed save cost: rank 0's clock; hashing is the slowest rank's."""
@@ -275,7 +238,8 @@ class SaveStats:
     gather_seconds: float = 0.0  # collecting the state dicts
     write_seconds: float = 0.0  # serialising and writing the files (asynchronous: in the background, staging included)
     hash_seconds: float = 0.0  # hashing that outlasted writing and flushing: what checksums added to the save
-    blocking_seconds: float = 0.0  # the training loop held (asynchronous: staging, and any wait for the rest)
+    blocking_seconds: float = 0.0  # the training loop held (asynchronous: what staging outlasted, and any wait)
+    staging_seconds: float = 0.0  # asynchronous: from the save call until its host copy was made
 
     def event(self) -> dict[str, Any]:
         """The `events.jsonl` record of the committed save."""
@@ -291,7 +255,7 @@ class SaveStats:
 
 @dataclass
 class _Share:
-    """One rank's files of a checkpoint, described: {name: {"sha256", "bytes"}}."""
+    """One rank's files of a checkpoint, described: {name: {<checksum>, "bytes"}}."""
 
     files: dict[str, dict[str, Any]]
     hash_seconds: float
@@ -320,6 +284,7 @@ class Checkpointer:
         self._group = None
         self._background: ThreadPoolExecutor | None = None  # flushes, hashes, commits asynchronous saves
         self._stager: DefaultStager | None = None  # an asynchronous save's host copy, kept for the next one
+        self._staging: Future[None] | None = None  # that copy, while it is being made
         self.last_save: SaveStats | None = None  # the newest committed save's costs
 
     @property
@@ -373,7 +338,7 @@ class Checkpointer:
             written = time.perf_counter()
             if self._distributed:
                 payload = {"model": model_sd, "optim": optim_sd}
-                writer = _SplitWriter(str(tmp / "dcp"), sync_files=False)  # flushed with the checksums
+                writer = SplitWriter(str(tmp / "dcp"), sync_files=False)  # flushed with the checksums
                 if self.async_save:
                     self._start_async(payload, writer, files, tmp, final, stats, written)
                     files = None  # the background owns it now
@@ -434,7 +399,7 @@ class Checkpointer:
     def _start_async(
         self,
         payload: dict[str, Any],
-        writer: _SplitWriter,
+        writer: SplitWriter,
         files: FlushAndHash,
         tmp: Path,
         final: Path,
@@ -446,13 +411,20 @@ class Checkpointer:
         if self._group is None:  # the background writer's collectives get a group of their own
             self._group = torch.distributed.new_group(backend="gloo")
         if self._stager is None:
-            # The host copy the background writes from is kept: allocating gigabytes anew
-            # each save (page faults on every byte) held the step for seconds, copying into
-            # kept buffers (pinned, on a GPU machine) for a fraction of that.
-            pinned = torch.cuda.is_available()
-            self._stager = DefaultStager(StagingOptions(pinned, False, False, False))
-        future = dcp.async_save(payload, storage_writer=writer, process_group=self._group, async_stager=self._stager)
-        assert isinstance(future, Future)  # synchronous staging: a plain future, not AsyncSaveResponse
+            # The host copy is made on a thread of its own (a copy stream on a GPU) while the next
+            # step's forward and backward run: only its update changes what is copied, and the
+            # loop calls `staged()` before it. The copy's buffers (pinned on a GPU) are kept:
+            # allocating gigabytes anew each save (page faults on every byte) held the step for seconds.
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(cuda, False, True, cuda))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copy stream must see the last update's kernels finished
+        response = dcp.async_save(payload, storage_writer=writer, process_group=self._group, async_stager=self._stager)
+        assert isinstance(response, AsyncSaveResponse)  # asynchronous staging: two futures
+        self._staging = response.staging_completion
+        copied = lambda _: setattr(stats, "staging_seconds", time.perf_counter() - stats.started)  # noqa: E731
+        self._staging.add_done_callback(copied)
+        future = response.upload_completion
         if self._background is None:
             self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-ckpt")
         done = self._background.submit(self._finish_async, future, files, tmp, final, stats, written)
@@ -483,6 +455,19 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def staged(self) -> None:
+        """Wait until a pending asynchronous save's host copy is made (the loop calls this before
+        an update changes the weights or the optimizer's state); the wait counts as held."""
+        staging, self._staging = self._staging, None
+        if staging is None or self._pending is None:
+            return
+        held = time.perf_counter()
+        try:
+            staging.result()
+        except Exception:  # the same failure reaches every rank through `wait`
+            pass
+        self._pending[3].blocking_seconds += time.perf_counter() - held
+
     def poll(self) -> Path | None:
         """The path of a pending asynchronous save once every rank's background has committed it
         (no waiting), else None. Every rank must call it at the same steps."""
@@ -501,7 +486,7 @@ class Checkpointer:
         if self._pending is None:
             return None
         done, tmp, final, stats = self._pending
-        self._pending = None
+        self._pending, self._staging = None, None
         held = time.perf_counter()
         try:
             done.result()  # committed in the background, or the OSError every rank's raises
@@ -524,7 +509,9 @@ class Checkpointer:
                 files.add(f)
         digests, hash_seconds = files.finish()
         described = {
-            str(f.relative_to(tmp)): {"sha256": digests[f], "bytes": f.stat().st_size} for f in mine if f in digests
+            str(f.relative_to(tmp)): {files.algorithm: digests[f], "bytes": f.stat().st_size}
+            for f in mine
+            if f in digests
         }
         return _Share(described, hash_seconds)
 
@@ -602,6 +589,7 @@ class Checkpointer:
         Parameters in `new_tensors` that the checkpoint lacks keep their initial values and
         start with no optimizer state. Under several ranks each verifies the files it reads
         first; a damaged one raises UnusableCheckpoint on every rank, with nothing loaded."""
+        self.staged()  # loading overwrites what a pending save may still be copying
         rng_file = path / f"rng-{self._rank}.safetensors"
         if not rng_file.is_file():
             rng_file = path / "rng-0.safetensors"  # host RNGs, CUDA layout
@@ -746,7 +734,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def _manifest_files(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """The manifest's {name: {"sha256", "bytes"}}, or what is wrong with the manifest."""
+    """The manifest's {name: {<checksum>, "bytes"}}, or what is wrong with the manifest."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         return {}, "no manifest (incomplete write)"
@@ -754,14 +742,14 @@ def _manifest_files(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:
         return {}, "unreadable manifest"
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in READABLE:
         return {}, f"unknown format {manifest.get('format')!r}"
     return manifest["files"], None
 
 
 def check_files(path: Path, files: dict[str, dict[str, Any]], names: list[str], hashed: bool = True) -> str | None:
     """None if each of `names` is on disk as the manifest `files` describes it, else the first
-    problem: every size first (cheap), then (`hashed`) every sha256, several files at once."""
+    problem: every size first (cheap), then (`hashed`) every checksum, several files at once."""
     for name in names:
         if name not in files:
             return f"{name} is not in the manifest"
@@ -771,8 +759,13 @@ def check_files(path: Path, files: dict[str, dict[str, Any]], names: list[str], 
         if file.stat().st_size != files[name]["bytes"]:
             return f"{name} does not match its checksum"
     if hashed:
-        for name, digest in zip(names, sha256_files([path / name for name in names])):
-            if digest != files[name]["sha256"]:
+        try:
+            recorded = [recorded_checksum(files[name]) for name in names]
+        except ValueError as e:
+            return f"unreadable manifest: {e}"
+        found = checksum_files([path / name for name in names], [algorithm for algorithm, _ in recorded])
+        for name, (_, digest), got in zip(names, recorded, found):
+            if got != digest:
                 return f"{name} does not match its checksum"
     return None
 

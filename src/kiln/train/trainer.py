@@ -260,6 +260,7 @@ class Trainer:
                 lr *= self.guard.lr_scale(step)
                 flagged = self.guard.check(step, loss, grad_norm)
                 discard = flagged if discard is None else torch.maximum(discard, flagged)
+            self.checkpointer.staged()  # an asynchronous save's copy of the weights is made by now
             self.module.optimizer_step(lr, discard)
             cbs.on_optimizer_step(self, step, discard)
         cbs.on_phase(self, "optimizer")

@@ -77,6 +77,23 @@ def changed_keys(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     return {k: (old_flat.get(k), v) for k, v in new_flat.items() if v != old_flat.get(k)}
 
 
+OPTIMIZER_LAYOUT = ("name", "params", "kind", "optimizer")  # what an optimizer group's saved state depends on
+
+
+def optimizer_layout_change(key: str, old: Any, new: Any) -> str:
+    """Why a change of `key` would not fit the optimizer state a checkpoint holds ("" if it
+    does): another optimizer (AdamW and Muon keep different state), or groups that select other
+    parameters. Learning rates, weight decay and betas may change."""
+    muon = ("muon",)
+    if key == "optim.name" and (old in muon) != (new in muon):
+        return f"optim.name {old!r} -> {new!r} changes the optimizer and its state"
+    if key == "optim.groups":
+        layout = [[g.get(f) for f in OPTIMIZER_LAYOUT] for g in old or []]
+        if layout != [[g.get(f) for f in OPTIMIZER_LAYOUT] for g in new or []]:
+            return "optim.groups select other parameters or optimizers than the checkpoint's state was built for"
+    return ""
+
+
 def resumable(key: str) -> bool:
     return key.split(".")[0] in RESUMABLE_SECTIONS or key in RESUMABLE_KEYS
 
@@ -84,6 +101,12 @@ def resumable(key: str) -> bool:
 def check_resume_changes(saved: Config, new: Config) -> None:
     """Refuse a resume whose config changes what the run is, naming the key and what may change."""
     for key, (old, value) in changed_keys(saved, new).items():
+        why = optimizer_layout_change(key, old, value)
+        if why:
+            raise ConfigError(
+                f"{why}; on --resume and in a fork only a group's lr, lr_mult, weight_decay and betas may "
+                "change (start a new run, or kiln fork --from-scratch, for another optimizer layout)"
+            )
         if not resumable(key):
             if mix_change_only(key, old, value):
                 raise ConfigError(

@@ -107,6 +107,8 @@ class ModelConfig:
     embed_norm: bool = False  # normalise the summed embeddings (BERT)
     type_vocab_size: int = 0  # token-type (segment) embeddings; Kiln feeds type 0 (BERT has 2)
     init_std: float = 0.02
+    parametrization: str = "standard"  # standard | mup: hyperparameters transfer from mup_base_width (kiln.model.mup)
+    mup_base_width: int = 128  # the width µP's hyperparameters were tuned at (d_model there)
     init_from: str = ""  # a safetensors file of full Kiln-named weights (kiln import / kiln export) to start from
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -254,8 +256,23 @@ class DataConfig:
 
 
 @dataclass
+class OptimGroupConfig:
+    """One `[[optim.groups]]` table (kiln.train.optim_groups): the parameters matching `params`
+    (name globs) or of `kind`, and the rule and hyperparameters that update them."""
+
+    name: str = ""  # letters, digits, - and _: --set optim.groups.<name>.lr=...
+    params: list[str] = field(default_factory=list)  # globs over parameter names, e.g. "layers.*.attn.*"
+    kind: str = ""  # hidden | embedding | head | norm_bias
+    optimizer: str = "adamw"  # adamw | muon
+    lr: float = 0.0  # peak LR; 0 = optim.lr (adamw) or optim.muon_lr (muon); times lr_mult
+    lr_mult: float = 1.0
+    weight_decay: float = -1.0  # -1 = optim.weight_decay for matrices, 0 for 1-D tensors
+    betas: list[float] = field(default_factory=list)  # adamw [beta1, beta2]; [] = optim's
+
+
+@dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adamw8bit | adamw4bit (low-bit states, torchao)
+    name: str = "adamw"  # adamw | muon (hidden matrices; AdamW the rest) | adamw8bit | adamw4bit (torchao)
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -263,6 +280,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = no clipping
     implementation: str = "auto"  # auto | fused | foreach | single
+    muon_lr: float = 0.02  # Muon's peak LR (Keller Jordan's recipe, with muon_adjust_lr = "spectral")
+    muon_momentum: float = 0.95
+    muon_adjust_lr: str = "spectral"  # spectral: max(1, rows/cols)^0.5 | match_rms_adamw: 0.2 sqrt(max) | none
+    groups: list[OptimGroupConfig] = field(default_factory=list)  # [[optim.groups]]; [] = by optim.name
 
 
 @dataclass
@@ -513,12 +534,14 @@ NESTED_SECTIONS = {"callbacks": "options"}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos": ("learned", "rope"),
+    "model.parametrization": ("standard", "mup"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "gelu_exact", "swiglu"),
     "model.norm_position": ("pre", "post"),
     "model.image_encoder": ("patch", "frozen"),
     "data.image_placement": ("prefix", "inline"),
-    "optim.name": ("adamw", "adamw8bit", "adamw4bit"),
+    "optim.name": ("adamw", "muon", "adamw8bit", "adamw4bit"),
+    "optim.muon_adjust_lr": ("spectral", "match_rms_adamw", "none"),
     "optim.implementation": ("auto", "fused", "foreach", "single"),
     "schedule.name": ("cosine", "wsd", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -583,11 +606,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     parts = key.split(".")
-    named_table = len(parts) == 4 and parts[:2] == ["data", "sources"]
+    named_table = len(parts) == 4 and parts[:2] in (["data", "sources"], ["optim", "groups"])
     if not (len(parts) in (2, 3) or named_table) or not all(parts):
         raise ConfigError(
             f"--set '{item}': the key must be section.key (or section.name.key for option "
-            "tables, data.sources.<name>.key for a source), e.g. optim.lr or callbacks.layer_stats.every"
+            "tables, data.sources.<name>.key or optim.groups.<name>.key for a named table), e.g. optim.lr"
         )
     return key, parse_value(raw)
 

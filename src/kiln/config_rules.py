@@ -95,6 +95,55 @@ def validate_sections(cfg: Any) -> None:
     )
 
 
+PARAM_KINDS = ("hidden", "embedding", "head", "norm_bias")  # kiln.train.optim_groups.parameter_kind
+
+
+def named_table_label(key: str, i: int, name: str, names: list[str], used_for: str) -> str:
+    """The label of table `i` of the array `key` ([[data.sources]], [[optim.groups]]) in errors;
+    refuses a name that is not letters, digits, - and _ (it is `used_for`) or is used twice."""
+    label = f"{key}.{name}" if name else f"{key}[{i}]"
+    require(
+        bool(name) and all(c.isalnum() or c in "-_" for c in name),
+        f"{label}.name must be letters, digits, '-' or '_' ({used_for}), got {name!r}",
+    )
+    require(name not in names, f"{key} names {name!r} twice; give each its own name")
+    names.append(name)
+    return label
+
+
+def validate_optim_groups(cfg: Any) -> None:
+    """`optim.muon_*` and `[[optim.groups]]`: names, what each selects, its rule and numbers
+    (which parameters a group matches is checked against the model when it is built)."""
+    o = cfg.optim
+    require(o.muon_lr > 0, f"optim.muon_lr must be positive, got {o.muon_lr}")
+    require(0 <= o.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {o.muon_momentum}")
+    low_bit = o.name in ("adamw8bit", "adamw4bit")
+    require(
+        not (low_bit and any(g.optimizer == "muon" for g in o.groups)),
+        f"optim.name = {o.name!r} keeps AdamW's states in low bits, which Muon groups do not have; "
+        "use optim.name = 'adamw' with the muon groups, or drop them",
+    )
+    names: list[str] = []
+    for i, g in enumerate(o.groups):
+        label = named_table_label("optim.groups", i, g.name, names, "--set optim.groups.<name>.lr=...")
+        require(
+            bool(g.params) != bool(g.kind),
+            f"{label} needs exactly one of params (name globs) or kind ({', '.join(PARAM_KINDS)})",
+        )
+        require(not g.kind or g.kind in PARAM_KINDS, f"{label}.kind must be one of {', '.join(PARAM_KINDS)}")
+        require(g.optimizer in ("adamw", "muon"), f"{label}.optimizer must be adamw or muon, got {g.optimizer!r}")
+        require(g.lr >= 0 and g.lr_mult > 0, f"{label}: lr must be >= 0 (0 = the optimizer's) and lr_mult > 0")
+        require(g.weight_decay >= 0 or g.weight_decay == -1, f"{label}.weight_decay must be >= 0 (-1 = optim's)")
+        require(
+            not g.betas or (len(g.betas) == 2 and all(0 <= b < 1 for b in g.betas)),
+            f"{label}.betas must be [beta1, beta2], each in [0, 1), got {g.betas}",
+        )
+        require(
+            g.optimizer != "muon" or not g.betas,
+            f"{label}: betas are AdamW's; Muon takes optim.muon_momentum",
+        )
+
+
 def validate_mixture(cfg: Any) -> None:
     """`[[data.sources]]` and `[[data.stages]]`: names, weights and stage starts (the corpora
     themselves are read, and refused when empty, by `kiln prepare`)."""
@@ -108,14 +157,7 @@ def validate_mixture(cfg: Any) -> None:
     )
     names: list[str] = []
     for i, s in enumerate(d.sources):
-        label = f"data.sources.{s.name}" if s.name else f"data.sources[{i}]"
-        require(
-            bool(s.name) and all(c.isalnum() or c in "-_" for c in s.name),
-            f"{label}.name must be letters, digits, '-' or '_' (it names metrics such as val_loss/<name>), "
-            f"got {s.name!r}",
-        )
-        require(s.name not in names, f"data.sources names {s.name!r} twice; give each source its own name")
-        names.append(s.name)
+        label = named_table_label("data.sources", i, s.name, names, "it names metrics such as val_loss/<name>")
         require(bool(s.corpus.strip()), f"{label}.corpus is empty; name a corpus (e.g. stdlib) or a path")
         require(math.isfinite(s.weight) and s.weight >= 0, f"{label}.weight must be >= 0, got {s.weight}")
         require(
@@ -238,6 +280,7 @@ def validate_relations(cfg: Any) -> None:
     require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
     require(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
+    validate_optim_groups(cfg)
     s = cfg.schedule
     require(0.0 <= s.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
     require(0.0 < s.decay_fraction <= 1.0, f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}")

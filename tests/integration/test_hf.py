@@ -93,6 +93,12 @@ FLAVOURS = {
     "gpt2-tied": replace(GPT2, tie_embeddings=True),
     "gpt2-exact-gelu": replace(GPT2, mlp="gelu_exact"),
     "bert": BERT,
+    # µP at 4x its base width: the output multiplier folds into the final norm (tied or not), the
+    # attention scale's ratio into the query projection (its bias too), or the query norm's gain
+    "llama-mup": replace(LLAMA, parametrization="mup", mup_base_width=16),
+    "llama-tied-mup": replace(LLAMA, tie_embeddings=True, parametrization="mup", mup_base_width=16),
+    "qwen3-mup": replace(QWEN3, parametrization="mup", mup_base_width=16),
+    "gpt2-mup": replace(GPT2, parametrization="mup", mup_base_width=16),
 }
 
 

@@ -27,6 +27,7 @@ import torch
 
 from kiln.config import ModelConfig
 from kiln.errors import ConfigError
+from kiln.model import mup
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new")  # the same function; gelu_new spells the formula out
@@ -249,8 +250,10 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
-    """Kiln's (padded) state dict -> the flavour's names, layouts and true vocabulary."""
+    """Kiln's (padded) state dict -> the flavour's names, layouts and true vocabulary (a µP
+    model's multipliers folded into its weights first)."""
     flavour = hf_flavour(cfg)
+    state = mup.fold_into_standard(cfg, state)
     out: dict[str, torch.Tensor] = {}
     cut = {k: state[k][:vocab_size] for k in VOCAB_TENSORS if k in state}
     if flavour in ("llama", "qwen3"):

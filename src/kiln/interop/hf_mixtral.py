@@ -23,6 +23,7 @@ import torch
 
 from kiln.config import ModelConfig, MoEConfig
 from kiln.interop.hf import LLAMA_BLOCK, HFAdapter, _split, hf_config, kiln_model_config, refuse, refuse_unplaced
+from kiln.model import mup
 
 ATTENTION = {k: v for k, v in LLAMA_BLOCK.items() if not k.startswith("mlp.")}
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
@@ -94,6 +95,7 @@ def mixtral_model_config(config: dict[str, Any]) -> ModelConfig:
 
 def mixtral_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
     mixtral_flavour(cfg)
+    state = mup.fold_into_standard(cfg, state)  # a µP model's multipliers into its weights
     out: dict[str, torch.Tensor] = {}
     for name, value in state.items():
         if not name.startswith("layers."):

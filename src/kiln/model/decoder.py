@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.model import mup
 from kiln.model.layers import Block, make_norm, rope_tables
 
 
@@ -39,6 +40,7 @@ class Transformer(nn.Module):
         # post-norm blocks end normalised: no final norm (an Identity, since None marks a pipeline stage)
         self.norm: nn.Module | None = nn.Identity() if cfg.norm_position == "post" else make_norm(cfg)
         self.head: nn.Linear | None = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.output_mult = mup.output_mult(cfg)
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.positions, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -102,6 +104,8 @@ class Transformer(nn.Module):
         if self.norm is None:
             return x
         x = self.norm(x)
+        if self.output_mult is not None:  # µP's readout multiplier, before any loss head (kiln.model.mup)
+            x = x * self.output_mult
         if head is not None:
             return head(x, self.output_weight())
         if self.head is not None:

@@ -14,6 +14,7 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.config import swiglu_hidden as swiglu_hidden  # the formula lives with the config that resolves d_ff
 from kiln.kernels import registry as kernels
+from kiln.model import mup
 
 
 class RMSNorm(nn.Module):
@@ -65,13 +66,16 @@ def cpu_bf16_short(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= SHORT_CONTEXT
 
 
-def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(hs)) v with the softmax in float32; q (B, nh, T, hs), k/v (B, nkv, T, hs)."""
+def bf16_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v (scale: 1 / sqrt(hs) unless given) with the softmax in float32;
+    q (B, nh, T, hs), k/v (B, nkv, T, hs)."""
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each KV head among its query heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     T = q.shape[-2]
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, T, T)
+    scores = (q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)  # (B, nh, T, T)
     if causal:
         scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return scores.float().softmax(-1).to(q.dtype) @ v
@@ -85,6 +89,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.causal = causal
         self.dropout = cfg.dropout
+        self.scale = mup.attention_scale(cfg)  # None: SDPA's 1 / sqrt(head_dim); µP: sqrt(d0) / head_dim
         self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.bias)
@@ -115,7 +120,7 @@ class Attention(nn.Module):
         q, k = self._qk(x, rope)
         if k.shape[1] != q.shape[1]:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5
+        scores = (q.float() @ k.float().transpose(-1, -2)) * (self.scale or self.head_dim**-0.5)
         T = scores.shape[-1]
         if self.causal:
             scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
@@ -134,7 +139,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
         if cpu_bf16_short(q) and attn_mask is None and dropout == 0.0:
-            y = bf16_attention(q, k, v, self.causal)
+            y = bf16_attention(q, k, v, self.causal, self.scale)
         else:
             y = F.scaled_dot_product_attention(
                 q,
@@ -144,6 +149,7 @@ class Attention(nn.Module):
                 dropout_p=dropout,
                 is_causal=self.causal and attn_mask is None,
                 enable_gqa=q.shape[1] != k.shape[1],
+                scale=self.scale,
             )
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hs)
         return self.wo(y)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from kiln.config import Config, ModelConfig
+from kiln.model import mup
 from kiln.model.decoder import Transformer
 from kiln.model.moe import MoEFeedForward, is_moe_layer
 from kiln.model.spec import ModelSpec, normal_std_for_depth
@@ -82,7 +83,7 @@ def moe_init_rule(name: str, ndim: int, cfg: ModelConfig) -> tuple[str, float]:
     """The decoder's rule; the experts' stacked down projections and the shared experts' are
     residual outputs too (depth-scaled); routers and the other expert weights N(0, init_std)."""
     if name.endswith(EXPERT_RESIDUAL_OUTPUTS):
-        return "normal", normal_std_for_depth(cfg.init_std, cfg.n_layers)
+        return "normal", normal_std_for_depth(cfg.init_std, cfg.n_layers) * mup.init_std_mult(name, ndim, cfg)
     return transformer_init_rule(name, ndim, cfg)
 
 

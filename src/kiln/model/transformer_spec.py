@@ -18,6 +18,7 @@ from torch import nn
 
 from kiln.config import Config, ModelConfig
 from kiln.config_rules import require
+from kiln.model import mup
 from kiln.model.decoder import Decoder, Transformer
 from kiln.model.encoder import Encoder
 from kiln.model.layers import Attention
@@ -47,6 +48,12 @@ def validate_transformer(cfg: Config, *, experts: bool = False, post_norm_blocks
         "for model.family = 'encoder'; decoders are pre-norm (model.post_norm adds a sandwich norm)",
     )
     require(m.d_model % m.n_heads == 0, f"model.n_heads = {m.n_heads} must divide model.d_model = {m.d_model}")
+    if m.parametrization == "mup":
+        require(
+            m.mup_base_width > 0 and m.mup_base_width % m.n_heads == 0,
+            f"model.mup_base_width = {m.mup_base_width} must be a positive multiple of model.n_heads = "
+            f"{m.n_heads} (the width µP's hyperparameters were tuned at, with as many heads)",
+        )
     kv = m.kv_heads
     require(kv <= m.n_heads and m.n_heads % kv == 0, f"model.n_kv_heads = {kv} must divide model.n_heads = {m.n_heads}")
     head_dim = m.head_dim
@@ -84,6 +91,11 @@ def validate_transformer(cfg: Config, *, experts: bool = False, post_norm_blocks
 def validate_encoder(cfg: Config) -> None:
     validate_transformer(cfg, post_norm_blocks=True)
     require(
+        cfg.model.parametrization == "standard",
+        "model.parametrization = 'mup' is for the decoder families (decoder, moe, vlm) for now; "
+        "the encoder's masked-LM head has no µP readout yet",
+    )
+    require(
         cfg.parallel.tp == 1 and cfg.parallel.pp == 1,
         "model.family = 'encoder' trains with data "
         "parallelism (FSDP) only for now; set parallel.tp = 1 and parallel.pp = 1",
@@ -106,9 +118,10 @@ def transformer_init_rule(name: str, ndim: int, cfg: ModelConfig) -> tuple[str, 
         return "zeros", 0.0
     if ndim == 1:
         return "ones", 0.0
+    width = mup.init_std_mult(name, ndim, cfg)  # µP: hidden matrices 1/sqrt(width multiplier)
     if owner.endswith(RESIDUAL_OUTPUTS):
-        return "normal", normal_std_for_depth(cfg.init_std, cfg.n_layers)
-    return "normal", cfg.init_std
+        return "normal", normal_std_for_depth(cfg.init_std, cfg.n_layers) * width
+    return "normal", cfg.init_std * width
 
 
 def pipeline_stage(model: nn.Module, stage: int, n_stages: int, layers: list[int] | None = None) -> nn.Module:

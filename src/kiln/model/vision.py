@@ -35,6 +35,8 @@ def document_mask(documents: torch.Tensor) -> torch.Tensor:
 
 
 class VisionDecoder(Decoder):
+    input_layers = ENCODER_PARTS  # the image stem is an input layer: kind "embedding" for optimizer groups
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__(cfg, vocab_size)
         self.stem = nn.Linear(cfg.vision.patch_values, cfg.d_model)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.changes import FORKABLE_KEYS, MIX_KEYS, changed_keys, mix_change_only, resumable
+from kiln.changes import FORKABLE_KEYS, MIX_KEYS, changed_keys, mix_change_only, optimizer_layout_change, resumable
 from kiln.config import Config, load_config
 from kiln.errors import CheckpointError, ConfigError, KilnError
 from kiln.runs.rundir import RunDir
@@ -64,6 +64,12 @@ def parse_skip_ranges(values: list[str]) -> list[list[int]]:
 
 def _refuse_changes(changes: dict[str, tuple[Any, Any]]) -> None:
     for key, (old, new) in changes.items():
+        why = optimizer_layout_change(key, old, new)
+        if why:
+            raise ConfigError(
+                f"{why}; a fork of a checkpoint may change a group's lr, lr_mult, weight_decay and betas; "
+                "use --from-scratch to start a fresh attempt with another optimizer layout"
+            )
         if key in ARCHITECTURE_FLAGS and old and not new:
             raise ConfigError(
                 f"{key} cannot be switched off in a fork of a checkpoint (its trained weights would be "

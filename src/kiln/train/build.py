@@ -23,6 +23,7 @@ from kiln.errors import ConfigError, DataError
 from kiln.kernels import registry as kernels
 from kiln.kernels.float8 import apply_float8, check_float8
 from kiln.kernels.sparsity import apply_sparsity, check_sparsity
+from kiln.model import mup
 from kiln.model.spec import ModelSpec, padded_vocab
 from kiln.objectives import build_objective
 from kiln.parallel import pipeline as pp
@@ -38,6 +39,7 @@ from kiln.train.guard import Guard
 from kiln.train.mixture import build_mixture
 from kiln.train.module import TrainModule
 from kiln.train.optim import build_optimizer
+from kiln.train.optim_groups import describe_groups, group_rules
 from kiln.train.precision import resolve_precision
 from kiln.train.seeding import dropout_seed
 from kiln.train.trainer import Trainer
@@ -205,6 +207,18 @@ def _attach_schedule(cfg: Config, module: TrainModule, local_batch: int) -> None
     module.attach_schedule()
 
 
+def _optimizer_groups(cfg: Config, spec: ModelSpec, vocab_size: int) -> list[dict[str, Any]]:
+    """`[[optim.groups]]` (or Muon's default split) checked against the whole model, built on the
+    meta device (a pipeline stage holds part of it): every parameter in one group, no table that
+    selects nothing. [] for plain AdamW."""
+    rules = group_rules(cfg.optim, mup=mup.is_mup(cfg.model))
+    if not rules:
+        return []
+    with torch.device("meta"):
+        model = spec.build(cfg.model, padded_vocab(vocab_size))
+    return describe_groups(rules, model, mup.width_mult(cfg.model))
+
+
 def build_trainer(
     cfg: Config,
     spec: ModelSpec,
@@ -221,15 +235,18 @@ def build_trainer(
     precision = _precision(cfg, par, resume_state)
     objective = build_objective(cfg, data.tokenizer, data.vocab_size)
 
+    described = _optimizer_groups(cfg, spec, data.vocab_size)
     parts, stage_ids, n_stages = build_parts(
         cfg, spec, par, data.vocab_size, from_checkpoint=resume_state is not None, precision=precision
     )
-    optimizers = [build_optimizer(p, cfg.optim, par.device) for p in parts]
+    width = mup.width_mult(cfg.model) if mup.is_mup(cfg.model) else None
+    optimizers = [build_optimizer(p, cfg.optim, par.device, width) for p in parts]
     lineage = run.lineage() or {}  # a fork: batch ranges to skip, parameters its parent's checkpoint lacks, its mix
     sampler, windows, extra_windows, source_windows = _data_streams(cfg, data, dp_rank, dp_size, resume_state, lineage)
     micro_batch = rank_micro_batch(cfg, sampler.local_batch)
     grad_sync = _grad_sync(cfg, spec, data.vocab_size, par, precision)
     module = TrainModule(cfg, par, parts, optimizers, objective, precision, micro_batch, stage_ids, n_stages, grad_sync)
+    module.optimizer_groups = described
     # The same on every rank (uneven training shares too): evaluation forwards must pair up under
     # FSDP. With shares, the smallest rank's micro-batch: it fits the device with the least memory.
     shares = cfg.parallel.dp_batch_shares

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,8 @@ class TrainModule:
         # Compile forward and loss together: the loss's log-softmax then fuses with the output
         # projection's epilogue instead of materialising float32 logits (see BENCHMARKS.md).
         self.forward_loss = torch.compile(self._forward_loss) if cfg.train.compile else self._forward_loss
-        self._fused = all(opt.defaults.get("fused") for opt in optimizers)
+        # optimizers that read a discard flag on the device (torch's fused ones, MuonAdamW)
+        self._fused = all(opt.defaults.get("fused") or getattr(opt, "skips_on_device", False) for opt in optimizers)
         self._loss_scale = torch.ones((), device=par.device)  # 1 / global predicted tokens of this step
         self._on_loss: LossHook | None = None  # the callbacks' loss hook during a pipeline step
         self._step_targets: torch.Tensor | None = None  # ... and the targets of that step
@@ -94,6 +96,7 @@ class TrainModule:
         self._vocab_head = {"head": lambda h, w: F.linear(h, w[:vocab])} if cut else {}
         self.has_moe = bool(moe.moe_layers(parts))
         self.routing: dict[str, torch.Tensor] = {}  # the last step's MoE routing statistics (device tensors)
+        self.optimizer_groups: list[dict[str, Any]] = []  # [[optim.groups]] over the whole model (optim_groups)
         if self.has_moe:  # the routers' auxiliary losses are averaged over a step's micro-batches
             n_micro = cfg.parallel.pp_microbatches if par.dims.pp > 1 else None
             local = rank_share(cfg.global_batch, par.dp[0], par.dims.dp_size, cfg.parallel.dp_batch_shares)[0]

@@ -9,6 +9,7 @@ from torch import nn
 
 from kiln.config import OptimConfig, ScheduleConfig
 from kiln.train.lowbit import LOW_BIT, build_low_bit
+from kiln.train.optim_groups import group_rules, torch_param_groups
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -33,17 +34,39 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, width_mult: float | None = None
+) -> torch.optim.Optimizer:
+    """One optimizer for `model` (a model part): AdamW, or where a group is Muon's, MuonAdamW
+    (kiln.train.muon: each param group updated by its own rule). `width_mult`: µP's width
+    multiplier (kiln.model.mup), None for the standard parametrisation."""
+    rules = group_rules(cfg, mup=width_mult is not None)
+    if rules:
+        groups = torch_param_groups(model, cfg, rules, width_mult or 1.0)
+    else:
+        groups = param_groups(model, cfg.weight_decay)
     if cfg.name in LOW_BIT:
-        return build_low_bit(param_groups(model, cfg.weight_decay), cfg)
+        return build_low_bit(groups, cfg)
+    if any(rule.optimizer == "muon" for rule in rules):  # every rank alike, whatever its stage holds
+        from kiln.train.muon import MuonAdamW
+
+        return MuonAdamW(
+            groups,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.muon_momentum,
+            adjust_lr=cfg.muon_adjust_lr,
+            # bfloat16 Newton–Schulz on a GPU (as torch's Muon); float32 on a CPU, where bf16 may be 100x slower
+            ns_dtype="bfloat16" if device.type == "cuda" else "float32",
+        )
     impl = cfg.implementation
     if impl == "auto":
         # Fused AdamW has kernels for CUDA and CPU: one pass over all parameters per step.
         impl = "fused" if device.type in ("cuda", "cpu") else "foreach"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs
-    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
 def _warmup(total_steps: int, cfg: ScheduleConfig) -> int:
@@ -76,8 +99,10 @@ def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -> f
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's `lr` (for `optim.lr`) into every group, times the group's `lr_mult`."""
     for group in optimizer.param_groups:
+        value = lr * group.get("lr_mult", 1.0)
         if isinstance(group["lr"], torch.Tensor):  # torchao's optimizers keep it a tensor (no recompiles)
-            group["lr"].fill_(lr)
+            group["lr"].fill_(value)
         else:
-            group["lr"] = lr
+            group["lr"] = value

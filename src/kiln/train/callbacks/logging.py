@@ -49,6 +49,13 @@ class ConsoleLog(Callback):
         if trainer.is_main and not quiet():  # the estimate traces the model (~1 s in a fresh process): only where shown
             memory = estimate_memory(cfg, trainer.spec, vocab, trainer.par.dims, trainer.precision, module.grad_sync)
             trainer.say(memory.describe())
+        for g in module.optimizer_groups:
+            decay = "matrices: optim's" if g["weight_decay"] < 0 else g["weight_decay"]
+            hidden = f" (hidden matrices {g['hidden_lr']:.3g}: µP)" if g.get("hidden_lr") else ""
+            trainer.say(
+                f"  optimizer group {g['name']}: {g['optimizer']}, {g['tensors']} tensors, "
+                f"{g['parameters'] / 1e6:.2f}M parameters, lr {g['lr']:.3g}{hidden}, weight decay {decay}"
+            )
         if trainer.step:
             trainer.say(f"resuming from step {trainer.step}")
 
@@ -82,6 +89,10 @@ class MetricsLog(Callback):
     """One `metrics.jsonl` record per logging step (rank 0 writes)."""
 
     name = "metrics"
+
+    def on_run_start(self, trainer: RunView) -> None:
+        if trainer.is_main and trainer.module.optimizer_groups:  # which parameters each rule updates
+            trainer.run.write_json("optimizer_groups.json", trainer.module.optimizer_groups)
 
     def on_log(self, trainer: RunView, record: dict[str, Any]) -> None:
         if trainer.is_main:

@@ -195,3 +195,33 @@ def test_cli_bad_task_files_give_one_line(run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("kiln: error: ") and where in err, (case, err)
         assert err.strip().count("\n") == 0 and "Traceback" not in err, case
+
+
+def test_lm_text_scores_every_token_of_a_file_once(run, tmp_path):
+    """`-o lm.text=FILE`: every token but the first predicted exactly once (non-overlapping windows
+    of the context, the last one shorter), bits per byte over those tokens' bytes; a text shorter
+    than the context is one window, the model's own cross-entropy over it."""
+    import math
+
+    from kiln.interop.convert import load
+
+    path, _ = run
+    model, tok = load(path)
+    text = " ".join(MOTTOS * 9)  # ~4.5 windows of 64 tokens
+    (tmp_path / "held.txt").write_text(text)
+    report, _ = evaluate_run(path, names=["lm"], options=[f"lm.text={tmp_path / 'held.txt'}"])
+    lm = report["suites"]["lm"]
+    ids = tok.encode(text)
+    assert len(ids) > 4 * 64 and lm["tokens"] == len(ids) - 1
+    assert lm["bytes"] == len(tok.decode(ids[1:]).encode())
+    assert lm["bits_per_byte"] == pytest.approx(lm["loss"] * lm["tokens"] / (math.log(2) * lm["bytes"]))
+    short = MOTTOS[0]
+    (tmp_path / "short.txt").write_text(short)
+    one, _ = evaluate_run(path, names=["lm"], options=[f"lm.text={tmp_path / 'short.txt'}"])
+    ids = torch.tensor([tok.encode(short)])
+    with torch.no_grad():
+        logits = model(ids[:, :-1])[..., : tok.vocab_size]
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), ids[0, 1:]).item()
+    assert one["suites"]["lm"]["loss"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(Exception, match="not a readable UTF-8 text file"):
+        evaluate_run(path, names=["lm"], options=[f"lm.text={tmp_path / 'missing.txt'}"])

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from kiln.data.loader import WindowShare, share_windows
+from kiln.errors import KilnError
 from kiln.eval.suites import EvalContext, register_suite
 from kiln.objectives import EVAL_STEP, IGNORE, Objective, true_vocab
 
@@ -136,10 +139,31 @@ def evaluate_lm(
 # --------------------------------------------------------------------------- the `lm` suite
 
 
-@register_suite("lm", options={"windows": 0})
+def text_windows(path: str, tokenizer: Any, seq_len: int) -> list[torch.Tensor]:
+    """A plain-text file as windows that predict each of its tokens once (all but the first):
+    non-overlapping spans of `seq_len` predictions, each window beginning with the token the
+    previous one ended on; the last, shorter one on its own. Batches of full windows, then it."""
+    from kiln.errors import DataError
+
+    try:  # the text's own characters, whatever they are (bits per byte are of its UTF-8 bytes)
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"lm.text = {path!r} is not a readable UTF-8 text file ({e})") from None
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    if len(ids) < 2:
+        raise DataError(f"lm.text = {path!r} holds fewer than two tokens; give it some text")
+    full = (len(ids) - 1) // seq_len
+    out = [ids[: full * seq_len + 1].unfold(0, seq_len + 1, seq_len)] if full else []
+    if full * seq_len + 1 < len(ids):
+        out.append(ids[full * seq_len :][None])
+    return out
+
+
+@register_suite("lm", options={"windows": 0, "text": ""})
 @torch.no_grad()
 def lm_suite(ctx: EvalContext) -> dict[str, float]:
-    """Held-out loss, perplexity, top-1/top-5 accuracy and bits per byte (masked tokens for encoders)."""
+    """Held-out loss, perplexity, top-1/top-5 accuracy and bits per byte (masked tokens for encoders);
+    `text`: of every token of a plain-text file instead of the validation split."""
     from kiln.data.loader import TokenWindows, eval_windows
     from kiln.data.multimodal.loader import validation_windows
     from kiln.data.multimodal.prepare import MultimodalPrepared
@@ -148,18 +172,24 @@ def lm_suite(ctx: EvalContext) -> dict[str, float]:
 
     cfg = ctx.cfg
     n = ctx.options.get("windows") or cfg.eval.batches * cfg.global_batch  # default: the trainer's windows
-    image_text = isinstance(ctx.data, MultimodalPrepared)
-    if image_text:
+    text = ctx.options.get("text")
+    image_text = not text and isinstance(ctx.data, MultimodalPrepared)
+    if text:
+        if ctx.is_encoder:
+            raise KilnError("lm.text scores a text left to right; a masked (encoder) model has no such loss")
+        parts = text_windows(text, ctx.tokenizer, cfg.model.seq_len)
+    elif image_text:
         sets = validation_windows(cfg, ctx.data, n)
-        windows = sets[""]
+        parts = [sets[""]]
     else:
-        windows = eval_windows(TokenWindows(ctx.data.split("val"), cfg.model.seq_len, "validation"), n)
+        parts = [eval_windows(TokenWindows(ctx.data.split("val"), cfg.model.seq_len, "validation"), n)]
     objective = build_objective(cfg, ctx.tokenizer, ctx.vocab_size)
     V = ctx.vocab_size
     nbytes = torch.from_numpy(token_byte_lengths(ctx.tokenizer)).to(ctx.device)
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # nats, top-1, tokens (as the trainer)
     extra = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # top-5, bytes
-    for i in range(0, len(windows), ctx.batch_size):
+    batches = [(part, i) for part in parts for i in range(0, len(part), ctx.batch_size)]
+    for windows, i in batches:
         # masks are drawn per window index, so a masked model sees the trainer's evaluation masks
         # whatever the batch size
         batch = objective.make_batch(

@@ -84,8 +84,7 @@ def optimizer_layout_change(key: str, old: Any, new: Any) -> str:
     """Why a change of `key` would not fit the optimizer state a checkpoint holds ("" if it
     does): another optimizer (AdamW and Muon keep different state), or groups that select other
     parameters. Learning rates, weight decay and betas may change."""
-    muon = ("muon",)
-    if key == "optim.name" and (old in muon) != (new in muon):
+    if key == "optim.name" and (old == "muon") != (new == "muon"):
         return f"optim.name {old!r} -> {new!r} changes the optimizer and its state"
     if key == "optim.groups":
         layout = [[g.get(f) for f in OPTIMIZER_LAYOUT] for g in old or []]

@@ -41,12 +41,15 @@ def output_mult(cfg: ModelConfig) -> float | None:
     return 1.0 / width_mult(cfg) if is_mup(cfg) else None
 
 
+def attention_ratio(cfg: ModelConfig) -> float:
+    """µP's attention scale over the standard 1 / sqrt(head_dim): sqrt(d0 / head_dim), d0 the base
+    model's head width (1 at the base width)."""
+    return (cfg.mup_base_width // cfg.n_heads / cfg.head_dim) ** 0.5
+
+
 def attention_scale(cfg: ModelConfig) -> float | None:
     """The attention scores' scale (None: SDPA's default 1 / sqrt(head_dim))."""
-    if not is_mup(cfg):
-        return None
-    base_head_dim = cfg.mup_base_width // cfg.n_heads
-    return base_head_dim**0.5 / cfg.head_dim
+    return attention_ratio(cfg) / cfg.head_dim**0.5 if is_mup(cfg) else None
 
 
 def init_std_mult(name: str, ndim: int, cfg: ModelConfig) -> float:
@@ -69,8 +72,7 @@ def fold_into_standard(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict
     for key in ("norm.weight", "norm.bias"):
         if key in out:
             out[key] = out[key] * mult
-    base_head_dim = cfg.mup_base_width // cfg.n_heads
-    ratio = (base_head_dim / cfg.head_dim) ** 0.5  # sqrt(d0) / head_dim over 1 / sqrt(head_dim)
+    ratio = attention_ratio(cfg)
     if ratio != 1.0:
         targets = ("attn.q_norm.weight",) if cfg.qk_norm else ("attn.wq.weight", "attn.wq.bias")
         for key in list(out):

@@ -22,6 +22,7 @@ not write or that failed its checksum.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -462,10 +463,8 @@ class Checkpointer:
         if staging is None or self._pending is None:
             return
         held = time.perf_counter()
-        try:
+        with contextlib.suppress(Exception):  # the same failure reaches every rank through `wait`
             staging.result()
-        except Exception:  # the same failure reaches every rank through `wait`
-            pass
         self._pending[3].blocking_seconds += time.perf_counter() - held
 
     def poll(self) -> Path | None:

@@ -38,6 +38,8 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.adam import adam
 from torch.optim.optimizer import ParamsT
 
+from kiln.parallel.tensors import local  # this rank's part, a view: writing it writes the DTensor
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic Newton–Schulz, Keller Jordan's Muon
 NS_EPS = 1e-7  # torch.optim.Muon's default: floor of the norm that scales the update
 ADJUST_LR = ("match_rms_adamw", "spectral", "none")
@@ -85,11 +87,6 @@ def muon_lr_scale(shape: torch.Size | tuple[int, ...], adjust_lr: str) -> float:
     if adjust_lr == "none":
         return 1.0
     raise ValueError(f"adjust_lr must be one of {ADJUST_LR}, got {adjust_lr!r}")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part (a view: writing it writes the DTensor); a plain tensor as is."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _grad_like(p: torch.Tensor) -> torch.Tensor:
@@ -194,7 +191,7 @@ class MuonAdamW(torch.optim.Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf, grad, param = _local(state["momentum_buffer"]), _local(_grad_like(p)), _local(p)
+            buf, grad, param = local(state["momentum_buffer"]), local(_grad_like(p)), local(p)
             # candidates computed out of place, committed below (or kept, if the step is discarded)
             new_buf = buf.lerp(grad, 1 - momentum)
             update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
@@ -223,7 +220,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            param = _local(p)
+            param = local(p)
             if not state:
                 # on the device, as torch's fused AdamW keeps it: the discard flag can then act on it
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
@@ -232,9 +229,9 @@ class MuonAdamW(torch.optim.Optimizer):
             elif state["step"].device != param.device:  # loaded from a checkpoint onto the host
                 state["step"] = state["step"].to(param.device, torch.float32)
             params.append(param)
-            grads.append(_local(_grad_like(p)))
-            exp_avgs.append(_local(state["exp_avg"]))
-            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+            grads.append(local(_grad_like(p)))
+            exp_avgs.append(local(state["exp_avg"]))
+            exp_avg_sqs.append(local(state["exp_avg_sq"]))
             steps.append(state["step"])
         if not params:
             return

@@ -19,15 +19,7 @@ from torch import nn
 
 from kiln.config import OptimConfig
 from kiln.errors import ConfigError
-
-WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")  # compile, AC, FSDP1
-
-
-def clean_name(name: str) -> str:
-    """A parameter's name as the model defines it (wrappers' prefixes removed)."""
-    for wrapper in WRAPPERS:
-        name = name.replace(wrapper, "")
-    return name
+from kiln.parallel.tensors import plain_name
 
 
 def parameter_kinds(model: nn.Module) -> dict[str, str]:
@@ -40,7 +32,7 @@ def parameter_kinds(model: nn.Module) -> dict[str, str]:
     for raw, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        name = clean_name(raw)
+        name = plain_name(raw)
         if p.dim() < 2:
             kinds[name] = "norm_bias"
         elif id(p) in embedding_params or any(name.startswith(f"{layer}.") for layer in inputs):
@@ -148,7 +140,7 @@ def torch_param_groups(
     members = {n: rule for rule, names in zip(rules, assign(rules, kinds, whole_model=False).values()) for n in names}
     groups: dict[tuple[str, float, float, object], dict[str, Any]] = {}
     for raw, p in model.named_parameters():
-        name = clean_name(raw)
+        name = plain_name(raw)
         if name not in kinds:
             continue
         rule = members[name]
@@ -172,7 +164,7 @@ def torch_param_groups(
 def describe_groups(rules: list[GroupRule], model: nn.Module, width_mult: float = 1.0) -> list[dict[str, Any]]:
     """What each rule holds in the whole model (a run records it, the console prints it); `lr`
     is the rule's peak, `hidden_lr` that of its hidden matrices where µP's factor moves it."""
-    shapes = {clean_name(n): p.numel() for n, p in model.named_parameters()}
+    shapes = {plain_name(n): p.numel() for n, p in model.named_parameters()}
     kinds = parameter_kinds(model)
     out = []
     for rule, names in zip(rules, assign(rules, kinds).values()):
